@@ -1,0 +1,330 @@
+//! Registry REST client: basic auth, timeouts, bounded retries with backoff on connect errors
+//! and 5xx (never on 4xx), Confluent error codes mapped to typed errors, and a cache by id.
+//!
+//! Invariant: schema ids are immutable, so a fetched schema is cached for the life of the
+//! client, and concurrent misses for one id share a single request (single flight).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::OnceCell;
+use tracing::warn;
+
+use crate::{Error, RegisteredSchema, Result, SchemaId};
+
+/// How to reach a registry.
+#[derive(Clone)]
+pub struct RegistryConfig {
+    pub url: String,
+    pub username: Option<String>,
+    /// Never printed: `Debug` redacts it.
+    pub password: Option<String>,
+    pub timeout: Duration,
+    /// Attempts for retryable failures (at least 1).
+    pub attempts: u32,
+}
+
+impl fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryConfig")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("timeout", &self.timeout)
+            .field("attempts", &self.attempts)
+            .finish()
+    }
+}
+
+impl RegistryConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            username: None,
+            password: None,
+            timeout: Duration::from_secs(10),
+            attempts: 5,
+        }
+    }
+}
+
+type Slot = Arc<OnceCell<Arc<RegisteredSchema>>>;
+
+/// A cached, single-flight registry client. Cheap to clone.
+#[derive(Clone)]
+pub struct RegistryClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RegistryConfig,
+    base: String,
+    http: reqwest::Client,
+    cache: Mutex<HashMap<SchemaId, Slot>>,
+    fetches: AtomicU64,
+}
+
+impl fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryClient")
+            .field("url", &self.inner.base)
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error_code: Option<i64>,
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SchemaBody {
+    schema: String,
+    #[serde(rename = "schemaType")]
+    schema_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct IdBody {
+    id: u32,
+}
+
+/// A subject version as `GET /subjects/{s}/versions/{v}` returns it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SubjectVersion {
+    pub subject: String,
+    pub version: u32,
+    pub id: u32,
+    pub schema: String,
+}
+
+impl RegistryClient {
+    pub fn new(config: RegistryConfig) -> Result<Self> {
+        let base = config.url.trim_end_matches('/').to_string();
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| Error::Unreachable {
+                url: base.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                base,
+                http,
+                cache: Mutex::new(HashMap::new()),
+                fetches: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The registry's base URL.
+    pub fn url(&self) -> &str {
+        &self.inner.base
+    }
+
+    /// How many schema-by-id requests reached the network (for tests and metrics).
+    pub fn fetches(&self) -> u64 {
+        self.inner.fetches.load(Ordering::Relaxed)
+    }
+
+    /// The schema with `id`, from the cache or (once) from the registry.
+    pub async fn schema(&self, id: SchemaId) -> Result<Arc<RegisteredSchema>> {
+        let slot = {
+            let mut cache = self.inner.cache.lock().expect("registry cache");
+            cache.entry(id).or_default().clone()
+        };
+        slot.get_or_try_init(|| async {
+            self.inner.fetches.fetch_add(1, Ordering::Relaxed);
+            let body: SchemaBody = self
+                .request(
+                    reqwest::Method::GET,
+                    &format!("/schemas/ids/{}", id.0),
+                    None,
+                )
+                .await
+                .map_err(|e| match e {
+                    Error::Rejected { code, url, .. } if code == 40403 || code == 404 => {
+                        Error::SchemaNotFound { id, url, code }
+                    }
+                    e => e,
+                })?;
+            Ok(Arc::new(RegisteredSchema {
+                id,
+                schema_type: body.schema_type.unwrap_or_else(|| "AVRO".into()),
+                schema: body.schema,
+            }))
+        })
+        .await
+        .cloned()
+    }
+
+    /// Registers `schema` (Avro JSON) under `subject`; returns its id (the existing id when the
+    /// same schema is already registered).
+    pub async fn register(&self, subject: &str, schema: &str) -> Result<SchemaId> {
+        let body: IdBody = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/subjects/{}/versions", encode_segment(subject)),
+                Some(json!({ "schema": schema })),
+            )
+            .await?;
+        Ok(SchemaId(body.id))
+    }
+
+    /// The latest version of `subject`.
+    pub async fn latest(&self, subject: &str) -> Result<SubjectVersion> {
+        self.request(
+            reqwest::Method::GET,
+            &format!("/subjects/{}/versions/latest", encode_segment(subject)),
+            None,
+        )
+        .await
+        .map_err(|e| match e {
+            Error::Rejected { code, url, .. } if code == 40401 || code == 404 => {
+                Error::SubjectNotFound {
+                    subject: subject.to_string(),
+                    url,
+                    code,
+                }
+            }
+            e => e,
+        })
+    }
+
+    /// Checks that the registry answers (and that the credentials are accepted).
+    pub async fn check(&self) -> Result<()> {
+        let _: Vec<String> = self
+            .request(reqwest::Method::GET, "/subjects", None)
+            .await?;
+        Ok(())
+    }
+
+    async fn request<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T> {
+        let attempts = self.inner.config.attempts.max(1);
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            match self.request_once(method.clone(), path, body.as_ref()).await {
+                Err(e) if e.is_retryable() && attempt < attempts => {
+                    warn!(registry = %self.inner.base, path, attempt, error = %e,
+                          "schema registry request failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn request_once<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<T> {
+        let url = format!("{}{}", self.inner.base, path);
+        let mut req = self
+            .inner
+            .http
+            .request(method, &url)
+            .header("Accept", "application/vnd.schemaregistry.v1+json");
+        if let Some(user) = &self.inner.config.username {
+            req = req.basic_auth(user, self.inner.config.password.as_deref());
+        }
+        if let Some(b) = body {
+            req = req
+                .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+                .body(b.to_string());
+        }
+        let resp = req.send().await.map_err(|e| Error::Unreachable {
+            url: url.clone(),
+            reason: without_url(&e),
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| Error::Unreachable {
+            url: url.clone(),
+            reason: without_url(&e),
+        })?;
+        if !status.is_success() {
+            let parsed: Option<ErrorBody> = serde_json::from_slice(&bytes).ok();
+            let (code, message) = match parsed {
+                Some(b) => (
+                    b.error_code.unwrap_or(status.as_u16() as i64),
+                    b.message.unwrap_or_default(),
+                ),
+                None => (
+                    status.as_u16() as i64,
+                    String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                ),
+            };
+            return Err(Error::Rejected {
+                url,
+                status: status.as_u16(),
+                code,
+                message,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| Error::BadResponse {
+            url,
+            reason: e.to_string(),
+        })
+    }
+}
+
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.without_url_ref().to_string();
+    if let Some(src) = std::error::Error::source(e) {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+    }
+    s
+}
+
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+trait WithoutUrlRef {
+    fn without_url_ref(&self) -> String;
+}
+
+impl WithoutUrlRef for reqwest::Error {
+    fn without_url_ref(&self) -> String {
+        // reqwest puts the URL (which may carry user info) in its message; rebuild it without.
+        let kind = if self.is_timeout() {
+            "timed out"
+        } else if self.is_connect() {
+            "connection failed"
+        } else if self.is_request() {
+            "request failed"
+        } else if self.is_body() || self.is_decode() {
+            "bad response body"
+        } else {
+            "http error"
+        };
+        kind.to_string()
+    }
+}

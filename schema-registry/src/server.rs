@@ -1,0 +1,434 @@
+//! A small Confluent-compatible registry server (`lakesink registry serve`).
+//!
+//! Implements the REST subset producers, serializers and lakesink use: schemas by id, subjects,
+//! versions (including `latest`), registration (idempotent: the same schema under a subject
+//! returns the same id), lookup, and global / per-subject compatibility settings. State is kept
+//! in memory and, when a data directory is given, persisted to `registry.json` with an atomic
+//! rename after every change.
+//!
+//! Invariants: ids are never reused; a schema string identical (after JSON normalisation) to an
+//! existing one gets the existing id, whatever the subject.
+//!
+//! Compatibility levels are stored and reported; enforcing them with Avro schema-resolution
+//! rules is part of the formats work and not done here yet.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+const LEVELS: &[&str] = &[
+    "NONE",
+    "BACKWARD",
+    "BACKWARD_TRANSITIVE",
+    "FORWARD",
+    "FORWARD_TRANSITIVE",
+    "FULL",
+    "FULL_TRANSITIVE",
+];
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Data {
+    next_id: u32,
+    /// id -> (schema type, schema)
+    schemas: BTreeMap<u32, StoredSchema>,
+    /// subject -> ids, one per version (version = index + 1)
+    subjects: BTreeMap<String, Vec<u32>>,
+    global_compatibility: Option<String>,
+    subject_compatibility: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredSchema {
+    schema_type: String,
+    schema: String,
+    canonical: String,
+}
+
+#[derive(Debug)]
+struct Registry {
+    data: Mutex<Data>,
+    file: Option<PathBuf>,
+}
+
+type Shared = Arc<Registry>;
+
+/// A registry error in Confluent's format: `{"error_code": 40401, "message": "..."}`.
+struct ApiError(StatusCode, i64, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            Json(json!({ "error_code": self.1, "message": self.2 })),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+fn subject_not_found(s: &str) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        40401,
+        format!("Subject '{s}' not found."),
+    )
+}
+
+impl Registry {
+    fn open(dir: Option<PathBuf>) -> std::io::Result<Self> {
+        let file = dir.map(|d| d.join("registry.json"));
+        let data = match &file {
+            Some(f) if f.exists() => serde_json::from_slice(&std::fs::read(f)?)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?,
+            Some(f) => {
+                if let Some(parent) = f.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                Data::default()
+            }
+            None => Data::default(),
+        };
+        Ok(Self {
+            data: Mutex::new(data),
+            file,
+        })
+    }
+
+    fn persist(&self, data: &Data) -> Result<(), ApiError> {
+        let Some(f) = &self.file else { return Ok(()) };
+        let tmp = f.with_extension("json.tmp");
+        let write = || -> std::io::Result<()> {
+            std::fs::write(&tmp, serde_json::to_vec_pretty(data)?)?;
+            std::fs::rename(&tmp, f)
+        };
+        write().map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                50001,
+                format!("cannot persist the registry: {e}"),
+            )
+        })
+    }
+}
+
+fn canonical(schema_type: &str, schema: &str) -> Result<String, ApiError> {
+    let invalid = |m: String| ApiError(StatusCode::UNPROCESSABLE_ENTITY, 42201, m);
+    let v: Value = serde_json::from_str(schema)
+        .map_err(|e| invalid(format!("Invalid schema: not JSON: {e}")))?;
+    if schema_type == "AVRO" {
+        let ok = match &v {
+            Value::String(_) | Value::Array(_) => true,
+            Value::Object(o) => o.contains_key("type"),
+            _ => false,
+        };
+        if !ok {
+            return Err(invalid(
+                "Invalid schema: an Avro schema needs a `type`".into(),
+            ));
+        }
+    }
+    Ok(v.to_string())
+}
+
+#[derive(Deserialize)]
+struct RegisterBody {
+    schema: String,
+    #[serde(rename = "schemaType")]
+    schema_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CompatBody {
+    compatibility: String,
+}
+
+async fn schema_by_id(State(r): State<Shared>, Path(id): Path<u32>) -> ApiResult<Value> {
+    let data = r.data.lock().expect("registry");
+    let s = data.schemas.get(&id).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            40403,
+            format!("Schema {id} not found"),
+        )
+    })?;
+    let mut body = json!({ "schema": s.schema });
+    if s.schema_type != "AVRO" {
+        body["schemaType"] = json!(s.schema_type);
+    }
+    Ok(Json(body))
+}
+
+async fn id_versions(State(r): State<Shared>, Path(id): Path<u32>) -> ApiResult<Value> {
+    let data = r.data.lock().expect("registry");
+    let out: Vec<Value> = data
+        .subjects
+        .iter()
+        .flat_map(|(s, ids)| {
+            ids.iter()
+                .enumerate()
+                .filter(|(_, i)| **i == id)
+                .map(move |(v, _)| json!({ "subject": s, "version": v + 1 }))
+        })
+        .collect();
+    Ok(Json(Value::Array(out)))
+}
+
+async fn subjects(State(r): State<Shared>) -> ApiResult<Vec<String>> {
+    let data = r.data.lock().expect("registry");
+    Ok(Json(data.subjects.keys().cloned().collect()))
+}
+
+async fn versions(State(r): State<Shared>, Path(subject): Path<String>) -> ApiResult<Vec<u32>> {
+    let data = r.data.lock().expect("registry");
+    let ids = data
+        .subjects
+        .get(&subject)
+        .ok_or_else(|| subject_not_found(&subject))?;
+    Ok(Json((1..=ids.len() as u32).collect()))
+}
+
+fn version_body(data: &Data, subject: &str, version: usize) -> Value {
+    let id = data.subjects[subject][version - 1];
+    let s = &data.schemas[&id];
+    let mut body = json!({ "subject": subject, "version": version, "id": id, "schema": s.schema });
+    if s.schema_type != "AVRO" {
+        body["schemaType"] = json!(s.schema_type);
+    }
+    body
+}
+
+async fn version(
+    State(r): State<Shared>,
+    Path((subject, version)): Path<(String, String)>,
+) -> ApiResult<Value> {
+    let data = r.data.lock().expect("registry");
+    let ids = data
+        .subjects
+        .get(&subject)
+        .ok_or_else(|| subject_not_found(&subject))?;
+    let v = match version.as_str() {
+        "latest" | "-1" => ids.len(),
+        n => n.parse::<usize>().map_err(|_| {
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                42202,
+                format!("The specified version '{n}' is not a valid version id."),
+            )
+        })?,
+    };
+    if v == 0 || v > ids.len() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            40402,
+            format!("Version {version} not found."),
+        ));
+    }
+    Ok(Json(version_body(&data, &subject, v)))
+}
+
+async fn register(
+    State(r): State<Shared>,
+    Path(subject): Path<String>,
+    Json(body): Json<RegisterBody>,
+) -> ApiResult<Value> {
+    let schema_type = body.schema_type.unwrap_or_else(|| "AVRO".into());
+    let canon = canonical(&schema_type, &body.schema)?;
+    let mut data = r.data.lock().expect("registry");
+    let existing = data
+        .schemas
+        .iter()
+        .find(|(_, s)| s.canonical == canon && s.schema_type == schema_type)
+        .map(|(id, _)| *id);
+    let id = match existing {
+        Some(id) => id,
+        None => {
+            data.next_id += 1;
+            let id = data.next_id;
+            data.schemas.insert(
+                id,
+                StoredSchema {
+                    schema_type,
+                    schema: body.schema,
+                    canonical: canon,
+                },
+            );
+            id
+        }
+    };
+    let versions = data.subjects.entry(subject).or_default();
+    if !versions.contains(&id) {
+        versions.push(id);
+    }
+    r.persist(&data)?;
+    Ok(Json(json!({ "id": id })))
+}
+
+async fn lookup(
+    State(r): State<Shared>,
+    Path(subject): Path<String>,
+    Json(body): Json<RegisterBody>,
+) -> ApiResult<Value> {
+    let schema_type = body.schema_type.unwrap_or_else(|| "AVRO".into());
+    let canon = canonical(&schema_type, &body.schema)?;
+    let data = r.data.lock().expect("registry");
+    let ids = data
+        .subjects
+        .get(&subject)
+        .ok_or_else(|| subject_not_found(&subject))?;
+    let pos = ids
+        .iter()
+        .position(|id| data.schemas[id].canonical == canon)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, 40403, "Schema not found".into()))?;
+    Ok(Json(version_body(&data, &subject, pos + 1)))
+}
+
+fn level(body: &CompatBody) -> Result<String, ApiError> {
+    let l = body.compatibility.to_ascii_uppercase();
+    if LEVELS.contains(&l.as_str()) {
+        Ok(l)
+    } else {
+        Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            42203,
+            format!("Invalid compatibility level {}", body.compatibility),
+        ))
+    }
+}
+
+async fn get_config(State(r): State<Shared>) -> ApiResult<Value> {
+    let data = r.data.lock().expect("registry");
+    let l = data
+        .global_compatibility
+        .clone()
+        .unwrap_or_else(|| "BACKWARD".into());
+    Ok(Json(json!({ "compatibilityLevel": l })))
+}
+
+async fn put_config(State(r): State<Shared>, Json(body): Json<CompatBody>) -> ApiResult<Value> {
+    let l = level(&body)?;
+    let mut data = r.data.lock().expect("registry");
+    data.global_compatibility = Some(l.clone());
+    r.persist(&data)?;
+    Ok(Json(json!({ "compatibility": l })))
+}
+
+async fn get_subject_config(
+    State(r): State<Shared>,
+    Path(subject): Path<String>,
+) -> ApiResult<Value> {
+    let data = r.data.lock().expect("registry");
+    let l = data
+        .subject_compatibility
+        .get(&subject)
+        .ok_or_else(|| subject_not_found(&subject))?;
+    Ok(Json(json!({ "compatibilityLevel": l })))
+}
+
+async fn put_subject_config(
+    State(r): State<Shared>,
+    Path(subject): Path<String>,
+    Json(body): Json<CompatBody>,
+) -> ApiResult<Value> {
+    let l = level(&body)?;
+    let mut data = r.data.lock().expect("registry");
+    data.subject_compatibility.insert(subject, l.clone());
+    r.persist(&data)?;
+    Ok(Json(json!({ "compatibility": l })))
+}
+
+/// The registry's HTTP routes over a state persisted to `dir` (in memory when `None`).
+pub fn router(dir: Option<PathBuf>) -> std::io::Result<Router> {
+    let state: Shared = Arc::new(Registry::open(dir)?);
+    Ok(Router::new()
+        .route("/", get(|| async { Json(json!({})) }))
+        .route("/schemas/ids/{id}", get(schema_by_id))
+        .route("/schemas/ids/{id}/versions", get(id_versions))
+        .route("/subjects", get(subjects))
+        .route("/subjects/{subject}", post(lookup))
+        .route("/subjects/{subject}/versions", get(versions).post(register))
+        .route("/subjects/{subject}/versions/{version}", get(version))
+        .route("/config", get(get_config).put(put_config))
+        .route(
+            "/config/{subject}",
+            get(get_subject_config).put(put_subject_config),
+        )
+        .with_state(state))
+}
+
+/// Binds `addr` and serves the registry in the background. Returns the bound address (useful
+/// with port 0) and the server task.
+pub async fn spawn(
+    addr: SocketAddr,
+    dir: Option<PathBuf>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let app = router(dir)?;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((bound, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{RegistryClient, RegistryConfig, SchemaId};
+
+    const S1: &str = r#"{"type":"record","name":"E","fields":[{"name":"x","type":"long"}]}"#;
+
+    #[tokio::test]
+    async fn register_fetch_persist_and_single_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, task) = spawn("127.0.0.1:0".parse().unwrap(), Some(dir.path().into()))
+            .await
+            .unwrap();
+        let client = RegistryClient::new(RegistryConfig::new(format!("http://{addr}"))).unwrap();
+        let id = client.register("t-value", S1).await.unwrap();
+        // Idempotent, whitespace-insensitive re-registration.
+        let spaced = S1.replace(',', " , ");
+        assert_eq!(client.register("t-value", &spaced).await.unwrap(), id);
+        assert_eq!(client.latest("t-value").await.unwrap().version, 1);
+        // 16 concurrent misses, one request.
+        let futs = (0..16).map(|_| client.schema(id));
+        for s in futures_join(futs).await {
+            assert_eq!(s.unwrap().schema, S1);
+        }
+        assert_eq!(client.fetches(), 1);
+        let e = client.schema(SchemaId(999)).await.unwrap_err();
+        assert!(
+            matches!(e, crate::Error::SchemaNotFound { code: 40403, .. }),
+            "{e}"
+        );
+        let e = client.latest("nope").await.unwrap_err();
+        assert!(
+            matches!(e, crate::Error::SubjectNotFound { code: 40401, .. }),
+            "{e}"
+        );
+        task.abort();
+        // Restart on the same directory: the id survives.
+        let (addr, _task) = spawn("127.0.0.1:0".parse().unwrap(), Some(dir.path().into()))
+            .await
+            .unwrap();
+        let client = RegistryClient::new(RegistryConfig::new(format!("http://{addr}"))).unwrap();
+        assert_eq!(client.schema(id).await.unwrap().schema, S1);
+        assert_eq!(client.register("other-value", S1).await.unwrap(), id);
+    }
+
+    async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+        let handles: Vec<_> = futs.collect();
+        let mut out = Vec::new();
+        // Poll them concurrently on one task.
+        let joined = futures::future::join_all(handles).await;
+        out.extend(joined);
+        out
+    }
+}

@@ -1,0 +1,78 @@
+//! The sinks crate's error type. Context (table, partition, offsets, path) lives in struct
+//! variants; [`Error::is_retryable`] is the one place that decides what a retry can fix.
+
+use crate::{Offset, TopicPartition};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("invalid table location `{location}`: {reason}")]
+    Location { location: String, reason: String },
+
+    #[error("object store error at `{path}` in table {table}: {source}")]
+    Store {
+        table: String,
+        path: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+
+    #[error("cannot encode parquet for {tp} offsets {start}..{next}: {source}")]
+    Encode {
+        tp: TopicPartition,
+        start: Offset,
+        next: Offset,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    #[error("invalid partition_by `{spec}`: {reason}")]
+    PartitionSpec { spec: String, reason: String },
+
+    #[error("cannot compute partition `{spec}` for {tp}: {reason}")]
+    PartitionValue {
+        spec: String,
+        tp: TopicPartition,
+        reason: String,
+    },
+
+    #[error("corrupt commit marker `{path}` in table {table}: {reason}")]
+    CorruptMarker {
+        table: String,
+        path: String,
+        reason: String,
+    },
+
+    #[error("broken commit chain for {tp} in table {table}: {reason}")]
+    Chain {
+        table: String,
+        tp: TopicPartition,
+        reason: String,
+    },
+
+    #[error("background task failed: {0}")]
+    Join(String),
+}
+
+impl Error {
+    /// Whether retrying the same operation later can succeed (network, throttling, 5xx).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Store { source, .. } => !matches!(
+                **source,
+                object_store::Error::NotFound { .. }
+                    | object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::InvalidPath { .. }
+                    | object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+                    | object_store::Error::NotImplemented { .. }
+                    | object_store::Error::UnknownConfigurationKey { .. }
+            ),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! lakesink's sinks: turn Arrow record batches that carry Kafka offset ranges into committed,
+//! reader-visible tables, exactly once.
+//!
+//! This crate never sees Kafka clients or schema registries. It speaks Arrow [`RecordBatch`]es
+//! and source-agnostic positions ([`TopicPartition`], [`Offset`]): a *position* is the next
+//! offset to read from a partition. Every sink keeps its own commit record as the single source
+//! of truth for progress, and exposes three steps:
+//!
+//! 1. [`Sink::stage`] writes a flush so that readers cannot see it yet;
+//! 2. [`Sink::commit`] makes it visible exactly once, fenced on the expected start position;
+//! 3. [`Sink::recover`] reads the committed position back after any crash or rebalance, and
+//!    finishes any commit that was interrupted half-way.
+//!
+//! [`RecordBatch`]: arrow::record_batch::RecordBatch
+
+pub mod error;
+pub mod parquet;
+pub mod partition;
+pub mod store;
+
+use std::fmt;
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+
+pub use error::{Error, Result};
+
+/// A Kafka partition of a topic (or any partitioned, offset-addressed source).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    pub topic: Arc<str>,
+    pub partition: i32,
+}
+
+impl TopicPartition {
+    pub fn new(topic: impl Into<Arc<str>>, partition: i32) -> Self {
+        Self {
+            topic: topic.into(),
+            partition,
+        }
+    }
+}
+
+impl fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// A Kafka offset. Positions (the next offset to read) use the same type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Offset(pub i64);
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One flush of one source partition: the rows read between two positions.
+///
+/// `start` is the position the writer resumed from (the end of the previous commit, or the
+/// first offset it ever read), `next` is one past the last offset included. Offsets between them
+/// that carry no row (compaction, transaction markers, filtered records) are still covered, so
+/// commits form a gap-free chain of positions.
+#[derive(Debug, Clone)]
+pub struct Flush {
+    pub tp: TopicPartition,
+    pub start: Offset,
+    pub next: Offset,
+    pub batches: Vec<RecordBatch>,
+}
+
+impl Flush {
+    pub fn rows(&self) -> usize {
+        self.batches.iter().map(|b| b.num_rows()).sum()
+    }
+}
+
+/// What a commit attempt achieved. Losing a race is an outcome, not an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// This writer's flush is now committed and visible.
+    Committed { next: Offset },
+    /// An earlier attempt of this same writer already committed this flush (a retried request
+    /// whose first response was lost); it is visible and the writer may continue.
+    AlreadyCommitted { next: Offset },
+    /// Another writer committed a flush at this start position first. This writer must discard
+    /// its flush and resume from `next`, the winner's end.
+    Fenced { next: Offset },
+}
+
+/// Summary of one committed flush, for progress reporting.
+#[derive(Debug, Clone, Default)]
+pub struct CommitStats {
+    pub files: usize,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// A flush written where readers cannot see it, ready to commit.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    pub tp: TopicPartition,
+    pub start: Offset,
+    pub next: Offset,
+    pub rows: u64,
+    /// Sink-specific description of the staged data (for Parquet: the staged files).
+    pub files: Vec<parquet::StagedFile>,
+    /// The data's columns as `name: type`, recorded in the commit for humans and tools.
+    pub columns: Vec<String>,
+}
+
+/// A destination table with an exactly-once commit protocol.
+///
+/// Implementations must be safe to call from several writers (processes) at once: `commit` is
+/// fenced on `staged.start`, so for a given start position exactly one writer ever wins.
+#[async_trait::async_trait]
+pub trait Sink: Send + Sync + fmt::Debug {
+    /// The committed position of `tp` (the next offset to read), or `None` if nothing was ever
+    /// committed. Finishes publishing any commit that was interrupted.
+    async fn recover(&self, tp: &TopicPartition) -> Result<Option<Offset>>;
+
+    /// Encodes and writes a flush where readers cannot see it. Retrying is safe.
+    async fn stage(&self, flush: Flush) -> Result<Staged>;
+
+    /// Makes a staged flush visible, fenced on its start position.
+    async fn commit(&self, staged: &Staged) -> Result<(CommitOutcome, CommitStats)>;
+
+    /// Checks that the table location is reachable and writable.
+    async fn check(&self) -> Result<()>;
+
+    /// The table's location, for messages (never contains credentials).
+    fn location(&self) -> &str;
+}

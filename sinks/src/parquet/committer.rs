@@ -1,0 +1,460 @@
+//! The Parquet commit protocol: staging, the fenced marker create, publishing and recovery.
+//! See the module docs of [`crate::parquet`] for the protocol and its invariants.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use super::config::ParquetSinkConfig;
+use super::writer::{encode, StagedFile};
+use crate::store::TableStore;
+use crate::{
+    CommitOutcome, CommitStats, Error, Flush, Offset, Result, Sink, Staged, TopicPartition,
+};
+
+const META: &str = "_lakesink";
+const MARKER_VERSION: u32 = 1;
+
+/// The commit record of one flush: `_lakesink/commits/<topic>/<partition>/<start>.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marker {
+    pub version: u32,
+    pub writer: String,
+    pub topic: String,
+    pub partition: i32,
+    /// Position this flush starts at (the fence key).
+    pub start: i64,
+    /// One past the last offset included.
+    pub next: i64,
+    pub rows: u64,
+    pub files: Vec<MarkerFile>,
+    /// Arrow schema of the data, as `name: type` strings, for humans and tools.
+    pub columns: Vec<String>,
+    pub committed_at_ms: i64,
+}
+
+pub type MarkerFile = StagedFile;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Hint {
+    /// Start of the last marker known published.
+    marker_start: i64,
+    next: i64,
+}
+
+/// A Parquet table with the marker commit protocol.
+#[derive(Debug)]
+pub struct ParquetSink {
+    table: TableStore,
+    config: ParquetSinkConfig,
+    /// Commits since the last hint, per partition.
+    since_hint: Mutex<HashMap<TopicPartition, u32>>,
+}
+
+fn offset_key(o: i64) -> String {
+    format!("{o:020}")
+}
+
+impl ParquetSink {
+    pub fn new(table: TableStore, config: ParquetSinkConfig) -> Self {
+        Self {
+            table,
+            config,
+            since_hint: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn table(&self) -> &TableStore {
+        &self.table
+    }
+
+    fn commits_dir(&self, tp: &TopicPartition) -> Path {
+        self.table
+            .path([META, "commits", &tp.topic, &tp.partition.to_string()])
+    }
+
+    pub(crate) fn marker_path(&self, tp: &TopicPartition, start: i64) -> Path {
+        self.commits_dir(tp)
+            .join(format!("{}.json", offset_key(start)).as_str())
+    }
+
+    fn staging_dir(&self, tp: &TopicPartition) -> Path {
+        self.table
+            .path([META, "staging", &tp.topic, &tp.partition.to_string()])
+    }
+
+    fn hint_path(&self, tp: &TopicPartition) -> Path {
+        self.table.path([
+            META,
+            "checkpoints",
+            &tp.topic,
+            &format!("{}.json", tp.partition),
+        ])
+    }
+
+    fn rel(&self, rel: &str) -> Path {
+        let mut p = self.table.root.clone();
+        for part in rel.split('/') {
+            p = p.join(part);
+        }
+        p
+    }
+
+    async fn read_json<T: for<'de> Deserialize<'de>>(&self, path: &Path) -> Result<Option<T>> {
+        match self.table.store.get(path).await {
+            Ok(r) => {
+                let bytes = r.bytes().await.map_err(|e| self.table.err(path, e))?;
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| Error::CorruptMarker {
+                        table: self.table.location().to_string(),
+                        path: path.to_string(),
+                        reason: e.to_string(),
+                    })
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.table.err(path, e)),
+        }
+    }
+
+    /// Reads the marker committed at `start`, if any.
+    pub async fn read_marker(&self, tp: &TopicPartition, start: Offset) -> Result<Option<Marker>> {
+        self.read_json(&self.marker_path(tp, start.0)).await
+    }
+
+    /// Lists the markers of `tp` in position order, starting after the recovery hint.
+    async fn markers_after(&self, tp: &TopicPartition, after: Option<i64>) -> Result<Vec<Marker>> {
+        let dir = self.commits_dir(tp);
+        let list = match after {
+            Some(start) => self
+                .table
+                .store
+                .list_with_offset(Some(&dir), &self.marker_path(tp, start)),
+            None => self.table.store.list(Some(&dir)),
+        };
+        let mut metas: Vec<_> = list
+            .try_collect()
+            .await
+            .map_err(|e| self.table.err(&dir, e))?;
+        metas.sort_by(|a, b| a.location.cmp(&b.location));
+        let mut out = Vec::with_capacity(metas.len());
+        for meta in metas {
+            if !meta.location.as_ref().ends_with(".json") {
+                continue;
+            }
+            let marker: Marker =
+                self.read_json(&meta.location)
+                    .await?
+                    .ok_or_else(|| Error::CorruptMarker {
+                        table: self.table.location().to_string(),
+                        path: meta.location.to_string(),
+                        reason: "listed but vanished".into(),
+                    })?;
+            out.push(marker);
+        }
+        Ok(out)
+    }
+
+    /// Copies a marker's staged files to their final paths and deletes the staged copies.
+    /// Idempotent: any number of writers may publish the same marker concurrently.
+    async fn publish(&self, marker: &Marker) -> Result<()> {
+        for f in &marker.files {
+            let staged = self.rel(&f.staged);
+            let dest = self.rel(&f.path);
+            match self.table.store.copy(&staged, &dest).await {
+                Ok(()) => {}
+                Err(object_store::Error::NotFound { .. }) => {
+                    // Someone else published it already; the destination must then exist.
+                    self.table
+                        .store
+                        .head(&dest)
+                        .await
+                        .map_err(|e| Error::Chain {
+                            table: self.table.location().to_string(),
+                            tp: TopicPartition::new(marker.topic.as_str(), marker.partition),
+                            reason: format!(
+                                "marker at {} lists `{}` but neither the staged copy nor the \
+                                 published file exists ({e})",
+                                marker.start, f.path
+                            ),
+                        })?;
+                    continue;
+                }
+                Err(e) => return Err(self.table.err(&staged, e)),
+            }
+        }
+        for f in &marker.files {
+            let staged = self.rel(&f.staged);
+            match self.table.store.delete(&staged).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.table.err(&staged, e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_hint(&self, tp: &TopicPartition, marker: &Marker) -> Result<()> {
+        let path = self.hint_path(tp);
+        let body = serde_json::to_vec(&Hint {
+            marker_start: marker.start,
+            next: marker.next,
+        })
+        .expect("hint serializes");
+        self.table
+            .store
+            .put(&path, PutPayload::from(body))
+            .await
+            .map_err(|e| self.table.err(&path, e))?;
+        Ok(())
+    }
+
+    async fn maybe_hint(&self, tp: &TopicPartition, marker: &Marker) -> Result<()> {
+        let due = {
+            let mut m = self.since_hint.lock().expect("hint counter");
+            let n = m.entry(tp.clone()).or_insert(0);
+            *n += 1;
+            if *n >= self.config.hint_every {
+                *n = 0;
+                true
+            } else {
+                false
+            }
+        };
+        if due {
+            self.write_hint(tp, marker).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes staged files of a lost flush that the winning marker does not reference.
+    async fn discard(&self, staged: &Staged, winner: &Marker) {
+        let keep: HashSet<&str> = winner.files.iter().map(|f| f.staged.as_str()).collect();
+        for f in &staged.files {
+            if keep.contains(f.staged.as_str()) {
+                continue;
+            }
+            let p = self.rel(&f.staged);
+            if let Err(e) = self.table.store.delete(&p).await {
+                debug!(path = %p, error = %e, "could not delete a fenced writer's staged file");
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for ParquetSink {
+    async fn recover(&self, tp: &TopicPartition) -> Result<Option<Offset>> {
+        let hint: Option<Hint> = self.read_json(&self.hint_path(tp)).await?;
+        let markers = self
+            .markers_after(tp, hint.as_ref().map(|h| h.marker_start))
+            .await?;
+        let mut expected = hint.as_ref().map(|h| h.next);
+        // Staged objects that still exist: only their markers need (re)publishing.
+        let staging = self.staging_dir(tp);
+        let staged_now: HashSet<String> = self
+            .table
+            .store
+            .list(Some(&staging))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .map_err(|e| self.table.err(&staging, e))?;
+        let mut last = None;
+        for marker in markers {
+            if let Some(exp) = expected {
+                if marker.start < exp {
+                    return Err(Error::Chain {
+                        table: self.table.location().to_string(),
+                        tp: tp.clone(),
+                        reason: format!(
+                            "marker at {} overlaps the chain that ends at {exp}",
+                            marker.start
+                        ),
+                    });
+                }
+                if marker.start > exp {
+                    warn!(
+                        table = self.table.location(), %tp, from = exp, to = marker.start,
+                        "gap in the commit chain: offsets {exp}..{} were never committed \
+                         (were markers deleted by hand?)", marker.start
+                    );
+                }
+            }
+            let unpublished = marker
+                .files
+                .iter()
+                .any(|f| staged_now.contains(self.rel(&f.staged).as_ref()));
+            if unpublished {
+                info!(table = self.table.location(), %tp, start = marker.start,
+                      "finishing an interrupted publish");
+                self.publish(&marker).await?;
+            }
+            expected = Some(marker.next);
+            last = Some(marker);
+        }
+        if let Some(m) = &last {
+            self.write_hint(tp, m).await?;
+        }
+        Ok(expected.map(Offset))
+    }
+
+    async fn stage(&self, flush: Flush) -> Result<Staged> {
+        let config = self.config.clone();
+        let (flush, encoded) = tokio::task::spawn_blocking(move || {
+            let encoded = encode(&flush, &config);
+            (flush, encoded)
+        })
+        .await
+        .map_err(|e| Error::Join(e.to_string()))?;
+        let encoded = encoded?;
+        let tp = &flush.tp;
+        let columns = flush
+            .batches
+            .first()
+            .map(|b| {
+                b.schema()
+                    .fields()
+                    .iter()
+                    .map(|f| format!("{}: {}", f.name(), f.data_type()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let staging_rel = format!(
+            "{META}/staging/{}/{}/{}-{}",
+            tp.topic,
+            tp.partition,
+            offset_key(flush.start.0),
+            offset_key(flush.next.0)
+        );
+        let file_name = format!(
+            "{}+{}+{}.parquet",
+            tp.topic,
+            tp.partition,
+            offset_key(flush.start.0)
+        );
+        let mut files = Vec::with_capacity(encoded.len());
+        for (i, e) in encoded.into_iter().enumerate() {
+            let staged = format!("{staging_rel}/{i}.parquet.staged");
+            let path = if e.hive_dir.is_empty() {
+                file_name.clone()
+            } else {
+                format!("{}/{file_name}", e.hive_dir)
+            };
+            let bytes = e.data.len() as u64;
+            let p = self.rel(&staged);
+            self.table
+                .store
+                .put(&p, PutPayload::from(e.data))
+                .await
+                .map_err(|err| self.table.err(&p, err))?;
+            files.push(StagedFile {
+                staged,
+                path,
+                rows: e.rows,
+                bytes,
+            });
+        }
+        Ok(Staged {
+            tp: flush.tp.clone(),
+            start: flush.start,
+            next: flush.next,
+            rows: files.iter().map(|f| f.rows).sum(),
+            files,
+            columns,
+        })
+    }
+
+    async fn commit(&self, staged: &Staged) -> Result<(CommitOutcome, CommitStats)> {
+        let tp = &staged.tp;
+        let marker = Marker {
+            version: MARKER_VERSION,
+            writer: self.config.writer_id.clone(),
+            topic: tp.topic.to_string(),
+            partition: tp.partition,
+            start: staged.start.0,
+            next: staged.next.0,
+            rows: staged.rows,
+            files: staged.files.clone(),
+            columns: staged.columns.clone(),
+            committed_at_ms: chrono::Utc::now().timestamp_millis(),
+        };
+        let path = self.marker_path(tp, staged.start.0);
+        let body = serde_json::to_vec_pretty(&marker).expect("marker serializes");
+        let stats = CommitStats {
+            files: staged.files.len(),
+            rows: staged.rows,
+            bytes: staged.files.iter().map(|f| f.bytes).sum(),
+        };
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .table
+            .store
+            .put_opts(&path, PutPayload::from(body), opts)
+            .await
+        {
+            Ok(_) => {
+                self.publish(&marker).await?;
+                self.maybe_hint(tp, &marker).await?;
+                Ok((CommitOutcome::Committed { next: staged.next }, stats))
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let winner =
+                    self.read_json::<Marker>(&path)
+                        .await?
+                        .ok_or_else(|| Error::CorruptMarker {
+                            table: self.table.location().to_string(),
+                            path: path.to_string(),
+                            reason: "create reported AlreadyExists but the marker is gone".into(),
+                        })?;
+                if winner.writer == marker.writer && winner.next == marker.next {
+                    // Our own earlier attempt won; make sure it is published.
+                    self.publish(&winner).await?;
+                    return Ok((
+                        CommitOutcome::AlreadyCommitted {
+                            next: Offset(winner.next),
+                        },
+                        stats,
+                    ));
+                }
+                warn!(table = self.table.location(), %tp, start = staged.start.0,
+                      winner = %winner.writer, winner_next = winner.next,
+                      "fenced: another writer committed this start position first");
+                self.discard(staged, &winner).await;
+                Ok((
+                    CommitOutcome::Fenced {
+                        next: Offset(winner.next),
+                    },
+                    CommitStats::default(),
+                ))
+            }
+            Err(e) => Err(self.table.err(&path, e)),
+        }
+    }
+
+    async fn check(&self) -> Result<()> {
+        let path = self.table.path([META, "check", &self.config.writer_id]);
+        self.table
+            .store
+            .put(&path, PutPayload::from_static(b"lakesink check"))
+            .await
+            .map_err(|e| self.table.err(&path, e))?;
+        self.table
+            .store
+            .delete(&path)
+            .await
+            .map_err(|e| self.table.err(&path, e))?;
+        Ok(())
+    }
+
+    fn location(&self) -> &str {
+        self.table.location()
+    }
+}

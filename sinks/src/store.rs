@@ -1,0 +1,142 @@
+//! Opening a table location (`file://`, `s3://`, `az://`, `abfss://`, `gs://`, `memory://`) as an
+//! object store plus a root path inside it.
+//!
+//! Invariant: [`TableStore::location`] never contains credentials (they live in the storage
+//! options, never in the URL we print).
+
+use std::sync::Arc;
+
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreScheme};
+use url::Url;
+
+use crate::{Error, Result};
+
+/// An object store and the table's root inside it.
+#[derive(Debug, Clone)]
+pub struct TableStore {
+    pub store: Arc<dyn ObjectStore>,
+    pub root: Path,
+    pub(crate) location: String,
+}
+
+impl TableStore {
+    /// Opens `location` with `options` (object_store configuration keys such as `endpoint`,
+    /// `region`, `access_key_id`, `allow_http`, `azure_storage_account_name`, ...).
+    pub fn open<I, K, V>(location: &str, options: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: Into<String>,
+    {
+        let bad = |reason: String| Error::Location {
+            location: redact_url(location),
+            reason,
+        };
+        let url = Url::parse(location).map_err(|e| bad(e.to_string()))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(bad(
+                "credentials in the table URL are not allowed; put them in the `storage` table"
+                    .into(),
+            ));
+        }
+        let (scheme, _) = ObjectStoreScheme::parse(&url).map_err(|e| {
+            bad(format!(
+                "{e}; supported schemes are file://, s3://, az://, abfss://, gs://, memory://"
+            ))
+        })?;
+        let (store, root): (Arc<dyn ObjectStore>, Path) = match scheme {
+            ObjectStoreScheme::Local => {
+                let dir = url
+                    .to_file_path()
+                    .map_err(|_| bad("not an absolute local path".into()))?;
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| bad(format!("cannot create directory: {e}")))?;
+                let fs = LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|e| bad(e.to_string()))?
+                    .with_automatic_cleanup(true);
+                (Arc::new(fs), Path::default())
+            }
+            ObjectStoreScheme::Memory => (Arc::new(InMemory::new()), Path::default()),
+            ObjectStoreScheme::AmazonS3
+            | ObjectStoreScheme::MicrosoftAzure
+            | ObjectStoreScheme::GoogleCloudStorage => {
+                let (store, path) =
+                    object_store::parse_url_opts(&url, options).map_err(|e| bad(e.to_string()))?;
+                (Arc::from(store), path)
+            }
+            other => return Err(bad(format!("scheme {other:?} cannot hold a table"))),
+        };
+        Ok(Self {
+            store,
+            root,
+            location: redact_url(location),
+        })
+    }
+
+    /// The table location, safe to print.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// A path below the table root. `parts` must already be safe path segments.
+    pub fn path<'a>(&self, parts: impl IntoIterator<Item = &'a str>) -> Path {
+        let mut p = self.root.clone();
+        for part in parts {
+            p = p.clone().join(part);
+        }
+        p
+    }
+
+    pub(crate) fn err(&self, path: &Path, source: object_store::Error) -> Error {
+        Error::Store {
+            table: self.location.clone(),
+            path: path.to_string(),
+            source: Box::new(source),
+        }
+    }
+}
+
+/// Removes user info and query strings (SAS tokens) from a URL for display.
+pub fn redact_url(raw: &str) -> String {
+    match Url::parse(raw) {
+        Ok(mut url) => {
+            let had_secret = !url.username().is_empty() || url.password().is_some();
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            if url.query().is_some() {
+                url.set_query(Some("REDACTED"));
+            }
+            let mut s = url.to_string();
+            if had_secret {
+                s.push_str(" (credentials redacted)");
+            }
+            s
+        }
+        Err(_) => "<unparseable url>".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_credentials_and_queries() {
+        let r = redact_url("s3://user:hunter2@bucket/t?sig=abc");
+        assert!(!r.contains("hunter2"), "{r}");
+        assert!(!r.contains("abc"), "{r}");
+        assert!(r.starts_with("s3://bucket/t"), "{r}");
+    }
+
+    #[test]
+    fn rejects_credentials_in_url_and_unknown_schemes() {
+        let e = TableStore::open("s3://k:secret@b/t", Vec::<(String, String)>::new()).unwrap_err();
+        assert!(e.to_string().contains("storage"), "{e}");
+        assert!(!e.to_string().contains("secret@"), "{e}");
+        let e = TableStore::open("ftp://x/y", Vec::<(String, String)>::new()).unwrap_err();
+        assert!(e.to_string().contains("supported schemes"), "{e}");
+    }
+}

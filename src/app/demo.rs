@@ -1,0 +1,316 @@
+//! `lakesink demo`: the whole pipeline with no external service. An in-process Kafka
+//! (librdkafka's mock cluster) and an in-process schema registry; order events produced in
+//! Avro; the real pipeline sinks them into a Hive-partitioned Parquet table on local disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::ClientConfig;
+use schema_registry::{wire, RegistryClient, RegistryConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::pipeline::Progress;
+use crate::source::SourceOptions;
+use crate::workload::{order_schema, Order, ORDER_SCHEMA};
+
+pub const TOPIC: &str = "demo.orders";
+
+/// Produces `n` order events to `topic` (keys are order ids), Confluent-framed with `id`.
+pub fn produce_orders(
+    bootstrap: &str,
+    topic: &str,
+    schema_id: schema_registry::SchemaId,
+    ids: std::ops::Range<i64>,
+    mut on_progress: impl FnMut(u64),
+) -> anyhow::Result<()> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "500000")
+        .create()
+        .context("cannot create the demo producer")?;
+    let schema = order_schema();
+    let mut sent = 0u64;
+    for id in ids {
+        let order = Order::generate(id);
+        let payload = wire::frame(schema_id, &order.encode(&schema));
+        let mut record = BaseRecord::to(topic).key(&order.order_id).payload(&payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((e, r)) => {
+                    if !matches!(
+                        e,
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull
+                        )
+                    ) {
+                        bail!("cannot produce to {topic}: {e}");
+                    }
+                    record = r;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        sent += 1;
+        if sent % 10_000 == 0 {
+            producer.poll(Duration::ZERO);
+            on_progress(sent);
+        }
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .context("cannot flush the demo producer")?;
+    on_progress(sent);
+    Ok(())
+}
+
+/// A progress reporter: a bar on a terminal, periodic lines otherwise.
+pub struct Reporter {
+    bar: Option<indicatif::ProgressBar>,
+    last_line: Instant,
+    label: String,
+}
+
+impl Reporter {
+    pub fn new(label: &str, total: u64) -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg:>10} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
+                )
+                .expect("template")
+                .progress_chars("=> "),
+            );
+            b.set_message(label.to_string());
+            b
+        });
+        Self {
+            bar,
+            last_line: Instant::now(),
+            label: label.to_string(),
+        }
+    }
+
+    pub fn set(&mut self, pos: u64, total: u64) {
+        match &self.bar {
+            Some(b) => b.set_position(pos),
+            None => {
+                if self.last_line.elapsed() >= Duration::from_secs(2) || pos >= total {
+                    eprintln!("{}: {pos}/{total}", self.label);
+                    self.last_line = Instant::now();
+                }
+            }
+        }
+    }
+
+    pub fn finish(self) {
+        if let Some(b) = self.bar {
+            b.finish();
+        }
+    }
+}
+
+/// The demo's sink configuration.
+pub fn demo_config(bootstrap: &str, registry: &str, table: &Path, group: &str) -> String {
+    format!(
+        r#"
+[kafka]
+bootstrap_servers = "{bootstrap}"
+group_id = "{group}"
+
+[schema_registry]
+url = "{registry}"
+
+[[sink]]
+name = "orders"
+topics = ["{TOPIC}"]
+format = "avro"
+kind = "parquet"
+table = "file://{table}"
+partition_by = ["day(ts)"]
+flush = {{ max_rows = 50000, max_bytes = "64MiB", max_latency = "5s" }}
+"#,
+        table = table.display()
+    )
+}
+
+pub async fn run(records: u64, dir: PathBuf) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let table = dir.join("orders");
+    if table.exists() {
+        bail!(
+            "{} already exists; remove it or pass another --dir (the demo always starts from an \
+             empty table)",
+            table.display()
+        );
+    }
+    println!(
+        "lakesink demo: {records} Avro order events -> {}",
+        table.display()
+    );
+    let cluster = MockCluster::new(1).context("cannot start the in-process Kafka")?;
+    cluster
+        .create_topic(TOPIC, 3, 1)
+        .context("cannot create the demo topic")?;
+    let bootstrap = cluster.bootstrap_servers();
+    let (addr, _registry) = schema_registry::server::spawn("127.0.0.1:0".parse()?, None).await?;
+    let registry_url = format!("http://{addr}");
+    let client = RegistryClient::new(RegistryConfig::new(&registry_url))?;
+    let schema_id = client
+        .register(&format!("{TOPIC}-value"), ORDER_SCHEMA)
+        .await?;
+    println!("  kafka (in-process) {bootstrap}, topic {TOPIC} with 3 partitions");
+    println!("  schema registry (in-process) {registry_url}, schema id {schema_id}");
+
+    let started = Instant::now();
+    {
+        let bootstrap = bootstrap.clone();
+        let mut rep = Reporter::new("produce", records);
+        tokio::task::spawn_blocking(move || {
+            let r = produce_orders(&bootstrap, TOPIC, schema_id, 0..records as i64, |n| {
+                rep.set(n, records)
+            });
+            rep.finish();
+            r
+        })
+        .await??;
+    }
+    println!("  produced {records} records in {:.1?}", started.elapsed());
+
+    let cfg = Config::from_toml(&demo_config(
+        &bootstrap,
+        &registry_url,
+        &table,
+        "lakesink-demo",
+    ))?
+    .validate()?;
+    let progress = Arc::new(Progress::default());
+    let cancel = CancellationToken::new();
+    super::cancel_on_signals(cancel.clone());
+    let reporter = {
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            let mut rep = Reporter::new("sink", records);
+            loop {
+                let done = progress.rows_committed.load(Ordering::Relaxed);
+                rep.set(done, records);
+                if done >= records {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            rep.finish();
+        })
+    };
+    let sink_started = Instant::now();
+    let result = super::run(
+        cfg,
+        SourceOptions {
+            until_caught_up: true,
+        },
+        cancel,
+        progress.clone(),
+    )
+    .await;
+    reporter.abort();
+    result?;
+    let elapsed = sink_started.elapsed();
+    let rows = progress.rows_committed.load(Ordering::Relaxed);
+    println!();
+    println!(
+        "sunk {rows} rows in {:.2?} ({:.0} rows/s): {} files, {:.1} MiB of Parquet, {} commits",
+        elapsed,
+        rows as f64 / elapsed.as_secs_f64(),
+        progress.files_committed.load(Ordering::Relaxed),
+        progress.bytes_committed.load(Ordering::Relaxed) as f64 / (1 << 20) as f64,
+        progress.commits.load(Ordering::Relaxed),
+    );
+    println!("committed positions (next offset to read):");
+    for ((sink, tp), next) in progress.committed_positions() {
+        println!("  {sink}: {tp} -> {next}");
+    }
+    print_sample(&table)?;
+    println!();
+    println!("query it with DuckDB (pip install duckdb, or the duckdb CLI):");
+    println!(
+        "  duckdb -c \"SELECT day, status, count(*) AS lines, sum(cost) AS revenue FROM read_parquet('{}/*/*.parquet', hive_partitioning = true) GROUP BY ALL ORDER BY ALL\"",
+        table.display()
+    );
+    println!(
+        "commit markers are in {}/_lakesink/commits/",
+        table.display()
+    );
+    drop(cluster);
+    Ok(())
+}
+
+/// Prints the first rows of one published file.
+fn print_sample(table: &Path) -> anyhow::Result<()> {
+    let mut files = Vec::new();
+    collect_parquet(table, &mut files)?;
+    files.sort();
+    let Some(first) = files.first() else {
+        bail!("no Parquet file was published under {}", table.display());
+    };
+    let file = std::fs::File::open(first)?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?
+        .with_batch_size(3)
+        .build()?;
+    let batch = reader.into_iter().next().transpose()?;
+    println!(
+        "{} files under {}; first rows of {}:",
+        files.len(),
+        table.display(),
+        first.strip_prefix(table).unwrap_or(first).display()
+    );
+    if let Some(b) = batch {
+        let cols: Vec<usize> = [
+            "id",
+            "product",
+            "quantity",
+            "cost",
+            "ts",
+            "status",
+            "address",
+            "_kafka_partition",
+            "_kafka_offset",
+        ]
+        .iter()
+        .filter_map(|c| b.schema().index_of(c).ok())
+        .collect();
+        println!(
+            "{}",
+            arrow::util::pretty::pretty_format_batches(&[b.project(&cols)?])?
+        );
+    }
+    Ok(())
+}
+
+fn collect_parquet(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('_') || name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            collect_parquet(&path, out)?;
+        } else if name.ends_with(".parquet") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}

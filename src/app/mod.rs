@@ -1,0 +1,210 @@
+//! The commands: building the service from a validated config, running it with signal-driven
+//! shutdown, checking every dependency, and the embedded demo and benchmark.
+
+pub mod bench;
+pub mod demo;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use schema_registry::{RegistryClient, RegistryConfig};
+use sinks::parquet::{ParquetSink, ParquetSinkConfig};
+use sinks::store::TableStore;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::ValidatedConfig;
+use crate::pipeline::{Progress, SinkRuntime};
+use crate::source::{self, SourceOptions};
+
+/// A unique id for this writer process, recorded in commit markers.
+pub fn writer_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "lakesink".into());
+    format!(
+        "{host}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// The registry client the config describes (a client to nowhere when there is none; a sink
+/// that needs a registry is rejected by validation).
+pub fn registry_client(cfg: &ValidatedConfig) -> anyhow::Result<RegistryClient> {
+    let mut rc = RegistryConfig::new(
+        cfg.registry
+            .as_ref()
+            .map_or("http://127.0.0.1:1", |r| r.url.as_str()),
+    );
+    if let Some(r) = &cfg.registry {
+        rc.username = r.username.clone();
+        rc.password = r.password.as_ref().map(|p| p.expose().to_string());
+        rc.timeout = r.timeout;
+    }
+    RegistryClient::new(rc).context("cannot build the schema registry client")
+}
+
+/// Opens every sink's table.
+pub fn build_sinks(cfg: &ValidatedConfig) -> anyhow::Result<Vec<Arc<SinkRuntime>>> {
+    let registry = registry_client(cfg)?;
+    let writer = writer_id();
+    cfg.sinks
+        .iter()
+        .map(|s| {
+            let table = TableStore::open(
+                &s.table,
+                s.storage
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.expose().to_string())),
+            )
+            .with_context(|| format!("sink `{}`: cannot open table", s.name))?;
+            let sink = ParquetSink::new(
+                table,
+                ParquetSinkConfig {
+                    partition_by: s.partition_by.clone(),
+                    compression: s.compression,
+                    writer_id: writer.clone(),
+                    ..Default::default()
+                },
+            );
+            Ok(Arc::new(SinkRuntime {
+                config: s.clone(),
+                sink: Arc::new(sink),
+                registry: registry.clone(),
+            }))
+        })
+        .collect()
+}
+
+/// Runs the service until `cancel` fires (or, in catch-up mode, until caught up). Returns the
+/// progress counters; a fatal pipeline error is an `Err` naming sink, partition and offsets.
+pub async fn run(
+    cfg: ValidatedConfig,
+    options: SourceOptions,
+    cancel: CancellationToken,
+    progress: Arc<Progress>,
+) -> anyhow::Result<()> {
+    let sinks = build_sinks(&cfg)?;
+    let rt = tokio::runtime::Handle::current();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let thread_cancel = cancel.clone();
+    std::thread::Builder::new()
+        .name("lakesink-source".into())
+        .spawn(move || {
+            let r = source::run(&cfg, sinks, progress, rt, thread_cancel, options);
+            let _ = done_tx.send(r);
+        })
+        .context("cannot start the source thread")?;
+    let result = done_rx
+        .await
+        .map_err(|_| anyhow!("the source thread panicked"))?;
+    result.map_err(|e| anyhow!(e))
+}
+
+/// Cancels `token` on SIGINT or SIGTERM; a second signal exits at once.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let term = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        info!("shutdown requested: flushing, committing, then exiting");
+        token.cancel();
+        let _ = tokio::signal::ctrl_c().await;
+        warn!("second signal: exiting without draining");
+        std::process::exit(130);
+    });
+}
+
+/// One line of `lakesink check`.
+#[derive(Debug)]
+pub struct CheckResult {
+    pub what: String,
+    pub error: Option<String>,
+}
+
+/// Reaches the broker, the registry and every table location.
+pub async fn check(cfg: &ValidatedConfig) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    // Kafka: metadata of the configured topics.
+    let kafka = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || -> Result<String, String> {
+            let consumer: BaseConsumer = source::client_config(&cfg)
+                .create()
+                .map_err(|e| format!("cannot create a consumer: {e}"))?;
+            let md = consumer
+                .fetch_metadata(None, Duration::from_secs(10))
+                .map_err(|e| format!("cannot fetch metadata: {e}"))?;
+            let topics: Vec<String> = md.topics().iter().map(|t| t.name().to_string()).collect();
+            let mut missing = Vec::new();
+            for s in &cfg.sinks {
+                if let crate::config::TopicSelector::Names(names) = &s.topics {
+                    for n in names {
+                        if !topics.contains(n) {
+                            missing.push(format!("{n} (sink `{}`)", s.name));
+                        }
+                    }
+                }
+            }
+            if missing.is_empty() {
+                Ok(format!(
+                    "{} brokers, {} topics",
+                    md.brokers().len(),
+                    topics.len()
+                ))
+            } else {
+                Err(format!("topics not found: {}", missing.join(", ")))
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+    };
+    out.push(match kafka {
+        Ok(s) => CheckResult {
+            what: format!("kafka {} ({s})", cfg.bootstrap_servers),
+            error: None,
+        },
+        Err(e) => CheckResult {
+            what: format!("kafka {}", cfg.bootstrap_servers),
+            error: Some(e),
+        },
+    });
+    if let Some(r) = &cfg.registry {
+        let res = match registry_client(cfg) {
+            Ok(c) => c.check().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        out.push(CheckResult {
+            what: format!("schema registry {}", r.url),
+            error: res.err(),
+        });
+    }
+    match build_sinks(cfg) {
+        Ok(sinks) => {
+            for s in sinks {
+                let res = s.sink.check().await.map_err(|e| e.to_string());
+                out.push(CheckResult {
+                    what: format!("sink `{}` table {}", s.config.name, s.sink.location()),
+                    error: res.err(),
+                });
+            }
+        }
+        Err(e) => out.push(CheckResult {
+            what: "sinks".into(),
+            error: Some(format!("{e:#}")),
+        }),
+    }
+    out
+}

@@ -1,0 +1,807 @@
+//! Configuration: one TOML file, read in two phases.
+//!
+//! 1. [`Config::from_toml`] interpolates `${ENV_VAR}` inside string values (`$${` is a literal
+//!    `${`), then deserializes with every table rejecting unknown keys; errors name the full key
+//!    path (`sink[0].flush.max_rowz`).
+//! 2. [`Config::validate`] checks values and cross-field rules and returns a
+//!    [`ValidatedConfig`], the only form that builds components.
+//!
+//! Invariants: secrets (passwords, keys, tokens) are [`Secret`]s or live in option tables whose
+//! secret-looking keys are redacted by [`ValidatedConfig::redacted`]; safety settings of the
+//! consumer (`enable.auto.commit`, `enable.auto.offset.store`) cannot be set by the user.
+
+mod secret;
+mod units;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use secret::{is_secret_key, Secret};
+pub use units::{parse_bytes, parse_duration};
+
+use sinks::parquet::Compression;
+use sinks::partition::PartitionSpec;
+
+/// A configuration problem, naming the key and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid config key `{key}`: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+fn err(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 1: the file as written.
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub schema_registry: Option<SchemaRegistryConfig>,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    #[serde(rename = "sink", default)]
+    pub sinks: Vec<SinkConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    #[serde(default)]
+    pub security: Option<SecurityConfig>,
+    /// Passed to librdkafka unchanged.
+    #[serde(default)]
+    pub properties: BTreeMap<String, PropertyValue>,
+}
+
+/// A librdkafka property value: TOML strings, numbers and booleans are all accepted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl std::fmt::Display for PropertyValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PropertyValue::Str(s) => f.write_str(s),
+            PropertyValue::Int(i) => write!(f, "{i}"),
+            PropertyValue::Float(x) => write!(f, "{x}"),
+            PropertyValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`.
+    pub protocol: String,
+    /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`, `OAUTHBEARER`.
+    #[serde(default)]
+    pub mechanism: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaRegistryConfig {
+    pub url: String,
+    #[serde(default)]
+    pub basic_auth: Option<BasicAuth>,
+    #[serde(default = "default_registry_timeout")]
+    pub timeout: String,
+}
+
+fn default_registry_timeout() -> String {
+    "10s".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    pub username: String,
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Bytes of decoded, unflushed data across all tables before the largest writers flush.
+    #[serde(default = "default_memory")]
+    pub max_buffer_bytes: String,
+    /// How long shutdown and partition revocation may take to flush and commit.
+    #[serde(default = "default_drain")]
+    pub drain_timeout: String,
+    /// Records queued per partition between the consumer and its writer.
+    #[serde(default = "default_queue")]
+    pub queue_records: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            max_buffer_bytes: default_memory(),
+            drain_timeout: default_drain(),
+            queue_records: default_queue(),
+        }
+    }
+}
+
+fn default_memory() -> String {
+    "256MiB".into()
+}
+fn default_drain() -> String {
+    "30s".into()
+}
+fn default_queue() -> usize {
+    4096
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    pub name: String,
+    #[serde(default)]
+    pub topics: Option<Vec<String>>,
+    #[serde(default)]
+    pub topics_regex: Option<String>,
+    #[serde(default = "default_format")]
+    pub format: String,
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    pub table: String,
+    /// object_store options (endpoint, region, credentials, allow_http, ...).
+    #[serde(default)]
+    pub storage: BTreeMap<String, Secret>,
+    #[serde(default)]
+    pub partition_by: Vec<String>,
+    #[serde(default)]
+    pub flush: FlushConfig,
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    #[serde(default)]
+    pub metadata: MetadataConfig,
+    #[serde(default = "default_mode")]
+    pub mode: String,
+}
+
+fn default_format() -> String {
+    "avro".into()
+}
+fn default_kind() -> String {
+    "parquet".into()
+}
+fn default_compression() -> String {
+    "snappy".into()
+}
+fn default_mode() -> String {
+    "append".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlushConfig {
+    #[serde(default = "default_max_rows")]
+    pub max_rows: usize,
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: String,
+    #[serde(default = "default_max_latency")]
+    pub max_latency: String,
+}
+
+impl Default for FlushConfig {
+    fn default() -> Self {
+        Self {
+            max_rows: default_max_rows(),
+            max_bytes: default_max_bytes(),
+            max_latency: default_max_latency(),
+        }
+    }
+}
+
+fn default_max_rows() -> usize {
+    1_000_000
+}
+fn default_max_bytes() -> String {
+    "128MiB".into()
+}
+fn default_max_latency() -> String {
+    "60s".into()
+}
+
+/// Which Kafka metadata columns every row carries.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataConfig {
+    #[serde(default = "yes")]
+    pub topic: bool,
+    #[serde(default = "yes")]
+    pub partition: bool,
+    #[serde(default = "yes")]
+    pub offset: bool,
+    #[serde(default = "yes")]
+    pub timestamp: bool,
+    #[serde(default)]
+    pub key: bool,
+}
+
+impl Default for MetadataConfig {
+    fn default() -> Self {
+        Self {
+            topic: true,
+            partition: true,
+            offset: true,
+            timestamp: true,
+            key: false,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Config {
+    /// Reads a config file.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            err(
+                path.display().to_string(),
+                format!("cannot read the file: {e}"),
+            )
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Parses config text, interpolating `${ENV_VAR}` from the process environment.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::from_toml_with_env(text, |k| std::env::var(k).ok())
+    }
+
+    pub fn from_toml_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| {
+            let span = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start].matches('\n').count() + 1;
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "file".into());
+            err(span, e.message().to_string())
+        })?;
+        interpolate(&mut value, &mut String::new(), &env)?;
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let mut key = e.path().to_string();
+            let msg = e.inner().to_string();
+            // serde names the unknown or missing field only in its message; add it to the path.
+            if let Some(field) = msg
+                .strip_prefix("unknown field `")
+                .or_else(|| msg.strip_prefix("missing field `"))
+                .and_then(|r| r.split('`').next())
+            {
+                if key == "." || key.is_empty() {
+                    key = field.to_string();
+                } else {
+                    let _ = write!(key, ".{field}");
+                }
+            }
+            err(key, msg)
+        })
+    }
+}
+
+fn interpolate(
+    v: &mut toml::Value,
+    path: &mut String,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    match v {
+        toml::Value::String(s) => {
+            if s.contains('$') {
+                *s = interpolate_str(s, env).map_err(|reason| err(path.clone(), reason))?;
+            }
+        }
+        toml::Value::Array(a) => {
+            for (i, item) in a.iter_mut().enumerate() {
+                let len = path.len();
+                let _ = write!(path, "[{i}]");
+                interpolate(item, path, env)?;
+                path.truncate(len);
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, item) in t.iter_mut() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                interpolate(item, path, env)?;
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn interpolate_str(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if let Some(t) = tail.strip_prefix("$${") {
+            out.push_str("${");
+            rest = t;
+        } else if let Some(t) = tail.strip_prefix("${") {
+            let end = t
+                .find('}')
+                .ok_or_else(|| "unclosed `${` (write `$${` for a literal)".to_string())?;
+            let name = &t[..end];
+            let (name, default) = match name.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (name, None),
+            };
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!(
+                    "`${{{name}}}` is not a valid environment variable name"
+                ));
+            }
+            match (env(name), default) {
+                (Some(v), _) => out.push_str(&v),
+                (None, Some(d)) => out.push_str(d),
+                (None, None) => {
+                    return Err(format!(
+                        "environment variable `{name}` is not set (use `${{{name}:-default}}` for a default)"
+                    ))
+                }
+            }
+            rest = &t[end + 1..];
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase 2: checked values.
+
+/// Which topics a sink reads.
+#[derive(Debug, Clone)]
+pub enum TopicSelector {
+    Names(Vec<String>),
+    Regex(regex::Regex),
+}
+
+impl TopicSelector {
+    pub fn matches(&self, topic: &str) -> bool {
+        match self {
+            TopicSelector::Names(n) => n.iter().any(|t| t == topic),
+            TopicSelector::Regex(r) => r.is_match(topic),
+        }
+    }
+
+    /// The librdkafka subscription patterns (a regex subscription starts with `^`).
+    pub fn subscriptions(&self) -> Vec<String> {
+        match self {
+            TopicSelector::Names(n) => n.clone(),
+            TopicSelector::Regex(r) => {
+                let s = r.as_str();
+                vec![if s.starts_with('^') {
+                    s.to_string()
+                } else {
+                    format!("^{s}")
+                }]
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ValidatedRegistry {
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Flush {
+    pub max_rows: usize,
+    pub max_bytes: u64,
+    pub max_latency: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ValidatedSink {
+    pub name: String,
+    pub topics: TopicSelector,
+    pub table: String,
+    pub storage: BTreeMap<String, Secret>,
+    pub partition_by: Vec<PartitionSpec>,
+    pub flush: Flush,
+    pub compression: Compression,
+    pub metadata: MetadataConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ValidatedConfig {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    /// Every librdkafka property, safety settings included.
+    pub kafka_properties: BTreeMap<String, Secret>,
+    pub registry: Option<ValidatedRegistry>,
+    pub max_buffer_bytes: u64,
+    pub drain_timeout: Duration,
+    pub queue_records: usize,
+    pub sinks: Vec<ValidatedSink>,
+}
+
+/// librdkafka properties lakesink owns; setting them is an error.
+const FORCED: &[(&str, &str, &str)] = &[
+    (
+        "enable.auto.commit",
+        "false",
+        "lakesink commits offsets itself, after the sink's commit; auto commit would lose records on a crash",
+    ),
+    (
+        "enable.auto.offset.store",
+        "false",
+        "lakesink stores offsets itself, after the sink's commit",
+    ),
+];
+
+impl Config {
+    pub fn validate(self) -> Result<ValidatedConfig, ConfigError> {
+        let k = &self.kafka;
+        if k.bootstrap_servers.trim().is_empty() {
+            return Err(err("kafka.bootstrap_servers", "must not be empty"));
+        }
+        if k.group_id.trim().is_empty() {
+            return Err(err("kafka.group_id", "must not be empty"));
+        }
+        let mut props: BTreeMap<String, Secret> = BTreeMap::new();
+        for (name, value) in &k.properties {
+            let key = format!("kafka.properties.\"{name}\"");
+            if let Some((_, _, why)) = FORCED.iter().find(|(n, _, _)| n == name) {
+                return Err(err(
+                    key,
+                    format!("cannot be set: {why}; remove it (lakesink forces it to false)"),
+                ));
+            }
+            match name.as_str() {
+                "bootstrap.servers" => {
+                    return Err(err(key, "set `kafka.bootstrap_servers` instead"))
+                }
+                "group.id" => return Err(err(key, "set `kafka.group_id` instead")),
+                _ => {}
+            }
+            props.insert(name.clone(), Secret::new(value.to_string()));
+        }
+        if let Some(sec) = &k.security {
+            let protocol = sec.protocol.to_ascii_uppercase();
+            if !["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"].contains(&protocol.as_str()) {
+                return Err(err(
+                    "kafka.security.protocol",
+                    format!(
+                        "`{}` is not one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL",
+                        sec.protocol
+                    ),
+                ));
+            }
+            props.insert("security.protocol".into(), Secret::new(protocol.clone()));
+            if let Some(m) = &sec.mechanism {
+                props.insert("sasl.mechanism".into(), Secret::new(m.clone()));
+            }
+            if let Some(u) = &sec.username {
+                props.insert("sasl.username".into(), Secret::new(u.clone()));
+            }
+            if let Some(p) = &sec.password {
+                props.insert("sasl.password".into(), p.clone());
+            }
+            if protocol.starts_with("SASL") && sec.mechanism.is_none() {
+                return Err(err(
+                    "kafka.security.mechanism",
+                    "required with a SASL protocol (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER)",
+                ));
+            }
+        }
+        for (name, value, _) in FORCED {
+            props.insert((*name).into(), Secret::new(*value));
+        }
+        props
+            .entry("auto.offset.reset".into())
+            .or_insert_with(|| Secret::new("earliest"));
+
+        let registry = match &self.schema_registry {
+            Some(r) => {
+                let url = url::Url::parse(&r.url).map_err(|e| {
+                    err(
+                        "schema_registry.url",
+                        format!("`{}` is not a URL: {e}", r.url),
+                    )
+                })?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err(err(
+                        "schema_registry.url",
+                        "must be an http:// or https:// URL",
+                    ));
+                }
+                if url.password().is_some() {
+                    return Err(err(
+                        "schema_registry.url",
+                        "put credentials in `schema_registry.basic_auth`, not in the URL",
+                    ));
+                }
+                Some(ValidatedRegistry {
+                    url: r.url.clone(),
+                    username: r.basic_auth.as_ref().map(|b| b.username.clone()),
+                    password: r.basic_auth.as_ref().map(|b| b.password.clone()),
+                    timeout: parse_duration(&r.timeout)
+                        .map_err(|e| err("schema_registry.timeout", e))?,
+                })
+            }
+            None => None,
+        };
+
+        let p = &self.pipeline;
+        let max_buffer_bytes =
+            parse_bytes(&p.max_buffer_bytes).map_err(|e| err("pipeline.max_buffer_bytes", e))?;
+        let drain_timeout =
+            parse_duration(&p.drain_timeout).map_err(|e| err("pipeline.drain_timeout", e))?;
+        if p.queue_records == 0 {
+            return Err(err("pipeline.queue_records", "must be at least 1"));
+        }
+
+        if self.sinks.is_empty() {
+            return Err(err("sink", "at least one [[sink]] is required"));
+        }
+        let mut sinks = Vec::with_capacity(self.sinks.len());
+        for (i, s) in self.sinks.iter().enumerate() {
+            let key = |f: &str| format!("sink[{i}].{f}");
+            if s.name.trim().is_empty()
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(err(
+                    key("name"),
+                    "must be non-empty letters, digits, `-`, `_`, `.`",
+                ));
+            }
+            if sinks.iter().any(|o: &ValidatedSink| o.name == s.name) {
+                return Err(err(
+                    key("name"),
+                    format!("`{}` is used by two sinks", s.name),
+                ));
+            }
+            let topics = match (&s.topics, &s.topics_regex) {
+                (Some(t), None) if !t.is_empty() => {
+                    for name in t {
+                        if name.is_empty()
+                            || name == "."
+                            || name == ".."
+                            || !name
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                        {
+                            return Err(err(
+                                key("topics"),
+                                format!("`{name}` is not a valid Kafka topic name"),
+                            ));
+                        }
+                    }
+                    TopicSelector::Names(t.clone())
+                }
+                (None, Some(r)) => TopicSelector::Regex(
+                    regex::Regex::new(r).map_err(|e| err(key("topics_regex"), e.to_string()))?,
+                ),
+                (Some(_), Some(_)) => {
+                    return Err(err(
+                        key("topics"),
+                        "set either `topics` or `topics_regex`, not both",
+                    ))
+                }
+                _ => return Err(err(key("topics"), "set `topics = [..]` or `topics_regex`")),
+            };
+            match s.format.as_str() {
+                "avro" => {
+                    if registry.is_none() {
+                        return Err(err(
+                            key("format"),
+                            "`avro` needs a [schema_registry] section to resolve schema ids",
+                        ));
+                    }
+                }
+                "json" | "debezium-avro" | "debezium-json" => {
+                    return Err(err(
+                        key("format"),
+                        format!(
+                            "`{}` is not available in this version yet; use `avro`",
+                            s.format
+                        ),
+                    ))
+                }
+                other => {
+                    return Err(err(
+                        key("format"),
+                        format!("unknown format `{other}`; use avro"),
+                    ))
+                }
+            }
+            match s.kind.as_str() {
+                "parquet" => {}
+                "delta" | "databend" => {
+                    return Err(err(
+                        key("kind"),
+                        format!(
+                            "`{}` is not available in this version yet; use `parquet`",
+                            s.kind
+                        ),
+                    ))
+                }
+                other => {
+                    return Err(err(
+                        key("kind"),
+                        format!("unknown sink kind `{other}`; use parquet"),
+                    ))
+                }
+            }
+            if s.mode != "append" {
+                return Err(err(
+                    key("mode"),
+                    format!(
+                        "`{}` is not supported by parquet sinks; use `append`",
+                        s.mode
+                    ),
+                ));
+            }
+            let url = url::Url::parse(&s.table).map_err(|e| {
+                err(
+                    key("table"),
+                    format!(
+                        "`{}` is not a URL ({e}); write e.g. s3://bucket/path or file:///abs/dir",
+                        sinks::store::redact_url(&s.table)
+                    ),
+                )
+            })?;
+            if ![
+                "file", "s3", "s3a", "az", "azure", "abfs", "abfss", "adl", "gs", "memory",
+            ]
+            .contains(&url.scheme())
+            {
+                return Err(err(
+                    key("table"),
+                    format!(
+                        "unsupported scheme `{}://`; use file://, s3://, az://, abfss:// or gs://",
+                        url.scheme()
+                    ),
+                ));
+            }
+            if url.password().is_some()
+                || !url.username().is_empty() && url.scheme() != "abfss" && url.scheme() != "abfs"
+            {
+                return Err(err(
+                    key("table"),
+                    "put credentials in the sink's `storage` table, not in the URL",
+                ));
+            }
+            let partition_by = s
+                .partition_by
+                .iter()
+                .map(|p| {
+                    PartitionSpec::parse(p).map_err(|e| err(key("partition_by"), e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if s.flush.max_rows == 0 {
+                return Err(err(key("flush.max_rows"), "must be at least 1"));
+            }
+            let flush = Flush {
+                max_rows: s.flush.max_rows,
+                max_bytes: parse_bytes(&s.flush.max_bytes)
+                    .map_err(|e| err(key("flush.max_bytes"), e))?,
+                max_latency: parse_duration(&s.flush.max_latency)
+                    .map_err(|e| err(key("flush.max_latency"), e))?,
+            };
+            let compression = s
+                .compression
+                .parse()
+                .map_err(|e: String| err(key("compression"), e))?;
+            sinks.push(ValidatedSink {
+                name: s.name.clone(),
+                topics,
+                table: s.table.clone(),
+                storage: s.storage.clone(),
+                partition_by,
+                flush,
+                compression,
+                metadata: s.metadata,
+            });
+        }
+        Ok(ValidatedConfig {
+            bootstrap_servers: k.bootstrap_servers.clone(),
+            group_id: k.group_id.clone(),
+            kafka_properties: props,
+            registry,
+            max_buffer_bytes,
+            drain_timeout,
+            queue_records: p.queue_records,
+            sinks,
+        })
+    }
+}
+
+impl ValidatedConfig {
+    /// A printable summary with every secret redacted.
+    pub fn redacted(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "kafka: {} group={}",
+            self.bootstrap_servers, self.group_id
+        );
+        for (k, v) in &self.kafka_properties {
+            let shown = if is_secret_key(k) { "***" } else { v.expose() };
+            let _ = writeln!(s, "  {k} = {shown}");
+        }
+        if let Some(r) = &self.registry {
+            let _ = writeln!(
+                s,
+                "schema_registry: {} auth={}",
+                r.url,
+                if r.username.is_some() {
+                    "basic (***)"
+                } else {
+                    "none"
+                }
+            );
+        }
+        for sink in &self.sinks {
+            let _ = writeln!(
+                s,
+                "sink {}: {:?} -> {} partition_by={:?} flush={:?}",
+                sink.name,
+                sink.topics.subscriptions(),
+                sinks::store::redact_url(&sink.table),
+                sink.partition_by,
+                sink.flush
+            );
+            for (k, v) in &sink.storage {
+                let shown = if is_secret_key(k) { "***" } else { v.expose() };
+                let _ = writeln!(s, "  storage.{k} = {shown}");
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,106 @@
+use super::*;
+
+const BASE: &str = r#"
+[kafka]
+bootstrap_servers = "127.0.0.1:9092"
+group_id = "g"
+
+[schema_registry]
+url = "http://127.0.0.1:8081"
+basic_auth = { username = "u", password = "${SR_PASSWORD}" }
+
+[[sink]]
+name = "orders"
+topics = ["shop.orders"]
+table = "s3://lake/orders"
+storage = { endpoint = "http://127.0.0.1:5000", secret_access_key = "${AWS_SECRET}" }
+partition_by = ["day(ts)"]
+flush = { max_rows = 1000, max_bytes = "8MiB", max_latency = "2s" }
+"#;
+
+fn env(k: &str) -> Option<String> {
+    match k {
+        "SR_PASSWORD" => Some("hunter2".into()),
+        "AWS_SECRET" => Some("s3cr3t-value".into()),
+        _ => None,
+    }
+}
+
+fn parse(text: &str) -> Result<ValidatedConfig, ConfigError> {
+    Config::from_toml_with_env(text, env)?.validate()
+}
+
+#[test]
+fn valid_config_interpolates_and_redacts() {
+    let c = parse(BASE).unwrap();
+    assert_eq!(c.sinks[0].flush.max_bytes, 8 << 20);
+    assert_eq!(
+        c.registry
+            .as_ref()
+            .unwrap()
+            .password
+            .as_ref()
+            .unwrap()
+            .expose(),
+        "hunter2"
+    );
+    assert_eq!(c.kafka_properties["enable.auto.commit"].expose(), "false");
+    assert_eq!(
+        c.kafka_properties["enable.auto.offset.store"].expose(),
+        "false"
+    );
+    let shown = format!("{}\n{:?}", c.redacted(), c);
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(!shown.contains("s3cr3t-value"), "{shown}");
+}
+
+#[test]
+fn unknown_key_names_the_full_path() {
+    let text = BASE.replace("max_rows = 1000", "max_rowz = 1000");
+    let e = parse(&text).unwrap_err();
+    assert_eq!(e.key, "sink[0].flush.max_rowz", "{e}");
+    assert!(e.to_string().contains("unknown field"), "{e}");
+    let e = parse(&format!("{BASE}\n[extra]\nx = 1\n")).unwrap_err();
+    assert_eq!(e.key, "extra", "{e}");
+}
+
+#[test]
+fn bad_table_url_names_the_key() {
+    let e = parse(&BASE.replace("s3://lake/orders", "not a url")).unwrap_err();
+    assert_eq!(e.key, "sink[0].table", "{e}");
+    let e = parse(&BASE.replace("s3://lake/orders", "ftp://lake/orders")).unwrap_err();
+    assert_eq!(e.key, "sink[0].table", "{e}");
+    assert!(e.reason.contains("unsupported scheme"), "{e}");
+}
+
+#[test]
+fn auto_commit_cannot_be_turned_on() {
+    for prop in ["enable.auto.commit", "enable.auto.offset.store"] {
+        let text = BASE.replace(
+            "group_id = \"g\"",
+            &format!("group_id = \"g\"\nproperties = {{ \"{prop}\" = true }}"),
+        );
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key, format!("kafka.properties.\"{prop}\""), "{e}");
+        assert!(e.reason.contains("cannot be set"), "{e}");
+    }
+}
+
+#[test]
+fn missing_env_var_and_bad_values_name_the_key() {
+    let e = Config::from_toml_with_env(BASE, |_| None).unwrap_err();
+    assert_eq!(e.key, "schema_registry.basic_auth.password", "{e}");
+    assert!(e.reason.contains("SR_PASSWORD"), "{e}");
+    let e = parse(&BASE.replace("\"2s\"", "\"soon\"")).unwrap_err();
+    assert_eq!(e.key, "sink[0].flush.max_latency", "{e}");
+    let e = parse(&BASE.replace("day(ts)", "month(ts)")).unwrap_err();
+    assert_eq!(e.key, "sink[0].partition_by", "{e}");
+    let e = parse(&BASE.replace("topics = [\"shop.orders\"]", "")).unwrap_err();
+    assert_eq!(e.key, "sink[0].topics", "{e}");
+}
+
+#[test]
+fn dollar_escapes() {
+    assert_eq!(interpolate_str("a$${b}c$d", &env).unwrap(), "a${b}c$d");
+    assert_eq!(interpolate_str("${NOPE:-x}", &env).unwrap(), "x");
+}

@@ -1,0 +1,39 @@
+//! Decoders: Kafka record values to Arrow, one decoder per source partition.
+//!
+//! A decoder is push-based (like arrow-avro's): [`Record`]s go in one at a time, complete
+//! [`RecordBatch`]es come out when its internal batch fills or the writer schema changes, and
+//! [`AvroDecoder::finish`] drains what is left. Every output row carries the Kafka metadata
+//! columns the sink asked for.
+//!
+//! Invariant: a record either becomes exactly one row or yields a [`DecodeError`] naming its
+//! topic, partition and offset; nothing is skipped silently (null values, i.e. tombstones, are
+//! counted and logged by the caller).
+
+mod avro;
+mod meta;
+
+pub use avro::AvroDecoder;
+pub use meta::MetaColumns;
+
+use sinks::TopicPartition;
+
+/// A Kafka record as it enters a decoder.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub offset: i64,
+    /// Milliseconds since the epoch, when the broker or producer set one.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+/// A record that cannot be decoded.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot decode {tp} offset {offset}: {reason}")]
+pub struct DecodeError {
+    pub tp: TopicPartition,
+    pub offset: i64,
+    pub reason: String,
+    /// Whether retrying can help (registry unreachable), as opposed to bad data.
+    pub retryable: bool,
+}

@@ -1,0 +1,13 @@
+//! lakesink: Kafka topics into a data lake and SQL warehouses, exactly once.
+//!
+//! Layout: [`config`] (TOML, two-phase validation), [`source`] (consumer group, rebalance
+//! bridge), [`decode`] (records to Arrow), [`pipeline`] (per-partition workers, flushing,
+//! commit driving), [`app`] (the commands: run, check, demo, bench). Sinks live in the `sinks`
+//! crate and never see Kafka; the registry client lives in `schema-registry`.
+
+pub mod app;
+pub mod config;
+pub mod decode;
+pub mod pipeline;
+pub mod source;
+pub mod workload;

@@ -1,0 +1,160 @@
+//! The `lakesink` command line: parse arguments, set up logging, load and validate the config,
+//! run a command, map the outcome to an exit code (0 ok, 1 runtime failure, 2 bad config).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use lakesink::config::{Config, ValidatedConfig};
+use lakesink::source::SourceOptions;
+
+#[derive(Parser)]
+#[command(
+    name = "lakesink",
+    version,
+    about = "Kafka topics into a data lake, exactly once"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Exit 0 once every assigned partition is committed up to the end offset it had at
+        /// start (backfill).
+        #[arg(long)]
+        until_caught_up: bool,
+    },
+    /// Validate the config and reach the broker, the registry and every table.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the whole pipeline with an in-process Kafka and registry into a local table.
+    Demo {
+        #[arg(long, default_value_t = 100_000)]
+        records: u64,
+        #[arg(long, default_value = "lakesink-demo")]
+        dir: PathBuf,
+    },
+    /// Measure the pipeline (in-process Kafka -> local Parquet) against a plain consume loop.
+    Bench {
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+    },
+    /// The schema registry server.
+    Registry {
+        #[command(subcommand)]
+        command: RegistryCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegistryCommand {
+    /// Serve a Confluent-compatible schema registry.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: std::net::SocketAddr,
+        /// Directory the registry persists to.
+        #[arg(long)]
+        data: PathBuf,
+    },
+}
+
+fn load(path: &std::path::Path) -> Result<ValidatedConfig, ExitCode> {
+    match Config::load(path).and_then(Config::validate) {
+        Ok(c) => {
+            tracing::info!("config {}:\n{}", path.display(), c.redacted());
+            Ok(c)
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LAKESINK_LOG")
+                .unwrap_or_else(|_| "info,librdkafka=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            config,
+            until_caught_up,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let cancel = CancellationToken::new();
+            lakesink::app::cancel_on_signals(cancel.clone());
+            lakesink::app::run(
+                cfg,
+                SourceOptions { until_caught_up },
+                cancel,
+                Default::default(),
+            )
+            .await
+        }
+        Command::Check { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let results = lakesink::app::check(&cfg).await;
+            let mut failed = false;
+            for r in &results {
+                match &r.error {
+                    None => println!("ok    {}", r.what),
+                    Some(e) => {
+                        failed = true;
+                        println!("FAIL  {}: {e}", r.what);
+                    }
+                }
+            }
+            if failed {
+                return ExitCode::FAILURE;
+            }
+            Ok(())
+        }
+        Command::Demo { records, dir } => lakesink::app::demo::run(records, dir).await,
+        Command::Bench {
+            records,
+            partitions,
+        } => lakesink::app::bench::run(records, partitions).await,
+        Command::Registry {
+            command: RegistryCommand::Serve { listen, data },
+        } => {
+            async {
+                let (addr, task) = schema_registry::server::spawn(listen, Some(data)).await?;
+                tracing::info!("schema registry listening on http://{addr}");
+                task.await??;
+                Ok(())
+            }
+            .await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The data path between the Kafka source and the sinks.
+//!
+//! One [`worker`] task per (sink, partition) decodes records, buffers Arrow batches, flushes on
+//! rows / bytes / latency / global memory pressure, stages and commits through the sink, and
+//! reports [`Event`]s back to the source thread (committed positions for the Kafka group offset
+//! commit, fencing, fatal errors).
+//!
+//! Invariants:
+//! - A worker's flush always starts at its current position (the recovered commit end, or the
+//!   first offset it received), so sink commits form a gap-free chain per partition.
+//! - After a `Fenced` outcome the worker drops everything it holds, asks the source to seek to
+//!   the winner's end, and ignores records until the source confirms the seek.
+//! - Memory: per-partition queues are bounded; decoded data is accounted in one global
+//!   [`BufferBudget`]; going over it makes the pushing worker flush.
+
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use schema_registry::RegistryClient;
+use sinks::{Offset, Sink, TopicPartition};
+
+use crate::config::ValidatedSink;
+use crate::decode::Record;
+
+/// A configured sink, shared by its partition workers.
+#[derive(Debug)]
+pub struct SinkRuntime {
+    pub config: ValidatedSink,
+    pub sink: Arc<dyn Sink>,
+    pub registry: RegistryClient,
+}
+
+/// What flows from the source thread into a partition worker.
+#[derive(Debug)]
+pub enum WorkerMsg {
+    Record(Record),
+    /// The source sought to the position the worker asked for; records before this message
+    /// were read before the seek.
+    Seeked {
+        position: i64,
+    },
+    /// Flush and commit what is buffered, then stop (revocation or shutdown).
+    Drain(tokio::sync::oneshot::Sender<()>),
+}
+
+/// What a worker reports to the source thread.
+#[derive(Debug)]
+pub enum Event {
+    Committed {
+        sink: usize,
+        tp: TopicPartition,
+        next: Offset,
+    },
+    /// Another writer owns this range: seek the partition to `position`.
+    Resync {
+        sink: usize,
+        tp: TopicPartition,
+        position: i64,
+    },
+    /// The worker cannot continue; the process drains and exits with this error.
+    Fatal { message: String },
+}
+
+/// The global budget for decoded, unflushed data.
+#[derive(Debug)]
+pub struct BufferBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl BufferBudget {
+    pub fn new(limit: u64) -> Self {
+        Self {
+            limit: limit as usize,
+            used: AtomicUsize::new(0),
+        }
+    }
+    pub fn add(&self, n: usize) {
+        self.used.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn release(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+    pub fn over(&self) -> bool {
+        self.used() > self.limit
+    }
+}
+
+/// Counters for progress output, the demo and the benchmark.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub records_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub rows_committed: AtomicU64,
+    pub files_committed: AtomicU64,
+    pub bytes_committed: AtomicU64,
+    pub commits: AtomicU64,
+    pub tombstones: AtomicU64,
+    /// Committed position per (sink name, partition).
+    pub positions: Mutex<BTreeMap<(String, TopicPartition), i64>>,
+}
+
+impl Progress {
+    pub fn committed_positions(&self) -> BTreeMap<(String, TopicPartition), i64> {
+        self.positions.lock().expect("progress").clone()
+    }
+}

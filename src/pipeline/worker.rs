@@ -1,0 +1,397 @@
+//! The partition worker: decode, buffer, flush, stage, commit, for one (sink, partition).
+//!
+//! ```text
+//!  WorkerMsg::Record ─► skip if already handled ─► decoder ─► buffer (one schema)
+//!                                                           │ rows / bytes / latency /
+//!                                                           │ memory pressure / caught up
+//!                                                           ▼
+//!                           Sink::stage ─► Sink::commit(start = position) ─► Event::Committed
+//!                                              │ Fenced at an earlier end
+//!                                              ▼
+//!                            drop buffer, Event::Resync, ignore input until Seeked
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::record_batch::RecordBatch;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use sinks::{CommitOutcome, Flush, Offset, Staged, TopicPartition};
+
+use super::{BufferBudget, Event, Progress, SinkRuntime, WorkerMsg};
+use crate::decode::{AvroDecoder, Record};
+
+/// Everything a worker needs.
+pub struct WorkerCtx {
+    pub sink_index: usize,
+    pub runtime: Arc<SinkRuntime>,
+    pub tp: TopicPartition,
+    /// Committed position recovered from the sink, if any.
+    pub position: Option<i64>,
+    /// In catch-up mode: the partition's end offset at start; reaching it flushes at once.
+    pub end_offset: Option<i64>,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub budget: Arc<BufferBudget>,
+    pub progress: Arc<Progress>,
+}
+
+const RETRY_ATTEMPTS: u32 = 12;
+
+struct Worker {
+    ctx: WorkerCtx,
+    decoder: AvroDecoder,
+    buffer: Vec<RecordBatch>,
+    buffered_rows: usize,
+    buffered_bytes: usize,
+    first_at: Option<Instant>,
+    /// Highest offset handled since `position` (rows, tombstones).
+    last_offset: Option<i64>,
+    /// Waiting for the source to confirm a seek; input is stale until then.
+    resyncing: bool,
+    /// A fatal error happened: ignore input until drained.
+    dead: bool,
+}
+
+/// Runs a worker until it is drained or its input closes.
+pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
+    let decoder = new_decoder(&ctx);
+    let mut w = Worker {
+        ctx,
+        decoder,
+        buffer: Vec::new(),
+        buffered_rows: 0,
+        buffered_bytes: 0,
+        first_at: None,
+        last_offset: None,
+        resyncing: false,
+        dead: false,
+    };
+    let latency = w.ctx.runtime.config.flush.max_latency;
+    loop {
+        let deadline = w.first_at.map(|t| t + latency);
+        tokio::select! {
+            biased;
+            _ = sleep_until(deadline), if deadline.is_some() && !w.dead => {
+                w.flush(None).await;
+            }
+            msg = rx.recv() => match msg {
+                None => break,
+                Some(WorkerMsg::Drain(ack)) => {
+                    if !w.dead && !w.resyncing {
+                        w.flush(None).await;
+                    }
+                    w.release();
+                    let _ = ack.send(());
+                    return;
+                }
+                Some(WorkerMsg::Seeked { position }) => {
+                    if w.resyncing {
+                        w.resyncing = false;
+                        w.ctx.position = Some(position);
+                        w.last_offset = None;
+                    }
+                }
+                Some(WorkerMsg::Record(rec)) => {
+                    if !w.dead && !w.resyncing {
+                        w.handle(rec).await;
+                    }
+                }
+            }
+        }
+    }
+    w.release();
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn new_decoder(ctx: &WorkerCtx) -> AvroDecoder {
+    let batch = ctx.runtime.config.flush.max_rows.clamp(1, 8192);
+    AvroDecoder::new(
+        ctx.tp.clone(),
+        ctx.runtime.registry.clone(),
+        ctx.runtime.config.metadata,
+        batch,
+    )
+}
+
+impl Worker {
+    fn sink_name(&self) -> &str {
+        &self.ctx.runtime.config.name
+    }
+
+    fn release(&mut self) {
+        self.ctx.budget.release(self.buffered_bytes);
+        self.buffered_bytes = 0;
+        self.buffered_rows = 0;
+        self.buffer.clear();
+    }
+
+    fn fatal(&mut self, message: String) {
+        error!(sink = self.sink_name(), tp = %self.ctx.tp, "{message}");
+        self.dead = true;
+        self.release();
+        let _ = self.ctx.events.send(Event::Fatal { message });
+    }
+
+    async fn handle(&mut self, rec: Record) {
+        let next_expected = match (self.ctx.position, self.last_offset) {
+            (_, Some(last)) => last + 1,
+            (Some(p), None) => p,
+            (None, None) => rec.offset,
+        };
+        if rec.offset < next_expected {
+            return; // already handled (a seek for another sink of this topic re-delivers)
+        }
+        if self.ctx.position.is_none() {
+            self.ctx.position = Some(rec.offset);
+        }
+        self.ctx
+            .progress
+            .records_in
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.ctx.progress.bytes_in.fetch_add(
+            rec.payload.as_ref().map_or(0, |p| p.len()) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if self.first_at.is_none() {
+            self.first_at = Some(Instant::now());
+        }
+        if rec.payload.is_none() {
+            // A tombstone carries no row in an append table; its offset is still covered by the
+            // next commit.
+            self.ctx
+                .progress
+                .tombstones
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            debug!(sink = self.sink_name(), tp = %self.ctx.tp, offset = rec.offset,
+                   "tombstone (null value) skipped in append mode");
+        } else {
+            if self
+                .decoder
+                .switches_schema(rec.payload.as_deref().unwrap_or_default())
+                && self.buffered_rows + self.decoder.pending_rows() > 0
+            {
+                // One schema per file: commit what precedes this record first.
+                self.flush(None).await;
+                if self.dead || self.resyncing {
+                    return;
+                }
+            }
+            let mut out = Vec::new();
+            let mut attempt = 0;
+            loop {
+                match self.decoder.push(&rec, &mut out).await {
+                    Ok(()) => break,
+                    Err(e) if e.retryable && attempt < RETRY_ATTEMPTS => {
+                        attempt += 1;
+                        warn!(sink = self.sink_name(), error = %e, attempt, "retrying");
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                    Err(e) => {
+                        self.fatal(format!(
+                            "sink `{}`: {e}. The sink stopped so that nothing is skipped; fix the \
+                             producer or the schema registry and restart (records before offset \
+                             {} of {} that were not committed are read again)",
+                            self.sink_name(),
+                            rec.offset,
+                            self.ctx.tp
+                        ));
+                        return;
+                    }
+                }
+            }
+            for b in out {
+                self.buffer_batch(b).await;
+                if self.dead {
+                    return;
+                }
+            }
+        }
+        self.last_offset = Some(rec.offset);
+        let flush = &self.ctx.runtime.config.flush;
+        let caught_up = self.ctx.end_offset.is_some_and(|end| rec.offset + 1 >= end);
+        if self.buffered_rows + self.decoder.pending_rows() >= flush.max_rows
+            || self.buffered_bytes as u64 >= flush.max_bytes
+            || (self.ctx.budget.over() && self.buffered_bytes > 0)
+            || caught_up
+        {
+            self.flush(None).await;
+        }
+    }
+
+    async fn buffer_batch(&mut self, batch: RecordBatch) {
+        if let Some(first) = self.buffer.first() {
+            if first.schema() != batch.schema() {
+                // `handle` flushes before a record with another schema, so this cannot happen;
+                // refuse rather than write a file with mixed schemas.
+                self.fatal(format!(
+                    "sink `{}` {}: internal error: a batch with a different schema reached a \
+                     non-empty buffer",
+                    self.sink_name(),
+                    self.ctx.tp
+                ));
+                return;
+            }
+        }
+        let size = batch.get_array_memory_size();
+        self.buffered_rows += batch.num_rows();
+        self.buffered_bytes += size;
+        self.ctx.budget.add(size);
+        self.buffer.push(batch);
+    }
+
+    /// Flushes the buffer (and the decoder's pending rows unless `end` is given) as one commit
+    /// covering `[position, end or last_offset + 1)`.
+    async fn flush(&mut self, end: Option<i64>) {
+        if end.is_none() {
+            let mut out = Vec::new();
+            if let Err(e) = self.decoder.finish(&mut out) {
+                self.fatal(format!("sink `{}`: {e}", self.sink_name()));
+                return;
+            }
+            for b in out {
+                Box::pin(self.buffer_batch(b)).await;
+            }
+            if self.dead {
+                return;
+            }
+        }
+        self.first_at = None;
+        let (Some(start), Some(last)) = (self.ctx.position, self.last_offset) else {
+            return;
+        };
+        let next = end.unwrap_or(last + 1);
+        if next <= start {
+            return;
+        }
+        let batches = std::mem::take(&mut self.buffer);
+        let rows = self.buffered_rows;
+        self.release();
+        let tp = self.ctx.tp.clone();
+        let flush = Flush {
+            tp: tp.clone(),
+            start: Offset(start),
+            next: Offset(next),
+            batches,
+        };
+        let started = std::time::Instant::now();
+        let sink = self.ctx.runtime.sink.clone();
+        let staged = match retry(self.sink_name(), &tp, "stage", || sink.stage(flush.clone())).await
+        {
+            Ok(s) => s,
+            Err(e) => return self.give_up(e),
+        };
+        let outcome = match retry(self.sink_name(), &tp, "commit", || self.commit(&staged)).await {
+            Ok(o) => o,
+            Err(e) => return self.give_up(e),
+        };
+        match outcome {
+            CommitOutcome::Committed { next } | CommitOutcome::AlreadyCommitted { next } => {
+                debug!(sink = self.sink_name(), %tp, start, next = next.0, rows,
+                       ms = started.elapsed().as_millis() as u64, "committed");
+                self.advance(next.0);
+            }
+            CommitOutcome::Fenced { next: winner } if winner.0 >= next => {
+                // The winner covered at least what we read: continue after it.
+                info!(sink = self.sink_name(), %tp, start, winner_next = winner.0,
+                      "another writer committed this range first; continuing after it");
+                self.last_offset = Some(winner.0 - 1);
+                self.advance(winner.0);
+            }
+            CommitOutcome::Fenced { next } => {
+                warn!(sink = self.sink_name(), %tp, start, winner_next = next.0,
+                      "fenced by another writer; re-reading from its end");
+                self.ctx.position = Some(next.0);
+                self.last_offset = None;
+                self.decoder = new_decoder(&self.ctx);
+                self.resyncing = true;
+                let _ = self.ctx.events.send(Event::Resync {
+                    sink: self.ctx.sink_index,
+                    tp,
+                    position: next.0,
+                });
+            }
+        }
+    }
+
+    async fn commit(&self, staged: &Staged) -> sinks::Result<CommitOutcome> {
+        let (outcome, stats) = self.ctx.runtime.sink.commit(staged).await?;
+        if matches!(outcome, CommitOutcome::Committed { .. }) {
+            use std::sync::atomic::Ordering::Relaxed;
+            let p = &self.ctx.progress;
+            p.rows_committed.fetch_add(stats.rows, Relaxed);
+            p.files_committed.fetch_add(stats.files as u64, Relaxed);
+            p.bytes_committed.fetch_add(stats.bytes, Relaxed);
+            p.commits.fetch_add(1, Relaxed);
+        }
+        Ok(outcome)
+    }
+
+    fn advance(&mut self, next: i64) {
+        self.ctx.position = Some(next);
+        self.ctx
+            .progress
+            .positions
+            .lock()
+            .expect("progress")
+            .insert((self.sink_name().to_string(), self.ctx.tp.clone()), next);
+        let _ = self.ctx.events.send(Event::Committed {
+            sink: self.ctx.sink_index,
+            tp: self.ctx.tp.clone(),
+            next: Offset(next),
+        });
+    }
+
+    fn give_up(&mut self, (what, attempts, e): (&'static str, u32, sinks::Error)) {
+        let range = format!(
+            "offsets {}..{}",
+            self.ctx.position.unwrap_or(-1),
+            self.last_offset.map_or(-1, |l| l + 1)
+        );
+        self.fatal(format!(
+            "sink `{}` {} {range}: {what} failed after {attempts} attempts: {e}. Nothing of this \
+             range was committed; it is read again after a restart",
+            self.sink_name(),
+            self.ctx.tp,
+        ));
+    }
+}
+
+/// Runs `op` until it succeeds, retrying retryable errors with backoff.
+async fn retry<T, F, Fut>(
+    sink: &str,
+    tp: &TopicPartition,
+    what: &'static str,
+    mut op: F,
+) -> Result<T, (&'static str, u32, sinks::Error)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = sinks::Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() && attempt < RETRY_ATTEMPTS => {
+                attempt += 1;
+                warn!(sink, %tp, attempt, error = %e, "{what} failed; retrying");
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+            Err(e) => return Err((what, attempt + 1, e)),
+        }
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1 << attempt.min(8)).min(30_000);
+    let jitter = rand::random::<u64>() % (ms / 4 + 1);
+    Duration::from_millis(ms + jitter)
+}

@@ -1,0 +1,490 @@
+//! The Kafka source: one consumer-group member, polled on a dedicated thread.
+//!
+//! - Rebalance callbacks run on the polling thread (inside `poll`). On assignment, every sink
+//!   that reads the topic `recover`s its committed position and the partition is assigned at
+//!   that offset (the minimum over sinks; each worker skips what it already has), then one
+//!   worker task per (sink, partition) starts. On revocation, each worker of the revoked
+//!   partitions flushes and commits, and is gone, before the callback returns: a revoked
+//!   partition has no writer left in this process (a commit racing the next owner is still
+//!   safe: the sink's fence decides).
+//! - Records are copied into bounded per-worker queues (backpressure blocks the poll thread,
+//!   librdkafka keeps heartbeating in its own threads).
+//! - Group offsets are committed after sink commits, for lag dashboards only: the sink's commit
+//!   record is the source of truth.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset as KOffset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use sinks::TopicPartition;
+
+use crate::config::ValidatedConfig;
+use crate::decode::Record;
+use crate::pipeline::worker::{self, WorkerCtx};
+use crate::pipeline::{BufferBudget, Event, Progress, SinkRuntime, WorkerMsg};
+
+/// How the source runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SourceOptions {
+    /// Stop once every assigned partition is committed up to the end offset it had when
+    /// assigned.
+    pub until_caught_up: bool,
+}
+
+/// Builds the librdkafka client config from a validated config.
+pub fn client_config(cfg: &ValidatedConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap_servers)
+        .set("group.id", &cfg.group_id)
+        .set("enable.partition.eof", "false");
+    for (k, v) in &cfg.kafka_properties {
+        c.set(k, v.expose());
+    }
+    c
+}
+
+struct WorkerHandle {
+    sink: usize,
+    tx: mpsc::Sender<WorkerMsg>,
+    join: tokio::task::JoinHandle<()>,
+}
+
+struct PartitionState {
+    workers: Vec<WorkerHandle>,
+    /// End offset at assignment (catch-up mode) and the start position.
+    end: Option<i64>,
+    /// Committed position per sink index.
+    committed: BTreeMap<usize, i64>,
+}
+
+struct Router {
+    rt: tokio::runtime::Handle,
+    sinks: Vec<Arc<SinkRuntime>>,
+    parts: HashMap<TopicPartition, PartitionState>,
+    events: mpsc::UnboundedSender<Event>,
+    budget: Arc<BufferBudget>,
+    progress: Arc<Progress>,
+    queue: usize,
+    drain_timeout: Duration,
+    options: SourceOptions,
+    fatal: Option<String>,
+}
+
+/// The consumer context: bridges rebalances to recovery and workers.
+pub struct LakeContext {
+    router: Mutex<Router>,
+}
+
+impl ClientContext for LakeContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel::*;
+        match level {
+            Emerg | Alert | Critical | Error => error!(target: "librdkafka", fac, "{log_message}"),
+            Warning => warn!(target: "librdkafka", fac, "{log_message}"),
+            Notice | Info => info!(target: "librdkafka", fac, "{log_message}"),
+            Debug => debug!(target: "librdkafka", fac, "{log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(target: "librdkafka", error = %error, "{reason}");
+    }
+}
+
+impl ConsumerContext for LakeContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let tps: Vec<TopicPartition> = tpl
+            .elements()
+            .iter()
+            .map(|e| TopicPartition::new(e.topic(), e.partition()))
+            .collect();
+        let mut router = self.router.lock().expect("router");
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                info!(partitions = ?tps.iter().map(ToString::to_string).collect::<Vec<_>>(), "assigned");
+                for tp in &tps {
+                    match router.start_partition(consumer, tp) {
+                        Ok(Some(pos)) => {
+                            let _ = tpl.set_partition_offset(
+                                &tp.topic,
+                                tp.partition,
+                                KOffset::Offset(pos),
+                            );
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            error!("{e}");
+                            router.fatal.get_or_insert(e);
+                        }
+                    }
+                }
+                let r = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = r {
+                    router
+                        .fatal
+                        .get_or_insert(format!("cannot assign partitions: {e}"));
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                info!(partitions = tps.len(), "revoked; draining their writers");
+                router.drain(&tps);
+                let r = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = r {
+                    warn!("unassign failed: {e}");
+                }
+            }
+            other => {
+                warn!("rebalance error: {other:?}");
+                router.drain(&tps);
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+impl Router {
+    /// Recovers every sink of `tp`'s topic, starts their workers, returns the seek position.
+    fn start_partition(
+        &mut self,
+        consumer: &BaseConsumer<LakeContext>,
+        tp: &TopicPartition,
+    ) -> Result<Option<i64>, String> {
+        if self.parts.contains_key(tp) {
+            return Ok(None);
+        }
+        let mut positions = Vec::new();
+        for (i, s) in self.sinks.iter().enumerate() {
+            if !s.config.topics.matches(&tp.topic) {
+                continue;
+            }
+            let sink = s.sink.clone();
+            let tp2 = tp.clone();
+            let recovered = self.rt.block_on(async move {
+                let mut attempt = 0u32;
+                loop {
+                    match sink.recover(&tp2).await {
+                        Ok(p) => return Ok(p),
+                        Err(e) if e.is_retryable() && attempt < 8 => {
+                            attempt += 1;
+                            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            });
+            let recovered = recovered.map_err(|e| {
+                format!(
+                    "sink `{}` cannot recover its position for {tp}: {e}; the partition is not \
+                     consumed until the table is reachable",
+                    s.config.name
+                )
+            })?;
+            let recovered = recovered.map(|o| o.0);
+            info!(sink = %s.config.name, %tp, position = ?recovered, "recovered");
+            positions.push((i, recovered));
+        }
+        if positions.is_empty() {
+            return Ok(None);
+        }
+        let end = if self.options.until_caught_up {
+            let (low, high) = consumer
+                .fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(10))
+                .map_err(|e| format!("cannot read the end offset of {tp}: {e}"))?;
+            Some((low, high))
+        } else {
+            None
+        };
+        let mut state = PartitionState {
+            workers: Vec::new(),
+            end: end.map(|(_, h)| h),
+            committed: BTreeMap::new(),
+        };
+        for (i, pos) in &positions {
+            let (tx, rx) = mpsc::channel(self.queue);
+            if let Some(p) = pos.or(end.map(|(low, _)| low)) {
+                state.committed.insert(*i, p);
+            }
+            let ctx = WorkerCtx {
+                sink_index: *i,
+                runtime: self.sinks[*i].clone(),
+                tp: tp.clone(),
+                position: *pos,
+                end_offset: end.map(|(_, h)| h),
+                events: self.events.clone(),
+                budget: self.budget.clone(),
+                progress: self.progress.clone(),
+            };
+            let join = self.rt.spawn(worker::run(ctx, rx));
+            state.workers.push(WorkerHandle { sink: *i, tx, join });
+        }
+        self.parts.insert(tp.clone(), state);
+        // Seek to the earliest position any sink needs; a sink with no commit yet starts from
+        // the group's offset or `auto.offset.reset`.
+        if positions.iter().any(|(_, p)| p.is_none()) {
+            if positions.iter().all(|(_, p)| p.is_none()) {
+                return Ok(None);
+            }
+            return Ok(Some(end.map_or(0, |(low, _)| low)));
+        }
+        Ok(positions.iter().filter_map(|(_, p)| *p).min())
+    }
+
+    /// Flushes, commits and stops the workers of `tps`, within the drain timeout.
+    fn drain(&mut self, tps: &[TopicPartition]) {
+        let mut acks = Vec::new();
+        for tp in tps {
+            if let Some(state) = self.parts.remove(tp) {
+                for w in state.workers {
+                    let (ack_tx, ack_rx) = oneshot::channel();
+                    let tx = w.tx.clone();
+                    acks.push((ack_rx, w.join, tp.clone(), w.sink));
+                    let _ = self
+                        .rt
+                        .block_on(async move { tx.send(WorkerMsg::Drain(ack_tx)).await });
+                }
+            }
+        }
+        let deadline = self.drain_timeout;
+        self.rt.block_on(async move {
+            let until = tokio::time::Instant::now() + deadline;
+            for (ack, join, tp, sink) in acks {
+                match tokio::time::timeout_at(until, ack).await {
+                    Ok(_) => {
+                        let _ = join.await;
+                    }
+                    Err(_) => {
+                        warn!(%tp, sink, "writer did not finish within the drain timeout; \
+                               abandoning its uncommitted data (it is read again by the next owner)");
+                        join.abort();
+                    }
+                }
+            }
+        });
+    }
+
+    fn caught_up(&self) -> bool {
+        !self.parts.is_empty()
+            && self.parts.values().all(|s| {
+                let Some(end) = s.end else { return false };
+                s.workers
+                    .iter()
+                    .all(|w| s.committed.get(&w.sink).is_some_and(|p| *p >= end))
+            })
+    }
+}
+
+/// Runs the consumer until `cancel` fires, a fatal error happens or (in catch-up mode) every
+/// partition is committed to its end. Blocking: call from a dedicated thread.
+pub fn run(
+    cfg: &ValidatedConfig,
+    sinks: Vec<Arc<SinkRuntime>>,
+    progress: Arc<Progress>,
+    rt: tokio::runtime::Handle,
+    cancel: CancellationToken,
+    options: SourceOptions,
+) -> Result<(), String> {
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let router = Router {
+        rt: rt.clone(),
+        sinks: sinks.clone(),
+        parts: HashMap::new(),
+        events: events_tx,
+        budget: Arc::new(BufferBudget::new(cfg.max_buffer_bytes)),
+        progress: progress.clone(),
+        queue: cfg.queue_records,
+        drain_timeout: cfg.drain_timeout,
+        options,
+        fatal: None,
+    };
+    let consumer: BaseConsumer<LakeContext> = client_config(cfg)
+        .create_with_context(LakeContext {
+            router: Mutex::new(router),
+        })
+        .map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
+    let mut subscriptions: Vec<String> = sinks
+        .iter()
+        .flat_map(|s| s.config.topics.subscriptions())
+        .collect();
+    subscriptions.sort();
+    subscriptions.dedup();
+    let subs: Vec<&str> = subscriptions.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&subs)
+        .map_err(|e| format!("cannot subscribe to {subs:?}: {e}"))?;
+    info!(topics = ?subs, group = %cfg.group_id, "consuming");
+
+    let mut to_commit: HashMap<TopicPartition, i64> = HashMap::new();
+    let mut positions: HashMap<TopicPartition, BTreeMap<usize, i64>> = HashMap::new();
+    let mut last_commit = Instant::now();
+    let mut warned_errors: HashMap<String, Instant> = HashMap::new();
+    let result = loop {
+        // Events from workers.
+        while let Ok(ev) = events.try_recv() {
+            let mut router = consumer.context().router.lock().expect("router");
+            match ev {
+                Event::Committed { sink, tp, next } => {
+                    if let Some(state) = router.parts.get_mut(&tp) {
+                        state.committed.insert(sink, next.0);
+                    }
+                    note_commit(&mut positions, &mut to_commit, &sinks, sink, tp, next.0);
+                }
+                Event::Resync { sink, tp, position } => {
+                    if let Err(e) = consumer.seek(
+                        &tp.topic,
+                        tp.partition,
+                        KOffset::Offset(position),
+                        Duration::from_secs(10),
+                    ) {
+                        warn!(%tp, position, "seek after fencing failed: {e}; the partition is re-read after the next rebalance");
+                    }
+                    if let Some(state) = router.parts.get(&tp) {
+                        for w in state.workers.iter().filter(|w| w.sink == sink) {
+                            let _ = w.tx.try_send(WorkerMsg::Seeked { position });
+                        }
+                    }
+                }
+                Event::Fatal { message } => {
+                    router.fatal.get_or_insert(message);
+                }
+            }
+        }
+        {
+            let router = consumer.context().router.lock().expect("router");
+            if let Some(f) = &router.fatal {
+                break Err(f.clone());
+            }
+            if options.until_caught_up && router.caught_up() {
+                info!("every assigned partition is committed up to its end offset");
+                break Ok(());
+            }
+        }
+        if cancel.is_cancelled() {
+            break Ok(());
+        }
+        if !to_commit.is_empty() && last_commit.elapsed() >= Duration::from_secs(1) {
+            commit_group_offsets(&consumer, &mut to_commit, CommitMode::Async);
+            last_commit = Instant::now();
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(m)) => {
+                let tp = TopicPartition::new(m.topic(), m.partition());
+                let rec = Record {
+                    offset: m.offset(),
+                    timestamp_ms: m.timestamp().to_millis(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                };
+                let senders: Vec<mpsc::Sender<WorkerMsg>> = {
+                    let router = consumer.context().router.lock().expect("router");
+                    router
+                        .parts
+                        .get(&tp)
+                        .map(|s| s.workers.iter().map(|w| w.tx.clone()).collect())
+                        .unwrap_or_default()
+                };
+                let mut rec = Some(rec);
+                let n = senders.len();
+                for (i, tx) in senders.into_iter().enumerate() {
+                    let r = if i + 1 == n {
+                        rec.take().expect("record")
+                    } else {
+                        rec.clone().expect("record")
+                    };
+                    // Blocks when the worker is behind: backpressure.
+                    let _ = tx.blocking_send(WorkerMsg::Record(r));
+                }
+            }
+            Some(Err(e)) => {
+                let key = e.to_string();
+                let now = Instant::now();
+                if warned_errors
+                    .get(&key)
+                    .is_none_or(|t| now.duration_since(*t) > Duration::from_secs(30))
+                {
+                    warn!("kafka: {e}");
+                    warned_errors.insert(key, now);
+                }
+            }
+        }
+    };
+    // Drain: flush and commit every writer, then commit group offsets once more.
+    {
+        let mut router = consumer.context().router.lock().expect("router");
+        let tps: Vec<TopicPartition> = router.parts.keys().cloned().collect();
+        router.drain(&tps);
+    }
+    while let Ok(ev) = events.try_recv() {
+        if let Event::Committed { sink, tp, next } = ev {
+            note_commit(&mut positions, &mut to_commit, &sinks, sink, tp, next.0);
+        }
+    }
+    commit_group_offsets(&consumer, &mut to_commit, CommitMode::Sync);
+    consumer.unsubscribe();
+    result
+}
+
+/// Records a sink commit; the group offset of a partition is the minimum over its sinks, known
+/// once every sink of the topic has committed.
+fn note_commit(
+    positions: &mut HashMap<TopicPartition, BTreeMap<usize, i64>>,
+    to_commit: &mut HashMap<TopicPartition, i64>,
+    sinks: &[Arc<SinkRuntime>],
+    sink: usize,
+    tp: TopicPartition,
+    next: i64,
+) {
+    let per_sink = positions.entry(tp.clone()).or_default();
+    per_sink.insert(sink, next);
+    let readers = sinks
+        .iter()
+        .filter(|s| s.config.topics.matches(&tp.topic))
+        .count();
+    if per_sink.len() == readers {
+        if let Some(min) = per_sink.values().min() {
+            to_commit.insert(tp, *min);
+        }
+    }
+}
+
+fn commit_group_offsets(
+    consumer: &BaseConsumer<LakeContext>,
+    to_commit: &mut HashMap<TopicPartition, i64>,
+    mode: CommitMode,
+) {
+    if to_commit.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (tp, off) in to_commit.drain() {
+        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, KOffset::Offset(off));
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        debug!("group offset commit failed (informational only): {e}");
+    }
+}

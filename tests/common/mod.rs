@@ -1,0 +1,419 @@
+//! Shared helpers for the integration tests: service endpoints (started by `scripts/test.sh`),
+//! unique names, topic creation, producing the order workload, running the `lakesink` binary,
+//! and reading tables back with the independent Python readers.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use schema_registry::{wire, RegistryClient, RegistryConfig, SchemaId};
+use serde_json::Value;
+
+use lakesink::workload::{order_schema, Order, ORDER_SCHEMA};
+
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+pub fn need(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the integration tests through scripts/test.sh, which starts the services")
+    })
+}
+
+pub fn kafka() -> String {
+    need("LAKESINK_TEST_KAFKA")
+}
+pub fn s3() -> String {
+    need("LAKESINK_TEST_S3")
+}
+pub fn azure() -> String {
+    need("LAKESINK_TEST_AZURE")
+}
+pub fn python() -> String {
+    need("LAKESINK_TEST_PYTHON")
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+pub fn scratch(name: &str) -> PathBuf {
+    let base = std::env::var("LAKESINK_TEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir());
+    let d = base.join(unique(name));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Where a test table lives and how to reach it.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub url: String,
+    pub options: BTreeMap<String, String>,
+    /// Endpoint for the Python readers.
+    pub endpoint: Option<String>,
+}
+
+impl Store {
+    pub fn s3(table: &str) -> Store {
+        let bucket = unique("lake");
+        let url = format!("s3://{bucket}/{table}");
+        create_container(&url, &s3());
+        Store {
+            url,
+            options: [
+                ("endpoint", s3()),
+                ("region", "us-east-1".into()),
+                ("access_key_id", "test".into()),
+                ("secret_access_key", "test".into()),
+                ("allow_http", "true".into()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            endpoint: Some(s3()),
+        }
+    }
+
+    pub fn azure(table: &str) -> Store {
+        let container = unique("lake");
+        let url = format!("az://{container}/{table}");
+        create_container(&url, &azure());
+        Store {
+            url,
+            options: [
+                ("account_name", "devstoreaccount1".to_string()),
+                ("access_key", AZURITE_KEY.into()),
+                ("endpoint", azure()),
+                ("allow_http", "true".into()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            endpoint: Some(azure()),
+        }
+    }
+
+    pub fn local(table: &str) -> Store {
+        let dir = scratch("local").join(table);
+        Store {
+            url: format!("file://{}", dir.display()),
+            options: BTreeMap::new(),
+            endpoint: None,
+        }
+    }
+
+    pub fn table_store(&self) -> sinks::store::TableStore {
+        sinks::store::TableStore::open(&self.url, self.options.clone()).unwrap()
+    }
+
+    pub fn toml_options(&self) -> String {
+        let parts: Vec<String> = self
+            .options
+            .iter()
+            .map(|(k, v)| format!("{k} = \"{v}\""))
+            .collect();
+        format!("{{ {} }}", parts.join(", "))
+    }
+
+    /// Reads the table with pyarrow and DuckDB (see tests/py/read_table.py).
+    pub fn read(&self) -> Value {
+        let mut cmd = Command::new(python());
+        cmd.arg(py_script("read_table.py")).arg(&self.url);
+        if self.url.starts_with("s3://") {
+            cmd.arg("--s3-endpoint").arg(self.endpoint.as_ref().unwrap());
+        }
+        if self.url.starts_with("az://") {
+            cmd.arg("--azure-endpoint").arg(self.endpoint.as_ref().unwrap());
+        }
+        let out = cmd.output().expect("run read_table.py");
+        assert!(
+            out.status.success(),
+            "read_table.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("read_table.py prints JSON")
+    }
+}
+
+fn py_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py").join(name)
+}
+
+fn create_container(url: &str, endpoint: &str) {
+    let out = Command::new(python())
+        .arg(py_script("create_bucket.py"))
+        .arg(url)
+        .arg(endpoint)
+        .output()
+        .expect("run create_bucket.py");
+    assert!(
+        out.status.success(),
+        "create_bucket.py {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let res = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap();
+    for r in res {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+    }
+}
+
+/// A registry server in this test process; returns its URL and a client.
+pub async fn registry() -> (String, RegistryClient) {
+    let (addr, _task) = schema_registry::server::spawn("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let url = format!("http://{addr}");
+    let client = RegistryClient::new(RegistryConfig::new(&url)).unwrap();
+    (url, client)
+}
+
+/// Produced records: (partition, offset) -> order id.
+pub type Produced = BTreeMap<(i32, i64), i64>;
+
+/// Produces orders `ids` round-robin over `partitions`; returns where each landed.
+pub async fn produce(topic: &str, id: SchemaId, ids: std::ops::Range<i64>, partitions: i32) -> Produced {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .unwrap();
+    let schema = order_schema();
+    let mut futs = Vec::new();
+    for i in ids {
+        let order = Order::generate(i);
+        let payload = wire::frame(id, &order.encode(&schema));
+        let p = (i % partitions as i64) as i32;
+        let producer = producer.clone();
+        let topic = topic.to_string();
+        futs.push(async move {
+            let rec = FutureRecord::to(&topic)
+                .partition(p)
+                .key(&order.order_id)
+                .payload(&payload);
+            let d = producer
+                .send(rec, Duration::from_secs(30))
+                .await
+                .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+            ((d.partition, d.offset), i)
+        });
+    }
+    let mut out = BTreeMap::new();
+    let results = futures::future::join_all(futs).await;
+    for (k, v) in results {
+        assert!(out.insert(k, v).is_none(), "duplicate delivery position {k:?}");
+    }
+    out
+}
+
+pub async fn register_orders(client: &RegistryClient, topic: &str) -> SchemaId {
+    client
+        .register(&format!("{topic}-value"), ORDER_SCHEMA)
+        .await
+        .unwrap()
+}
+
+/// A sink config for the order workload.
+pub fn config(topic: &str, group: &str, registry: &str, store: &Store, extra_sink: &str) -> String {
+    format!(
+        r#"
+[kafka]
+bootstrap_servers = "{kafka}"
+group_id = "{group}"
+properties = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "500", "topic.metadata.refresh.interval.ms" = "1000" }}
+
+[schema_registry]
+url = "{registry}"
+
+[pipeline]
+drain_timeout = "20s"
+
+[[sink]]
+name = "orders"
+topics = ["{topic}"]
+table = "{url}"
+storage = {opts}
+partition_by = ["day(ts)"]
+flush = {{ max_rows = 400, max_latency = "1s" }}
+{extra_sink}
+"#,
+        kafka = kafka(),
+        url = store.url,
+        opts = store.toml_options(),
+    )
+}
+
+/// A running `lakesink` process whose stderr is captured.
+pub struct Lakesink {
+    pub child: Child,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Lakesink {
+    pub fn start(config_text: &str, extra_env: &[(&str, &str)]) -> Lakesink {
+        let dir = scratch("cfg");
+        let path = dir.join("lakesink.toml");
+        std::fs::write(&path, config_text).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lakesink"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env("LAKESINK_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn lakesink");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let lines = stderr.clone();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Lakesink { child, stderr }
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a stderr line contains `needle`.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if self.stderr.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("lakesink exited ({status}) before printing `{needle}`:\n{}", self.log());
+            }
+            assert!(start.elapsed() < timeout, "no `{needle}` within {timeout:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) -> String {
+        self.signal("TERM");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                assert!(status.success(), "lakesink exited with {status}:\n{}", self.log());
+                return self.log();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "lakesink did not stop within 60 s of SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Sum of committed rows according to the commit markers.
+pub async fn committed_rows(store: &Store, topic: &str) -> u64 {
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    let t = store.table_store();
+    let prefix = t.path(["_lakesink", "commits", topic]);
+    let metas: Vec<_> = t.store.list(Some(&prefix)).try_collect().await.unwrap_or_default();
+    let mut rows = 0;
+    for m in metas {
+        let bytes = t.store.get(&m.location).await.unwrap().bytes().await.unwrap();
+        let marker: sinks::parquet::Marker = serde_json::from_slice(&bytes).unwrap();
+        rows += marker.rows;
+    }
+    rows
+}
+
+/// Waits until the markers account for `n` rows.
+pub async fn wait_rows(store: &Store, topic: &str, n: u64, proc_: &mut Lakesink, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let rows = committed_rows(store, topic).await;
+        if rows >= n {
+            return;
+        }
+        if let Some(status) = proc_.child.try_wait().unwrap() {
+            panic!("lakesink exited ({status}) with {rows}/{n} rows committed:\n{}", proc_.log());
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "only {rows}/{n} rows committed after {timeout:?}:\n{}",
+            proc_.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Asserts that the table holds every produced record exactly once with the right values.
+pub fn assert_exactly_once(table: &Value, produced: &Produced) {
+    let rows = table["rows"].as_array().expect("rows");
+    let mut seen: BTreeMap<(i32, i64), &Value> = BTreeMap::new();
+    for r in rows {
+        let key = (r["p"].as_i64().unwrap() as i32, r["o"].as_i64().unwrap());
+        assert!(seen.insert(key, r).is_none(), "duplicate row at partition/offset {key:?}");
+    }
+    let missing: Vec<_> = produced.keys().filter(|k| !seen.contains_key(k)).take(10).collect();
+    assert!(missing.is_empty(), "{} of {} records missing, e.g. {missing:?}", produced.len().saturating_sub(seen.len()), produced.len());
+    let extra: Vec<_> = seen.keys().filter(|k| !produced.contains_key(k)).take(10).collect();
+    assert!(extra.is_empty(), "rows that were never produced: {extra:?}");
+    for (key, id) in produced {
+        let row = seen[key];
+        let expected = Order::generate(*id).expected_json();
+        for (field, value) in expected.as_object().unwrap() {
+            assert_eq!(&row[field], value, "field `{field}` of {key:?} (order {id})");
+        }
+        // The Hive partition is the UTC day of `ts`.
+        let ts = expected["ts"].as_i64().unwrap();
+        let day = chrono::DateTime::from_timestamp_millis(ts).unwrap().format("%Y-%m-%d").to_string();
+        assert_eq!(row["day"].as_str(), Some(day.as_str()), "day partition of {key:?}");
+    }
+    let duck = &table["duckdb"];
+    assert_eq!(duck["count"].as_u64(), Some(produced.len() as u64), "duckdb count: {duck}");
+    assert_eq!(duck["distinct"].as_u64(), Some(produced.len() as u64), "duckdb distinct: {duck}");
+}

@@ -1,0 +1,131 @@
+"""Reads a lakesink Parquet table with independent readers (pyarrow and DuckDB) and prints JSON.
+
+Usage: read_table.py URL [--s3-endpoint URL] [--azure-endpoint URL]
+
+The table is first copied to a local directory (boto3 for s3://, azure-storage-blob for az://),
+skipping nothing: the readers themselves must ignore `_lakesink/` (pyarrow ignores `_`-prefixed
+paths; DuckDB's glob only matches `*.parquet`, which staged files are not).
+
+Output: {"rows": [...], "duckdb": {"count", "distinct", "sum_cost"}, "files": [...]}
+"""
+import argparse
+import datetime
+import decimal
+import json
+import os
+import sys
+import tempfile
+from urllib.parse import urlparse
+
+import duckdb
+import pyarrow.dataset as ds
+
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+def fetch(url, s3_endpoint, azure_endpoint, dest):
+    u = urlparse(url)
+    prefix = u.path.lstrip("/")
+    if u.scheme == "file":
+        return u.path
+    if u.scheme == "s3":
+        import boto3
+
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=s3_endpoint,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        )
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=u.netloc, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(prefix):].lstrip("/")
+                path = os.path.join(dest, rel)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                s3.download_file(u.netloc, obj["Key"], path)
+        return dest
+    if u.scheme == "az":
+        from azure.storage.blob import BlobServiceClient
+
+        svc = BlobServiceClient(
+            account_url=azure_endpoint,
+            credential={"account_name": "devstoreaccount1", "account_key": AZURITE_KEY},
+        )
+        container = svc.get_container_client(u.netloc)
+        for blob in container.list_blobs(name_starts_with=prefix):
+            rel = blob.name[len(prefix):].lstrip("/")
+            path = os.path.join(dest, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(container.download_blob(blob.name).readall())
+        return dest
+    raise SystemExit(f"unsupported url {url}")
+
+
+def plain(v):
+    if isinstance(v, decimal.Decimal):
+        return str(v)
+    if isinstance(v, datetime.datetime):
+        if v.tzinfo is None:
+            v = v.replace(tzinfo=datetime.timezone.utc)
+        return int(v.timestamp() * 1000)
+    if isinstance(v, datetime.date):
+        return (v - datetime.date(1970, 1, 1)).days
+    return v
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("url")
+    ap.add_argument("--s3-endpoint")
+    ap.add_argument("--azure-endpoint")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = fetch(a.url, a.s3_endpoint, a.azure_endpoint, tmp)
+        files = []
+        for d, _, names in os.walk(root):
+            for n in names:
+                files.append(os.path.relpath(os.path.join(d, n), root))
+        visible = [f for f in files if f.endswith(".parquet") and not f.startswith("_")]
+        rows = []
+        if visible:
+            table = ds.dataset(root, format="parquet", partitioning="hive").to_table()
+            for r in table.to_pylist():
+                addr = r.get("address")
+                attrs = r.get("attributes")
+                if isinstance(attrs, dict):
+                    attrs = list(attrs.items())
+                rows.append(
+                    {
+                        "p": r["_kafka_partition"],
+                        "o": r["_kafka_offset"],
+                        "day": str(r.get("day")) if r.get("day") is not None else None,
+                        "id": r.get("id"),
+                        "order_id": r.get("order_id"),
+                        "product": r.get("product"),
+                        "quantity": r.get("quantity"),
+                        "cost": plain(r.get("cost")),
+                        "ts": plain(r.get("ts")),
+                        "ship_date": plain(r.get("ship_date")),
+                        "status": r.get("status"),
+                        "city": addr["city"] if addr else None,
+                        "tags": r.get("tags"),
+                        "attributes": sorted([list(kv) for kv in attrs]) if attrs is not None else None,
+                    }
+                )
+            q = duckdb.sql(
+                "SELECT count(*), count(DISTINCT (_kafka_partition, _kafka_offset)), "
+                "CAST(sum(cost) AS VARCHAR) FROM read_parquet("
+                f"'{root}/**/*.parquet', hive_partitioning = true)"
+            ).fetchone()
+            duck = {"count": q[0], "distinct": q[1], "sum_cost": q[2]}
+        else:
+            duck = {"count": 0, "distinct": 0, "sum_cost": None}
+        json.dump({"rows": rows, "duckdb": duck, "files": sorted(files)}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
