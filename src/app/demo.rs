@@ -68,7 +68,9 @@ pub fn produce_orders(
     producer
         .flush(Duration::from_secs(60))
         .context("cannot flush the demo producer")?;
-    on_progress(sent);
+    if sent % 10_000 != 0 {
+        on_progress(sent);
+    }
     Ok(())
 }
 
@@ -77,6 +79,7 @@ pub struct Reporter {
     bar: Option<indicatif::ProgressBar>,
     last_line: Instant,
     label: String,
+    done: bool,
 }
 
 impl Reporter {
@@ -98,6 +101,7 @@ impl Reporter {
             bar,
             last_line: Instant::now(),
             label: label.to_string(),
+            done: false,
         }
     }
 
@@ -105,7 +109,9 @@ impl Reporter {
         match &self.bar {
             Some(b) => b.set_position(pos),
             None => {
-                if self.last_line.elapsed() >= Duration::from_secs(2) || pos >= total {
+                if self.last_line.elapsed() >= Duration::from_secs(2) || pos >= total && !self.done
+                {
+                    self.done = pos >= total;
                     eprintln!("{}: {pos}/{total}", self.label);
                     self.last_line = Instant::now();
                 }

@@ -45,6 +45,26 @@ pub fn registry_client(cfg: &ValidatedConfig) -> anyhow::Result<RegistryClient> 
     RegistryClient::new(rc).context("cannot build the schema registry client")
 }
 
+/// `LAKESINK_TEST_CRASHPOINT=<point>:<n>`: at the n-th time the commit protocol reaches
+/// `point` (`after_stage`, `after_marker`, `mid_publish`), print `CRASHPOINT <point>` and freeze
+/// so the crash-safety tests can SIGKILL the process exactly there. Test-only; unset in
+/// production.
+fn crash_hook_from_env() -> Option<sinks::parquet::CrashHook> {
+    let spec = std::env::var("LAKESINK_TEST_CRASHPOINT").ok()?;
+    let (point, n) = spec.split_once(':').unwrap_or((spec.as_str(), "1"));
+    let point = point.to_string();
+    let n: u64 = n.parse().unwrap_or(1);
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    Some(Arc::new(move |at: &'static str| {
+        if at == point && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
+            eprintln!("CRASHPOINT {at}");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }))
+}
+
 /// Opens every sink's table.
 pub fn build_sinks(cfg: &ValidatedConfig) -> anyhow::Result<Vec<Arc<SinkRuntime>>> {
     let registry = registry_client(cfg)?;
@@ -59,7 +79,7 @@ pub fn build_sinks(cfg: &ValidatedConfig) -> anyhow::Result<Vec<Arc<SinkRuntime>
                     .map(|(k, v)| (k.clone(), v.expose().to_string())),
             )
             .with_context(|| format!("sink `{}`: cannot open table", s.name))?;
-            let sink = ParquetSink::new(
+            let mut sink = ParquetSink::new(
                 table,
                 ParquetSinkConfig {
                     partition_by: s.partition_by.clone(),
@@ -68,6 +88,9 @@ pub fn build_sinks(cfg: &ValidatedConfig) -> anyhow::Result<Vec<Arc<SinkRuntime>
                     ..Default::default()
                 },
             );
+            if let Some(hook) = crash_hook_from_env() {
+                sink = sink.with_crash_hook(hook);
+            }
             Ok(Arc::new(SinkRuntime {
                 config: s.clone(),
                 sink: Arc::new(sink),

@@ -296,6 +296,13 @@ impl Config {
         serde_path_to_error::deserialize(value).map_err(|e| {
             let mut key = e.path().to_string();
             let msg = e.inner().to_string();
+            // toml appends "in `table`" on a new line; the key path already says where.
+            let msg = msg
+                .split("\nin `")
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string();
             // serde names the unknown or missing field only in its message; add it to the path.
             if let Some(field) = msg
                 .strip_prefix("unknown field `")
@@ -304,7 +311,7 @@ impl Config {
             {
                 if key == "." || key.is_empty() {
                     key = field.to_string();
-                } else {
+                } else if !key.ends_with(field) {
                     let _ = write!(key, ".{field}");
                 }
             }
@@ -319,10 +326,8 @@ fn interpolate(
     env: &impl Fn(&str) -> Option<String>,
 ) -> Result<(), ConfigError> {
     match v {
-        toml::Value::String(s) => {
-            if s.contains('$') {
-                *s = interpolate_str(s, env).map_err(|reason| err(path.clone(), reason))?;
-            }
+        toml::Value::String(s) if s.contains('$') => {
+            *s = interpolate_str(s, env).map_err(|reason| err(path.clone(), reason))?;
         }
         toml::Value::Array(a) => {
             for (i, item) in a.iter_mut().enumerate() {

@@ -109,7 +109,10 @@ impl ConsumerContext for LakeContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         let tps: Vec<TopicPartition> = tpl
             .elements()
             .iter()

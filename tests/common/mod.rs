@@ -130,10 +130,12 @@ impl Store {
         let mut cmd = Command::new(python());
         cmd.arg(py_script("read_table.py")).arg(&self.url);
         if self.url.starts_with("s3://") {
-            cmd.arg("--s3-endpoint").arg(self.endpoint.as_ref().unwrap());
+            cmd.arg("--s3-endpoint")
+                .arg(self.endpoint.as_ref().unwrap());
         }
         if self.url.starts_with("az://") {
-            cmd.arg("--azure-endpoint").arg(self.endpoint.as_ref().unwrap());
+            cmd.arg("--azure-endpoint")
+                .arg(self.endpoint.as_ref().unwrap());
         }
         let out = cmd.output().expect("run read_table.py");
         assert!(
@@ -146,7 +148,9 @@ impl Store {
 }
 
 fn py_script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(name)
 }
 
 fn create_container(url: &str, endpoint: &str) {
@@ -194,7 +198,12 @@ pub async fn registry() -> (String, RegistryClient) {
 pub type Produced = BTreeMap<(i32, i64), i64>;
 
 /// Produces orders `ids` round-robin over `partitions`; returns where each landed.
-pub async fn produce(topic: &str, id: SchemaId, ids: std::ops::Range<i64>, partitions: i32) -> Produced {
+pub async fn produce(
+    topic: &str,
+    id: SchemaId,
+    ids: std::ops::Range<i64>,
+    partitions: i32,
+) -> Produced {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka())
         .set("linger.ms", "5")
@@ -224,7 +233,10 @@ pub async fn produce(topic: &str, id: SchemaId, ids: std::ops::Range<i64>, parti
     let mut out = BTreeMap::new();
     let results = futures::future::join_all(futs).await;
     for (k, v) in results {
-        assert!(out.insert(k, v).is_none(), "duplicate delivery position {k:?}");
+        assert!(
+            out.insert(k, v).is_none(),
+            "duplicate delivery position {k:?}"
+        );
     }
     out
 }
@@ -307,13 +319,26 @@ impl Lakesink {
     pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) {
         let start = Instant::now();
         loop {
-            if self.stderr.lock().unwrap().iter().any(|l| l.contains(needle)) {
+            if self
+                .stderr
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains(needle))
+            {
                 return;
             }
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("lakesink exited ({status}) before printing `{needle}`:\n{}", self.log());
+                panic!(
+                    "lakesink exited ({status}) before printing `{needle}`:\n{}",
+                    self.log()
+                );
             }
-            assert!(start.elapsed() < timeout, "no `{needle}` within {timeout:?}:\n{}", self.log());
+            assert!(
+                start.elapsed() < timeout,
+                "no `{needle}` within {timeout:?}:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -341,7 +366,11 @@ impl Lakesink {
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 std::thread::sleep(Duration::from_millis(100));
-                assert!(status.success(), "lakesink exited with {status}:\n{}", self.log());
+                assert!(
+                    status.success(),
+                    "lakesink exited with {status}:\n{}",
+                    self.log()
+                );
                 return self.log();
             }
             assert!(
@@ -360,10 +389,22 @@ pub async fn committed_rows(store: &Store, topic: &str) -> u64 {
     use object_store::ObjectStoreExt;
     let t = store.table_store();
     let prefix = t.path(["_lakesink", "commits", topic]);
-    let metas: Vec<_> = t.store.list(Some(&prefix)).try_collect().await.unwrap_or_default();
+    let metas: Vec<_> = t
+        .store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .unwrap_or_default();
     let mut rows = 0;
     for m in metas {
-        let bytes = t.store.get(&m.location).await.unwrap().bytes().await.unwrap();
+        let bytes = t
+            .store
+            .get(&m.location)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
         let marker: sinks::parquet::Marker = serde_json::from_slice(&bytes).unwrap();
         rows += marker.rows;
     }
@@ -371,7 +412,13 @@ pub async fn committed_rows(store: &Store, topic: &str) -> u64 {
 }
 
 /// Waits until the markers account for `n` rows.
-pub async fn wait_rows(store: &Store, topic: &str, n: u64, proc_: &mut Lakesink, timeout: Duration) {
+pub async fn wait_rows(
+    store: &Store,
+    topic: &str,
+    n: u64,
+    proc_: &mut Lakesink,
+    timeout: Duration,
+) {
     let start = Instant::now();
     loop {
         let rows = committed_rows(store, topic).await;
@@ -379,7 +426,10 @@ pub async fn wait_rows(store: &Store, topic: &str, n: u64, proc_: &mut Lakesink,
             return;
         }
         if let Some(status) = proc_.child.try_wait().unwrap() {
-            panic!("lakesink exited ({status}) with {rows}/{n} rows committed:\n{}", proc_.log());
+            panic!(
+                "lakesink exited ({status}) with {rows}/{n} rows committed:\n{}",
+                proc_.log()
+            );
         }
         assert!(
             start.elapsed() < timeout,
@@ -396,24 +446,58 @@ pub fn assert_exactly_once(table: &Value, produced: &Produced) {
     let mut seen: BTreeMap<(i32, i64), &Value> = BTreeMap::new();
     for r in rows {
         let key = (r["p"].as_i64().unwrap() as i32, r["o"].as_i64().unwrap());
-        assert!(seen.insert(key, r).is_none(), "duplicate row at partition/offset {key:?}");
+        assert!(
+            seen.insert(key, r).is_none(),
+            "duplicate row at partition/offset {key:?}"
+        );
     }
-    let missing: Vec<_> = produced.keys().filter(|k| !seen.contains_key(k)).take(10).collect();
-    assert!(missing.is_empty(), "{} of {} records missing, e.g. {missing:?}", produced.len().saturating_sub(seen.len()), produced.len());
-    let extra: Vec<_> = seen.keys().filter(|k| !produced.contains_key(k)).take(10).collect();
+    let missing: Vec<_> = produced
+        .keys()
+        .filter(|k| !seen.contains_key(k))
+        .take(10)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} records missing, e.g. {missing:?}",
+        produced.len().saturating_sub(seen.len()),
+        produced.len()
+    );
+    let extra: Vec<_> = seen
+        .keys()
+        .filter(|k| !produced.contains_key(k))
+        .take(10)
+        .collect();
     assert!(extra.is_empty(), "rows that were never produced: {extra:?}");
     for (key, id) in produced {
         let row = seen[key];
         let expected = Order::generate(*id).expected_json();
         for (field, value) in expected.as_object().unwrap() {
-            assert_eq!(&row[field], value, "field `{field}` of {key:?} (order {id})");
+            assert_eq!(
+                &row[field], value,
+                "field `{field}` of {key:?} (order {id})"
+            );
         }
         // The Hive partition is the UTC day of `ts`.
         let ts = expected["ts"].as_i64().unwrap();
-        let day = chrono::DateTime::from_timestamp_millis(ts).unwrap().format("%Y-%m-%d").to_string();
-        assert_eq!(row["day"].as_str(), Some(day.as_str()), "day partition of {key:?}");
+        let day = chrono::DateTime::from_timestamp_millis(ts)
+            .unwrap()
+            .format("%Y-%m-%d")
+            .to_string();
+        assert_eq!(
+            row["day"].as_str(),
+            Some(day.as_str()),
+            "day partition of {key:?}"
+        );
     }
     let duck = &table["duckdb"];
-    assert_eq!(duck["count"].as_u64(), Some(produced.len() as u64), "duckdb count: {duck}");
-    assert_eq!(duck["distinct"].as_u64(), Some(produced.len() as u64), "duckdb distinct: {duck}");
+    assert_eq!(
+        duck["count"].as_u64(),
+        Some(produced.len() as u64),
+        "duckdb count: {duck}"
+    );
+    assert_eq!(
+        duck["distinct"].as_u64(),
+        Some(produced.len() as u64),
+        "duckdb distinct: {duck}"
+    );
 }

@@ -100,6 +100,7 @@ def main():
                     attrs = list(attrs.items())
                 rows.append(
                     {
+                        "writer": r.get("writer"),
                         "p": r["_kafka_partition"],
                         "o": r["_kafka_offset"],
                         "day": str(r.get("day")) if r.get("day") is not None else None,
@@ -116,10 +117,11 @@ def main():
                         "attributes": sorted([list(kv) for kv in attrs]) if attrs is not None else None,
                     }
                 )
+            src = f"read_parquet('{root}/**/*.parquet', hive_partitioning = true)"
+            cost = "CAST(sum(cost) AS VARCHAR)" if "cost" in table.column_names else "NULL"
             q = duckdb.sql(
                 "SELECT count(*), count(DISTINCT (_kafka_partition, _kafka_offset)), "
-                "CAST(sum(cost) AS VARCHAR) FROM read_parquet("
-                f"'{root}/**/*.parquet', hive_partitioning = true)"
+                f"{cost} FROM {src}"
             ).fetchone()
             duck = {"count": q[0], "distinct": q[1], "sum_cost": q[2]}
         else:

@@ -47,13 +47,26 @@ struct Hint {
     next: i64,
 }
 
+/// Called at named points of the commit protocol (`after_stage`, `after_marker`,
+/// `mid_publish`); the crash-safety tests use it to SIGKILL the process at exactly that point.
+pub type CrashHook = std::sync::Arc<dyn Fn(&'static str) + Send + Sync>;
+
 /// A Parquet table with the marker commit protocol.
-#[derive(Debug)]
 pub struct ParquetSink {
     table: TableStore,
     config: ParquetSinkConfig,
     /// Commits since the last hint, per partition.
     since_hint: Mutex<HashMap<TopicPartition, u32>>,
+    crash_hook: Option<CrashHook>,
+}
+
+impl std::fmt::Debug for ParquetSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParquetSink")
+            .field("table", &self.table.location())
+            .field("config", &self.config)
+            .finish()
+    }
 }
 
 fn offset_key(o: i64) -> String {
@@ -66,6 +79,19 @@ impl ParquetSink {
             table,
             config,
             since_hint: Mutex::new(HashMap::new()),
+            crash_hook: None,
+        }
+    }
+
+    /// Installs a hook called at each named point of the commit protocol (tests only).
+    pub fn with_crash_hook(mut self, hook: CrashHook) -> Self {
+        self.crash_hook = Some(hook);
+        self
+    }
+
+    fn point(&self, name: &'static str) {
+        if let Some(h) = &self.crash_hook {
+            h(name);
         }
     }
 
@@ -163,7 +189,10 @@ impl ParquetSink {
     /// Copies a marker's staged files to their final paths and deletes the staged copies.
     /// Idempotent: any number of writers may publish the same marker concurrently.
     async fn publish(&self, marker: &Marker) -> Result<()> {
-        for f in &marker.files {
+        for (i, f) in marker.files.iter().enumerate() {
+            if i == 1 {
+                self.point("mid_publish");
+            }
             let staged = self.rel(&f.staged);
             let dest = self.rel(&f.path);
             match self.table.store.copy(&staged, &dest).await {

@@ -31,7 +31,7 @@ mod committer;
 mod config;
 mod writer;
 
-pub use committer::{Marker, MarkerFile, ParquetSink};
+pub use committer::{CrashHook, Marker, MarkerFile, ParquetSink};
 pub use config::{Compression, ParquetSinkConfig};
 pub use writer::StagedFile;
 

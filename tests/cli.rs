@@ -1,0 +1,105 @@
+//! The command line: config errors name the key, `check` reaches every dependency.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn check(config_text: &str) -> (i32, String, String) {
+    let dir = scratch("cli");
+    let path = dir.join("lakesink.toml");
+    std::fs::write(&path, config_text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("LAKESINK_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const GOOD: &str = r#"
+[kafka]
+bootstrap_servers = "127.0.0.1:9"
+group_id = "g"
+
+[schema_registry]
+url = "http://127.0.0.1:9"
+basic_auth = { username = "sr-key", password = "sr-secret-value" }
+
+[[sink]]
+name = "orders"
+topics = ["orders"]
+table = "file:///tmp/lakesink-cli-test/orders"
+"#;
+
+#[test]
+fn unknown_key_is_rejected_with_its_path() {
+    let (code, _, err) =
+        check(&GOOD.replace("group_id = \"g\"", "group_id = \"g\"\ngroupid = \"h\""));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("`kafka.groupid`") && err.contains("unknown field"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_table_url_is_rejected_with_its_key() {
+    let (code, _, err) =
+        check(&GOOD.replace("file:///tmp/lakesink-cli-test/orders", "lake/orders"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("`sink[0].table`"), "{err}");
+}
+
+#[test]
+fn auto_commit_cannot_be_forced_on() {
+    let (code, _, err) = check(&GOOD.replace(
+        "group_id = \"g\"",
+        "group_id = \"g\"\nproperties = { \"enable.auto.commit\" = \"true\" }",
+    ));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("`kafka.properties.\"enable.auto.commit\"`"),
+        "{err}"
+    );
+    assert!(err.contains("cannot be set"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reaches_every_dependency_and_names_what_fails() {
+    let topic = unique("check");
+    create_topic(&topic, 1).await;
+    let (registry_url, _client) = registry().await;
+    let store = Store::s3("orders");
+    let good = config(&topic, "g", &registry_url, &store, "");
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let good = good.clone();
+        move || check(&good)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(out.matches("ok    ").count(), 3, "{out}");
+
+    // The registry is down and a topic is missing: both are named, and secrets are not printed.
+    let bad = good
+        .replace(&registry_url, "http://127.0.0.1:9")
+        .replace(&format!("[\"{topic}\"]"), "[\"no-such-topic\"]")
+        .replace("url = \"http://127.0.0.1:9\"", "url = \"http://127.0.0.1:9\"\nbasic_auth = { username = \"u\", password = \"sr-secret-value\" }");
+    let (code, out, err) = tokio::task::spawn_blocking(move || check(&bad))
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("FAIL  schema registry"), "{out}");
+    assert!(out.contains("no-such-topic"), "{out}");
+    assert!(
+        !out.contains("sr-secret-value") && !err.contains("sr-secret-value"),
+        "{out}\n{err}"
+    );
+}
