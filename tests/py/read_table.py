@@ -119,7 +119,7 @@ def main():
                 )
             src = f"read_parquet('{root}/**/*.parquet', hive_partitioning = true)"
             cost = "CAST(sum(cost) AS VARCHAR)" if "cost" in table.column_names else "NULL"
-            q = duckdb.sql(
+            q = duckdb.connect().execute(
                 "SELECT count(*), count(DISTINCT (_kafka_partition, _kafka_offset)), "
                 f"{cost} FROM {src}"
             ).fetchone()

@@ -423,6 +423,7 @@ impl Sink for ParquetSink {
             mode: PutMode::Create,
             ..Default::default()
         };
+        self.point("after_stage");
         match self
             .table
             .store
@@ -430,6 +431,7 @@ impl Sink for ParquetSink {
             .await
         {
             Ok(_) => {
+                self.point("after_marker");
                 self.publish(&marker).await?;
                 self.maybe_hint(tp, &marker).await?;
                 Ok((CommitOutcome::Committed { next: staged.next }, stats))
