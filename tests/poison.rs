@@ -63,3 +63,133 @@ async fn undecodable_record_stops_the_sink_naming_its_offset() {
         );
     }
 }
+
+/// Garbage bytes, an unknown schema id, a truncated body, a wrong magic byte and an empty value
+/// mixed into a stream: each lands in the dead-letter topic with headers naming the error and
+/// its source position, and every good record lands exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_records_go_to_the_dead_letter_topic() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use std::collections::BTreeMap;
+
+    let store = Store::s3("orders");
+    let topic = unique("mixed");
+    let dlq = unique("dlq");
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    let schema = lakesink::workload::order_schema();
+    let good_body = lakesink::workload::Order::generate(7).encode(&schema);
+    let framed = schema_registry::wire::frame(id, &good_body);
+    let poisons: Vec<(&str, Vec<u8>)> = vec![
+        ("wire-format", b"\x7b\"garbage\": true}".to_vec()),
+        (
+            "unknown-schema",
+            schema_registry::wire::frame(schema_registry::SchemaId(987_654), &good_body),
+        ),
+        ("malformed", framed[..framed.len() / 2].to_vec()),
+        ("wire-format", {
+            let mut v = framed.clone();
+            v[0] = 1;
+            v
+        }),
+        ("wire-format", Vec::new()),
+    ];
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let mut produced = Produced::new();
+    let mut poison_at: BTreeMap<i64, &str> = BTreeMap::new();
+    let mut next_id = 0;
+    for (class, bytes) in &poisons {
+        let good = produce(&topic, id, next_id..next_id + 60, 1).await;
+        next_id += 60;
+        produced.extend(good);
+        let d = producer
+            .send(
+                FutureRecord::to(&topic)
+                    .partition(0)
+                    .key("poison-key")
+                    .payload(bytes.as_slice()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        poison_at.insert(d.offset, class);
+    }
+    produced.extend(produce(&topic, id, next_id..next_id + 60, 1).await);
+
+    let cfg = config(
+        &topic,
+        &unique("g"),
+        &registry_url,
+        &store,
+        &format!("errors = \"dead-letter\"\ndead_letter_topic = \"{dlq}\""),
+    );
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    wait_rows(
+        &store,
+        &topic,
+        produced.len() as u64,
+        &mut proc_,
+        Duration::from_secs(120),
+    )
+    .await;
+    let log = proc_.stop();
+    assert!(log.contains("dead-lettered"), "{log}");
+    assert_exactly_once(&store.read(), &produced);
+
+    // Read the dead-letter topic back.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&dlq]).unwrap();
+    let mut seen: BTreeMap<i64, (String, Vec<u8>)> = BTreeMap::new();
+    let start = Instant::now();
+    while seen.len() < poison_at.len() && start.elapsed() < Duration::from_secs(60) {
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m.unwrap();
+        let h = m.headers().expect("dead letters carry headers");
+        let get = |k: &str| {
+            h.iter()
+                .find(|x| x.key == k)
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_else(|| panic!("header {k} missing"))
+        };
+        assert_eq!(get("lakesink.source.topic"), topic);
+        assert_eq!(get("lakesink.source.partition"), "0");
+        assert_eq!(get("lakesink.sink"), "orders");
+        assert!(!get("lakesink.error.message").is_empty());
+        assert_eq!(m.key(), Some(&b"poison-key"[..]));
+        let offset: i64 = get("lakesink.source.offset").parse().unwrap();
+        let prev = seen.insert(
+            offset,
+            (
+                get("lakesink.error.class"),
+                m.payload().unwrap_or_default().to_vec(),
+            ),
+        );
+        assert!(prev.is_none(), "offset {offset} dead-lettered twice");
+    }
+    assert_eq!(seen.len(), poison_at.len(), "dead letters: {seen:?}");
+    for ((offset, class), (orig_class, bytes)) in poison_at.iter().zip(&poisons) {
+        let (got_class, payload) = &seen[offset];
+        assert_eq!(got_class, class, "class of the poison at offset {offset}");
+        assert_eq!(got_class, orig_class);
+        assert_eq!(
+            payload, bytes,
+            "the original value is kept at offset {offset}"
+        );
+    }
+}

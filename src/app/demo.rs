@@ -262,7 +262,7 @@ pub async fn run(records: u64, dir: PathBuf) -> anyhow::Result<()> {
     println!();
     println!("query it with DuckDB (pip install duckdb, or the duckdb CLI):");
     println!(
-        "  duckdb -c \"SELECT day, status, count(*) AS lines, sum(cost) AS revenue FROM read_parquet('{}/*/*.parquet', hive_partitioning = true) GROUP BY ALL ORDER BY ALL\"",
+        "  duckdb -c \"SELECT day, status, count(*) AS lines, sum(cost) AS revenue FROM read_parquet('{}/*/*.parquet', hive_partitioning = true, union_by_name = true) GROUP BY ALL ORDER BY ALL\"",
         table.display()
     );
     println!(

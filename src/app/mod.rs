@@ -91,10 +91,18 @@ pub fn build_sinks(cfg: &ValidatedConfig) -> anyhow::Result<Vec<Arc<SinkRuntime>
             if let Some(hook) = crash_hook_from_env() {
                 sink = sink.with_crash_hook(hook);
             }
+            let dead_letters = match (&s.dead_letter_topic, s.errors) {
+                (Some(topic), crate::config::ErrorPolicy::DeadLetter) => Some(
+                    crate::pipeline::dead_letter::DeadLetters::new(cfg, topic)
+                        .map_err(|e| anyhow!("sink `{}`: {e}", s.name))?,
+                ),
+                _ => None,
+            };
             Ok(Arc::new(SinkRuntime {
                 config: s.clone(),
                 sink: Arc::new(sink),
                 registry: registry.clone(),
+                dead_letters,
             }))
         })
         .collect()

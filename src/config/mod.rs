@@ -183,6 +183,11 @@ pub struct SinkConfig {
     pub metadata: MetadataConfig,
     #[serde(default = "default_mode")]
     pub mode: String,
+    /// What to do with a record that cannot be decoded: `fail`, `skip` or `dead-letter`.
+    #[serde(default)]
+    pub errors: Option<String>,
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
 }
 
 fn default_format() -> String {
@@ -444,6 +449,17 @@ pub struct Flush {
     pub max_latency: Duration,
 }
 
+/// What happens to a record a sink cannot decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorPolicy {
+    /// Stop the sink with an error naming the record (nothing is skipped).
+    Fail,
+    /// Log and count it, commit past it.
+    Skip,
+    /// Send it to the dead-letter topic with headers naming the error, commit past it.
+    DeadLetter,
+}
+
 #[derive(Debug, Clone)]
 pub struct ValidatedSink {
     pub name: String,
@@ -454,6 +470,8 @@ pub struct ValidatedSink {
     pub flush: Flush,
     pub compression: Compression,
     pub metadata: MetadataConfig,
+    pub errors: ErrorPolicy,
+    pub dead_letter_topic: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -740,6 +758,41 @@ impl Config {
                 .compression
                 .parse()
                 .map_err(|e: String| err(key("compression"), e))?;
+            let errors = match (s.errors.as_deref(), &s.dead_letter_topic) {
+                (None, None) | (Some("fail"), _) => ErrorPolicy::Fail,
+                (None, Some(_)) | (Some("dead-letter"), Some(_)) => ErrorPolicy::DeadLetter,
+                (Some("skip"), _) => ErrorPolicy::Skip,
+                (Some("dead-letter"), None) => {
+                    return Err(err(
+                        key("dead_letter_topic"),
+                        "required with errors = \"dead-letter\"",
+                    ))
+                }
+                (Some(other), _) => {
+                    return Err(err(
+                        key("errors"),
+                        format!("unknown policy `{other}`; use fail, skip or dead-letter"),
+                    ))
+                }
+            };
+            if let Some(t) = &s.dead_letter_topic {
+                if t.is_empty()
+                    || !t
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    return Err(err(
+                        key("dead_letter_topic"),
+                        format!("`{t}` is not a valid Kafka topic name"),
+                    ));
+                }
+                if topics.matches(t) {
+                    return Err(err(
+                        key("dead_letter_topic"),
+                        "the sink would read its own dead letters",
+                    ));
+                }
+            }
             sinks.push(ValidatedSink {
                 name: s.name.clone(),
                 topics,
@@ -749,6 +802,8 @@ impl Config {
                 flush,
                 compression,
                 metadata: s.metadata,
+                errors,
+                dead_letter_topic: s.dead_letter_topic.clone(),
             });
         }
         Ok(ValidatedConfig {

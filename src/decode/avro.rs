@@ -1,12 +1,20 @@
 //! Confluent-framed Avro straight into Arrow with arrow-avro, schemas resolved by id through the
 //! registry client (cached forever, single flight).
 //!
-//! The arrow-avro `Decoder` is built from a `SchemaStore` of every writer schema seen so far on
-//! this partition; an unseen id triggers one registry fetch, a flush of the rows decoded so far
-//! and a rebuild with the new schema active. A flip between known ids is handled inside
-//! arrow-avro (it ends the current batch first), so every emitted batch has a single schema.
+//! Schema evolution without small files: every writer schema seen on the partition is resolved
+//! to one *reader* schema, the newest (highest id) writer schema that all the others resolve to
+//! under Avro's resolution rules (new fields take their defaults, removed fields are skipped,
+//! numeric promotions apply). Records of interleaving versions therefore produce one Arrow schema
+//! and land in the same files; only a newer reader changes the output schema (a new nullable
+//! column), and [`AvroDecoder::prepare`] tells the caller beforehand so it can commit first.
+//!
+//! Invariants:
+//! - Every emitted batch has the current reader's Arrow schema plus the metadata columns.
+//! - A record that fails to decode never corrupts the batch in progress: the decoder is rebuilt
+//!   and the records of the current batch are replayed into it before the error is returned
+//!   together with the record (for the dead-letter topic).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use arrow::datatypes::{Field, Schema};
@@ -16,27 +24,34 @@ use arrow_avro::schema::{AvroSchema, Fingerprint, FingerprintAlgorithm, SchemaSt
 use schema_registry::{wire, RegistryClient, SchemaId};
 use sinks::TopicPartition;
 
-use super::{DecodeError, MetaColumns, Record};
+use super::{DecodeError, MetaColumns, Record, Rejected};
 use crate::config::MetadataConfig;
 
 /// Decodes one partition's Confluent-framed Avro records into record batches.
 pub struct AvroDecoder {
     tp: TopicPartition,
     registry: RegistryClient,
-    store: SchemaStore,
-    known: HashSet<u32>,
-    /// Schema id of the last decoded record.
-    last_id: Option<u32>,
+    /// Writer schemas the current decoder was built with, by id.
+    writers: BTreeMap<u32, String>,
+    /// Ids that are known not to resolve to the reader (their records are rejected).
+    incompatible: HashSet<u32>,
+    /// The reader schema id.
+    reader: Option<u32>,
     decoder: Option<Decoder>,
+    /// Schema id of the last decoded record (the decoder's active writer).
+    last_id: Option<u32>,
     batch_size: usize,
     meta: MetaColumns,
+    /// Records of the batch in progress, replayed after a failed record.
+    pending: Vec<Record>,
 }
 
 impl std::fmt::Debug for AvroDecoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AvroDecoder")
             .field("tp", &self.tp)
-            .field("known", &self.known)
+            .field("writers", &self.writers.keys().collect::<Vec<_>>())
+            .field("reader", &self.reader)
             .finish()
     }
 }
@@ -52,20 +67,14 @@ impl AvroDecoder {
         Self {
             tp,
             registry,
-            store: SchemaStore::new_with_type(FingerprintAlgorithm::Id),
-            known: HashSet::new(),
-            last_id: None,
+            writers: BTreeMap::new(),
+            incompatible: HashSet::new(),
+            reader: None,
             decoder: None,
+            last_id: None,
             batch_size: batch_size.max(1),
             meta,
-        }
-    }
-
-    /// Whether `payload` is written with another schema than the previous record.
-    pub fn switches_schema(&self, payload: &[u8]) -> bool {
-        match (wire::parse(payload), self.last_id) {
-            (Ok((id, _)), Some(last)) => id.0 != last,
-            _ => false,
+            pending: Vec::new(),
         }
     }
 
@@ -74,70 +83,269 @@ impl AvroDecoder {
         self.meta.rows()
     }
 
-    fn error(&self, offset: i64, reason: impl Into<String>) -> DecodeError {
+    fn error(
+        &self,
+        offset: i64,
+        class: &'static str,
+        schema_id: Option<u32>,
+        reason: impl Into<String>,
+    ) -> DecodeError {
         DecodeError {
             tp: self.tp.clone(),
             offset,
+            class,
             reason: reason.into(),
+            schema_id,
             retryable: false,
         }
     }
 
-    /// Decodes one record; completed batches are appended to `out`.
+    /// Resolves the schema of `rec` (fetching it once) and tells whether decoding it will change
+    /// the output schema (a newer reader schema), so the caller can commit what precedes it.
+    pub async fn prepare(&mut self, rec: &Record) -> Result<bool, DecodeError> {
+        let Some(Ok((id, _))) = rec.payload.as_deref().map(wire::parse) else {
+            return Ok(false);
+        };
+        if self.writers.contains_key(&id.0) || self.incompatible.contains(&id.0) {
+            return Ok(false);
+        }
+        self.fetch(id, rec.offset).await?;
+        Ok(self.reader.is_some_and(|r| id.0 > r))
+    }
+
+    async fn fetch(&self, id: SchemaId, offset: i64) -> Result<String, DecodeError> {
+        let schema = self.registry.schema(id).await.map_err(|e| DecodeError {
+            tp: self.tp.clone(),
+            offset,
+            class: if e.is_retryable() {
+                "registry"
+            } else {
+                "unknown-schema"
+            },
+            retryable: e.is_retryable(),
+            schema_id: Some(id.0),
+            reason: format!("cannot resolve schema id {id}: {e}"),
+        })?;
+        if schema.schema_type != "AVRO" {
+            return Err(self.error(
+                offset,
+                "schema-type",
+                Some(id.0),
+                format!("schema id {id} is {}, not AVRO", schema.schema_type),
+            ));
+        }
+        Ok(schema.schema.clone())
+    }
+
+    /// Decodes one record; completed batches are appended to `out`. A record that cannot be
+    /// decoded comes back in the error, and the batch in progress is intact.
     pub async fn push(
+        &mut self,
+        rec: Record,
+        out: &mut Vec<RecordBatch>,
+    ) -> Result<(), Box<Rejected>> {
+        match self.push_inner(&rec, out).await {
+            Ok(()) => {
+                self.pending.push(rec);
+                Ok(())
+            }
+            Err(error) => Err(Box::new(Rejected { error, record: rec })),
+        }
+    }
+
+    async fn push_inner(
         &mut self,
         rec: &Record,
         out: &mut Vec<RecordBatch>,
     ) -> Result<(), DecodeError> {
-        let payload = rec
-            .payload
-            .as_deref()
-            .ok_or_else(|| self.error(rec.offset, "the record has no value (tombstone)"))?;
-        let (id, _) = wire::parse(payload).map_err(|e| self.error(rec.offset, e.to_string()))?;
-        if !self.known.contains(&id.0) {
-            self.learn(id, rec.offset, out).await?;
+        let payload = rec.payload.as_deref().ok_or_else(|| {
+            self.error(
+                rec.offset,
+                "wire-format",
+                None,
+                "the record has no value (tombstone)",
+            )
+        })?;
+        let (id, _) = wire::parse(payload)
+            .map_err(|e| self.error(rec.offset, "wire-format", None, e.to_string()))?;
+        if self.incompatible.contains(&id.0) {
+            return Err(self.incompatible_error(rec.offset, id.0));
         }
-        let decoder = self
-            .decoder
-            .as_mut()
-            .expect("decoder exists once a schema is known");
-        if decoder.batch_is_full() {
+        if !self.writers.contains_key(&id.0) {
+            let schema = self.fetch(id, rec.offset).await?;
+            self.learn(id.0, schema, rec.offset, out)?;
+        }
+        if self.decoder.as_ref().is_some_and(Decoder::batch_is_full) {
             self.emit(out, rec.offset)?;
         }
-        let mut pos = 0;
-        loop {
-            let decoder = self.decoder.as_mut().expect("decoder");
-            let before = decoder.capacity();
-            let n = decoder.decode(&payload[pos..]).map_err(|e| {
-                self.error(rec.offset, format!("invalid Avro for schema id {id}: {e}"))
-            })?;
-            pos += n;
-            let decoder = self.decoder.as_mut().expect("decoder");
-            if pos == payload.len() && decoder.capacity() < before {
-                break; // exactly one row, every byte used
-            }
-            if pos < payload.len() && decoder.batch_is_full() {
-                // A switch to another known schema: arrow-avro ends the batch first.
-                self.emit(out, rec.offset)?;
-                continue;
-            }
-            // Truncated body or trailing bytes: the decoder state can no longer be trusted.
-            self.decoder = None;
-            self.last_id = None;
-            self.known.clear();
-            self.store = SchemaStore::new_with_type(FingerprintAlgorithm::Id);
-            return Err(self.error(
-                rec.offset,
-                format!(
-                    "record does not match schema id {id}: {} of {} bytes form a row",
-                    pos,
-                    payload.len()
-                ),
-            ));
+        if let Err(reason) = self.decode_one(payload, out, rec.offset) {
+            // The decoder may hold half a row: rebuild it and replay the batch in progress.
+            self.rebuild(self.reader, rec.offset)
+                .and_then(|()| self.replay(out))
+                .map_err(|e| {
+                    self.error(
+                        rec.offset,
+                        "malformed",
+                        Some(id.0),
+                        format!("{reason}; then: {e}"),
+                    )
+                })?;
+            return Err(self.error(rec.offset, "malformed", Some(id.0), reason));
         }
         self.meta
             .push(rec.offset, rec.timestamp_ms, rec.key.as_deref());
         self.last_id = Some(id.0);
+        Ok(())
+    }
+
+    /// Feeds exactly one framed record to the decoder.
+    fn decode_one(
+        &mut self,
+        payload: &[u8],
+        out: &mut Vec<RecordBatch>,
+        offset: i64,
+    ) -> Result<(), String> {
+        let id = wire::parse(payload).map(|(id, _)| id.0).unwrap_or_default();
+        let mut pos = 0;
+        loop {
+            let decoder = self
+                .decoder
+                .as_mut()
+                .expect("a decoder exists once a schema is known");
+            let before = decoder.capacity();
+            let n = decoder
+                .decode(&payload[pos..])
+                .map_err(|e| format!("invalid Avro for schema id {id}: {e}"))?;
+            pos += n;
+            let decoder = self.decoder.as_mut().expect("decoder");
+            if pos == payload.len() && decoder.capacity() < before {
+                return Ok(()); // exactly one row, every byte used
+            }
+            if pos < payload.len() && decoder.batch_is_full() {
+                // A switch to another writer schema: arrow-avro ends the batch first.
+                self.emit(out, offset).map_err(|e| e.reason)?;
+                continue;
+            }
+            return Err(format!(
+                "record does not match schema id {id}: {pos} of {} bytes form a row",
+                payload.len()
+            ));
+        }
+    }
+
+    fn incompatible_error(&self, offset: i64, id: u32) -> DecodeError {
+        self.error(
+            offset,
+            "incompatible-schema",
+            Some(id),
+            format!(
+                "writer schema id {id} cannot be resolved to the reader schema id {} of subject \
+                 `{}-value` (a type was narrowed, or a field without a default was added); \
+                 register a compatible version",
+                self.reader.unwrap_or_default(),
+                self.tp.topic
+            ),
+        )
+    }
+
+    /// Adds writer schema `id`: the newest schema becomes the reader when every known writer
+    /// resolves to it; otherwise `id` must resolve to the current reader.
+    fn learn(
+        &mut self,
+        id: u32,
+        schema: String,
+        offset: i64,
+        out: &mut Vec<RecordBatch>,
+    ) -> Result<(), DecodeError> {
+        // Rows decoded so far are emitted first: the rebuilt decoder starts a new batch.
+        self.emit(out, offset)?;
+        self.pending.clear();
+        self.writers.insert(id, schema);
+        let newest = self.reader.is_none_or(|r| id > r);
+        if newest && self.rebuild(Some(id), offset).is_ok() {
+            self.reader = Some(id);
+            self.last_id = None;
+            return Ok(());
+        }
+        // Not the newest, or the newest cannot read the older writers: it may still resolve
+        // to the current reader.
+        if self.reader.is_some() && self.rebuild(self.reader, offset).is_ok() {
+            self.last_id = None;
+            return Ok(());
+        }
+        // `id` does not fit: forget it, restore the previous decoder, reject its records.
+        self.writers.remove(&id);
+        self.incompatible.insert(id);
+        if self.reader.is_some() {
+            self.rebuild(self.reader, offset)?;
+        } else {
+            self.decoder = None;
+        }
+        Err(self.incompatible_error(offset, id))
+    }
+
+    /// Builds a decoder over every known writer schema, resolved to `reader`.
+    fn rebuild(&mut self, reader: Option<u32>, offset: i64) -> Result<(), DecodeError> {
+        let mut store = SchemaStore::new_with_type(FingerprintAlgorithm::Id);
+        for (id, s) in &self.writers {
+            store
+                .set(Fingerprint::Id(*id), AvroSchema::new(s.clone()))
+                .map_err(|e| self.error(offset, "malformed", Some(*id), e.to_string()))?;
+        }
+        let Some(active) = self
+            .last_id
+            .or(reader)
+            .or_else(|| self.writers.keys().next().copied())
+        else {
+            return Ok(());
+        };
+        let active = if self.writers.contains_key(&active) {
+            active
+        } else {
+            *self.writers.keys().next().expect("a writer")
+        };
+        let mut builder = ReaderBuilder::new()
+            .with_batch_size(self.batch_size)
+            .with_writer_schema_store(store)
+            .with_active_fingerprint(Fingerprint::Id(active));
+        if let Some(r) = reader.and_then(|r| self.writers.get(&r)) {
+            builder = builder.with_reader_schema(AvroSchema::new(r.clone()));
+        }
+        let decoder = builder.build_decoder().map_err(|e| {
+            self.error(
+                offset,
+                "incompatible-schema",
+                reader,
+                format!(
+                    "cannot read the known writer schemas {:?} as schema id {reader:?}: {e}",
+                    self.writers.keys().collect::<Vec<_>>()
+                ),
+            )
+        })?;
+        self.decoder = Some(decoder);
+        self.meta.finish();
+        Ok(())
+    }
+
+    /// Re-decodes the batch in progress into a fresh decoder (after a failed record).
+    fn replay(&mut self, out: &mut Vec<RecordBatch>) -> Result<(), DecodeError> {
+        self.last_id = None;
+        let pending = std::mem::take(&mut self.pending);
+        for rec in &pending {
+            let payload = rec.payload.as_deref().unwrap_or_default();
+            if let Err(reason) = self.decode_one(payload, out, rec.offset) {
+                return Err(self.error(
+                    rec.offset,
+                    "malformed",
+                    None,
+                    format!("replay failed: {reason}"),
+                ));
+            }
+            self.meta
+                .push(rec.offset, rec.timestamp_ms, rec.key.as_deref());
+            self.last_id = wire::parse(payload).ok().map(|(id, _)| id.0);
+        }
+        self.pending = pending;
         Ok(())
     }
 
@@ -146,68 +354,59 @@ impl AvroDecoder {
         self.emit(out, -1)
     }
 
-    async fn learn(
-        &mut self,
-        id: SchemaId,
-        offset: i64,
-        out: &mut Vec<RecordBatch>,
-    ) -> Result<(), DecodeError> {
-        let schema = self.registry.schema(id).await.map_err(|e| DecodeError {
-            tp: self.tp.clone(),
-            offset,
-            retryable: e.is_retryable(),
-            reason: format!("cannot resolve schema id {id}: {e}"),
-        })?;
-        if schema.schema_type != "AVRO" {
-            return Err(self.error(
-                offset,
-                format!("schema id {id} is {}, not AVRO", schema.schema_type),
-            ));
-        }
-        self.emit(out, offset)?;
-        let mut store = self.store.clone();
-        store
-            .set(
-                Fingerprint::Id(id.0),
-                AvroSchema::new(schema.schema.clone()),
-            )
-            .map_err(|e| self.error(offset, format!("schema id {id}: {e}")))?;
-        let decoder = ReaderBuilder::new()
-            .with_batch_size(self.batch_size)
-            .with_writer_schema_store(store.clone())
-            .with_active_fingerprint(Fingerprint::Id(id.0))
-            .build_decoder()
-            .map_err(|e| self.error(offset, format!("unsupported Avro schema id {id}: {e}")))?;
-        self.store = store;
-        self.known.insert(id.0);
-        self.decoder = Some(decoder);
-        Ok(())
-    }
-
     fn emit(&mut self, out: &mut Vec<RecordBatch>, offset: i64) -> Result<(), DecodeError> {
         let Some(decoder) = self.decoder.as_mut() else {
             return Ok(());
         };
-        let batch = decoder
-            .flush()
-            .map_err(|e| self.error(offset, format!("cannot build the Arrow batch: {e}")))?;
+        let batch = decoder.flush().map_err(|e| {
+            self.error(
+                offset,
+                "malformed",
+                None,
+                format!("cannot build the Arrow batch: {e}"),
+            )
+        })?;
         let Some(batch) = batch else { return Ok(()) };
+        self.pending.clear();
         let meta = self.meta.finish();
         if batch.num_rows() != meta.first().map_or(batch.num_rows(), |(_, a)| a.len()) {
-            return Err(self.error(offset, "internal: row count and metadata disagree"));
+            return Err(self.error(
+                offset,
+                "malformed",
+                None,
+                "internal: row count and metadata disagree",
+            ));
         }
-        let mut fields: Vec<Arc<Field>> = batch.schema().fields().iter().cloned().collect();
+        // A field read through its default carries `avro.field.default`; the same field decoded
+        // from a newer writer does not. Drop it so both give one schema.
+        let mut fields: Vec<Arc<Field>> = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| {
+                if f.metadata().contains_key("avro.field.default") {
+                    let mut md = f.metadata().clone();
+                    md.remove("avro.field.default");
+                    Arc::new(f.as_ref().clone().with_metadata(md))
+                } else {
+                    f.clone()
+                }
+            })
+            .collect();
         let mut columns = batch.columns().to_vec();
         for (f, a) in meta {
             fields.push(Arc::new(f));
             columns.push(a);
         }
-        let schema = Arc::new(Schema::new_with_metadata(
-            fields,
-            batch.schema().metadata().clone(),
-        ));
-        let batch = RecordBatch::try_new(schema, columns)
-            .map_err(|e| self.error(offset, format!("cannot add metadata columns: {e}")))?;
+        let schema = Arc::new(Schema::new(fields));
+        let batch = RecordBatch::try_new(schema, columns).map_err(|e| {
+            self.error(
+                offset,
+                "malformed",
+                None,
+                format!("cannot add metadata columns: {e}"),
+            )
+        })?;
         out.push(batch);
         Ok(())
     }

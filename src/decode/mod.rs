@@ -25,6 +25,8 @@ pub struct Record {
     pub timestamp_ms: Option<i64>,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
+    /// Kafka headers, kept for the dead-letter topic.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 /// A record that cannot be decoded.
@@ -33,7 +35,19 @@ pub struct Record {
 pub struct DecodeError {
     pub tp: TopicPartition,
     pub offset: i64,
+    /// A short, stable class for metrics and dead-letter headers: `wire-format`,
+    /// `unknown-schema`, `schema-type`, `malformed`, `incompatible-schema`, `registry`.
+    pub class: &'static str,
     pub reason: String,
+    /// The writer schema id, when the framing could be read.
+    pub schema_id: Option<u32>,
     /// Whether retrying can help (registry unreachable), as opposed to bad data.
     pub retryable: bool,
+}
+
+/// A record the decoder gave back, with why.
+#[derive(Debug)]
+pub struct Rejected {
+    pub error: DecodeError,
+    pub record: Record,
 }

@@ -13,6 +13,7 @@
 //! - Memory: per-partition queues are bounded; decoded data is accounted in one global
 //!   [`BufferBudget`]; going over it makes the pushing worker flush.
 
+pub mod dead_letter;
 pub mod worker;
 
 use std::collections::BTreeMap;
@@ -31,6 +32,8 @@ pub struct SinkRuntime {
     pub config: ValidatedSink,
     pub sink: Arc<dyn Sink>,
     pub registry: RegistryClient,
+    /// Where undecodable records go when `errors = "dead-letter"`.
+    pub dead_letters: Option<dead_letter::DeadLetters>,
 }
 
 /// What flows from the source thread into a partition worker.
@@ -102,6 +105,8 @@ pub struct Progress {
     pub bytes_committed: AtomicU64,
     pub commits: AtomicU64,
     pub tombstones: AtomicU64,
+    /// Rejected records per (sink, error class, what happened: `dead-letter` or `skip`).
+    pub rejected: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
     /// Committed position per (sink name, partition).
     pub positions: Mutex<BTreeMap<(String, TopicPartition), i64>>,
 }

@@ -22,7 +22,8 @@ use tracing::{debug, error, info, warn};
 use sinks::{CommitOutcome, Flush, Offset, Staged, TopicPartition};
 
 use super::{BufferBudget, Event, Progress, SinkRuntime, WorkerMsg};
-use crate::decode::{AvroDecoder, Record};
+use crate::config::ErrorPolicy;
+use crate::decode::{AvroDecoder, Record, Rejected};
 
 /// Everything a worker needs.
 pub struct WorkerCtx {
@@ -147,6 +148,7 @@ impl Worker {
             (Some(p), None) => p,
             (None, None) => rec.offset,
         };
+        let offset = rec.offset;
         if rec.offset < next_expected {
             return; // already handled (a seek for another sink of this topic re-delivers)
         }
@@ -174,12 +176,22 @@ impl Worker {
             debug!(sink = self.sink_name(), tp = %self.ctx.tp, offset = rec.offset,
                    "tombstone (null value) skipped in append mode");
         } else {
-            if self
-                .decoder
-                .switches_schema(rec.payload.as_deref().unwrap_or_default())
-                && self.buffered_rows + self.decoder.pending_rows() > 0
-            {
-                // One schema per file: commit what precedes this record first.
+            // Resolve the schema first: a newer reader schema changes the output schema, so
+            // what precedes this record is committed under the old one.
+            let mut attempt = 0;
+            let new_schema = loop {
+                match self.decoder.prepare(&rec).await {
+                    Ok(changes) => break changes,
+                    Err(e) if e.retryable && attempt < RETRY_ATTEMPTS => {
+                        attempt += 1;
+                        warn!(sink = self.sink_name(), error = %e, attempt, "retrying");
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                    // Not retryable: `push` reports it with the record.
+                    Err(_) => break false,
+                }
+            };
+            if new_schema && self.buffered_rows + self.decoder.pending_rows() > 0 {
                 self.flush(None).await;
                 if self.dead || self.resyncing {
                     return;
@@ -187,37 +199,32 @@ impl Worker {
             }
             let mut out = Vec::new();
             let mut attempt = 0;
+            let mut rec = rec;
             loop {
-                match self.decoder.push(&rec, &mut out).await {
+                match self.decoder.push(rec, &mut out).await {
                     Ok(()) => break,
-                    Err(e) if e.retryable && attempt < RETRY_ATTEMPTS => {
+                    Err(rejected) if rejected.error.retryable && attempt < RETRY_ATTEMPTS => {
                         attempt += 1;
-                        warn!(sink = self.sink_name(), error = %e, attempt, "retrying");
+                        warn!(sink = self.sink_name(), error = %rejected.error, attempt, "retrying");
                         tokio::time::sleep(backoff(attempt)).await;
+                        rec = rejected.record;
                     }
-                    Err(e) => {
-                        self.fatal(format!(
-                            "sink `{}`: {e}. The sink stopped so that nothing is skipped; fix the \
-                             producer or the schema registry and restart (records before offset \
-                             {} of {} that were not committed are read again)",
-                            self.sink_name(),
-                            rec.offset,
-                            self.ctx.tp
-                        ));
-                        return;
+                    Err(rejected) => {
+                        self.reject(*rejected).await;
+                        break;
                     }
                 }
             }
             for b in out {
                 self.buffer_batch(b).await;
-                if self.dead {
-                    return;
-                }
+            }
+            if self.dead {
+                return;
             }
         }
-        self.last_offset = Some(rec.offset);
+        self.last_offset = Some(offset);
         let flush = &self.ctx.runtime.config.flush;
-        let caught_up = self.ctx.end_offset.is_some_and(|end| rec.offset + 1 >= end);
+        let caught_up = self.ctx.end_offset.is_some_and(|end| offset + 1 >= end);
         if self.buffered_rows + self.decoder.pending_rows() >= flush.max_rows
             || self.buffered_bytes as u64 >= flush.max_bytes
             || (self.ctx.budget.over() && self.buffered_bytes > 0)
@@ -227,6 +234,63 @@ impl Worker {
         }
     }
 
+    /// Applies the sink's error policy to a record that cannot be decoded.
+    async fn reject(&mut self, rejected: Rejected) {
+        let Rejected { error, record } = rejected;
+        let sink = self.sink_name().to_string();
+        let what = match self.ctx.runtime.config.errors {
+            ErrorPolicy::Fail => {
+                self.fatal(format!(
+                    "sink `{sink}`: {error}. The sink stopped so that nothing is skipped (errors = \
+                     \"fail\"); fix the producer or the schema registry, or set errors = \
+                     \"dead-letter\" with a dead_letter_topic, and restart"
+                ));
+                return;
+            }
+            ErrorPolicy::Skip => {
+                warn!(sink = %sink, tp = %self.ctx.tp, offset = error.offset, class = error.class,
+                      "skipping a record that cannot be decoded (errors = \"skip\"): {}", error.reason);
+                "skip"
+            }
+            ErrorPolicy::DeadLetter => {
+                let dlq = self
+                    .ctx
+                    .runtime
+                    .dead_letters
+                    .as_ref()
+                    .expect("validation requires a dead_letter_topic");
+                let mut attempt = 0;
+                loop {
+                    match dlq.send(&sink, &self.ctx.tp, &record, &error).await {
+                        Ok(()) => break,
+                        Err(e) if attempt < RETRY_ATTEMPTS => {
+                            attempt += 1;
+                            warn!(sink = %sink, attempt, "{e}; retrying");
+                            tokio::time::sleep(backoff(attempt)).await;
+                        }
+                        Err(e) => {
+                            self.fatal(format!(
+                                "sink `{sink}`: {error}; and it cannot be dead-lettered: {e}"
+                            ));
+                            return;
+                        }
+                    }
+                }
+                warn!(sink = %sink, tp = %self.ctx.tp, offset = error.offset, class = error.class,
+                      topic = %dlq.topic, "dead-lettered: {}", error.reason);
+                "dead-letter"
+            }
+        };
+        *self
+            .ctx
+            .progress
+            .rejected
+            .lock()
+            .expect("progress")
+            .entry((sink, error.class, what))
+            .or_default() += 1;
+    }
+
     async fn buffer_batch(&mut self, batch: RecordBatch) {
         if let Some(first) = self.buffer.first() {
             if first.schema() != batch.schema() {
@@ -234,9 +298,11 @@ impl Worker {
                 // refuse rather than write a file with mixed schemas.
                 self.fatal(format!(
                     "sink `{}` {}: internal error: a batch with a different schema reached a \
-                     non-empty buffer",
+                     non-empty buffer: {:?} vs {:?}",
                     self.sink_name(),
-                    self.ctx.tp
+                    self.ctx.tp,
+                    first.schema(),
+                    batch.schema()
                 ));
                 return;
             }

@@ -501,3 +501,17 @@ pub fn assert_exactly_once(table: &Value, produced: &Produced) {
         "duckdb distinct: {duck}"
     );
 }
+
+/// Number of commit markers of `topic`.
+pub async fn committed_markers(store: &Store, topic: &str) -> usize {
+    use futures::TryStreamExt;
+    let t = store.table_store();
+    let prefix = t.path(["_lakesink", "commits", topic]);
+    let metas: Vec<_> = t
+        .store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .unwrap_or_default();
+    metas.len()
+}

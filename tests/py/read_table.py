@@ -18,7 +18,9 @@ import tempfile
 from urllib.parse import urlparse
 
 import duckdb
+import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 AZURITE_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -92,7 +94,15 @@ def main():
         visible = [f for f in files if f.endswith(".parquet") and not f.startswith("_")]
         rows = []
         if visible:
-            table = ds.dataset(root, format="parquet", partitioning="hive").to_table()
+            # An evolved table has files with and without the newer columns: unify their schemas
+            # (Spark's mergeSchema, DuckDB's union_by_name).
+            schemas = [pq.read_schema(os.path.join(root, f)) for f in visible]
+            unified = pa.unify_schemas(schemas, promote_options="permissive")
+            probe = ds.dataset(root, format="parquet", partitioning="hive")
+            for name in probe.schema.names:
+                if name not in unified.names:
+                    unified = unified.append(probe.schema.field(name))
+            table = ds.dataset(root, format="parquet", partitioning="hive", schema=unified).to_table()
             for r in table.to_pylist():
                 addr = r.get("address")
                 attrs = r.get("attributes")
@@ -112,12 +122,13 @@ def main():
                         "ts": plain(r.get("ts")),
                         "ship_date": plain(r.get("ship_date")),
                         "status": r.get("status"),
+                        "coupon": r.get("coupon"),
                         "city": addr["city"] if addr else None,
                         "tags": r.get("tags"),
                         "attributes": sorted([list(kv) for kv in attrs]) if attrs is not None else None,
                     }
                 )
-            src = f"read_parquet('{root}/**/*.parquet', hive_partitioning = true)"
+            src = f"read_parquet('{root}/**/*.parquet', hive_partitioning = true, union_by_name = true)"
             cost = "CAST(sum(cost) AS VARCHAR)" if "cost" in table.column_names else "NULL"
             q = duckdb.connect().execute(
                 "SELECT count(*), count(DISTINCT (_kafka_partition, _kafka_offset)), "
