@@ -24,6 +24,13 @@ pub struct RegistryConfig {
     pub username: Option<String>,
     /// Never printed: `Debug` redacts it.
     pub password: Option<String>,
+    /// `Authorization: Bearer` token (instead of basic auth). Never printed.
+    pub bearer_token: Option<String>,
+    /// PEM file with extra CA certificates to trust.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM files with a client certificate and its private key (mutual TLS).
+    pub client_cert_file: Option<std::path::PathBuf>,
+    pub client_key_file: Option<std::path::PathBuf>,
     pub timeout: Duration,
     /// Attempts for retryable failures (at least 1).
     pub attempts: u32,
@@ -35,6 +42,12 @@ impl fmt::Debug for RegistryConfig {
             .field("url", &self.url)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field(
+                "bearer_token",
+                &self.bearer_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("ca_file", &self.ca_file)
+            .field("client_cert_file", &self.client_cert_file)
             .field("timeout", &self.timeout)
             .field("attempts", &self.attempts)
             .finish()
@@ -47,6 +60,10 @@ impl RegistryConfig {
             url: url.into(),
             username: None,
             password: None,
+            bearer_token: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
             timeout: Duration::from_secs(10),
             attempts: 5,
         }
@@ -107,14 +124,47 @@ pub struct SubjectVersion {
 impl RegistryClient {
     pub fn new(config: RegistryConfig) -> Result<Self> {
         let base = config.url.trim_end_matches('/').to_string();
-        let http = reqwest::Client::builder()
+        let tls = |what: &str, e: String| Error::Tls {
+            url: base.clone(),
+            reason: format!("{what}: {e}"),
+        };
+        let mut builder = reqwest::Client::builder()
             .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
-            .build()
-            .map_err(|e| Error::Unreachable {
-                url: base.clone(),
-                reason: e.to_string(),
-            })?;
+            .connect_timeout(config.timeout.min(Duration::from_secs(5)));
+        if let Some(ca) = &config.ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| tls(&format!("cannot read {}", ca.display()), e.to_string()))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| tls(&format!("bad CA file {}", ca.display()), e.to_string()))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        match (&config.client_cert_file, &config.client_key_file) {
+            (Some(cert), Some(key)) => {
+                let mut pem = std::fs::read(cert)
+                    .map_err(|e| tls(&format!("cannot read {}", cert.display()), e.to_string()))?;
+                pem.extend(
+                    std::fs::read(key).map_err(|e| {
+                        tls(&format!("cannot read {}", key.display()), e.to_string())
+                    })?,
+                );
+                let id = reqwest::Identity::from_pem(&pem)
+                    .map_err(|e| tls("bad client certificate or key", e.to_string()))?;
+                builder = builder.identity(id);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(tls(
+                    "client certificate",
+                    "set both the certificate and the key file".into(),
+                ))
+            }
+        }
+        let http = builder.build().map_err(|e| Error::Unreachable {
+            url: base.clone(),
+            reason: e.to_string(),
+        })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -176,8 +226,53 @@ impl RegistryClient {
                 &format!("/subjects/{}/versions", encode_segment(subject)),
                 Some(json!({ "schema": schema })),
             )
-            .await?;
+            .await
+            .map_err(|e| match e {
+                Error::Rejected {
+                    code: 409,
+                    message,
+                    url,
+                    ..
+                } => Error::Incompatible {
+                    subject: subject.to_string(),
+                    url,
+                    message,
+                },
+                Error::Rejected {
+                    code: 42201,
+                    message,
+                    url,
+                    ..
+                } => Error::InvalidSchema {
+                    subject: subject.to_string(),
+                    url,
+                    message,
+                },
+                e => e,
+            })?;
         Ok(SchemaId(body.id))
+    }
+
+    /// Tests `schema` against `subject`'s latest version under the subject's compatibility
+    /// level; returns whether it is compatible and the registry's reasons.
+    pub async fn compatible(&self, subject: &str, schema: &str) -> Result<(bool, Vec<String>)> {
+        #[derive(Deserialize)]
+        struct Body {
+            is_compatible: bool,
+            #[serde(default)]
+            messages: Vec<String>,
+        }
+        let b: Body = self
+            .request(
+                reqwest::Method::POST,
+                &format!(
+                    "/compatibility/subjects/{}/versions/latest?verbose=true",
+                    encode_segment(subject)
+                ),
+                Some(json!({ "schema": schema })),
+            )
+            .await?;
+        Ok((b.is_compatible, b.messages))
     }
 
     /// The latest version of `subject`.
@@ -243,7 +338,9 @@ impl RegistryClient {
             .http
             .request(method, &url)
             .header("Accept", "application/vnd.schemaregistry.v1+json");
-        if let Some(user) = &self.inner.config.username {
+        if let Some(token) = &self.inner.config.bearer_token {
+            req = req.bearer_auth(token);
+        } else if let Some(user) = &self.inner.config.username {
             req = req.basic_auth(user, self.inner.config.password.as_deref());
         }
         if let Some(b) = body {

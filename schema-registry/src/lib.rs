@@ -7,6 +7,7 @@
 //!   lakesink use, persisted to a directory. The demo and the tests run against it.
 
 pub mod client;
+pub mod compat;
 pub mod server;
 pub mod wire;
 
@@ -61,6 +62,25 @@ pub enum Error {
         code: i64,
         message: String,
     },
+
+    #[error("schema for subject `{subject}` is incompatible with an earlier version (registry {url}): {message}")]
+    Incompatible {
+        subject: String,
+        url: String,
+        message: String,
+    },
+
+    #[error(
+        "invalid schema for subject `{subject}` (registry {url}, error code 42201): {message}"
+    )]
+    InvalidSchema {
+        subject: String,
+        url: String,
+        message: String,
+    },
+
+    #[error("TLS setup for the registry at {url} failed: {reason}")]
+    Tls { url: String, reason: String },
 
     #[error("the registry at {url} is unreachable: {reason}")]
     Unreachable { url: String, reason: String },

@@ -9,8 +9,10 @@
 //! Invariants: ids are never reused; a schema string identical (after JSON normalisation) to an
 //! existing one gets the existing id, whatever the subject.
 //!
-//! Compatibility levels are stored and reported; enforcing them with Avro schema-resolution
-//! rules is part of the formats work and not done here yet.
+//! Compatibility (global, per subject; NONE, BACKWARD, FORWARD, FULL and the TRANSITIVE forms;
+//! default BACKWARD as in Confluent) is enforced on registration with Avro schema-resolution
+//! rules ([`crate::compat`]): an incompatible schema gets HTTP 409 / error code 409 naming the
+//! problem. `POST /compatibility/subjects/{s}/versions/{v}` tests a schema without registering.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -249,6 +251,26 @@ async fn register(
         .iter()
         .find(|(_, s)| s.canonical == canon && s.schema_type == schema_type)
         .map(|(id, _)| *id);
+    if let Some(id) = existing {
+        if data.subjects.get(&subject).is_some_and(|v| v.contains(&id)) {
+            return Ok(Json(json!({ "id": id })));
+        }
+    }
+    if schema_type == "AVRO" {
+        let earlier = avro_versions(&data, &subject, usize::MAX);
+        let new: Value = serde_json::from_str(&canon).expect("canonical JSON");
+        let problems = effective_level(&data, &subject).check(&new, &earlier);
+        if !problems.is_empty() {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                409,
+                format!(
+                    "Schema being registered is incompatible with an earlier schema for subject \"{subject}\": {}",
+                    problems.join("; ")
+                ),
+            ));
+        }
+    }
     let id = match existing {
         Some(id) => id,
         None => {
@@ -265,12 +287,80 @@ async fn register(
             id
         }
     };
-    let versions = data.subjects.entry(subject).or_default();
-    if !versions.contains(&id) {
-        versions.push(id);
-    }
+    data.subjects.entry(subject).or_default().push(id);
     r.persist(&data)?;
     Ok(Json(json!({ "id": id })))
+}
+
+fn effective_level(data: &Data, subject: &str) -> crate::compat::Level {
+    data.subject_compatibility
+        .get(subject)
+        .or(data.global_compatibility.as_ref())
+        .and_then(|l| crate::compat::Level::parse(l))
+        .unwrap_or(crate::compat::Level::Backward)
+}
+
+/// The Avro versions of `subject` up to `version` (1-based, inclusive), oldest first.
+fn avro_versions(data: &Data, subject: &str, version: usize) -> Vec<Value> {
+    data.subjects
+        .get(subject)
+        .map(|ids| {
+            ids.iter()
+                .take(version)
+                .filter_map(|id| data.schemas.get(id))
+                .filter(|s| s.schema_type == "AVRO")
+                .filter_map(|s| serde_json::from_str(&s.canonical).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[derive(Deserialize)]
+struct VerboseQuery {
+    verbose: Option<bool>,
+}
+
+async fn compatibility(
+    State(r): State<Shared>,
+    Path((subject, version)): Path<(String, String)>,
+    axum::extract::Query(q): axum::extract::Query<VerboseQuery>,
+    Json(body): Json<RegisterBody>,
+) -> ApiResult<Value> {
+    let schema_type = body.schema_type.unwrap_or_else(|| "AVRO".into());
+    let canon = canonical(&schema_type, &body.schema)?;
+    let data = r.data.lock().expect("registry");
+    let ids = data
+        .subjects
+        .get(&subject)
+        .ok_or_else(|| subject_not_found(&subject))?;
+    let upto = match version.as_str() {
+        "latest" | "-1" => ids.len(),
+        n => n
+            .parse::<usize>()
+            .ok()
+            .filter(|v| *v >= 1 && *v <= ids.len())
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    40402,
+                    format!("Version {version} not found."),
+                )
+            })?,
+    };
+    let existing = avro_versions(&data, &subject, upto);
+    let problems = if schema_type == "AVRO" {
+        effective_level(&data, &subject).check(
+            &serde_json::from_str(&canon).expect("canonical JSON"),
+            &existing,
+        )
+    } else {
+        Vec::new()
+    };
+    let mut body = json!({ "is_compatible": problems.is_empty() });
+    if q.verbose.unwrap_or(false) {
+        body["messages"] = json!(problems);
+    }
+    Ok(Json(body))
 }
 
 async fn lookup(
@@ -357,6 +447,10 @@ pub fn router(dir: Option<PathBuf>) -> std::io::Result<Router> {
         .route("/subjects/{subject}", post(lookup))
         .route("/subjects/{subject}/versions", get(versions).post(register))
         .route("/subjects/{subject}/versions/{version}", get(version))
+        .route(
+            "/compatibility/subjects/{subject}/versions/{version}",
+            post(compatibility),
+        )
         .route("/config", get(get_config).put(put_config))
         .route(
             "/config/{subject}",
@@ -421,6 +515,36 @@ mod tests {
         let client = RegistryClient::new(RegistryConfig::new(format!("http://{addr}"))).unwrap();
         assert_eq!(client.schema(id).await.unwrap().schema, S1);
         assert_eq!(client.register("other-value", S1).await.unwrap(), id);
+    }
+
+    #[tokio::test]
+    async fn incompatible_versions_are_refused_and_testable() {
+        let (addr, _task) = spawn("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+        let client = RegistryClient::new(RegistryConfig::new(format!("http://{addr}"))).unwrap();
+        client.register("s-value", S1).await.unwrap();
+        let added_optional = r#"{"type":"record","name":"E","fields":[{"name":"x","type":"long"},{"name":"y","type":["null","string"],"default":null}]}"#;
+        let added_required = r#"{"type":"record","name":"E","fields":[{"name":"x","type":"long"},{"name":"z","type":"string"}]}"#;
+        assert!(
+            client
+                .compatible("s-value", added_optional)
+                .await
+                .unwrap()
+                .0
+        );
+        let (ok, messages) = client.compatible("s-value", added_required).await.unwrap();
+        assert!(!ok);
+        assert!(messages.iter().any(|m| m.contains("`z`")), "{messages:?}");
+        let e = client
+            .register("s-value", added_required)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, crate::Error::Incompatible { .. }), "{e}");
+        assert!(e.to_string().contains("no default"), "{e}");
+        // The refused schema did not burn an id: the next registration gets 2.
+        assert_eq!(
+            client.register("s-value", added_optional).await.unwrap(),
+            SchemaId(2)
+        );
     }
 
     async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {

@@ -40,6 +40,10 @@ pub fn registry_client(cfg: &ValidatedConfig) -> anyhow::Result<RegistryClient> 
     if let Some(r) = &cfg.registry {
         rc.username = r.username.clone();
         rc.password = r.password.as_ref().map(|p| p.expose().to_string());
+        rc.bearer_token = r.bearer_token.as_ref().map(|p| p.expose().to_string());
+        rc.ca_file = r.ca_file.clone();
+        rc.client_cert_file = r.client_cert_file.clone();
+        rc.client_key_file = r.client_key_file.clone();
         rc.timeout = r.timeout;
     }
     RegistryClient::new(rc).context("cannot build the schema registry client")

@@ -108,6 +108,17 @@ pub struct SchemaRegistryConfig {
     pub url: String,
     #[serde(default)]
     pub basic_auth: Option<BasicAuth>,
+    /// `Authorization: Bearer` token, instead of basic auth.
+    #[serde(default)]
+    pub bearer_token: Option<Secret>,
+    /// PEM file of extra CA certificates to trust.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate and key for mutual TLS.
+    #[serde(default)]
+    pub client_cert_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<std::path::PathBuf>,
     #[serde(default = "default_registry_timeout")]
     pub timeout: String,
 }
@@ -439,6 +450,10 @@ pub struct ValidatedRegistry {
     pub url: String,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    pub bearer_token: Option<Secret>,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub client_cert_file: Option<std::path::PathBuf>,
+    pub client_key_file: Option<std::path::PathBuf>,
     pub timeout: Duration,
 }
 
@@ -583,10 +598,40 @@ impl Config {
                         "put credentials in `schema_registry.basic_auth`, not in the URL",
                     ));
                 }
+                if r.basic_auth.is_some() && r.bearer_token.is_some() {
+                    return Err(err(
+                        "schema_registry.bearer_token",
+                        "set either `basic_auth` or `bearer_token`, not both",
+                    ));
+                }
+                if r.client_cert_file.is_some() != r.client_key_file.is_some() {
+                    return Err(err(
+                        "schema_registry.client_key_file",
+                        "mutual TLS needs both `client_cert_file` and `client_key_file`",
+                    ));
+                }
+                for (k, f) in [
+                    ("ca_file", &r.ca_file),
+                    ("client_cert_file", &r.client_cert_file),
+                    ("client_key_file", &r.client_key_file),
+                ] {
+                    if let Some(f) = f {
+                        if !f.is_file() {
+                            return Err(err(
+                                format!("schema_registry.{k}"),
+                                format!("{} is not a readable file", f.display()),
+                            ));
+                        }
+                    }
+                }
                 Some(ValidatedRegistry {
                     url: r.url.clone(),
                     username: r.basic_auth.as_ref().map(|b| b.username.clone()),
                     password: r.basic_auth.as_ref().map(|b| b.password.clone()),
+                    bearer_token: r.bearer_token.clone(),
+                    ca_file: r.ca_file.clone(),
+                    client_cert_file: r.client_cert_file.clone(),
+                    client_key_file: r.client_key_file.clone(),
                     timeout: parse_duration(&r.timeout)
                         .map_err(|e| err("schema_registry.timeout", e))?,
                 })

@@ -394,6 +394,12 @@ impl AvroDecoder {
             })
             .collect();
         let mut columns = batch.columns().to_vec();
+        for (f, c) in fields.iter_mut().zip(columns.iter_mut()) {
+            if let Some((field, col)) = uuid_as_string(f, c) {
+                *f = field;
+                *c = col;
+            }
+        }
         for (f, a) in meta {
             fields.push(Arc::new(f));
             columns.push(a);
@@ -410,4 +416,40 @@ impl AvroDecoder {
         out.push(batch);
         Ok(())
     }
+}
+
+/// arrow-avro reads Avro `uuid` as 16 raw bytes; BI tools and SQL engines expect the canonical
+/// string, so top-level uuid columns become `Utf8` (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`).
+fn uuid_as_string(
+    field: &Arc<Field>,
+    col: &arrow::array::ArrayRef,
+) -> Option<(Arc<Field>, arrow::array::ArrayRef)> {
+    use arrow::array::{Array, AsArray, StringBuilder};
+    use arrow::datatypes::DataType;
+    use std::fmt::Write as _;
+    if field.data_type() != &DataType::FixedSizeBinary(16)
+        || field.metadata().get("logicalType").map(String::as_str) != Some("uuid")
+    {
+        return None;
+    }
+    let bytes = col.as_fixed_size_binary();
+    let mut out = StringBuilder::with_capacity(bytes.len(), bytes.len() * 36);
+    let mut s = String::with_capacity(36);
+    for i in 0..bytes.len() {
+        if bytes.is_null(i) {
+            out.append_null();
+            continue;
+        }
+        s.clear();
+        for (j, b) in bytes.value(i).iter().enumerate() {
+            if matches!(j, 4 | 6 | 8 | 10) {
+                s.push('-');
+            }
+            let _ = write!(s, "{b:02x}");
+        }
+        out.append_value(&s);
+    }
+    let f = Field::new(field.name(), DataType::Utf8, field.is_nullable())
+        .with_metadata(field.metadata().clone());
+    Some((Arc::new(f), Arc::new(out.finish())))
 }

@@ -147,7 +147,7 @@ impl Store {
     }
 }
 
-fn py_script(name: &str) -> PathBuf {
+pub fn py_script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/py")
         .join(name)
@@ -250,6 +250,18 @@ pub async fn register_orders(client: &RegistryClient, topic: &str) -> SchemaId {
 
 /// A sink config for the order workload.
 pub fn config(topic: &str, group: &str, registry: &str, store: &Store, extra_sink: &str) -> String {
+    config_with(topic, group, registry, store, r#"["day(ts)"]"#, extra_sink)
+}
+
+/// A sink config with explicit `partition_by`.
+pub fn config_with(
+    topic: &str,
+    group: &str,
+    registry: &str,
+    store: &Store,
+    partition_by: &str,
+    extra_sink: &str,
+) -> String {
     format!(
         r#"
 [kafka]
@@ -268,7 +280,7 @@ name = "orders"
 topics = ["{topic}"]
 table = "{url}"
 storage = {opts}
-partition_by = ["day(ts)"]
+partition_by = {partition_by}
 flush = {{ max_rows = 400, max_latency = "1s" }}
 {extra_sink}
 "#,
