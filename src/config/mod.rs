@@ -487,6 +487,16 @@ pub struct ValidatedSink {
     pub metadata: MetadataConfig,
     pub errors: ErrorPolicy,
     pub dead_letter_topic: Option<String>,
+    pub format: Format,
+}
+
+/// How record values are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Confluent-framed Avro.
+    Avro,
+    /// Confluent-framed Avro Debezium envelopes, unwrapped to row images.
+    DebeziumAvro,
 }
 
 #[derive(Debug, Clone)]
@@ -709,7 +719,15 @@ impl Config {
                         ));
                     }
                 }
-                "json" | "debezium-avro" | "debezium-json" => {
+                "debezium-avro" => {
+                    if registry.is_none() {
+                        return Err(err(
+                            key("format"),
+                            "`debezium-avro` needs a [schema_registry] section to resolve schema ids",
+                        ));
+                    }
+                }
+                "json" | "debezium-json" => {
                     return Err(err(
                         key("format"),
                         format!(
@@ -721,7 +739,7 @@ impl Config {
                 other => {
                     return Err(err(
                         key("format"),
-                        format!("unknown format `{other}`; use avro"),
+                        format!("unknown format `{other}`; use avro or debezium-avro"),
                     ))
                 }
             }
@@ -849,6 +867,11 @@ impl Config {
                 metadata: s.metadata,
                 errors,
                 dead_letter_topic: s.dead_letter_topic.clone(),
+                format: if s.format == "debezium-avro" {
+                    Format::DebeziumAvro
+                } else {
+                    Format::Avro
+                },
             });
         }
         Ok(ValidatedConfig {

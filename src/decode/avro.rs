@@ -78,6 +78,12 @@ impl AvroDecoder {
         }
     }
 
+    /// The reader schema (Avro JSON) and its id, once one is known.
+    pub fn reader_schema(&self) -> Option<(u32, &str)> {
+        let id = self.reader?;
+        self.writers.get(&id).map(|s| (id, s.as_str()))
+    }
+
     /// Rows decoded and not yet emitted.
     pub fn pending_rows(&self) -> usize {
         self.meta.rows()

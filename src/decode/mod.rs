@@ -10,6 +10,7 @@
 //! counted and logged by the caller).
 
 mod avro;
+pub mod debezium;
 mod meta;
 
 pub use avro::AvroDecoder;

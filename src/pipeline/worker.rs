@@ -22,7 +22,10 @@ use tracing::{debug, error, info, warn};
 use sinks::{CommitOutcome, Flush, Offset, Staged, TopicPartition};
 
 use super::{BufferBudget, Event, Progress, SinkRuntime, WorkerMsg};
-use crate::config::ErrorPolicy;
+use std::collections::HashMap;
+
+use crate::config::{ErrorPolicy, Format};
+use crate::decode::debezium;
 use crate::decode::{AvroDecoder, Record, Rejected};
 
 /// Everything a worker needs.
@@ -54,6 +57,8 @@ struct Worker {
     resyncing: bool,
     /// A fatal error happened: ignore input until drained.
     dead: bool,
+    /// Debezium semantic types of the current reader schema (by reader id).
+    semantics: Option<(u32, HashMap<String, debezium::Semantic>)>,
 }
 
 /// Runs a worker until it is drained or its input closes.
@@ -69,6 +74,7 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         last_offset: None,
         resyncing: false,
         dead: false,
+        semantics: None,
     };
     let latency = w.ctx.runtime.config.flush.max_latency;
     loop {
@@ -291,7 +297,38 @@ impl Worker {
             .or_default() += 1;
     }
 
+    /// Format-specific reshaping of a decoded batch (Debezium envelopes to row images).
+    fn transform(&mut self, batch: RecordBatch) -> Result<RecordBatch, String> {
+        if self.ctx.runtime.config.format != Format::DebeziumAvro {
+            return Ok(batch);
+        }
+        let (id, schema) = self
+            .decoder
+            .reader_schema()
+            .ok_or("no reader schema for a decoded batch")?;
+        if self
+            .semantics
+            .as_ref()
+            .is_none_or(|(known, _)| *known != id)
+        {
+            self.semantics = Some((id, debezium::semantic_types(schema)));
+        }
+        let semantics = &self.semantics.as_ref().expect("just set").1;
+        debezium::unwrap(&batch, semantics)
+    }
+
     async fn buffer_batch(&mut self, batch: RecordBatch) {
+        let batch = match self.transform(batch) {
+            Ok(b) => b,
+            Err(e) => {
+                self.fatal(format!(
+                    "sink `{}` {}: cannot unwrap Debezium envelopes: {e}",
+                    self.sink_name(),
+                    self.ctx.tp
+                ));
+                return;
+            }
+        };
         if let Some(first) = self.buffer.first() {
             if first.schema() != batch.schema() {
                 // `handle` flushes before a record with another schema, so this cannot happen;

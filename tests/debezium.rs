@@ -1,0 +1,248 @@
+//! Debezium CDC in Avro: a generated MySQL-style change stream (snapshot reads, creates,
+//! updates, deletes and tombstones) is unwrapped to row images with `_op`, `_deleted`, the source
+//! position and converted semantic types; the append table holds every change exactly once.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use apache_avro::types::Value;
+use common::*;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use schema_registry::wire;
+
+const ENVELOPE: &str = r#"{"type":"record","name":"Envelope","namespace":"dbserver1.inventory.customers","fields":[
+ {"name":"before","type":["null",{"type":"record","name":"Value","fields":[
+   {"name":"id","type":"int"},
+   {"name":"name","type":"string"},
+   {"name":"credit","type":{"type":"bytes","connect.version":1,"connect.parameters":{"scale":"2","connect.decimal.precision":"10"},"connect.name":"org.apache.kafka.connect.data.Decimal"}},
+   {"name":"born","type":["null",{"type":"int","connect.version":1,"connect.name":"io.debezium.time.Date"}],"default":null},
+   {"name":"created","type":{"type":"long","connect.version":1,"connect.name":"io.debezium.time.MicroTimestamp"}},
+   {"name":"updated","type":{"type":"string","connect.version":1,"connect.name":"io.debezium.time.ZonedTimestamp"}}
+ ],"connect.name":"dbserver1.inventory.customers.Value"}],"default":null},
+ {"name":"after","type":["null","Value"],"default":null},
+ {"name":"source","type":{"type":"record","name":"Source","namespace":"io.debezium.connector.mysql","fields":[
+   {"name":"connector","type":"string"},
+   {"name":"ts_ms","type":"long"},
+   {"name":"db","type":"string"},
+   {"name":"table","type":["null","string"],"default":null},
+   {"name":"file","type":"string"},
+   {"name":"pos","type":"long"}]}},
+ {"name":"op","type":"string"},
+ {"name":"ts_ms","type":["null","long"],"default":null}
+]}"#;
+
+/// One row image: (id, name, credit in cents, born days, created µs, updated µs).
+type Row = (i32, String, i64, Option<i32>, i64, i64);
+
+fn row(id: i32, version: i64) -> Row {
+    (
+        id,
+        format!("customer {id} v{version}"),
+        id as i64 * 1000 + version * 7 - 5000,
+        (id % 3 != 0).then_some(7000 + id),
+        1_700_000_000_000_000 + id as i64 * 1_000_001,
+        1_790_000_000_000_000 + version * 60_000_000 + id as i64,
+    )
+}
+
+fn iso(us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(us)
+        .unwrap()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
+}
+
+fn image(r: &Row) -> Value {
+    let be = r.2.to_be_bytes();
+    Value::Union(
+        1,
+        Box::new(Value::Record(vec![
+            ("id".into(), Value::Int(r.0)),
+            ("name".into(), Value::String(r.1.clone())),
+            ("credit".into(), Value::Bytes(be.to_vec())),
+            (
+                "born".into(),
+                match r.3 {
+                    Some(d) => Value::Union(1, Box::new(Value::Int(d))),
+                    None => Value::Union(0, Box::new(Value::Null)),
+                },
+            ),
+            ("created".into(), Value::Long(r.4)),
+            ("updated".into(), Value::String(iso(r.5))),
+        ])),
+    )
+}
+
+fn envelope(op: &str, before: Option<&Row>, after: Option<&Row>, pos: i64) -> Value {
+    let none = || Value::Union(0, Box::new(Value::Null));
+    Value::Record(vec![
+        ("before".into(), before.map_or_else(none, image)),
+        ("after".into(), after.map_or_else(none, image)),
+        (
+            "source".into(),
+            Value::Record(vec![
+                ("connector".into(), Value::String("mysql".into())),
+                ("ts_ms".into(), Value::Long(1_790_000_000_000 + pos)),
+                ("db".into(), Value::String("inventory".into())),
+                (
+                    "table".into(),
+                    Value::Union(1, Box::new(Value::String("customers".into()))),
+                ),
+                ("file".into(), Value::String("mysql-bin.000003".into())),
+                ("pos".into(), Value::Long(pos)),
+            ]),
+        ),
+        ("op".into(), Value::String(op.into())),
+        (
+            "ts_ms".into(),
+            Value::Union(1, Box::new(Value::Long(1_790_000_000_500 + pos))),
+        ),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn debezium_avro_change_stream_is_unwrapped_with_semantic_types() {
+    let store = Store::local("customers");
+    let topic = unique("dbserver1.inventory.customers");
+    create_topic(&topic, 1).await;
+    let (registry_url, client) = registry().await;
+    let id = client
+        .register(&format!("{topic}-value"), ENVELOPE)
+        .await
+        .unwrap();
+    let schema = apache_avro::Schema::parse_str(ENVELOPE).unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+
+    // The change stream: snapshot reads of 1..=10, creates of 11..=40, updates of every third
+    // customer, deletes (each followed by a tombstone) of every fifth.
+    let mut changes: Vec<(&str, Option<Row>, Option<Row>)> = Vec::new();
+    let mut version: BTreeMap<i32, i64> = BTreeMap::new();
+    for c in 1..=10 {
+        changes.push(("r", None, Some(row(c, 0))));
+        version.insert(c, 0);
+    }
+    for c in 11..=40 {
+        changes.push(("c", None, Some(row(c, 0))));
+        version.insert(c, 0);
+    }
+    for c in (3..=40).step_by(3) {
+        let v = version[&c];
+        changes.push(("u", Some(row(c, v)), Some(row(c, v + 1))));
+        version.insert(c, v + 1);
+    }
+    for c in (5..=40).step_by(5) {
+        changes.push(("d", Some(row(c, version[&c])), None));
+    }
+    let mut expected: BTreeMap<i64, (&str, Row)> = BTreeMap::new();
+    let mut tombstones = 0;
+    for (pos, (op, before, after)) in changes.iter().enumerate() {
+        let value = envelope(op, before.as_ref(), after.as_ref(), pos as i64 * 100);
+        let payload = wire::frame(id, &apache_avro::to_avro_datum(&schema, value).unwrap());
+        let key = before.as_ref().or(after.as_ref()).unwrap().0.to_string();
+        let d = producer
+            .send(
+                FutureRecord::to(&topic)
+                    .partition(0)
+                    .key(&key)
+                    .payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        let image = if *op == "d" { before } else { after };
+        expected.insert(d.offset, (op, image.clone().unwrap()));
+        if *op == "d" {
+            producer
+                .send(
+                    FutureRecord::<str, [u8]>::to(&topic).partition(0).key(&key),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+            tombstones += 1;
+        }
+    }
+    assert!(tombstones > 0);
+
+    let cfg = config_with(
+        &topic,
+        &unique("g"),
+        &registry_url,
+        &store,
+        "[]",
+        "format = \"debezium-avro\"",
+    );
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    wait_rows(
+        &store,
+        &topic,
+        expected.len() as u64,
+        &mut proc_,
+        Duration::from_secs(120),
+    )
+    .await;
+    proc_.stop();
+
+    let out = Command::new(python())
+        .arg(py_script("dump_table.py"))
+        .arg(store.url.strip_prefix("file://").unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let types = &table["types"];
+    assert_eq!(types["credit"], "decimal128(10, 2)", "{types}");
+    assert_eq!(types["born"], "date32[day]", "{types}");
+    assert_eq!(types["created"], "timestamp[us]", "{types}");
+    assert_eq!(types["updated"], "timestamp[us, tz=+00:00]", "{types}");
+    assert_eq!(types["_source_ts"], "timestamp[ms, tz=UTC]", "{types}");
+    assert!(
+        types.get("before").is_none() && types.get("after").is_none(),
+        "{types}"
+    );
+
+    let rows = table["rows"].as_array().unwrap();
+    assert_eq!(
+        rows.len(),
+        expected.len(),
+        "one row per change, tombstones carry none"
+    );
+    let mut by_offset = BTreeMap::new();
+    for r in rows {
+        assert!(by_offset
+            .insert(r["_kafka_offset"].as_i64().unwrap(), r)
+            .is_none());
+    }
+    for (offset, (op, (cid, name, cents, born, created, updated))) in &expected {
+        let r = by_offset
+            .get(offset)
+            .unwrap_or_else(|| panic!("change at offset {offset} missing"));
+        let credit = format!(
+            "{}{}.{:02}",
+            if *cents < 0 { "-" } else { "" },
+            cents.abs() / 100,
+            cents.abs() % 100
+        );
+        assert_eq!(r["_op"], *op, "offset {offset}");
+        assert_eq!(r["_deleted"], *op == "d", "offset {offset}");
+        assert_eq!(r["id"], *cid, "offset {offset}");
+        assert_eq!(r["name"], name.as_str(), "offset {offset}");
+        assert_eq!(r["credit"], credit.as_str(), "offset {offset}");
+        assert_eq!(r["born"], serde_json::json!(born), "offset {offset}");
+        assert_eq!(r["created"], *created, "offset {offset}");
+        assert_eq!(r["updated"], *updated, "offset {offset}");
+        assert_eq!(r["_source_file"], "mysql-bin.000003");
+        assert!(r["_source_pos"].is_i64() && r["_source_ts"].is_i64(), "{r}");
+    }
+}
