@@ -199,6 +199,9 @@ pub struct SinkConfig {
     pub errors: Option<String>,
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
+    /// `format = "json"`: the table's columns, `name = "type"`, in order.
+    #[serde(default)]
+    pub schema: Option<toml::Table>,
 }
 
 fn default_format() -> String {
@@ -488,11 +491,15 @@ pub struct ValidatedSink {
     pub errors: ErrorPolicy,
     pub dead_letter_topic: Option<String>,
     pub format: Format,
+    /// The declared table schema of `format = "json"`.
+    pub json_schema: Option<arrow::datatypes::SchemaRef>,
 }
 
 /// How record values are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// Schemaless JSON objects decoded into the declared `schema`.
+    Json,
     /// Confluent-framed Avro.
     Avro,
     /// Confluent-framed Avro Debezium envelopes, unwrapped to row images.
@@ -727,7 +734,15 @@ impl Config {
                         ));
                     }
                 }
-                "json" | "debezium-json" => {
+                "json" => {
+                    if s.schema.is_none() {
+                        return Err(err(
+                            key("schema"),
+                            "`json` needs the table's columns: schema = { id = \"long\", name = \"string\", ... }",
+                        ));
+                    }
+                }
+                "debezium-json" => {
                     return Err(err(
                         key("format"),
                         format!(
@@ -739,7 +754,7 @@ impl Config {
                 other => {
                     return Err(err(
                         key("format"),
-                        format!("unknown format `{other}`; use avro or debezium-avro"),
+                        format!("unknown format `{other}`; use avro, debezium-avro or json"),
                     ))
                 }
             }
@@ -856,6 +871,33 @@ impl Config {
                     ));
                 }
             }
+            let json_schema = match &s.schema {
+                Some(cols) if s.format == "json" => {
+                    let mut fields = Vec::with_capacity(cols.len());
+                    for (name, t) in cols {
+                        let t = t.as_str().ok_or_else(|| {
+                            err(
+                                key(&format!("schema.{name}")),
+                                "the type must be a string such as \"long\"",
+                            )
+                        })?;
+                        let dt = crate::decode::json::parse_type(t)
+                            .map_err(|e| err(key(&format!("schema.{name}")), e))?;
+                        fields.push(arrow::datatypes::Field::new(name, dt, true));
+                    }
+                    if fields.is_empty() {
+                        return Err(err(key("schema"), "declare at least one column"));
+                    }
+                    Some(std::sync::Arc::new(arrow::datatypes::Schema::new(fields)))
+                }
+                Some(_) => {
+                    return Err(err(
+                        key("schema"),
+                        "only `format = \"json\"` takes a declared schema",
+                    ))
+                }
+                None => None,
+            };
             sinks.push(ValidatedSink {
                 name: s.name.clone(),
                 topics,
@@ -867,11 +909,12 @@ impl Config {
                 metadata: s.metadata,
                 errors,
                 dead_letter_topic: s.dead_letter_topic.clone(),
-                format: if s.format == "debezium-avro" {
-                    Format::DebeziumAvro
-                } else {
-                    Format::Avro
+                format: match s.format.as_str() {
+                    "debezium-avro" => Format::DebeziumAvro,
+                    "json" => Format::Json,
+                    _ => Format::Avro,
                 },
+                json_schema,
             });
         }
         Ok(ValidatedConfig {

@@ -11,9 +11,11 @@
 
 mod avro;
 pub mod debezium;
+pub mod json;
 mod meta;
 
 pub use avro::AvroDecoder;
+pub use json::JsonDecoder;
 pub use meta::MetaColumns;
 
 use sinks::TopicPartition;
@@ -51,4 +53,65 @@ pub struct DecodeError {
 pub struct Rejected {
     pub error: DecodeError,
     pub record: Record,
+}
+
+/// The decoder of a sink's format.
+#[derive(Debug)]
+pub enum FormatDecoder {
+    Avro(Box<AvroDecoder>),
+    Json(Box<JsonDecoder>),
+}
+
+impl FormatDecoder {
+    /// Resolves what `rec` needs before decoding; `true` when the output schema will change.
+    pub async fn prepare(&mut self, rec: &Record) -> Result<bool, DecodeError> {
+        match self {
+            FormatDecoder::Avro(d) => d.prepare(rec).await,
+            FormatDecoder::Json(_) => Ok(false),
+        }
+    }
+
+    /// Decodes one record into `out`. `Err` is this record, rejected now; records rejected
+    /// later (JSON type errors surface per batch) are appended to `rejected`.
+    pub async fn push(
+        &mut self,
+        rec: Record,
+        out: &mut Vec<arrow::record_batch::RecordBatch>,
+        rejected: &mut Vec<Rejected>,
+    ) -> Result<(), Box<Rejected>> {
+        match self {
+            FormatDecoder::Avro(d) => d.push(rec, out).await,
+            FormatDecoder::Json(d) => d.push(rec, out, rejected),
+        }
+    }
+
+    /// Emits everything buffered.
+    pub fn finish(
+        &mut self,
+        out: &mut Vec<arrow::record_batch::RecordBatch>,
+        rejected: &mut Vec<Rejected>,
+    ) -> Result<(), DecodeError> {
+        match self {
+            FormatDecoder::Avro(d) => d.finish(out),
+            FormatDecoder::Json(d) => {
+                d.finish(out, rejected);
+                Ok(())
+            }
+        }
+    }
+
+    pub fn pending_rows(&self) -> usize {
+        match self {
+            FormatDecoder::Avro(d) => d.pending_rows(),
+            FormatDecoder::Json(d) => d.pending_rows(),
+        }
+    }
+
+    /// The Avro reader schema and its id (Avro formats only).
+    pub fn reader_schema(&self) -> Option<(u32, &str)> {
+        match self {
+            FormatDecoder::Avro(d) => d.reader_schema(),
+            FormatDecoder::Json(_) => None,
+        }
+    }
 }

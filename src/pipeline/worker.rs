@@ -26,7 +26,7 @@ use std::collections::HashMap;
 
 use crate::config::{ErrorPolicy, Format};
 use crate::decode::debezium;
-use crate::decode::{AvroDecoder, Record, Rejected};
+use crate::decode::{AvroDecoder, FormatDecoder, JsonDecoder, Record, Rejected};
 
 /// Everything a worker needs.
 pub struct WorkerCtx {
@@ -46,7 +46,7 @@ const RETRY_ATTEMPTS: u32 = 12;
 
 struct Worker {
     ctx: WorkerCtx,
-    decoder: AvroDecoder,
+    decoder: FormatDecoder,
     buffer: Vec<RecordBatch>,
     buffered_rows: usize,
     buffered_bytes: usize,
@@ -119,14 +119,23 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-fn new_decoder(ctx: &WorkerCtx) -> AvroDecoder {
+fn new_decoder(ctx: &WorkerCtx) -> FormatDecoder {
     let batch = ctx.runtime.config.flush.max_rows.clamp(1, 8192);
-    AvroDecoder::new(
-        ctx.tp.clone(),
-        ctx.runtime.registry.clone(),
-        ctx.runtime.config.metadata,
-        batch,
-    )
+    let config = &ctx.runtime.config;
+    match (&config.format, &config.json_schema) {
+        (Format::Json, Some(schema)) => FormatDecoder::Json(Box::new(JsonDecoder::new(
+            ctx.tp.clone(),
+            schema.clone(),
+            config.metadata,
+            batch,
+        ))),
+        _ => FormatDecoder::Avro(Box::new(AvroDecoder::new(
+            ctx.tp.clone(),
+            ctx.runtime.registry.clone(),
+            config.metadata,
+            batch,
+        ))),
+    }
 }
 
 impl Worker {
@@ -204,10 +213,11 @@ impl Worker {
                 }
             }
             let mut out = Vec::new();
+            let mut rejected = Vec::new();
             let mut attempt = 0;
             let mut rec = rec;
             loop {
-                match self.decoder.push(rec, &mut out).await {
+                match self.decoder.push(rec, &mut out, &mut rejected).await {
                     Ok(()) => break,
                     Err(rejected) if rejected.error.retryable && attempt < RETRY_ATTEMPTS => {
                         attempt += 1;
@@ -220,6 +230,9 @@ impl Worker {
                         break;
                     }
                 }
+            }
+            for r in rejected {
+                self.reject(r).await;
             }
             for b in out {
                 self.buffer_batch(b).await;
@@ -356,9 +369,17 @@ impl Worker {
     async fn flush(&mut self, end: Option<i64>) {
         if end.is_none() {
             let mut out = Vec::new();
-            if let Err(e) = self.decoder.finish(&mut out) {
+            let mut rejected = Vec::new();
+            if let Err(e) = self.decoder.finish(&mut out, &mut rejected) {
                 self.fatal(format!("sink `{}`: {e}", self.sink_name()));
                 return;
+            }
+            // Rejected records are dead-lettered before the commit that covers them.
+            for r in rejected {
+                Box::pin(self.reject(r)).await;
+                if self.dead {
+                    return;
+                }
             }
             for b in out {
                 Box::pin(self.buffer_batch(b)).await;
@@ -387,12 +408,17 @@ impl Worker {
         };
         let started = std::time::Instant::now();
         let sink = self.ctx.runtime.sink.clone();
-        let staged = match retry(self.sink_name(), &tp, "stage", || sink.stage(flush.clone())).await
-        {
+        let name = self.sink_name().to_string();
+        let staged = match retry(&name, &tp, "stage", || sink.stage(flush.clone())).await {
             Ok(s) => s,
             Err(e) => return self.give_up(e),
         };
-        let outcome = match retry(self.sink_name(), &tp, "commit", || self.commit(&staged)).await {
+        let (runtime, progress) = (self.ctx.runtime.clone(), self.ctx.progress.clone());
+        let outcome = match retry(&name, &tp, "commit", || {
+            commit(&runtime, &progress, &staged)
+        })
+        .await
+        {
             Ok(o) => o,
             Err(e) => return self.give_up(e),
         };
@@ -425,19 +451,6 @@ impl Worker {
         }
     }
 
-    async fn commit(&self, staged: &Staged) -> sinks::Result<CommitOutcome> {
-        let (outcome, stats) = self.ctx.runtime.sink.commit(staged).await?;
-        if matches!(outcome, CommitOutcome::Committed { .. }) {
-            use std::sync::atomic::Ordering::Relaxed;
-            let p = &self.ctx.progress;
-            p.rows_committed.fetch_add(stats.rows, Relaxed);
-            p.files_committed.fetch_add(stats.files as u64, Relaxed);
-            p.bytes_committed.fetch_add(stats.bytes, Relaxed);
-            p.commits.fetch_add(1, Relaxed);
-        }
-        Ok(outcome)
-    }
-
     fn advance(&mut self, next: i64) {
         self.ctx.position = Some(next);
         self.ctx
@@ -466,6 +479,24 @@ impl Worker {
             self.ctx.tp,
         ));
     }
+}
+
+/// Commits a staged flush and counts it.
+async fn commit(
+    runtime: &SinkRuntime,
+    progress: &Progress,
+    staged: &Staged,
+) -> sinks::Result<CommitOutcome> {
+    let (outcome, stats) = runtime.sink.commit(staged).await?;
+    if matches!(outcome, CommitOutcome::Committed { .. }) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let p = progress;
+        p.rows_committed.fetch_add(stats.rows, Relaxed);
+        p.files_committed.fetch_add(stats.files as u64, Relaxed);
+        p.bytes_committed.fetch_add(stats.bytes, Relaxed);
+        p.commits.fetch_add(1, Relaxed);
+    }
+    Ok(outcome)
 }
 
 /// Runs `op` until it succeeds, retrying retryable errors with backoff.

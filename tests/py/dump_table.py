@@ -43,13 +43,14 @@ files = [
     if n.endswith(".parquet") and "/_" not in os.path.join(d, n)[len(root):]
 ]
 if not files:
-    json.dump({"types": {}, "rows": []}, sys.stdout)
+    json.dump({"types": {}, "columns": [], "rows": []}, sys.stdout)
     sys.exit(0)
 schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
 table = ds.dataset(files, format="parquet", schema=schema).to_table()
 json.dump(
     {
         "types": {f.name: str(f.type) for f in table.schema},
+        "columns": table.schema.names,
         "rows": [{k: plain(v) for k, v in r.items()} for r in table.to_pylist()],
     },
     sys.stdout,

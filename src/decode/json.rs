@@ -1,0 +1,337 @@
+//! Schemaless JSON records decoded into a table schema declared in the config, with arrow-json.
+//!
+//! Coercions are arrow-json's: ISO-8601 / RFC 3339 strings to timestamps and dates, numbers and
+//! numeric strings to decimals, numbers to floats; fields not in the declared schema are ignored,
+//! missing fields are null. A value carrying the Confluent JSON Schema framing (magic byte 0 and
+//! a 4-byte id) is decoded after the 5-byte header.
+//!
+//! Invariant: one bad record never costs the batch. Records are decoded in batches; if a batch
+//! fails (arrow-json reports type errors per batch), it is decoded again record by record, the
+//! records that fail are returned as rejected, and the others are emitted in order.
+
+use std::sync::Arc;
+
+use arrow::compute::concat_batches;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use arrow_json::reader::{Decoder, ReaderBuilder};
+use sinks::TopicPartition;
+
+use super::{DecodeError, MetaColumns, Record, Rejected};
+use crate::config::MetadataConfig;
+
+/// Parses a declared column type: `boolean`, `int`, `long`, `float`, `double`, `string`,
+/// `date`, `timestamp` (µs, UTC), `timestamp_ms` (ms, UTC), `decimal(p,s)`.
+pub fn parse_type(t: &str) -> Result<DataType, String> {
+    let t = t.trim().to_ascii_lowercase();
+    Ok(match t.as_str() {
+        "boolean" | "bool" => DataType::Boolean,
+        "int" | "integer" => DataType::Int32,
+        "long" | "bigint" => DataType::Int64,
+        "float" => DataType::Float32,
+        "double" => DataType::Float64,
+        "string" => DataType::Utf8,
+        "date" => DataType::Date32,
+        "timestamp" => DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into())),
+        "timestamp_ms" => DataType::Timestamp(TimeUnit::Millisecond, Some("+00:00".into())),
+        d if d.starts_with("decimal(") && d.ends_with(')') => {
+            let inner = &d["decimal(".len()..d.len() - 1];
+            let (p, s) = inner
+                .split_once(',')
+                .ok_or_else(|| format!("`{t}`: write decimal(precision, scale)"))?;
+            let p: u8 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{t}`: bad precision"))?;
+            let s: i8 = s.trim().parse().map_err(|_| format!("`{t}`: bad scale"))?;
+            if p == 0 || p > 76 || s < 0 || s as u8 > p {
+                return Err(format!(
+                    "`{t}`: precision must be 1..=76 and 0 <= scale <= precision"
+                ));
+            }
+            if p <= 38 {
+                DataType::Decimal128(p, s)
+            } else {
+                DataType::Decimal256(p, s)
+            }
+        }
+        other => {
+            return Err(format!(
+                "unknown type `{other}`; use boolean, int, long, float, double, string, date, \
+                 timestamp, timestamp_ms or decimal(p,s)"
+            ))
+        }
+    })
+}
+
+/// Decodes one partition's JSON records.
+pub struct JsonDecoder {
+    tp: TopicPartition,
+    schema: SchemaRef,
+    decoder: Decoder,
+    batch_size: usize,
+    meta: MetaColumns,
+    pending: Vec<Record>,
+}
+
+impl std::fmt::Debug for JsonDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonDecoder").field("tp", &self.tp).finish()
+    }
+}
+
+fn body(payload: &[u8]) -> &[u8] {
+    match payload {
+        [0, _, _, _, _, rest @ ..] => rest,
+        p => p,
+    }
+}
+
+impl JsonDecoder {
+    pub fn new(
+        tp: TopicPartition,
+        schema: SchemaRef,
+        metadata: MetadataConfig,
+        batch_size: usize,
+    ) -> Self {
+        let meta = MetaColumns::new(metadata, tp.topic.clone(), tp.partition);
+        let batch_size = batch_size.max(1);
+        Self {
+            decoder: build(&schema, batch_size),
+            tp,
+            schema,
+            batch_size,
+            meta,
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn pending_rows(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn error(&self, rec: &Record, class: &'static str, reason: String) -> DecodeError {
+        DecodeError {
+            tp: self.tp.clone(),
+            offset: rec.offset,
+            class,
+            reason,
+            schema_id: None,
+            retryable: false,
+        }
+    }
+
+    /// Adds one record. A record that is not exactly one JSON object is rejected at once; type
+    /// errors show when the batch is emitted (then the failing records come back in `rejected`).
+    pub fn push(
+        &mut self,
+        rec: Record,
+        out: &mut Vec<RecordBatch>,
+        rejected: &mut Vec<Rejected>,
+    ) -> Result<(), Box<Rejected>> {
+        if self.pending.len() >= self.batch_size {
+            self.emit(out, rejected);
+        }
+        let payload = rec.payload.as_deref().unwrap_or_default();
+        let before = self.decoder.len();
+        let check = match self.decoder.decode(body(payload)) {
+            Err(e) => Err(format!("not valid JSON: {e}")),
+            Ok(n) if n < body(payload).len() => {
+                Err("more than one JSON value in the record".into())
+            }
+            Ok(_) if self.decoder.has_partial_record() => Err("truncated JSON".into()),
+            Ok(_) if self.decoder.len() > before + 1 => Err(format!(
+                "more than one JSON value in the record (found {})",
+                self.decoder.len() - before
+            )),
+            Ok(_) if self.decoder.len() == before => Err("no JSON value in the record".into()),
+            Ok(_) => Ok(()),
+        };
+        if let Err(reason) = check {
+            let error = self.error(&rec, "malformed", reason);
+            // The tape may hold part of the bad record: rebuild and re-feed the batch.
+            self.decoder = build(&self.schema, self.batch_size);
+            for p in &self.pending {
+                let _ = self
+                    .decoder
+                    .decode(body(p.payload.as_deref().unwrap_or_default()));
+            }
+            return Err(Box::new(Rejected { error, record: rec }));
+        }
+        self.meta
+            .push(rec.offset, rec.timestamp_ms, rec.key.as_deref());
+        self.pending.push(rec);
+        Ok(())
+    }
+
+    /// Emits what is buffered.
+    pub fn finish(&mut self, out: &mut Vec<RecordBatch>, rejected: &mut Vec<Rejected>) {
+        self.emit(out, rejected);
+    }
+
+    fn emit(&mut self, out: &mut Vec<RecordBatch>, rejected: &mut Vec<Rejected>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        match self.decoder.flush() {
+            Ok(Some(batch)) => {
+                self.pending.clear();
+                let meta = self.meta.finish();
+                out.push(with_meta(batch, meta));
+            }
+            Ok(None) => {
+                self.pending.clear();
+                self.meta.finish();
+            }
+            Err(_) => self.isolate(out, rejected),
+        }
+    }
+
+    /// Decodes the pending records one by one: the failing ones are rejected.
+    fn isolate(&mut self, out: &mut Vec<RecordBatch>, rejected: &mut Vec<Rejected>) {
+        self.decoder = build(&self.schema, self.batch_size);
+        self.meta.finish();
+        let pending = std::mem::take(&mut self.pending);
+        let mut good = Vec::with_capacity(pending.len());
+        for rec in pending {
+            let mut probe = build(&self.schema, 1);
+            let result = probe
+                .decode(body(rec.payload.as_deref().unwrap_or_default()))
+                .and_then(|_| probe.flush());
+            match result {
+                Ok(Some(b)) => {
+                    self.meta
+                        .push(rec.offset, rec.timestamp_ms, rec.key.as_deref());
+                    good.push(b);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let error = self.error(
+                        &rec,
+                        "type-mismatch",
+                        format!("does not fit the table schema: {e}"),
+                    );
+                    rejected.push(Rejected { error, record: rec });
+                }
+            }
+        }
+        if good.is_empty() {
+            self.meta.finish();
+            return;
+        }
+        let batch = concat_batches(&self.schema, &good).expect("batches of one schema");
+        let meta = self.meta.finish();
+        out.push(with_meta(batch, meta));
+    }
+}
+
+fn build(schema: &SchemaRef, batch_size: usize) -> Decoder {
+    ReaderBuilder::new(schema.clone())
+        .with_batch_size(batch_size.max(1) * 2)
+        .build_decoder()
+        .expect("a declared schema of supported types builds a decoder")
+}
+
+fn with_meta(batch: RecordBatch, meta: Vec<(Field, arrow::array::ArrayRef)>) -> RecordBatch {
+    let mut fields: Vec<Arc<Field>> = batch.schema().fields().iter().cloned().collect();
+    let mut columns = batch.columns().to_vec();
+    for (f, a) in meta {
+        fields.push(Arc::new(f));
+        columns.push(a);
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .expect("metadata columns match the rows")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(offset: i64, json: &str) -> Record {
+        Record {
+            offset,
+            timestamp_ms: None,
+            key: None,
+            payload: Some(json.as_bytes().to_vec()),
+            headers: vec![],
+        }
+    }
+
+    #[test]
+    fn bad_records_are_isolated_and_the_rest_kept_in_order() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("price", parse_type("decimal(10,2)").unwrap(), true),
+            Field::new("at", parse_type("timestamp").unwrap(), true),
+        ]));
+        let mut d = JsonDecoder::new(
+            TopicPartition::new("t", 0),
+            schema,
+            MetadataConfig::default(),
+            100,
+        );
+        let (mut out, mut rejected) = (Vec::new(), Vec::new());
+        d.push(
+            rec(
+                0,
+                r#"{"id": 1, "price": "12.34", "at": "2026-11-21T10:00:00Z"}"#,
+            ),
+            &mut out,
+            &mut rejected,
+        )
+        .unwrap();
+        let e = d
+            .push(rec(1, r#"{"id": 2,"#), &mut out, &mut rejected)
+            .unwrap_err();
+        assert_eq!(e.error.class, "malformed");
+        d.push(rec(2, r#"{"id": "not a number"}"#), &mut out, &mut rejected)
+            .unwrap();
+        d.push(
+            rec(3, r#"{"id": 4, "price": 5, "extra": true}"#),
+            &mut out,
+            &mut rejected,
+        )
+        .unwrap();
+        let e = d
+            .push(rec(4, r#"{"id": 5}{"id": 6}"#), &mut out, &mut rejected)
+            .unwrap_err();
+        assert!(
+            e.error.reason.contains("more than one"),
+            "{}",
+            e.error.reason
+        );
+        d.finish(&mut out, &mut rejected);
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].record.offset, 2);
+        assert_eq!(rejected[0].error.class, "type-mismatch");
+        let b = &out[0];
+        assert_eq!(b.num_rows(), 2);
+        let offsets = b.column_by_name("_kafka_offset").unwrap();
+        let offsets = offsets
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap();
+        assert_eq!(
+            offsets.values().to_vec(),
+            vec![0, 3],
+            "good records keep their order"
+        );
+        let ids = arrow::util::pretty::pretty_format_batches(&[b.project(&[0, 1, 2]).unwrap()])
+            .unwrap()
+            .to_string();
+        assert!(
+            ids.contains("12.34") && ids.contains("5.00") && ids.contains("2026-11-21T10:00:00"),
+            "{ids}"
+        );
+    }
+
+    #[test]
+    fn declared_types_parse() {
+        assert_eq!(
+            parse_type("decimal(60, 6)").unwrap(),
+            DataType::Decimal256(60, 6)
+        );
+        assert!(parse_type("decimal(5,9)").is_err());
+        assert!(parse_type("varchar").is_err());
+    }
+}
