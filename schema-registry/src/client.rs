@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio::sync::OnceCell;
 use tracing::warn;
 
+use crate::references::Reference;
 use crate::{Error, RegisteredSchema, Result, SchemaId};
 
 /// How to reach a registry.
@@ -105,6 +106,8 @@ struct SchemaBody {
     schema: String,
     #[serde(rename = "schemaType")]
     schema_type: Option<String>,
+    #[serde(default)]
+    references: Vec<Reference>,
 }
 
 #[derive(Deserialize)]
@@ -119,6 +122,8 @@ pub struct SubjectVersion {
     pub version: u32,
     pub id: u32,
     pub schema: String,
+    #[serde(default)]
+    pub references: Vec<Reference>,
 }
 
 impl RegistryClient {
@@ -207,14 +212,87 @@ impl RegistryClient {
                     }
                     e => e,
                 })?;
+            let schema = if body.references.is_empty() {
+                body.schema
+            } else {
+                self.inline_references(&body.schema, &body.references, 0)
+                    .await?
+            };
             Ok(Arc::new(RegisteredSchema {
                 id,
                 schema_type: body.schema_type.unwrap_or_else(|| "AVRO".into()),
-                schema: body.schema,
+                schema,
             }))
         })
         .await
         .cloned()
+    }
+
+    /// Resolves `references` (recursively, by subject version) and inlines their definitions,
+    /// so that the schema is self-contained for a decoder.
+    fn inline_references<'a>(
+        &'a self,
+        schema: &'a str,
+        references: &'a [Reference],
+        depth: usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String>> + Send + 'a>> {
+        Box::pin(async move {
+            if depth > 16 {
+                return Err(Error::BadResponse {
+                    url: self.inner.base.clone(),
+                    reason: "schema references nest deeper than 16 levels (a cycle?)".into(),
+                });
+            }
+            let mut defs = HashMap::new();
+            for r in references {
+                let v: SubjectVersion = self
+                    .request(
+                        reqwest::Method::GET,
+                        &format!(
+                            "/subjects/{}/versions/{}",
+                            encode_segment(&r.subject),
+                            r.version
+                        ),
+                        None,
+                    )
+                    .await?;
+                let text = if v.references.is_empty() {
+                    v.schema
+                } else {
+                    self.inline_references(&v.schema, &v.references, depth + 1)
+                        .await?
+                };
+                let def: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| Error::BadResponse {
+                        url: self.inner.base.clone(),
+                        reason: format!("referenced schema `{}` is not JSON: {e}", r.name),
+                    })?;
+                defs.insert(r.name.clone(), def);
+            }
+            let main: serde_json::Value =
+                serde_json::from_str(schema).map_err(|e| Error::BadResponse {
+                    url: self.inner.base.clone(),
+                    reason: format!("schema is not JSON: {e}"),
+                })?;
+            Ok(crate::references::inline(&main, &defs).to_string())
+        })
+    }
+
+    /// Registers `schema` with references to named types of other subjects.
+    pub async fn register_with_references(
+        &self,
+        subject: &str,
+        schema: &str,
+        references: &[Reference],
+    ) -> Result<SchemaId> {
+        let body: IdBody = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/subjects/{}/versions", encode_segment(subject)),
+                Some(json!({ "schema": schema, "references": references })),
+            )
+            .await?;
+        Ok(SchemaId(body.id))
     }
 
     /// Registers `schema` (Avro JSON) under `subject`; returns its id (the existing id when the

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod compat;
+pub mod references;
 pub mod server;
 pub mod wire;
 

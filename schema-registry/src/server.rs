@@ -27,6 +27,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::references::Reference;
+
 const LEVELS: &[&str] = &[
     "NONE",
     "BACKWARD",
@@ -53,6 +55,8 @@ struct StoredSchema {
     schema_type: String,
     schema: String,
     canonical: String,
+    #[serde(default)]
+    references: Vec<Reference>,
 }
 
 #[derive(Debug)]
@@ -147,6 +151,8 @@ struct RegisterBody {
     schema: String,
     #[serde(rename = "schemaType")]
     schema_type: Option<String>,
+    #[serde(default)]
+    references: Vec<Reference>,
 }
 
 #[derive(Deserialize)]
@@ -166,6 +172,9 @@ async fn schema_by_id(State(r): State<Shared>, Path(id): Path<u32>) -> ApiResult
     let mut body = json!({ "schema": s.schema });
     if s.schema_type != "AVRO" {
         body["schemaType"] = json!(s.schema_type);
+    }
+    if !s.references.is_empty() {
+        body["references"] = json!(s.references);
     }
     Ok(Json(body))
 }
@@ -205,6 +214,9 @@ fn version_body(data: &Data, subject: &str, version: usize) -> Value {
     let mut body = json!({ "subject": subject, "version": version, "id": id, "schema": s.schema });
     if s.schema_type != "AVRO" {
         body["schemaType"] = json!(s.schema_type);
+    }
+    if !s.references.is_empty() {
+        body["references"] = json!(s.references);
     }
     body
 }
@@ -249,8 +261,22 @@ async fn register(
     let existing = data
         .schemas
         .iter()
-        .find(|(_, s)| s.canonical == canon && s.schema_type == schema_type)
+        .find(|(_, s)| {
+            s.canonical == canon && s.schema_type == schema_type && s.references == body.references
+        })
         .map(|(id, _)| *id);
+    for r in &body.references {
+        if lookup_version(&data, &r.subject, r.version).is_none() {
+            return Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                42201,
+                format!(
+                    "Invalid schema: reference `{}` points to subject `{}` version {}, which does not exist",
+                    r.name, r.subject, r.version
+                ),
+            ));
+        }
+    }
     if let Some(id) = existing {
         if data.subjects.get(&subject).is_some_and(|v| v.contains(&id)) {
             return Ok(Json(json!({ "id": id })));
@@ -258,7 +284,7 @@ async fn register(
     }
     if schema_type == "AVRO" {
         let earlier = avro_versions(&data, &subject, usize::MAX);
-        let new: Value = serde_json::from_str(&canon).expect("canonical JSON");
+        let new = resolved(&data, &canon, &body.references);
         let problems = effective_level(&data, &subject).check(&new, &earlier);
         if !problems.is_empty() {
             return Err(ApiError(
@@ -282,6 +308,7 @@ async fn register(
                     schema_type,
                     schema: body.schema,
                     canonical: canon,
+                    references: body.references,
                 },
             );
             id
@@ -290,6 +317,34 @@ async fn register(
     data.subjects.entry(subject).or_default().push(id);
     r.persist(&data)?;
     Ok(Json(json!({ "id": id })))
+}
+
+/// The schema id of `subject` version `version` (`-1`: latest).
+fn lookup_version(data: &Data, subject: &str, version: i64) -> Option<u32> {
+    let ids = data.subjects.get(subject)?;
+    let v = if version == -1 {
+        ids.len()
+    } else {
+        usize::try_from(version).ok()?
+    };
+    ids.get(v.checked_sub(1)?).copied()
+}
+
+/// A schema with its references inlined (recursively), for compatibility checks.
+fn resolved(data: &Data, canonical: &str, references: &[Reference]) -> Value {
+    let main: Value = serde_json::from_str(canonical).unwrap_or(Value::Null);
+    if references.is_empty() {
+        return main;
+    }
+    let mut defs = std::collections::HashMap::new();
+    for r in references {
+        if let Some(s) =
+            lookup_version(data, &r.subject, r.version).and_then(|id| data.schemas.get(&id))
+        {
+            defs.insert(r.name.clone(), resolved(data, &s.canonical, &s.references));
+        }
+    }
+    crate::references::inline(&main, &defs)
 }
 
 fn effective_level(data: &Data, subject: &str) -> crate::compat::Level {
@@ -309,7 +364,7 @@ fn avro_versions(data: &Data, subject: &str, version: usize) -> Vec<Value> {
                 .take(version)
                 .filter_map(|id| data.schemas.get(id))
                 .filter(|s| s.schema_type == "AVRO")
-                .filter_map(|s| serde_json::from_str(&s.canonical).ok())
+                .map(|s| resolved(data, &s.canonical, &s.references))
                 .collect()
         })
         .unwrap_or_default()
@@ -544,6 +599,106 @@ mod tests {
         assert_eq!(
             client.register("s-value", added_optional).await.unwrap(),
             SchemaId(2)
+        );
+    }
+
+    #[tokio::test]
+    async fn references_are_stored_and_inlined_by_the_client() {
+        let (addr, _task) = spawn("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+        let client = RegistryClient::new(RegistryConfig::new(format!("http://{addr}"))).unwrap();
+        let address = r#"{"type":"record","name":"Address","namespace":"com.acme","fields":[{"name":"city","type":"string"}]}"#;
+        let order = r#"{"type":"record","name":"Order","namespace":"com.acme","fields":[{"name":"ship","type":"com.acme.Address"},{"name":"bill","type":["null","com.acme.Address"],"default":null}]}"#;
+        client.register("address", address).await.unwrap();
+        let refs = [crate::references::Reference {
+            name: "com.acme.Address".into(),
+            subject: "address".into(),
+            version: 1,
+        }];
+        let id = client
+            .register_with_references("orders-value", order, &refs)
+            .await
+            .unwrap();
+        let got: Value = serde_json::from_str(&client.schema(id).await.unwrap().schema).unwrap();
+        assert_eq!(got["fields"][0]["type"]["type"], "record", "{got}");
+        assert_eq!(got["fields"][0]["type"]["name"], "Address");
+        assert_eq!(
+            got["fields"][1]["type"],
+            json!(["null", "com.acme.Address"])
+        );
+        // A reference to a missing subject is refused.
+        let bad = [crate::references::Reference {
+            name: "com.acme.Address".into(),
+            subject: "nope".into(),
+            version: 1,
+        }];
+        let e = client
+            .register_with_references("x-value", order, &bad)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("42201"), "{e}");
+    }
+
+    /// A registry that fails the first `fail` requests with 503 and requires a bearer token.
+    async fn flaky(fail: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let app = Router::new().route(
+            "/schemas/ids/{id}",
+            get(move |Path(id): Path<u32>, headers: axum::http::HeaderMap| {
+                let c = c.clone();
+                async move {
+                    let n = c.fetch_add(1, Ordering::SeqCst);
+                    if headers.get("authorization").and_then(|v| v.to_str().ok())
+                        != Some("Bearer t0ken")
+                    {
+                        return ApiError(StatusCode::UNAUTHORIZED, 401, "unauthorized".into())
+                            .into_response();
+                    }
+                    if n < fail {
+                        return ApiError(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            50301,
+                            "try later".into(),
+                        )
+                        .into_response();
+                    }
+                    if id != 1 {
+                        return ApiError(StatusCode::NOT_FOUND, 40403, "Schema not found".into())
+                            .into_response();
+                    }
+                    Json(json!({ "schema": S1 })).into_response()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}"), calls)
+    }
+
+    #[tokio::test]
+    async fn retries_5xx_never_4xx_and_sends_the_bearer_token() {
+        use std::sync::atomic::Ordering;
+        let (url, calls) = flaky(2).await;
+        let mut cfg = RegistryConfig::new(&url);
+        cfg.bearer_token = Some("t0ken".into());
+        let client = RegistryClient::new(cfg.clone()).unwrap();
+        assert_eq!(client.schema(SchemaId(1)).await.unwrap().schema, S1);
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "two 503s, then success");
+        calls.store(100, Ordering::SeqCst);
+        let e = client.schema(SchemaId(2)).await.unwrap_err();
+        assert!(matches!(e, crate::Error::SchemaNotFound { .. }), "{e}");
+        assert_eq!(calls.load(Ordering::SeqCst), 101, "a 404 is not retried");
+        let no_token = RegistryClient::new(RegistryConfig::new(&url)).unwrap();
+        let e = no_token.schema(SchemaId(1)).await.unwrap_err();
+        assert!(
+            matches!(e, crate::Error::Rejected { status: 401, .. }),
+            "{e}"
+        );
+        assert!(
+            !format!("{e} {cfg:?}").contains("t0ken"),
+            "the token never prints"
         );
     }
 
