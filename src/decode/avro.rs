@@ -405,6 +405,16 @@ impl AvroDecoder {
                 *f = field;
                 *c = col;
             }
+            let (field, col) = unions_as_structs(f, c).map_err(|e| {
+                self.error(
+                    offset,
+                    "malformed",
+                    None,
+                    format!("field `{}`: {e}", f.name()),
+                )
+            })?;
+            *f = field;
+            *c = col;
         }
         for (f, a) in meta {
             fields.push(Arc::new(f));
@@ -421,6 +431,79 @@ impl AvroDecoder {
         })?;
         out.push(batch);
         Ok(())
+    }
+}
+
+/// General Avro unions (more than one non-null branch) become Arrow unions, which Parquet cannot
+/// store. They are written as a struct with one nullable field per non-null branch, named by the
+/// branch (`string`, `long`, a record's name, ...); exactly the active branch is set, and the
+/// struct is null when the value is null. Applied recursively inside structs.
+fn unions_as_structs(
+    field: &Arc<Field>,
+    col: &arrow::array::ArrayRef,
+) -> Result<(Arc<Field>, arrow::array::ArrayRef), arrow::error::ArrowError> {
+    use arrow::array::{Array, AsArray, StructArray, UInt32Array};
+    use arrow::buffer::NullBuffer;
+    use arrow::datatypes::DataType;
+    match field.data_type() {
+        DataType::Union(union_fields, _) => {
+            let u = col.as_union();
+            let type_ids = u.type_ids();
+            let mut members: Vec<Arc<Field>> = Vec::new();
+            let mut arrays = Vec::new();
+            for (type_id, member) in union_fields.iter() {
+                if member.data_type() == &DataType::Null {
+                    continue;
+                }
+                let child = u.child(type_id);
+                let idx: UInt32Array = (0..u.len())
+                    .map(|i| (type_ids[i] == type_id).then(|| u.value_offset(i) as u32))
+                    .collect();
+                let taken = arrow::compute::take(child.as_ref(), &idx, None)?;
+                let m = Arc::new(member.as_ref().clone().with_nullable(true));
+                let (m, taken) = unions_as_structs(&m, &taken)?;
+                members.push(m);
+                arrays.push(taken);
+            }
+            let null_ids: Vec<i8> = union_fields
+                .iter()
+                .filter(|(_, f)| f.data_type() == &DataType::Null)
+                .map(|(id, _)| id)
+                .collect();
+            let nulls = NullBuffer::from_iter(type_ids.iter().map(|t| !null_ids.contains(t)));
+            let nulls = (nulls.null_count() > 0).then_some(nulls);
+            if members.is_empty() {
+                return Ok((field.clone(), col.clone()));
+            }
+            let arr = StructArray::try_new(members.clone().into(), arrays, nulls)?;
+            let f = Field::new(field.name(), arr.data_type().clone(), true)
+                .with_metadata(field.metadata().clone());
+            Ok((Arc::new(f), Arc::new(arr)))
+        }
+        DataType::Struct(children) if children.iter().any(|c| has_union(c.data_type())) => {
+            let s = col.as_struct();
+            let mut fields = Vec::with_capacity(children.len());
+            let mut arrays = Vec::with_capacity(children.len());
+            for (c, a) in children.iter().zip(s.columns()) {
+                let (f, a) = unions_as_structs(c, a)?;
+                fields.push(f);
+                arrays.push(a);
+            }
+            let arr = StructArray::try_new(fields.into(), arrays, s.nulls().cloned())?;
+            let f = Field::new(field.name(), arr.data_type().clone(), field.is_nullable())
+                .with_metadata(field.metadata().clone());
+            Ok((Arc::new(f), Arc::new(arr)))
+        }
+        _ => Ok((field.clone(), col.clone())),
+    }
+}
+
+fn has_union(dt: &arrow::datatypes::DataType) -> bool {
+    use arrow::datatypes::DataType;
+    match dt {
+        DataType::Union(_, _) => true,
+        DataType::Struct(c) => c.iter().any(|f| has_union(f.data_type())),
+        _ => false,
     }
 }
 

@@ -40,6 +40,8 @@ SCHEMA = {
         {"name": "opt_nested", "type": ["null", "Inner"], "default": None},
         {"name": "arr", "type": {"type": "array", "items": "long"}},
         {"name": "m", "type": {"type": "map", "values": "double"}},
+        {"name": "choice", "type": ["null", "string", "long"], "default": None},
+        {"name": "ts_ns", "type": {"type": "long", "logicalType": "timestamp-nanos"}},
     ],
 }
 
@@ -94,4 +96,31 @@ def canonical(r):
         "opt_nested": None if r["opt_nested"] is None else {"a": r["opt_nested"]["a"], "tags": list(r["opt_nested"]["tags"])},
         "arr": list(r["arr"]),
         "m": sorted([k, float(v)] for k, v in m.items()),
+        "choice": union(r["choice"]),
+        "ts_ns": nanos(r["ts_ns"]),
     }
+
+
+def union(v):
+    """A general union reads back as a struct with one field per non-null branch."""
+    if v is None:
+        return None
+    if isinstance(v, dict):
+        return {"string": v.get("string"), "long": v.get("long")}
+    if isinstance(v, str):
+        return {"string": v, "long": None}
+    return {"string": None, "long": v}
+
+
+def nanos(v):
+    """Nanoseconds since the epoch, from an int (the producer's value) or a pandas/pyarrow
+    timestamp (what pyarrow reads back)."""
+    if isinstance(v, int):
+        return v
+    if hasattr(v, "value"):
+        return int(v.value)
+    epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+    if v.tzinfo is None:
+        v = v.replace(tzinfo=datetime.timezone.utc)
+    d = v - epoch
+    return ((d.days * 86400 + d.seconds) * 1_000_000 + d.microseconds) * 1000

@@ -17,7 +17,12 @@ if types.get("uid") != "string":
     raise SystemExit(f"uid is {types.get('uid')}, not string")
 problems = []
 seen = set()
-for r in table.to_pylist():
+# Nanosecond timestamps: python datetimes stop at microseconds, read the raw integers.
+raw_ns = table.column("ts_ns").cast("int64").to_pylist() if "ts_ns" in table.column_names else None
+rows = (table.drop_columns(["ts_ns"]) if raw_ns is not None else table).to_pylist()
+for r, ns in zip(rows, raw_ns or []):
+    r["ts_ns"] = ns
+for r in rows:
     key = str(r["id"])
     if key in seen:
         problems.append(f"id {key} appears twice")

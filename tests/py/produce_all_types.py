@@ -51,6 +51,8 @@ def row(i):
         "opt_nested": None if i % 2 else {"a": -i, "tags": []},
         "arr": list(range(i % 4)),
         "m": {f"k{j}": j / 2.0 for j in range(i % 3)},
+        "choice": [None, f"s{i}", i * 11][i % 3],
+        "ts_ns": 1_795_262_400_000_000_000 + i * 1_000_000_007,
     }
 
 
