@@ -246,3 +246,133 @@ async fn debezium_avro_change_stream_is_unwrapped_with_semantic_types() {
         assert!(r["_source_pos"].is_i64() && r["_source_ts"].is_i64(), "{r}");
     }
 }
+
+/// The same kind of change stream as Debezium's JsonConverter writes it with `schemas.enable`
+/// (a `{"schema", "payload"}` envelope) and `decimal.handling.mode=string`, decoded into the
+/// declared row schema and unwrapped.
+#[tokio::test(flavor = "multi_thread")]
+async fn debezium_json_with_connect_envelope_is_unwrapped() {
+    let store = Store::local("customers");
+    let topic = unique("dbserver1.inventory.customers-json");
+    create_topic(&topic, 1).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let json_row = |r: &Row| {
+        serde_json::json!({
+            "id": r.0, "name": r.1,
+            "credit": format!("{}{}.{:02}", if r.2 < 0 { "-" } else { "" }, r.2.abs() / 100, r.2.abs() % 100),
+            "born": r.3, "created": r.4, "updated": iso(r.5)
+        })
+    };
+    let mut expected: BTreeMap<i64, (&str, Row)> = BTreeMap::new();
+    let mut changes: Vec<(&str, Option<Row>, Option<Row>)> = Vec::new();
+    for c in 1..=20 {
+        changes.push(("c", None, Some(row(c, 0))));
+    }
+    for c in (2..=20).step_by(2) {
+        changes.push(("u", Some(row(c, 0)), Some(row(c, 1))));
+    }
+    for c in (5..=20).step_by(5) {
+        let v = if c % 2 == 0 { 1 } else { 0 };
+        changes.push(("d", Some(row(c, v)), None));
+    }
+    for (pos, (op, before, after)) in changes.iter().enumerate() {
+        let value = serde_json::json!({
+            "schema": {"type": "struct", "optional": false, "name": "dbserver1.inventory.customers.Envelope"},
+            "payload": {
+                "before": before.as_ref().map(json_row),
+                "after": after.as_ref().map(json_row),
+                "source": {"connector": "mysql", "ts_ms": 1_790_000_000_000i64 + pos as i64, "db": "inventory",
+                           "table": "customers", "file": "mysql-bin.000004", "pos": pos as i64 * 10},
+                "op": op,
+                "ts_ms": 1_790_000_000_500i64 + pos as i64
+            }
+        })
+        .to_string();
+        let d = producer
+            .send(
+                FutureRecord::<(), _>::to(&topic)
+                    .partition(0)
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        expected.insert(
+            d.offset,
+            (
+                op,
+                if *op == "d" {
+                    before.clone()
+                } else {
+                    after.clone()
+                }
+                .unwrap(),
+            ),
+        );
+        if *op == "d" {
+            producer
+                .send(
+                    FutureRecord::<(), [u8]>::to(&topic).partition(0),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let (registry_url, _client) = registry().await;
+    let cfg = config_with(
+        &topic,
+        &unique("g"),
+        &registry_url,
+        &store,
+        "[]",
+        "format = \"debezium-json\"\njson_envelope = \"connect\"\nschema = { id = \"int\", name = \"string\", credit = \"decimal(10,2)\", born = \"date\", created = \"timestamp\", updated = \"timestamp\" }",
+    );
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    wait_rows(
+        &store,
+        &topic,
+        expected.len() as u64,
+        &mut proc_,
+        Duration::from_secs(120),
+    )
+    .await;
+    proc_.stop();
+    let out = Command::new(python())
+        .arg(py_script("dump_table.py"))
+        .arg(store.url.strip_prefix("file://").unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(table["types"]["credit"], "decimal128(10, 2)");
+    assert_eq!(table["types"]["born"], "date32[day]");
+    let rows = table["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), expected.len());
+    for r in rows {
+        let offset = r["_kafka_offset"].as_i64().unwrap();
+        let (op, (cid, name, cents, born, created, updated)) = &expected[&offset];
+        let credit = format!(
+            "{}{}.{:02}",
+            if *cents < 0 { "-" } else { "" },
+            cents.abs() / 100,
+            cents.abs() % 100
+        );
+        assert_eq!(r["_op"], *op, "offset {offset}");
+        assert_eq!(r["_deleted"], *op == "d");
+        assert_eq!(r["id"], *cid);
+        assert_eq!(r["name"], name.as_str());
+        assert_eq!(r["credit"], credit.as_str());
+        assert_eq!(r["born"], serde_json::json!(born));
+        assert_eq!(r["created"], *created);
+        assert_eq!(r["updated"], *updated);
+        assert_eq!(r["_source_file"], "mysql-bin.000004");
+    }
+}

@@ -199,9 +199,12 @@ pub struct SinkConfig {
     pub errors: Option<String>,
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
-    /// `format = "json"`: the table's columns, `name = "type"`, in order.
+    /// `format = "json"` / `"debezium-json"`: the table's columns, `name = "type"`, in order.
     #[serde(default)]
     pub schema: Option<toml::Table>,
+    /// JSON records wrapped in Kafka Connect's `{"schema": ..., "payload": ...}` (`"connect"`).
+    #[serde(default)]
+    pub json_envelope: Option<String>,
 }
 
 fn default_format() -> String {
@@ -491,8 +494,10 @@ pub struct ValidatedSink {
     pub errors: ErrorPolicy,
     pub dead_letter_topic: Option<String>,
     pub format: Format,
-    /// The declared table schema of `format = "json"`.
+    /// The declared table schema of `format = "json"` / `"debezium-json"`.
     pub json_schema: Option<arrow::datatypes::SchemaRef>,
+    /// JSON values are Kafka Connect `{"schema", "payload"}` envelopes.
+    pub connect_envelope: bool,
 }
 
 /// How record values are encoded.
@@ -504,6 +509,8 @@ pub enum Format {
     Avro,
     /// Confluent-framed Avro Debezium envelopes, unwrapped to row images.
     DebeziumAvro,
+    /// JSON Debezium envelopes (rows of the declared `schema`), unwrapped to row images.
+    DebeziumJson,
 }
 
 #[derive(Debug, Clone)]
@@ -734,7 +741,7 @@ impl Config {
                         ));
                     }
                 }
-                "json" => {
+                "json" | "debezium-json" => {
                     if s.schema.is_none() {
                         return Err(err(
                             key("schema"),
@@ -742,19 +749,12 @@ impl Config {
                         ));
                     }
                 }
-                "debezium-json" => {
-                    return Err(err(
-                        key("format"),
-                        format!(
-                            "`{}` is not available in this version yet; use `avro`",
-                            s.format
-                        ),
-                    ))
-                }
                 other => {
                     return Err(err(
                         key("format"),
-                        format!("unknown format `{other}`; use avro, debezium-avro or json"),
+                        format!(
+                        "unknown format `{other}`; use avro, debezium-avro, json or debezium-json"
+                    ),
                     ))
                 }
             }
@@ -872,7 +872,7 @@ impl Config {
                 }
             }
             let json_schema = match &s.schema {
-                Some(cols) if s.format == "json" => {
+                Some(cols) if s.format == "json" || s.format == "debezium-json" => {
                     let mut fields = Vec::with_capacity(cols.len());
                     for (name, t) in cols {
                         let t = t.as_str().ok_or_else(|| {
@@ -893,7 +893,7 @@ impl Config {
                 Some(_) => {
                     return Err(err(
                         key("schema"),
-                        "only `format = \"json\"` takes a declared schema",
+                        "only the JSON formats take a declared schema",
                     ))
                 }
                 None => None,
@@ -912,9 +912,20 @@ impl Config {
                 format: match s.format.as_str() {
                     "debezium-avro" => Format::DebeziumAvro,
                     "json" => Format::Json,
+                    "debezium-json" => Format::DebeziumJson,
                     _ => Format::Avro,
                 },
                 json_schema,
+                connect_envelope: match s.json_envelope.as_deref() {
+                    None | Some("none") => false,
+                    Some("connect") if s.format.contains("json") => true,
+                    Some(other) => {
+                        return Err(err(
+                            key("json_envelope"),
+                            format!("`{other}` is not supported; use \"connect\" (JSON formats only) or leave it out"),
+                        ))
+                    }
+                },
             });
         }
         Ok(ValidatedConfig {

@@ -67,7 +67,9 @@ pub fn parse_type(t: &str) -> Result<DataType, String> {
 /// Decodes one partition's JSON records.
 pub struct JsonDecoder {
     tp: TopicPartition,
+    /// What arrow-json decodes (the row, the Debezium envelope, or either in a Connect envelope).
     schema: SchemaRef,
+    connect_envelope: bool,
     decoder: Decoder,
     batch_size: usize,
     meta: MetaColumns,
@@ -88,21 +90,66 @@ fn body(payload: &[u8]) -> &[u8] {
 }
 
 impl JsonDecoder {
+    /// `row` is the declared table schema. With `debezium`, records are Debezium envelopes whose
+    /// `before`/`after` have that shape; with `connect_envelope`, records are Kafka Connect's
+    /// `{"schema": ..., "payload": ...}` and the payload is decoded.
     pub fn new(
         tp: TopicPartition,
-        schema: SchemaRef,
+        row: SchemaRef,
+        debezium: bool,
+        connect_envelope: bool,
         metadata: MetadataConfig,
         batch_size: usize,
     ) -> Self {
         let meta = MetaColumns::new(metadata, tp.topic.clone(), tp.partition);
         let batch_size = batch_size.max(1);
+        let mut schema = row;
+        if debezium {
+            let row_type = DataType::Struct(schema.fields().clone());
+            let source = DataType::Struct(
+                vec![
+                    Field::new("ts_ms", DataType::Int64, true),
+                    Field::new("db", DataType::Utf8, true),
+                    Field::new("table", DataType::Utf8, true),
+                    Field::new("lsn", DataType::Int64, true),
+                    Field::new("file", DataType::Utf8, true),
+                    Field::new("pos", DataType::Int64, true),
+                ]
+                .into(),
+            );
+            schema = Arc::new(Schema::new(vec![
+                Field::new("before", row_type.clone(), true),
+                Field::new("after", row_type, true),
+                Field::new("source", source, true),
+                Field::new("op", DataType::Utf8, true),
+                Field::new("ts_ms", DataType::Int64, true),
+            ]));
+        }
+        if connect_envelope {
+            schema = Arc::new(Schema::new(vec![Field::new(
+                "payload",
+                DataType::Struct(schema.fields().clone()),
+                true,
+            )]));
+        }
         Self {
             decoder: build(&schema, batch_size),
             tp,
             schema,
+            connect_envelope,
             batch_size,
             meta,
             pending: Vec::new(),
+        }
+    }
+
+    /// The decoded record (the Connect payload when records carry the envelope).
+    fn payload(&self, batch: RecordBatch) -> RecordBatch {
+        use arrow::array::AsArray;
+        if self.connect_envelope {
+            RecordBatch::from(batch.column(0).as_struct().clone())
+        } else {
+            batch
         }
     }
 
@@ -177,6 +224,7 @@ impl JsonDecoder {
             Ok(Some(batch)) => {
                 self.pending.clear();
                 let meta = self.meta.finish();
+                let batch = self.payload(batch);
                 out.push(with_meta(batch, meta));
             }
             Ok(None) => {
@@ -220,6 +268,7 @@ impl JsonDecoder {
             return;
         }
         let batch = concat_batches(&self.schema, &good).expect("batches of one schema");
+        let batch = self.payload(batch);
         let meta = self.meta.finish();
         out.push(with_meta(batch, meta));
     }
@@ -267,6 +316,8 @@ mod tests {
         let mut d = JsonDecoder::new(
             TopicPartition::new("t", 0),
             schema,
+            false,
+            false,
             MetadataConfig::default(),
             100,
         );

@@ -123,12 +123,16 @@ fn new_decoder(ctx: &WorkerCtx) -> FormatDecoder {
     let batch = ctx.runtime.config.flush.max_rows.clamp(1, 8192);
     let config = &ctx.runtime.config;
     match (&config.format, &config.json_schema) {
-        (Format::Json, Some(schema)) => FormatDecoder::Json(Box::new(JsonDecoder::new(
-            ctx.tp.clone(),
-            schema.clone(),
-            config.metadata,
-            batch,
-        ))),
+        (Format::Json | Format::DebeziumJson, Some(schema)) => {
+            FormatDecoder::Json(Box::new(JsonDecoder::new(
+                ctx.tp.clone(),
+                schema.clone(),
+                config.format == Format::DebeziumJson,
+                config.connect_envelope,
+                config.metadata,
+                batch,
+            )))
+        }
         _ => FormatDecoder::Avro(Box::new(AvroDecoder::new(
             ctx.tp.clone(),
             ctx.runtime.registry.clone(),
@@ -312,8 +316,10 @@ impl Worker {
 
     /// Format-specific reshaping of a decoded batch (Debezium envelopes to row images).
     fn transform(&mut self, batch: RecordBatch) -> Result<RecordBatch, String> {
-        if self.ctx.runtime.config.format != Format::DebeziumAvro {
-            return Ok(batch);
+        match self.ctx.runtime.config.format {
+            Format::DebeziumJson => return debezium::unwrap(&batch, &HashMap::new()),
+            Format::DebeziumAvro => {}
+            _ => return Ok(batch),
         }
         let (id, schema) = self
             .decoder
