@@ -10,4 +10,5 @@ pub mod config;
 pub mod decode;
 pub mod pipeline;
 pub mod source;
+pub mod telemetry;
 pub mod workload;

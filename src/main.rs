@@ -17,8 +17,17 @@ use lakesink::source::SourceOptions;
     about = "Kafka topics into a data lake, exactly once"
 )]
 struct Cli {
+    /// Log format on stderr: `text` for people, `json` for log pipelines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -31,11 +40,23 @@ enum Command {
         /// start (backfill).
         #[arg(long)]
         until_caught_up: bool,
+        /// Serve /metrics, /healthz and /readyz on ADDR:PORT (overrides `[http] listen`).
+        #[arg(long)]
+        http_listen: Option<std::net::SocketAddr>,
     },
     /// Validate the config and reach the broker, the registry and every table.
     Check {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Per sink and partition: the committed position (read from the table), the broker's end
+    /// offset and the lag.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the whole pipeline with an in-process Kafka and registry into a local table.
     Demo {
@@ -85,23 +106,33 @@ fn load(path: &std::path::Path) -> Result<ValidatedConfig, ExitCode> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LAKESINK_LOG")
-                .unwrap_or_else(|_| "info,librdkafka=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LAKESINK_LOG")
+        .unwrap_or_else(|_| "info,librdkafka=warn".into());
+    match cli.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     let result = match cli.command {
         Command::Run {
             config,
             until_caught_up,
+            http_listen,
         } => {
-            let cfg = match load(&config) {
+            let mut cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if http_listen.is_some() {
+                cfg.http_listen = http_listen;
+            }
             let cancel = CancellationToken::new();
             lakesink::app::cancel_on_signals(cancel.clone());
             lakesink::app::run(
@@ -132,6 +163,40 @@ async fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             Ok(())
+        }
+        Command::Status { config, json } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match lakesink::app::status(&cfg).await {
+                Ok(rows) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&rows).expect("status serializes")
+                    );
+                    Ok(())
+                }
+                Ok(rows) => {
+                    println!(
+                        "{:<16} {:<32} {:>9} {:>14} {:>14} {:>10}",
+                        "SINK", "TOPIC", "PARTITION", "COMMITTED", "END", "LAG"
+                    );
+                    for r in rows {
+                        println!(
+                            "{:<16} {:<32} {:>9} {:>14} {:>14} {:>10}",
+                            r.sink,
+                            r.topic,
+                            r.partition,
+                            r.committed.map_or("-".to_string(), |c| c.to_string()),
+                            r.end,
+                            r.lag
+                        );
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
         }
         Command::Demo { records, dir } => lakesink::app::demo::run(records, dir).await,
         Command::Bench {

@@ -121,6 +121,9 @@ pub trait Sink: Send + Sync + fmt::Debug {
     /// committed. Finishes publishing any commit that was interrupted.
     async fn recover(&self, tp: &TopicPartition) -> Result<Option<Offset>>;
 
+    /// The committed position of `tp`, read only (for status and lag; repairs nothing).
+    async fn committed(&self, tp: &TopicPartition) -> Result<Option<Offset>>;
+
     /// Encodes and writes a flush where readers cannot see it. Retrying is safe.
     async fn stage(&self, flush: Flush) -> Result<Staged>;
 

@@ -121,6 +121,12 @@ pub async fn run(
     progress: Arc<Progress>,
 ) -> anyhow::Result<()> {
     let sinks = build_sinks(&cfg)?;
+    if let Some(addr) = cfg.http_listen {
+        let bound = crate::telemetry::serve(addr, progress.clone())
+            .await
+            .with_context(|| format!("cannot listen on {addr} for /metrics and the probes"))?;
+        info!("serving /metrics, /healthz and /readyz on http://{bound}");
+    }
     let rt = tokio::runtime::Handle::current();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let thread_cancel = cancel.clone();
@@ -242,4 +248,76 @@ pub async fn check(cfg: &ValidatedConfig) -> Vec<CheckResult> {
         }),
     }
     out
+}
+
+/// One line of `lakesink status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionStatus {
+    pub sink: String,
+    pub topic: String,
+    pub partition: i32,
+    /// The next offset the sink will read (from the table's commit record), if any commit.
+    pub committed: Option<i64>,
+    /// The broker's end offset (high watermark).
+    pub end: i64,
+    pub lag: i64,
+}
+
+/// Per sink and partition: the committed position read from the destination, the broker's end
+/// offset and the lag between them.
+pub async fn status(cfg: &ValidatedConfig) -> anyhow::Result<Vec<PartitionStatus>> {
+    let sinks = build_sinks(cfg)?;
+    let kafka_cfg = cfg.clone();
+    let partitions =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, i32, i64, i64)>> {
+            let consumer: BaseConsumer = source::client_config(&kafka_cfg)
+                .create()
+                .context("cannot create a Kafka client")?;
+            let md = consumer
+                .fetch_metadata(None, Duration::from_secs(10))
+                .context("cannot fetch the broker's metadata")?;
+            let mut out = Vec::new();
+            for t in md.topics() {
+                if !kafka_cfg.sinks.iter().any(|s| s.topics.matches(t.name())) {
+                    continue;
+                }
+                for p in t.partitions() {
+                    let (low, high) = consumer
+                        .fetch_watermarks(t.name(), p.id(), Duration::from_secs(10))
+                        .with_context(|| {
+                            format!("cannot read the offsets of {}/{}", t.name(), p.id())
+                        })?;
+                    out.push((t.name().to_string(), p.id(), low, high));
+                }
+            }
+            Ok(out)
+        })
+        .await??;
+    let mut out = Vec::new();
+    for s in &sinks {
+        for (topic, partition, low, high) in &partitions {
+            if !s.config.topics.matches(topic) {
+                continue;
+            }
+            let tp = sinks::TopicPartition::new(topic.as_str(), *partition);
+            let committed = s
+                .sink
+                .committed(&tp)
+                .await
+                .with_context(|| {
+                    format!("sink `{}`: cannot read the position of {tp}", s.config.name)
+                })?
+                .map(|o| o.0);
+            out.push(PartitionStatus {
+                sink: s.config.name.clone(),
+                topic: topic.clone(),
+                partition: *partition,
+                committed,
+                end: *high,
+                lag: (high - committed.unwrap_or(*low)).max(0),
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.sink, &a.topic, a.partition).cmp(&(&b.sink, &b.topic, b.partition)));
+    Ok(out)
 }

@@ -51,6 +51,8 @@ pub struct Config {
     pub schema_registry: Option<SchemaRegistryConfig>,
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub http: Option<HttpConfig>,
     #[serde(rename = "sink", default)]
     pub sinks: Vec<SinkConfig>,
 }
@@ -132,6 +134,14 @@ fn default_registry_timeout() -> String {
 pub struct BasicAuth {
     pub username: String,
     pub password: Secret,
+}
+
+/// The HTTP listener for `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `ADDR:PORT`, e.g. `0.0.0.0:9090`.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -523,6 +533,8 @@ pub struct ValidatedConfig {
     pub max_buffer_bytes: u64,
     pub drain_timeout: Duration,
     pub queue_records: usize,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub http_listen: Option<std::net::SocketAddr>,
     pub sinks: Vec<ValidatedSink>,
 }
 
@@ -936,6 +948,18 @@ impl Config {
             max_buffer_bytes,
             drain_timeout,
             queue_records: p.queue_records,
+            http_listen: match &self.http {
+                Some(h) => Some(h.listen.parse().map_err(|e| {
+                    err(
+                        "http.listen",
+                        format!(
+                            "`{}` is not ADDR:PORT ({e}); write e.g. 0.0.0.0:9090",
+                            h.listen
+                        ),
+                    )
+                })?),
+                None => None,
+            },
             sinks,
         })
     }

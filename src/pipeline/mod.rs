@@ -25,6 +25,7 @@ use sinks::{Offset, Sink, TopicPartition};
 
 use crate::config::ValidatedSink;
 use crate::decode::Record;
+use crate::telemetry::{Health, SinkStats};
 
 /// A configured sink, shared by its partition workers.
 #[derive(Debug)]
@@ -109,9 +110,49 @@ pub struct Progress {
     pub rejected: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
     /// Committed position per (sink name, partition).
     pub positions: Mutex<BTreeMap<(String, TopicPartition), i64>>,
+    /// Per-sink counters and histograms.
+    pub sinks: Mutex<BTreeMap<String, Arc<SinkStats>>>,
+    /// The broker's end offset per partition (from librdkafka statistics).
+    pub high_watermarks: Mutex<BTreeMap<TopicPartition, i64>>,
+    /// The global buffer budget, once the source has started.
+    pub budget: Mutex<Option<Arc<BufferBudget>>>,
+    pub health: Health,
 }
 
 impl Progress {
+    /// The counters of `sink` (created on first use).
+    pub fn sink(&self, sink: &str) -> Arc<SinkStats> {
+        self.sinks
+            .lock()
+            .expect("progress")
+            .entry(sink.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub fn sink_stats(&self) -> Vec<(String, Arc<SinkStats>)> {
+        self.sinks
+            .lock()
+            .expect("progress")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub fn buffer_bytes(&self) -> usize {
+        self.budget
+            .lock()
+            .expect("progress")
+            .as_ref()
+            .map_or(0, |b| b.used())
+    }
+
+    /// Assigned partitions and not draining.
+    pub fn ready(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.health.assigned.load(Relaxed) && !self.health.draining.load(Relaxed)
+    }
+
     pub fn committed_positions(&self) -> BTreeMap<(String, TopicPartition), i64> {
         self.positions.lock().expect("progress").clone()
     }

@@ -22,6 +22,7 @@ use tracing::{debug, error, info, warn};
 use sinks::{CommitOutcome, Flush, Offset, Staged, TopicPartition};
 
 use super::{BufferBudget, Event, Progress, SinkRuntime, WorkerMsg};
+use crate::telemetry::SinkStats;
 use std::collections::HashMap;
 
 use crate::config::{ErrorPolicy, Format};
@@ -57,6 +58,8 @@ struct Worker {
     resyncing: bool,
     /// A fatal error happened: ignore input until drained.
     dead: bool,
+    /// This sink's counters.
+    stats: Arc<SinkStats>,
     /// Debezium semantic types of the current reader schema (by reader id).
     semantics: Option<(u32, HashMap<String, debezium::Semantic>)>,
 }
@@ -75,7 +78,9 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         resyncing: false,
         dead: false,
         semantics: None,
+        stats: Arc::new(SinkStats::default()),
     };
+    w.stats = w.ctx.progress.sink(&w.ctx.runtime.config.name);
     let latency = w.ctx.runtime.config.flush.max_latency;
     loop {
         let deadline = w.first_at.map(|t| t + latency);
@@ -155,6 +160,9 @@ impl Worker {
     }
 
     fn fatal(&mut self, message: String) {
+        self.stats
+            .errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         error!(sink = self.sink_name(), tp = %self.ctx.tp, "{message}");
         self.dead = true;
         self.release();
@@ -174,14 +182,14 @@ impl Worker {
         if self.ctx.position.is_none() {
             self.ctx.position = Some(rec.offset);
         }
-        self.ctx
-            .progress
-            .records_in
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.ctx.progress.bytes_in.fetch_add(
-            rec.payload.as_ref().map_or(0, |p| p.len()) as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let len = rec.payload.as_ref().map_or(0, |p| p.len()) as u64;
+            self.ctx.progress.records_in.fetch_add(1, Relaxed);
+            self.ctx.progress.bytes_in.fetch_add(len, Relaxed);
+            self.stats.records_in.fetch_add(1, Relaxed);
+            self.stats.bytes_in.fetch_add(len, Relaxed);
+        }
         if self.first_at.is_none() {
             self.first_at = Some(Instant::now());
         }
@@ -415,19 +423,23 @@ impl Worker {
         let started = std::time::Instant::now();
         let sink = self.ctx.runtime.sink.clone();
         let name = self.sink_name().to_string();
-        let staged = match retry(&name, &tp, "stage", || sink.stage(flush.clone())).await {
+        let stats = self.stats.clone();
+        let staged = match retry(&name, &tp, &stats, "stage", || sink.stage(flush.clone())).await {
             Ok(s) => s,
             Err(e) => return self.give_up(e),
         };
+        stats.flush_seconds.observe(started.elapsed());
+        let committing = std::time::Instant::now();
         let (runtime, progress) = (self.ctx.runtime.clone(), self.ctx.progress.clone());
-        let outcome = match retry(&name, &tp, "commit", || {
-            commit(&runtime, &progress, &staged)
+        let outcome = match retry(&name, &tp, &stats, "commit", || {
+            commit(&runtime, &progress, &stats, &staged)
         })
         .await
         {
             Ok(o) => o,
             Err(e) => return self.give_up(e),
         };
+        stats.commit_seconds.observe(committing.elapsed());
         match outcome {
             CommitOutcome::Committed { next } | CommitOutcome::AlreadyCommitted { next } => {
                 debug!(sink = self.sink_name(), %tp, start, next = next.0, rows,
@@ -491,16 +503,29 @@ impl Worker {
 async fn commit(
     runtime: &SinkRuntime,
     progress: &Progress,
+    sink_stats: &SinkStats,
     staged: &Staged,
 ) -> sinks::Result<CommitOutcome> {
+    use std::sync::atomic::Ordering::Relaxed;
     let (outcome, stats) = runtime.sink.commit(staged).await?;
-    if matches!(outcome, CommitOutcome::Committed { .. }) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let p = progress;
-        p.rows_committed.fetch_add(stats.rows, Relaxed);
-        p.files_committed.fetch_add(stats.files as u64, Relaxed);
-        p.bytes_committed.fetch_add(stats.bytes, Relaxed);
-        p.commits.fetch_add(1, Relaxed);
+    match outcome {
+        CommitOutcome::Committed { .. } => {
+            let p = progress;
+            p.rows_committed.fetch_add(stats.rows, Relaxed);
+            p.files_committed.fetch_add(stats.files as u64, Relaxed);
+            p.bytes_committed.fetch_add(stats.bytes, Relaxed);
+            p.commits.fetch_add(1, Relaxed);
+            sink_stats.rows_written.fetch_add(stats.rows, Relaxed);
+            sink_stats
+                .files_written
+                .fetch_add(stats.files as u64, Relaxed);
+            sink_stats.bytes_written.fetch_add(stats.bytes, Relaxed);
+            sink_stats.commits.fetch_add(1, Relaxed);
+        }
+        CommitOutcome::Fenced { .. } => {
+            sink_stats.fenced.fetch_add(1, Relaxed);
+        }
+        CommitOutcome::AlreadyCommitted { .. } => {}
     }
     Ok(outcome)
 }
@@ -509,6 +534,7 @@ async fn commit(
 async fn retry<T, F, Fut>(
     sink: &str,
     tp: &TopicPartition,
+    stats: &SinkStats,
     what: &'static str,
     mut op: F,
 ) -> Result<T, (&'static str, u32, sinks::Error)>
@@ -522,6 +548,9 @@ where
             Ok(v) => return Ok(v),
             Err(e) if e.is_retryable() && attempt < RETRY_ATTEMPTS => {
                 attempt += 1;
+                stats
+                    .retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 warn!(sink, %tp, attempt, error = %e, "{what} failed; retrying");
                 tokio::time::sleep(backoff(attempt)).await;
             }

@@ -47,7 +47,9 @@ pub fn client_config(cfg: &ValidatedConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.bootstrap_servers)
         .set("group.id", &cfg.group_id)
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // End offsets for the lag metric.
+        .set("statistics.interval.ms", "5000");
     for (k, v) in &cfg.kafka_properties {
         c.set(k, v.expose());
     }
@@ -100,6 +102,19 @@ impl ClientContext for LakeContext {
     fn error(&self, error: KafkaError, reason: &str) {
         warn!(target: "librdkafka", error = %error, "{reason}");
     }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        // The broker's end offsets, for the lag metric.
+        let progress = self.router.lock().expect("router").progress.clone();
+        let mut highs = progress.high_watermarks.lock().expect("progress");
+        for (topic, t) in &statistics.topics {
+            for (p, part) in &t.partitions {
+                if *p >= 0 && part.hi_offset >= 0 && part.desired {
+                    highs.insert(TopicPartition::new(topic.as_str(), *p), part.hi_offset);
+                }
+            }
+        }
+    }
 }
 
 impl ConsumerContext for LakeContext {
@@ -143,6 +158,10 @@ impl ConsumerContext for LakeContext {
                 } else {
                     consumer.assign(tpl)
                 };
+                router.progress.health.assigned.store(
+                    !router.parts.is_empty(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 if let Err(e) = r {
                     router
                         .fatal
@@ -152,6 +171,14 @@ impl ConsumerContext for LakeContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 info!(partitions = tps.len(), "revoked; draining their writers");
                 router.drain(&tps);
+                router.progress.health.assigned.store(
+                    !router.parts.is_empty(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                let mut highs = router.progress.high_watermarks.lock().expect("progress");
+                for tp in &tps {
+                    highs.remove(tp);
+                }
                 let r = if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
@@ -312,12 +339,14 @@ pub fn run(
     options: SourceOptions,
 ) -> Result<(), String> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
+    let budget = Arc::new(BufferBudget::new(cfg.max_buffer_bytes));
+    *progress.budget.lock().expect("progress") = Some(budget.clone());
     let router = Router {
         rt: rt.clone(),
         sinks: sinks.clone(),
         parts: HashMap::new(),
         events: events_tx,
-        budget: Arc::new(BufferBudget::new(cfg.max_buffer_bytes)),
+        budget,
         progress: progress.clone(),
         queue: cfg.queue_records,
         drain_timeout: cfg.drain_timeout,
@@ -445,6 +474,10 @@ pub fn run(
         }
     };
     // Drain: flush and commit every writer, then commit group offsets once more.
+    progress
+        .health
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     {
         let mut router = consumer.context().router.lock().expect("router");
         let tps: Vec<TopicPartition> = router.parts.keys().cloned().collect();

@@ -301,10 +301,13 @@ impl Lakesink {
         let dir = scratch("cfg");
         let path = dir.join("lakesink.toml");
         std::fs::write(&path, config_text).unwrap();
+        Self::start_args(&["run", "--config", path.to_str().unwrap()], extra_env)
+    }
+
+    /// Starts `lakesink` with explicit arguments.
+    pub fn start_args(args: &[&str], extra_env: &[(&str, &str)]) -> Lakesink {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lakesink"));
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&path)
+        cmd.args(args)
             .env("LAKESINK_LOG", "info,librdkafka=warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

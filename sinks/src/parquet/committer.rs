@@ -260,24 +260,9 @@ impl ParquetSink {
         Ok(())
     }
 
-    /// Deletes staged files of a lost flush that the winning marker does not reference.
-    async fn discard(&self, staged: &Staged, winner: &Marker) {
-        let keep: HashSet<&str> = winner.files.iter().map(|f| f.staged.as_str()).collect();
-        for f in &staged.files {
-            if keep.contains(f.staged.as_str()) {
-                continue;
-            }
-            let p = self.rel(&f.staged);
-            if let Err(e) = self.table.store.delete(&p).await {
-                debug!(path = %p, error = %e, "could not delete a fenced writer's staged file");
-            }
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl Sink for ParquetSink {
-    async fn recover(&self, tp: &TopicPartition) -> Result<Option<Offset>> {
+    /// Follows the marker chain of `tp` to its end. With `repair`, republishes markers whose
+    /// staged files are still there and moves the recovery hint; without, only reads.
+    async fn walk_chain(&self, tp: &TopicPartition, repair: bool) -> Result<Option<Offset>> {
         let hint: Option<Hint> = self.read_json(&self.hint_path(tp)).await?;
         let markers = self
             .markers_after(tp, hint.as_ref().map(|h| h.marker_start))
@@ -318,7 +303,7 @@ impl Sink for ParquetSink {
                 .files
                 .iter()
                 .any(|f| staged_now.contains(self.rel(&f.staged).as_ref()));
-            if unpublished {
+            if unpublished && repair {
                 info!(table = self.table.location(), %tp, start = marker.start,
                       "finishing an interrupted publish");
                 self.publish(&marker).await?;
@@ -326,10 +311,35 @@ impl Sink for ParquetSink {
             expected = Some(marker.next);
             last = Some(marker);
         }
-        if let Some(m) = &last {
+        if let (Some(m), true) = (&last, repair) {
             self.write_hint(tp, m).await?;
         }
         Ok(expected.map(Offset))
+    }
+
+    /// Deletes staged files of a lost flush that the winning marker does not reference.
+    async fn discard(&self, staged: &Staged, winner: &Marker) {
+        let keep: HashSet<&str> = winner.files.iter().map(|f| f.staged.as_str()).collect();
+        for f in &staged.files {
+            if keep.contains(f.staged.as_str()) {
+                continue;
+            }
+            let p = self.rel(&f.staged);
+            if let Err(e) = self.table.store.delete(&p).await {
+                debug!(path = %p, error = %e, "could not delete a fenced writer's staged file");
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for ParquetSink {
+    async fn recover(&self, tp: &TopicPartition) -> Result<Option<Offset>> {
+        self.walk_chain(tp, true).await
+    }
+
+    async fn committed(&self, tp: &TopicPartition) -> Result<Option<Offset>> {
+        self.walk_chain(tp, false).await
     }
 
     async fn stage(&self, flush: Flush) -> Result<Staged> {

@@ -1,0 +1,180 @@
+//! Operations: the metrics endpoint scraped during a run matches the reconciled row counts, the
+//! probes answer, and `lakesink status` reports the committed offsets and zero lag after
+//! catch-up.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use schema_registry::wire;
+
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_probes_and_status_match_what_landed() {
+    let store = Store::local("orders");
+    let topic = unique("ops");
+    create_topic(&topic, 2).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    // One record per produce request: tansu's end offset is only right for single-record
+    // batches, and `status` compares against it.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("linger.ms", "0")
+        .create()
+        .unwrap();
+    let schema = lakesink::workload::order_schema();
+    let n = 300i64;
+    let mut per_partition: BTreeMap<i32, i64> = BTreeMap::new();
+    for i in 0..n {
+        let order = lakesink::workload::Order::generate(i);
+        let payload = wire::frame(id, &order.encode(&schema));
+        let d = producer
+            .send(
+                FutureRecord::<(), _>::to(&topic)
+                    .partition((i % 2) as i32)
+                    .payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        per_partition.insert(d.partition, d.offset + 1);
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = config(&topic, &unique("g"), &registry_url, &store, "");
+    let cfg_path = scratch("ops").join("lakesink.toml");
+    std::fs::write(&cfg_path, &cfg).unwrap();
+    let mut proc_ = Lakesink::start_args(
+        &[
+            "run",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "--http-listen",
+            &format!("127.0.0.1:{port}"),
+            "--log-format",
+            "json",
+        ],
+        &[],
+    );
+    wait_rows(
+        &store,
+        &topic,
+        n as u64,
+        &mut proc_,
+        Duration::from_secs(120),
+    )
+    .await;
+
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Lag comes from librdkafka statistics every 5 s: wait for it to settle at zero.
+    let start = Instant::now();
+    let text = loop {
+        let text = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let lags: Vec<f64> = (0..2)
+            .filter_map(|p| {
+                metric(
+                    &text,
+                    &format!("lakesink_consumer_lag{{topic=\"{topic}\",partition=\"{p}\"}}"),
+                )
+            })
+            .collect();
+        if lags.len() == 2 && lags.iter().all(|l| *l == 0.0) {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "lag never reached 0:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(
+        metric(&text, "lakesink_rows_written_total{sink=\"orders\"}"),
+        Some(n as f64),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "lakesink_records_consumed_total{sink=\"orders\"}"),
+        Some(n as f64),
+        "{text}"
+    );
+    let commits = metric(&text, "lakesink_commits_total{sink=\"orders\"}").unwrap();
+    assert_eq!(
+        metric(&text, "lakesink_commit_seconds_count{sink=\"orders\"}"),
+        Some(commits),
+        "{text}"
+    );
+    assert!(commits >= 2.0, "{text}");
+    assert_eq!(metric(&text, "lakesink_ready"), Some(1.0));
+    assert_eq!(
+        metric(&text, "lakesink_errors_total{sink=\"orders\"}"),
+        Some(0.0)
+    );
+
+    // `status`: committed offsets per partition and zero lag.
+    let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
+        .args(["status", "--json", "--config"])
+        .arg(&cfg_path)
+        .env("LAKESINK_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        let p = r["partition"].as_i64().unwrap() as i32;
+        assert_eq!(r["committed"], per_partition[&p], "{r}");
+        assert_eq!(r["end"], per_partition[&p], "{r}");
+        assert_eq!(r["lag"], 0, "{r}");
+    }
+    let log = proc_.stop();
+    // JSON logs: every line is a JSON object.
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+    }
+}
