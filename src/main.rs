@@ -72,6 +72,11 @@ enum Command {
         #[arg(long, default_value_t = 6)]
         partitions: i32,
     },
+    /// Exit 0 if URL answers 200 (the container HEALTHCHECK; no curl in the image).
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
+        url: String,
+    },
     /// The schema registry server.
     Registry {
         #[command(subcommand)]
@@ -197,6 +202,25 @@ async fn main() -> ExitCode {
                 }
                 Err(e) => Err(e),
             }
+        }
+        Command::Healthcheck { url } => {
+            let ok = async {
+                let r = reqwest::Client::builder()
+                    .timeout(std::time::Duration::from_secs(3))
+                    .build()?
+                    .get(&url)
+                    .send()
+                    .await?;
+                Ok::<_, reqwest::Error>(r.status().is_success())
+            }
+            .await;
+            return match ok {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) | Err(_) => {
+                    eprintln!("unhealthy: {url}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Command::Demo { records, dir } => lakesink::app::demo::run(records, dir).await,
         Command::Bench {

@@ -103,21 +103,3 @@ async fn check_reaches_every_dependency_and_names_what_fails() {
         "{out}\n{err}"
     );
 }
-
-#[test]
-fn the_example_config_in_deploy_is_valid() {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/lakesink.example.toml"
-    ))
-    .unwrap();
-    let cfg = lakesink::config::Config::from_toml_with_env(&text, |k| {
-        Some(if k.ends_with("_URL") {
-            "https://registry.example".into()
-        } else {
-            "x".into()
-        })
-    })
-    .and_then(lakesink::config::Config::validate);
-    assert!(cfg.is_ok(), "{cfg:?}");
-}
