@@ -176,6 +176,7 @@ async fn compose_services_run_with_their_arguments_and_config() {
     .await
     .unwrap();
     let _ = registry.kill();
+    let _ = registry.wait();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
