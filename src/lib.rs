@@ -6,6 +6,7 @@
 //! crate and never see Kafka; the registry client lives in `schema-registry`.
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod decode;
 pub mod pipeline;

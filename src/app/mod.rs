@@ -182,8 +182,10 @@ pub async fn check(cfg: &ValidatedConfig) -> Vec<CheckResult> {
     let kafka = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || -> Result<String, String> {
-            let consumer: BaseConsumer = source::client_config(&cfg)
-                .create()
+            let consumer: BaseConsumer<crate::auth::AuthContext> = source::client_config(&cfg)
+                .create_with_context(crate::auth::AuthContext(
+                    crate::auth::KafkaAuth::from_config(&cfg),
+                ))
                 .map_err(|e| format!("cannot create a consumer: {e}"))?;
             let md = consumer
                 .fetch_metadata(None, Duration::from_secs(10))
@@ -270,9 +272,12 @@ pub async fn status(cfg: &ValidatedConfig) -> anyhow::Result<Vec<PartitionStatus
     let kafka_cfg = cfg.clone();
     let partitions =
         tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, i32, i64, i64)>> {
-            let consumer: BaseConsumer = source::client_config(&kafka_cfg)
-                .create()
-                .context("cannot create a Kafka client")?;
+            let consumer: BaseConsumer<crate::auth::AuthContext> =
+                source::client_config(&kafka_cfg)
+                    .create_with_context(crate::auth::AuthContext(
+                        crate::auth::KafkaAuth::from_config(&kafka_cfg),
+                    ))
+                    .context("cannot create a Kafka client")?;
             let md = consumer
                 .fetch_metadata(None, Duration::from_secs(10))
                 .context("cannot fetch the broker's metadata")?;

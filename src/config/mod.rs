@@ -102,6 +102,9 @@ pub struct SecurityConfig {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<Secret>,
+    /// AWS region of the MSK cluster (`mechanism = "AWS_MSK_IAM"`).
+    #[serde(default)]
+    pub region: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -533,6 +536,8 @@ pub struct ValidatedConfig {
     pub max_buffer_bytes: u64,
     pub drain_timeout: Duration,
     pub queue_records: usize,
+    /// `security.mechanism = "AWS_MSK_IAM"`: sign OAUTHBEARER tokens for this region.
+    pub msk_iam_region: Option<String>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
     pub http_listen: Option<std::net::SocketAddr>,
     pub sinks: Vec<ValidatedSink>,
@@ -562,6 +567,7 @@ impl Config {
             return Err(err("kafka.group_id", "must not be empty"));
         }
         let mut props: BTreeMap<String, Secret> = BTreeMap::new();
+        let mut msk_iam_region = None;
         for (name, value) in &k.properties {
             let key = format!("kafka.properties.\"{name}\"");
             if let Some((_, _, why)) = FORCED.iter().find(|(n, _, _)| n == name) {
@@ -592,7 +598,22 @@ impl Config {
             }
             props.insert("security.protocol".into(), Secret::new(protocol.clone()));
             if let Some(m) = &sec.mechanism {
-                props.insert("sasl.mechanism".into(), Secret::new(m.clone()));
+                let librdkafka = if m.eq_ignore_ascii_case("AWS_MSK_IAM") {
+                    if sec.region.is_none() {
+                        return Err(err(
+                            "kafka.security.region",
+                            "AWS_MSK_IAM signs tokens for the cluster's region; set e.g. region = \"eu-west-1\"",
+                        ));
+                    }
+                    if !protocol.starts_with("SASL") {
+                        return Err(err("kafka.security.protocol", "AWS_MSK_IAM needs SASL_SSL"));
+                    }
+                    msk_iam_region = sec.region.clone();
+                    "OAUTHBEARER".to_string()
+                } else {
+                    m.clone()
+                };
+                props.insert("sasl.mechanism".into(), Secret::new(librdkafka));
             }
             if let Some(u) = &sec.username {
                 props.insert("sasl.username".into(), Secret::new(u.clone()));
@@ -948,6 +969,7 @@ impl Config {
             max_buffer_bytes,
             drain_timeout,
             queue_records: p.queue_records,
+            msk_iam_region,
             http_listen: match &self.http {
                 Some(h) => Some(h.listen.parse().map_err(|e| {
                     err(

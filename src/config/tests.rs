@@ -103,4 +103,8 @@ fn missing_env_var_and_bad_values_name_the_key() {
 fn dollar_escapes() {
     assert_eq!(interpolate_str("a$${b}c$d", &env).unwrap(), "a${b}c$d");
     assert_eq!(interpolate_str("${NOPE:-x}", &env).unwrap(), "x");
+    assert_eq!(
+        interpolate_str("$ConnectionString", &env).unwrap(),
+        "$ConnectionString"
+    );
 }

@@ -21,7 +21,7 @@ use crate::decode::{DecodeError, Record};
 
 /// A producer to one dead-letter topic.
 pub struct DeadLetters {
-    producer: FutureProducer,
+    producer: FutureProducer<crate::auth::AuthContext>,
     pub topic: String,
 }
 
@@ -57,7 +57,9 @@ impl DeadLetters {
             .set("acks", "all")
             .set("message.timeout.ms", "60000");
         let producer = c
-            .create()
+            .create_with_context(crate::auth::AuthContext(
+                crate::auth::KafkaAuth::from_config(cfg),
+            ))
             .map_err(|e| format!("cannot create the dead-letter producer: {e}"))?;
         Ok(Self {
             producer,

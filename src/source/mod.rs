@@ -83,12 +83,22 @@ struct Router {
     fatal: Option<String>,
 }
 
-/// The consumer context: bridges rebalances to recovery and workers.
+/// The consumer context: bridges rebalances to recovery and workers, and signs tokens.
 pub struct LakeContext {
     router: Mutex<Router>,
+    auth: crate::auth::KafkaAuth,
 }
 
 impl ClientContext for LakeContext {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn generate_oauth_token(
+        &self,
+        _config: Option<&str>,
+    ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
+        self.auth.oauth_token()
+    }
+
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
         use rdkafka::config::RDKafkaLogLevel::*;
         match level {
@@ -356,6 +366,7 @@ pub fn run(
     let consumer: BaseConsumer<LakeContext> = client_config(cfg)
         .create_with_context(LakeContext {
             router: Mutex::new(router),
+            auth: crate::auth::KafkaAuth::from_config(cfg),
         })
         .map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
     let mut subscriptions: Vec<String> = sinks
