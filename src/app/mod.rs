@@ -127,6 +127,10 @@ pub async fn run(
             .with_context(|| format!("cannot listen on {addr} for /metrics and the probes"))?;
         info!("serving /metrics, /healthz and /readyz on http://{bound}");
     }
+    let reporter = options.until_caught_up.then(|| {
+        let progress = progress.clone();
+        tokio::spawn(async move { report_catch_up(progress).await })
+    });
     let rt = tokio::runtime::Handle::current();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let thread_cancel = cancel.clone();
@@ -140,7 +144,71 @@ pub async fn run(
     let result = done_rx
         .await
         .map_err(|_| anyhow!("the source thread panicked"))?;
+    if let Some(r) = reporter {
+        r.abort();
+    }
     result.map_err(|e| anyhow!(e))
+}
+
+/// Catch-up progress: a bar with records/s, records left and an ETA on a terminal; a log line
+/// every 10 s otherwise.
+async fn report_catch_up(progress: Arc<Progress>) {
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    let bar = terminal.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "catch-up [{bar:40}] {pos}/{len} records ({per_sec}, {msg}, eta {eta})",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        b
+    });
+    let started = std::time::Instant::now();
+    let mut last_line = started;
+    loop {
+        tokio::time::sleep(Duration::from_millis(if terminal { 200 } else { 1000 })).await;
+        let (done, total) = progress.catch_up_progress();
+        if total == 0 {
+            continue;
+        }
+        let left = total.saturating_sub(done);
+        match &bar {
+            Some(b) => {
+                b.set_length(total);
+                b.set_position(done);
+                b.set_message(format!("{left} left"));
+            }
+            None if last_line.elapsed() >= Duration::from_secs(10) => {
+                last_line = std::time::Instant::now();
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                let rate = done as f64 / secs;
+                let eta = if rate > 0.0 {
+                    left as f64 / rate
+                } else {
+                    f64::INFINITY
+                };
+                info!(
+                    done,
+                    total,
+                    left,
+                    records_per_s = rate as u64,
+                    eta_s = eta.round(),
+                    "catching up"
+                );
+            }
+            None => {}
+        }
+        if done >= total {
+            if let Some(b) = &bar {
+                b.finish();
+            }
+            info!(records = total, "caught up");
+            break;
+        }
+    }
 }
 
 /// Cancels `token` on SIGINT or SIGTERM; a second signal exits at once.

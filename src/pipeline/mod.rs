@@ -117,6 +117,8 @@ pub struct Progress {
     /// The global buffer budget, once the source has started.
     pub budget: Mutex<Option<Arc<BufferBudget>>>,
     pub health: Health,
+    /// Catch-up mode: per partition, the start position and the end offset seen at assignment.
+    pub catch_up: Mutex<BTreeMap<TopicPartition, (i64, i64)>>,
 }
 
 impl Progress {
@@ -145,6 +147,27 @@ impl Progress {
             .expect("progress")
             .as_ref()
             .map_or(0, |b| b.used())
+    }
+
+    /// Catch-up progress: (records committed since start, records to commit in all).
+    pub fn catch_up_progress(&self) -> (u64, u64) {
+        let ranges = self.catch_up.lock().expect("progress").clone();
+        let mut committed: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+        for ((_, tp), pos) in self.committed_positions() {
+            let e = committed.entry(tp).or_insert(pos);
+            *e = (*e).min(pos);
+        }
+        let (mut done, mut total) = (0u64, 0u64);
+        for (tp, (start, end)) in ranges {
+            total += (end - start).max(0) as u64;
+            let at = committed
+                .get(&tp)
+                .copied()
+                .unwrap_or(start)
+                .clamp(start, end.max(start));
+            done += (at - start) as u64;
+        }
+        (done, total)
     }
 
     /// Assigned partitions and not draining.

@@ -259,6 +259,18 @@ impl Router {
         } else {
             None
         };
+        if let Some((low, high)) = end {
+            let start = positions
+                .iter()
+                .map(|(_, p)| p.unwrap_or(low))
+                .min()
+                .unwrap_or(low);
+            self.progress
+                .catch_up
+                .lock()
+                .expect("progress")
+                .insert(tp.clone(), (start, high));
+        }
         let mut state = PartitionState {
             workers: Vec::new(),
             end: end.map(|(_, h)| h),
@@ -422,7 +434,7 @@ pub fn run(
                 break Err(f.clone());
             }
             if options.until_caught_up && router.caught_up() {
-                info!("every assigned partition is committed up to its end offset");
+                info!("caught up: every assigned partition is committed up to the end offset it had at start");
                 break Ok(());
             }
         }
