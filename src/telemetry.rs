@@ -55,6 +55,20 @@ impl Histogram {
     }
 }
 
+/// A counter by label value.
+#[derive(Debug, Default)]
+pub struct Labeled(std::sync::Mutex<BTreeMap<&'static str, u64>>);
+
+impl Labeled {
+    pub fn inc(&self, label: &'static str) {
+        *self.0.lock().expect("counter").entry(label).or_default() += 1;
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        self.0.lock().expect("counter").clone()
+    }
+}
+
 /// Counters of one sink.
 #[derive(Debug, Default)]
 pub struct SinkStats {
@@ -65,8 +79,11 @@ pub struct SinkStats {
     pub files_written: AtomicU64,
     pub commits: AtomicU64,
     pub fenced: AtomicU64,
-    pub retries: AtomicU64,
-    pub errors: AtomicU64,
+    /// Retried operations, by operation (`stage`, `commit`, `registry`, `dead-letter`).
+    pub retries: Labeled,
+    /// Fatal errors that stopped a partition writer, by class (`decode`, `storage`,
+    /// `dead-letter`, `schema`, `internal`).
+    pub errors: Labeled,
     pub flush_seconds: Histogram,
     pub commit_seconds: Histogram,
 }
@@ -138,18 +155,28 @@ pub fn render(p: &Progress) -> String {
         "Commits lost to another writer of the same range (rebalances, zombies).",
         &|s| s.fenced.load(Relaxed),
     );
-    counter(
-        &mut out,
-        "lakesink_retries_total",
-        "Retried storage operations.",
-        &|s| s.retries.load(Relaxed),
-    );
-    counter(
-        &mut out,
-        "lakesink_errors_total",
-        "Fatal errors that stopped a partition writer.",
-        &|s| s.errors.load(Relaxed),
-    );
+    for (name, help, label, pick) in [
+        (
+            "lakesink_retries_total",
+            "Retried operations, by operation.",
+            "operation",
+            0,
+        ),
+        (
+            "lakesink_errors_total",
+            "Fatal errors that stopped a partition writer, by class.",
+            "class",
+            1,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (sink, s) in &sinks {
+            let l = if pick == 0 { &s.retries } else { &s.errors };
+            for (k, n) in l.snapshot() {
+                let _ = writeln!(out, "{name}{{sink=\"{}\",{label}=\"{k}\"}} {n}", esc(sink));
+            }
+        }
+    }
     for (name, help, pick) in [
         (
             "lakesink_flush_seconds",

@@ -144,9 +144,11 @@ async fn metrics_probes_and_status_match_what_landed() {
     );
     assert!(commits >= 2.0, "{text}");
     assert_eq!(metric(&text, "lakesink_ready"), Some(1.0));
-    assert_eq!(
-        metric(&text, "lakesink_errors_total{sink=\"orders\"}"),
-        Some(0.0)
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("lakesink_errors_total{")),
+        "no fatal errors: {text}"
     );
 
     // `status`: committed offsets per partition and zero lag.

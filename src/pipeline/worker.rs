@@ -159,10 +159,8 @@ impl Worker {
         self.buffer.clear();
     }
 
-    fn fatal(&mut self, message: String) {
-        self.stats
-            .errors
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    fn fatal(&mut self, class: &'static str, message: String) {
+        self.stats.errors.inc(class);
         error!(sink = self.sink_name(), tp = %self.ctx.tp, "{message}");
         self.dead = true;
         self.release();
@@ -211,6 +209,7 @@ impl Worker {
                     Ok(changes) => break changes,
                     Err(e) if e.retryable && attempt < RETRY_ATTEMPTS => {
                         attempt += 1;
+                        self.stats.retries.inc("registry");
                         warn!(sink = self.sink_name(), error = %e, attempt, "retrying");
                         tokio::time::sleep(backoff(attempt)).await;
                     }
@@ -233,6 +232,7 @@ impl Worker {
                     Ok(()) => break,
                     Err(rejected) if rejected.error.retryable && attempt < RETRY_ATTEMPTS => {
                         attempt += 1;
+                        self.stats.retries.inc("registry");
                         warn!(sink = self.sink_name(), error = %rejected.error, attempt, "retrying");
                         tokio::time::sleep(backoff(attempt)).await;
                         rec = rejected.record;
@@ -271,11 +271,14 @@ impl Worker {
         let sink = self.sink_name().to_string();
         let what = match self.ctx.runtime.config.errors {
             ErrorPolicy::Fail => {
-                self.fatal(format!(
+                self.fatal(
+                    "decode",
+                    format!(
                     "sink `{sink}`: {error}. The sink stopped so that nothing is skipped (errors = \
                      \"fail\"); fix the producer or the schema registry, or set errors = \
                      \"dead-letter\" with a dead_letter_topic, and restart"
-                ));
+                ),
+                );
                 return;
             }
             ErrorPolicy::Skip => {
@@ -296,13 +299,17 @@ impl Worker {
                         Ok(()) => break,
                         Err(e) if attempt < RETRY_ATTEMPTS => {
                             attempt += 1;
+                            self.stats.retries.inc("dead-letter");
                             warn!(sink = %sink, attempt, "{e}; retrying");
                             tokio::time::sleep(backoff(attempt)).await;
                         }
                         Err(e) => {
-                            self.fatal(format!(
-                                "sink `{sink}`: {error}; and it cannot be dead-lettered: {e}"
-                            ));
+                            self.fatal(
+                                "dead-letter",
+                                format!(
+                                    "sink `{sink}`: {error}; and it cannot be dead-lettered: {e}"
+                                ),
+                            );
                             return;
                         }
                     }
@@ -348,11 +355,14 @@ impl Worker {
         let batch = match self.transform(batch) {
             Ok(b) => b,
             Err(e) => {
-                self.fatal(format!(
-                    "sink `{}` {}: cannot unwrap Debezium envelopes: {e}",
-                    self.sink_name(),
-                    self.ctx.tp
-                ));
+                self.fatal(
+                    "schema",
+                    format!(
+                        "sink `{}` {}: cannot unwrap Debezium envelopes: {e}",
+                        self.sink_name(),
+                        self.ctx.tp
+                    ),
+                );
                 return;
             }
         };
@@ -360,14 +370,17 @@ impl Worker {
             if first.schema() != batch.schema() {
                 // `handle` flushes before a record with another schema, so this cannot happen;
                 // refuse rather than write a file with mixed schemas.
-                self.fatal(format!(
-                    "sink `{}` {}: internal error: a batch with a different schema reached a \
+                self.fatal(
+                    "internal",
+                    format!(
+                        "sink `{}` {}: internal error: a batch with a different schema reached a \
                      non-empty buffer: {:?} vs {:?}",
-                    self.sink_name(),
-                    self.ctx.tp,
-                    first.schema(),
-                    batch.schema()
-                ));
+                        self.sink_name(),
+                        self.ctx.tp,
+                        first.schema(),
+                        batch.schema()
+                    ),
+                );
                 return;
             }
         }
@@ -385,7 +398,7 @@ impl Worker {
             let mut out = Vec::new();
             let mut rejected = Vec::new();
             if let Err(e) = self.decoder.finish(&mut out, &mut rejected) {
-                self.fatal(format!("sink `{}`: {e}", self.sink_name()));
+                self.fatal("decode", format!("sink `{}`: {e}", self.sink_name()));
                 return;
             }
             // Rejected records are dead-lettered before the commit that covers them.
@@ -490,12 +503,15 @@ impl Worker {
             self.ctx.position.unwrap_or(-1),
             self.last_offset.map_or(-1, |l| l + 1)
         );
-        self.fatal(format!(
+        self.fatal(
+            "storage",
+            format!(
             "sink `{}` {} {range}: {what} failed after {attempts} attempts: {e}. Nothing of this \
              range was committed; it is read again after a restart",
             self.sink_name(),
             self.ctx.tp,
-        ));
+        ),
+        );
     }
 }
 
@@ -548,9 +564,7 @@ where
             Ok(v) => return Ok(v),
             Err(e) if e.is_retryable() && attempt < RETRY_ATTEMPTS => {
                 attempt += 1;
-                stats
-                    .retries
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stats.retries.inc(what);
                 warn!(sink, %tp, attempt, error = %e, "{what} failed; retrying");
                 tokio::time::sleep(backoff(attempt)).await;
             }
