@@ -154,3 +154,129 @@ async fn json_records_fit_the_declared_schema_and_bad_ones_are_dead_lettered() {
     let want: BTreeMap<i64, String> = bad.iter().map(|(o, c)| (*o, c.to_string())).collect();
     assert_eq!(seen, want);
 }
+
+/// Confluent-framed JSON whose JSON Schemas live in the registry: no declared schema; a second
+/// schema version adds a field mid-stream; unframed and unknown-id records are skipped with
+/// counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_schema_from_the_registry() {
+    let store = Store::local("events");
+    let topic = unique("jsonschema");
+    create_topic(&topic, 1).await;
+    let (registry_url, _client) = registry().await;
+    let register = |schema: serde_json::Value| {
+        let url = format!("{registry_url}/subjects/{topic}-value/versions");
+        async move {
+            let body = serde_json::json!({"schemaType": "JSON", "schema": schema.to_string()});
+            let r: serde_json::Value = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            schema_registry::SchemaId(r["id"].as_u64().unwrap() as u32)
+        }
+    };
+    let v1 = register(serde_json::json!({"type": "object", "properties": {
+        "id": {"type": "integer"}, "at": {"type": "string", "format": "date-time"}}}))
+    .await;
+    let v2 = register(serde_json::json!({"type": "object", "properties": {
+        "id": {"type": "integer"}, "at": {"type": "string", "format": "date-time"},
+        "note": {"type": ["null", "string"]}}}))
+    .await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let mut good = BTreeMap::new();
+    for i in 0..120i64 {
+        let (id, doc) = if i < 60 {
+            (
+                v1,
+                serde_json::json!({"id": i, "at": "2026-11-21T10:00:00Z"}),
+            )
+        } else {
+            (
+                v2,
+                serde_json::json!({"id": i, "at": "2026-11-21T11:00:00Z", "note": format!("n{i}")}),
+            )
+        };
+        let payload = schema_registry::wire::frame(id, doc.to_string().as_bytes());
+        let d = producer
+            .send(
+                FutureRecord::<(), _>::to(&topic)
+                    .partition(0)
+                    .payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        good.insert(d.offset, i);
+        if i == 30 {
+            // Not framed, and framed with an id the registry does not know.
+            for bad in [
+                b"{\"id\": 1}".to_vec(),
+                schema_registry::wire::frame(schema_registry::SchemaId(777), b"{}"),
+            ] {
+                producer
+                    .send(
+                        FutureRecord::<(), _>::to(&topic).partition(0).payload(&bad),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let cfg = config_with(
+        &topic,
+        &unique("g"),
+        &registry_url,
+        &store,
+        "[]",
+        "format = \"json\"\nerrors = \"skip\"",
+    );
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    wait_rows(
+        &store,
+        &topic,
+        good.len() as u64,
+        &mut proc_,
+        Duration::from_secs(120),
+    )
+    .await;
+    let log = proc_.stop();
+    assert_eq!(
+        log.matches("skipping a record that cannot be decoded")
+            .count(),
+        2,
+        "{log}"
+    );
+    let out = Command::new(python())
+        .arg(py_script("dump_table.py"))
+        .arg(store.url.strip_prefix("file://").unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(table["types"]["id"], "int64");
+    assert_eq!(table["types"]["at"], "timestamp[us, tz=+00:00]");
+    let rows = table["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), good.len());
+    for r in rows {
+        let i = good[&r["_kafka_offset"].as_i64().unwrap()];
+        assert_eq!(r["id"], i);
+        if i < 60 {
+            assert!(r["note"].is_null(), "{r}");
+        } else {
+            assert_eq!(r["note"], format!("n{i}").as_str());
+        }
+    }
+}

@@ -774,6 +774,14 @@ impl Config {
                         ));
                     }
                 }
+                "json" if s.schema.is_none() => {
+                    if registry.is_none() {
+                        return Err(err(
+                            key("schema"),
+                            "`json` needs either the table's columns (schema = { id = \"long\", ... }) or a [schema_registry] with JSON Schemas for Confluent-framed records",
+                        ));
+                    }
+                }
                 "json" | "debezium-json" => {
                     if s.schema.is_none() {
                         return Err(err(

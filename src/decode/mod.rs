@@ -12,6 +12,7 @@
 mod avro;
 pub mod debezium;
 pub mod json;
+pub mod json_schema;
 mod meta;
 
 pub use avro::AvroDecoder;
@@ -60,6 +61,8 @@ pub struct Rejected {
 pub enum FormatDecoder {
     Avro(Box<AvroDecoder>),
     Json(Box<JsonDecoder>),
+    /// JSON with JSON Schemas from the registry.
+    RegistryJson(Box<json_schema::RegistryJsonDecoder>),
 }
 
 impl FormatDecoder {
@@ -68,6 +71,7 @@ impl FormatDecoder {
         match self {
             FormatDecoder::Avro(d) => d.prepare(rec).await,
             FormatDecoder::Json(_) => Ok(false),
+            FormatDecoder::RegistryJson(d) => d.prepare(rec).await,
         }
     }
 
@@ -82,6 +86,7 @@ impl FormatDecoder {
         match self {
             FormatDecoder::Avro(d) => d.push(rec, out).await,
             FormatDecoder::Json(d) => d.push(rec, out, rejected),
+            FormatDecoder::RegistryJson(d) => d.push(rec, out, rejected).await,
         }
     }
 
@@ -97,6 +102,10 @@ impl FormatDecoder {
                 d.finish(out, rejected);
                 Ok(())
             }
+            FormatDecoder::RegistryJson(d) => {
+                d.finish(out, rejected);
+                Ok(())
+            }
         }
     }
 
@@ -104,6 +113,7 @@ impl FormatDecoder {
         match self {
             FormatDecoder::Avro(d) => d.pending_rows(),
             FormatDecoder::Json(d) => d.pending_rows(),
+            FormatDecoder::RegistryJson(d) => d.pending_rows(),
         }
     }
 
@@ -111,7 +121,7 @@ impl FormatDecoder {
     pub fn reader_schema(&self) -> Option<(u32, &str)> {
         match self {
             FormatDecoder::Avro(d) => d.reader_schema(),
-            FormatDecoder::Json(_) => None,
+            FormatDecoder::Json(_) | FormatDecoder::RegistryJson(_) => None,
         }
     }
 }

@@ -138,6 +138,14 @@ fn new_decoder(ctx: &WorkerCtx) -> FormatDecoder {
                 batch,
             )))
         }
+        (Format::Json, None) => FormatDecoder::RegistryJson(Box::new(
+            crate::decode::json_schema::RegistryJsonDecoder::new(
+                ctx.tp.clone(),
+                ctx.runtime.registry.clone(),
+                config.metadata,
+                batch,
+            ),
+        )),
         _ => FormatDecoder::Avro(Box::new(AvroDecoder::new(
             ctx.tp.clone(),
             ctx.runtime.registry.clone(),
