@@ -218,6 +218,12 @@ pub struct SinkConfig {
     /// JSON records wrapped in Kafka Connect's `{"schema": ..., "payload": ...}` (`"connect"`).
     #[serde(default)]
     pub json_envelope: Option<String>,
+    /// Decode record keys into `_key`: `string`, `json` (with `key_schema`) or `avro`.
+    #[serde(default)]
+    pub key_format: Option<String>,
+    /// `key_format = "json"`: the key's fields, `name = "type"`.
+    #[serde(default)]
+    pub key_schema: Option<toml::Table>,
 }
 
 fn default_format() -> String {
@@ -511,6 +517,8 @@ pub struct ValidatedSink {
     pub json_schema: Option<arrow::datatypes::SchemaRef>,
     /// JSON values are Kafka Connect `{"schema", "payload"}` envelopes.
     pub connect_envelope: bool,
+    /// How to decode keys into `_key`, if at all.
+    pub key_format: Option<crate::decode::key::KeyFormat>,
 }
 
 /// How record values are encoded.
@@ -912,6 +920,59 @@ impl Config {
                     ));
                 }
             }
+            let declared = |cols: &toml::Table,
+                            what: &str|
+             -> Result<arrow::datatypes::SchemaRef, ConfigError> {
+                let mut fields = Vec::with_capacity(cols.len());
+                for (name, t) in cols {
+                    let t = t.as_str().ok_or_else(|| {
+                        err(
+                            key(&format!("{what}.{name}")),
+                            "the type must be a string such as \"long\"",
+                        )
+                    })?;
+                    let dt = crate::decode::json::parse_type(t)
+                        .map_err(|e| err(key(&format!("{what}.{name}")), e))?;
+                    fields.push(arrow::datatypes::Field::new(name, dt, true));
+                }
+                if fields.is_empty() {
+                    return Err(err(key(what), "declare at least one column"));
+                }
+                Ok(std::sync::Arc::new(arrow::datatypes::Schema::new(fields)))
+            };
+            let key_format = match (s.key_format.as_deref(), &s.key_schema) {
+                (None, None) => None,
+                (Some("string"), None) => Some(crate::decode::key::KeyFormat::String),
+                (Some("json"), Some(cols)) => Some(crate::decode::key::KeyFormat::Json(declared(
+                    cols,
+                    "key_schema",
+                )?)),
+                (Some("json"), None) => return Err(err(
+                    key("key_schema"),
+                    "key_format = \"json\" needs the key's fields: key_schema = { id = \"long\" }",
+                )),
+                (Some("avro"), None) => {
+                    if registry.is_none() {
+                        return Err(err(
+                            key("key_format"),
+                            "`avro` keys need a [schema_registry]",
+                        ));
+                    }
+                    Some(crate::decode::key::KeyFormat::Avro)
+                }
+                (Some(_), Some(_)) | (None, Some(_)) => {
+                    return Err(err(
+                        key("key_schema"),
+                        "only key_format = \"json\" takes a key_schema",
+                    ))
+                }
+                (Some(other), None) => {
+                    return Err(err(
+                        key("key_format"),
+                        format!("unknown key format `{other}`; use string, json or avro"),
+                    ))
+                }
+            };
             let json_schema = match &s.schema {
                 Some(cols) if s.format == "json" || s.format == "debezium-json" => {
                     let mut fields = Vec::with_capacity(cols.len());
@@ -957,6 +1018,7 @@ impl Config {
                     _ => Format::Avro,
                 },
                 json_schema,
+                key_format,
                 connect_envelope: match s.json_envelope.as_deref() {
                     None | Some("none") => false,
                     Some("connect") if s.format.contains("json") => true,

@@ -13,6 +13,7 @@ mod avro;
 pub mod debezium;
 pub mod json;
 pub mod json_schema;
+pub mod key;
 mod meta;
 
 pub use avro::AvroDecoder;

@@ -27,6 +27,7 @@ use std::collections::HashMap;
 
 use crate::config::{ErrorPolicy, Format};
 use crate::decode::debezium;
+use crate::decode::key::KeyDecoder;
 use crate::decode::{AvroDecoder, FormatDecoder, JsonDecoder, Record, Rejected};
 
 /// Everything a worker needs.
@@ -60,6 +61,8 @@ struct Worker {
     dead: bool,
     /// This sink's counters.
     stats: Arc<SinkStats>,
+    /// Decodes keys into `_key`, when the sink asks for it.
+    keys: Option<KeyDecoder>,
     /// Debezium semantic types of the current reader schema (by reader id).
     semantics: Option<(u32, HashMap<String, debezium::Semantic>)>,
 }
@@ -79,7 +82,15 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         dead: false,
         semantics: None,
         stats: Arc::new(SinkStats::default()),
+        keys: None,
     };
+    w.keys = w
+        .ctx
+        .runtime
+        .config
+        .key_format
+        .clone()
+        .map(|f| KeyDecoder::new(f, w.ctx.tp.clone(), w.ctx.runtime.registry.clone()));
     w.stats = w.ctx.progress.sink(&w.ctx.runtime.config.name);
     let latency = w.ctx.runtime.config.flush.max_latency;
     loop {
@@ -126,7 +137,12 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 fn new_decoder(ctx: &WorkerCtx) -> FormatDecoder {
     let batch = ctx.runtime.config.flush.max_rows.clamp(1, 8192);
-    let config = &ctx.runtime.config;
+    let mut config = ctx.runtime.config.clone();
+    if config.key_format.is_some() {
+        // Raw keys ride along as `_kafka_key` until they are decoded into `_key`.
+        config.metadata.key = true;
+    }
+    let config = &config;
     match (&config.format, &config.json_schema) {
         (Format::Json | Format::DebeziumJson, Some(schema)) => {
             FormatDecoder::Json(Box::new(JsonDecoder::new(
@@ -209,6 +225,26 @@ impl Worker {
             debug!(sink = self.sink_name(), tp = %self.ctx.tp, offset = rec.offset,
                    "tombstone (null value) skipped in append mode");
         } else {
+            if let Some(keys) = self.keys.as_mut() {
+                let mut attempt = 0;
+                let checked = loop {
+                    match keys.check(rec.key.as_deref(), offset).await {
+                        Err(e) if e.retryable && attempt < RETRY_ATTEMPTS => {
+                            attempt += 1;
+                            self.stats.retries.inc("registry");
+                            tokio::time::sleep(backoff(attempt)).await;
+                        }
+                        other => break other,
+                    }
+                };
+                if let Err(error) = checked {
+                    self.reject(Rejected { error, record: rec }).await;
+                    if !self.dead {
+                        self.last_offset = Some(offset);
+                    }
+                    return;
+                }
+            }
             // Resolve the schema first: a newer reader schema changes the output schema, so
             // what precedes this record is committed under the old one.
             let mut attempt = 0;
@@ -338,7 +374,36 @@ impl Worker {
     }
 
     /// Format-specific reshaping of a decoded batch (Debezium envelopes to row images).
-    fn transform(&mut self, batch: RecordBatch) -> Result<RecordBatch, String> {
+    async fn transform(&mut self, batch: RecordBatch) -> Result<RecordBatch, String> {
+        let batch = self.unwrap_envelope(batch)?;
+        let Some(keys) = self.keys.as_mut() else {
+            return Ok(batch);
+        };
+        let schema = batch.schema();
+        let raw = schema
+            .index_of("_kafka_key")
+            .map_err(|_| "internal: the raw key column is missing")?;
+        let decoded = keys
+            .decode(arrow::array::AsArray::as_binary::<i32>(batch.column(raw)))
+            .await
+            .map_err(|e| format!("cannot decode keys: {e}"))?;
+        let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
+        let mut columns = batch.columns().to_vec();
+        if !self.ctx.runtime.config.metadata.key {
+            fields.remove(raw);
+            columns.remove(raw);
+        }
+        fields.push(Arc::new(arrow::datatypes::Field::new(
+            "_key",
+            decoded.data_type().clone(),
+            true,
+        )));
+        columns.push(decoded);
+        RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), columns)
+            .map_err(|e| e.to_string())
+    }
+
+    fn unwrap_envelope(&mut self, batch: RecordBatch) -> Result<RecordBatch, String> {
         match self.ctx.runtime.config.format {
             Format::DebeziumJson => return debezium::unwrap(&batch, &HashMap::new()),
             Format::DebeziumAvro => {}
@@ -360,7 +425,7 @@ impl Worker {
     }
 
     async fn buffer_batch(&mut self, batch: RecordBatch) {
-        let batch = match self.transform(batch) {
+        let batch = match self.transform(batch).await {
             Ok(b) => b,
             Err(e) => {
                 self.fatal(

@@ -1,0 +1,218 @@
+//! Record keys decoded into a `_key` column: `string` (UTF-8), `json` (objects of a declared
+//! `key_schema`) or `avro` (Confluent-framed, schemas from the registry's `<topic>-key`
+//! subject). Upsert sinks read their key fields from `_key`.
+//!
+//! Invariant: keys travel with their rows as the raw `_kafka_key` metadata column (so every
+//! decoder's replay, isolation and rejection keeps them aligned) and are checked one by one
+//! before the value is decoded: a record whose key cannot be decoded is rejected (class `key`)
+//! before it reaches the value decoder, so decoding a batch's keys cannot fail.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, BinaryArray};
+use arrow::compute::concat_batches;
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use schema_registry::{wire, RegistryClient};
+use sinks::TopicPartition;
+
+use super::{AvroDecoder, DecodeError, JsonDecoder, Record};
+use crate::config::MetadataConfig;
+
+/// How keys are encoded.
+#[derive(Debug, Clone)]
+pub enum KeyFormat {
+    String,
+    Json(SchemaRef),
+    Avro,
+}
+
+/// Checks and decodes one partition's keys.
+pub struct KeyDecoder {
+    format: KeyFormat,
+    tp: TopicPartition,
+    registry: RegistryClient,
+    /// Parsed Avro key schemas by id, for checking single keys.
+    avro_schemas: HashMap<u32, apache_avro::Schema>,
+}
+
+impl std::fmt::Debug for KeyDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyDecoder")
+            .field("format", &self.format)
+            .finish()
+    }
+}
+
+const NO_META: MetadataConfig = MetadataConfig {
+    topic: false,
+    partition: false,
+    offset: false,
+    timestamp: false,
+    key: false,
+};
+
+fn rec(offset: i64, key: &[u8]) -> Record {
+    Record {
+        offset,
+        timestamp_ms: None,
+        key: None,
+        payload: Some(key.to_vec()),
+        headers: Vec::new(),
+    }
+}
+
+impl KeyDecoder {
+    pub fn new(format: KeyFormat, tp: TopicPartition, registry: RegistryClient) -> Self {
+        Self {
+            format,
+            tp,
+            registry,
+            avro_schemas: HashMap::new(),
+        }
+    }
+
+    fn error(&self, offset: i64, reason: String, retryable: bool) -> DecodeError {
+        DecodeError {
+            tp: self.tp.clone(),
+            offset,
+            class: "key",
+            reason: format!("the key cannot be decoded: {reason}"),
+            schema_id: None,
+            retryable,
+        }
+    }
+
+    /// Checks that `key` decodes. A null key is valid (a null `_key`).
+    pub async fn check(&mut self, key: Option<&[u8]>, offset: i64) -> Result<(), DecodeError> {
+        let Some(key) = key else { return Ok(()) };
+        match &self.format {
+            KeyFormat::String => std::str::from_utf8(key)
+                .map(|_| ())
+                .map_err(|e| self.error(offset, format!("not UTF-8: {e}"), false)),
+            KeyFormat::Json(schema) => {
+                let mut d =
+                    JsonDecoder::new(self.tp.clone(), schema.clone(), false, false, NO_META, 1);
+                let (mut out, mut rejected) = (Vec::new(), Vec::new());
+                if let Err(r) = d.push(rec(offset, key), &mut out, &mut rejected) {
+                    return Err(self.error(offset, r.error.reason, false));
+                }
+                d.finish(&mut out, &mut rejected);
+                match rejected.pop() {
+                    Some(r) => Err(self.error(offset, r.error.reason, false)),
+                    None => Ok(()),
+                }
+            }
+            KeyFormat::Avro => {
+                let (id, mut body) =
+                    wire::parse(key).map_err(|e| self.error(offset, e.to_string(), false))?;
+                if !self.avro_schemas.contains_key(&id.0) {
+                    let s = self.registry.schema(id).await.map_err(|e| {
+                        self.error(offset, format!("schema id {id}: {e}"), e.is_retryable())
+                    })?;
+                    let parsed = apache_avro::Schema::parse_str(&s.schema)
+                        .map_err(|e| self.error(offset, format!("schema id {id}: {e}"), false))?;
+                    self.avro_schemas.insert(id.0, parsed);
+                }
+                let schema = &self.avro_schemas[&id.0];
+                let value = apache_avro::from_avro_datum(schema, &mut body, None)
+                    .map_err(|e| self.error(offset, format!("schema id {id}: {e}"), false))?;
+                if !body.is_empty() {
+                    return Err(self.error(
+                        offset,
+                        format!("{} bytes after the key", body.len()),
+                        false,
+                    ));
+                }
+                drop(value);
+                Ok(())
+            }
+        }
+    }
+
+    /// Decodes a batch's checked keys into the `_key` column.
+    pub async fn decode(&mut self, keys: &BinaryArray) -> Result<ArrayRef, String> {
+        match &self.format {
+            KeyFormat::String => {
+                arrow::compute::cast(keys, &DataType::Utf8).map_err(|e| e.to_string())
+            }
+            KeyFormat::Json(schema) => {
+                let mut d = JsonDecoder::new(
+                    self.tp.clone(),
+                    schema.clone(),
+                    false,
+                    false,
+                    NO_META,
+                    keys.len().max(1),
+                );
+                let (mut out, mut rejected) = (Vec::new(), Vec::new());
+                for (i, k) in keys.iter().enumerate() {
+                    d.push(rec(i as i64, k.unwrap_or(b"{}")), &mut out, &mut rejected)
+                        .map_err(|r| r.error.reason)?;
+                }
+                d.finish(&mut out, &mut rejected);
+                if let Some(r) = rejected.first() {
+                    return Err(r.error.reason.clone());
+                }
+                with_nulls(struct_of(schema, &out)?, keys)
+            }
+            KeyFormat::Avro => {
+                let mut d = AvroDecoder::new(
+                    self.tp.clone(),
+                    self.registry.clone(),
+                    NO_META,
+                    keys.len().max(1),
+                );
+                let mut out = Vec::new();
+                let mut placeholder = None;
+                for (i, k) in keys.iter().enumerate() {
+                    let k = match k {
+                        Some(k) => {
+                            placeholder.get_or_insert_with(|| k.to_vec());
+                            k.to_vec()
+                        }
+                        // Null keys decode as any valid key, then are masked null.
+                        None => match &placeholder {
+                            Some(p) => p.clone(),
+                            None => keys
+                                .iter()
+                                .flatten()
+                                .next()
+                                .map(<[u8]>::to_vec)
+                                .unwrap_or_default(),
+                        },
+                    };
+                    d.prepare(&rec(i as i64, &k)).await.map_err(|e| e.reason)?;
+                    d.push(rec(i as i64, &k), &mut out)
+                        .await
+                        .map_err(|r| r.error.reason)?;
+                }
+                d.finish(&mut out).map_err(|e| e.reason)?;
+                let schema = out.first().map(|b| b.schema()).ok_or("no keys")?;
+                with_nulls(struct_of(&schema, &out)?, keys)
+            }
+        }
+    }
+}
+
+fn struct_of(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<ArrayRef, String> {
+    let all = concat_batches(schema, batches).map_err(|e| {
+        format!("keys changed schema within one batch ({e}); flush more often or keep key schemas compatible")
+    })?;
+    Ok(Arc::new(arrow::array::StructArray::from(all)))
+}
+
+fn with_nulls(col: ArrayRef, keys: &BinaryArray) -> Result<ArrayRef, String> {
+    if keys.null_count() == 0 {
+        return Ok(col);
+    }
+    let s = col.as_struct();
+    let arr = arrow::array::StructArray::try_new(
+        s.fields().clone(),
+        s.columns().to_vec(),
+        keys.nulls().cloned(),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Arc::new(arr))
+}
