@@ -14,7 +14,7 @@
 //!   and the records of the current batch are replayed into it before the error is returned
 //!   together with the record (for the dead-letter topic).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arrow::datatypes::{Field, Schema};
@@ -33,8 +33,8 @@ pub struct AvroDecoder {
     registry: RegistryClient,
     /// Writer schemas the current decoder was built with, by id.
     writers: BTreeMap<u32, String>,
-    /// Ids that are known not to resolve to the reader (their records are rejected).
-    incompatible: HashSet<u32>,
+    /// Ids that are known not to resolve to the reader, and why (their records are rejected).
+    incompatible: HashMap<u32, String>,
     /// The reader schema id.
     reader: Option<u32>,
     decoder: Option<Decoder>,
@@ -68,7 +68,7 @@ impl AvroDecoder {
             tp,
             registry,
             writers: BTreeMap::new(),
-            incompatible: HashSet::new(),
+            incompatible: HashMap::new(),
             reader: None,
             decoder: None,
             last_id: None,
@@ -112,7 +112,7 @@ impl AvroDecoder {
         let Some(Ok((id, _))) = rec.payload.as_deref().map(wire::parse) else {
             return Ok(false);
         };
-        if self.writers.contains_key(&id.0) || self.incompatible.contains(&id.0) {
+        if self.writers.contains_key(&id.0) || self.incompatible.contains_key(&id.0) {
             return Ok(false);
         }
         self.fetch(id, rec.offset).await?;
@@ -174,7 +174,7 @@ impl AvroDecoder {
         })?;
         let (id, _) = wire::parse(payload)
             .map_err(|e| self.error(rec.offset, "wire-format", None, e.to_string()))?;
-        if self.incompatible.contains(&id.0) {
+        if self.incompatible.contains_key(&id.0) {
             return Err(self.incompatible_error(rec.offset, id.0));
         }
         if !self.writers.contains_key(&id.0) {
@@ -246,10 +246,11 @@ impl AvroDecoder {
             Some(id),
             format!(
                 "writer schema id {id} cannot be resolved to the reader schema id {} of subject \
-                 `{}-value` (a type was narrowed, or a field without a default was added); \
+                 `{}-value` (a type was narrowed, or a field without a default was added): {}; \
                  register a compatible version",
                 self.reader.unwrap_or_default(),
-                self.tp.topic
+                self.tp.topic,
+                self.incompatible.get(&id).map_or("", String::as_str)
             ),
         )
     }
@@ -268,20 +269,43 @@ impl AvroDecoder {
         self.pending.clear();
         self.writers.insert(id, schema);
         let newest = self.reader.is_none_or(|r| id > r);
-        if newest && self.rebuild(Some(id), offset).is_ok() {
-            self.reader = Some(id);
-            self.last_id = None;
-            return Ok(());
+        let mut why = Vec::new();
+        if newest {
+            match self.rebuild(Some(id), offset) {
+                Ok(()) => {
+                    self.reader = Some(id);
+                    self.last_id = None;
+                    return Ok(());
+                }
+                Err(e) => why.push(format!("as the new reader: {}", e.reason)),
+            }
         }
         // Not the newest, or the newest cannot read the older writers: it may still resolve
         // to the current reader.
-        if self.reader.is_some() && self.rebuild(self.reader, offset).is_ok() {
-            self.last_id = None;
-            return Ok(());
+        if self.reader.is_some() {
+            match self.rebuild(self.reader, offset) {
+                Ok(()) => {
+                    self.last_id = None;
+                    return Ok(());
+                }
+                Err(e) => why.push(format!("against the current reader: {}", e.reason)),
+            }
         }
-        // `id` does not fit: forget it, restore the previous decoder, reject its records.
+        // `id` does not fit: forget it, restore the previous decoder, reject its records. Name
+        // the field with the registry's resolution rules (arrow-avro's errors do not).
+        let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).ok();
+        if let (Some(reader), Some(new)) = (
+            self.reader
+                .and_then(|r| self.writers.get(&r))
+                .and_then(|s| parse(s)),
+            self.writers.get(&id).and_then(|s| parse(s)),
+        ) {
+            if let Err(e) = schema_registry::compat::can_read(&reader, &new) {
+                why.insert(0, e);
+            }
+        }
         self.writers.remove(&id);
-        self.incompatible.insert(id);
+        self.incompatible.insert(id, why.join("; "));
         if self.reader.is_some() {
             self.rebuild(self.reader, offset)?;
         } else {
