@@ -16,6 +16,10 @@ mkdir -p "$CACHE"
 
 log() { printf '\n== %s\n' "$*" >&2; }
 
+if ! command -v openssl >/dev/null 2>&1; then
+  log "installing openssl (the registry TLS test makes certificates)"
+  apt-get install -y -qq openssl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq openssl; }
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
   cargo install --locked cargo-nextest >/dev/null 2>&1 || true
