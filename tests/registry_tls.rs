@@ -86,7 +86,7 @@ fn certificates(dir: &Path, san: &str) {
 
 async fn serve(dir: &Path) -> (std::process::Child, u16) {
     let port_file = dir.join("port");
-    let child = Command::new(python())
+    let mut child = Command::new(python())
         .arg(py_script("tls_registry.py"))
         .args(["server.pem", "server.key", "ca.pem"])
         .arg(&port_file)
@@ -102,6 +102,8 @@ async fn serve(dir: &Path) -> (std::process::Child, u16) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("the TLS registry did not start");
 }
 
