@@ -3,6 +3,8 @@
 //! and reading tables back with the independent Python readers.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
