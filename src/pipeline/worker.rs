@@ -281,6 +281,19 @@ impl Worker {
                         tokio::time::sleep(backoff(attempt)).await;
                         rec = rejected.record;
                     }
+                    Err(rejected) if rejected.error.retryable => {
+                        // Transient (registry unreachable) is never dead-lettered.
+                        self.fatal(
+                            "registry",
+                            format!(
+                                "sink `{}`: {} (still failing after {attempt} retries); stopping \
+                                 rather than dead-lettering a good record",
+                                self.sink_name(),
+                                rejected.error
+                            ),
+                        );
+                        return;
+                    }
                     Err(rejected) => {
                         self.reject(*rejected).await;
                         break;

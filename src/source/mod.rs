@@ -409,17 +409,36 @@ pub fn run(
                     note_commit(&mut positions, &mut to_commit, &sinks, sink, tp, next.0);
                 }
                 Event::Resync { sink, tp, position } => {
-                    if let Err(e) = consumer.seek(
-                        &tp.topic,
-                        tp.partition,
-                        KOffset::Offset(position),
-                        Duration::from_secs(10),
-                    ) {
-                        warn!(%tp, position, "seek after fencing failed: {e}; the partition is re-read after the next rebalance");
+                    // The worker ignores input until it hears the seek happened; a failed seek
+                    // must never be reported as done (records before the old position would be
+                    // skipped), so retry, then stop the process: a restart recovers from the
+                    // table.
+                    let mut sought = Err(rdkafka::error::KafkaError::Seek("not tried".into()));
+                    for attempt in 0..5 {
+                        sought = consumer.seek(
+                            &tp.topic,
+                            tp.partition,
+                            KOffset::Offset(position),
+                            Duration::from_secs(10),
+                        );
+                        if sought.is_ok() || !router.parts.contains_key(&tp) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(200 << attempt));
                     }
-                    if let Some(state) = router.parts.get(&tp) {
-                        for w in state.workers.iter().filter(|w| w.sink == sink) {
-                            let _ = w.tx.try_send(WorkerMsg::Seeked { position });
+                    match (sought, router.parts.get(&tp)) {
+                        (_, None) => {} // revoked meanwhile: the next owner recovers
+                        (Ok(()), Some(state)) => {
+                            for w in state.workers.iter().filter(|w| w.sink == sink) {
+                                // Blocking: the worker drains its queue while resyncing.
+                                let _ = w.tx.blocking_send(WorkerMsg::Seeked { position });
+                            }
+                        }
+                        (Err(e), Some(_)) => {
+                            router.fatal.get_or_insert(format!(
+                                "cannot seek {tp} to {position} after another writer committed \
+                                 that range: {e}; restarting recovers from the table"
+                            ));
                         }
                     }
                 }
