@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 use apache_avro::types::Value;
@@ -190,17 +189,7 @@ async fn debezium_avro_change_stream_is_unwrapped_with_semantic_types() {
     .await;
     proc_.stop();
 
-    let out = Command::new(python())
-        .arg(py_script("dump_table.py"))
-        .arg(store.url.strip_prefix("file://").unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let table = store.dump();
     let types = &table["types"];
     assert_eq!(types["credit"], "decimal128(10, 2)", "{types}");
     assert_eq!(types["born"], "date32[day]", "{types}");
@@ -341,17 +330,7 @@ async fn debezium_json_with_connect_envelope_is_unwrapped() {
     )
     .await;
     proc_.stop();
-    let out = Command::new(python())
-        .arg(py_script("dump_table.py"))
-        .arg(store.url.strip_prefix("file://").unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let table = store.dump();
     assert_eq!(table["types"]["credit"], "decimal128(10, 2)");
     assert_eq!(table["types"]["born"], "date32[day]");
     let rows = table["rows"].as_array().unwrap();

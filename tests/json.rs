@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -84,17 +83,7 @@ async fn json_records_fit_the_declared_schema_and_bad_ones_are_dead_lettered() {
     .await;
     proc_.stop();
 
-    let out = Command::new(python())
-        .arg(py_script("dump_table.py"))
-        .arg(store.url.strip_prefix("file://").unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let table = store.dump();
     assert_eq!(table["types"]["amount"], "decimal128(12, 2)");
     assert_eq!(table["types"]["at"], "timestamp[us, tz=+00:00]");
     let names: Vec<&str> = table["columns"]
@@ -255,17 +244,7 @@ async fn json_schema_from_the_registry() {
         2,
         "{log}"
     );
-    let out = Command::new(python())
-        .arg(py_script("dump_table.py"))
-        .arg(store.url.strip_prefix("file://").unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let table: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let table = store.dump();
     assert_eq!(table["types"]["id"], "int64");
     assert_eq!(table["types"]["at"], "timestamp[us, tz=+00:00]");
     let rows = table["rows"].as_array().unwrap();

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use apache_avro::types::Value;
@@ -16,20 +15,6 @@ use schema_registry::wire;
 
 const KEY_SCHEMA: &str =
     r#"{"type":"record","name":"OrderKey","fields":[{"name":"id","type":"long"}]}"#;
-
-fn dump(store: &Store) -> serde_json::Value {
-    let out = Command::new(python())
-        .arg(py_script("dump_table.py"))
-        .arg(store.url.strip_prefix("file://").unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn avro_json_and_string_keys_land_in_key_columns() {
@@ -140,7 +125,7 @@ flush = {{ max_latency = "1s" }}
     assert!(log.contains("the key cannot be decoded"), "{log}");
 
     // Avro keys: `_key` is a struct with the key's fields; the bad key's record is skipped.
-    let t = dump(&avro_table);
+    let t = avro_table.dump();
     assert!(
         t["types"]["_key"]
             .as_str()
@@ -159,7 +144,7 @@ flush = {{ max_latency = "1s" }}
         assert_eq!(r["_key"]["id"], r["id"], "{r}");
     }
     // String keys: exactly the records whose key is valid UTF-8, the raw key kept on request.
-    let t = dump(&string_table);
+    let t = string_table.dump();
     assert_eq!(t["types"]["_key"], "string");
     assert_eq!(t["types"]["_kafka_key"], "binary");
     let rows = t["rows"].as_array().unwrap();
@@ -208,7 +193,7 @@ async fn json_keys_with_a_declared_key_schema() {
     let mut proc_ = Lakesink::start(&cfg, &[]);
     wait_rows(&store, &topic, 59, &mut proc_, Duration::from_secs(120)).await;
     proc_.stop();
-    let t = dump(&store);
+    let t = store.dump();
     let rows = t["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 59);
     for r in rows {

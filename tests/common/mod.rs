@@ -127,6 +127,22 @@ impl Store {
         format!("{{ {} }}", parts.join(", "))
     }
 
+    /// Dumps a local table with pyarrow (see tests/py/dump_table.py): column types, column
+    /// order and rows with canonical values.
+    pub fn dump(&self) -> Value {
+        let out = Command::new(python())
+            .arg(py_script("dump_table.py"))
+            .arg(self.url.strip_prefix("file://").expect("a local table"))
+            .output()
+            .expect("run dump_table.py");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("dump_table.py prints JSON")
+    }
+
     /// Reads the table with pyarrow and DuckDB (see tests/py/read_table.py).
     pub fn read(&self) -> Value {
         let mut cmd = Command::new(python());
