@@ -13,6 +13,38 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use schema_registry::wire;
 
+/// Produces orders `0..n` round-robin over `partitions`, one record per produce request:
+/// tansu's end offset is only right for single-record batches, and `status` and
+/// `--until-caught-up` compare against it. Returns each partition's end offset.
+async fn produce_one_by_one(
+    topic: &str,
+    id: schema_registry::SchemaId,
+    n: i64,
+    partitions: i32,
+) -> BTreeMap<i32, i64> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("linger.ms", "0")
+        .create()
+        .unwrap();
+    let schema = lakesink::workload::order_schema();
+    let mut ends = BTreeMap::new();
+    for i in 0..n {
+        let payload = wire::frame(id, &lakesink::workload::Order::generate(i).encode(&schema));
+        let d = producer
+            .send(
+                FutureRecord::<(), _>::to(topic)
+                    .partition((i % partitions as i64) as i32)
+                    .payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        ends.insert(d.partition, d.offset + 1);
+    }
+    ends
+}
+
 fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
@@ -27,30 +59,8 @@ async fn metrics_probes_and_status_match_what_landed() {
     create_topic(&topic, 2).await;
     let (registry_url, client) = registry().await;
     let id = register_orders(&client, &topic).await;
-    // One record per produce request: tansu's end offset is only right for single-record
-    // batches, and `status` compares against it.
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .set("linger.ms", "0")
-        .create()
-        .unwrap();
-    let schema = lakesink::workload::order_schema();
     let n = 300i64;
-    let mut per_partition: BTreeMap<i32, i64> = BTreeMap::new();
-    for i in 0..n {
-        let order = lakesink::workload::Order::generate(i);
-        let payload = wire::frame(id, &order.encode(&schema));
-        let d = producer
-            .send(
-                FutureRecord::<(), _>::to(&topic)
-                    .partition((i % 2) as i32)
-                    .payload(&payload),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-        per_partition.insert(d.partition, d.offset + 1);
-    }
+    let per_partition = produce_one_by_one(&topic, id, n, 2).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -262,25 +272,7 @@ async fn until_caught_up_exits_when_done() {
     create_topic(&topic, 2).await;
     let (registry_url, client) = registry().await;
     let id = register_orders(&client, &topic).await;
-    // Single-record produce requests: tansu's end offset is only right for those.
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .set("linger.ms", "0")
-        .create()
-        .unwrap();
-    let schema = lakesink::workload::order_schema();
-    for i in 0..200i64 {
-        let payload = wire::frame(id, &lakesink::workload::Order::generate(i).encode(&schema));
-        producer
-            .send(
-                FutureRecord::<(), _>::to(&topic)
-                    .partition((i % 2) as i32)
-                    .payload(&payload),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    produce_one_by_one(&topic, id, 200, 2).await;
     let cfg = config(&topic, &unique("g"), &registry_url, &store, "");
     let path = scratch("backfill").join("lakesink.toml");
     std::fs::write(&path, &cfg).unwrap();
