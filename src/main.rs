@@ -49,6 +49,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Delta tables: compact small files, vacuum unreferenced ones and write a checkpoint
+    /// (safe while the service runs).
+    Maintain {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only the sink with this name.
+        #[arg(long)]
+        sink: Option<String>,
+    },
     /// Per sink and partition: the committed position (read from the table), the broker's end
     /// offset and the lag.
     Status {
@@ -71,6 +80,9 @@ enum Command {
         records: u64,
         #[arg(long, default_value_t = 6)]
         partitions: i32,
+        /// Table format: parquet or delta.
+        #[arg(long, default_value = "parquet")]
+        kind: String,
     },
     /// Exit 0 if URL answers 200 (the container HEALTHCHECK; no curl in the image).
     Healthcheck {
@@ -147,6 +159,13 @@ async fn main() -> ExitCode {
                 Default::default(),
             )
             .await
+        }
+        Command::Maintain { config, sink } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            lakesink::app::maintain(&cfg, sink.as_deref()).await
         }
         Command::Check { config } => {
             let cfg = match load(&config) {
@@ -226,7 +245,8 @@ async fn main() -> ExitCode {
         Command::Bench {
             records,
             partitions,
-        } => lakesink::app::bench::run(records, partitions).await,
+            kind,
+        } => lakesink::app::bench::run(records, partitions, &kind).await,
         Command::Registry {
             command: RegistryCommand::Serve { listen, data },
         } => {

@@ -52,6 +52,32 @@ pub enum Error {
         reason: String,
     },
 
+    #[error("Delta table {table}: cannot {op}: {source}")]
+    Delta {
+        table: String,
+        op: &'static str,
+        #[source]
+        source: Box<deltalake::DeltaTableError>,
+    },
+
+    #[error("schema of {tp} does not fit table {table}: {reason}")]
+    Schema {
+        table: String,
+        tp: TopicPartition,
+        reason: String,
+    },
+
+    #[error("{location}: cannot {op}: {reason}")]
+    Warehouse {
+        location: String,
+        op: &'static str,
+        retryable: bool,
+        reason: String,
+    },
+
+    #[error("cannot upsert {tp}: {reason}")]
+    Upsert { tp: TopicPartition, reason: String },
+
     #[error("background task failed: {0}")]
     Join(String),
 }
@@ -72,7 +98,29 @@ impl Error {
                     | object_store::Error::NotImplemented { .. }
                     | object_store::Error::UnknownConfigurationKey { .. }
             ),
+            Error::Delta { source, .. } => delta_retryable(source),
+            Error::Warehouse { retryable, .. } => *retryable,
             _ => false,
         }
+    }
+}
+
+fn delta_retryable(e: &deltalake::DeltaTableError) -> bool {
+    use deltalake::DeltaTableError as D;
+    match e {
+        D::ObjectStore { source } => !matches!(
+            source,
+            object_store::Error::NotFound { .. }
+                | object_store::Error::NotSupported { .. }
+                | object_store::Error::InvalidPath { .. }
+                | object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }
+                | object_store::Error::NotImplemented { .. }
+                | object_store::Error::UnknownConfigurationKey { .. }
+        ),
+        // Lost every quick retry of a busy table: a later attempt can win.
+        D::Transaction { .. } | D::VersionAlreadyExists(_) => true,
+        D::Io { .. } => true,
+        _ => false,
     }
 }

@@ -13,6 +13,8 @@
 //!
 //! [`RecordBatch`]: arrow::record_batch::RecordBatch
 
+pub mod databend;
+pub mod delta;
 pub mod error;
 pub mod parquet;
 pub mod partition;
@@ -105,8 +107,12 @@ pub struct Staged {
     pub start: Offset,
     pub next: Offset,
     pub rows: u64,
-    /// Sink-specific description of the staged data (for Parquet: the staged files).
+    /// Parquet sinks: the staged files.
     pub files: Vec<parquet::StagedFile>,
+    /// Delta sinks: the data files written and the table schema they need.
+    pub delta: Option<delta::DeltaStaged>,
+    /// Databend sinks: the staged file and the table it loads into.
+    pub databend: Option<databend::DatabendStaged>,
     /// The data's columns as `name: type`, recorded in the commit for humans and tools.
     pub columns: Vec<String>,
 }

@@ -165,7 +165,12 @@ pub fn split(
     Ok(out)
 }
 
-fn segment_values(spec: &PartitionSpec, col: &ArrayRef) -> Result<Vec<Option<String>>, String> {
+/// The Hive path value of each row for `spec`, computed from its source column `col` (`None` for
+/// null).
+pub(crate) fn segment_values(
+    spec: &PartitionSpec,
+    col: &ArrayRef,
+) -> Result<Vec<Option<String>>, String> {
     match spec {
         PartitionSpec::Field(_) => {
             if !col.data_type().is_primitive()

@@ -70,7 +70,11 @@ fn baseline_consume(bootstrap: &str, expected: u64) -> anyhow::Result<(Duration,
     Ok((started.elapsed(), bytes))
 }
 
-pub async fn run(records: u64, partitions: i32) -> anyhow::Result<()> {
+pub async fn run(records: u64, partitions: i32, kind: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        matches!(kind, "parquet" | "delta"),
+        "--kind must be parquet or delta, not `{kind}`"
+    );
     let partitions = super::demo::partitions_for(records, partitions);
     let cluster = MockCluster::new(1).context("cannot start the in-process Kafka")?;
     cluster.create_topic(TOPIC, partitions, 1)?;
@@ -94,13 +98,9 @@ pub async fn run(records: u64, partitions: i32) -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let table = dir.path().join("orders");
-    let cfg = Config::from_toml(&demo_config(
-        &bootstrap,
-        &registry_url,
-        &table,
-        "lakesink-bench",
-    ))?
-    .validate()?;
+    let text = demo_config(&bootstrap, &registry_url, &table, "lakesink-bench")
+        .replace("kind = \"parquet\"", &format!("kind = \"{kind}\""));
+    let cfg = Config::from_toml(&text)?.validate()?;
     let progress = Arc::new(Progress::default());
     reset_peak_rss();
     // Time from the first record in: the group join is not throughput.
@@ -127,7 +127,7 @@ pub async fn run(records: u64, partitions: i32) -> anyhow::Result<()> {
     let cpu = cpu_seconds().unwrap_or(0.0) - cpu0;
     let rows = progress.rows_committed.load(Ordering::Relaxed);
     let mb = input_bytes as f64 / 1e6;
-    println!("lakesink bench: {records} Avro order lines, {partitions} partitions, in-process Kafka -> local Parquet (day partitions)");
+    println!("lakesink bench: {records} Avro order lines, {partitions} partitions, in-process Kafka -> local {kind} table (day partitions)");
     println!(
         "  pipeline:  {rows} rows in {elapsed:.2} s from the first record = {:.0} records/s, {:.1} MB/s of input, {cpu:.2} CPU s ({:.2} cores)",
         rows as f64 / elapsed,

@@ -10,12 +10,15 @@ use std::time::Duration;
 use anyhow::{anyhow, Context as _};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use schema_registry::{RegistryClient, RegistryConfig};
+use sinks::databend::{DatabendSink, DatabendSinkConfig};
+use sinks::delta::upsert::UpsertConfig;
+use sinks::delta::{DeltaSink, DeltaSinkConfig};
 use sinks::parquet::{ParquetSink, ParquetSinkConfig};
 use sinks::store::TableStore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::ValidatedConfig;
+use crate::config::{SinkKind, ValidatedConfig};
 use crate::pipeline::{Progress, SinkRuntime};
 use crate::source::{self, SourceOptions};
 
@@ -69,6 +72,138 @@ fn crash_hook_from_env() -> Option<sinks::parquet::CrashHook> {
     }))
 }
 
+/// Opens one sink's table with the commit protocol of its kind.
+pub fn open_sink(
+    cfg: &ValidatedConfig,
+    s: &crate::config::ValidatedSink,
+    writer: &str,
+) -> anyhow::Result<Arc<dyn sinks::Sink>> {
+    let storage = s
+        .storage
+        .iter()
+        .map(|(k, v)| (k.clone(), v.expose().to_string()));
+    Ok(match s.kind {
+        SinkKind::Parquet => {
+            let table = TableStore::open(&s.table, storage)
+                .with_context(|| format!("sink `{}`: cannot open table", s.name))?;
+            let mut sink = ParquetSink::new(
+                table,
+                ParquetSinkConfig {
+                    partition_by: s.partition_by.clone(),
+                    compression: s.compression,
+                    writer_id: writer.to_string(),
+                    ..Default::default()
+                },
+            );
+            if let Some(hook) = crash_hook_from_env() {
+                sink = sink.with_crash_hook(hook);
+            }
+            Arc::new(sink)
+        }
+        SinkKind::Databend => {
+            let d = s
+                .databend
+                .as_ref()
+                .ok_or_else(|| anyhow!("sink `{}`: no databend connection", s.name))?;
+            let mut sink = DatabendSink::new(DatabendSinkConfig {
+                client: sinks::databend::client::ClientConfig {
+                    endpoint: d.endpoint.clone(),
+                    user: d.user.clone(),
+                    password: d.password.as_ref().map(|p| p.expose().to_string()),
+                    warehouse: d.warehouse.clone(),
+                    database: d.database.clone(),
+                    timeout: d.timeout,
+                },
+                sink: s.name.clone(),
+                table: s.table.clone(),
+                upsert: s.upsert_keys.as_ref().map(|keys| UpsertConfig {
+                    keys: keys.clone(),
+                    delete_column: Some("_deleted".into()),
+                }),
+                compression: s.compression,
+            })
+            .with_context(|| format!("sink `{}`: cannot connect to Databend", s.name))?;
+            if let Some(hook) = crash_hook_from_env() {
+                sink = sink.with_crash_hook(hook);
+            }
+            Arc::new(sink)
+        }
+        SinkKind::Delta => {
+            let mut sink = DeltaSink::new(&s.table, storage, delta_config(cfg, s))
+                .with_context(|| format!("sink `{}`: cannot open table", s.name))?;
+            if let Some(hook) = crash_hook_from_env() {
+                sink = sink.with_crash_hook(hook);
+            }
+            Arc::new(sink)
+        }
+    })
+}
+
+/// The Delta sink settings of `s`.
+pub fn delta_config(cfg: &ValidatedConfig, s: &crate::config::ValidatedSink) -> DeltaSinkConfig {
+    DeltaSinkConfig {
+        partition_by: s.partition_by.clone(),
+        compression: s.compression,
+        app_id_prefix: format!("lakesink/{}", cfg.group_id),
+        table_properties: s.delta.properties.clone(),
+        checkpoint_interval: s.delta.checkpoint_interval,
+        commit_attempts: s.delta.commit_attempts,
+        upsert: s.upsert_keys.as_ref().map(|keys| UpsertConfig {
+            keys: keys.clone(),
+            delete_column: Some("_deleted".into()),
+        }),
+        ..Default::default()
+    }
+}
+
+/// `lakesink maintain`: compaction, vacuum and a checkpoint for every Delta sink (or `only`).
+pub async fn maintain(cfg: &ValidatedConfig, only: Option<&str>) -> anyhow::Result<()> {
+    let mut seen = false;
+    for s in &cfg.sinks {
+        if only.is_some_and(|n| n != s.name) {
+            continue;
+        }
+        seen = true;
+        if s.kind != SinkKind::Delta {
+            println!("skip  {}: {:?} tables need no maintenance", s.name, s.kind);
+            continue;
+        }
+        let sink = DeltaSink::new(
+            &s.table,
+            s.storage
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_string())),
+            delta_config(cfg, s),
+        )
+        .with_context(|| format!("sink `{}`: cannot open table", s.name))?;
+        let started = std::time::Instant::now();
+        let r = sink
+            .maintain(s.delta.target_file_size, s.delta.vacuum_retention)
+            .await
+            .with_context(|| {
+                format!(
+                    "sink `{}`: maintenance of {} failed",
+                    s.name,
+                    sinks::Sink::location(&sink)
+                )
+            })?;
+        println!(
+            "ok    {}: {} compacted {} files into {}, vacuumed {} files, checkpoint at version {} ({:.1}s)",
+            s.name,
+            sinks::Sink::location(&sink),
+            r.files_compacted,
+            r.files_written,
+            r.files_vacuumed,
+            r.version_after.map_or("-".into(), |v| v.to_string()),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    if let Some(name) = only.filter(|_| !seen) {
+        return Err(anyhow!("no sink named `{name}` in the config"));
+    }
+    Ok(())
+}
+
 /// Opens every sink's table.
 pub fn build_sinks(cfg: &ValidatedConfig) -> anyhow::Result<Vec<Arc<SinkRuntime>>> {
     let registry = registry_client(cfg)?;
@@ -76,25 +211,7 @@ pub fn build_sinks(cfg: &ValidatedConfig) -> anyhow::Result<Vec<Arc<SinkRuntime>
     cfg.sinks
         .iter()
         .map(|s| {
-            let table = TableStore::open(
-                &s.table,
-                s.storage
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.expose().to_string())),
-            )
-            .with_context(|| format!("sink `{}`: cannot open table", s.name))?;
-            let mut sink = ParquetSink::new(
-                table,
-                ParquetSinkConfig {
-                    partition_by: s.partition_by.clone(),
-                    compression: s.compression,
-                    writer_id: writer.clone(),
-                    ..Default::default()
-                },
-            );
-            if let Some(hook) = crash_hook_from_env() {
-                sink = sink.with_crash_hook(hook);
-            }
+            let sink = open_sink(cfg, s, &writer)?;
             let dead_letters = match (&s.dead_letter_topic, s.errors) {
                 (Some(topic), crate::config::ErrorPolicy::DeadLetter) => Some(
                     crate::pipeline::dead_letter::DeadLetters::new(cfg, topic)
@@ -104,7 +221,7 @@ pub fn build_sinks(cfg: &ValidatedConfig) -> anyhow::Result<Vec<Arc<SinkRuntime>
             };
             Ok(Arc::new(SinkRuntime {
                 config: s.clone(),
-                sink: Arc::new(sink),
+                sink,
                 registry: registry.clone(),
                 dead_letters,
             }))

@@ -224,6 +224,84 @@ pub struct SinkConfig {
     /// `key_format = "json"`: the key's fields, `name = "type"`.
     #[serde(default)]
     pub key_schema: Option<toml::Table>,
+    /// `mode = "upsert"`: the columns that identify a row.
+    #[serde(default)]
+    pub key: Option<Vec<String>>,
+    /// `kind = "delta"` settings.
+    #[serde(default)]
+    pub delta: DeltaConfig,
+    /// `kind = "databend"` connection.
+    #[serde(default)]
+    pub databend: Option<DatabendConfig>,
+}
+
+/// `[sink.databend]`: where a Databend sink loads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabendConfig {
+    /// `http(s)://[user[:password]@]host:port[/database]`.
+    pub url: Secret,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(default)]
+    pub database: Option<String>,
+    /// Databend Cloud warehouse (`X-DATABEND-WAREHOUSE`).
+    #[serde(default)]
+    pub warehouse: Option<String>,
+    #[serde(default = "default_databend_timeout")]
+    pub timeout: String,
+}
+
+fn default_databend_timeout() -> String {
+    "60s".into()
+}
+
+/// `[sink.delta]`: Delta table settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaConfig {
+    /// Write a checkpoint every N commits (`delta.checkpointInterval` of created tables).
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: u64,
+    /// Table properties for tables lakesink creates (e.g. `"delta.logRetentionDuration"`).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// Commit attempts before a commit that keeps losing races is retried by the pipeline.
+    #[serde(default = "default_commit_attempts")]
+    pub commit_attempts: u32,
+    /// `lakesink maintain`: files older than this, no longer referenced, are vacuumed.
+    #[serde(default = "default_vacuum_retention")]
+    pub vacuum_retention: String,
+    /// `lakesink maintain`: compact files smaller than this into files of about this size.
+    #[serde(default = "default_target_file_size")]
+    pub target_file_size: String,
+}
+
+impl Default for DeltaConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval: default_checkpoint_interval(),
+            properties: BTreeMap::new(),
+            commit_attempts: default_commit_attempts(),
+            vacuum_retention: default_vacuum_retention(),
+            target_file_size: default_target_file_size(),
+        }
+    }
+}
+
+fn default_checkpoint_interval() -> u64 {
+    10
+}
+fn default_commit_attempts() -> u32 {
+    20
+}
+fn default_vacuum_retention() -> String {
+    "168h".into()
+}
+fn default_target_file_size() -> String {
+    "128MiB".into()
 }
 
 fn default_format() -> String {
@@ -519,6 +597,110 @@ pub struct ValidatedSink {
     pub connect_envelope: bool,
     /// How to decode keys into `_key`, if at all.
     pub key_format: Option<crate::decode::key::KeyFormat>,
+    pub kind: SinkKind,
+    /// `kind = "databend"`: the checked connection.
+    pub databend: Option<ValidatedDatabend>,
+    /// `mode = "upsert"`: the key columns.
+    pub upsert_keys: Option<Vec<String>>,
+    pub delta: ValidatedDelta,
+}
+
+/// Which table format a sink writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    Parquet,
+    Delta,
+    Databend,
+}
+
+/// A checked Databend connection.
+#[derive(Debug, Clone)]
+pub struct ValidatedDatabend {
+    /// `http(s)://host:port`, without credentials.
+    pub endpoint: url::Url,
+    pub user: String,
+    pub password: Option<Secret>,
+    pub database: String,
+    pub warehouse: Option<String>,
+    pub timeout: std::time::Duration,
+}
+
+fn validate_databend(
+    d: &DatabendConfig,
+    key: &dyn Fn(&str) -> String,
+) -> Result<ValidatedDatabend, ConfigError> {
+    let mut url = url::Url::parse(d.url.expose()).map_err(|e| {
+        err(
+            key("databend.url"),
+            format!("not a URL ({e}); write e.g. https://user:${{PASSWORD}}@host:8000/db"),
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(err(
+            key("databend.url"),
+            format!(
+                "scheme `{}` is not supported; use http:// or https://",
+                url.scheme()
+            ),
+        ));
+    }
+    let user = d.user.clone().unwrap_or_else(|| {
+        if url.username().is_empty() {
+            "root".into()
+        } else {
+            percent_decode(url.username())
+        }
+    });
+    let password = d
+        .password
+        .clone()
+        .or_else(|| url.password().map(|p| Secret::new(percent_decode(p))));
+    let path_db = url.path().trim_matches('/').to_string();
+    let database = d.database.clone().unwrap_or(if path_db.is_empty() {
+        "default".into()
+    } else {
+        path_db
+    });
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_path("/");
+    let timeout = parse_duration(&d.timeout).map_err(|e| err(key("databend.timeout"), e))?;
+    Ok(ValidatedDatabend {
+        endpoint: url,
+        user,
+        password,
+        database,
+        warehouse: d.warehouse.clone(),
+        timeout,
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Checked `[sink.delta]` settings.
+#[derive(Debug, Clone)]
+pub struct ValidatedDelta {
+    pub checkpoint_interval: u64,
+    pub properties: BTreeMap<String, String>,
+    pub commit_attempts: u32,
+    pub vacuum_retention: std::time::Duration,
+    pub target_file_size: u64,
 }
 
 /// How record values are encoded.
@@ -807,62 +989,107 @@ impl Config {
                     ))
                 }
             }
-            match s.kind.as_str() {
-                "parquet" => {}
-                "delta" | "databend" => {
-                    return Err(err(
-                        key("kind"),
-                        format!(
-                            "`{}` is not available in this version yet; use `parquet`",
-                            s.kind
-                        ),
-                    ))
-                }
+            let kind = match s.kind.as_str() {
+                "parquet" => SinkKind::Parquet,
+                "delta" => SinkKind::Delta,
+                "databend" => SinkKind::Databend,
                 other => {
                     return Err(err(
                         key("kind"),
-                        format!("unknown sink kind `{other}`; use parquet"),
+                        format!("unknown sink kind `{other}`; use parquet, delta or databend"),
                     ))
                 }
+            };
+            let databend = match (kind, &s.databend) {
+                (SinkKind::Databend, Some(d)) => Some(validate_databend(d, &key)?),
+                (SinkKind::Databend, None) => {
+                    return Err(err(
+                        key("databend"),
+                        "kind = \"databend\" needs databend = { url = \"https://user:${PASSWORD}@host:8000/db\" }",
+                    ))
+                }
+                (_, Some(_)) => {
+                    return Err(err(key("databend"), "only used with kind = \"databend\""))
+                }
+                (_, None) => None,
+            };
+            let upsert_keys = match (s.mode.as_str(), &s.key) {
+                ("append", None) => None,
+                ("append", Some(_)) => {
+                    return Err(err(key("key"), "only used with mode = \"upsert\""))
+                }
+                ("upsert", _) if kind == SinkKind::Parquet => {
+                    return Err(err(
+                        key("mode"),
+                        "plain Parquet tables cannot update rows; use kind = \"delta\" or \"databend\" for upserts",
+                    ))
+                }
+                ("upsert", Some(k)) if !k.is_empty() && k.iter().all(|c| !c.trim().is_empty()) => {
+                    Some(k.clone())
+                }
+                ("upsert", _) => {
+                    return Err(err(
+                        key("key"),
+                        "mode = \"upsert\" needs the columns that identify a row: key = [\"id\"]",
+                    ))
+                }
+                (other, _) => {
+                    return Err(err(
+                        key("mode"),
+                        format!("unknown mode `{other}`; use append or upsert"),
+                    ))
+                }
+            };
+            if s.delta.checkpoint_interval == 0 {
+                return Err(err(key("delta.checkpoint_interval"), "must be at least 1"));
             }
-            if s.mode != "append" {
-                return Err(err(
-                    key("mode"),
-                    format!(
-                        "`{}` is not supported by parquet sinks; use `append`",
-                        s.mode
-                    ),
-                ));
+            if s.delta.commit_attempts == 0 {
+                return Err(err(key("delta.commit_attempts"), "must be at least 1"));
             }
-            let url = url::Url::parse(&s.table).map_err(|e| {
-                err(
-                    key("table"),
-                    format!(
+            let vacuum_retention = parse_duration(&s.delta.vacuum_retention)
+                .map_err(|e| err(key("delta.vacuum_retention"), e))?;
+            let target_file_size = parse_bytes(&s.delta.target_file_size)
+                .map_err(|e| err(key("delta.target_file_size"), e))?;
+            if kind == SinkKind::Databend {
+                if s.table.trim().is_empty() {
+                    return Err(err(
+                        key("table"),
+                        "the Databend table name (template) is empty",
+                    ));
+                }
+            } else {
+                let url = url::Url::parse(&s.table).map_err(|e| {
+                    err(
+                        key("table"),
+                        format!(
                         "`{}` is not a URL ({e}); write e.g. s3://bucket/path or file:///abs/dir",
                         sinks::store::redact_url(&s.table)
                     ),
-                )
-            })?;
-            if ![
-                "file", "s3", "s3a", "az", "azure", "abfs", "abfss", "adl", "gs", "memory",
-            ]
-            .contains(&url.scheme())
-            {
-                return Err(err(
-                    key("table"),
-                    format!(
+                    )
+                })?;
+                if ![
+                    "file", "s3", "s3a", "az", "azure", "abfs", "abfss", "adl", "gs", "memory",
+                ]
+                .contains(&url.scheme())
+                {
+                    return Err(err(
+                        key("table"),
+                        format!(
                         "unsupported scheme `{}://`; use file://, s3://, az://, abfss:// or gs://",
                         url.scheme()
                     ),
-                ));
-            }
-            if url.password().is_some()
-                || !url.username().is_empty() && url.scheme() != "abfss" && url.scheme() != "abfs"
-            {
-                return Err(err(
-                    key("table"),
-                    "put credentials in the sink's `storage` table, not in the URL",
-                ));
+                    ));
+                }
+                if url.password().is_some()
+                    || !url.username().is_empty()
+                        && url.scheme() != "abfss"
+                        && url.scheme() != "abfs"
+                {
+                    return Err(err(
+                        key("table"),
+                        "put credentials in the sink's `storage` table, not in the URL",
+                    ));
+                }
             }
             let partition_by = s
                 .partition_by
@@ -1019,6 +1246,16 @@ impl Config {
                 },
                 json_schema,
                 key_format,
+                kind,
+                upsert_keys,
+                databend,
+                delta: ValidatedDelta {
+                    checkpoint_interval: s.delta.checkpoint_interval,
+                    properties: s.delta.properties.clone(),
+                    commit_attempts: s.delta.commit_attempts,
+                    vacuum_retention,
+                    target_file_size,
+                },
                 connect_envelope: match s.json_envelope.as_deref() {
                     None | Some("none") => false,
                     Some("connect") if s.format.contains("json") => true,

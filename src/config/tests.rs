@@ -108,3 +108,55 @@ fn dollar_escapes() {
         "$ConnectionString"
     );
 }
+
+#[test]
+fn delta_and_upsert_settings_are_checked() {
+    let delta = BASE.replace(
+        "partition_by = [\"day(ts)\"]",
+        "partition_by = [\"day(ts)\"]\nkind = \"delta\"\nmode = \"upsert\"\nkey = [\"id\"]\ndelta = { checkpoint_interval = 3, vacuum_retention = \"24h\" }",
+    );
+    let c = parse(&delta).unwrap();
+    assert_eq!(c.sinks[0].kind, SinkKind::Delta);
+    assert_eq!(c.sinks[0].upsert_keys, Some(vec!["id".to_string()]));
+    assert_eq!(c.sinks[0].delta.checkpoint_interval, 3);
+    assert_eq!(c.sinks[0].delta.vacuum_retention.as_secs(), 86_400);
+
+    let no_key = delta.replace("key = [\"id\"]\n", "");
+    assert!(parse(&no_key)
+        .unwrap_err()
+        .to_string()
+        .contains("sink[0].key"));
+    let parquet_upsert = no_key.replace("kind = \"delta\"\n", "");
+    let e = parse(&parquet_upsert).unwrap_err().to_string();
+    assert!(e.contains("sink[0].mode") && e.contains("delta"), "{e}");
+    let zero = delta.replace("checkpoint_interval = 3", "checkpoint_interval = 0");
+    assert!(parse(&zero)
+        .unwrap_err()
+        .to_string()
+        .contains("sink[0].delta.checkpoint_interval"));
+}
+
+#[test]
+fn databend_connection_is_parsed_without_leaking_the_password() {
+    let text = BASE
+        .replace("table = \"s3://lake/orders\"", "table = \"{table}\"")
+        .replace(
+            "partition_by = [\"day(ts)\"]",
+            "kind = \"databend\"\ndatabend = { url = \"https://loader:${AWS_SECRET}@db.example.com:8000/analytics\", warehouse = \"wh\" }",
+        );
+    let c = parse(&text).unwrap();
+    let d = c.sinks[0].databend.as_ref().unwrap();
+    assert_eq!(d.endpoint.as_str(), "https://db.example.com:8000/");
+    assert_eq!(d.user, "loader");
+    assert_eq!(d.password.as_ref().unwrap().expose(), "s3cr3t-value");
+    assert_eq!(d.database, "analytics");
+    assert!(!format!("{c:?}").contains("s3cr3t-value"));
+    let missing = text.replace(
+        "databend = { url = \"https://loader:${AWS_SECRET}@db.example.com:8000/analytics\", warehouse = \"wh\" }",
+        "",
+    );
+    assert!(parse(&missing)
+        .unwrap_err()
+        .to_string()
+        .contains("sink[0].databend"));
+}

@@ -165,6 +165,116 @@ impl Store {
     }
 }
 
+impl Store {
+    /// An `abfss://` URL on Azurite through object_store's emulator mode (the process needs
+    /// `AZURITE_BLOB_STORAGE_URL`, see [`Store::env`]).
+    pub fn abfss(table: &str) -> Store {
+        let container = unique("lake");
+        create_container(&format!("az://{container}/{table}"), &azure());
+        Store {
+            url: format!("abfss://{container}@devstoreaccount1.dfs.core.windows.net/{table}"),
+            options: [("use_emulator".to_string(), "true".to_string())].into(),
+            endpoint: Some(azure()),
+        }
+    }
+
+    /// Environment the lakesink process needs for this store.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        if self.url.starts_with("abfss://") {
+            let base = azure();
+            let base = base.trim_end_matches("/devstoreaccount1").to_string();
+            vec![("AZURITE_BLOB_STORAGE_URL", base)]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Reads a Delta table with python `deltalake` and DuckDB (see tests/py/read_delta.py).
+    pub fn read_delta(&self, app_ids: &[String]) -> Value {
+        let mut cmd = Command::new(python());
+        cmd.arg(py_script("read_delta.py")).arg(&self.url);
+        if self.url.starts_with("s3://") {
+            cmd.arg("--s3-endpoint")
+                .arg(self.endpoint.as_ref().unwrap());
+        }
+        if self.url.starts_with("az://") {
+            cmd.arg("--azure-endpoint")
+                .arg(self.endpoint.as_ref().unwrap());
+        }
+        if self.url.starts_with("abfss://") {
+            cmd.arg("--azurite-url").arg(&self.env()[0].1);
+        }
+        for a in app_ids {
+            cmd.arg("--app-id").arg(a);
+        }
+        let out = cmd.output().expect("run read_delta.py");
+        assert!(
+            out.status.success(),
+            "read_delta.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("read_delta.py prints JSON")
+    }
+
+    /// A Delta sink on this store, for reading committed positions from the test.
+    pub fn delta_sink(&self, group: &str) -> sinks::delta::DeltaSink {
+        for (k, v) in self.env() {
+            std::env::set_var(k, v);
+        }
+        sinks::delta::DeltaSink::new(
+            &self.url,
+            self.options.clone(),
+            sinks::delta::DeltaSinkConfig {
+                app_id_prefix: format!("lakesink/{group}"),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+}
+
+/// Waits until a Delta table's txn positions reach the end of everything `produced`.
+pub async fn wait_delta(
+    sink: &sinks::delta::DeltaSink,
+    topic: &str,
+    produced: &Produced,
+    proc_: &mut Lakesink,
+    timeout: Duration,
+) {
+    use sinks::Sink;
+    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+    for (p, o) in produced.keys() {
+        let e = ends.entry(*p).or_default();
+        *e = (*e).max(o + 1);
+    }
+    let start = Instant::now();
+    loop {
+        let mut behind = Vec::new();
+        for (p, end) in &ends {
+            let tp = sinks::TopicPartition::new(topic, *p);
+            let pos = sink.committed(&tp).await.ok().flatten().map_or(0, |o| o.0);
+            if pos < *end {
+                behind.push((*p, pos, *end));
+            }
+        }
+        if behind.is_empty() {
+            return;
+        }
+        if let Some(status) = proc_.child.try_wait().unwrap() {
+            panic!(
+                "lakesink exited ({status}); behind: {behind:?}\n{}",
+                proc_.log()
+            );
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "partitions behind after {timeout:?} (p, committed, end): {behind:?}\n{}",
+            proc_.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 pub fn py_script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/py")

@@ -9,8 +9,6 @@ paths; DuckDB's glob only matches `*.parquet`, which staged files are not).
 Output: {"rows": [...], "duckdb": {"count", "distinct", "sum_cost"}, "files": [...]}
 """
 import argparse
-import datetime
-import decimal
 import json
 import os
 import sys
@@ -21,6 +19,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+from orders import order_row
 
 AZURITE_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -67,18 +67,6 @@ def fetch(url, s3_endpoint, azure_endpoint, dest):
     raise SystemExit(f"unsupported url {url}")
 
 
-def plain(v):
-    if isinstance(v, decimal.Decimal):
-        return str(v)
-    if isinstance(v, datetime.datetime):
-        if v.tzinfo is None:
-            v = v.replace(tzinfo=datetime.timezone.utc)
-        return int(v.timestamp() * 1000)
-    if isinstance(v, datetime.date):
-        return (v - datetime.date(1970, 1, 1)).days
-    return v
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("url")
@@ -103,31 +91,7 @@ def main():
                 if name not in unified.names:
                     unified = unified.append(probe.schema.field(name))
             table = ds.dataset(root, format="parquet", partitioning="hive", schema=unified).to_table()
-            for r in table.to_pylist():
-                addr = r.get("address")
-                attrs = r.get("attributes")
-                if isinstance(attrs, dict):
-                    attrs = list(attrs.items())
-                rows.append(
-                    {
-                        "writer": r.get("writer"),
-                        "p": r["_kafka_partition"],
-                        "o": r["_kafka_offset"],
-                        "day": str(r.get("day")) if r.get("day") is not None else None,
-                        "id": r.get("id"),
-                        "order_id": r.get("order_id"),
-                        "product": r.get("product"),
-                        "quantity": r.get("quantity"),
-                        "cost": plain(r.get("cost")),
-                        "ts": plain(r.get("ts")),
-                        "ship_date": plain(r.get("ship_date")),
-                        "status": r.get("status"),
-                        "coupon": r.get("coupon"),
-                        "city": addr["city"] if addr else None,
-                        "tags": r.get("tags"),
-                        "attributes": sorted([list(kv) for kv in attrs]) if attrs is not None else None,
-                    }
-                )
+            rows = [order_row(r) for r in table.to_pylist()]
             src = f"read_parquet('{root}/**/*.parquet', hive_partitioning = true, union_by_name = true)"
             cost = "CAST(sum(cost) AS VARCHAR)" if "cost" in table.column_names else "NULL"
             q = duckdb.connect().execute(

@@ -404,6 +404,8 @@ impl Sink for ParquetSink {
             next: flush.next,
             rows: files.iter().map(|f| f.rows).sum(),
             files,
+            delta: None,
+            databend: None,
             columns,
         })
     }

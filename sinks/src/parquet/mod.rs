@@ -29,7 +29,7 @@
 
 mod committer;
 mod config;
-mod writer;
+pub(crate) mod writer;
 
 pub use committer::{CrashHook, Marker, MarkerFile, ParquetSink};
 pub use config::{Compression, ParquetSinkConfig};

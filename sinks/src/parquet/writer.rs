@@ -30,6 +30,23 @@ pub(crate) struct Encoded {
     pub data: Bytes,
 }
 
+/// The Parquet writer settings every lakesink table uses.
+pub(crate) fn writer_properties(
+    compression: Compression,
+    row_group_rows: usize,
+) -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(match compression {
+            Compression::None => PqCompression::UNCOMPRESSED,
+            Compression::Snappy => PqCompression::SNAPPY,
+            Compression::Zstd => PqCompression::ZSTD(ZstdLevel::default()),
+            Compression::Lz4 => PqCompression::LZ4_RAW,
+        })
+        .set_max_row_group_row_count(Some(row_group_rows))
+        .set_created_by(format!("lakesink {}", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
 /// Encodes `flush` into one Parquet file per output partition, in hive-key order (so the
 /// result, and the staged names derived from it, are deterministic). CPU-bound: call from a
 /// blocking thread.
@@ -40,16 +57,7 @@ pub(crate) fn encode(flush: &Flush, config: &ParquetSinkConfig) -> Result<Vec<En
         next: flush.next,
         source: e,
     };
-    let props = WriterProperties::builder()
-        .set_compression(match config.compression {
-            Compression::None => PqCompression::UNCOMPRESSED,
-            Compression::Snappy => PqCompression::SNAPPY,
-            Compression::Zstd => PqCompression::ZSTD(ZstdLevel::default()),
-            Compression::Lz4 => PqCompression::LZ4_RAW,
-        })
-        .set_max_row_group_row_count(Some(config.row_group_rows))
-        .set_created_by(format!("lakesink {}", env!("CARGO_PKG_VERSION")))
-        .build();
+    let props = writer_properties(config.compression, config.row_group_rows);
     let mut writers: BTreeMap<String, (ArrowWriter<Vec<u8>>, u64, arrow::datatypes::SchemaRef)> =
         BTreeMap::new();
     for batch in &flush.batches {

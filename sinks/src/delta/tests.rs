@@ -1,0 +1,281 @@
+//! Delta protocol tests on real Delta tables in a temporary directory (deltalake reads back what
+//! we wrote; the Python `deltalake` reader checks the same tables in `tests/delta.rs`).
+
+use std::sync::Arc;
+
+use arrow::array::{BooleanArray, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use deltalake::datafusion::prelude::SessionContext;
+
+use super::upsert::UpsertConfig;
+use super::*;
+
+fn sink(dir: &std::path::Path, config: DeltaSinkConfig) -> DeltaSink {
+    let url = Url::from_directory_path(dir).unwrap();
+    DeltaSink::new(url.as_str(), Vec::<(String, String)>::new(), config).unwrap()
+}
+
+fn batch(ids: std::ops::Range<i64>, with_note: bool) -> RecordBatch {
+    let mut fields = vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("name", DataType::Utf8, true),
+    ];
+    let mut cols: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(ids.clone())),
+        Arc::new(StringArray::from_iter_values(
+            ids.clone().map(|i| format!("n{i}")),
+        )),
+    ];
+    if with_note {
+        fields.push(Field::new("note", DataType::Utf8, true));
+        cols.push(Arc::new(StringArray::from_iter_values(
+            ids.map(|i| format!("note{i}")),
+        )));
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap()
+}
+
+fn flush(p: i32, start: i64, next: i64, batches: Vec<RecordBatch>) -> Flush {
+    Flush {
+        tp: TopicPartition::new("orders", p),
+        start: Offset(start),
+        next: Offset(next),
+        batches,
+    }
+}
+
+async fn commit(s: &DeltaSink, f: Flush) -> CommitOutcome {
+    let staged = s.stage(f).await.unwrap();
+    s.commit(&staged).await.unwrap().0
+}
+
+async fn query(dir: &std::path::Path, sql: &str) -> Vec<RecordBatch> {
+    let url = Url::from_directory_path(dir).unwrap();
+    let mut table = DeltaTableBuilder::from_url(url).unwrap().build().unwrap();
+    table.load().await.unwrap();
+    let ctx = SessionContext::new();
+    ctx.register_table("t", table.table_provider().await.unwrap())
+        .unwrap();
+    ctx.sql(sql).await.unwrap().collect().await.unwrap()
+}
+
+async fn count(dir: &std::path::Path) -> i64 {
+    let out = query(dir, "SELECT count(*) AS n FROM t").await;
+    out[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .unwrap()
+        .value(0)
+}
+
+#[tokio::test]
+async fn appends_record_positions_and_fence_zombies() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sink(dir.path(), DeltaSinkConfig::default());
+    let tp = TopicPartition::new("orders", 0);
+    assert_eq!(s.recover(&tp).await.unwrap(), None);
+    assert_eq!(
+        commit(&s, flush(0, 0, 10, vec![batch(0..10, false)])).await,
+        CommitOutcome::Committed { next: Offset(10) }
+    );
+    assert_eq!(s.recover(&tp).await.unwrap(), Some(Offset(10)));
+
+    // A zombie that still believes it owns the partition from offset 0 is fenced, and told
+    // where the owner got to; its data never becomes visible.
+    let zombie = sink(dir.path(), DeltaSinkConfig::default());
+    assert_eq!(
+        commit(&zombie, flush(0, 0, 5, vec![batch(100..105, false)])).await,
+        CommitOutcome::Fenced { next: Offset(10) }
+    );
+    // The owner continues; a retried commit of its own last flush is recognised.
+    let staged = s
+        .stage(flush(0, 10, 20, vec![batch(10..20, false)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.commit(&staged).await.unwrap().0,
+        CommitOutcome::Committed { next: Offset(20) }
+    );
+    assert_eq!(
+        s.commit(&staged).await.unwrap().0,
+        CommitOutcome::AlreadyCommitted { next: Offset(20) }
+    );
+    assert_eq!(count(dir.path()).await, 20);
+    // Another partition's position is independent.
+    assert_eq!(
+        s.recover(&TopicPartition::new("orders", 1)).await.unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn concurrent_writers_of_different_partitions_all_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    // Create the table first so the race is about appends, not creation.
+    let first = sink(dir.path(), DeltaSinkConfig::default());
+    commit(&first, flush(9, 0, 1, vec![batch(0..1, false)])).await;
+    let mut tasks = Vec::new();
+    for p in 0..4 {
+        let s = Arc::new(sink(dir.path(), DeltaSinkConfig::default()));
+        tasks.push(tokio::spawn(async move {
+            for i in 0..5i64 {
+                let out = commit(
+                    &s,
+                    flush(
+                        p,
+                        i * 10,
+                        i * 10 + 10,
+                        vec![batch(i * 10..i * 10 + 10, false)],
+                    ),
+                )
+                .await;
+                assert_eq!(
+                    out,
+                    CommitOutcome::Committed {
+                        next: Offset(i * 10 + 10)
+                    }
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(count(dir.path()).await, 1 + 4 * 50);
+    for p in 0..4 {
+        assert_eq!(
+            first
+                .recover(&TopicPartition::new("orders", p))
+                .await
+                .unwrap(),
+            Some(Offset(50))
+        );
+    }
+}
+
+#[tokio::test]
+async fn evolves_the_schema_in_the_data_commit_and_partitions_by_day() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sink(dir.path(), DeltaSinkConfig::default());
+    commit(&s, flush(0, 0, 3, vec![batch(0..3, false)])).await;
+    let versions_before = {
+        let mut t = s.builder().unwrap().build().unwrap();
+        t.load().await.unwrap();
+        t.version().unwrap()
+    };
+    commit(&s, flush(0, 3, 6, vec![batch(3..6, true)])).await;
+    let mut t = s.builder().unwrap().build().unwrap();
+    t.load().await.unwrap();
+    assert_eq!(
+        t.version().unwrap(),
+        versions_before + 1,
+        "one commit for data + schema"
+    );
+    let schema = t.snapshot().unwrap().snapshot().arrow_schema();
+    assert!(schema.field_with_name("note").unwrap().is_nullable());
+    let out = query(dir.path(), "SELECT count(note) AS n FROM t").await;
+    assert_eq!(
+        out[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0),
+        3
+    );
+
+    // A type change that is not additive is refused with the column named.
+    let bad = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, false)])),
+        vec![Arc::new(StringArray::from(vec!["x"]))],
+    )
+    .unwrap();
+    let e = s.stage(flush(0, 6, 7, vec![bad])).await.unwrap_err();
+    assert!(e.to_string().contains("`id`"), "{e}");
+}
+
+#[tokio::test]
+async fn upserts_keep_the_last_change_and_apply_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = DeltaSinkConfig {
+        upsert: Some(UpsertConfig {
+            keys: vec!["id".into()],
+            delete_column: Some("_deleted".into()),
+        }),
+        ..Default::default()
+    };
+    let s = sink(dir.path(), config);
+    let changes = |ids: Vec<i64>, names: Vec<&str>, deleted: Vec<bool>| {
+        RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int64, false),
+                Field::new("name", DataType::Utf8, true),
+                Field::new("_deleted", DataType::Boolean, false),
+            ])),
+            vec![
+                Arc::new(Int64Array::from(ids)),
+                Arc::new(StringArray::from(names)),
+                Arc::new(BooleanArray::from(deleted)),
+            ],
+        )
+        .unwrap()
+    };
+    commit(
+        &s,
+        flush(
+            0,
+            0,
+            4,
+            vec![changes(
+                vec![1, 2, 3, 1],
+                vec!["a", "b", "c", "a2"],
+                vec![false; 4],
+            )],
+        ),
+    )
+    .await;
+    commit(
+        &s,
+        flush(
+            0,
+            4,
+            7,
+            vec![changes(
+                vec![2, 3, 4],
+                vec!["b", "c2", "d"],
+                vec![true, false, false],
+            )],
+        ),
+    )
+    .await;
+    let out = query(dir.path(), "SELECT id, name FROM t ORDER BY id").await;
+    let rows: Vec<(i64, String)> = out
+        .iter()
+        .flat_map(|b| {
+            let ids = b
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .clone();
+            let names = arrow::compute::cast(b.column(1), &DataType::Utf8).unwrap();
+            let names = names
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .clone();
+            (0..b.num_rows())
+                .map(move |i| (ids.value(i), names.value(i).to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![(1, "a2".into()), (3, "c2".into()), (4, "d".into())]
+    );
+    assert_eq!(
+        s.recover(&TopicPartition::new("orders", 0)).await.unwrap(),
+        Some(Offset(7))
+    );
+}

@@ -1,0 +1,459 @@
+//! Delta Lake sink against real services: tansu, the registry, moto (S3), Azurite (`az://` and
+//! `abfss://` in emulator mode) and local disk. What lands is read back by python `deltalake`
+//! and DuckDB (over deltalake's pyarrow dataset), including the txn versions.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use serde_json::Value;
+use sinks::{CommitOutcome, Flush, Offset, Sink, TopicPartition};
+
+const PARTITIONS: i32 = 3;
+
+fn delta_sink_config(extra: &str) -> String {
+    format!("kind = \"delta\"\n{extra}")
+}
+
+fn app_ids(group: &str, topic: &str, partitions: i32) -> Vec<String> {
+    (0..partitions)
+        .map(|p| format!("lakesink/{group}/{topic}/{p}"))
+        .collect()
+}
+
+/// Checks the txn versions python deltalake reads: last offset of each partition.
+fn assert_txns(table: &Value, group: &str, topic: &str, produced: &Produced) {
+    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+    for (p, o) in produced.keys() {
+        let e = ends.entry(*p).or_default();
+        *e = (*e).max(*o);
+    }
+    for (p, last) in ends {
+        let app = format!("lakesink/{group}/{topic}/{p}");
+        assert_eq!(
+            table["txn"][&app].as_i64(),
+            Some(last),
+            "txn version of {app}: {}",
+            table["txn"]
+        );
+    }
+}
+
+async fn delta_exactly_once(store: Store, n: i64) {
+    let topic = unique("orders");
+    create_topic(&topic, PARTITIONS).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    let produced = produce(&topic, id, 0..n, PARTITIONS).await;
+    let group = unique("g");
+    let cfg = config(
+        &topic,
+        &group,
+        &registry_url,
+        &store,
+        &delta_sink_config(""),
+    );
+    let env = store.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut proc_ = Lakesink::start(&cfg, &env);
+    let reader = store.delta_sink(&group);
+    wait_delta(
+        &reader,
+        &topic,
+        &produced,
+        &mut proc_,
+        Duration::from_secs(180),
+    )
+    .await;
+    let log = proc_.stop();
+    assert!(!log.contains(AZURITE_KEY), "a secret leaked into the log");
+    let table = store.read_delta(&app_ids(&group, &topic, PARTITIONS));
+    assert_exactly_once(&table, &produced);
+    assert_txns(&table, &group, &topic, &produced);
+    assert_eq!(table["partition_columns"], serde_json::json!(["day"]));
+    let schema = &table["schema"];
+    assert!(
+        schema["cost"].as_str().unwrap().starts_with("decimal"),
+        "decimals stay decimals: {schema}"
+    );
+    assert!(
+        schema["ts"].as_str().unwrap().starts_with("timestamp"),
+        "{schema}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delta_on_local_disk_exactly_once() {
+    delta_exactly_once(Store::local("orders_delta"), 900).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delta_on_s3_exactly_once() {
+    delta_exactly_once(Store::s3("orders_delta"), 900).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delta_on_azure_exactly_once() {
+    delta_exactly_once(Store::azure("orders_delta"), 900).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delta_on_abfss_emulator_exactly_once() {
+    delta_exactly_once(Store::abfss("orders_delta"), 600).await;
+}
+
+/// SIGKILL after the data files are written but before the commit: nothing of that flush is
+/// visible, the restart commits everything exactly once, the orphans are never referenced and
+/// `lakesink maintain` vacuums them, compacts, and checkpoints.
+#[tokio::test(flavor = "multi_thread")]
+async fn delta_crash_between_files_and_commit_then_maintain() {
+    let store = Store::local("crash_delta");
+    let topic = unique("crash");
+    let n = 1500;
+    create_topic(&topic, PARTITIONS).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    let produced = produce(&topic, id, 0..n, PARTITIONS).await;
+    let group = unique("g");
+    let cfg = config(
+        &topic,
+        &group,
+        &registry_url,
+        &store,
+        &delta_sink_config(
+            "delta = { checkpoint_interval = 5, vacuum_retention = \"0s\", target_file_size = \"64MiB\" }",
+        ),
+    );
+    let mut first = Lakesink::start(&cfg, &[("LAKESINK_TEST_CRASHPOINT", "after_stage:3")]);
+    first.wait_for_line("CRASHPOINT after_stage", Duration::from_secs(120));
+    first.kill9();
+    let ids = app_ids(&group, &topic, PARTITIONS);
+    let before = store.read_delta(&ids);
+    let rows = before["rows"].as_array().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for r in rows {
+        let key = (r["p"].as_i64().unwrap(), r["o"].as_i64().unwrap());
+        assert!(seen.insert(key), "duplicate {key:?} after the kill");
+    }
+    assert!(
+        before["stored_files"].as_u64().unwrap() > before["files"].as_u64().unwrap(),
+        "the killed flush left unreferenced data files: {}",
+        before
+    );
+
+    let mut second = Lakesink::start(&cfg, &[]);
+    let reader = store.delta_sink(&group);
+    wait_delta(
+        &reader,
+        &topic,
+        &produced,
+        &mut second,
+        Duration::from_secs(180),
+    )
+    .await;
+    second.stop();
+    let after = store.read_delta(&ids);
+    assert_exactly_once(&after, &produced);
+    assert_txns(&after, &group, &topic, &produced);
+    let orphans = after["stored_files"].as_u64().unwrap() - after["files"].as_u64().unwrap();
+    assert!(orphans > 0, "orphans are still there before maintenance");
+    assert!(
+        after["checkpoints"].as_u64().unwrap() >= 1,
+        "a checkpoint every 5 commits: {}",
+        after["checkpoints"]
+    );
+
+    let dir = scratch("cfg");
+    let path = dir.join("maintain.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lakesink"))
+        .args(["maintain", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "maintain failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ok    orders"), "{stdout}");
+    let maintained = store.read_delta(&ids);
+    assert_exactly_once(&maintained, &produced);
+    assert_txns(&maintained, &group, &topic, &produced);
+    assert_eq!(
+        maintained["stored_files"], maintained["files"],
+        "vacuum removed every unreferenced file"
+    );
+    assert!(
+        maintained["files"].as_u64().unwrap() < after["files"].as_u64().unwrap(),
+        "compaction merged small files: {} -> {}",
+        after["files"],
+        maintained["files"]
+    );
+    let history: Vec<&str> = maintained["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h.as_str())
+        .collect();
+    assert!(history.contains(&"OPTIMIZE"), "{history:?}");
+}
+
+/// Two processes of one consumer group append to the same table at the same time.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_members_append_to_one_delta_table() {
+    let store = Store::s3("shared_delta");
+    let topic = unique("shared");
+    let partitions = 6;
+    let n = 3000;
+    create_topic(&topic, partitions).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    let group = unique("g");
+    let cfg = config(
+        &topic,
+        &group,
+        &registry_url,
+        &store,
+        &delta_sink_config(""),
+    );
+    let mut a = Lakesink::start(&cfg, &[]);
+    let mut b = Lakesink::start(&cfg, &[]);
+    a.wait_for_line("assigned", Duration::from_secs(60));
+    b.wait_for_line("assigned", Duration::from_secs(60));
+    let produced = produce(&topic, id, 0..n, partitions).await;
+    let reader = store.delta_sink(&group);
+    wait_delta(&reader, &topic, &produced, &mut a, Duration::from_secs(180)).await;
+    let log_a = a.stop();
+    let log_b = b.stop();
+    let table = store.read_delta(&app_ids(&group, &topic, partitions));
+    assert_exactly_once(&table, &produced);
+    assert_txns(&table, &group, &topic, &produced);
+    for (name, log) in [("first", &log_a), ("second", &log_b)] {
+        assert!(
+            log.contains("committed") || log.contains("commit"),
+            "the {name} member committed nothing:\n{log}"
+        );
+    }
+}
+
+fn id_batch(ids: std::ops::Range<i64>) -> arrow::record_batch::RecordBatch {
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+    arrow::record_batch::RecordBatch::try_new(
+        std::sync::Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)])),
+        vec![std::sync::Arc::new(Int64Array::from_iter_values(ids))],
+    )
+    .unwrap()
+}
+
+fn flush(p: i32, start: i64, next: i64) -> Flush {
+    Flush {
+        tp: TopicPartition::new("t", p),
+        start: Offset(start),
+        next: Offset(next),
+        batches: vec![id_batch(start..next)],
+    }
+}
+
+/// A zombie that lost its partition cannot commit over the new owner, on S3 with conditional
+/// writes only (no lock service); concurrent writers of other partitions all succeed. Prints
+/// commits per second for 1, 2 and 4 writers.
+#[tokio::test(flavor = "multi_thread")]
+async fn zombie_is_fenced_and_concurrent_writers_commit_on_s3() {
+    let store = Store::s3("fence_delta");
+    let group = "fence";
+    let owner = store.delta_sink(group);
+    let zombie = store.delta_sink(group);
+    // The zombie staged its flush before it lost the partition ...
+    let stale = zombie.stage(flush(0, 0, 5)).await.unwrap();
+    // ... the new owner moved on ...
+    for (s, e) in [(0, 10), (10, 20)] {
+        let staged = owner.stage(flush(0, s, e)).await.unwrap();
+        assert_eq!(
+            owner.commit(&staged).await.unwrap().0,
+            CommitOutcome::Committed { next: Offset(e) }
+        );
+    }
+    // ... and the zombie's late commit is rejected with the owner's position.
+    assert_eq!(
+        zombie.commit(&stale).await.unwrap().0,
+        CommitOutcome::Fenced { next: Offset(20) }
+    );
+
+    for writers in [1, 2, 4] {
+        let commits_each = 6;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let s = store.delta_sink(group);
+            let p = 100 * writers + w;
+            tasks.push(tokio::spawn(async move {
+                for i in 0..commits_each as i64 {
+                    let staged = s.stage(flush(p, i * 10, i * 10 + 10)).await.unwrap();
+                    let out = s.commit(&staged).await.unwrap().0;
+                    assert_eq!(
+                        out,
+                        CommitOutcome::Committed {
+                            next: Offset(i * 10 + 10)
+                        }
+                    );
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "delta on moto: {writers} writer(s), {} commits in {secs:.2}s = {:.1} commits/s",
+            writers * commits_each,
+            (writers * commits_each) as f64 / secs
+        );
+    }
+    let table = store.read_delta(&[format!("lakesink/{group}/t/0")]);
+    assert_eq!(
+        table["txn"][format!("lakesink/{group}/t/0")].as_i64(),
+        Some(19)
+    );
+    // The zombie's 5 rows would make this 445.
+    assert_eq!(
+        table["duckdb"]["count"].as_u64(),
+        Some(20 + (1 + 2 + 4) * 6 * 10)
+    );
+}
+
+/// Debezium JSON changes (creates, updates, deletes with tombstones, a re-insert) upserted by
+/// key: the table ends equal to the source's final state.
+#[tokio::test(flavor = "multi_thread")]
+async fn debezium_upsert_reaches_the_final_source_state() {
+    let store = Store::local("customers_upsert");
+    let topic = unique("dbserver1.inventory.customers");
+    create_topic(&topic, 1).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let mut state: BTreeMap<i64, String> = BTreeMap::new();
+    let mut changes: Vec<(&str, i64, String)> = Vec::new();
+    for c in 1..=30 {
+        changes.push(("c", c, format!("customer {c} v0")));
+    }
+    for round in 1..=3 {
+        for c in (round..=30).step_by(2) {
+            changes.push(("u", c, format!("customer {c} v{round}")));
+        }
+    }
+    for c in (5..=30).step_by(5) {
+        changes.push(("d", c, String::new()));
+    }
+    changes.push(("c", 10, "customer 10 reborn".into()));
+    let mut sent = 0u64;
+    for (pos, (op, id, name)) in changes.iter().enumerate() {
+        let image = serde_json::json!({"id": id, "name": name});
+        let (before, after) = match *op {
+            "c" => (Value::Null, image),
+            "u" => (serde_json::json!({"id": id, "name": state[id]}), image),
+            _ => (
+                serde_json::json!({"id": id, "name": state[id]}),
+                Value::Null,
+            ),
+        };
+        let value = serde_json::json!({
+            "before": before, "after": after,
+            "source": {"connector": "mysql", "ts_ms": 1_790_000_000_000i64 + pos as i64, "db": "inventory",
+                       "table": "customers", "file": "mysql-bin.000004", "pos": pos as i64 * 10},
+            "op": op, "ts_ms": 1_790_000_000_500i64 + pos as i64
+        })
+        .to_string();
+        let key = id.to_string();
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .partition(0)
+                    .key(&key)
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        sent += 1;
+        if *op == "d" {
+            state.remove(id);
+            producer
+                .send(
+                    FutureRecord::<String, [u8]>::to(&topic)
+                        .partition(0)
+                        .key(&key),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+            sent += 1;
+        } else {
+            state.insert(*id, name.clone());
+        }
+    }
+    let (registry_url, _client) = registry().await;
+    let group = unique("g");
+    let mut cfg = config_with(
+        &topic,
+        &group,
+        &registry_url,
+        &store,
+        "[]",
+        "kind = \"delta\"\nmode = \"upsert\"\nkey = [\"id\"]\nformat = \"debezium-json\"\nschema = { id = \"long\", name = \"string\" }",
+    );
+    // Small flushes, so changes of one key span several MERGE commits.
+    cfg = cfg.replace("max_rows = 400", "max_rows = 17");
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    let reader = store.delta_sink(&group);
+    let produced: Produced = (0..sent as i64).map(|o| ((0, o), o)).collect();
+    wait_delta(
+        &reader,
+        &topic,
+        &produced,
+        &mut proc_,
+        Duration::from_secs(180),
+    )
+    .await;
+    proc_.stop();
+    let table = store.read_delta(&[format!("lakesink/{group}/{topic}/0")]);
+    let got: BTreeMap<i64, String> = table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(
+                r["_deleted"],
+                Value::Bool(false),
+                "deleted rows are removed: {r}"
+            );
+            (
+                r["id"].as_i64().unwrap(),
+                r["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        table["rows"].as_array().unwrap().len(),
+        got.len(),
+        "one row per key"
+    );
+    assert_eq!(got, state);
+    assert_eq!(
+        table["txn"][format!("lakesink/{group}/{topic}/0")].as_i64(),
+        Some(sent as i64 - 1)
+    );
+    let history: Vec<&str> = table["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h.as_str())
+        .collect();
+    assert!(history.contains(&"MERGE"), "{history:?}");
+}
