@@ -409,9 +409,10 @@ mod tests {
         }
         .is_retryable());
         let txn = parse_response(&fixture("query_txn_active.json"), "BEGIN", "u").unwrap();
-        let mut s = Session::default();
-        s.state = txn.session.clone();
-        s.node = txn.node_id.clone();
+        let s = Session {
+            state: txn.session.clone(),
+            node: txn.node_id.clone(),
+        };
         assert_eq!(s.txn_state(), "Active");
         assert!(s.need_sticky());
     }
