@@ -8,8 +8,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 use serde_json::Value;
 use sinks::databend::client::{Client, ClientConfig as DbConfig, Session};
 
@@ -209,81 +207,89 @@ async fn databend_append_exactly_once_with_a_crash_between_upload_and_commit() {
     assert!(types["ship_date"].contains("Date"), "{types:?}");
 }
 
+/// A compatible schema version arrives mid-stream: `ALTER TABLE … ADD COLUMN` runs before the
+/// load transaction that first carries the field; earlier rows read null.
+#[tokio::test(flavor = "multi_thread")]
+async fn databend_gains_a_column_mid_stream() {
+    let database = unique("lake");
+    let topic = unique("evolve");
+    create_topic(&topic, 1).await;
+    let (registry_url, client_) = registry().await;
+    let (n, v2_from) = (600, 300);
+    let produced = produce_evolving(&client_, &topic, 0..n, v2_from).await;
+    let store = Store::local("unused");
+    let table = "orders";
+    let cfg = with_table(
+        config(
+            &topic,
+            &unique("g"),
+            &registry_url,
+            &store,
+            &sink_config(&database, table, ""),
+        ),
+        &store,
+        table,
+    )
+    .replace("partition_by = [\"day(ts)\"]\n", "")
+    .replace("max_rows = 400", "max_rows = 100");
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    wait_ledger(&database, "orders", &topic, &produced, &mut proc_).await;
+    proc_.stop();
+    assert_orders_exactly_once(&database, table, &produced).await;
+    let got = rows(
+        &database,
+        &format!("SELECT _kafka_offset, id, coupon FROM \"{database}\".{table}"),
+    )
+    .await;
+    assert_eq!(got.len(), n as usize);
+    for r in got {
+        let id: i64 = r[1].as_deref().unwrap().parse().unwrap();
+        let want = (id >= v2_from).then(|| coupon(id));
+        assert_eq!(r[2], want, "coupon of order {id}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn databend_upsert_reaches_the_final_state() {
     let database = unique("lake");
     let topic = unique("dbserver1.inventory.customers");
     create_topic(&topic, 1).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .create()
-        .unwrap();
-    let mut state: BTreeMap<i64, (String, Option<String>)> = BTreeMap::new();
-    let mut changes: Vec<(&str, i64, String, Option<String>)> = Vec::new();
+    let image = |c: i64, v: &str, tier: Option<String>| {
+        let mut row = serde_json::json!({"id": c, "name": format!("customer {c} {v}")});
+        if let Some(t) = tier {
+            row["tier"] = Value::String(t);
+        }
+        row
+    };
+    let mut changes: Vec<Change> = Vec::new();
     for c in 1..=30 {
-        changes.push(("c", c, format!("customer {c} v0"), None));
+        changes.push(("c", c, image(c, "v0", None)));
     }
     for c in (2..=30).step_by(2) {
-        changes.push(("u", c, format!("customer {c} v1"), None));
+        changes.push(("u", c, image(c, "v1", None)));
     }
     for c in (5..=30).step_by(5) {
-        changes.push(("d", c, String::new(), None));
+        changes.push(("d", c, Value::Null));
     }
-    // Later changes carry a new column: the table gains it, earlier rows read null.
+    // Later images carry `tier`; the rows that never got one read null.
     for c in (3..=30).step_by(3) {
         if c % 5 != 0 {
-            changes.push(("u", c, format!("customer {c} v2"), Some(format!("tier{c}"))));
+            changes.push(("u", c, image(c, "v2", Some(format!("tier{c}")))));
         }
     }
-    let mut sent = 0i64;
-    for (pos, (op, id, name, tier)) in changes.iter().enumerate() {
-        let mut image = serde_json::json!({"id": id, "name": name});
-        if let Some(t) = tier {
-            image["tier"] = Value::String(t.clone());
-        }
-        let (before, after) = match *op {
-            "c" => (Value::Null, image),
-            "u" => (serde_json::json!({"id": id, "name": state[id].0}), image),
-            _ => (
-                serde_json::json!({"id": id, "name": state[id].0}),
-                Value::Null,
-            ),
-        };
-        let value = serde_json::json!({
-            "before": before, "after": after,
-            "source": {"connector": "mysql", "ts_ms": 1_790_000_000_000i64 + pos as i64, "db": "inventory",
-                       "table": "customers", "file": "mysql-bin.000004", "pos": pos as i64 * 10},
-            "op": op, "ts_ms": 1_790_000_000_500i64 + pos as i64
-        })
-        .to_string();
-        let key = id.to_string();
-        producer
-            .send(
-                FutureRecord::to(&topic)
-                    .partition(0)
-                    .key(&key)
-                    .payload(&value),
-                Duration::from_secs(10),
+    let (state, sent) = produce_changes(&topic, &changes).await;
+    let state: BTreeMap<i64, (String, Option<String>)> = state
+        .into_iter()
+        .map(|(id, row)| {
+            (
+                id,
+                (
+                    row["name"].as_str().unwrap().to_string(),
+                    row["tier"].as_str().map(str::to_string),
+                ),
             )
-            .await
-            .unwrap();
-        sent += 1;
-        if *op == "d" {
-            state.remove(id);
-            producer
-                .send(
-                    FutureRecord::<String, [u8]>::to(&topic)
-                        .partition(0)
-                        .key(&key),
-                    Duration::from_secs(10),
-                )
-                .await
-                .unwrap();
-            sent += 1;
-        } else {
-            state.insert(*id, (name.clone(), tier.clone()));
-        }
-    }
+        })
+        .collect();
     let (registry_url, _c) = registry().await;
     let store = Store::local("unused");
     let group = unique("g");

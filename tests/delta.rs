@@ -8,8 +8,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 use serde_json::Value;
 use sinks::{CommitOutcome, Flush, Offset, Sink, TopicPartition};
 
@@ -104,6 +102,62 @@ async fn delta_on_azure_exactly_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn delta_on_abfss_emulator_exactly_once() {
     delta_exactly_once(Store::abfss("orders_delta"), 600).await;
+}
+
+/// A compatible schema version arrives mid-stream: the table gains the nullable column in the
+/// commit that first carries it; earlier rows read null; python deltalake reads both.
+#[tokio::test(flavor = "multi_thread")]
+async fn delta_gains_a_column_mid_stream() {
+    let store = Store::local("evolve_delta");
+    let topic = unique("evolve");
+    create_topic(&topic, 1).await;
+    let (registry_url, client) = registry().await;
+    let (n, v2_from) = (600, 300);
+    let produced = produce_evolving(&client, &topic, 0..n, v2_from).await;
+    let group = unique("g");
+    let cfg = config(
+        &topic,
+        &group,
+        &registry_url,
+        &store,
+        &delta_sink_config(""),
+    )
+    .replace("max_rows = 400", "max_rows = 100");
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    let reader = store.delta_sink(&group);
+    wait_delta(
+        &reader,
+        &topic,
+        &produced,
+        &mut proc_,
+        Duration::from_secs(180),
+    )
+    .await;
+    proc_.stop();
+    let table = store.read_delta(&app_ids(&group, &topic, 1));
+    assert_exactly_once(&table, &produced);
+    assert!(
+        table["schema"]["coupon"]
+            .as_str()
+            .is_some_and(|t| t.contains("string")),
+        "{}",
+        table["schema"]
+    );
+    for r in table["rows"].as_array().unwrap() {
+        let id = r["id"].as_i64().unwrap();
+        let want = (id >= v2_from).then(|| coupon(id));
+        assert_eq!(
+            r["coupon"].as_str(),
+            want.as_deref(),
+            "coupon of order {id}"
+        );
+    }
+    // Several commits before the change: the column was added to an existing table.
+    assert!(
+        table["version"].as_i64().unwrap() >= 4,
+        "{}",
+        table["version"]
+    );
 }
 
 /// SIGKILL after the data files are written but before the commit: nothing of that flush is
@@ -334,70 +388,25 @@ async fn debezium_upsert_reaches_the_final_source_state() {
     let store = Store::local("customers_upsert");
     let topic = unique("dbserver1.inventory.customers");
     create_topic(&topic, 1).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .create()
-        .unwrap();
-    let mut state: BTreeMap<i64, String> = BTreeMap::new();
-    let mut changes: Vec<(&str, i64, String)> = Vec::new();
+    let name = |c: i64, v: &str| serde_json::json!({"id": c, "name": format!("customer {c} {v}")});
+    let mut changes: Vec<Change> = Vec::new();
     for c in 1..=30 {
-        changes.push(("c", c, format!("customer {c} v0")));
+        changes.push(("c", c, name(c, "v0")));
     }
     for round in 1..=3 {
         for c in (round..=30).step_by(2) {
-            changes.push(("u", c, format!("customer {c} v{round}")));
+            changes.push(("u", c, name(c, &format!("v{round}"))));
         }
     }
     for c in (5..=30).step_by(5) {
-        changes.push(("d", c, String::new()));
+        changes.push(("d", c, Value::Null));
     }
-    changes.push(("c", 10, "customer 10 reborn".into()));
-    let mut sent = 0u64;
-    for (pos, (op, id, name)) in changes.iter().enumerate() {
-        let image = serde_json::json!({"id": id, "name": name});
-        let (before, after) = match *op {
-            "c" => (Value::Null, image),
-            "u" => (serde_json::json!({"id": id, "name": state[id]}), image),
-            _ => (
-                serde_json::json!({"id": id, "name": state[id]}),
-                Value::Null,
-            ),
-        };
-        let value = serde_json::json!({
-            "before": before, "after": after,
-            "source": {"connector": "mysql", "ts_ms": 1_790_000_000_000i64 + pos as i64, "db": "inventory",
-                       "table": "customers", "file": "mysql-bin.000004", "pos": pos as i64 * 10},
-            "op": op, "ts_ms": 1_790_000_000_500i64 + pos as i64
-        })
-        .to_string();
-        let key = id.to_string();
-        producer
-            .send(
-                FutureRecord::to(&topic)
-                    .partition(0)
-                    .key(&key)
-                    .payload(&value),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-        sent += 1;
-        if *op == "d" {
-            state.remove(id);
-            producer
-                .send(
-                    FutureRecord::<String, [u8]>::to(&topic)
-                        .partition(0)
-                        .key(&key),
-                    Duration::from_secs(10),
-                )
-                .await
-                .unwrap();
-            sent += 1;
-        } else {
-            state.insert(*id, name.clone());
-        }
-    }
+    changes.push(("c", 10, name(10, "reborn")));
+    let (state, sent) = produce_changes(&topic, &changes).await;
+    let state: BTreeMap<i64, String> = state
+        .into_iter()
+        .map(|(id, image)| (id, image["name"].as_str().unwrap().to_string()))
+        .collect();
     let (registry_url, _client) = registry().await;
     let group = unique("g");
     let mut cfg = config_with(
@@ -412,7 +421,7 @@ async fn debezium_upsert_reaches_the_final_source_state() {
     cfg = cfg.replace("max_rows = 400", "max_rows = 17");
     let mut proc_ = Lakesink::start(&cfg, &[]);
     let reader = store.delta_sink(&group);
-    let produced: Produced = (0..sent as i64).map(|o| ((0, o), o)).collect();
+    let produced: Produced = (0..sent).map(|o| ((0, o), o)).collect();
     wait_delta(
         &reader,
         &topic,
@@ -447,7 +456,7 @@ async fn debezium_upsert_reaches_the_final_source_state() {
     assert_eq!(got, state);
     assert_eq!(
         table["txn"][format!("lakesink/{group}/{topic}/0")].as_i64(),
-        Some(sent as i64 - 1)
+        Some(sent - 1)
     );
     let history: Vec<&str> = table["history"]
         .as_array()

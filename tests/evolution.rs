@@ -13,14 +13,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use schema_registry::wire;
 
-fn v2_schema() -> String {
-    let mut v: serde_json::Value = serde_json::from_str(ORDER_SCHEMA).unwrap();
-    v["fields"].as_array_mut().unwrap().push(serde_json::json!(
-        {"name": "coupon", "type": ["null", "string"], "default": null}
-    ));
-    v.to_string()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn interleaved_versions_share_files_and_gain_a_nullable_column() {
     let store = Store::local("orders");
@@ -28,7 +20,7 @@ async fn interleaved_versions_share_files_and_gain_a_nullable_column() {
     create_topic(&topic, 1).await;
     let (registry_url, client) = registry().await;
     let v1 = register_orders(&client, &topic).await;
-    let v2_text = v2_schema();
+    let v2_text = order_v2_schema();
     let v2 = client
         .register(&format!("{topic}-value"), &v2_text)
         .await
@@ -50,17 +42,7 @@ async fn interleaved_versions_share_files_and_gain_a_nullable_column() {
         let payload = if i % 2 == 0 {
             wire::frame(v1, &order.encode(&s1))
         } else {
-            let Value::Record(mut fields) = order.to_avro_value() else {
-                unreachable!()
-            };
-            fields.push((
-                "coupon".into(),
-                Value::Union(1, Box::new(Value::String(format!("C{i}")))),
-            ));
-            wire::frame(
-                v2,
-                &apache_avro::to_avro_datum(&s2, Value::Record(fields)).unwrap(),
-            )
+            frame_order_v2(v2, &s2, i)
         };
         let producer = producer.clone();
         let topic = topic.clone();

@@ -369,6 +369,135 @@ pub async fn produce(
     out
 }
 
+/// The order schema plus a nullable `coupon` string: a compatible second version.
+pub fn order_v2_schema() -> String {
+    let mut v: Value = serde_json::from_str(ORDER_SCHEMA).unwrap();
+    v["fields"].as_array_mut().unwrap().push(serde_json::json!(
+        {"name": "coupon", "type": ["null", "string"], "default": null}
+    ));
+    v.to_string()
+}
+
+/// The coupon a v2 order carries.
+pub fn coupon(id: i64) -> String {
+    format!("C{id}")
+}
+
+/// An order framed with the v2 schema (registered as `v2`), its coupon set.
+pub fn frame_order_v2(v2: SchemaId, schema: &apache_avro::Schema, id: i64) -> Vec<u8> {
+    let apache_avro::types::Value::Record(mut fields) = Order::generate(id).to_avro_value() else {
+        unreachable!("an order is a record")
+    };
+    fields.push((
+        "coupon".into(),
+        apache_avro::types::Value::Union(
+            1,
+            Box::new(apache_avro::types::Value::String(coupon(id))),
+        ),
+    ));
+    wire::frame(
+        v2,
+        &apache_avro::to_avro_datum(schema, apache_avro::types::Value::Record(fields)).unwrap(),
+    )
+}
+
+/// Registers v1 and v2 of the order schema, then produces orders `ids` in order to partition 0:
+/// ids below `v2_from` with v1, the rest with v2. Returns where each landed.
+pub async fn produce_evolving(
+    client: &RegistryClient,
+    topic: &str,
+    ids: std::ops::Range<i64>,
+    v2_from: i64,
+) -> Produced {
+    let v1 = register_orders(client, topic).await;
+    let v2_text = order_v2_schema();
+    let v2 = client
+        .register(&format!("{topic}-value"), &v2_text)
+        .await
+        .unwrap();
+    let (s1, s2) = (
+        order_schema(),
+        apache_avro::Schema::parse_str(&v2_text).unwrap(),
+    );
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let mut out = Produced::new();
+    // One at a time, in order: the v1 prefix is what the first flushes see.
+    for i in ids {
+        let payload = if i < v2_from {
+            wire::frame(v1, &Order::generate(i).encode(&s1))
+        } else {
+            frame_order_v2(v2, &s2, i)
+        };
+        let d = producer
+            .send(
+                FutureRecord::<(), _>::to(topic)
+                    .partition(0)
+                    .payload(&payload),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+        out.insert((d.partition, d.offset), i);
+    }
+    out
+}
+
+/// One Debezium change for `produce_changes`: op (`c`, `u`, `d`), key id, and the after image
+/// (ignored for deletes).
+pub type Change = (&'static str, i64, Value);
+
+/// Produces Debezium JSON change events (MySQL connector shape, JSON converter without
+/// schemas) keyed by id to partition 0 of `topic`, with a tombstone after every delete.
+/// Returns the source's final state (id -> after image) and the number of records sent.
+pub async fn produce_changes(topic: &str, changes: &[Change]) -> (BTreeMap<i64, Value>, i64) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let mut state: BTreeMap<i64, Value> = BTreeMap::new();
+    let mut sent = 0i64;
+    for (pos, (op, id, image)) in changes.iter().enumerate() {
+        let (before, after) = match *op {
+            "c" => (Value::Null, image.clone()),
+            "u" => (state[id].clone(), image.clone()),
+            "d" => (state[id].clone(), Value::Null),
+            other => panic!("unknown op {other}"),
+        };
+        let value = serde_json::json!({
+            "before": before, "after": after,
+            "source": {"connector": "mysql", "ts_ms": 1_790_000_000_000i64 + pos as i64, "db": "inventory",
+                       "table": "customers", "file": "mysql-bin.000004", "pos": pos as i64 * 10},
+            "op": op, "ts_ms": 1_790_000_000_500i64 + pos as i64
+        })
+        .to_string();
+        let key = id.to_string();
+        let mut records = vec![Some(value)];
+        if *op == "d" {
+            records.push(None);
+            state.remove(id);
+        } else {
+            state.insert(*id, image.clone());
+        }
+        for payload in records {
+            let mut rec = FutureRecord::<String, String>::to(topic)
+                .partition(0)
+                .key(&key);
+            if let Some(p) = &payload {
+                rec = rec.payload(p);
+            }
+            producer
+                .send(rec, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+            sent += 1;
+        }
+    }
+    (state, sent)
+}
+
 pub async fn register_orders(client: &RegistryClient, topic: &str) -> SchemaId {
     client
         .register(&format!("{topic}-value"), ORDER_SCHEMA)
