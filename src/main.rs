@@ -80,9 +80,38 @@ enum Command {
         records: u64,
         #[arg(long, default_value_t = 6)]
         partitions: i32,
-        /// Table format: parquet or delta.
+        /// Workload: avro (Confluent-framed), json (order lines, declared schema) or debezium.
+        #[arg(long, default_value = "avro")]
+        format: String,
+        /// A real broker (bootstrap servers) instead of the in-process cluster.
+        #[arg(long)]
+        broker: Option<String>,
+        /// Destination: parquet, delta (local tables) or databend (needs --databend).
         #[arg(long, default_value = "parquet")]
         kind: String,
+        /// append, or upsert keyed by order_id (delta and databend).
+        #[arg(long, default_value = "append")]
+        mode: String,
+        /// Databend URL for --kind databend: http://user:password@host:port
+        #[arg(long, env = "LAKESINK_BENCH_DATABEND", hide_env_values = true)]
+        databend: Option<String>,
+    },
+    /// The benchmark's feed process (internal): hosts the cluster, produces, times a plain
+    /// consumer, serves until stdin closes.
+    #[command(hide = true)]
+    BenchFeed {
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        partitions: i32,
+        #[arg(long)]
+        records: u64,
+        #[arg(long)]
+        format: String,
+        #[arg(long)]
+        schema_id: u32,
+        #[arg(long)]
+        broker: Option<String>,
     },
     /// Exit 0 if URL answers 200 (the container HEALTHCHECK; no curl in the image).
     Healthcheck {
@@ -245,8 +274,36 @@ async fn main() -> ExitCode {
         Command::Bench {
             records,
             partitions,
+            format,
+            broker,
             kind,
-        } => lakesink::app::bench::run(records, partitions, &kind).await,
+            mode,
+            databend,
+        } => {
+            lakesink::app::bench::run(lakesink::app::bench::Options {
+                records,
+                partitions,
+                format,
+                kind,
+                mode,
+                databend,
+                broker,
+            })
+            .await
+        }
+        Command::BenchFeed {
+            topic,
+            partitions,
+            records,
+            format,
+            schema_id,
+            broker,
+        } => tokio::task::spawn_blocking(move || {
+            lakesink::app::bench::feed(broker, &topic, partitions, records, &format, schema_id)
+        })
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r),
         Command::Registry {
             command: RegistryCommand::Serve { listen, data },
         } => {

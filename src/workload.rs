@@ -152,12 +152,7 @@ impl Order {
 
     /// The row as the independent readers in the tests print it (see `tests/py/read_table.py`).
     pub fn expected_json(&self) -> serde_json::Value {
-        let cost = format!(
-            "{}{}.{:02}",
-            if self.cost_cents < 0 { "-" } else { "" },
-            self.cost_cents.abs() / 100,
-            self.cost_cents.abs() % 100
-        );
+        let cost = self.cost_string();
         let mut attrs: Vec<_> = self.attributes.clone();
         attrs.sort();
         json!({
@@ -173,6 +168,48 @@ impl Order {
             "tags": self.tags,
             "attributes": attrs.into_iter().map(|(k, v)| vec![k, v]).collect::<Vec<_>>(),
         })
+    }
+}
+
+/// The declared schema of [`Order::json_line`] as a `schema = { ... }` TOML inline table (the
+/// JSON decoder's config).
+pub const ORDER_JSON_SCHEMA: &str = r#"{ id = "long", order_id = "string", product = "string", quantity = "int", cost = "decimal(12,2)", ts = "timestamp", ship_date = "date", status = "string", street = "string", city = "string", country = "string", channel = "string" }"#;
+
+impl Order {
+    /// The order as a flat JSON order line (~190 bytes, the shape kafka-delta-ingest's
+    /// benchmarks use): decimal as a string, RFC 3339 timestamp, ISO date.
+    pub fn json_line(&self) -> String {
+        let ts = chrono::DateTime::from_timestamp_millis(self.ts_ms).expect("valid ts");
+        let ship = chrono::NaiveDate::from_num_days_from_ce_opt(self.ship_date_days + 719_163)
+            .expect("valid date");
+        let (street, city, country) = match &self.address {
+            Some((s, c, k)) => (json!(s), json!(c), json!(k)),
+            None => (json!(null), json!(null), json!(null)),
+        };
+        json!({
+            "id": self.id,
+            "order_id": self.order_id,
+            "product": self.product,
+            "quantity": self.quantity,
+            "cost": self.cost_string(),
+            "ts": ts.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+            "ship_date": ship.format("%Y-%m-%d").to_string(),
+            "status": STATUSES[self.status as usize],
+            "street": street,
+            "city": city,
+            "country": country,
+            "channel": self.attributes[0].1,
+        })
+        .to_string()
+    }
+
+    fn cost_string(&self) -> String {
+        format!(
+            "{}{}.{:02}",
+            if self.cost_cents < 0 { "-" } else { "" },
+            self.cost_cents.abs() / 100,
+            self.cost_cents.abs() % 100
+        )
     }
 }
 
@@ -194,6 +231,28 @@ pub fn order_schema() -> Schema {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_lines_are_order_lines() {
+        let o = Order::generate(12_345);
+        let line = o.json_line();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["id"], 12_345);
+        assert_eq!(v["cost"], o.expected_json()["cost"]);
+        let ts = chrono::DateTime::parse_from_rfc3339(v["ts"].as_str().unwrap()).unwrap();
+        assert_eq!(ts.timestamp_millis(), o.ts_ms);
+        let ship = chrono::NaiveDate::parse_from_str(v["ship_date"].as_str().unwrap(), "%Y-%m-%d")
+            .unwrap();
+        assert_eq!(
+            (ship - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap()).num_days(),
+            o.ship_date_days as i64
+        );
+        assert!(
+            (150..=230).contains(&line.len()),
+            "{} bytes: {line}",
+            line.len()
+        );
+    }
 
     #[test]
     fn decimal_bytes_are_minimal_twos_complement() {

@@ -40,12 +40,11 @@ pub struct SinkRuntime {
 /// What flows from the source thread into a partition worker.
 #[derive(Debug)]
 pub enum WorkerMsg {
-    Record(Record),
+    /// Consecutive records of the partition, in offset order.
+    Records(Vec<Record>),
     /// The source sought to the position the worker asked for; records before this message
     /// were read before the seek.
-    Seeked {
-        position: i64,
-    },
+    Seeked { position: i64 },
     /// Flush and commit what is buffered, then stop (revocation or shutdown).
     Drain(tokio::sync::oneshot::Sender<()>),
 }

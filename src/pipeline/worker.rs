@@ -65,6 +65,8 @@ struct Worker {
     keys: Option<KeyDecoder>,
     /// Debezium semantic types of the current reader schema (by reader id).
     semantics: Option<(u32, HashMap<String, debezium::Semantic>)>,
+    /// Records and payload bytes handled since the counters were last published.
+    counted_in: (u64, u64),
 }
 
 /// Runs a worker until it is drained or its input closes.
@@ -81,6 +83,7 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         resyncing: false,
         dead: false,
         semantics: None,
+        counted_in: (0, 0),
         stats: Arc::new(SinkStats::default()),
         keys: None,
     };
@@ -117,10 +120,14 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
                         w.last_offset = None;
                     }
                 }
-                Some(WorkerMsg::Record(rec)) => {
-                    if !w.dead && !w.resyncing {
+                Some(WorkerMsg::Records(recs)) => {
+                    for rec in recs {
+                        if w.dead || w.resyncing {
+                            break;
+                        }
                         w.handle(rec).await;
                     }
+                    w.publish_in();
                 }
             }
         }
@@ -191,6 +198,19 @@ impl Worker {
         let _ = self.ctx.events.send(Event::Fatal { message });
     }
 
+    /// Publishes the input counted since the last call: once per batch, not per record (the
+    /// counters are shared by every worker).
+    fn publish_in(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (n, bytes) = std::mem::take(&mut self.counted_in);
+        if n > 0 {
+            self.ctx.progress.records_in.fetch_add(n, Relaxed);
+            self.ctx.progress.bytes_in.fetch_add(bytes, Relaxed);
+            self.stats.records_in.fetch_add(n, Relaxed);
+            self.stats.bytes_in.fetch_add(bytes, Relaxed);
+        }
+    }
+
     async fn handle(&mut self, rec: Record) {
         let next_expected = match (self.ctx.position, self.last_offset) {
             (_, Some(last)) => last + 1,
@@ -204,14 +224,8 @@ impl Worker {
         if self.ctx.position.is_none() {
             self.ctx.position = Some(rec.offset);
         }
-        {
-            use std::sync::atomic::Ordering::Relaxed;
-            let len = rec.payload.as_ref().map_or(0, |p| p.len()) as u64;
-            self.ctx.progress.records_in.fetch_add(1, Relaxed);
-            self.ctx.progress.bytes_in.fetch_add(len, Relaxed);
-            self.stats.records_in.fetch_add(1, Relaxed);
-            self.stats.bytes_in.fetch_add(len, Relaxed);
-        }
+        self.counted_in.0 += 1;
+        self.counted_in.1 += rec.payload.as_ref().map_or(0, |p| p.len()) as u64;
         if self.first_at.is_none() {
             self.first_at = Some(Instant::now());
         }
@@ -310,9 +324,14 @@ impl Worker {
                 return;
             }
         }
-        self.last_offset = Some(offset);
+        let previous = self.last_offset.replace(offset);
         let flush = &self.ctx.runtime.config.flush;
-        let caught_up = self.ctx.end_offset.is_some_and(|end| offset + 1 >= end);
+        // Crossing the end offset seen at start flushes once; records past it (produced since,
+        // or a broker whose watermark lags) follow the normal flush rules, never one file each.
+        let caught_up = self
+            .ctx
+            .end_offset
+            .is_some_and(|end| offset + 1 >= end && previous.is_none_or(|last| last + 1 < end));
         if self.buffered_rows + self.decoder.pending_rows() >= flush.max_rows
             || self.buffered_bytes as u64 >= flush.max_bytes
             || (self.ctx.budget.over() && self.buffered_bytes > 0)

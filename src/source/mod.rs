@@ -49,7 +49,12 @@ pub fn client_config(cfg: &ValidatedConfig) -> ClientConfig {
         .set("group.id", &cfg.group_id)
         .set("enable.partition.eof", "false")
         // End offsets for the lag metric.
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // librdkafka postpones a partition's next fetch by this much once its local queue is
+        // over the thresholds below; its default (1 s) starves a pipeline that polls in bursts.
+        .set("fetch.queue.backoff.ms", "10")
+        // The pre-fetch queue is part of lakesink's memory budget: 32 MiB, not 64 MiB.
+        .set("queued.max.messages.kbytes", "32768");
     for (k, v) in &cfg.kafka_properties {
         c.set(k, v.expose());
     }
@@ -81,7 +86,17 @@ struct Router {
     drain_timeout: Duration,
     options: SourceOptions,
     fatal: Option<String>,
+    /// Records polled but not yet handed to their workers, in poll order per partition.
+    /// Dispatched at the end of every poll burst and before any rebalance is handled, so a
+    /// worker sees exactly the sequence it would see if every record were sent at once.
+    pending: Vec<(TopicPartition, Vec<Record>)>,
+    pending_records: usize,
 }
+
+/// Records per message to a worker: one channel message and one wake-up per batch.
+const SEND_BATCH: usize = 256;
+/// Records polled in one burst before they are dispatched.
+const POLL_BURST: usize = 4096;
 
 /// The consumer context: bridges rebalances to recovery and workers, and signs tokens.
 pub struct LakeContext {
@@ -144,6 +159,8 @@ impl ConsumerContext for LakeContext {
             .map(|e| TopicPartition::new(e.topic(), e.partition()))
             .collect();
         let mut router = self.router.lock().expect("router");
+        // Records polled before the rebalance reach their workers before it is handled.
+        router.dispatch_pending();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 info!(partitions = ?tps.iter().map(ToString::to_string).collect::<Vec<_>>(), "assigned");
@@ -208,6 +225,67 @@ impl ConsumerContext for LakeContext {
 }
 
 impl Router {
+    /// Queues a polled record for its partition's workers.
+    fn push(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
+        let rec = Record {
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers: m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        let same = |tp: &TopicPartition| tp.partition == m.partition() && &*tp.topic == m.topic();
+        let i = match self.pending.iter().rposition(|(tp, _)| same(tp)) {
+            Some(i) => i,
+            None => {
+                let tp = TopicPartition::new(m.topic(), m.partition());
+                self.pending
+                    .push((tp, Vec::with_capacity(SEND_BATCH.min(64))));
+                self.pending.len() - 1
+            }
+        };
+        self.pending[i].1.push(rec);
+        self.pending_records += 1;
+        if self.pending[i].1.len() >= SEND_BATCH {
+            let (tp, recs) = self.pending.swap_remove(i);
+            self.pending_records -= recs.len();
+            self.send(&tp, recs);
+        }
+    }
+
+    /// Hands every queued record to its workers.
+    fn dispatch_pending(&mut self) {
+        for (tp, recs) in std::mem::take(&mut self.pending) {
+            self.send(&tp, recs);
+        }
+        self.pending_records = 0;
+    }
+
+    /// Sends `recs` to every worker of `tp` (none if it is no longer assigned). Blocks while a
+    /// worker's queue is full: backpressure.
+    fn send(&self, tp: &TopicPartition, recs: Vec<Record>) {
+        let Some(state) = self.parts.get(tp) else {
+            return;
+        };
+        let n = state.workers.len();
+        let mut recs = Some(recs);
+        for (i, w) in state.workers.iter().enumerate() {
+            let batch = if i + 1 == n {
+                recs.take().expect("records")
+            } else {
+                recs.clone().expect("records")
+            };
+            let _ = w.tx.blocking_send(WorkerMsg::Records(batch));
+        }
+    }
+
     /// Recovers every sink of `tp`'s topic, starts their workers, returns the seek position.
     fn start_partition(
         &mut self,
@@ -277,7 +355,7 @@ impl Router {
             committed: BTreeMap::new(),
         };
         for (i, pos) in &positions {
-            let (tx, rx) = mpsc::channel(self.queue);
+            let (tx, rx) = mpsc::channel(self.queue.div_ceil(SEND_BATCH).max(2));
             if let Some(p) = pos.or(end.map(|(low, _)| low)) {
                 state.committed.insert(*i, p);
             }
@@ -374,6 +452,8 @@ pub fn run(
         drain_timeout: cfg.drain_timeout,
         options,
         fatal: None,
+        pending: Vec::new(),
+        pending_records: 0,
     };
     let consumer: BaseConsumer<LakeContext> = client_config(cfg)
         .create_with_context(LakeContext {
@@ -464,56 +544,32 @@ pub fn run(
             commit_group_offsets(&consumer, &mut to_commit, CommitMode::Async);
             last_commit = Instant::now();
         }
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
-            Some(Ok(m)) => {
-                let tp = TopicPartition::new(m.topic(), m.partition());
-                let rec = Record {
-                    offset: m.offset(),
-                    timestamp_ms: m.timestamp().to_millis(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().map(<[u8]>::to_vec),
-                    headers: m
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                };
-                let senders: Vec<mpsc::Sender<WorkerMsg>> = {
-                    let router = consumer.context().router.lock().expect("router");
-                    router
-                        .parts
-                        .get(&tp)
-                        .map(|s| s.workers.iter().map(|w| w.tx.clone()).collect())
-                        .unwrap_or_default()
-                };
-                let mut rec = Some(rec);
-                let n = senders.len();
-                for (i, tx) in senders.into_iter().enumerate() {
-                    let r = if i + 1 == n {
-                        rec.take().expect("record")
-                    } else {
-                        rec.clone().expect("record")
-                    };
-                    // Blocks when the worker is behind: backpressure.
-                    let _ = tx.blocking_send(WorkerMsg::Record(r));
+        // A burst: wait for the first record, then take what is already fetched without
+        // waiting, then hand the records to the workers in per-partition batches.
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match consumer.poll(wait) {
+                None => break,
+                Some(Ok(m)) => {
+                    let mut router = consumer.context().router.lock().expect("router");
+                    router.push(&m);
+                    if router.pending_records >= POLL_BURST {
+                        break;
+                    }
+                    wait = Duration::ZERO;
                 }
-            }
-            Some(Err(e)) => {
-                let key = e.to_string();
-                let now = Instant::now();
-                if warned_errors
-                    .get(&key)
-                    .is_none_or(|t| now.duration_since(*t) > Duration::from_secs(30))
-                {
-                    warn!("kafka: {e}");
-                    warned_errors.insert(key, now);
+                Some(Err(e)) => {
+                    warn_kafka(&mut warned_errors, e);
+                    break;
                 }
             }
         }
+        consumer
+            .context()
+            .router
+            .lock()
+            .expect("router")
+            .dispatch_pending();
     };
     // Drain: flush and commit every writer, then commit group offsets once more.
     progress
@@ -533,6 +589,19 @@ pub fn run(
     commit_group_offsets(&consumer, &mut to_commit, CommitMode::Sync);
     consumer.unsubscribe();
     result
+}
+
+/// Logs a Kafka error, each distinct one at most every 30 s.
+fn warn_kafka(warned: &mut HashMap<String, Instant>, e: rdkafka::error::KafkaError) {
+    let key = e.to_string();
+    let now = Instant::now();
+    if warned
+        .get(&key)
+        .is_none_or(|t| now.duration_since(*t) > Duration::from_secs(30))
+    {
+        warn!("kafka: {e}");
+        warned.insert(key, now);
+    }
 }
 
 /// Records a sink commit; the group offset of a partition is the minimum over its sinks, known
