@@ -154,7 +154,7 @@ fn load(path: &std::path::Path) -> Result<ValidatedConfig, ExitCode> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("LAKESINK_LOG")
-        .unwrap_or_else(|_| "info,librdkafka=warn".into());
+        .unwrap_or_else(|_| "info,librdkafka=warn,buoyant_kernel::snapshot::builder=off".into());
     match cli.log_format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
