@@ -142,3 +142,21 @@ pub trait Sink: Send + Sync + fmt::Debug {
     /// The table's location, for messages (never contains credentials).
     fn location(&self) -> &str;
 }
+
+/// Runs CPU-bound encoding (Parquet) on the blocking pool, at most one encode per core at a
+/// time across every sink: the cores are saturated either way, and fewer concurrent encoders
+/// hold fewer Arrow inputs and Parquet outputs in memory at once (peak RSS).
+pub async fn encode_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::result::Result<T, tokio::task::JoinError> {
+    static PERMITS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+        tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+        )
+    });
+    let _permit = PERMITS
+        .acquire()
+        .await
+        .expect("the encode semaphore is never closed");
+    tokio::task::spawn_blocking(f).await
+}

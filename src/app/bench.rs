@@ -393,6 +393,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let cfg = Config::from_toml(&text)?.validate()?;
     let progress = Arc::new(Progress::default());
     reset_peak_rss();
+    let rss_before = peak_rss().unwrap_or(0);
     // Time from the first record in: the group join is not throughput.
     let first_record = {
         let progress = progress.clone();
@@ -462,8 +463,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         progress.commits.load(Ordering::Relaxed)
     );
     println!(
-        "  peak RSS:  {:.1} MiB (the pipeline process, pipeline phase)",
-        peak_rss().unwrap_or(0) as f64 / (1 << 20) as f64
+        "  peak RSS:  {:.1} MiB (the pipeline process, pipeline phase; {:.1} MiB before it)",
+        peak_rss().unwrap_or(0) as f64 / (1 << 20) as f64,
+        rss_before as f64 / (1 << 20) as f64
     );
     let bs = report.baseline_secs;
     println!(

@@ -172,13 +172,13 @@ impl Default for PipelineConfig {
 }
 
 fn default_memory() -> String {
-    "256MiB".into()
+    "64MiB".into()
 }
 fn default_drain() -> String {
     "30s".into()
 }
 fn default_queue() -> usize {
-    4096
+    1024
 }
 
 #[derive(Debug, Clone, Deserialize)]

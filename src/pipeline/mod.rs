@@ -11,7 +11,8 @@
 //! - After a `Fenced` outcome the worker drops everything it holds, asks the source to seek to
 //!   the winner's end, and ignores records until the source confirms the seek.
 //! - Memory: per-partition queues are bounded; decoded data is accounted in one global
-//!   [`BufferBudget`]; going over it makes the pushing worker flush.
+//!   [`BufferBudget`] until its flush is staged; going over it makes the writers holding the
+//!   most data flush.
 
 pub mod dead_letter;
 pub mod worker;
@@ -67,11 +68,20 @@ pub enum Event {
     Fatal { message: String },
 }
 
-/// The global budget for decoded, unflushed data.
+/// The global budget for decoded data: buffered in partition writers, plus flushes still being
+/// encoded and staged (their Arrow batches and Parquet output are alive until the stage ends).
+///
+/// Over the limit, only writers holding at least the average buffer flush, so pressure produces
+/// a few larger files rather than one tiny file per partition.
 #[derive(Debug)]
 pub struct BufferBudget {
     limit: usize,
+    /// Bytes buffered in writers.
     used: AtomicUsize,
+    /// Bytes of flushes between their start and the end of their stage.
+    in_flight: AtomicUsize,
+    /// Writers holding at least one batch.
+    holders: AtomicUsize,
 }
 
 impl BufferBudget {
@@ -79,19 +89,73 @@ impl BufferBudget {
         Self {
             limit: limit as usize,
             used: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            holders: AtomicUsize::new(0),
         }
     }
-    pub fn add(&self, n: usize) {
+    /// A writer buffered `n` more bytes; `first` when its buffer was empty.
+    pub fn add(&self, n: usize, first: bool) {
         self.used.fetch_add(n, Ordering::Relaxed);
+        if first {
+            self.holders.fetch_add(1, Ordering::Relaxed);
+        }
     }
+    /// A writer dropped its buffer of `n` bytes (`n > 0`).
     pub fn release(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::Relaxed);
+        self.holders.fetch_sub(1, Ordering::Relaxed);
     }
+    /// A writer starts flushing its buffer of `n` bytes (`n > 0`): buffered becomes in flight.
+    pub fn start_flush(&self, n: usize) {
+        self.release(n);
+        self.in_flight.fetch_add(n, Ordering::Relaxed);
+    }
+    /// The flush of `n` bytes is staged (or abandoned).
+    pub fn end_flush(&self, n: usize) {
+        self.in_flight.fetch_sub(n, Ordering::Relaxed);
+    }
+    /// Buffered plus in flight.
     pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
+        self.used.load(Ordering::Relaxed) + self.in_flight.load(Ordering::Relaxed)
     }
     pub fn over(&self) -> bool {
         self.used() > self.limit
+    }
+    /// Whether a writer holding `mine` bytes should flush now: over the limit and holding at
+    /// least the average buffer.
+    pub fn should_flush(&self, mine: usize) -> bool {
+        if mine == 0 || !self.over() {
+            return false;
+        }
+        let holders = self.holders.load(Ordering::Relaxed).max(1);
+        mine.saturating_mul(holders) >= self.used.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BufferBudget;
+
+    #[test]
+    fn only_large_holders_flush_under_pressure() {
+        let b = BufferBudget::new(100);
+        b.add(10, true);
+        b.add(80, true);
+        assert!(!b.should_flush(80), "under the limit nobody flushes");
+        b.add(20, true);
+        assert!(b.over());
+        assert!(b.should_flush(80), "the largest holder flushes");
+        assert!(
+            !b.should_flush(10) && !b.should_flush(20),
+            "small holders keep buffering"
+        );
+        b.start_flush(80);
+        assert!(b.over(), "a flush in flight still counts");
+        b.end_flush(80);
+        assert!(!b.over());
+        b.release(10);
+        b.release(20);
+        assert_eq!(b.used(), 0);
     }
 }
 

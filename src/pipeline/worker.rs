@@ -143,7 +143,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 fn new_decoder(ctx: &WorkerCtx) -> FormatDecoder {
-    let batch = ctx.runtime.config.flush.max_rows.clamp(1, 8192);
+    let batch = ctx.runtime.config.flush.max_rows.clamp(1, 1024);
     let mut config = ctx.runtime.config.clone();
     if config.key_format.is_some() {
         // Raw keys ride along as `_kafka_key` until they are decoded into `_key`.
@@ -184,7 +184,9 @@ impl Worker {
     }
 
     fn release(&mut self) {
-        self.ctx.budget.release(self.buffered_bytes);
+        if self.buffered_bytes > 0 {
+            self.ctx.budget.release(self.buffered_bytes);
+        }
         self.buffered_bytes = 0;
         self.buffered_rows = 0;
         self.buffer.clear();
@@ -334,7 +336,7 @@ impl Worker {
             .is_some_and(|end| offset + 1 >= end && previous.is_none_or(|last| last + 1 < end));
         if self.buffered_rows + self.decoder.pending_rows() >= flush.max_rows
             || self.buffered_bytes as u64 >= flush.max_bytes
-            || (self.ctx.budget.over() && self.buffered_bytes > 0)
+            || self.ctx.budget.should_flush(self.buffered_bytes)
             || caught_up
         {
             self.flush(None).await;
@@ -490,9 +492,14 @@ impl Worker {
             }
         }
         let size = batch.get_array_memory_size();
+        if size == 0 {
+            self.buffered_rows += batch.num_rows();
+            self.buffer.push(batch);
+            return;
+        }
         self.buffered_rows += batch.num_rows();
+        self.ctx.budget.add(size, self.buffered_bytes == 0);
         self.buffered_bytes += size;
-        self.ctx.budget.add(size);
         self.buffer.push(batch);
     }
 
@@ -530,6 +537,11 @@ impl Worker {
         }
         let batches = std::mem::take(&mut self.buffer);
         let rows = self.buffered_rows;
+        // The batches stay in the budget until they are staged.
+        let in_flight = std::mem::take(&mut self.buffered_bytes);
+        if in_flight > 0 {
+            self.ctx.budget.start_flush(in_flight);
+        }
         self.release();
         let tp = self.ctx.tp.clone();
         let flush = Flush {
@@ -542,7 +554,12 @@ impl Worker {
         let sink = self.ctx.runtime.sink.clone();
         let name = self.sink_name().to_string();
         let stats = self.stats.clone();
-        let staged = match retry(&name, &tp, &stats, "stage", || sink.stage(flush.clone())).await {
+        let staged = retry(&name, &tp, &stats, "stage", || sink.stage(flush.clone())).await;
+        drop(flush);
+        if in_flight > 0 {
+            self.ctx.budget.end_flush(in_flight);
+        }
+        let staged = match staged {
             Ok(s) => s,
             Err(e) => return self.give_up(e),
         };

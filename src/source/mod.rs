@@ -53,8 +53,10 @@ pub fn client_config(cfg: &ValidatedConfig) -> ClientConfig {
         // librdkafka postpones a partition's next fetch by this much once its local queue is
         // over the thresholds below; its default (1 s) starves a pipeline that polls in bursts.
         .set("fetch.queue.backoff.ms", "10")
-        // The pre-fetch queue is part of lakesink's memory budget: 32 MiB, not 64 MiB.
-        .set("queued.max.messages.kbytes", "32768");
+        // The pre-fetch queue counts against the 256 MiB lakesink aims for: 16 MiB, not 64 MiB.
+        .set("queued.max.messages.kbytes", "16384")
+        // One fetch response is held whole while its records are queued: 16 MiB, not 50 MiB.
+        .set("fetch.max.bytes", "16777216");
     for (k, v) in &cfg.kafka_properties {
         c.set(k, v.expose());
     }

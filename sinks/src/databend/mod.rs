@@ -451,7 +451,7 @@ impl Sink for DatabendSink {
         let data = {
             let target = target.clone();
             let compression = self.config.compression;
-            tokio::task::spawn_blocking(move || encode(&batches, &target, compression))
+            crate::encode_blocking(move || encode(&batches, &target, compression))
                 .await
                 .map_err(|e| Error::Join(e.to_string()))?
                 .map_err(|e| Error::Encode {

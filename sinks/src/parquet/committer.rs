@@ -344,7 +344,7 @@ impl Sink for ParquetSink {
 
     async fn stage(&self, flush: Flush) -> Result<Staged> {
         let config = self.config.clone();
-        let (flush, encoded) = tokio::task::spawn_blocking(move || {
+        let (flush, encoded) = crate::encode_blocking(move || {
             let encoded = encode(&flush, &config);
             (flush, encoded)
         })
