@@ -207,3 +207,234 @@ async fn recovery_uses_the_hint_and_still_finds_later_markers() {
     assert_eq!(s.recover(&tp).await.unwrap(), Some(Offset(start)));
     assert_eq!(s.recover(&tp).await.unwrap(), Some(Offset(start)));
 }
+
+/// An object store that fails exactly one call, the `fail_at`-th (1-based) over every operation,
+/// and passes everything else to an in-memory store.
+#[derive(Debug)]
+struct FailOnce {
+    inner: Arc<InMemory>,
+    calls: std::sync::atomic::AtomicUsize,
+    fail_at: usize,
+    injected: std::sync::Mutex<Option<String>>,
+}
+
+impl FailOnce {
+    fn new(inner: Arc<InMemory>, fail_at: usize) -> Self {
+        Self {
+            inner,
+            calls: Default::default(),
+            fail_at,
+            injected: Default::default(),
+        }
+    }
+
+    fn tick(&self, op: &str, path: &str) -> object_store::Result<()> {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if n != self.fail_at {
+            return Ok(());
+        }
+        let what = format!("call {n}: {op} {path}");
+        *self.injected.lock().unwrap() = Some(what.clone());
+        Err(object_store::Error::Generic {
+            store: "FailOnce",
+            source: format!("injected failure of {what}").into(),
+        })
+    }
+}
+
+impl std::fmt::Display for FailOnce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FailOnce({})", self.fail_at)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for FailOnce {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        self.tick("put", location.as_ref())?;
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.tick("put_multipart", location.as_ref())?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.tick("get", location.as_ref())?;
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
+        use futures::StreamExt;
+        match self.tick("delete", "") {
+            Ok(()) => self.inner.delete_stream(locations),
+            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+        }
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        use futures::StreamExt;
+        match self.tick("list", prefix.map_or("", |p| p.as_ref())) {
+            Ok(()) => self.inner.list(prefix),
+            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+        }
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.tick("list_with_delimiter", prefix.map_or("", |p| p.as_ref()))?;
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.tick("copy", to.as_ref())?;
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// Every value in the visible (published) Parquet files, sorted.
+async fn visible_values(store: &InMemory) -> Vec<i64> {
+    let mut out = Vec::new();
+    for p in visible(store).await {
+        let bytes = store
+            .get(&Path::from(p.as_str()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let col = batch
+                .column_by_name("v")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap();
+            out.extend(col.values().iter().copied());
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// One flush through a sink: stage, then commit.
+async fn stage_and_commit(s: &ParquetSink, start: i64, next: i64) -> crate::Result<CommitOutcome> {
+    let staged = s.stage(flush(start, next)).await?;
+    Ok(s.commit(&staged).await?.0)
+}
+
+/// Fails every object-store call of three flushes in turn (every step of staging, marker
+/// creation, publishing and cleanup), then either retries in place (what the worker does with a
+/// transient error) or restarts a new writer that recovers; every record is visible exactly
+/// once at the end, whatever call failed.
+#[tokio::test]
+async fn a_failure_at_any_store_call_loses_and_duplicates_nothing() {
+    const BOUNDS: [(i64, i64); 3] = [(0, 10), (10, 25), (25, 30)];
+    let tp = TopicPartition::new("orders", 0);
+    let mut injected = 0;
+    for restart in [false, true] {
+        for fail_at in 1.. {
+            let mem = Arc::new(InMemory::new());
+            let faulty = Arc::new(FailOnce::new(mem.clone(), fail_at));
+            let w1 = ParquetSink::new(
+                TableStore {
+                    store: faulty.clone(),
+                    root: Path::from("t"),
+                    location: "memory:///t".into(),
+                },
+                ParquetSinkConfig {
+                    writer_id: "w1".into(),
+                    ..Default::default()
+                },
+            );
+            let mut failed_at = None;
+            for (i, (a, b)) in BOUNDS.iter().enumerate() {
+                match stage_and_commit(&w1, *a, *b).await {
+                    Ok(CommitOutcome::Committed { next }) => assert_eq!(next, Offset(*b)),
+                    Ok(other) => panic!("flush {a}..{b} with call {fail_at} failing: {other:?}"),
+                    Err(_) => {
+                        failed_at = Some(i);
+                        break;
+                    }
+                }
+            }
+            let what = faulty.injected.lock().unwrap().clone();
+            if let Some(i) = failed_at {
+                assert!(what.is_some(), "an error without an injected failure");
+                let (resume, writer) = if restart {
+                    // A new process: recover the position from the table, redo from there.
+                    let w2 = sink(&mem, "w2");
+                    let pos = w2.recover(&tp).await.unwrap().map_or(0, |o| o.0);
+                    // The failed flush may already be committed (its marker was written before
+                    // the failure): then recovery publishes it and the position is its end.
+                    let resume = BOUNDS
+                        .iter()
+                        .position(|(a, _)| *a == pos)
+                        .or((pos == 30).then_some(BOUNDS.len()))
+                        .unwrap_or_else(|| {
+                            panic!("recovered {pos}, not a flush boundary ({what:?})")
+                        });
+                    (resume, w2)
+                } else {
+                    // The same writer retries the failed flush (the failure was transient).
+                    (i, w1)
+                };
+                for (a, b) in &BOUNDS[resume..] {
+                    let out = stage_and_commit(&writer, *a, *b).await.unwrap();
+                    assert!(
+                        matches!(out, CommitOutcome::Committed { next } | CommitOutcome::AlreadyCommitted { next } if next == Offset(*b)),
+                        "{a}..{b} after {what:?}: {out:?}"
+                    );
+                }
+                injected += 1;
+            }
+            assert_eq!(
+                visible_values(&mem).await,
+                (0..30).collect::<Vec<i64>>(),
+                "after {what:?} (restart: {restart})"
+            );
+            let recovered = sink(&mem, "w3").recover(&tp).await.unwrap();
+            assert_eq!(recovered, Some(Offset(30)), "after {what:?}");
+            if what.is_none() {
+                break; // fail_at is past the last call: every call has been failed once
+            }
+        }
+    }
+    println!("{injected} injected failures, each followed by exactly-once recovery");
+    assert!(
+        injected >= 20,
+        "only {injected} failure points were exercised"
+    );
+}
