@@ -86,6 +86,13 @@ enum Command {
         /// A real broker (bootstrap servers) instead of the in-process cluster.
         #[arg(long)]
         broker: Option<String>,
+        /// Latency mode: produce at this many records/s while the pipeline runs, and report
+        /// produce-to-committed latency instead of backlog throughput.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// flush.max_latency in latency mode.
+        #[arg(long, default_value = "1s")]
+        max_latency: String,
         /// Destination: parquet, delta (local tables) or databend (needs --databend).
         #[arg(long, default_value = "parquet")]
         kind: String,
@@ -112,6 +119,8 @@ enum Command {
         schema_id: u32,
         #[arg(long)]
         broker: Option<String>,
+        #[arg(long)]
+        rate: Option<u64>,
     },
     /// Exit 0 if URL answers 200 (the container HEALTHCHECK; no curl in the image).
     Healthcheck {
@@ -276,6 +285,8 @@ async fn main() -> ExitCode {
             partitions,
             format,
             broker,
+            rate,
+            max_latency,
             kind,
             mode,
             databend,
@@ -288,6 +299,8 @@ async fn main() -> ExitCode {
                 mode,
                 databend,
                 broker,
+                rate,
+                max_latency,
             })
             .await
         }
@@ -298,8 +311,11 @@ async fn main() -> ExitCode {
             format,
             schema_id,
             broker,
+            rate,
         } => tokio::task::spawn_blocking(move || {
-            lakesink::app::bench::feed(broker, &topic, partitions, records, &format, schema_id)
+            lakesink::app::bench::feed(
+                broker, &topic, partitions, records, &format, schema_id, rate,
+            )
         })
         .await
         .map_err(anyhow::Error::from)

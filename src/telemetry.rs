@@ -38,6 +38,13 @@ impl Histogram {
         self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
     }
 
+    /// Observations and their mean in seconds.
+    pub fn summary(&self) -> (u64, f64) {
+        let n: u64 = self.counts.iter().map(|c| c.load(Relaxed)).sum();
+        let mean = self.sum_micros.load(Relaxed) as f64 / 1e6 / n.max(1) as f64;
+        (n, mean)
+    }
+
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
         for (i, b) in BUCKETS.iter().enumerate() {
@@ -86,6 +93,9 @@ pub struct SinkStats {
     pub errors: Labeled,
     pub flush_seconds: Histogram,
     pub commit_seconds: Histogram,
+    /// Per commit: from the Kafka timestamp of the oldest record it covers to the commit, i.e.
+    /// how stale the table can be (the worst record's produce-to-queryable latency).
+    pub freshness_seconds: Histogram,
 }
 
 /// Process state for the probes.
@@ -188,13 +198,18 @@ pub fn render(p: &Progress) -> String {
             "Time to commit and publish a flush.",
             1,
         ),
+        (
+            "lakesink_freshness_seconds",
+            "Per commit, from the Kafka timestamp of the oldest record it covers to the commit.",
+            2,
+        ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (sink, s) in &sinks {
-            let h = if pick == 0 {
-                &s.flush_seconds
-            } else {
-                &s.commit_seconds
+            let h = match pick {
+                0 => &s.flush_seconds,
+                1 => &s.commit_seconds,
+                _ => &s.freshness_seconds,
             };
             h.render(&mut out, name, &format!("sink=\"{}\"", esc(sink)));
         }

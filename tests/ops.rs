@@ -153,6 +153,12 @@ async fn metrics_probes_and_status_match_what_landed() {
         "{text}"
     );
     assert!(commits >= 2.0, "{text}");
+    // Every commit reports how stale the table was (records carry producer timestamps).
+    assert_eq!(
+        metric(&text, "lakesink_freshness_seconds_count{sink=\"orders\"}"),
+        Some(commits),
+        "{text}"
+    );
     assert_eq!(metric(&text, "lakesink_ready"), Some(1.0));
     assert!(
         !text

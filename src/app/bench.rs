@@ -73,6 +73,10 @@ pub struct Options {
     pub databend: Option<String>,
     /// A real broker's bootstrap servers instead of the in-process cluster.
     pub broker: Option<String>,
+    /// Latency mode: produce at this many records/s while the pipeline runs (instead of a
+    /// backlog), with `flush.max_latency = max_latency`, and report freshness.
+    pub rate: Option<u64>,
+    pub max_latency: String,
 }
 
 /// The workload's value for order `id` in `format`.
@@ -119,8 +123,12 @@ fn sink_config(base: String, opts: &Options, database: &str) -> anyhow::Result<S
         .find(|l| l.starts_with("flush = "))
         .map(|l| format!("{l}\n"))
         .unwrap_or_default();
+    let flush = match opts.rate {
+        Some(_) => format!("flush = {{ max_latency = \"{}\" }}\n", opts.max_latency),
+        None => String::new(),
+    };
     let mut text = base
-        .replace(&flush_line, "")
+        .replace(&flush_line, &flush)
         .replace("kind = \"parquet\"", &format!("kind = \"{}\"", opts.kind));
     match opts.format.as_str() {
         "json" => {
@@ -185,6 +193,7 @@ pub fn feed(
     records: u64,
     format: &str,
     schema_id: u32,
+    rate: Option<u64>,
 ) -> anyhow::Result<()> {
     let cluster = match &broker {
         Some(_) => None,
@@ -205,7 +214,7 @@ pub fn feed(
         .set("bootstrap.servers", &bootstrap)
         // Large message sets: the in-process cluster finds a fetch offset by scanning its
         // message sets linearly, so many small ones make the broker the bottleneck.
-        .set("linger.ms", "200")
+        .set("linger.ms", if rate.is_some() { "5" } else { "200" })
         .set("batch.size", "4000000")
         .set("batch.num.messages", "100000")
         .set("message.max.bytes", "8000000")
@@ -215,7 +224,28 @@ pub fn feed(
         .context("cannot create the bench producer")?;
     let schema = order_schema();
     let schema_id = SchemaId(schema_id);
+    let mut stdin = std::io::stdin().lock();
+    if rate.is_some() {
+        // Latency mode: report now, produce when the pipeline has joined (a `go` line).
+        let report = FeedReport {
+            bootstrap: bootstrap.clone(),
+            records,
+            bytes: 0,
+            baseline_secs: 0.0,
+        };
+        println!("{}", serde_json::to_string(&report)?);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdin, &mut line)?;
+    }
+    let paced_from = Instant::now();
     for id in 0..records as i64 {
+        if let Some(rate) = rate {
+            let due = paced_from + Duration::from_secs_f64(id as f64 / rate as f64);
+            let now = Instant::now();
+            if due > now {
+                producer.poll(due - now);
+            }
+        }
         let value = payload(format, id, &schema, schema_id);
         let key = Order::generate(id).order_id;
         let p = (id % partitions as i64) as i32;
@@ -245,6 +275,12 @@ pub fn feed(
         .flush(Duration::from_secs(120))
         .context("cannot flush the bench producer")?;
     drop(producer);
+    if rate.is_some() {
+        let mut rest = Vec::new();
+        let _ = stdin.read_to_end(&mut rest);
+        drop(cluster);
+        return Ok(());
+    }
     let (elapsed, bytes) = baseline_consume(&bootstrap, topic, records)?;
     let report = FeedReport {
         bootstrap,
@@ -254,8 +290,8 @@ pub fn feed(
     };
     println!("{}", serde_json::to_string(&report)?);
     // Serve until the parent closes our stdin (or dies).
-    let mut sink = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut sink);
+    let mut rest = Vec::new();
+    let _ = stdin.read_to_end(&mut rest);
     drop(cluster);
     Ok(())
 }
@@ -364,6 +400,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if let Some(b) = &opts.broker {
         feed_args.extend(["--broker".into(), b.clone()]);
     }
+    if let Some(r) = opts.rate {
+        feed_args.extend(["--rate".into(), r.to_string()]);
+    }
     let mut child = Command::new(std::env::current_exe()?)
         .args(&feed_args)
         .stdin(Stdio::piped())
@@ -371,7 +410,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .stderr(Stdio::inherit())
         .spawn()
         .context("cannot start the bench feed process")?;
-    let stdin = child.stdin.take();
+    let mut stdin = child.stdin.take();
     let mut stdout = BufReader::new(child.stdout.take().context("feed stdout")?);
     let report: FeedReport = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
@@ -414,15 +453,39 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             Instant::now()
         })
     };
+    let cancel = CancellationToken::new();
+    let mut producing = None;
+    if opts.rate.is_some() {
+        // Start producing once the group has assigned the partitions; stop when all is in.
+        let (progress, cancel) = (progress.clone(), cancel.clone());
+        let mut go = stdin.take().context("feed stdin")?;
+        producing = Some(tokio::spawn(async move {
+            while !progress.health.assigned.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = std::io::Write::write_all(&mut go, b"go\n");
+            while progress.rows_committed.load(Ordering::Relaxed) < records {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            cancel.cancel();
+            // Returned, not dropped: the cluster must outlive the pipeline's shutdown (its
+            // final offset commit and group leave).
+            go
+        }));
+    }
     let result = super::run(
         cfg,
         SourceOptions {
-            until_caught_up: true,
+            until_caught_up: opts.rate.is_none(),
         },
-        CancellationToken::new(),
+        cancel,
         progress.clone(),
     )
     .await;
+    if let Some(p) = producing {
+        drop(p.await?);
+    }
     drop(stdin);
     let _ = child.wait();
     result?;
@@ -431,7 +494,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let consumed = all_in.await?.duration_since(started).as_secs_f64();
     let cpu = cpu_seconds().unwrap_or(0.0) - cpu0;
     let rows = progress.rows_committed.load(Ordering::Relaxed);
-    let mb = report.bytes as f64 / 1e6;
+    // In latency mode the feed does not time a plain loop; count the input here.
+    let input_bytes = match report.bytes {
+        0 => progress.bytes_in.load(Ordering::Relaxed),
+        b => b,
+    };
+    let mb = input_bytes as f64 / 1e6;
     let dest = match kind.as_str() {
         "databend" => format!("Databend table {database}.orders"),
         _ => format!("local {kind} table (day partitions)"),
@@ -442,7 +510,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     };
     println!(
         "lakesink bench: {records} {format} order lines ({:.0} bytes each), {partitions} partitions, {broker} -> {dest}, {mode}",
-        report.bytes as f64 / records as f64
+        input_bytes as f64 / records as f64
     );
     println!(
         "  pipeline:  {rows} rows in {elapsed:.2} s from the first record = {:.0} records/s, {:.1} MB/s of input, {cpu:.2} CPU s ({:.2} cores)",
@@ -467,6 +535,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         peak_rss().unwrap_or(0) as f64 / (1 << 20) as f64,
         rss_before as f64 / (1 << 20) as f64
     );
+    if let Some(rate) = opts.rate {
+        let stats = progress.sink("orders");
+        let (count, mean) = stats.freshness_seconds.summary();
+        println!(
+            "  latency:   produced at {rate} records/s with max_latency = {}: {count} commits; produce-to-committed of the oldest record per commit: mean {:.2} s, max {:.2} s",
+            opts.max_latency,
+            mean,
+            progress.max_freshness_ms.load(Ordering::Relaxed) as f64 / 1000.0
+        );
+        return Ok(());
+    }
     let bs = report.baseline_secs;
     println!(
         "  baseline:  plain librdkafka consume loop {:.0} records/s ({mb:.1} MB in {bs:.2} s); pipeline/baseline = {:.2}",

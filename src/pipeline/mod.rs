@@ -162,6 +162,9 @@ mod tests {
 /// Counters for progress output, the demo and the benchmark.
 #[derive(Debug, Default)]
 pub struct Progress {
+    /// The largest freshness lag of any commit (ms from the oldest record's Kafka timestamp to
+    /// its commit), for the benchmark's latency mode.
+    pub max_freshness_ms: AtomicU64,
     pub records_in: AtomicU64,
     pub bytes_in: AtomicU64,
     pub rows_committed: AtomicU64,

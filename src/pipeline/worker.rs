@@ -67,6 +67,8 @@ struct Worker {
     semantics: Option<(u32, HashMap<String, debezium::Semantic>)>,
     /// Records and payload bytes handled since the counters were last published.
     counted_in: (u64, u64),
+    /// The oldest Kafka timestamp (ms) among the records the next commit covers.
+    oldest_ts_ms: Option<i64>,
 }
 
 /// Runs a worker until it is drained or its input closes.
@@ -84,6 +86,7 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         dead: false,
         semantics: None,
         counted_in: (0, 0),
+        oldest_ts_ms: None,
         stats: Arc::new(SinkStats::default()),
         keys: None,
     };
@@ -225,6 +228,9 @@ impl Worker {
         }
         if self.ctx.position.is_none() {
             self.ctx.position = Some(rec.offset);
+        }
+        if let Some(ts) = rec.timestamp_ms.filter(|t| *t > 0) {
+            self.oldest_ts_ms = Some(self.oldest_ts_ms.map_or(ts, |o| o.min(ts)));
         }
         self.counted_in.0 += 1;
         self.counted_in.1 += rec.payload.as_ref().map_or(0, |p| p.len()) as u64;
@@ -577,11 +583,13 @@ impl Worker {
         stats.commit_seconds.observe(committing.elapsed());
         match outcome {
             CommitOutcome::Committed { next } | CommitOutcome::AlreadyCommitted { next } => {
+                self.observe_freshness();
                 debug!(sink = self.sink_name(), %tp, start, next = next.0, rows,
                        ms = started.elapsed().as_millis() as u64, "committed");
                 self.advance(next.0);
             }
             CommitOutcome::Fenced { next: winner } if winner.0 >= next => {
+                self.oldest_ts_ms = None;
                 // The winner covered at least what we read: continue after it.
                 info!(sink = self.sink_name(), %tp, start, winner_next = winner.0,
                       "another writer committed this range first; continuing after it");
@@ -589,6 +597,7 @@ impl Worker {
                 self.advance(winner.0);
             }
             CommitOutcome::Fenced { next } => {
+                self.oldest_ts_ms = None;
                 warn!(sink = self.sink_name(), %tp, start, winner_next = next.0,
                       "fenced by another writer; re-reading from its end");
                 self.ctx.position = Some(next.0);
@@ -602,6 +611,24 @@ impl Worker {
                 });
             }
         }
+    }
+
+    /// Records how stale the table was just before this commit.
+    fn observe_freshness(&mut self) {
+        let Some(oldest) = self.oldest_ts_ms.take() else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let lag = (now - oldest).max(0) as u64;
+        self.stats
+            .freshness_seconds
+            .observe(Duration::from_millis(lag));
+        self.ctx
+            .progress
+            .max_freshness_ms
+            .fetch_max(lag, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn advance(&mut self, next: i64) {
