@@ -1,5 +1,5 @@
 //! The commit protocol under broker faults, in process: librdkafka's mock cluster (3 brokers,
-//! replication 3) fails Fetch, OffsetCommit, Heartbeat and Metadata requests and takes brokers
+//! replication 3) fails Fetch, OffsetCommit and Heartbeat requests and takes brokers
 //! down and up while the real pipeline sinks a topic into a local Parquet table; pyarrow then
 //! reads every order exactly once.
 
