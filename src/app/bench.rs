@@ -249,24 +249,13 @@ pub fn feed(
         let value = payload(format, id, &schema, schema_id);
         let key = Order::generate(id).order_id;
         let p = (id % partitions as i64) as i32;
-        let mut record = BaseRecord::to(topic).partition(p).key(&key).payload(&value);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, r)) => {
-                    if !matches!(
-                        e,
-                        rdkafka::error::KafkaError::MessageProduction(
-                            rdkafka::types::RDKafkaErrorCode::QueueFull
-                        )
-                    ) {
-                        bail!("cannot produce to {topic}: {e}");
-                    }
-                    record = r;
-                    producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
+        super::demo::send(
+            &producer,
+            BaseRecord::to(topic)
+                .partition(p)
+                .key(key.as_str())
+                .payload(value.as_slice()),
+        )?;
         if id % 10_000 == 0 {
             producer.poll(Duration::ZERO);
         }

@@ -47,24 +47,12 @@ pub fn produce_orders(
     for id in ids {
         let order = Order::generate(id);
         let payload = wire::frame(schema_id, &order.encode(&schema));
-        let mut record = BaseRecord::to(topic).key(&order.order_id).payload(&payload);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, r)) => {
-                    if !matches!(
-                        e,
-                        rdkafka::error::KafkaError::MessageProduction(
-                            rdkafka::types::RDKafkaErrorCode::QueueFull
-                        )
-                    ) {
-                        bail!("cannot produce to {topic}: {e}");
-                    }
-                    record = r;
-                    producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
+        send(
+            &producer,
+            BaseRecord::to(topic)
+                .key(order.order_id.as_str())
+                .payload(payload.as_slice()),
+        )?;
         sent += 1;
         if sent % 10_000 == 0 {
             producer.poll(Duration::ZERO);
@@ -78,6 +66,25 @@ pub fn produce_orders(
         on_progress(sent);
     }
     Ok(())
+}
+
+/// Sends `record`, waiting (and serving delivery reports) while the producer's queue is full.
+pub fn send(producer: &BaseProducer, mut record: BaseRecord<'_, str, [u8]>) -> anyhow::Result<()> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ),
+                r,
+            )) => {
+                record = r;
+                producer.poll(Duration::from_millis(10));
+            }
+            Err((e, r)) => bail!("cannot produce to {}: {e}", r.topic),
+        }
+    }
 }
 
 /// A progress reporter: a bar on a terminal, periodic lines otherwise.
