@@ -59,6 +59,25 @@ fn toml_string(s: &str) -> String {
     Value::String(s.to_string()).to_string()
 }
 
+/// The order workload's config sinking into Databend table `table` (no partitions, flushes of
+/// 100 records).
+fn orders_config(topic: &str, group: &str, registry: &str, database: &str, table: &str) -> String {
+    let store = Store::local("unused");
+    with_table(
+        config(
+            topic,
+            group,
+            registry,
+            &store,
+            &sink_config(database, table, ""),
+        ),
+        &store,
+        table,
+    )
+    .replace("partition_by = [\"day(ts)\"]\n", "")
+    .replace("max_rows = 400", "max_rows = 100")
+}
+
 /// Waits until the ledger has every partition at its end.
 async fn wait_ledger(
     database: &str,
@@ -162,23 +181,10 @@ async fn databend_append_exactly_once_with_a_crash_between_upload_and_commit() {
     let (registry_url, client_) = registry().await;
     let id = register_orders(&client_, &topic).await;
     let produced = produce(&topic, id, 0..n, partitions).await;
-    let store = Store::local("unused");
     let group = unique("g");
     // A table name with a quote, a space and a reserved word: quoted everywhere, never injected.
     let table = "orders \"raw\" select";
-    let cfg = with_table(
-        config(
-            &topic,
-            &group,
-            &registry_url,
-            &store,
-            &sink_config(&database, table, ""),
-        ),
-        &store,
-        table,
-    )
-    .replace("partition_by = [\"day(ts)\"]\n", "")
-    .replace("max_rows = 400", "max_rows = 100");
+    let cfg = orders_config(&topic, &group, &registry_url, &database, table);
     let mut first = Lakesink::start(&cfg, &[("LAKESINK_TEST_CRASHPOINT", "after_stage:3")]);
     first.wait_for_line("CRASHPOINT after_stage", Duration::from_secs(120));
     first.kill9();
@@ -217,21 +223,8 @@ async fn databend_gains_a_column_mid_stream() {
     let (registry_url, client_) = registry().await;
     let (n, v2_from) = (600, 300);
     let produced = produce_evolving(&client_, &topic, 0..n, v2_from).await;
-    let store = Store::local("unused");
     let table = "orders";
-    let cfg = with_table(
-        config(
-            &topic,
-            &unique("g"),
-            &registry_url,
-            &store,
-            &sink_config(&database, table, ""),
-        ),
-        &store,
-        table,
-    )
-    .replace("partition_by = [\"day(ts)\"]\n", "")
-    .replace("max_rows = 400", "max_rows = 100");
+    let cfg = orders_config(&topic, &unique("g"), &registry_url, &database, table);
     let mut proc_ = Lakesink::start(&cfg, &[]);
     wait_ledger(&database, "orders", &topic, &produced, &mut proc_).await;
     proc_.stop();
