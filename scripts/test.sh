@@ -45,10 +45,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 log "tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast --test-threads 4 -E 'not binary(chaos)' "$@"
-  # The chaos harness runs alone (six lakesink processes and a fault proxy on 2 cores), and
-  # only on request for now: tansu's group coordinator can stall after member kills, which
-  # makes the short mode intermittent (see the issue notes).
-  if [ "${LAKESINK_CHAOS:-0}" = 1 ]; then
+  # The chaos harness (short mode, 45 s per target: Parquet on moto and on Azurite, Delta on
+  # moto, Databend) runs alone: three lakesink processes, a producer and fault proxies on 2 cores.
+  # LAKESINK_CHAOS=0 skips it.
+  if [ "${LAKESINK_CHAOS:-1}" != 0 ]; then
     log "chaos harness (short mode)"
     cargo nextest run --no-fail-fast --test chaos --test-threads 1 --success-output final "$@"
   fi

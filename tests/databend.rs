@@ -7,38 +7,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use common::databend::*;
 use common::*;
 use serde_json::Value;
-use sinks::databend::client::{Client, ClientConfig as DbConfig, Session};
-
-fn databend_url() -> String {
-    need("LAKESINK_TEST_DATABEND")
-}
-
-fn client(database: &str) -> Client {
-    let mut url = url::Url::parse(&databend_url()).unwrap();
-    let user = url.username().to_string();
-    let password = url.password().map(str::to_string);
-    let _ = url.set_username("");
-    let _ = url.set_password(None);
-    Client::new(DbConfig {
-        endpoint: url,
-        user,
-        password,
-        warehouse: None,
-        database: database.into(),
-        timeout: Duration::from_secs(60),
-    })
-    .unwrap()
-}
-
-async fn rows(database: &str, sql: &str) -> Vec<Vec<Option<String>>> {
-    client(database)
-        .query(&mut Session::default(), sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .rows
-}
 
 fn sink_config(database: &str, table: &str, extra: &str) -> String {
     let base = databend_url();
@@ -93,25 +64,7 @@ async fn wait_ledger(
     }
     let start = Instant::now();
     loop {
-        let got = client(database)
-            .query(
-                &mut Session::default(),
-                &format!(
-                    "SELECT \"partition\", next_offset FROM lakesink_offsets WHERE sink = '{sink}' AND topic = '{topic}'"
-                ),
-            )
-            .await
-            .map(|r| r.rows)
-            .unwrap_or_default();
-        let pos: BTreeMap<i32, i64> = got
-            .iter()
-            .map(|r| {
-                (
-                    r[0].as_deref().unwrap().parse().unwrap(),
-                    r[1].as_deref().unwrap().parse().unwrap(),
-                )
-            })
-            .collect();
+        let pos = ledger(database, sink, topic).await;
         if ends.iter().all(|(p, e)| pos.get(p) == Some(e)) {
             return;
         }
@@ -127,47 +80,6 @@ async fn wait_ledger(
             proc_.log()
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-/// Every produced (partition, offset) exactly once, with exact values.
-async fn assert_orders_exactly_once(database: &str, table: &str, produced: &Produced) {
-    let got = rows(
-        database,
-        &format!(
-            "SELECT _kafka_partition, _kafka_offset, id, order_id, cost, quantity FROM \"{database}\".\"{}\"",
-            table.replace('"', "\"\"")
-        ),
-    )
-    .await;
-    let mut seen = BTreeMap::new();
-    for r in &got {
-        let key = (
-            r[0].as_deref().unwrap().parse::<i32>().unwrap(),
-            r[1].as_deref().unwrap().parse::<i64>().unwrap(),
-        );
-        assert!(seen.insert(key, r.clone()).is_none(), "duplicate {key:?}");
-    }
-    assert_eq!(seen.len(), produced.len(), "rows in the table vs produced");
-    for (key, id) in produced {
-        let r = seen.get(key).unwrap_or_else(|| panic!("missing {key:?}"));
-        let expected = lakesink::workload::Order::generate(*id).expected_json();
-        assert_eq!(
-            r[2].as_deref().map(|v| v.parse::<i64>().unwrap()),
-            expected["id"].as_i64(),
-            "{key:?}"
-        );
-        assert_eq!(r[3].as_deref(), expected["order_id"].as_str(), "{key:?}");
-        assert_eq!(
-            r[4].as_deref(),
-            expected["cost"].as_str(),
-            "exact decimal of {key:?}"
-        );
-        assert_eq!(
-            r[5].as_deref().map(|v| v.parse::<i64>().unwrap()),
-            expected["quantity"].as_i64(),
-            "{key:?}"
-        );
     }
 }
 

@@ -4,15 +4,15 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
 
-fn deploy() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy"))
+fn deploy() -> PathBuf {
+    repo_root().join("deploy")
 }
 
 fn yaml() -> Value {

@@ -81,13 +81,22 @@ impl TableStore {
         &self.location
     }
 
-    /// A path below the table root. `parts` must already be safe path segments.
+    /// A path below the table root. `parts` must already be safe path segments (Hive-escaped
+    /// partition values, topic names, file names): they are used as they are, so what a reader
+    /// lists is exactly what lakesink escaped. A part object_store would reject (`.`, `..`, a `/`
+    /// or a control character) is percent-encoded instead, so it still cannot leave its segment.
     pub fn path<'a>(&self, parts: impl IntoIterator<Item = &'a str>) -> Path {
         let mut p = self.root.clone();
         for part in parts {
-            p = p.clone().join(part);
+            p = p.join(segment(part));
         }
         p
+    }
+
+    /// A `/`-separated path relative to the table root (as markers and Delta actions record
+    /// them); each segment as in [`TableStore::path`].
+    pub fn rel(&self, rel: &str) -> Path {
+        self.path(rel.split('/'))
     }
 
     pub(crate) fn err(&self, path: &Path, source: object_store::Error) -> Error {
@@ -119,6 +128,13 @@ pub fn redact_url(raw: &str) -> String {
     }
 }
 
+/// One path segment, verbatim when object_store accepts it as is. `Path::join` on a `&str` would
+/// percent-encode `%` (and other characters) a second time, so a Hive-escaped value such as
+/// `a%2Fb` would land as `a%252Fb` and read back wrong.
+fn segment(part: &str) -> object_store::path::PathPart<'_> {
+    object_store::path::PathPart::parse(part).unwrap_or_else(|_| part.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +154,23 @@ mod tests {
         assert!(!e.to_string().contains("secret@"), "{e}");
         let e = TableStore::open("ftp://x/y", Vec::<(String, String)>::new()).unwrap_err();
         assert!(e.to_string().contains("supported schemes"), "{e}");
+    }
+
+    #[test]
+    fn escaped_segments_are_kept_verbatim_and_cannot_escape() {
+        let t = TableStore::open("memory:///t", Vec::<(String, String)>::new()).unwrap();
+        assert_eq!(
+            t.path(["region=a%2Fb", "f.parquet"]).as_ref(),
+            "region=a%2Fb/f.parquet"
+        );
+        assert_eq!(t.rel("region=%2E%2E/x").as_ref(), "region=%2E%2E/x");
+        for bad in ["..", ".", "a/b", "a\nb"] {
+            let p = t.path([bad]);
+            assert_eq!(p.parts().count(), 1, "{bad} -> {p}");
+            assert!(
+                !p.parts().any(|s| s.as_ref() == ".." || s.as_ref() == "."),
+                "{bad} -> {p}"
+            );
+        }
     }
 }

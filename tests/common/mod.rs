@@ -3,11 +3,12 @@
 //! and reading tables back with the independent Python readers.
 #![allow(dead_code)]
 
+pub mod databend;
 pub mod fault_proxy;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -275,10 +276,16 @@ pub async fn wait_delta(
     }
 }
 
+/// The checkout the tests run from. Read at run time: with a target directory shared between
+/// checkouts, cargo may reuse a test binary whose compile-time path names another checkout.
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 pub fn py_script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/py")
-        .join(name)
+    repo_root().join("tests/py").join(name)
 }
 
 fn create_container(url: &str, endpoint: &str) {
@@ -449,6 +456,18 @@ pub async fn produce_evolving(
 /// (ignored for deletes).
 pub type Change = (&'static str, i64, Value);
 
+/// One Debezium change event (MySQL connector shape, JSON converter without schemas) for table
+/// `inventory.customers`; `pos` orders the source's binlog positions and timestamps.
+pub fn debezium_json(op: &str, before: Value, after: Value, pos: i64) -> String {
+    serde_json::json!({
+        "before": before, "after": after,
+        "source": {"connector": "mysql", "ts_ms": 1_790_000_000_000i64 + pos, "db": "inventory",
+                   "table": "customers", "file": "mysql-bin.000004", "pos": pos * 10},
+        "op": op, "ts_ms": 1_790_000_000_500i64 + pos
+    })
+    .to_string()
+}
+
 /// Produces Debezium JSON change events (MySQL connector shape, JSON converter without
 /// schemas) keyed by id to partition 0 of `topic`, with a tombstone after every delete.
 /// Returns the source's final state (id -> after image) and the number of records sent.
@@ -466,13 +485,7 @@ pub async fn produce_changes(topic: &str, changes: &[Change]) -> (BTreeMap<i64, 
             "d" => (state[id].clone(), Value::Null),
             other => panic!("unknown op {other}"),
         };
-        let value = serde_json::json!({
-            "before": before, "after": after,
-            "source": {"connector": "mysql", "ts_ms": 1_790_000_000_000i64 + pos as i64, "db": "inventory",
-                       "table": "customers", "file": "mysql-bin.000004", "pos": pos as i64 * 10},
-            "op": op, "ts_ms": 1_790_000_000_500i64 + pos as i64
-        })
-        .to_string();
+        let value = debezium_json(op, before, after, pos as i64);
         let key = id.to_string();
         let mut records = vec![Some(value)];
         if *op == "d" {
@@ -651,6 +664,17 @@ impl Lakesink {
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A failed test does not leave its lakesink processes running (they would keep loading the
+/// shared services and slow every later test).
+impl Drop for Lakesink {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }

@@ -1,6 +1,6 @@
 """Dumps a local Parquet table (Hive partitions, schemas unified) as JSON with canonical values:
 decimals as strings, dates as days, times and timestamps as integer microseconds (naive ones taken
-as UTC), bytes as hex. Usage: dump_table.py DIR"""
+as UTC), bytes as hex. Usage: dump_table.py DIR [--hive] (--hive: read Hive partition columns from\nthe directory names)"""
 import datetime
 import decimal
 import json
@@ -36,6 +36,18 @@ def plain(v):
 
 
 root = sys.argv[1]
+if "--hive" in sys.argv[2:]:
+    # Partition values as a Hive reader sees them: decoded from the directory names.
+    table = ds.dataset(root, format="parquet", partitioning="hive").to_table()
+    json.dump(
+        {
+            "types": {f.name: str(f.type) for f in table.schema},
+            "columns": table.schema.names,
+            "rows": [{k: plain(v) for k, v in r.items()} for r in table.to_pylist()],
+        },
+        sys.stdout,
+    )
+    sys.exit(0)
 files = [
     os.path.join(d, n)
     for d, _, names in os.walk(root)

@@ -17,6 +17,9 @@ use serde_json::{json, Value};
 use url::Url;
 
 /// Why a Databend request failed.
+/// Databend's `CurrentTransactionIsAborted`: the whole transaction is gone and can be redone.
+pub const TRANSACTION_ABORTED: i64 = 4002;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach Databend at {url}: {reason}")]
@@ -38,12 +41,15 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Network problems, 5xx and 429 can succeed later; SQL errors and 4xx cannot.
+    /// Network problems, 5xx and 429 can succeed later; so can a transaction the server aborted
+    /// under us (error 4002, `CurrentTransactionIsAborted`: rolled back while the client was
+    /// cut off or paused). Other SQL errors and 4xx cannot.
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Transport { .. } => true,
             ClientError::Http { status, .. } => *status >= 500 || *status == 429,
-            _ => false,
+            ClientError::Query { code, .. } => *code == TRANSACTION_ABORTED,
+            ClientError::Protocol { .. } => false,
         }
     }
 }
@@ -410,6 +416,15 @@ mod tests {
             sql: String::new()
         }
         .is_retryable());
+        assert!(
+            ClientError::Query {
+                code: TRANSACTION_ABORTED,
+                message: "current transaction is aborted".into(),
+                sql: "UPDATE ...".into()
+            }
+            .is_retryable(),
+            "an aborted transaction is redone"
+        );
         let txn = parse_response(fixture("query_txn_active.json"), "BEGIN", "u").unwrap();
         let s = Session {
             state: txn.session.clone(),

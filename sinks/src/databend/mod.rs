@@ -8,8 +8,8 @@
 //!  commit ─► BEGIN
 //!            SELECT next_offset FROM lakesink_offsets WHERE (sink, topic, partition)
 //!              ≠ start (someone committed before) ⇒ ROLLBACK, Fenced / AlreadyCommitted
-//!            COPY INTO <table> ... FORCE = TRUE            (append)
-//!            MERGE INTO <table> USING (SELECT ... FROM @~/...)  (upsert)
+//!            COPY INTO <table> (cols) FROM (SELECT c0 AS col0, ... FROM @~/...) FORCE = TRUE  (append)
+//!            MERGE INTO <table> USING (SELECT c0 AS col0, ... FROM @~/...)           (upsert)
 //!            UPDATE lakesink_offsets ... WHERE next_offset = start   (or INSERT the first one)
 //!            COMMIT
 //! ```
@@ -283,12 +283,33 @@ impl DatabendSink {
             let def =
                 sql::column_def(&nullable).map_err(|reason| self.schema_err(table, reason))?;
             info!(sink = %self.config.sink, table, "adding column {def}");
-            self.run(
-                &mut s,
-                "add column",
-                &format!("ALTER TABLE {qualified} ADD COLUMN {def}"),
-            )
-            .await?;
+            if let Err(e) = self
+                .run(
+                    &mut s,
+                    "add column",
+                    &format!("ALTER TABLE {qualified} ADD COLUMN {def}"),
+                )
+                .await
+            {
+                // Another writer (a partition of this sink in another member) may have added
+                // it first: then the column is there and this is not an error.
+                let added = self
+                    .run(
+                        &mut s,
+                        "read table columns",
+                        &format!(
+                            "SELECT name FROM system.columns WHERE database = {} AND table = {} AND name = {}",
+                            literal(&self.config.client.database),
+                            literal(table),
+                            literal(f.name())
+                        ),
+                    )
+                    .await?;
+                if added.rows.is_empty() {
+                    return Err(e);
+                }
+                debug!(sink = %self.config.sink, table, "column {} was added by another writer", f.name());
+            }
             columns.push(f.name().clone());
         }
         Ok(())
@@ -320,6 +341,13 @@ impl DatabendSink {
         let Some(file) = &d.file else { return Ok(()) };
         let qualified = format!("{}.{}", self.db(), ident(&d.table));
         let cols: Vec<String> = d.columns.iter().map(|c| ident(c)).collect();
+        // The staged file's columns are c0, c1, ... (see `encode`); tests/security.rs found that
+        // a quoted "orderId" cannot be selected from a stage by its own name.
+        let positional: Vec<String> = cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{} AS {c}", staged_column(i)))
+            .collect();
         let source = format!("@~/{file}");
         match &self.config.upsert {
             None => {
@@ -329,7 +357,7 @@ impl DatabendSink {
                     &format!(
                         "COPY INTO {qualified} ({}) FROM (SELECT {} FROM {source}) FILE_FORMAT = (TYPE = PARQUET) FORCE = TRUE",
                         cols.join(", "),
-                        cols.join(", ")
+                        positional.join(", ")
                     ),
                 )
                 .await?;
@@ -349,7 +377,7 @@ impl DatabendSink {
                 let values: Vec<String> = cols.iter().map(|c| format!("s.{c}")).collect();
                 let mut stmt = format!(
                     "MERGE INTO {qualified} AS t USING (SELECT {} FROM {source} (FILE_FORMAT => 'parquet')) AS s ON {} ",
-                    cols.join(", "),
+                    positional.join(", "),
                     on.join(" AND ")
                 );
                 if let Some(del) = &deleted {
@@ -375,17 +403,37 @@ impl DatabendSink {
     }
 }
 
+/// The name of the `i`-th column in a staged file.
+fn staged_column(i: usize) -> String {
+    format!("c{i}")
+}
+
 /// Encodes batches into one Parquet file.
+///
+/// The file's top-level columns are named `c0`, `c1`, ... in `schema`'s order: the load selects
+/// them by those names and renames them to the table's columns. A stage query resolves Parquet
+/// names case-insensitively (a quoted `"orderId"` is not found) and `$N` counts nested leaves,
+/// so neither the real names nor positions are reliable there.
 fn encode(
     batches: &[RecordBatch],
     schema: &SchemaRef,
     compression: Compression,
 ) -> std::result::Result<Bytes, String> {
     let props = crate::parquet::writer::writer_properties(compression, 1 << 20);
-    let mut w =
-        ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props)).map_err(|e| e.to_string())?;
+    let file_schema: SchemaRef = std::sync::Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| f.as_ref().clone().with_name(staged_column(i)))
+            .collect::<Vec<_>>(),
+    ));
+    let mut w = ArrowWriter::try_new(Vec::new(), file_schema.clone(), Some(props))
+        .map_err(|e| e.to_string())?;
     for b in batches {
-        w.write(b).map_err(|e| e.to_string())?;
+        let b = RecordBatch::try_new(file_schema.clone(), b.columns().to_vec())
+            .map_err(|e| e.to_string())?;
+        w.write(&b).map_err(|e| e.to_string())?;
     }
     Ok(Bytes::from(w.into_inner().map_err(|e| e.to_string())?))
 }

@@ -124,11 +124,7 @@ impl ParquetSink {
     }
 
     fn rel(&self, rel: &str) -> Path {
-        let mut p = self.table.root.clone();
-        for part in rel.split('/') {
-            p = p.join(part);
-        }
-        p
+        self.table.rel(rel)
     }
 
     async fn read_json<T: for<'de> Deserialize<'de>>(&self, path: &Path) -> Result<Option<T>> {
