@@ -47,7 +47,8 @@ chmod +x "$TANSU" 2>/dev/null || true
 
 free_port() { "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 wait_port() { # name port
-  for _ in $(seq 1 200); do
+  # Up to 60 s: on 2 busy cores the Databend engine and node take a while to start.
+  for _ in $(seq 1 600); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; then return 0; fi
     sleep 0.1
   done

@@ -102,6 +102,9 @@ enum Command {
         /// Databend URL for --kind databend: http://user:password@host:port
         #[arg(long, env = "LAKESINK_BENCH_DATABEND", hide_env_values = true)]
         databend: Option<String>,
+        /// Spread the records over this many topics, each sunk into its own table.
+        #[arg(long, default_value_t = 1)]
+        tables: u32,
     },
     /// The benchmark's feed process (internal): hosts the cluster, produces, times a plain
     /// consumer, serves until stdin closes.
@@ -121,6 +124,8 @@ enum Command {
         broker: Option<String>,
         #[arg(long)]
         rate: Option<u64>,
+        #[arg(long, default_value_t = 1)]
+        tables: u32,
     },
     /// Exit 0 if URL answers 200 (the container HEALTHCHECK; no curl in the image).
     Healthcheck {
@@ -290,8 +295,10 @@ async fn main() -> ExitCode {
             kind,
             mode,
             databend,
+            tables,
         } => {
             lakesink::app::bench::run(lakesink::app::bench::Options {
+                tables,
                 records,
                 partitions,
                 format,
@@ -312,10 +319,17 @@ async fn main() -> ExitCode {
             schema_id,
             broker,
             rate,
+            tables,
         } => tokio::task::spawn_blocking(move || {
-            lakesink::app::bench::feed(
-                broker, &topic, partitions, records, &format, schema_id, rate,
-            )
+            lakesink::app::bench::feed(lakesink::app::bench::Feed {
+                broker,
+                topics: lakesink::app::bench::topics(&topic, tables),
+                partitions,
+                records,
+                format,
+                schema_id,
+                rate,
+            })
         })
         .await
         .map_err(anyhow::Error::from)

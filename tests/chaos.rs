@@ -6,7 +6,7 @@
 //! ~0.5 % poison). Three lakesink processes share one consumer group. During the run the
 //! schedule SIGKILLs and restarts members, stops and starts members (rebalances), SIGSTOPs one
 //! past its session timeout so it wakes up as a zombie, and a loopback fault proxy in front of
-//! the destination (object store or Databend) and the registry injects 503s, resets,
+//! the destination (object store or Databend) and the registry injects 500s and 503s, resets,
 //! connections cut mid-exchange (the server acted, the answer is lost), slow answers and a
 //! window of total outage. Faults stay on while the group catches up.
 //!
@@ -638,14 +638,24 @@ drain_timeout = "10s"
     let sinks: Vec<(&str, &String)> = std::iter::once(("orders", &run.orders))
         .chain(run.customers.as_ref().map(|c| ("customers", c)))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(240 + seconds / 10);
+    let mut deadline = Instant::now() + Duration::from_secs(240 + seconds / 10);
+    // tansu 0.6's group coordinator can stall after member kills: every member up, none ever
+    // assigned a partition, for minutes (a broker that evicts dead members after the session
+    // timeout, as Kafka does, recovers by itself). When nothing commits for STALL, the harness
+    // empties the group (kills every member, waits past the session timeout) and starts three
+    // fresh members: counted as group_restarts in the summary, at most twice per run.
+    const STALL: Duration = Duration::from_secs(60);
+    let mut group_restarts = 0u32;
+    let mut last_progress = (Instant::now(), -1i64);
     loop {
         let mut behind = Vec::new();
+        let mut total = 0i64;
         for (sink, topic) in &sinks {
             let pos = target.positions(&run.group, sink, topic).await;
             for p in 0..PARTITIONS {
                 let end = sent.ends.get(&(topic.to_string(), p)).copied().unwrap_or(0);
                 let at = pos.get(&p).copied().unwrap_or(0);
+                total += at;
                 if at < end {
                     behind.push((*sink, p, at, end));
                 }
@@ -658,6 +668,28 @@ drain_timeout = "10s"
             if let Some(s) = p.child.try_wait().unwrap() {
                 panic!("process {i} exited ({s}) during catch-up:\n{}", p.log());
             }
+        }
+        if total > last_progress.1 {
+            last_progress = (Instant::now(), total);
+        } else if last_progress.0.elapsed() >= STALL && group_restarts < 2 {
+            let assigned = procs
+                .iter()
+                .filter(|p| p.log().contains(" assigned"))
+                .count();
+            eprintln!(
+                "chaos: nothing committed for {STALL:?} during catch-up ({assigned} of {} members \
+                 ever logged an assignment); restarting the whole group",
+                procs.len()
+            );
+            for p in procs.drain(..) {
+                logs.push(p.log());
+                p.kill9();
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            procs = (0..3).map(|_| start()).collect();
+            group_restarts += 1;
+            last_progress = (Instant::now(), total);
+            deadline += STALL + Duration::from_secs(10);
         }
         if Instant::now() >= deadline {
             let tails: Vec<String> = procs
@@ -720,7 +752,7 @@ drain_timeout = "10s"
     println!(
         "chaos summary: target={} seed={seed} seconds={seconds} kills={} rebalances={} zombies={} outages={} \
          faults_injected={} records_reconciled={} changes_reconciled={} final_keys={} lost=0 duplicated=0 \
-         dlq_matched={}/{} dlq_redelivered={redelivered}",
+         dlq_matched={}/{} dlq_redelivered={redelivered} group_restarts={group_restarts}",
         target.label(),
         figures.kills,
         figures.rebalances,

@@ -77,6 +77,52 @@ pub struct Options {
     /// backlog), with `flush.max_latency = max_latency`, and report freshness.
     pub rate: Option<u64>,
     pub max_latency: String,
+    /// Topics, each sunk into its own table (`orders` with one, `orders_00`.. with more).
+    pub tables: u32,
+}
+
+/// The topics of a run over `tables` tables: `topic` itself for one.
+pub fn topics(topic: &str, tables: u32) -> Vec<String> {
+    match tables {
+        0 | 1 => vec![topic.to_string()],
+        n => (0..n).map(|i| format!("{topic}.t{i:02}")).collect(),
+    }
+}
+
+/// Repeats the config's one `[[sink]]` section for every topic, each with its own name and
+/// table (`orders_00`, ...).
+fn per_table(text: &str, topic: &str, topics: &[String]) -> String {
+    if topics.len() <= 1 {
+        return text.to_string();
+    }
+    let at = text.find("[[sink]]").expect("a sink section");
+    let (head, section) = text.split_at(at);
+    let mut out = head.to_string();
+    for (i, t) in topics.iter().enumerate() {
+        let table_line = section
+            .lines()
+            .find(|l| l.starts_with("table = "))
+            .expect("a table line");
+        let at = table_line
+            .rfind("orders")
+            .expect("the table is named orders");
+        let renamed = format!(
+            "{}orders_{i:02}{}",
+            &table_line[..at],
+            &table_line[at + "orders".len()..]
+        );
+        out.push_str(
+            &section
+                .replace("name = \"orders\"", &format!("name = \"orders_{i:02}\""))
+                .replace(
+                    &format!("topics = [\"{topic}\"]"),
+                    &format!("topics = [\"{t}\"]"),
+                )
+                .replace(table_line, &renamed),
+        );
+        out.push('\n');
+    }
+    out
 }
 
 /// The workload's value for order `id` in `format`.
@@ -183,18 +229,32 @@ struct FeedReport {
     baseline_secs: f64,
 }
 
-/// `lakesink bench-feed`: the child process. Starts the in-process cluster unless `broker` is
-/// given, creates `topic`, produces the workload, times a plain consume loop over it, prints a
-/// [`FeedReport`] line, and serves until stdin closes.
-pub fn feed(
-    broker: Option<String>,
-    topic: &str,
-    partitions: i32,
-    records: u64,
-    format: &str,
-    schema_id: u32,
-    rate: Option<u64>,
-) -> anyhow::Result<()> {
+/// What `lakesink bench-feed` produces.
+#[derive(Debug)]
+pub struct Feed {
+    /// A real broker instead of the in-process cluster.
+    pub broker: Option<String>,
+    pub topics: Vec<String>,
+    pub partitions: i32,
+    pub records: u64,
+    pub format: String,
+    pub schema_id: u32,
+    pub rate: Option<u64>,
+}
+
+/// `lakesink bench-feed`: the child process. Starts the in-process cluster unless a broker is
+/// given, creates the topics, produces the workload (record `id` to topic `id % topics`), times
+/// a plain consume loop over it, prints a [`FeedReport`] line, and serves until stdin closes.
+pub fn feed(f: Feed) -> anyhow::Result<()> {
+    let Feed {
+        broker,
+        topics,
+        partitions,
+        records,
+        ref format,
+        schema_id,
+        rate,
+    } = f;
     let cluster = match &broker {
         Some(_) => None,
         None => Some(MockCluster::new(1).context("cannot start the in-process Kafka")?),
@@ -202,14 +262,19 @@ pub fn feed(
     let bootstrap = match (&broker, &cluster) {
         (Some(b), _) => b.clone(),
         (None, Some(c)) => {
-            c.create_topic(topic, partitions, 1)?;
+            for t in &topics {
+                c.create_topic(t, partitions, 1)?;
+            }
             c.bootstrap_servers()
         }
         (None, None) => unreachable!("a cluster or a broker"),
     };
     if broker.is_some() {
-        create_topic(&bootstrap, topic, partitions)?;
+        for t in &topics {
+            create_topic(&bootstrap, t, partitions)?;
+        }
     }
+    let n_topics = topics.len() as i64;
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         // Large message sets: the in-process cluster finds a fetch offset by scanning its
@@ -248,7 +313,8 @@ pub fn feed(
         }
         let value = payload(format, id, &schema, schema_id);
         let key = Order::generate(id).order_id;
-        let p = (id % partitions as i64) as i32;
+        let topic = &topics[(id % n_topics) as usize];
+        let p = ((id / n_topics) % partitions as i64) as i32;
         super::demo::send(
             &producer,
             BaseRecord::to(topic)
@@ -270,7 +336,7 @@ pub fn feed(
         drop(cluster);
         return Ok(());
     }
-    let (elapsed, bytes) = baseline_consume(&bootstrap, topic, records)?;
+    let (elapsed, bytes) = baseline_consume(&bootstrap, &topics, records)?;
     let report = FeedReport {
         bootstrap,
         records,
@@ -308,16 +374,17 @@ fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result
 /// The ceiling: a plain consume loop that touches every payload and does nothing else.
 fn baseline_consume(
     bootstrap: &str,
-    topic: &str,
+    topics: &[String],
     expected: u64,
 ) -> anyhow::Result<(Duration, u64)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("{topic}-baseline"))
+        .set("group.id", format!("{}-baseline", topics[0]))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .create()?;
-    consumer.subscribe(&[topic])?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names)?;
     let mut started = Instant::now();
     let (mut n, mut bytes) = (0u64, 0u64);
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -368,9 +435,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let topic = format!("bench.orders.{format}.{stamp}");
     let (addr, _registry) = schema_registry::server::spawn("127.0.0.1:0".parse()?, None).await?;
     let registry_url = format!("http://{addr}");
-    let schema_id = RegistryClient::new(RegistryConfig::new(&registry_url))?
-        .register(&format!("{topic}-value"), ORDER_SCHEMA)
-        .await?;
+    let all_topics = topics(&topic, opts.tables);
+    let registry = RegistryClient::new(RegistryConfig::new(&registry_url))?;
+    let mut schema_id = None;
+    for t in &all_topics {
+        let id = registry
+            .register(&format!("{t}-value"), ORDER_SCHEMA)
+            .await?;
+        schema_id.get_or_insert(id);
+    }
+    let schema_id = schema_id.context("at least one topic")?;
 
     eprintln!("bench: producing {records} {format} records to {partitions} partitions ...");
     let mut feed_args = vec![
@@ -392,6 +466,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if let Some(r) = opts.rate {
         feed_args.extend(["--rate".into(), r.to_string()]);
     }
+    feed_args.extend(["--tables".into(), opts.tables.max(1).to_string()]);
     let mut child = Command::new(std::env::current_exe()?)
         .args(&feed_args)
         .stdin(Stdio::piped())
@@ -412,12 +487,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let table = dir.path().join("orders");
     // A fresh database per run: the ledger and the table start empty.
     let database = format!("lakesink_bench_{stamp}");
-    let text = sink_config(
-        demo_config(&report.bootstrap, &registry_url, &table, "lakesink-bench")
-            .replace("demo.orders", &topic),
-        &opts,
-        &database,
-    )?;
+    let text = per_table(
+        &sink_config(
+            demo_config(&report.bootstrap, &registry_url, &table, "lakesink-bench")
+                .replace("demo.orders", &topic),
+            &opts,
+            &database,
+        )?,
+        &topic,
+        &all_topics,
+    );
     let cfg = Config::from_toml(&text)?.validate()?;
     let progress = Arc::new(Progress::default());
     reset_peak_rss();
@@ -498,8 +577,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         None => "in-process Kafka (a separate process)".into(),
     };
     println!(
-        "lakesink bench: {records} {format} order lines ({:.0} bytes each), {partitions} partitions, {broker} -> {dest}, {mode}",
-        input_bytes as f64 / records as f64
+        "lakesink bench: {records} {format} order lines ({:.0} bytes each), {} topic(s) x {partitions} partitions, {broker} -> {dest}, {mode}",
+        input_bytes as f64 / records as f64,
+        all_topics.len()
     );
     println!(
         "  pipeline:  {rows} rows in {elapsed:.2} s from the first record = {:.0} records/s, {:.1} MB/s of input, {cpu:.2} CPU s ({:.2} cores)",
@@ -546,4 +626,33 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         anyhow::ensure!(rows == records, "committed {rows} rows, expected {records}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_sink_section_per_table_and_a_valid_config() {
+        let base = demo_config(
+            "127.0.0.1:9092",
+            "http://127.0.0.1:8081",
+            std::path::Path::new("/tmp/b/orders"),
+            "g",
+        )
+        .replace("demo.orders", "bench.t");
+        let names = topics("bench.t", 3);
+        assert_eq!(names, ["bench.t.t00", "bench.t.t01", "bench.t.t02"]);
+        assert_eq!(topics("bench.t", 1), ["bench.t"]);
+        let text = per_table(&base, "bench.t", &names);
+        let cfg = Config::from_toml(&text).unwrap().validate().unwrap();
+        assert_eq!(cfg.sinks.len(), 3);
+        for (i, s) in cfg.sinks.iter().enumerate() {
+            assert_eq!(s.name, format!("orders_{i:02}"));
+            assert!(s.topics.matches(&names[i]));
+            assert!(!s.topics.matches(&names[(i + 1) % 3]));
+        }
+        assert!(text.contains("file:///tmp/b/orders_02"), "{text}");
+        assert_eq!(per_table(&base, "bench.t", &topics("bench.t", 1)), base);
+    }
 }

@@ -301,7 +301,7 @@ mod tests {
             offset,
             timestamp_ms: None,
             key: None,
-            payload: Some(json.as_bytes().to_vec()),
+            payload: Some(bytes::Bytes::copy_from_slice(json.as_bytes())),
             headers: vec![],
         }
     }

@@ -58,7 +58,7 @@ fn rec(offset: i64, key: &[u8]) -> Record {
         offset,
         timestamp_ms: None,
         key: None,
-        payload: Some(key.to_vec()),
+        payload: Some(bytes::Bytes::copy_from_slice(key)),
         headers: Vec::new(),
     }
 }

@@ -28,8 +28,9 @@ pub struct Record {
     pub offset: i64,
     /// Milliseconds since the epoch, when the broker or producer set one.
     pub timestamp_ms: Option<i64>,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
+    /// Key and payload are slices of the poll thread's arena (see `source`), not owned copies.
+    pub key: Option<bytes::Bytes>,
+    pub payload: Option<bytes::Bytes>,
     /// Kafka headers, kept for the dead-letter topic.
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }

@@ -93,7 +93,14 @@ struct Router {
     /// worker sees exactly the sequence it would see if every record were sent at once.
     pending: Vec<(TopicPartition, Vec<Record>)>,
     pending_records: usize,
+    /// Where polled keys and payloads are copied: one allocation per [`ARENA_CHUNK`] shared by
+    /// many records (each a `Bytes` slice of it) instead of one allocation per record, freed
+    /// on another thread.
+    arena: bytes::BytesMut,
 }
+
+/// Bytes per arena allocation; a record larger than this gets a chunk of its own size.
+const ARENA_CHUNK: usize = 256 * 1024;
 
 /// Records per message to a worker: one channel message and one wake-up per batch.
 const SEND_BATCH: usize = 256;
@@ -232,8 +239,8 @@ impl Router {
         let rec = Record {
             offset: m.offset(),
             timestamp_ms: m.timestamp().to_millis(),
-            key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().map(<[u8]>::to_vec),
+            key: m.key().map(|k| self.copy(k)),
+            payload: m.payload().map(|p| self.copy(p)),
             headers: m
                 .headers()
                 .map(|h| {
@@ -260,6 +267,16 @@ impl Router {
             self.pending_records -= recs.len();
             self.send(&tp, recs);
         }
+    }
+
+    /// A copy of `data` in the arena.
+    fn copy(&mut self, data: &[u8]) -> bytes::Bytes {
+        if self.arena.capacity() - self.arena.len() < data.len() {
+            // The filled part was split off already; the old chunk lives on in its slices.
+            self.arena = bytes::BytesMut::with_capacity(ARENA_CHUNK.max(data.len()));
+        }
+        self.arena.extend_from_slice(data);
+        self.arena.split().freeze()
     }
 
     /// Hands every queued record to its workers.
@@ -456,6 +473,7 @@ pub fn run(
         fatal: None,
         pending: Vec::new(),
         pending_records: 0,
+        arena: bytes::BytesMut::new(),
     };
     let consumer: BaseConsumer<LakeContext> = client_config(cfg)
         .create_with_context(LakeContext {

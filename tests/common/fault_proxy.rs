@@ -1,5 +1,5 @@
 //! A loopback TCP proxy that injects faults in front of a service (object store, registry):
-//! HTTP 503 answers, connection resets (before or in the middle of an exchange, so responses
+//! HTTP 500 and 503 answers, connection resets (before or in the middle of an exchange, so responses
 //! can be lost after the server acted), slow connections, and windows of total outage.
 #![allow(dead_code)]
 
@@ -118,9 +118,18 @@ impl State {
             Fault::Unavailable => {
                 let mut buf = [0u8; 4096];
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await;
-                let _ = conn
-                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                    .await;
+                let status: &[u8] = if self.rng.lock().unwrap().random_range(0..2) == 0 {
+                    b"503 Service Unavailable"
+                } else {
+                    b"500 Internal Server Error"
+                };
+                let answer = [
+                    b"HTTP/1.1 ".as_slice(),
+                    status,
+                    b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                ]
+                .concat();
+                let _ = conn.write_all(&answer).await;
             }
             Fault::Slow => {
                 tokio::time::sleep(Duration::from_millis(400)).await;
