@@ -105,6 +105,10 @@ enum Command {
         /// Spread the records over this many topics, each sunk into its own table.
         #[arg(long, default_value_t = 1)]
         tables: u32,
+        /// Measure only the decoder and the Parquet encoder, on one thread, from memory
+        /// (records/s per core; avro or json).
+        #[arg(long)]
+        isolate: bool,
     },
     /// The benchmark's feed process (internal): hosts the cluster, produces, times a plain
     /// consumer, serves until stdin closes.
@@ -287,6 +291,12 @@ async fn main() -> ExitCode {
         Command::Demo { records, dir } => lakesink::app::demo::run(records, dir).await,
         Command::Bench {
             records,
+            format,
+            isolate: true,
+            ..
+        } => lakesink::app::bench::isolate(records, &format).await,
+        Command::Bench {
+            records,
             partitions,
             format,
             broker,
@@ -296,6 +306,7 @@ async fn main() -> ExitCode {
             mode,
             databend,
             tables,
+            isolate: false,
         } => {
             lakesink::app::bench::run(lakesink::app::bench::Options {
                 tables,

@@ -103,3 +103,36 @@ async fn check_reaches_every_dependency_and_names_what_fails() {
         "{out}\n{err}"
     );
 }
+
+/// `lakesink bench --isolate` decodes and encodes every record with the pipeline's decoder and
+/// the sinks' Parquet settings (it fails when a row is missing) and reports per-core rates.
+#[test]
+fn bench_isolate_measures_decode_and_encode() {
+    for format in ["avro", "json"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
+            .args([
+                "bench",
+                "--isolate",
+                "--records",
+                "3000",
+                "--format",
+                format,
+            ])
+            .env("LAKESINK_LOG", "warn")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{format}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for step in ["decode:", "encode:", "both:"] {
+            let line = stdout
+                .lines()
+                .find(|l| l.trim_start().starts_with(step))
+                .unwrap_or_else(|| panic!("{format}: no `{step}` line in {stdout}"));
+            assert!(line.contains("records/s per core"), "{line}");
+        }
+    }
+}

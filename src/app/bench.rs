@@ -628,6 +628,164 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// CPU seconds of the calling thread (user + system).
+fn thread_cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    let f: Vec<&str> = s
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (field(11) + field(12)) / 100.0
+}
+
+/// `lakesink bench --isolate`: the decoder and the Parquet encoder alone, on one thread, from
+/// records already in memory (no Kafka, no partitioning, no object store). Decodes `records`
+/// order lines of `format` with the pipeline's decoder (batches of 1024 rows, metadata
+/// columns) and encodes every batch into one Parquet file in memory with the sinks' writer
+/// settings; prints records/s per core for each step and both.
+pub async fn isolate(records: u64, format: &str) -> anyhow::Result<()> {
+    use crate::decode::{AvroDecoder, FormatDecoder, JsonDecoder, Record};
+    anyhow::ensure!(
+        matches!(format, "avro" | "json"),
+        "--isolate measures --format avro or json, not `{format}`"
+    );
+    let (addr, _registry) = schema_registry::server::spawn("127.0.0.1:0".parse()?, None).await?;
+    let registry_url = format!("http://{addr}");
+    let topic = "bench.isolate";
+    let client = RegistryClient::new(RegistryConfig::new(&registry_url))?;
+    let schema_id = client
+        .register(&format!("{topic}-value"), ORDER_SCHEMA)
+        .await?;
+    let opts = Options {
+        records,
+        partitions: 1,
+        format: format.to_string(),
+        kind: "parquet".into(),
+        mode: "append".into(),
+        databend: None,
+        broker: None,
+        rate: None,
+        max_latency: "1s".into(),
+        tables: 1,
+    };
+    let text = sink_config(
+        demo_config(
+            "127.0.0.1:9",
+            &registry_url,
+            std::path::Path::new("/tmp/unused"),
+            "g",
+        )
+        .replace("demo.orders", topic),
+        &opts,
+        "",
+    )?;
+    let cfg = Config::from_toml(&text)?.validate()?;
+    let sink = cfg.sinks[0].clone();
+    let schema = order_schema();
+    let input: Vec<Record> = (0..records as i64)
+        .map(|id| Record {
+            offset: id,
+            timestamp_ms: Some(Order::generate(id).ts_ms),
+            key: Some(bytes::Bytes::from(Order::generate(id).order_id)),
+            payload: Some(bytes::Bytes::from(payload(format, id, &schema, schema_id))),
+            headers: Vec::new(),
+        })
+        .collect();
+    let bytes_in: usize = input
+        .iter()
+        .map(|r| r.payload.as_ref().map_or(0, |p| p.len()))
+        .sum();
+    let format = format.to_string();
+    let report = tokio::task::spawn_blocking(
+        move || -> anyhow::Result<(f64, f64, f64, f64, usize, usize)> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let tp = sinks::TopicPartition::new(topic, 0);
+                let mut decoder = match format.as_str() {
+                    "avro" => FormatDecoder::Avro(Box::new(AvroDecoder::new(
+                        tp,
+                        client,
+                        sink.metadata,
+                        1024,
+                    ))),
+                    _ => FormatDecoder::Json(Box::new(JsonDecoder::new(
+                        tp,
+                        sink.json_schema.clone().context("a declared JSON schema")?,
+                        false,
+                        false,
+                        sink.metadata,
+                        1024,
+                    ))),
+                };
+                decoder
+                    .prepare(&input[0])
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let (mut out, mut rejected) = (Vec::new(), Vec::new());
+                let (wall, cpu) = (Instant::now(), thread_cpu_seconds());
+                for rec in input {
+                    decoder
+                        .push(rec, &mut out, &mut rejected)
+                        .await
+                        .map_err(|r| anyhow::anyhow!("{}", r.error))?;
+                }
+                decoder
+                    .finish(&mut out, &mut rejected)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                anyhow::ensure!(rejected.is_empty(), "{} records rejected", rejected.len());
+                let (decode_wall, decode_cpu) =
+                    (wall.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu);
+                let (wall, cpu) = (Instant::now(), thread_cpu_seconds());
+                let props =
+                    sinks::parquet::writer_properties(sinks::parquet::Compression::Snappy, 1 << 20);
+                let mut w =
+                    parquet::arrow::ArrowWriter::try_new(Vec::new(), out[0].schema(), Some(props))?;
+                let mut rows = 0;
+                for b in &out {
+                    rows += b.num_rows();
+                    w.write(b)?;
+                }
+                let file = w.into_inner()?;
+                let (encode_wall, encode_cpu) =
+                    (wall.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu);
+                Ok((
+                    decode_wall,
+                    decode_cpu,
+                    encode_wall,
+                    encode_cpu,
+                    rows,
+                    file.len(),
+                ))
+            })
+        },
+    )
+    .await??;
+    let (decode_wall, decode_cpu, encode_wall, encode_cpu, rows, file) = report;
+    anyhow::ensure!(rows as u64 == records, "decoded {rows} rows of {records}");
+    let per = |secs: f64| records as f64 / secs.max(1e-9);
+    println!(
+        "lakesink bench --isolate: {records} {} order lines ({:.0} bytes each) decoded and encoded on one thread, from memory",
+        opts.format,
+        bytes_in as f64 / records as f64
+    );
+    println!(
+        "  decode:    {decode_cpu:.2} CPU s ({decode_wall:.2} s) = {:.0} records/s per core",
+        per(decode_cpu)
+    );
+    println!(
+        "  encode:    {encode_cpu:.2} CPU s ({encode_wall:.2} s) = {:.0} records/s per core, {:.1} MB of Parquet",
+        per(encode_cpu),
+        file as f64 / 1e6
+    );
+    println!(
+        "  both:      {:.0} records/s per core",
+        per(decode_cpu + encode_cpu)
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,10 +31,7 @@ pub(crate) struct Encoded {
 }
 
 /// The Parquet writer settings every lakesink table uses.
-pub(crate) fn writer_properties(
-    compression: Compression,
-    row_group_rows: usize,
-) -> WriterProperties {
+pub fn writer_properties(compression: Compression, row_group_rows: usize) -> WriterProperties {
     WriterProperties::builder()
         .set_compression(match compression {
             Compression::None => PqCompression::UNCOMPRESSED,
