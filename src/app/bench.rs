@@ -427,7 +427,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     );
     let partitions = match opts.broker {
         Some(_) => opts.partitions,
-        None => partitions_for(records, format, opts.partitions),
+        None => partitions_for(
+            records.div_ceil(u64::from(opts.tables.max(1))),
+            format,
+            opts.partitions,
+        ),
     };
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
