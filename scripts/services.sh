@@ -64,7 +64,8 @@ echo $! >>"$RUN/pids"
 
 S3_PORT=$(free_port)
 log "starting moto (S3) on 127.0.0.1:$S3_PORT"
-"$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$RUN/moto.log" 2>&1 &
+# moto with atomic conditional writes (see tests/py/moto_server.py).
+"$VENV/bin/python" -W ignore "$ROOT/tests/py/moto_server.py" -H 127.0.0.1 -p "$S3_PORT" >"$RUN/moto.log" 2>&1 &
 echo $! >>"$RUN/pids"
 
 AZ_PORT=$(free_port)

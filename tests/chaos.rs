@@ -194,13 +194,22 @@ impl Target {
 
     /// Orders as read back: (partition, offset) -> (order id, coupon), after checking every
     /// produced order's values exactly once.
-    async fn reconcile_orders(&self, sent: &Sent) -> BTreeMap<(i32, i64), Value> {
+    async fn reconcile_orders(
+        &self,
+        sent: &Sent,
+        topic: &str,
+        logs: &str,
+    ) -> BTreeMap<(i32, i64), Value> {
         let coupons: Vec<(i32, i64, Option<String>)> = match self {
             Target::Parquet(store) | Target::Delta(store, _) => {
                 let table = match self {
                     Target::Parquet(_) => store.read(),
                     _ => store.read_delta(&[]),
                 };
+                if let Target::Parquet(_) = self {
+                    let evidence = duplicate_evidence(store, topic, &table, logs).await;
+                    assert!(evidence.is_empty(), "duplicated rows:\n{evidence}");
+                }
                 assert_exactly_once(&table, &sent.orders);
                 table["rows"]
                     .as_array()
@@ -285,6 +294,66 @@ impl Target {
             }
         }
     }
+}
+
+/// For each duplicated (partition, offset) of a Parquet table (at most 3): the commit markers
+/// whose range covers it and every log line about that partition's fencing, so a rare failure
+/// of a long run can be explained after the in-memory store is gone.
+async fn duplicate_evidence(store: &Store, topic: &str, table: &Value, logs: &str) -> String {
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    let mut seen = BTreeSet::new();
+    let mut dups = Vec::new();
+    for r in table["rows"].as_array().into_iter().flatten() {
+        let key = (r["p"].as_i64().unwrap_or(-1), r["o"].as_i64().unwrap_or(-1));
+        if !seen.insert(key) && dups.len() < 3 && !dups.contains(&key) {
+            dups.push(key);
+        }
+    }
+    let mut out = String::new();
+    let t = store.table_store();
+    for (p, o) in dups {
+        out.push_str(&format!("== partition {p} offset {o}\n"));
+        let prefix = t.path(["_lakesink", "commits", topic, &p.to_string()]);
+        let metas: Vec<_> = t
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .unwrap_or_default();
+        for m in metas {
+            let Ok(got) = t.store.get(&m.location).await else {
+                continue;
+            };
+            let Ok(bytes) = got.bytes().await else {
+                continue;
+            };
+            let marker: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            let (start, next) = (marker["start"].as_i64(), marker["next"].as_i64());
+            if start.is_some_and(|s| s <= o) && next.is_some_and(|n| o < n) {
+                out.push_str(&format!(
+                    "marker {}: writer {} start {} next {} committed_at_ms {} files {}\n",
+                    m.location,
+                    marker["writer"],
+                    marker["start"],
+                    marker["next"],
+                    marker["committed_at_ms"],
+                    marker["files"]
+                ));
+            }
+        }
+        let tp = format!("{topic}/{p}");
+        for line in logs.lines().filter(|l| {
+            l.contains(&tp)
+                && (l.contains("fenced")
+                    || l.contains("another writer")
+                    || l.contains("interrupted"))
+        }) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// Names of one run.
@@ -713,7 +782,9 @@ drain_timeout = "10s"
     }
 
     // Reconcile with independent readers.
-    let orders = target.reconcile_orders(&sent).await;
+    let orders = target
+        .reconcile_orders(&sent, &run.orders, &logs.join("\n"))
+        .await;
     let want = sent.final_state();
     let customers = target.customers().await;
     assert_eq!(

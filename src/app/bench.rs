@@ -79,6 +79,8 @@ pub struct Options {
     pub max_latency: String,
     /// Topics, each sunk into its own table (`orders` with one, `orders_00`.. with more).
     pub tables: u32,
+    /// Extra `[pipeline]` settings (TOML lines), e.g. `max_buffer_bytes = "32MiB"`.
+    pub pipeline: Option<String>,
 }
 
 /// The topics of a run over `tables` tables: `topic` itself for one.
@@ -501,6 +503,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         &topic,
         &all_topics,
     );
+    let text = match &opts.pipeline {
+        Some(extra) => text.replacen("[[sink]]", &format!("[pipeline]\n{extra}\n\n[[sink]]"), 1),
+        None => text,
+    };
     let cfg = Config::from_toml(&text)?.validate()?;
     let progress = Arc::new(Progress::default());
     reset_peak_rss();
@@ -671,6 +677,7 @@ pub async fn isolate(records: u64, format: &str) -> anyhow::Result<()> {
         rate: None,
         max_latency: "1s".into(),
         tables: 1,
+        pipeline: None,
     };
     let text = sink_config(
         demo_config(
