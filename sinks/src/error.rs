@@ -121,6 +121,47 @@ fn delta_retryable(e: &deltalake::DeltaTableError) -> bool {
         // Lost every quick retry of a busy table: a later attempt can win.
         D::Transaction { .. } | D::VersionAlreadyExists(_) => true,
         D::Io { .. } => true,
-        _ => false,
+        // deltalake flattens store failures met inside a MERGE scan or a kernel log read into
+        // text (`Generic`, `Parquet`, `Kernel` errors): a transport failure there is as
+        // transient as anywhere else (the chaos harness's outages found it).
+        other => transient_text(&other.to_string()),
+    }
+}
+
+/// Whether an error's text says the store could not be reached or answered 5xx.
+fn transient_text(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    [
+        "error sending request",
+        "error interacting with object store",
+        "connection reset",
+        "connection refused",
+        "connection closed",
+        "broken pipe",
+        "timed out",
+        "service unavailable",
+        "internal server error",
+        "slow down",
+    ]
+    .iter()
+    .any(|m| t.contains(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_failures_inside_delta_errors_are_retryable() {
+        let merge = deltalake::DeltaTableError::Generic(
+            "Parquet error: Failed to fetch metadata for file t/part-0.parquet: Object Store error: \
+             Generic S3 error: Error performing GET http://127.0.0.1:1/b/t/part-0.parquet - HTTP \
+             error: error sending request"
+                .into(),
+        );
+        assert!(delta_retryable(&merge));
+        let schema =
+            deltalake::DeltaTableError::Generic("Schema error: field `x` not found".into());
+        assert!(!delta_retryable(&schema));
     }
 }
