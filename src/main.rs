@@ -224,6 +224,8 @@ async fn run() -> ExitCode {
             until_caught_up,
             http_listen,
         } => {
+            let cancel = CancellationToken::new();
+            lakesink::app::cancel_on_signals(cancel.clone());
             let mut cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -231,8 +233,6 @@ async fn run() -> ExitCode {
             if http_listen.is_some() {
                 cfg.http_listen = http_listen;
             }
-            let cancel = CancellationToken::new();
-            lakesink::app::cancel_on_signals(cancel.clone());
             lakesink::app::run(
                 cfg,
                 SourceOptions { until_caught_up },

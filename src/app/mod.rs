@@ -238,6 +238,12 @@ pub async fn run(
     progress: Arc<Progress>,
 ) -> anyhow::Result<()> {
     let sinks = build_sinks(&cfg)?;
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        group = %cfg.group_id,
+        sinks = sinks.len(),
+        "lakesink started"
+    );
     if let Some(addr) = cfg.http_listen {
         let bound = crate::telemetry::serve(addr, progress.clone())
             .await
@@ -329,25 +335,32 @@ async fn report_catch_up(progress: Arc<Progress>) {
 }
 
 /// Cancels `token` on SIGINT or SIGTERM; a second signal exits at once.
+///
+/// The handlers are registered before this returns (not in the spawned task), so a SIGTERM that
+/// arrives right after start-up drains instead of killing the process with the default action.
 pub fn cancel_on_signals(token: CancellationToken) {
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        let term = async {
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending().await,
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+        match s.as_mut() {
+            Some(s) => {
+                s.recv().await;
             }
-        };
+            None => std::future::pending().await,
+        }
+    }
+    tokio::spawn(async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
+            _ = next(&mut int) => {}
+            _ = next(&mut term) => {}
         }
         info!("shutdown requested: flushing, committing, then exiting");
         token.cancel();
-        let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            _ = next(&mut int) => {}
+            _ = next(&mut term) => {}
+        }
         warn!("second signal: exiting without draining");
         std::process::exit(130);
     });

@@ -644,8 +644,12 @@ impl Lakesink {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM and wait for a clean exit.
+    /// SIGTERM and wait for a clean exit. Waits for the start-up line first: a signal sent
+    /// before `main` has run would meet the default action, which no program can handle.
     pub fn stop(mut self) -> String {
+        if self.child.try_wait().unwrap().is_none() {
+            self.wait_for_line("lakesink started", Duration::from_secs(60));
+        }
         self.signal("TERM");
         let start = Instant::now();
         loop {
