@@ -27,6 +27,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use schema_registry::{wire, RegistryClient, RegistryConfig, SchemaId};
+use std::collections::HashMap;
 use tokio_util::sync::CancellationToken;
 
 use super::demo::demo_config;
@@ -531,6 +532,32 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             Instant::now()
         })
     };
+    // Per-thread CPU from the first record on, sampled while the threads live (librdkafka's
+    // exit with the consumer, before the report).
+    let split = Arc::new(std::sync::Mutex::new(CpuSplit::default()));
+    let sampler = {
+        let (progress, split, feed_pid) = (progress.clone(), split.clone(), child.id());
+        tokio::spawn(async move {
+            while progress.records_in.load(Ordering::Relaxed) == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            {
+                let mut s = split.lock().expect("split");
+                s.start = thread_cpu_table();
+                s.feed_start = process_cpu_seconds(feed_pid);
+                s.encode_start = sinks::ENCODE_CPU_NS.load(Ordering::Relaxed);
+            }
+            loop {
+                let (table, feed) = (thread_cpu_table(), process_cpu_seconds(feed_pid));
+                {
+                    let mut s = split.lock().expect("split");
+                    s.last.extend(table);
+                    s.feed_last = feed.or(s.feed_last);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
     let cancel = CancellationToken::new();
     let mut producing = None;
     if opts.rate.is_some() {
@@ -564,6 +591,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if let Some(p) = producing {
         drop(p.await?);
     }
+    sampler.abort();
     drop(stdin);
     let _ = child.wait();
     result?;
@@ -614,6 +642,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         peak_rss().unwrap_or(0) as f64 / (1 << 20) as f64,
         rss_before as f64 / (1 << 20) as f64
     );
+    println!("{}", split.lock().expect("split").report(rows, elapsed));
+    println!(
+        "  stalls:    the poll thread waited {:.2} s on full worker queues (backpressure)",
+        progress.backpressure_ns.load(Ordering::Relaxed) as f64 / 1e9
+    );
     if let Some(rate) = opts.rate {
         let stats = progress.sink("orders");
         let (count, mean) = stats.freshness_seconds.summary();
@@ -636,6 +669,80 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         anyhow::ensure!(rows == records, "committed {rows} rows, expected {records}");
     }
     Ok(())
+}
+
+/// Where the pipeline process's CPU went, by thread, plus the feed process (the broker).
+#[derive(Default)]
+struct CpuSplit {
+    start: HashMap<u32, (String, u64)>,
+    last: HashMap<u32, (String, u64)>,
+    feed_start: Option<f64>,
+    feed_last: Option<f64>,
+    encode_start: u64,
+}
+
+impl CpuSplit {
+    fn report(&self, rows: u64, elapsed: f64) -> String {
+        let (mut tokio, mut rdkafka, mut poll, mut other) = (0u64, 0u64, 0u64, 0u64);
+        for (tid, (name, ns)) in &self.last {
+            let used = ns.saturating_sub(self.start.get(tid).map_or(0, |s| s.1));
+            match name.as_str() {
+                n if n.starts_with("rdk:") => rdkafka += used,
+                "lakesink-source" => poll += used,
+                n if n.starts_with("tokio") => tokio += used,
+                _ => other += used,
+            }
+        }
+        let encode = sinks::ENCODE_CPU_NS
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.encode_start);
+        let us = |ns: u64| ns as f64 / 1e3 / rows.max(1) as f64;
+        let feed = match (self.feed_start, self.feed_last) {
+            (Some(a), Some(b)) => format!(
+                "; the feed process (the broker) {:.2} CPU s = {:.2} cores",
+                b - a,
+                (b - a) / elapsed
+            ),
+            _ => String::new(),
+        };
+        format!(
+            "  cpu/row:   {:.2} us in all: decode and pipeline {:.2}, Parquet encode {:.2}, librdkafka threads {:.2}, poll thread {:.2}, other {:.2}{feed}",
+            us(tokio + rdkafka + poll + other),
+            us(tokio.saturating_sub(encode)),
+            us(encode),
+            us(rdkafka),
+            us(poll),
+            us(other)
+        )
+    }
+}
+
+/// CPU nanoseconds of every live thread of this process: tid -> (name, ns).
+fn thread_cpu_table() -> HashMap<u32, (String, u64)> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let path = entry.path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let ns = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        out.insert(tid, (name.trim().to_string(), ns));
+    }
+    out
+}
+
+/// User + system CPU seconds of another process.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+    Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
 }
 
 /// CPU seconds of the calling thread (user + system).
@@ -749,8 +856,11 @@ pub async fn isolate(records: u64, format: &str) -> anyhow::Result<()> {
                 let (decode_wall, decode_cpu) =
                     (wall.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu);
                 let (wall, cpu) = (Instant::now(), thread_cpu_seconds());
-                let props =
-                    sinks::parquet::writer_properties(sinks::parquet::Compression::Snappy, 1 << 20);
+                let props = sinks::parquet::writer_properties_for(
+                    sinks::parquet::Compression::Snappy,
+                    1 << 20,
+                    &out[0],
+                );
                 let mut w =
                     parquet::arrow::ArrowWriter::try_new(Vec::new(), out[0].schema(), Some(props))?;
                 let mut rows = 0;

@@ -172,6 +172,9 @@ pub struct Progress {
     pub bytes_committed: AtomicU64,
     pub commits: AtomicU64,
     pub tombstones: AtomicU64,
+    /// Nanoseconds the poll thread spent blocked on a full worker queue (backpressure: a
+    /// worker behind, usually because it is flushing). Summed once per blocked hand-off.
+    pub backpressure_ns: AtomicU64,
     /// Rejected records per (sink, error class, what happened: `dead-letter` or `skip`).
     pub rejected: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
     /// Committed position per (sink name, partition).

@@ -301,7 +301,17 @@ impl Router {
             } else {
                 recs.clone().expect("records")
             };
-            let _ = w.tx.blocking_send(WorkerMsg::Records(batch));
+            match w.tx.try_send(WorkerMsg::Records(batch)) {
+                Err(mpsc::error::TrySendError::Full(msg)) => {
+                    let blocked = std::time::Instant::now();
+                    let _ = w.tx.blocking_send(msg);
+                    self.progress.backpressure_ns.fetch_add(
+                        blocked.elapsed().as_nanos() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
         }
     }
 

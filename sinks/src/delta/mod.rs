@@ -391,10 +391,17 @@ impl DeltaSink {
             Some(self.options.clone()),
         )
         .map_err(|e| self.err("open writer", e))?
-        .with_writer_properties(crate::parquet::writer::writer_properties(
-            self.config.compression,
-            self.config.row_group_rows,
-        ));
+        .with_writer_properties(match batches.first() {
+            Some(sample) => crate::parquet::writer::writer_properties_for(
+                self.config.compression,
+                self.config.row_group_rows,
+                sample,
+            ),
+            None => crate::parquet::writer::writer_properties(
+                self.config.compression,
+                self.config.row_group_rows,
+            ),
+        });
         for batch in batches {
             for (values, part) in split_by_partition(&batch, &partition_columns, tp)? {
                 writer

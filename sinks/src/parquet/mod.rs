@@ -30,7 +30,7 @@
 mod committer;
 mod config;
 pub(crate) mod writer;
-pub use writer::writer_properties;
+pub use writer::{writer_properties, writer_properties_for};
 
 pub use committer::{CrashHook, Marker, MarkerFile, ParquetSink};
 pub use config::{Compression, ParquetSinkConfig};
