@@ -193,3 +193,98 @@ async fn poison_records_go_to_the_dead_letter_topic() {
         );
     }
 }
+
+/// A member dead-letters poison records and is killed before its table commit (the object store
+/// is down): the next member reads the range again, finds those dead letters already in the
+/// topic and skips them. Each poison record is in the dead-letter topic exactly once, and every
+/// good record in the table exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_written_once_across_a_crash_before_the_table_commit() {
+    use common::fault_proxy::FaultProxy;
+
+    let direct = Store::s3("orders");
+    let topic = unique("crashy");
+    let dlq = unique("dlq");
+    create_topic(&topic, 2).await;
+    create_topic(&dlq, 3).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    let proxy = FaultProxy::start(addr_of(&s3()), 0, 1).await;
+    let mut proxied = direct.clone();
+    proxied.options.insert("endpoint".into(), proxy.url());
+    let group = unique("g");
+    let extra = format!("dead_letter_topic = \"{dlq}\"");
+    // One flush for everything produced below, so the first member dead-letters all of it.
+    let config = |store: &Store| {
+        config(&topic, &group, &registry_url, store, &extra).replace(
+            "max_rows = 400, max_latency = \"1s\"",
+            "max_rows = 100000, max_latency = \"4s\"",
+        )
+    };
+    let first = Lakesink::start(&config(&proxied), &[]);
+    let mut first = first;
+    for partition in 0..2 {
+        // Both partitions recovered: recovery reads the store, which goes down next.
+        first.wait_for_line(&format!("{topic}/{partition} "), Duration::from_secs(60));
+    }
+    proxy.outage(Duration::from_secs(600));
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let mut produced = Produced::new();
+    let mut poison = std::collections::BTreeSet::new();
+    for round in 0..4 {
+        produced.extend(produce(&topic, id, round * 50..round * 50 + 50, 2).await);
+        for partition in 0..2 {
+            let d = producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .partition(partition)
+                        .key("poison")
+                        .payload(&b"not avro"[..]),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+            poison.insert((topic.clone(), d.partition, d.offset));
+        }
+    }
+    let all_there = |dead: &std::collections::BTreeMap<SourcePosition, u32>| {
+        poison.iter().all(|k| dead.contains_key(k))
+    };
+    let dead = dead_letters(&dlq, all_there).await;
+    assert!(
+        all_there(&dead),
+        "the first member dead-lettered {dead:?}\n{}",
+        first.log()
+    );
+    assert_eq!(
+        committed_rows(&direct, &topic).await,
+        0,
+        "the store is down: nothing may be committed yet"
+    );
+    first.kill9();
+
+    let mut second = Lakesink::start(&config(&direct), &[]);
+    wait_rows(
+        &direct,
+        &topic,
+        produced.len() as u64,
+        &mut second,
+        Duration::from_secs(120),
+    )
+    .await;
+    let log = second.stop();
+    assert!(
+        log.contains("already in the dead-letter topic"),
+        "the second member found the first one's dead letters: {log}"
+    );
+    assert_exactly_once(&direct.read(), &produced);
+    let dead = dead_letters(&dlq, all_there).await;
+    let keys: std::collections::BTreeSet<_> = dead.keys().cloned().collect();
+    assert_eq!(keys, poison, "dead letters vs poison records");
+    let twice: Vec<_> = dead.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "dead-lettered more than once: {twice:?}");
+}

@@ -214,8 +214,12 @@ pub fn build_sinks(cfg: &ValidatedConfig) -> anyhow::Result<Vec<Arc<SinkRuntime>
             let sink = open_sink(cfg, s, &writer)?;
             let dead_letters = match (&s.dead_letter_topic, s.errors) {
                 (Some(topic), crate::config::ErrorPolicy::DeadLetter) => Some(
-                    crate::pipeline::dead_letter::DeadLetters::new(cfg, topic)
-                        .map_err(|e| anyhow!("sink `{}`: {e}", s.name))?,
+                    crate::pipeline::dead_letter::DeadLetters::new(
+                        cfg,
+                        topic,
+                        s.dead_letter_exactly_once,
+                    )
+                    .map_err(|e| anyhow!("sink `{}`: {e}", s.name))?,
                 ),
                 _ => None,
             };

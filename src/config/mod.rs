@@ -212,6 +212,10 @@ pub struct SinkConfig {
     pub errors: Option<String>,
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
+    /// Dead letters in Kafka transactions, fenced per source partition (default), or at least
+    /// once for brokers without transactions.
+    #[serde(default = "yes")]
+    pub dead_letter_exactly_once: bool,
     /// `format = "json"` / `"debezium-json"`: the table's columns, `name = "type"`, in order.
     #[serde(default)]
     pub schema: Option<toml::Table>,
@@ -590,6 +594,7 @@ pub struct ValidatedSink {
     pub metadata: MetadataConfig,
     pub errors: ErrorPolicy,
     pub dead_letter_topic: Option<String>,
+    pub dead_letter_exactly_once: bool,
     pub format: Format,
     /// The declared table schema of `format = "json"` / `"debezium-json"`.
     pub json_schema: Option<arrow::datatypes::SchemaRef>,
@@ -1238,6 +1243,7 @@ impl Config {
                 metadata: s.metadata,
                 errors,
                 dead_letter_topic: s.dead_letter_topic.clone(),
+                dead_letter_exactly_once: s.dead_letter_exactly_once,
                 format: match s.format.as_str() {
                     "debezium-avro" => Format::DebeziumAvro,
                     "json" => Format::Json,

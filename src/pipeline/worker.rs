@@ -10,6 +10,9 @@
 //!                                              ▼
 //!                            drop buffer, Event::Resync, ignore input until Seeked
 //! ```
+//!
+//! Undecodable records wait in `dead_pending`; each flush writes them to the dead-letter topic
+//! (one fenced transaction, see `dead_letter`) before its table commit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,7 +72,18 @@ struct Worker {
     counted_in: (u64, u64),
     /// The oldest Kafka timestamp (ms) among the records the next commit covers.
     oldest_ts_ms: Option<i64>,
+    /// Rejected records waiting for the next flush to write them to the dead-letter topic
+    /// (before the table commit), and their payload bytes.
+    dead_pending: Vec<Rejected>,
+    dead_pending_bytes: usize,
+    /// This partition's fenced dead-letter writer, opened when the worker starts.
+    dead_session: Option<super::dead_letter::Session>,
+    dead_opening: Option<tokio::task::JoinHandle<Result<super::dead_letter::Session, String>>>,
 }
+
+/// Dead letters waiting for a flush are written at most this many (or bytes) at a time.
+const DEAD_PENDING_MAX: usize = 2_000;
+const DEAD_PENDING_MAX_BYTES: usize = 16 << 20;
 
 /// Runs a worker until it is drained or its input closes.
 pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
@@ -89,7 +103,21 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         oldest_ts_ms: None,
         stats: Arc::new(SinkStats::default()),
         keys: None,
+        dead_pending: Vec::new(),
+        dead_pending_bytes: 0,
+        dead_session: None,
+        dead_opening: None,
     };
+    if let Some(dlq) = w
+        .ctx
+        .runtime
+        .dead_letters
+        .as_ref()
+        .filter(|d| d.exactly_once())
+    {
+        // Fences the partition's earlier dead-letter writers now, not at the first dead letter.
+        w.dead_opening = Some(dlq.open(&w.ctx.runtime.config.name, &w.ctx.tp));
+    }
     w.keys = w
         .ctx
         .runtime
@@ -193,6 +221,10 @@ impl Worker {
         self.buffered_bytes = 0;
         self.buffered_rows = 0;
         self.buffer.clear();
+        self.dead_pending.clear();
+        self.dead_pending_bytes = 0;
+        self.dead_session = None;
+        self.dead_opening = None;
     }
 
     fn fatal(&mut self, class: &'static str, message: String) {
@@ -343,6 +375,8 @@ impl Worker {
         if self.buffered_rows + self.decoder.pending_rows() >= flush.max_rows
             || self.buffered_bytes as u64 >= flush.max_bytes
             || self.ctx.budget.should_flush(self.buffered_bytes)
+            || self.dead_pending.len() >= DEAD_PENDING_MAX
+            || self.dead_pending_bytes >= DEAD_PENDING_MAX_BYTES
             || caught_up
         {
             self.flush(None).await;
@@ -371,36 +405,14 @@ impl Worker {
                 "skip"
             }
             ErrorPolicy::DeadLetter => {
-                let dlq = self
-                    .ctx
-                    .runtime
-                    .dead_letters
-                    .as_ref()
-                    .expect("validation requires a dead_letter_topic");
-                let mut attempt = 0;
-                loop {
-                    match dlq.send(&sink, &self.ctx.tp, &record, &error).await {
-                        Ok(()) => break,
-                        Err(e) if attempt < RETRY_ATTEMPTS => {
-                            attempt += 1;
-                            self.stats.retries.inc("dead-letter");
-                            warn!(sink = %sink, attempt, "{e}; retrying");
-                            tokio::time::sleep(backoff(attempt)).await;
-                        }
-                        Err(e) => {
-                            self.fatal(
-                                "dead-letter",
-                                format!(
-                                    "sink `{sink}`: {error}; and it cannot be dead-lettered: {e}"
-                                ),
-                            );
-                            return;
-                        }
-                    }
-                }
-                warn!(sink = %sink, tp = %self.ctx.tp, offset = error.offset, class = error.class,
-                      topic = %dlq.topic, "dead-lettered: {}", error.reason);
-                "dead-letter"
+                // Written by the next flush, before the commit that covers it. An owned copy:
+                // the payload would otherwise pin the poll thread's arena until then.
+                let mut record = record;
+                record.key = record.key.map(|k| bytes::Bytes::copy_from_slice(&k));
+                record.payload = record.payload.map(|p| bytes::Bytes::copy_from_slice(&p));
+                self.dead_pending_bytes += record.payload.as_ref().map_or(0, |p| p.len()) + 256;
+                self.dead_pending.push(Rejected { error, record });
+                return;
             }
         };
         *self
@@ -411,6 +423,76 @@ impl Worker {
             .expect("progress")
             .entry((sink, error.class, what))
             .or_default() += 1;
+    }
+
+    /// Writes the pending dead letters (exactly once unless configured otherwise); retries with
+    /// a new session, which re-reads what is already there, and stops the sink when it cannot.
+    async fn write_dead_letters(&mut self) {
+        let pending = std::mem::take(&mut self.dead_pending);
+        self.dead_pending_bytes = 0;
+        let runtime = self.ctx.runtime.clone();
+        let dlq = runtime
+            .dead_letters
+            .as_ref()
+            .expect("validation requires a dead_letter_topic");
+        let sink = self.sink_name().to_string();
+        if let Some(opening) = self.dead_opening.take() {
+            match opening.await {
+                Ok(Ok(s)) => self.dead_session = Some(s),
+                Ok(Err(e)) => warn!(sink = %sink, tp = %self.ctx.tp, "{e}; retrying"),
+                Err(e) => warn!(sink = %sink, tp = %self.ctx.tp, "internal: {e}"),
+            }
+        }
+        let mut attempt = 0;
+        let written = loop {
+            match dlq
+                .write(&mut self.dead_session, &sink, &self.ctx.tp, &pending)
+                .await
+            {
+                Ok(w) => break w,
+                Err(e) => {
+                    self.dead_session = None;
+                    if attempt >= RETRY_ATTEMPTS {
+                        let (first, last) = (
+                            pending[0].record.offset,
+                            pending[pending.len() - 1].record.offset,
+                        );
+                        self.fatal(
+                            "dead-letter",
+                            format!(
+                                "sink `{sink}` {}: {} records at offsets {first}..={last} cannot \
+                                 be decoded, and they cannot be dead-lettered: {e}. Nothing of \
+                                 this range was committed; it is read again after a restart",
+                                self.ctx.tp,
+                                pending.len()
+                            ),
+                        );
+                        return;
+                    }
+                    attempt += 1;
+                    self.stats.retries.inc("dead-letter");
+                    warn!(sink = %sink, tp = %self.ctx.tp, attempt, "{e}; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        };
+        let (skipped, sent) = pending.split_at(written.already);
+        for r in sent {
+            let e = &r.error;
+            warn!(sink = %sink, tp = %self.ctx.tp, offset = e.offset, class = e.class,
+                  topic = %dlq.topic, "dead-lettered: {}", e.reason);
+        }
+        if !skipped.is_empty() {
+            info!(sink = %sink, tp = %self.ctx.tp, records = skipped.len(),
+                  "already in the dead-letter topic from an earlier owner of the partition; \
+                   not written again");
+        }
+        let mut rejected = self.ctx.progress.rejected.lock().expect("progress");
+        for r in sent {
+            *rejected
+                .entry((sink.clone(), r.error.class, "dead-letter"))
+                .or_default() += 1;
+        }
     }
 
     /// Format-specific reshaping of a decoded batch (Debezium envelopes to row images).
@@ -529,6 +611,12 @@ impl Worker {
             for b in out {
                 Box::pin(self.buffer_batch(b)).await;
             }
+            if self.dead {
+                return;
+            }
+        }
+        if !self.dead_pending.is_empty() {
+            self.write_dead_letters().await;
             if self.dead {
                 return;
             }

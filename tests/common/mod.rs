@@ -815,3 +815,57 @@ pub async fn committed_markers(store: &Store, topic: &str) -> usize {
         .unwrap_or_default();
     metas.len()
 }
+
+/// `host:port` of an `http://` URL.
+pub fn addr_of(url: &str) -> std::net::SocketAddr {
+    let u = url::Url::parse(url).unwrap();
+    format!("{}:{}", u.host_str().unwrap(), u.port().unwrap())
+        .parse()
+        .unwrap()
+}
+
+/// A dead letter's source position: (`lakesink.source.topic`, `.partition`, `.offset`).
+pub type SourcePosition = (String, i32, i64);
+
+/// Reads a dead-letter topic (read_committed, from the start) until `done` holds and 3 s pass
+/// without a new dead letter, or 60 s: how often each source position was dead-lettered.
+pub async fn dead_letters(
+    dlq: &str,
+    done: impl Fn(&BTreeMap<SourcePosition, u32>) -> bool,
+) -> BTreeMap<SourcePosition, u32> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[dlq]).unwrap();
+    let mut dead = BTreeMap::new();
+    let start = Instant::now();
+    let mut last_new = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let h = m.headers().expect("dead letters carry headers");
+            let get = |k: &str| -> String {
+                let v = h.iter().find(|x| x.key == k).and_then(|x| x.value).unwrap();
+                String::from_utf8_lossy(v).into_owned()
+            };
+            *dead
+                .entry((
+                    get("lakesink.source.topic"),
+                    get("lakesink.source.partition").parse().unwrap(),
+                    get("lakesink.source.offset").parse().unwrap(),
+                ))
+                .or_default() += 1;
+            last_new = Instant::now();
+        } else if done(&dead) && last_new.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    dead
+}
