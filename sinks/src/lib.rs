@@ -154,10 +154,15 @@ pub async fn encode_blocking<T: Send + 'static>(
             std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
         )
     });
+    let waiting = std::time::Instant::now();
     let _permit = PERMITS
         .acquire()
         .await
         .expect("the encode semaphore is never closed");
+    ENCODE_WAIT_NS.fetch_add(
+        waiting.elapsed().as_nanos() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     tokio::task::spawn_blocking(move || {
         let start = thread_cpu_ns();
         let out = f();
@@ -169,6 +174,10 @@ pub async fn encode_blocking<T: Send + 'static>(
     })
     .await
 }
+
+/// Nanoseconds flushes spent waiting for an encode permit, summed over flushes (they wait
+/// concurrently), for `lakesink bench`. One atomic add per encode.
+pub static ENCODE_WAIT_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// CPU nanoseconds spent inside [`encode_blocking`] by this process, for `lakesink bench`'s
 /// split of where the CPU goes. One atomic add per encode, never per row.

@@ -644,8 +644,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     );
     println!("{}", split.lock().expect("split").report(rows, elapsed));
     println!(
-        "  stalls:    the poll thread waited {:.2} s on full worker queues (backpressure)",
-        progress.backpressure_ns.load(Ordering::Relaxed) as f64 / 1e9
+        "  stalls:    the poll thread waited {:.2} s on full worker queues (backpressure); \
+         flushes waited {:.2} s for an encode permit (summed over flushes)",
+        progress.backpressure_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        sinks::ENCODE_WAIT_NS.load(Ordering::Relaxed) as f64 / 1e9
     );
     if let Some(rate) = opts.rate {
         let stats = progress.sink("orders");
