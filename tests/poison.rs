@@ -200,6 +200,19 @@ async fn poison_records_go_to_the_dead_letter_topic() {
 /// good record in the table exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_letters_are_written_once_across_a_crash_before_the_table_commit() {
+    crash_before_the_table_commit(false).await;
+}
+
+/// The same crash, with another writer's transaction open in every dead-letter partition below
+/// the first member's dead letters (a killed member's, say, not fenced yet): the second member
+/// must not stop reading at the last stable offset, where its predecessor's dead letters are
+/// still hidden, but wait for that transaction to end.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_written_once_behind_another_writers_open_transaction() {
+    crash_before_the_table_commit(true).await;
+}
+
+async fn crash_before_the_table_commit(foreign_open_transaction: bool) {
     use common::fault_proxy::FaultProxy;
 
     let direct = Store::s3("orders");
@@ -228,6 +241,13 @@ async fn dead_letters_are_written_once_across_a_crash_before_the_table_commit() 
         first.wait_for_line(&format!("{topic}/{partition} "), Duration::from_secs(60));
     }
     proxy.outage(Duration::from_secs(600));
+    let foreign = if foreign_open_transaction {
+        // After the first member's sessions have read the (empty) tail, before its dead letters.
+        first.wait_for_lines("dead-letter session open", 2, Duration::from_secs(60));
+        Some(open_foreign_transaction(&dlq, 3).await)
+    } else {
+        None
+    };
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka())
@@ -268,6 +288,23 @@ async fn dead_letters_are_written_once_across_a_crash_before_the_table_commit() 
     first.kill9();
 
     let mut second = Lakesink::start(&config(&direct), &[]);
+    if let Some(foreign) = foreign {
+        // Ends the transaction once the second member waits for it (after 30 s regardless: a
+        // member that did not wait has written its dead letters again by then, caught below).
+        let start = Instant::now();
+        while !second
+            .log()
+            .contains("waiting for an open transaction in the dead-letter partition")
+            && start.elapsed() < Duration::from_secs(30)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        use rdkafka::producer::Producer;
+        tokio::task::spawn_blocking(move || foreign.commit_transaction(Duration::from_secs(30)))
+            .await
+            .unwrap()
+            .unwrap();
+    }
     wait_rows(
         &direct,
         &topic,
@@ -282,9 +319,57 @@ async fn dead_letters_are_written_once_across_a_crash_before_the_table_commit() 
         "the second member found the first one's dead letters: {log}"
     );
     assert_exactly_once(&direct.read(), &produced);
-    let dead = dead_letters(&dlq, all_there).await;
+    let mut dead = dead_letters(&dlq, all_there).await;
+    dead.retain(|(t, _, _), _| *t == topic);
     let keys: std::collections::BTreeSet<_> = dead.keys().cloned().collect();
     assert_eq!(keys, poison, "dead letters vs poison records");
     let twice: Vec<_> = dead.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "dead-lettered more than once: {twice:?}");
+}
+
+/// Another writer's transaction, left open with one record in each of `partitions` partitions
+/// of `dlq` (headed as a dead letter of a topic no test reads).
+async fn open_foreign_transaction(dlq: &str, partitions: i32) -> FutureProducer {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::Producer;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("transactional.id", unique("foreign-writer"))
+        .create()
+        .unwrap();
+    let producer = tokio::task::spawn_blocking(move || {
+        producer
+            .init_transactions(Duration::from_secs(30))
+            .map(|()| producer)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    producer.begin_transaction().unwrap();
+    for partition in 0..partitions {
+        let headers = [
+            ("lakesink.source.topic", "foreign"),
+            ("lakesink.source.partition", "0"),
+            ("lakesink.source.offset", &*partition.to_string()),
+        ]
+        .into_iter()
+        .fold(OwnedHeaders::new(), |h, (key, v)| {
+            h.insert(Header {
+                key,
+                value: Some(v.as_bytes()),
+            })
+        });
+        producer
+            .send(
+                FutureRecord::to(dlq)
+                    .partition(partition)
+                    .key("foreign")
+                    .payload(&b"open"[..])
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    producer
 }

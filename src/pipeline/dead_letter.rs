@@ -13,8 +13,11 @@
 //! - opening a session (`init_transactions`) fences every earlier writer of that source
 //!   partition, a zombie included: from then on, none of them can commit a dead letter, and
 //!   their open transaction is resolved;
-//! - the session then reads the tail of its dead-letter partition (read_committed) for the
-//!   highest source offset already dead-lettered, `last`. Dead letters of one source partition
+//! - the session then reads the tail of its dead-letter partition for the highest source offset
+//!   already dead-lettered, `last`. It reads read_committed up to the log end offset taken after
+//!   the fence, waiting for any transaction open below it to end: the last stable offset, where
+//!   a read_committed reader stops, can sit below our own committed dead letters while another
+//!   writer's transaction is open, and stopping there would write them again. Dead letters of one source partition
 //!   are written in offset order and only above `last`, so the last one found is the highest;
 //! - a rejected record at or below `last` is skipped: an earlier owner wrote it and crashed (or
 //!   was fenced) before its table commit.
@@ -47,6 +50,9 @@ use crate::config::ValidatedConfig;
 use crate::decode::Rejected;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the tail read waits for open transactions below the end: longer than the
+/// `transaction.timeout.ms` (60 s) after which Kafka aborts a dead writer's transaction.
+const SCAN_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The dead-letter topic of one sink.
 pub struct DeadLetters {
@@ -332,6 +338,14 @@ fn open_session(
         .set("isolation.level", "read_committed")
         .create_with_context(AuthContext(auth.clone()))
         .map_err(|e| format!("cannot create the dead-letter reader: {e}"))?;
+    // The end to read to is the log end offset, which only a read_uncommitted client reports
+    // (a read_committed one reports the last stable offset).
+    let ends: BaseConsumer<AuthContext> = client
+        .clone()
+        .set("group.id", format!("lakesink-dlq-reader.{group}"))
+        .set("isolation.level", "read_uncommitted")
+        .create_with_context(AuthContext(auth.clone()))
+        .map_err(|e| format!("cannot create the dead-letter reader: {e}"))?;
     let metadata = reader
         .fetch_metadata(Some(topic), TIMEOUT)
         .map_err(|e| format!("cannot read the metadata of the dead-letter topic `{topic}`: {e}"))?;
@@ -356,7 +370,26 @@ fn open_session(
     producer.init_transactions(TIMEOUT).map_err(|e| {
         format!("cannot start dead-letter transactions on `{topic}` (does the broker support transactions? else set dead_letter_exactly_once = false): {e}")
     })?;
-    let last = last_dead_lettered(&reader, topic, partition, sink, tp)?;
+    // Taken after the fence, so everything the fenced writers appended lies below it. Reading
+    // only to the last stable offset would be wrong: a transaction open there (a killed
+    // member's, until it is fenced or times out) would hide every committed dead letter above
+    // it, ours included, and they would be written again.
+    let (low, end) = ends
+        .fetch_watermarks(topic, partition, TIMEOUT)
+        .map_err(|e| {
+            format!(
+                "cannot read the end of the dead-letter topic `{topic}` partition {partition}: {e}"
+            )
+        })?;
+    drop(ends);
+    let last = last_dead_lettered(&reader, topic, partition, (low, end), sink, tp)?;
+    tracing::info!(
+        sink,
+        tp = %tp,
+        dead_letter_partition = partition,
+        last = ?last,
+        "dead-letter session open: earlier writers fenced"
+    );
     Ok(Session {
         producer: Arc::new(producer),
         partition,
@@ -371,15 +404,13 @@ fn last_dead_lettered(
     reader: &BaseConsumer<AuthContext>,
     topic: &str,
     partition: i32,
+    (low, high): (i64, i64),
     sink: &str,
     tp: &TopicPartition,
 ) -> Result<Option<i64>, String> {
     let fail = |e: KafkaError| {
         format!("cannot read the dead-letter topic `{topic}` partition {partition}: {e}")
     };
-    let (low, high) = reader
-        .fetch_watermarks(topic, partition, TIMEOUT)
-        .map_err(fail)?;
     let (mut end, mut window) = (high, 1024i64);
     let source_partition = tp.partition.to_string();
     while end > low {
@@ -388,7 +419,7 @@ fn last_dead_lettered(
         tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(start))
             .map_err(fail)?;
         reader.assign(&tpl).map_err(fail)?;
-        let deadline = std::time::Instant::now() + TIMEOUT;
+        let deadline = std::time::Instant::now() + SCAN_TIMEOUT;
         let mut best: Option<i64> = None;
         let mut told = false;
         loop {
