@@ -758,7 +758,8 @@ fn thread_cpu_seconds() -> f64 {
 }
 
 /// `lakesink bench --isolate`: the decoder and the Parquet encoder alone, on one thread, from
-/// records already in memory (no Kafka, no partitioning, no object store). Decodes `records`
+/// records already in memory (no Kafka, no partitioning, no object store; keys and payloads in
+/// arena chunks, as the poll thread leaves them). Decodes `records`
 /// order lines of `format` with the pipeline's decoder (batches of 1024 rows, metadata
 /// columns) and encodes every batch into one Parquet file in memory with the sinks' writer
 /// settings; prints records/s per core for each step and both.
@@ -802,12 +803,20 @@ pub async fn isolate(records: u64, format: &str) -> anyhow::Result<()> {
     let cfg = Config::from_toml(&text)?.validate()?;
     let sink = cfg.sinks[0].clone();
     let schema = order_schema();
+    // Keys and payloads share arena chunks, as the pipeline's poll thread copies them.
+    let mut arena = bytes::BytesMut::new();
     let input: Vec<Record> = (0..records as i64)
         .map(|id| Record {
             offset: id,
             timestamp_ms: Some(Order::generate(id).ts_ms),
-            key: Some(bytes::Bytes::from(Order::generate(id).order_id)),
-            payload: Some(bytes::Bytes::from(payload(format, id, &schema, schema_id))),
+            key: Some(crate::source::arena_copy(
+                &mut arena,
+                Order::generate(id).order_id.as_bytes(),
+            )),
+            payload: Some(crate::source::arena_copy(
+                &mut arena,
+                &payload(format, id, &schema, schema_id),
+            )),
             headers: Vec::new(),
         })
         .collect();

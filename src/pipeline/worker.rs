@@ -45,6 +45,8 @@ pub struct WorkerCtx {
     pub events: mpsc::UnboundedSender<Event>,
     pub budget: Arc<BufferBudget>,
     pub progress: Arc<Progress>,
+    /// Rows per decoder batch (`source::decode_batch_rows`), at most `flush.max_rows`.
+    pub decode_rows: usize,
 }
 
 const RETRY_ATTEMPTS: u32 = 12;
@@ -174,7 +176,12 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 fn new_decoder(ctx: &WorkerCtx) -> FormatDecoder {
-    let batch = ctx.runtime.config.flush.max_rows.clamp(1, 1024);
+    let batch = ctx
+        .runtime
+        .config
+        .flush
+        .max_rows
+        .clamp(1, ctx.decode_rows.max(1));
     let mut config = ctx.runtime.config.clone();
     if config.key_format.is_some() {
         // Raw keys ride along as `_kafka_key` until they are decoded into `_key`.

@@ -97,10 +97,33 @@ struct Router {
     /// many records (each a `Bytes` slice of it) instead of one allocation per record, freed
     /// on another thread.
     arena: bytes::BytesMut,
+    /// Rows per decoder batch for the partitions being assigned (see [`decode_batch_rows`]).
+    decode_rows: usize,
+}
+
+/// Rows decoded per batch, shared by every partition this process holds: each partition's
+/// decoder keeps buffers sized for one batch (~0.4 MiB at 1,024 JSON rows), so with many
+/// partitions the batches shrink, down to 256 rows, to keep those buffers within the same
+/// memory as 48 partitions at 1,024 rows. Fixed per partition when it is assigned.
+pub fn decode_batch_rows(partitions: usize) -> usize {
+    const ROWS_PER_PROCESS: usize = 48 * 1024;
+    (ROWS_PER_PROCESS / partitions.max(1)).clamp(256, 1024)
 }
 
 /// Bytes per arena allocation; a record larger than this gets a chunk of its own size.
 const ARENA_CHUNK: usize = 256 * 1024;
+
+/// A copy of `data` in `arena`, which moves to a fresh [`ARENA_CHUNK`] when full: one
+/// allocation per chunk shared by many records (each a `Bytes` slice of it), freed when the
+/// last of them is dropped.
+pub fn arena_copy(arena: &mut bytes::BytesMut, data: &[u8]) -> bytes::Bytes {
+    if arena.capacity() - arena.len() < data.len() {
+        // The filled part was split off already; the old chunk lives on in its slices.
+        *arena = bytes::BytesMut::with_capacity(ARENA_CHUNK.max(data.len()));
+    }
+    arena.extend_from_slice(data);
+    arena.split().freeze()
+}
 
 /// Records per message to a worker: one channel message and one wake-up per batch.
 const SEND_BATCH: usize = 256;
@@ -173,6 +196,12 @@ impl ConsumerContext for LakeContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 info!(partitions = ?tps.iter().map(ToString::to_string).collect::<Vec<_>>(), "assigned");
+                let held = router.parts.len()
+                    + tps
+                        .iter()
+                        .filter(|tp| !router.parts.contains_key(tp))
+                        .count();
+                router.decode_rows = decode_batch_rows(held);
                 for tp in &tps {
                     match router.start_partition(consumer, tp) {
                         Ok(Some(pos)) => {
@@ -271,12 +300,7 @@ impl Router {
 
     /// A copy of `data` in the arena.
     fn copy(&mut self, data: &[u8]) -> bytes::Bytes {
-        if self.arena.capacity() - self.arena.len() < data.len() {
-            // The filled part was split off already; the old chunk lives on in its slices.
-            self.arena = bytes::BytesMut::with_capacity(ARENA_CHUNK.max(data.len()));
-        }
-        self.arena.extend_from_slice(data);
-        self.arena.split().freeze()
+        arena_copy(&mut self.arena, data)
     }
 
     /// Hands every queued record to its workers.
@@ -397,6 +421,7 @@ impl Router {
                 events: self.events.clone(),
                 budget: self.budget.clone(),
                 progress: self.progress.clone(),
+                decode_rows: self.decode_rows,
             };
             let join = self.rt.spawn(worker::run(ctx, rx));
             state.workers.push(WorkerHandle { sink: *i, tx, join });
@@ -484,6 +509,7 @@ pub fn run(
         pending: Vec::new(),
         pending_records: 0,
         arena: bytes::BytesMut::new(),
+        decode_rows: decode_batch_rows(1),
     };
     let consumer: BaseConsumer<LakeContext> = client_config(cfg)
         .create_with_context(LakeContext {
@@ -671,5 +697,20 @@ fn commit_group_offsets(
     }
     if let Err(e) = consumer.commit(&tpl, mode) {
         debug!("group offset commit failed (informational only): {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_batch_rows;
+
+    #[test]
+    fn decode_batches_shrink_with_the_partitions_held() {
+        assert_eq!(decode_batch_rows(0), 1024);
+        assert_eq!(decode_batch_rows(1), 1024);
+        assert_eq!(decode_batch_rows(48), 1024);
+        assert_eq!(decode_batch_rows(64), 768);
+        assert_eq!(decode_batch_rows(120), 409);
+        assert_eq!(decode_batch_rows(1000), 256);
     }
 }
