@@ -102,7 +102,7 @@ struct Router {
 }
 
 /// Rows decoded per batch, shared by every partition this process holds: each partition's
-/// decoder keeps buffers sized for one batch (~0.4 MiB at 1,024 JSON rows), so with many
+/// decoder keeps buffers sized for one batch (0.5–0.8 MiB at 1,024 JSON rows), so with many
 /// partitions the batches shrink, down to 256 rows, to keep those buffers within the same
 /// memory as 48 partitions at 1,024 rows. Fixed per partition when it is assigned.
 pub fn decode_batch_rows(partitions: usize) -> usize {
