@@ -189,8 +189,26 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// Allocations of 128 KiB and more get their own mapping, returned to the system when freed
+/// (unless `MALLOC_MMAP_THRESHOLD_` says otherwise). glibc's default threshold starts there but
+/// rises with every such block freed, up to 32 MiB; after that, Arrow's and Parquet's large
+/// buffers come from the arenas, whose freed memory fragments and stays resident. Measured on
+/// 2 cores, 1M JSON records: one partition 211–215 MiB instead of 259–286 MiB, 48 partitions
+/// 199–206 MiB instead of 220–235 MiB, CPU per record within the run-to-run noise (+0–5 %).
+fn fix_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only adjusts allocator parameters; no other thread is running yet.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    fix_mmap_threshold();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
