@@ -218,6 +218,7 @@ pub fn build_sinks(cfg: &ValidatedConfig) -> anyhow::Result<Vec<Arc<SinkRuntime>
                         cfg,
                         topic,
                         s.dead_letter_exactly_once,
+                        s.dead_letter_read_committed,
                     )
                     .map_err(|e| anyhow!("sink `{}`: {e}", s.name))?,
                 ),

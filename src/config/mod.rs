@@ -216,6 +216,10 @@ pub struct SinkConfig {
     /// once for brokers without transactions.
     #[serde(default = "yes")]
     pub dead_letter_exactly_once: bool,
+    /// How a new owner reads what earlier owners dead-lettered: `read_committed` (default) or
+    /// `read_uncommitted` (brokers whose last stable offset can stay behind for good).
+    #[serde(default)]
+    pub dead_letter_read_isolation: Option<String>,
     /// `format = "json"` / `"debezium-json"`: the table's columns, `name = "type"`, in order.
     #[serde(default)]
     pub schema: Option<toml::Table>,
@@ -595,6 +599,8 @@ pub struct ValidatedSink {
     pub errors: ErrorPolicy,
     pub dead_letter_topic: Option<String>,
     pub dead_letter_exactly_once: bool,
+    /// `dead_letter_read_isolation = "read_committed"` (the default).
+    pub dead_letter_read_committed: bool,
     pub format: Format,
     /// The declared table schema of `format = "json"` / `"debezium-json"`.
     pub json_schema: Option<arrow::datatypes::SchemaRef>,
@@ -1134,6 +1140,17 @@ impl Config {
                     ))
                 }
             };
+            let dead_letter_read_committed =
+                match s.dead_letter_read_isolation.as_deref() {
+                    None | Some("read_committed") => true,
+                    Some("read_uncommitted") => false,
+                    Some(other) => return Err(err(
+                        key("dead_letter_read_isolation"),
+                        format!(
+                            "unknown isolation `{other}`; use read_committed or read_uncommitted"
+                        ),
+                    )),
+                };
             if let Some(t) = &s.dead_letter_topic {
                 if t.is_empty()
                     || !t
@@ -1244,6 +1261,7 @@ impl Config {
                 errors,
                 dead_letter_topic: s.dead_letter_topic.clone(),
                 dead_letter_exactly_once: s.dead_letter_exactly_once,
+                dead_letter_read_committed,
                 format: match s.format.as_str() {
                     "debezium-avro" => Format::DebeziumAvro,
                     "json" => Format::Json,

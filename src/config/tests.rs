@@ -160,3 +160,14 @@ fn databend_connection_is_parsed_without_leaking_the_password() {
         .to_string()
         .contains("sink[0].databend"));
 }
+
+#[test]
+fn dead_letter_read_isolation_defaults_to_read_committed() {
+    let dlq = BASE.to_string() + "dead_letter_topic = \"orders.dlq\"\n";
+    assert!(parse(&dlq).unwrap().sinks[0].dead_letter_read_committed);
+    let tansu = dlq.clone() + "dead_letter_read_isolation = \"read_uncommitted\"\n";
+    assert!(!parse(&tansu).unwrap().sinks[0].dead_letter_read_committed);
+    let e = parse(&(dlq + "dead_letter_read_isolation = \"dirty\"\n")).unwrap_err();
+    assert_eq!(e.key, "sink[0].dead_letter_read_isolation", "{e}");
+    assert!(e.reason.contains("read_committed or read_uncommitted"), "{e}");
+}
