@@ -1140,17 +1140,18 @@ impl Config {
                     ))
                 }
             };
-            let dead_letter_read_committed =
-                match s.dead_letter_read_isolation.as_deref() {
-                    None | Some("read_committed") => true,
-                    Some("read_uncommitted") => false,
-                    Some(other) => return Err(err(
+            let dead_letter_read_committed = match s.dead_letter_read_isolation.as_deref() {
+                None | Some("read_committed") => true,
+                Some("read_uncommitted") => false,
+                Some(other) => {
+                    return Err(err(
                         key("dead_letter_read_isolation"),
                         format!(
                             "unknown isolation `{other}`; use read_committed or read_uncommitted"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             if let Some(t) = &s.dead_letter_topic {
                 if t.is_empty()
                     || !t

@@ -169,5 +169,8 @@ fn dead_letter_read_isolation_defaults_to_read_committed() {
     assert!(!parse(&tansu).unwrap().sinks[0].dead_letter_read_committed);
     let e = parse(&(dlq + "dead_letter_read_isolation = \"dirty\"\n")).unwrap_err();
     assert_eq!(e.key, "sink[0].dead_letter_read_isolation", "{e}");
-    assert!(e.reason.contains("read_committed or read_uncommitted"), "{e}");
+    assert!(
+        e.reason.contains("read_committed or read_uncommitted"),
+        "{e}"
+    );
 }

@@ -453,7 +453,8 @@ fn last_dead_lettered(
                     "timed out reading the dead-letter topic `{topic}` partition {partition} \
                      from offset {start} to {end}: a transaction stays open there (it ends when \
                      its source partition is assigned again, or after the broker's \
-                     transaction.timeout.ms)"
+                     transaction.timeout.ms). A broker whose last stable offset stays behind \
+                     for good (tansu 0.6) needs dead_letter_read_isolation = \"read_uncommitted\""
                 ));
             }
             match reader.poll(Duration::from_millis(200)) {
