@@ -373,3 +373,67 @@ async fn open_foreign_transaction(dlq: &str, partitions: i32) -> FutureProducer 
     }
     producer
 }
+
+/// A session fenced by a newer owner's reports the fence (so the worker yields the partition
+/// instead of opening a session of its own, which would fence the owner in turn), and writes
+/// nothing; the owner's session then writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fenced_dead_letter_session_says_so_and_writes_nothing() {
+    use lakesink::decode::{DecodeError, Record, Rejected};
+    use lakesink::pipeline::dead_letter::DeadLetters;
+    let topic = unique("fenced");
+    let dlq = unique("dlq");
+    create_topic(&dlq, 2).await;
+    let text = format!(
+        "[kafka]\nbootstrap_servers = \"{}\"\ngroup_id = \"{}\"\n\n[[sink]]\nname = \"s\"\n\
+         topics = [\"{topic}\"]\ntable = \"file:///tmp/unused\"\ndead_letter_topic = \"{dlq}\"\n\
+         format = \"json\"\nschema = {{ id = \"long\" }}\n",
+        kafka(),
+        unique("g")
+    );
+    let cfg = lakesink::config::Config::from_toml(&text)
+        .unwrap()
+        .validate()
+        .unwrap();
+    let dead = DeadLetters::new(&cfg, &dlq, true, true).unwrap();
+    let tp = sinks::TopicPartition::new(topic.as_str(), 0);
+    let rejected = |offset: i64| Rejected {
+        error: DecodeError {
+            tp: tp.clone(),
+            offset,
+            class: "malformed",
+            reason: "test".into(),
+            schema_id: None,
+            retryable: false,
+        },
+        record: Record {
+            offset,
+            timestamp_ms: None,
+            key: None,
+            payload: Some(bytes::Bytes::from_static(b"poison")),
+            headers: Vec::new(),
+        },
+    };
+    let mut old = Some(dead.open("s", &tp).await.unwrap().unwrap());
+    let mut owner = Some(dead.open("s", &tp).await.unwrap().unwrap());
+    let e = dead
+        .write(&mut old, "s", &tp, &[rejected(7)])
+        .await
+        .expect_err("the older session is fenced");
+    assert!(e.fenced, "not reported as a fence: {e}");
+    let w = dead
+        .write(&mut owner, "s", &tp, &[rejected(7), rejected(9)])
+        .await
+        .unwrap();
+    assert_eq!(
+        (w.sent, w.already),
+        (2, 0),
+        "the fenced session wrote nothing"
+    );
+    let seen = dead_letters(&dlq, |d| d.len() == 2).await;
+    assert_eq!(
+        seen.values().copied().collect::<Vec<_>>(),
+        [1, 1],
+        "{seen:?}"
+    );
+}

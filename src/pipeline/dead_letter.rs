@@ -62,6 +62,31 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 /// `transaction.timeout.ms` (60 s) after which Kafka aborts a dead writer's transaction.
 const SCAN_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Why a dead-letter write failed.
+#[derive(Debug)]
+pub struct WriteError {
+    pub message: String,
+    /// The session was fenced: a newer owner of the source partition opened its own. This
+    /// worker must not open another (it would fence the owner in turn), but re-read from the
+    /// table's position.
+    pub fenced: bool,
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for WriteError {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            fenced: false,
+        }
+    }
+}
+
 /// The dead-letter topic of one sink.
 pub struct DeadLetters {
     pub topic: String,
@@ -168,7 +193,7 @@ impl DeadLetters {
         sink: &str,
         tp: &TopicPartition,
         pending: &[Rejected],
-    ) -> Result<Written, String> {
+    ) -> Result<Written, WriteError> {
         let Some(shared) = &self.shared else {
             return self.write_exactly_once(session, sink, tp, pending).await;
         };
@@ -177,7 +202,7 @@ impl DeadLetters {
             .map(|r| shared.send(self.record(sink, tp, r, None), TIMEOUT))
             .collect();
         for s in sends {
-            s.await.map_err(|(e, _)| self.failed(e))?;
+            s.await.map_err(|(e, _)| WriteError::from(self.failed(e)))?;
         }
         Ok(Written {
             sent: pending.len(),
@@ -217,7 +242,7 @@ impl DeadLetters {
         sink: &str,
         tp: &TopicPartition,
         pending: &[Rejected],
-    ) -> Result<Written, String> {
+    ) -> Result<Written, WriteError> {
         if session.is_none() {
             let opened = self
                 .open(sink, tp)
@@ -237,7 +262,7 @@ impl DeadLetters {
         let p = s.producer.clone();
         blocking(move || p.begin_transaction())
             .await
-            .map_err(|e| self.failed(e))?;
+            .map_err(|e| self.failed_in(s, e))?;
         let sends: Vec<_> = todo
             .iter()
             .map(|r| {
@@ -246,17 +271,34 @@ impl DeadLetters {
             })
             .collect();
         for send in sends {
-            send.await.map_err(|(e, _)| self.failed(e))?;
+            send.await.map_err(|(e, _)| self.failed_in(s, e))?;
         }
         let p = s.producer.clone();
         blocking(move || p.commit_transaction(TIMEOUT))
             .await
-            .map_err(|e| self.failed(e))?;
+            .map_err(|e| self.failed_in(s, e))?;
         s.last = todo.last().map(|r| r.record.offset).or(s.last);
         Ok(Written {
             sent: todo.len(),
             already,
         })
+    }
+
+    /// A failure of `session`, fenced when its producer is (librdkafka reports a fence as the
+    /// producer's fatal error; the failed call itself may only say that its queue was purged).
+    fn failed_in(&self, session: &Session, e: KafkaError) -> WriteError {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        let is_fence = |c: Code| matches!(c, Code::Fenced | Code::ProducerFenced);
+        let fenced = e.rdkafka_error_code().is_some_and(is_fence)
+            || session
+                .producer
+                .client()
+                .fatal_error()
+                .is_some_and(|(c, _)| is_fence(c));
+        WriteError {
+            message: self.failed(e),
+            fenced,
+        }
     }
 
     fn failed(&self, e: KafkaError) -> String {

@@ -434,7 +434,9 @@ impl Worker {
 
     /// Writes the pending dead letters (exactly once unless configured otherwise); retries with
     /// a new session, which re-reads what is already there, and stops the sink when it cannot.
-    async fn write_dead_letters(&mut self) {
+    /// Returns whether the flush may go on to its table commit: not when the sink stopped, nor
+    /// when the session was fenced (see [`Self::yield_dead_letters`]).
+    async fn write_dead_letters(&mut self) -> bool {
         let pending = std::mem::take(&mut self.dead_pending);
         self.dead_pending_bytes = 0;
         let runtime = self.ctx.runtime.clone();
@@ -457,6 +459,11 @@ impl Worker {
                 .await
             {
                 Ok(w) => break w,
+                Err(e) if e.fenced => {
+                    self.dead_session = None;
+                    self.yield_dead_letters(&e.message).await;
+                    return false;
+                }
                 Err(e) => {
                     self.dead_session = None;
                     if attempt >= RETRY_ATTEMPTS {
@@ -474,7 +481,7 @@ impl Worker {
                                 pending.len()
                             ),
                         );
-                        return;
+                        return false;
                     }
                     attempt += 1;
                     self.stats.retries.inc("dead-letter");
@@ -500,6 +507,52 @@ impl Worker {
                 .entry((sink.clone(), r.error.class, "dead-letter"))
                 .or_default() += 1;
         }
+        true
+    }
+
+    /// The dead-letter session was fenced: another member owns this partition now (this one
+    /// was revoked or paused and has not heard yet), or will own it. Opening a new session
+    /// would fence that owner in turn, and the two would take turns failing. So this worker
+    /// drops what it buffered and reads again from the table's committed position, opening a
+    /// session only when it next has dead letters; a revoked worker simply drains empty.
+    async fn yield_dead_letters(&mut self, reason: &str) {
+        let tp = self.ctx.tp.clone();
+        let sink = self.ctx.runtime.sink.clone();
+        let mut attempt = 0;
+        let position = loop {
+            match sink.recover(&tp).await {
+                Ok(p) => break p,
+                Err(e) if attempt < RETRY_ATTEMPTS => {
+                    attempt += 1;
+                    warn!(sink = self.sink_name(), %tp, attempt, "cannot read the committed position: {e}; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(e) => {
+                    let name = self.sink_name().to_string();
+                    self.fatal(
+                        "storage",
+                        format!("sink `{name}` {tp}: cannot read the committed position after a dead-letter fence: {e}"),
+                    );
+                    return;
+                }
+            }
+        };
+        let position = position.map(|p| p.0).or(self.ctx.position).unwrap_or(0);
+        warn!(sink = self.sink_name(), %tp, position,
+              "another member took over this partition's dead letters ({reason}); dropping the \
+               buffer and re-reading from the table's position");
+        self.release();
+        self.oldest_ts_ms = None;
+        self.first_at = None;
+        self.ctx.position = Some(position);
+        self.last_offset = None;
+        self.decoder = new_decoder(&self.ctx);
+        self.resyncing = true;
+        let _ = self.ctx.events.send(Event::Resync {
+            sink: self.ctx.sink_index,
+            tp,
+            position,
+        });
     }
 
     /// Format-specific reshaping of a decoded batch (Debezium envelopes to row images).
@@ -622,11 +675,8 @@ impl Worker {
                 return;
             }
         }
-        if !self.dead_pending.is_empty() {
-            self.write_dead_letters().await;
-            if self.dead {
-                return;
-            }
+        if !self.dead_pending.is_empty() && !self.write_dead_letters().await {
+            return;
         }
         self.first_at = None;
         let (Some(start), Some(last)) = (self.ctx.position, self.last_offset) else {
