@@ -30,7 +30,10 @@
 //! Kafka, which aborts a fenced writer's transaction, it could skip a dead letter that was
 //! aborted: keep the default there.
 //!
-//! Any error drops the session; the retry opens a new one, which reads `last` again. Invariant:
+//! Any error drops the session; the retry opens a new one, which reads `last` again. Except a
+//! fence: a newer owner of the source partition opened its own session, and a new one here
+//! would fence it in turn (the two would take turns failing). The worker then drops its buffer
+//! and reads again from the table's committed position (`worker::yield_dead_letters`). Invariant:
 //! every dead letter is committed before the table commit covering its offset (never lost), and
 //! no two committed dead letters of a (sink, topic, partition) share a source offset (never
 //! duplicated), whatever crashes, rebalances or zombies happen. It needs a broker with
