@@ -544,6 +544,12 @@ impl Worker {
         self.release();
         self.oldest_ts_ms = None;
         self.first_at = None;
+        self.resync(tp, position);
+    }
+
+    /// Reads the partition again from `position`: a fresh decoder, input ignored until the
+    /// source confirms the seek.
+    fn resync(&mut self, tp: TopicPartition, position: i64) {
         self.ctx.position = Some(position);
         self.last_offset = None;
         self.decoder = new_decoder(&self.ctx);
@@ -745,15 +751,7 @@ impl Worker {
                 self.oldest_ts_ms = None;
                 warn!(sink = self.sink_name(), %tp, start, winner_next = next.0,
                       "fenced by another writer; re-reading from its end");
-                self.ctx.position = Some(next.0);
-                self.last_offset = None;
-                self.decoder = new_decoder(&self.ctx);
-                self.resyncing = true;
-                let _ = self.ctx.events.send(Event::Resync {
-                    sink: self.ctx.sink_index,
-                    tp,
-                    position: next.0,
-                });
+                self.resync(tp, next.0);
             }
         }
     }
