@@ -72,7 +72,8 @@ async fn exactly_once_through_request_errors_and_broker_outages() {
             }
         }
     };
-    // Half the records are there at start; the other half arrives in steps while faults run.
+    // Half the records are there at start; the other half arrives in steps between faults.
+    let steps: i64 = 30;
     produce(0..n / 2).await;
     let store = Store::local(&unique("torture"));
     let text = config_with(topic, &unique("g"), &registry_url, &store, "[]", "")
@@ -98,53 +99,59 @@ async fn exactly_once_through_request_errors_and_broker_outages() {
         assert!(!run.is_finished(), "the pipeline stopped before any record");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let steps = 30;
-    let produced = Arc::new(std::sync::atomic::AtomicI64::new(n / 2));
-    let late = tokio::spawn({
-        let produce = produce.clone();
-        let produced = produced.clone();
-        async move {
-            for step in 0..steps {
-                let from = n / 2 + step * (n / 2) / steps;
-                let to = n / 2 + (step + 1) * (n / 2) / steps;
-                produce(from..to).await;
-                produced.store(to, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    });
     // Faults run until every record is committed, for at most FAULT_ROUNDS rounds (60 s); then
-    // the cluster is healthy and every record must be committed within QUIET. Under this fault
-    // rate librdkafka sometimes waits out a request sent to a broker just taken down (its
-    // 60 s socket time-out), in the pipeline's consumer or in the test's producer, so the
-    // faults only have to leave commits going on; once they stop, nothing may be left behind.
+    // the cluster is healthy and every record must be committed within QUIET. Each injection
+    // first clears what is left of the previous one for that request: the mock queues injected
+    // errors until requests consume them, and a consumer in fetch back-off sends about one Fetch
+    // a second, so three errors every 1.6 s piled up and outlived the faults by a minute; and
+    // even three at a time, cleared, kept such a consumer failing every Fetch for a minute.
+    // The late records are produced between faults, each step delivered before the next fault:
+    // a producer running through the outages was held up for a minute or more at a time.
     const FAULT_ROUNDS: u32 = 150;
-    const QUIET: Duration = Duration::from_secs(180);
+    const STEP_DELIVERY: Duration = Duration::from_secs(30);
+    const QUIET: Duration = Duration::from_secs(60);
+    let kinds = [
+        RDKafkaApiKey::Fetch,
+        RDKafkaApiKey::OffsetCommit,
+        RDKafkaApiKey::Heartbeat,
+    ];
     let committed = || progress.rows_committed.load(Ordering::Relaxed);
     let (mut faults, mut outages, mut round) = (0, 0, 0u32);
     let at_first_fault = committed();
     while committed() < n as u64 && round < FAULT_ROUNDS {
         assert!(!run.is_finished(), "the pipeline stopped under faults");
+        let step = i64::from(round);
+        if step < steps {
+            let ids = n / 2 + step * (n / 2) / steps..n / 2 + (step + 1) * (n / 2) / steps;
+            tokio::time::timeout(STEP_DELIVERY, produce(ids))
+                .await
+                .unwrap_or_else(|_| panic!("the test's producer took over {STEP_DELIVERY:?}"));
+        }
         if round % 4 == 3 {
             cluster.broker_down(2).unwrap();
             tokio::time::sleep(Duration::from_millis(300)).await;
             cluster.broker_up(2).unwrap();
             outages += 1;
         } else {
-            match round % 4 {
-                1 => cluster.request_errors(
+            let (kind, error, count) = match round % 4 {
+                1 => (
                     RDKafkaApiKey::Fetch,
-                    &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 3],
+                    RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+                    1,
                 ),
-                2 => cluster.request_errors(
+                2 => (
                     RDKafkaApiKey::OffsetCommit,
-                    &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 3],
+                    RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                    3,
                 ),
-                _ => cluster.request_errors(
+                _ => (
                     RDKafkaApiKey::Heartbeat,
-                    &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 2],
+                    RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE,
+                    2,
                 ),
-            }
+            };
+            cluster.clear_request_errors(kind);
+            cluster.request_errors(kind, &vec![error; count]);
         }
         faults += 1;
         round += 1;
@@ -152,11 +159,13 @@ async fn exactly_once_through_request_errors_and_broker_outages() {
         // settles and nothing can be measured.
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
+    for kind in kinds {
+        cluster.clear_request_errors(kind);
+    }
     let under_faults = committed() - at_first_fault;
     println!(
-        "{faults} faults ({outages} broker outages): {under_faults} rows committed under them, {} of {} produced, {n} in all",
-        committed(),
-        produced.load(Ordering::Relaxed)
+        "{faults} faults ({outages} broker outages): {under_faults} rows committed under them, {} of {n} in all",
+        committed()
     );
     assert!(
         under_faults > 0,
@@ -172,7 +181,10 @@ async fn exactly_once_through_request_errors_and_broker_outages() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    late.await.unwrap();
+    println!(
+        "the last rows were committed {:?} after the faults",
+        quiet.elapsed()
+    );
     cancel.cancel();
     run.await.unwrap().unwrap();
     assert!(
