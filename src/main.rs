@@ -194,7 +194,8 @@ fn limit_malloc_arenas() {
 /// rises with every such block freed, up to 32 MiB; after that, Arrow's and Parquet's large
 /// buffers come from the arenas, whose freed memory fragments and stays resident. Measured on
 /// 2 cores, 1M JSON records: one partition 211–215 MiB instead of 259–286 MiB, 48 partitions
-/// 199–206 MiB instead of 220–235 MiB, CPU per record within the run-to-run noise (+0–5 %).
+/// 199–206 MiB instead of 220–235 MiB. The price is page faults: about 2× as many, and 5–15 %
+/// more CPU on 48 partitions. Trimming the arenas instead cost more (BENCHMARKS.md).
 fn fix_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
