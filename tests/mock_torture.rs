@@ -35,10 +35,9 @@ async fn exactly_once_through_request_errors_and_broker_outages() {
         .register(&format!("{topic}-value"), ORDER_SCHEMA)
         .await
         .unwrap();
-    // One idempotent producer feeds the topic, through the faults too: its retries cannot
-    // duplicate a record, and every delivery is checked. Short request and socket time-outs:
-    // a request in flight to a broker the mock takes down is otherwise waited on for librdkafka's
-    // default 60 s, which starved the pipeline of new records for the whole fault phase.
+    // One idempotent producer feeds the topic: its retries cannot duplicate a record, and every
+    // delivery is checked (a lost record would otherwise show up as a pipeline loss). Short
+    // time-outs and back-off, so a step sent right after an outage is retried quickly.
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .set("enable.idempotence", "true")
