@@ -207,7 +207,14 @@ pub(super) async fn commit(
             Ok((table, metrics)) => {
                 debug!(table = %sink.location, %tp, inserted = metrics.num_target_rows_inserted,
                     updated = metrics.num_target_rows_updated,
-                    deleted = metrics.num_target_rows_deleted, "merged");
+                    deleted = metrics.num_target_rows_deleted,
+                    copied = metrics.num_target_rows_copied,
+                    files_scanned = metrics.num_target_files_scanned,
+                    files_skipped = metrics.num_target_files_skipped_during_scan,
+                    files_removed = metrics.num_target_files_removed,
+                    scan_ms = metrics.scan_time_ms,
+                    rewrite_ms = metrics.rewrite_time_ms,
+                    ms = metrics.execution_time_ms, "merged");
                 *slot = Some(table);
                 return Ok(CommitOutcome::Committed { next: staged.next });
             }
