@@ -189,20 +189,21 @@ fn limit_malloc_arenas() {
     }
 }
 
-/// Allocations of 128 KiB and more get their own mapping, returned to the system when freed
-/// (unless `MALLOC_MMAP_THRESHOLD_` says otherwise). glibc's default threshold starts there but
-/// rises with every such block freed, up to 32 MiB; after that, Arrow's and Parquet's large
-/// buffers come from the arenas, whose freed memory fragments and stays resident. Measured on
-/// 2 cores, 1M JSON records: one partition 211–215 MiB instead of 259–286 MiB, 48 partitions
-/// 199–206 MiB instead of 220–235 MiB. The price is page faults: about 2× as many, and 5–15 %
-/// more CPU on 48 partitions. Trimming the arenas instead cost more (BENCHMARKS.md).
+/// Allocations of 512 KiB and more get their own mapping, returned to the system when freed
+/// (unless `MALLOC_MMAP_THRESHOLD_` says otherwise). glibc's default threshold starts at
+/// 128 KiB but rises with every such block freed, up to 32 MiB; after that, Arrow's and
+/// Parquet's large buffers come from the arenas, whose freed memory fragments and stays
+/// resident. A fixed 128 KiB kept one partition at 211–215 MiB instead of 259–286 MiB, but
+/// doubled the page faults (5–15 % more CPU). 512 KiB, with the smaller librdkafka pre-fetch
+/// queue (`source::client_config`), keeps every measured case under 256 MiB with 40 % fewer
+/// page faults than 128 KiB (BENCHMARKS.md). Trimming the arenas instead cost more.
 fn fix_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
         // SAFETY: mallopt only adjusts allocator parameters; no other thread is running yet.
         #[allow(unsafe_code)]
         unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 512 * 1024);
         }
     }
 }

@@ -53,8 +53,11 @@ pub fn client_config(cfg: &ValidatedConfig) -> ClientConfig {
         // librdkafka postpones a partition's next fetch by this much once its local queue is
         // over the thresholds below; its default (1 s) starves a pipeline that polls in bursts.
         .set("fetch.queue.backoff.ms", "10")
-        // The pre-fetch queue counts against the 256 MiB lakesink aims for: 16 MiB, not 64 MiB.
-        .set("queued.max.messages.kbytes", "16384")
+        // The pre-fetch queue counts against the 256 MiB lakesink aims for: 8 MiB, not 64 MiB.
+        // librdkafka keeps an operation per queued message and the decompressed message sets
+        // beside it, nearly 4x the limit in heap (60 MiB at 16 MiB, heaptrack); 8 MiB measured no
+        // slower and pays for the 512 KiB mmap threshold in `main.rs`.
+        .set("queued.max.messages.kbytes", "8192")
         // One fetch response is held whole while its records are queued: 16 MiB, not 50 MiB.
         .set("fetch.max.bytes", "16777216");
     for (k, v) in &cfg.kafka_properties {
