@@ -9,8 +9,9 @@
 //! the table root or add path levels (`/`, `..`, `=`, `%`, control characters are escaped;
 //! null and empty values become `__HIVE_DEFAULT_PARTITION__`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, UInt32Array};
 use arrow::compute::{cast, take_record_batch};
@@ -108,24 +109,48 @@ pub fn split(
         let col = batch
             .column_by_name(spec.column())
             .ok_or_else(|| value_err(format!("no column `{}` in the data", spec.column())))?;
-        columns.push(segment_values(spec, col).map_err(value_err)?);
+        columns.push(col.clone());
     }
+    // Group on cheap per-row codes (day/hour numbers, the value's text), then format each
+    // group's Hive key once from its first row: no per-row strings.
+    let codes = specs
+        .iter()
+        .zip(&columns)
+        .map(|(spec, col)| bucket_codes(spec, col))
+        .collect::<std::result::Result<Vec<_>, String>>()
+        .map_err(|reason| Error::PartitionValue {
+            spec: format!("{specs:?}"),
+            tp: tp.clone(),
+            reason,
+        })?;
     let mut groups: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    let mut key = String::new();
-    for row in 0..batch.num_rows() {
-        key.clear();
-        for (spec, values) in specs.iter().zip(&columns) {
+    for rows in group_rows(&codes, batch.num_rows()).map_err(|reason| Error::PartitionValue {
+        spec: format!("{specs:?}"),
+        tp: tp.clone(),
+        reason,
+    })? {
+        let first = rows[0] as usize;
+        let mut key = String::new();
+        for (spec, col) in specs.iter().zip(&columns) {
+            let value = segment_values(spec, &col.slice(first, 1))
+                .map_err(|reason| Error::PartitionValue {
+                    spec: format!("{spec:?}"),
+                    tp: tp.clone(),
+                    reason,
+                })?
+                .pop()
+                .flatten();
             if !key.is_empty() {
                 key.push('/');
             }
             key.push_str(&escape(spec.name()));
             key.push('=');
-            match &values[row] {
-                Some(v) => key.push_str(&escape(v)),
+            match value {
+                Some(v) => key.push_str(&escape(&v)),
                 None => key.push_str(HIVE_NULL),
             }
         }
-        groups.entry(key.clone()).or_default().push(row as u32);
+        merge_group(&mut groups, key, rows);
     }
     let dropped: Vec<&str> = specs
         .iter()
@@ -163,6 +188,138 @@ pub fn split(
         out.push((k, part));
     }
     Ok(out)
+}
+
+/// The column a Delta table stores for a `day()` / `hour()` spec, computed from its source
+/// column: `day` as a `Date32`, `hour` as `YYYY-MM-DD-HH` text (UTC). Vectorised: the hour's text
+/// is formatted once per run of equal hours.
+pub(crate) fn derived_column(
+    spec: &PartitionSpec,
+    col: &ArrayRef,
+) -> std::result::Result<(DataType, ArrayRef), String> {
+    use arrow::array::{Date32Array, StringBuilder};
+    if matches!(spec, PartitionSpec::Field(_)) {
+        return Err("a field partition has no derived column".into());
+    }
+    segment_values(spec, &col.slice(0, 0))?;
+    let ms =
+        cast(col, &DataType::Timestamp(TimeUnit::Millisecond, None)).map_err(|e| e.to_string())?;
+    let ms = ms.as_primitive::<TimestampMillisecondType>();
+    for v in [arrow::compute::min(ms), arrow::compute::max(ms)]
+        .into_iter()
+        .flatten()
+    {
+        if DateTime::from_timestamp_millis(v).is_none() {
+            return Err(format!("timestamp {v} ms is out of range"));
+        }
+    }
+    if matches!(spec, PartitionSpec::Day(_)) {
+        let days: Date32Array =
+            arrow::compute::kernels::arity::unary(ms, |v| v.div_euclid(86_400_000) as i32);
+        return Ok((DataType::Date32, Arc::new(days)));
+    }
+    let mut out = StringBuilder::with_capacity(ms.len(), ms.len() * 13);
+    let mut last: Option<(i64, String)> = None;
+    for v in ms.iter() {
+        let Some(v) = v else {
+            out.append_null();
+            continue;
+        };
+        let hour = v.div_euclid(3_600_000);
+        if last.as_ref().map(|(h, _)| *h) != Some(hour) {
+            let t = DateTime::from_timestamp_millis(v)
+                .ok_or_else(|| format!("timestamp {v} ms is out of range"))?;
+            let label = format!(
+                "{:04}-{:02}-{:02}-{:02}",
+                t.year(),
+                t.month(),
+                t.day(),
+                t.hour()
+            );
+            last = Some((hour, label));
+        }
+        out.append_value(&last.as_ref().expect("set above").1);
+    }
+    Ok((DataType::Utf8, Arc::new(out.finish())))
+}
+
+/// Adds `rows` to the group `key`; two groups whose values format to the same key (say, two NaN
+/// payloads) become one, rows kept in batch order.
+pub(crate) fn merge_group<K: Ord>(groups: &mut BTreeMap<K, Vec<u32>>, key: K, rows: Vec<u32>) {
+    match groups.entry(key) {
+        std::collections::btree_map::Entry::Vacant(v) => {
+            v.insert(rows);
+        }
+        std::collections::btree_map::Entry::Occupied(mut o) => {
+            let all = o.get_mut();
+            all.extend(rows);
+            all.sort_unstable();
+        }
+    }
+}
+
+/// A column whose values are equal exactly when `spec` puts two rows in the same partition:
+/// the UTC day or hour number for `day()` / `hour()`, the value's text for a field (what the
+/// Hive path shows, so values that print alike group alike).
+fn bucket_codes(spec: &PartitionSpec, col: &ArrayRef) -> std::result::Result<ArrayRef, String> {
+    use arrow::array::Int64Array;
+    let width: i64 = match spec {
+        PartitionSpec::Field(_) => {
+            // The type checks live in `segment_values`; run them on an empty slice.
+            segment_values(spec, &col.slice(0, 0))?;
+            return cast(col, &DataType::Utf8).map_err(|e| e.to_string());
+        }
+        PartitionSpec::Day(_) => 86_400_000,
+        PartitionSpec::Hour(_) => 3_600_000,
+    };
+    segment_values(spec, &col.slice(0, 0))?;
+    let ms =
+        cast(col, &DataType::Timestamp(TimeUnit::Millisecond, None)).map_err(|e| e.to_string())?;
+    let ms = ms.as_primitive::<TimestampMillisecondType>();
+    let codes: Int64Array = arrow::compute::kernels::arity::unary(ms, |v| v.div_euclid(width));
+    Ok(Arc::new(codes))
+}
+
+/// The rows of `columns` (all `len` long) grouped by equal values, null equal to null, each
+/// group in row order, groups in order of first appearance. One pass over the row-encoded
+/// values; a run of equal rows (a batch within one day) costs one comparison per row.
+pub(crate) fn group_rows(
+    columns: &[ArrayRef],
+    len: usize,
+) -> std::result::Result<Vec<Vec<u32>>, String> {
+    use arrow::row::{RowConverter, SortField};
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    if columns.is_empty() {
+        return Ok(vec![(0..len as u32).collect()]);
+    }
+    let converter = RowConverter::new(
+        columns
+            .iter()
+            .map(|c| SortField::new(c.data_type().clone()))
+            .collect(),
+    )
+    .map_err(|e| e.to_string())?;
+    let rows = converter
+        .convert_columns(columns)
+        .map_err(|e| e.to_string())?;
+    let mut groups: Vec<Vec<u32>> = vec![Vec::new()];
+    let mut index: HashMap<arrow::row::Row<'_>, usize> = HashMap::new();
+    index.insert(rows.row(0), 0);
+    let mut current = 0;
+    groups[0].push(0);
+    for i in 1..len {
+        let row = rows.row(i);
+        if row != rows.row(i - 1) {
+            current = *index.entry(row).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+        }
+        groups[current].push(i as u32);
+    }
+    Ok(groups)
 }
 
 /// The Hive path value of each row for `spec`, computed from its source column `col` (`None` for
@@ -344,5 +501,102 @@ mod tests {
         );
         assert!(parts[0].1.column_by_name("country").is_none());
         assert!(parts[0].1.column_by_name("ts").is_some());
+    }
+
+    #[test]
+    fn groups_interleaved_rows_in_first_appearance_order() {
+        let col: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("b"),
+            Some("a"),
+            Some("b"),
+            None,
+            Some("a"),
+            None,
+        ]));
+        let groups = group_rows(&[col], 6).unwrap();
+        assert_eq!(groups, vec![vec![0, 2], vec![1, 4], vec![3, 5]]);
+        assert!(group_rows(&[], 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn derived_day_and_hour_match_the_formatted_values() {
+        let hour = 3_600_000;
+        // Before 1970, across midnight, a run, a null and a return to an earlier hour.
+        let ts: ArrayRef = Arc::new(TimestampMillisecondArray::from(vec![
+            Some(-1),
+            Some(0),
+            Some(1),
+            None,
+            Some(25 * hour + 5),
+            Some(2),
+        ]));
+        let (dt, days) = derived_column(&PartitionSpec::Day("ts".into()), &ts).unwrap();
+        assert_eq!(dt, DataType::Date32);
+        let days = days.as_primitive::<arrow::datatypes::Date32Type>();
+        assert_eq!(
+            days.iter().collect::<Vec<_>>(),
+            vec![Some(-1), Some(0), Some(0), None, Some(1), Some(0)]
+        );
+        let (_, hours) = derived_column(&PartitionSpec::Hour("ts".into()), &ts).unwrap();
+        let expected: Vec<Option<String>> =
+            segment_values(&PartitionSpec::Hour("ts".into()), &ts).unwrap();
+        assert_eq!(
+            hours
+                .as_string::<i32>()
+                .iter()
+                .map(|v| v.map(str::to_string))
+                .collect::<Vec<_>>(),
+            expected
+        );
+        assert_eq!(expected[0].as_deref(), Some("1969-12-31-23"));
+        let out_of_range: ArrayRef = Arc::new(TimestampMillisecondArray::from(vec![i64::MAX]));
+        let e = derived_column(&PartitionSpec::Day("ts".into()), &out_of_range).unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn splits_interleaved_hours_keeping_row_order() {
+        let hour = 3_600_000;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(vec![1, 2, 3, 4])),
+                Arc::new(TimestampMillisecondArray::from(vec![hour, 0, hour + 1, 5])),
+            ],
+        )
+        .unwrap();
+        let parts = split(
+            &batch,
+            &[PartitionSpec::parse("hour(ts)").unwrap()],
+            &TopicPartition::new("t", 0),
+        )
+        .unwrap();
+        let got: Vec<(String, Vec<i64>)> = parts
+            .iter()
+            .map(|(k, b)| {
+                (
+                    k.clone(),
+                    b.column(0)
+                        .as_primitive::<arrow::datatypes::Int64Type>()
+                        .values()
+                        .to_vec(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("hour=1970-01-01-00".to_string(), vec![2, 4]),
+                ("hour=1970-01-01-01".to_string(), vec![1, 3]),
+            ]
+        );
     }
 }

@@ -33,9 +33,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::{ArrayRef, Date32Array, RecordBatch, StringArray, UInt32Array};
+use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
 use arrow::compute::take_record_batch;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{Field, Schema, SchemaRef};
 use deltalake::kernel::scalars::ScalarExt;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties, TransactionError};
 use deltalake::kernel::{Action, Add, MetadataExt, Transaction};
@@ -416,6 +416,58 @@ impl DeltaSink {
             .map_err(|e| self.err("write data file", e))
     }
 
+    /// Keeps the state the commit produced (it already replayed our own commit: the next
+    /// `refresh` then reads only what other writers added since) and cleans up the log when the
+    /// commit wrote a checkpoint.
+    async fn after_commit(
+        &self,
+        slot: &mut Option<DeltaTable>,
+        done: deltalake::kernel::transaction::FinalizedCommit,
+    ) {
+        let version = done.version();
+        let state = done.snapshot;
+        if done.metrics.new_checkpoint_created {
+            if let Some(table) = slot.as_ref() {
+                self.clean_expired_logs(table.log_store(), &state, version)
+                    .await;
+            }
+        }
+        *self.known_schema.lock().expect("poisoned") = Some(state.snapshot().arrow_schema());
+        if let Some(table) = slot.as_mut() {
+            table.state = Some(state);
+        }
+    }
+
+    /// Removes the log entries older than the table's log retention, as Delta does each time it
+    /// writes a checkpoint (commits leave this to us: deltalake would list the whole `_delta_log`
+    /// after every commit). A failure only logs: the next checkpoint retries.
+    pub(crate) async fn clean_expired_logs(
+        &self,
+        log_store: deltalake::logstore::LogStoreRef,
+        state: &deltalake::table::state::DeltaTableState,
+        version: u64,
+    ) {
+        use deltalake::table::config::TablePropertiesExt;
+        if !state.table_config().enable_expired_log_cleanup() {
+            return;
+        }
+        let cutoff = chrono::Utc::now().timestamp_millis()
+            - state.table_config().log_retention_duration().as_millis() as i64;
+        match deltalake::checkpoints::cleanup_expired_logs_for(
+            version,
+            log_store.as_ref(),
+            cutoff,
+            None,
+        )
+        .await
+        {
+            Ok(n) => debug!(table = %self.location, version, removed = n,
+                "expired log entries cleaned up"),
+            Err(e) => warn!(table = %self.location, version,
+                "could not clean up expired log entries (the next checkpoint retries): {e}"),
+        }
+    }
+
     /// Runs one commit attempt loop for `staged`'s actions, fenced on the partition's txn.
     async fn commit_actions(
         &self,
@@ -467,7 +519,10 @@ impl DeltaSink {
             all.extend(actions.iter().cloned());
             let properties = CommitProperties::default()
                 .with_application_transaction(Transaction::new(&app_id, staged.next.0 - 1))
-                .with_max_retries(self.config.commit_attempts as usize);
+                .with_max_retries(self.config.commit_attempts as usize)
+                // deltalake would list the whole `_delta_log` after every commit; Delta's own
+                // rule is to clean up when a checkpoint is written (`after_commit` below).
+                .with_cleanup_expired_logs(Some(false));
             let result = CommitBuilder::from(properties)
                 .with_actions(all)
                 .build(Some(snapshot), table.log_store(), operation())
@@ -475,6 +530,7 @@ impl DeltaSink {
             match result {
                 Ok(done) => {
                     debug!(table = %self.location, %tp, version = done.version(), "committed");
+                    self.after_commit(&mut slot, done).await;
                     return Ok(CommitOutcome::Committed { next: staged.next });
                 }
                 Err(e) if is_conflict(&e) && attempt < self.config.commit_attempts => {
@@ -540,23 +596,7 @@ fn with_partition_columns(
         let source = batch
             .column_by_name(spec.column())
             .ok_or_else(|| value_err(format!("no column `{}` in the data", spec.column())))?;
-        let values = partition::segment_values(spec, source).map_err(value_err)?;
-        let (dt, array): (DataType, ArrayRef) = match spec {
-            PartitionSpec::Day(_) => (
-                DataType::Date32,
-                Arc::new(Date32Array::from_iter(values.iter().map(|v| {
-                    v.as_deref().and_then(|s| {
-                        chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
-                            .ok()
-                            .map(|d| (d - chrono::NaiveDate::default()).num_days() as i32)
-                    })
-                }))),
-            ),
-            _ => (
-                DataType::Utf8,
-                Arc::new(StringArray::from_iter(values.iter().map(|v| v.as_deref()))),
-            ),
-        };
+        let (dt, array) = partition::derived_column(spec, source).map_err(value_err)?;
         fields.push(Arc::new(Field::new(spec.name(), dt, true)));
         columns.push(array);
     }
@@ -608,25 +648,24 @@ fn split_by_partition(
     if columns.is_empty() || batch.num_rows() == 0 {
         return Ok(vec![(IndexMap::new(), batch.clone())]);
     }
-    let mut groups: BTreeMap<String, (usize, Vec<u32>)> = BTreeMap::new();
-    let mut key = String::new();
-    for row in 0..batch.num_rows() {
-        key.clear();
+    // Group on the row-encoded values, then serialize each group's values once.
+    let owned: Vec<ArrayRef> = arrays.iter().map(|a| (*a).clone()).collect();
+    let mut groups: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for rows in partition::group_rows(&owned, batch.num_rows()).map_err(err)? {
+        let first = rows[0] as usize;
+        let mut key = String::new();
         for a in &arrays {
-            let s = delta_kernel::expressions::Scalar::from_array(a.as_ref(), row)
+            let s = delta_kernel::expressions::Scalar::from_array(a.as_ref(), first)
                 .map(|s| s.serialize())
                 .unwrap_or_else(|| HIVE_NULL.to_string());
             key.push_str(&s);
             key.push('\u{1}');
         }
-        groups
-            .entry(key.clone())
-            .or_insert_with(|| (row, Vec::new()))
-            .1
-            .push(row as u32);
+        partition::merge_group(&mut groups, key, rows);
     }
     let mut out = Vec::with_capacity(groups.len());
-    for (_, (first, rows)) in groups {
+    for (_, rows) in groups {
+        let first = rows[0] as usize;
         let part = if rows.len() == batch.num_rows() {
             batch.clone()
         } else {

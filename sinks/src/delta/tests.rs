@@ -279,3 +279,50 @@ async fn upserts_keep_the_last_change_and_apply_deletes() {
         Some(Offset(7))
     );
 }
+
+#[tokio::test]
+async fn expired_log_entries_go_when_a_checkpoint_is_written() {
+    let log_json = |dir: &std::path::Path| {
+        let mut v: Vec<String> = std::fs::read_dir(dir.join("_delta_log"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".json") && !n.starts_with('_'))
+            .collect();
+        v.sort();
+        v
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = DeltaSinkConfig {
+        checkpoint_interval: 3,
+        table_properties: [(
+            "delta.logRetentionDuration".to_string(),
+            "interval 0 seconds".to_string(),
+        )]
+        .into(),
+        ..DeltaSinkConfig::default()
+    };
+    let s = sink(dir.path(), config);
+    // Version 0 creates the table, version 1 holds the data: no checkpoint yet, nothing may go.
+    commit(&s, flush(0, 0, 1, vec![batch(0..1, false)])).await;
+    assert_eq!(log_json(dir.path()).len(), 2, "{:?}", log_json(dir.path()));
+    // Version 2 writes the checkpoint (every 3 commits): the entries before it are past the
+    // (zero) retention and go.
+    commit(&s, flush(0, 1, 2, vec![batch(1..2, false)])).await;
+    assert!(dir
+        .path()
+        .join(format!("_delta_log/{:020}.checkpoint.parquet", 2))
+        .exists());
+    assert_eq!(log_json(dir.path()), vec![format!("{:020}.json", 2)]);
+    commit(&s, flush(0, 2, 3, vec![batch(2..3, false)])).await;
+    // The table still reads whole from the checkpoint, and the position is intact.
+    commit(&s, flush(0, 3, 4, vec![batch(3..4, false)])).await;
+    assert_eq!(count(dir.path()).await, 4);
+    let fresh = sink(dir.path(), DeltaSinkConfig::default());
+    assert_eq!(
+        fresh
+            .recover(&TopicPartition::new("orders", 0))
+            .await
+            .unwrap(),
+        Some(Offset(4))
+    );
+}

@@ -163,7 +163,8 @@ pub(super) async fn commit(
             .collect();
         let properties = CommitProperties::default()
             .with_application_transaction(Transaction::new(&app_id, staged.next.0 - 1))
-            .with_max_retries(sink.config.commit_attempts as usize);
+            .with_max_retries(sink.config.commit_attempts as usize)
+            .with_cleanup_expired_logs(Some(false));
         let mut builder = table
             .clone()
             .merge(source, predicate)
@@ -215,6 +216,18 @@ pub(super) async fn commit(
                     scan_ms = metrics.scan_time_ms,
                     rewrite_ms = metrics.rewrite_time_ms,
                     ms = metrics.execution_time_ms, "merged");
+                if let Ok(state) = table.snapshot() {
+                    let version = state.version();
+                    let interval = {
+                        use deltalake::table::config::TablePropertiesExt;
+                        state.table_config().checkpoint_interval().get()
+                    };
+                    // deltalake's rule for when a commit writes a checkpoint.
+                    if (version + 1).is_multiple_of(interval) {
+                        sink.clean_expired_logs(table.log_store(), state, version)
+                            .await;
+                    }
+                }
                 *slot = Some(table);
                 return Ok(CommitOutcome::Committed { next: staged.next });
             }
