@@ -631,8 +631,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     );
     let files = progress.files_committed.load(Ordering::Relaxed);
     let out_bytes = progress.bytes_committed.load(Ordering::Relaxed);
+    let log_entries = match kind.as_str() {
+        "delta" => format!(" in {} Delta log entries", delta_log_entries(dir.path())),
+        _ => String::new(),
+    };
     println!(
-        "  output:    {files} files, {:.1} MB of Parquet ({:.1} MB per file), {} commits",
+        "  output:    {files} files, {:.1} MB of Parquet ({:.1} MB per file), {} commits{log_entries}",
         out_bytes as f64 / 1e6,
         out_bytes as f64 / 1e6 / files.max(1) as f64,
         progress.commits.load(Ordering::Relaxed)
@@ -720,6 +724,36 @@ impl CpuSplit {
 }
 
 /// CPU nanoseconds of every live thread of this process: tid -> (name, ns).
+/// Commit files (`<version>.json`) in every `_delta_log` under `root`, table creation included.
+fn delta_log_entries(root: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let path = e.path();
+        if !path.is_dir() {
+            continue;
+        }
+        if e.file_name() == "_delta_log" {
+            n += std::fs::read_dir(&path)
+                .map(|d| {
+                    d.flatten()
+                        .filter(|f| {
+                            let name = f.file_name();
+                            let name = name.to_string_lossy();
+                            name.ends_with(".json") && name.as_bytes()[0].is_ascii_digit()
+                        })
+                        .count()
+                })
+                .unwrap_or(0);
+        } else {
+            n += delta_log_entries(&path);
+        }
+    }
+    n
+}
+
 fn thread_cpu_table() -> HashMap<u32, (String, u64)> {
     let mut out = HashMap::new();
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {

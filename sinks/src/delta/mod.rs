@@ -115,6 +115,24 @@ pub struct DeltaSink {
     /// The latest table schema this process knows (what staging conforms to).
     known_schema: std::sync::Mutex<Option<SchemaRef>>,
     crash_hook: Option<CrashHook>,
+    /// Appends waiting for the table lock: whoever takes it commits them all in one log entry.
+    pending: std::sync::Mutex<Vec<Pending>>,
+}
+
+/// One append waiting to be committed with others (group commit).
+struct Pending {
+    id: u64,
+    staged: Staged,
+    reply: tokio::sync::oneshot::Sender<GroupReply>,
+}
+
+/// What the writer that led a group commit tells a member.
+enum GroupReply {
+    /// Decided for this member: committed with the group, or already committed / fenced.
+    Done(CommitOutcome),
+    /// The group could not commit (an error, or a flush the group cannot carry): commit alone,
+    /// which reports this flush's own error, if any.
+    Alone,
 }
 
 impl std::fmt::Debug for DeltaSink {
@@ -210,6 +228,7 @@ impl DeltaSink {
             table: tokio::sync::Mutex::new(None),
             known_schema: std::sync::Mutex::new(None),
             crash_hook: None,
+            pending: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -468,9 +487,221 @@ impl DeltaSink {
         }
     }
 
+    /// The operation an append commit records.
+    fn append_operation(&self) -> DeltaOperation {
+        let partition_by: Vec<String> = self
+            .config
+            .partition_by
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect();
+        DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: (!partition_by.is_empty()).then_some(partition_by),
+            predicate: None,
+        }
+    }
+
+    /// Commits an append, together with the appends of this process's other partitions that
+    /// are waiting at the same moment (group commit). Every Delta commit re-reads and replays the
+    /// table's file list, so one commit for many flushes is what keeps the log from being the
+    /// bottleneck when many partitions flush at once. Each flush is still fenced on its own
+    /// txn: a fenced or already committed member is answered without being written, and a
+    /// group that fails falls back to one commit per flush.
+    async fn commit_append(&self, staged: &Staged) -> Result<CommitOutcome> {
+        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        self.pending.lock().expect("poisoned").push(Pending {
+            id,
+            staged: staged.clone(),
+            reply,
+        });
+        let mut slot = tokio::select! {
+            biased;
+            got = &mut answer => match got {
+                Ok(GroupReply::Done(outcome)) => return Ok(outcome),
+                Ok(GroupReply::Alone) | Err(_) => self.table.lock().await,
+            },
+            slot = self.table.lock() => slot,
+        };
+        match answer.try_recv() {
+            Ok(GroupReply::Done(outcome)) => return Ok(outcome),
+            Ok(GroupReply::Alone) | Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                return self.commit_alone(&mut slot, staged).await;
+            }
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+        }
+        // Nobody has taken this flush yet: lead a group of everything waiting.
+        let group = {
+            let mut pending = self.pending.lock().expect("poisoned");
+            let mut waiting = std::mem::take(&mut *pending);
+            // This flush first, then one flush per other partition; the rest wait their turn.
+            let own = waiting
+                .iter()
+                .position(|p| p.id == id)
+                .expect("queued above");
+            let mut group = vec![waiting.swap_remove(own)];
+            for p in waiting {
+                if group.iter().any(|g| g.staged.tp == p.staged.tp) {
+                    pending.push(p);
+                } else {
+                    group.push(p);
+                }
+            }
+            group
+        };
+        if group.len() > 1 && slot.is_some() {
+            self.commit_group(&mut slot, group).await;
+        } else {
+            for p in group {
+                let _ = p.reply.send(GroupReply::Alone);
+            }
+        }
+        match answer.try_recv() {
+            Ok(GroupReply::Done(outcome)) => Ok(outcome),
+            _ => self.commit_alone(&mut slot, staged).await,
+        }
+    }
+
+    async fn commit_alone(
+        &self,
+        slot: &mut Option<DeltaTable>,
+        staged: &Staged,
+    ) -> Result<CommitOutcome> {
+        let delta = staged.delta.as_ref().expect("a Delta flush");
+        let actions: Vec<Action> = delta.adds.iter().cloned().map(Action::Add).collect();
+        self.commit_actions(slot, staged, delta.schema.as_ref(), actions, || {
+            self.append_operation()
+        })
+        .await
+    }
+
+    /// Commits `group` (distinct partitions, an existing table) in one log entry and answers
+    /// every member. Members the group cannot carry, and all of them when it fails, are told to
+    /// commit alone.
+    async fn commit_group(&self, slot: &mut Option<DeltaTable>, group: Vec<Pending>) {
+        let mut members = group;
+        let mut attempt: u32 = 0;
+        let failed = loop {
+            attempt += 1;
+            match self.refresh(slot).await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => break members,
+            }
+            let table = slot.as_ref().expect("table loaded");
+            // Fence each member on its own partition's txn.
+            let mut carried = Vec::with_capacity(members.len());
+            let mut stop = None;
+            for p in members {
+                let decided = match self.txn_position(table, &p.staged.tp).await {
+                    Ok(Some(pos)) if pos == p.staged.next && p.staged.start != p.staged.next => {
+                        Some(CommitOutcome::AlreadyCommitted { next: pos })
+                    }
+                    Ok(Some(pos)) if pos != p.staged.start => {
+                        Some(CommitOutcome::Fenced { next: pos })
+                    }
+                    Ok(_) => None,
+                    Err(_) => {
+                        stop.get_or_insert_with(Vec::new).push(p);
+                        continue;
+                    }
+                };
+                match decided {
+                    Some(outcome) => {
+                        let _ = p.reply.send(GroupReply::Done(outcome));
+                    }
+                    None => carried.push(p),
+                }
+            }
+            if let Some(mut stopped) = stop {
+                stopped.extend(carried);
+                break stopped;
+            }
+            if carried.is_empty() {
+                return;
+            }
+            let Ok(snapshot) = table.snapshot() else {
+                break carried;
+            };
+            // One schema for the whole entry: the table's, grown by every member's needs.
+            let current = snapshot.snapshot().arrow_schema();
+            let mut merged = current.clone();
+            let mut mergeable = true;
+            for p in &carried {
+                if let Some(wanted) = p.staged.delta.as_ref().and_then(|d| d.schema.as_ref()) {
+                    match schema::merge(&merged, wanted) {
+                        Ok(m) => merged = m,
+                        Err(_) => mergeable = false,
+                    }
+                }
+            }
+            if !mergeable {
+                break carried;
+            }
+            let mut all = Vec::new();
+            if !Arc::ptr_eq(&merged, &current) {
+                let Ok(kernel) = schema::kernel_schema(&merged) else {
+                    break carried;
+                };
+                let Ok(metadata) = snapshot.metadata().clone().with_schema(&kernel) else {
+                    break carried;
+                };
+                info!(table = %self.location, "evolving the table schema: {}",
+                    describe_new_columns(&current, &merged));
+                all.push(Action::Metadata(metadata));
+            }
+            let mut properties = CommitProperties::default()
+                .with_max_retries(self.config.commit_attempts as usize)
+                .with_cleanup_expired_logs(Some(false));
+            for p in &carried {
+                let delta = p.staged.delta.as_ref().expect("a Delta flush");
+                all.extend(delta.adds.iter().cloned().map(Action::Add));
+                properties = properties.with_application_transaction(Transaction::new(
+                    self.app_id(&p.staged.tp),
+                    p.staged.next.0 - 1,
+                ));
+            }
+            let result = CommitBuilder::from(properties)
+                .with_actions(all)
+                .build(Some(snapshot), table.log_store(), self.append_operation())
+                .await;
+            match result {
+                Ok(done) => {
+                    debug!(table = %self.location, version = done.version(),
+                        flushes = carried.len(), "committed a group");
+                    self.after_commit(slot, done).await;
+                    for p in carried {
+                        let next = p.staged.next;
+                        let _ = p
+                            .reply
+                            .send(GroupReply::Done(CommitOutcome::Committed { next }));
+                    }
+                    return;
+                }
+                Err(e) if is_conflict(&e) && attempt < self.config.commit_attempts => {
+                    warn!(table = %self.location, attempt, flushes = carried.len(),
+                        "group commit conflict, re-checking: {e}");
+                    let backoff = 20u64 * u64::from(attempt.min(10));
+                    let jitter = rand::random::<u64>() % (backoff + 1);
+                    tokio::time::sleep(Duration::from_millis(backoff + jitter)).await;
+                    members = carried;
+                }
+                Err(e) => {
+                    debug!(table = %self.location, "group commit failed, committing alone: {e}");
+                    break carried;
+                }
+            }
+        };
+        for p in failed {
+            let _ = p.reply.send(GroupReply::Alone);
+        }
+    }
+
     /// Runs one commit attempt loop for `staged`'s actions, fenced on the partition's txn.
     async fn commit_actions(
         &self,
+        slot: &mut Option<DeltaTable>,
         staged: &Staged,
         schema: Option<&SchemaRef>,
         actions: Vec<Action>,
@@ -478,17 +709,16 @@ impl DeltaSink {
     ) -> Result<CommitOutcome> {
         let tp = &staged.tp;
         let app_id = self.app_id(tp);
-        let mut slot = self.table.lock().await;
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            let exists = self.refresh(&mut slot).await?;
+            let exists = self.refresh(slot).await?;
             if !exists {
                 let Some(schema) = schema else {
                     // Nothing to write and no table: there is no position to record either.
                     return Ok(CommitOutcome::Committed { next: staged.next });
                 };
-                self.create(&mut slot, schema).await?;
+                self.create(slot, schema).await?;
             }
             let table = slot.as_ref().expect("table loaded");
             match self.txn_position(table, tp).await? {
@@ -530,7 +760,7 @@ impl DeltaSink {
             match result {
                 Ok(done) => {
                     debug!(table = %self.location, %tp, version = done.version(), "committed");
-                    self.after_commit(&mut slot, done).await;
+                    self.after_commit(slot, done).await;
                     return Ok(CommitOutcome::Committed { next: staged.next });
                 }
                 Err(e) if is_conflict(&e) && attempt < self.config.commit_attempts => {
@@ -754,21 +984,7 @@ impl Sink for DeltaSink {
         let outcome = if let Some(changes) = &delta.changes {
             upsert::commit(self, staged, delta.schema.as_ref(), changes).await?
         } else {
-            let actions: Vec<Action> = delta.adds.iter().cloned().map(Action::Add).collect();
-            let partition_by: Vec<String> = self
-                .config
-                .partition_by
-                .iter()
-                .map(|p| p.name().to_string())
-                .collect();
-            self.commit_actions(staged, delta.schema.as_ref(), actions, || {
-                DeltaOperation::Write {
-                    mode: SaveMode::Append,
-                    partition_by: (!partition_by.is_empty()).then(|| partition_by.clone()),
-                    predicate: None,
-                }
-            })
-            .await?
+            self.commit_append(staged).await?
         };
         if matches!(outcome, CommitOutcome::Committed { .. }) {
             self.point("after_commit");
@@ -815,6 +1031,7 @@ impl DeltaSink {
             table: tokio::sync::Mutex::new(None),
             known_schema: std::sync::Mutex::new(None),
             crash_hook: None,
+            pending: std::sync::Mutex::new(Vec::new()),
         })
     }
 }

@@ -326,3 +326,78 @@ async fn expired_log_entries_go_when_a_checkpoint_is_written() {
         Some(Offset(4))
     );
 }
+
+#[tokio::test]
+async fn waiting_appends_commit_as_one_group_and_each_is_fenced_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(sink(dir.path(), DeltaSinkConfig::default()));
+    commit(&s, flush(0, 0, 10, vec![batch(0..10, false)])).await;
+    let version = |dir: &std::path::Path| {
+        let dir = dir.to_path_buf();
+        async move {
+            let url = Url::from_directory_path(dir).unwrap();
+            let mut t = DeltaTableBuilder::from_url(url).unwrap().build().unwrap();
+            t.load().await.unwrap();
+            t.version().unwrap()
+        }
+    };
+    let before = version(dir.path()).await;
+    // A zombie's flush of partition 0 from an old position, two new partitions, one of which
+    // adds a column.
+    let staged = vec![
+        s.stage(flush(0, 0, 5, vec![batch(100..105, false)]))
+            .await
+            .unwrap(),
+        s.stage(flush(1, 0, 10, vec![batch(10..20, false)]))
+            .await
+            .unwrap(),
+        s.stage(flush(2, 0, 10, vec![batch(20..30, true)]))
+            .await
+            .unwrap(),
+    ];
+    // Hold the table so that all three wait, then let one of them lead.
+    let guard = s.table.lock().await;
+    let mut tasks = Vec::new();
+    for st in staged {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move { s.commit(&st).await.unwrap().0 }));
+    }
+    while s.pending.lock().unwrap().len() < 3 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    drop(guard);
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    assert_eq!(
+        outcomes,
+        vec![
+            CommitOutcome::Fenced { next: Offset(10) },
+            CommitOutcome::Committed { next: Offset(10) },
+            CommitOutcome::Committed { next: Offset(10) },
+        ]
+    );
+    assert_eq!(version(dir.path()).await, before + 1, "one log entry");
+    assert_eq!(count(dir.path()).await, 30);
+    let out = query(dir.path(), "SELECT count(note) AS n FROM t").await;
+    assert_eq!(
+        out[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0),
+        10
+    );
+    let fresh = sink(dir.path(), DeltaSinkConfig::default());
+    for p in 0..3 {
+        assert_eq!(
+            fresh
+                .recover(&TopicPartition::new("orders", p))
+                .await
+                .unwrap(),
+            Some(Offset(10))
+        );
+    }
+}
