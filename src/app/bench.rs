@@ -317,7 +317,9 @@ pub fn feed(f: Feed) -> anyhow::Result<()> {
         let value = payload(format, id, &schema, schema_id);
         let key = Order::generate(id).order_id;
         let topic = &topics[(id % n_topics) as usize];
-        let p = ((id / n_topics) % partitions as i64) as i32;
+        // By key, as a keyed producer partitions: the three changes of an order (`o-{id / 3}`)
+        // land in one partition, so an upsert's key lives in one partition, as with CDC.
+        let p = ((id / 3 / n_topics) % partitions as i64) as i32;
         super::demo::send(
             &producer,
             BaseRecord::to(topic)

@@ -152,6 +152,7 @@ pub fn delta_config(cfg: &ValidatedConfig, s: &crate::config::ValidatedSink) -> 
             keys: keys.clone(),
             delete_column: Some("_deleted".into()),
         }),
+        group_rows: s.flush.max_rows,
         ..Default::default()
     }
 }

@@ -25,6 +25,13 @@
 //! - Concurrent writers of other partitions never fence each other (their appends don't
 //!   conflict); the retry loop is bounded with jittered backoff.
 //! - Schema evolution is additive and rides in the same commit as the data that needs it.
+//! - Group commit: appends of one process that wait for the table at the same moment share one
+//!   log entry (one txn action per partition, each fenced on its own first). A flush is never in
+//!   two entries: a member is answered once, and a group that fails hands every member back to
+//!   its own single commit. One entry per group matters because each commit replays the table's
+//!   file list (deltalake's eager snapshot), which with many partitions was the bottleneck.
+//! - The log is cleaned of entries past `delta.logRetentionDuration` only when a commit writes a
+//!   checkpoint, as the Delta protocol describes, not after every commit.
 
 mod schema;
 pub mod upsert;
@@ -74,6 +81,9 @@ pub struct DeltaSinkConfig {
     pub commit_attempts: u32,
     /// `mode = "upsert"`: merge on these key columns instead of appending.
     pub upsert: Option<upsert::UpsertConfig>,
+    /// Upserts: the most change rows one grouped MERGE carries (the flush size, so a group
+    /// never joins more than one full flush would).
+    pub group_rows: usize,
 }
 
 impl Default for DeltaSinkConfig {
@@ -87,6 +97,7 @@ impl Default for DeltaSinkConfig {
             checkpoint_interval: 10,
             commit_attempts: 20,
             upsert: None,
+            group_rows: 100_000,
         }
     }
 }
@@ -120,14 +131,14 @@ pub struct DeltaSink {
 }
 
 /// One append waiting to be committed with others (group commit).
-struct Pending {
+pub(super) struct Pending {
     id: u64,
-    staged: Staged,
-    reply: tokio::sync::oneshot::Sender<GroupReply>,
+    pub(super) staged: Staged,
+    pub(super) reply: tokio::sync::oneshot::Sender<GroupReply>,
 }
 
 /// What the writer that led a group commit tells a member.
-enum GroupReply {
+pub(super) enum GroupReply {
     /// Decided for this member: committed with the group, or already committed / fenced.
     Done(CommitOutcome),
     /// The group could not commit (an error, or a flush the group cannot carry): commit alone,
@@ -508,7 +519,7 @@ impl DeltaSink {
     /// bottleneck when many partitions flush at once. Each flush is still fenced on its own
     /// txn: a fenced or already committed member is answered without being written, and a
     /// group that fails falls back to one commit per flush.
-    async fn commit_append(&self, staged: &Staged) -> Result<CommitOutcome> {
+    async fn commit_queued(&self, staged: &Staged) -> Result<CommitOutcome> {
         static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (reply, mut answer) = tokio::sync::oneshot::channel();
@@ -552,7 +563,11 @@ impl DeltaSink {
             group
         };
         if group.len() > 1 && slot.is_some() {
-            self.commit_group(&mut slot, group).await;
+            if self.config.upsert.is_some() {
+                upsert::commit_group(self, &mut slot, group).await;
+            } else {
+                self.commit_group(&mut slot, group).await;
+            }
         } else {
             for p in group {
                 let _ = p.reply.send(GroupReply::Alone);
@@ -570,6 +585,9 @@ impl DeltaSink {
         staged: &Staged,
     ) -> Result<CommitOutcome> {
         let delta = staged.delta.as_ref().expect("a Delta flush");
+        if let Some(changes) = &delta.changes {
+            return upsert::commit(self, slot, staged, delta.schema.as_ref(), changes).await;
+        }
         let actions: Vec<Action> = delta.adds.iter().cloned().map(Action::Add).collect();
         self.commit_actions(slot, staged, delta.schema.as_ref(), actions, || {
             self.append_operation()
@@ -981,11 +999,7 @@ impl Sink for DeltaSink {
             rows: staged.rows,
             bytes: delta.adds.iter().map(|a| a.size.max(0) as u64).sum(),
         };
-        let outcome = if let Some(changes) = &delta.changes {
-            upsert::commit(self, staged, delta.schema.as_ref(), changes).await?
-        } else {
-            self.commit_append(staged).await?
-        };
+        let outcome = self.commit_queued(staged).await?;
         if matches!(outcome, CommitOutcome::Committed { .. }) {
             self.point("after_commit");
         }

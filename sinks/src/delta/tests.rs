@@ -401,3 +401,92 @@ async fn waiting_appends_commit_as_one_group_and_each_is_fenced_on_its_own() {
         );
     }
 }
+
+#[tokio::test]
+async fn waiting_upserts_merge_as_one_group_unless_their_keys_meet() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = DeltaSinkConfig {
+        upsert: Some(UpsertConfig {
+            keys: vec!["id".into()],
+            delete_column: None,
+        }),
+        ..DeltaSinkConfig::default()
+    };
+    let s = Arc::new(sink(dir.path(), config));
+    commit(&s, flush(0, 0, 10, vec![batch(0..10, false)])).await;
+    let version = |dir: &std::path::Path| {
+        let dir = dir.to_path_buf();
+        async move {
+            let url = Url::from_directory_path(dir).unwrap();
+            let mut t = DeltaTableBuilder::from_url(url).unwrap().build().unwrap();
+            t.load().await.unwrap();
+            t.version().unwrap()
+        }
+    };
+    // Runs `flushes` so that they all wait for the table, then returns their outcomes.
+    let run = |flushes: Vec<Flush>| {
+        let s = s.clone();
+        async move {
+            let mut staged = Vec::new();
+            for f in flushes {
+                staged.push(s.stage(f).await.unwrap());
+            }
+            let n = staged.len();
+            let guard = s.table.lock().await;
+            let mut tasks = Vec::new();
+            for st in staged {
+                let s = s.clone();
+                tasks.push(tokio::spawn(async move { s.commit(&st).await.unwrap().0 }));
+            }
+            while s.pending.lock().unwrap().len() < n {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            drop(guard);
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        }
+    };
+    // A zombie of partition 0, and partitions 1 and 2 updating 5..10 and inserting 10..20.
+    let before = version(dir.path()).await;
+    let out = run(vec![
+        flush(0, 0, 5, vec![batch(0..5, false)]),
+        flush(1, 0, 5, vec![batch(5..10, false)]),
+        flush(2, 0, 10, vec![batch(10..20, false)]),
+    ])
+    .await;
+    assert_eq!(
+        out,
+        vec![
+            CommitOutcome::Fenced { next: Offset(10) },
+            CommitOutcome::Committed { next: Offset(5) },
+            CommitOutcome::Committed { next: Offset(10) },
+        ]
+    );
+    assert_eq!(version(dir.path()).await, before + 1, "one MERGE");
+    assert_eq!(count(dir.path()).await, 20);
+    // The same key changed in two partitions: no single MERGE may apply both; each merges alone.
+    let before = version(dir.path()).await;
+    let out = run(vec![
+        flush(1, 5, 6, vec![batch(3..4, false)]),
+        flush(2, 10, 11, vec![batch(3..4, false)]),
+    ])
+    .await;
+    assert!(out
+        .iter()
+        .all(|o| matches!(o, CommitOutcome::Committed { .. })));
+    assert_eq!(version(dir.path()).await, before + 2, "two MERGEs");
+    assert_eq!(count(dir.path()).await, 20);
+    let fresh = sink(dir.path(), DeltaSinkConfig::default());
+    for (p, next) in [(0, 10), (1, 6), (2, 11)] {
+        assert_eq!(
+            fresh
+                .recover(&TopicPartition::new("orders", p))
+                .await
+                .unwrap(),
+            Some(Offset(next))
+        );
+    }
+}

@@ -8,6 +8,10 @@
 //!   conflict checker rejects a concurrent commit carrying the same appId.
 //! - A key column that is null cannot be merged: the flush fails with the column named rather
 //!   than silently inserting duplicates.
+//! - Grouped MERGE: flushes of other partitions waiting at the same moment are merged together
+//!   (one scan of the table instead of one each), each fenced on its own txn, while their rows fit
+//!   one flush (`group_rows`), their schemas match and their keys are disjoint. A key changed in
+//!   two partitions has no order between them, so those flushes merge one at a time.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,10 +24,10 @@ use deltalake::datafusion::common::Column;
 use deltalake::datafusion::prelude::{lit, Expr, SessionContext};
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
-use deltalake::DeltaTableError;
+use deltalake::{DeltaTable, DeltaTableError};
 use tracing::{debug, warn};
 
-use super::DeltaSink;
+use super::{DeltaSink, GroupReply, Pending};
 use crate::{CommitOutcome, Error, Result, Staged, TopicPartition};
 
 /// Which rows are the same entity, and which ones delete it.
@@ -106,9 +110,87 @@ fn column(relation: &str, name: &str) -> Expr {
     Expr::Column(Column::new(Some(relation), name))
 }
 
+/// One MERGE of `rows` (at most one change per key) into `table`, recording `txns`
+/// (appId, version) in its commit.
+async fn merge(
+    sink: &DeltaSink,
+    config: &UpsertConfig,
+    table: &DeltaTable,
+    rows: &RecordBatch,
+    txns: &[(String, i64)],
+) -> std::result::Result<(DeltaTable, deltalake::operations::merge::MergeMetrics), DeltaTableError>
+{
+    let ctx = SessionContext::new();
+    let source = ctx
+        .read_batch(rows.clone())
+        .map_err(DeltaTableError::from)?;
+    let mut predicate: Option<Expr> = None;
+    for k in &config.keys {
+        let eq = column("target", k).eq(column("source", k));
+        predicate = Some(match predicate {
+            None => eq,
+            Some(p) => p.and(eq),
+        });
+    }
+    let predicate = predicate.expect("upsert keys are validated non-empty");
+    let deleted = config
+        .delete_column
+        .as_ref()
+        .filter(|c| rows.schema().field_with_name(c).is_ok())
+        .map(|c| column("source", c).eq(lit(true)));
+    let names: Vec<String> = rows
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let mut properties = CommitProperties::default()
+        .with_max_retries(sink.config.commit_attempts as usize)
+        .with_cleanup_expired_logs(Some(false));
+    for (app_id, version) in txns {
+        properties = properties.with_application_transaction(Transaction::new(app_id, *version));
+    }
+    let mut builder = table
+        .clone()
+        .merge(source, predicate)
+        .with_source_alias("source")
+        .with_target_alias("target")
+        .with_merge_schema(true)
+        .with_writer_properties(crate::parquet::writer::writer_properties(
+            sink.config.compression,
+            sink.config.row_group_rows,
+        ))
+        .with_commit_properties(properties);
+    if let Some(deleted) = &deleted {
+        builder = builder.when_matched_delete(|d| d.predicate(deleted.clone()))?;
+    }
+    let upsert_rows = deleted.clone().map(|d| !d);
+    builder = builder
+        .when_matched_update(|mut u| {
+            if let Some(p) = &upsert_rows {
+                u = u.predicate(p.clone());
+            }
+            for n in &names {
+                u = u.update(n.as_str(), column("source", n));
+            }
+            u
+        })?
+        .when_not_matched_insert(|mut i| {
+            if let Some(p) = &upsert_rows {
+                i = i.predicate(p.clone());
+            }
+            for n in &names {
+                i = i.set(n.as_str(), column("source", n));
+            }
+            i
+        })?;
+    builder.await
+}
+
 /// Applies `changes` with one MERGE, fenced on the partition's txn.
 pub(super) async fn commit(
     sink: &DeltaSink,
+    slot: &mut Option<DeltaTable>,
     staged: &Staged,
     schema: Option<&SchemaRef>,
     changes: &Changes,
@@ -118,15 +200,14 @@ pub(super) async fn commit(
     };
     let tp = &staged.tp;
     let app_id = sink.app_id(tp);
-    let mut slot = sink.table.lock().await;
     let mut attempt: u32 = 0;
     loop {
         attempt += 1;
-        if !sink.refresh(&mut slot).await? {
+        if !sink.refresh(slot).await? {
             let Some(schema) = schema else {
                 return Ok(CommitOutcome::Committed { next: staged.next });
             };
-            sink.create(&mut slot, schema).await?;
+            sink.create(slot, schema).await?;
         }
         let table = slot.as_ref().expect("table loaded");
         match sink.txn_position(table, tp).await? {
@@ -136,75 +217,8 @@ pub(super) async fn commit(
             Some(pos) if pos != staged.start => return Ok(CommitOutcome::Fenced { next: pos }),
             _ => {}
         }
-        let ctx = SessionContext::new();
-        let source = ctx
-            .read_batch(changes.rows.clone())
-            .map_err(|e| sink.err("merge", DeltaTableError::from(e)))?;
-        let mut predicate: Option<Expr> = None;
-        for k in &config.keys {
-            let eq = column("target", k).eq(column("source", k));
-            predicate = Some(match predicate {
-                None => eq,
-                Some(p) => p.and(eq),
-            });
-        }
-        let predicate = predicate.expect("upsert keys are validated non-empty");
-        let deleted = config
-            .delete_column
-            .as_ref()
-            .filter(|c| changes.rows.schema().field_with_name(c).is_ok())
-            .map(|c| column("source", c).eq(lit(true)));
-        let names: Vec<String> = changes
-            .rows
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .collect();
-        let properties = CommitProperties::default()
-            .with_application_transaction(Transaction::new(&app_id, staged.next.0 - 1))
-            .with_max_retries(sink.config.commit_attempts as usize)
-            .with_cleanup_expired_logs(Some(false));
-        let mut builder = table
-            .clone()
-            .merge(source, predicate)
-            .with_source_alias("source")
-            .with_target_alias("target")
-            .with_merge_schema(true)
-            .with_writer_properties(crate::parquet::writer::writer_properties(
-                sink.config.compression,
-                sink.config.row_group_rows,
-            ))
-            .with_commit_properties(properties);
-        let merge_err = |e| sink.err("merge", e);
-        if let Some(deleted) = &deleted {
-            builder = builder
-                .when_matched_delete(|d| d.predicate(deleted.clone()))
-                .map_err(merge_err)?;
-        }
-        let upsert_rows = deleted.clone().map(|d| !d);
-        builder = builder
-            .when_matched_update(|mut u| {
-                if let Some(p) = &upsert_rows {
-                    u = u.predicate(p.clone());
-                }
-                for n in &names {
-                    u = u.update(n.as_str(), column("source", n));
-                }
-                u
-            })
-            .map_err(merge_err)?
-            .when_not_matched_insert(|mut i| {
-                if let Some(p) = &upsert_rows {
-                    i = i.predicate(p.clone());
-                }
-                for n in &names {
-                    i = i.set(n.as_str(), column("source", n));
-                }
-                i
-            })
-            .map_err(merge_err)?;
-        match builder.await {
+        let txns = [(app_id.clone(), staged.next.0 - 1)];
+        match merge(sink, config, table, &changes.rows, &txns).await {
             Ok((table, metrics)) => {
                 debug!(table = %sink.location, %tp, inserted = metrics.num_target_rows_inserted,
                     updated = metrics.num_target_rows_updated,
@@ -216,18 +230,7 @@ pub(super) async fn commit(
                     scan_ms = metrics.scan_time_ms,
                     rewrite_ms = metrics.rewrite_time_ms,
                     ms = metrics.execution_time_ms, "merged");
-                if let Ok(state) = table.snapshot() {
-                    let version = state.version();
-                    let interval = {
-                        use deltalake::table::config::TablePropertiesExt;
-                        state.table_config().checkpoint_interval().get()
-                    };
-                    // deltalake's rule for when a commit writes a checkpoint.
-                    if (version + 1).is_multiple_of(interval) {
-                        sink.clean_expired_logs(table.log_store(), state, version)
-                            .await;
-                    }
-                }
+                after_merge(sink, &table).await;
                 *slot = Some(table);
                 return Ok(CommitOutcome::Committed { next: staged.next });
             }
@@ -238,6 +241,175 @@ pub(super) async fn commit(
                 tokio::time::sleep(Duration::from_millis(backoff + jitter)).await;
             }
             Err(e) => return Err(sink.err("merge", e)),
+        }
+    }
+}
+
+/// Applies the changes of `group` (distinct partitions of an existing table) with one MERGE and
+/// answers every member; see `DeltaSink::commit_queued`. Members are carried while their rows fit
+/// `group_rows`, their schemas are the same and their keys are disjoint (a key changed in two
+/// partitions has no order between them: each of those flushes merges alone, in turn). The
+/// others, and every member when the MERGE fails, are told to commit alone.
+pub(super) async fn commit_group(
+    sink: &DeltaSink,
+    slot: &mut Option<DeltaTable>,
+    group: Vec<Pending>,
+) {
+    let Some(config) = sink.config.upsert.as_ref() else {
+        for p in group {
+            let _ = p.reply.send(GroupReply::Alone);
+        }
+        return;
+    };
+    let mut members = group;
+    let mut attempt: u32 = 0;
+    let failed = loop {
+        attempt += 1;
+        match sink.refresh(slot).await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => break members,
+        }
+        let table = slot.as_ref().expect("table loaded");
+        let mut carried: Vec<Pending> = Vec::with_capacity(members.len());
+        let mut alone: Vec<Pending> = Vec::new();
+        let mut rows = 0usize;
+        for p in members {
+            let changes = p.staged.delta.as_ref().and_then(|d| d.changes.clone());
+            let Some(changes) = changes else {
+                alone.push(p);
+                continue;
+            };
+            let decided = match sink.txn_position(table, &p.staged.tp).await {
+                Ok(Some(pos)) if pos == p.staged.next && p.staged.start != p.staged.next => {
+                    Some(CommitOutcome::AlreadyCommitted { next: pos })
+                }
+                Ok(Some(pos)) if pos != p.staged.start => Some(CommitOutcome::Fenced { next: pos }),
+                Ok(_) => None,
+                Err(_) => {
+                    alone.push(p);
+                    continue;
+                }
+            };
+            if let Some(outcome) = decided {
+                let _ = p.reply.send(GroupReply::Done(outcome));
+                continue;
+            }
+            let fits = carried.is_empty()
+                || (rows + changes.rows.num_rows() <= sink.config.group_rows
+                    && carried[0]
+                        .staged
+                        .delta
+                        .as_ref()
+                        .and_then(|d| d.changes.as_ref())
+                        .is_some_and(|c| c.rows.schema() == changes.rows.schema()));
+            if fits {
+                rows += changes.rows.num_rows();
+                carried.push(p);
+            } else {
+                alone.push(p);
+            }
+        }
+        if !alone.is_empty() {
+            debug!(table = %sink.location, carried = carried.len(), alone = alone.len(),
+                "flushes left out of a grouped merge");
+        }
+        for p in alone {
+            let _ = p.reply.send(GroupReply::Alone);
+        }
+        if carried.is_empty() {
+            return;
+        }
+        let batches: Vec<RecordBatch> = carried
+            .iter()
+            .filter_map(|p| p.staged.delta.as_ref()?.changes.as_ref())
+            .map(|c| c.rows.clone())
+            .collect();
+        let Ok(all) = concat_batches(&batches[0].schema(), &batches) else {
+            break carried;
+        };
+        if !keys_distinct(config, &all) {
+            debug!(table = %sink.location, flushes = carried.len(),
+                "a key changed in more than one partition: merging them one at a time");
+            break carried;
+        }
+        let txns: Vec<(String, i64)> = carried
+            .iter()
+            .map(|p| (sink.app_id(&p.staged.tp), p.staged.next.0 - 1))
+            .collect();
+        match merge(sink, config, table, &all, &txns).await {
+            Ok((table, metrics)) => {
+                debug!(table = %sink.location, flushes = carried.len(),
+                    inserted = metrics.num_target_rows_inserted,
+                    updated = metrics.num_target_rows_updated,
+                    deleted = metrics.num_target_rows_deleted,
+                    files_scanned = metrics.num_target_files_scanned,
+                    ms = metrics.execution_time_ms, "merged a group");
+                after_merge(sink, &table).await;
+                *slot = Some(table);
+                for p in carried {
+                    let next = p.staged.next;
+                    let _ = p
+                        .reply
+                        .send(GroupReply::Done(CommitOutcome::Committed { next }));
+                }
+                return;
+            }
+            Err(e) if super::is_conflict(&e) && attempt < sink.config.commit_attempts => {
+                warn!(table = %sink.location, attempt, flushes = carried.len(),
+                    "grouped merge conflict, re-checking: {e}");
+                let backoff = 50u64 * u64::from(attempt.min(10));
+                let jitter = rand::random::<u64>() % (backoff + 1);
+                tokio::time::sleep(Duration::from_millis(backoff + jitter)).await;
+                members = carried;
+            }
+            Err(e) => {
+                debug!(table = %sink.location, "grouped merge failed, merging alone: {e}");
+                break carried;
+            }
+        }
+    };
+    for p in failed {
+        let _ = p.reply.send(GroupReply::Alone);
+    }
+}
+
+/// Whether no key occurs twice in `rows`.
+fn keys_distinct(config: &UpsertConfig, rows: &RecordBatch) -> bool {
+    let Some(columns) = config
+        .keys
+        .iter()
+        .map(|k| rows.column_by_name(k).cloned())
+        .collect::<Option<Vec<_>>>()
+    else {
+        return false;
+    };
+    let Ok(converter) = RowConverter::new(
+        columns
+            .iter()
+            .map(|c| SortField::new(c.data_type().clone()))
+            .collect(),
+    ) else {
+        return false;
+    };
+    let Ok(keys) = converter.convert_columns(&columns) else {
+        return false;
+    };
+    let mut seen = std::collections::HashSet::with_capacity(rows.num_rows());
+    (0..rows.num_rows()).all(|i| seen.insert(keys.row(i)))
+}
+
+/// What follows a MERGE's commit: the log clean-up when it wrote a checkpoint.
+async fn after_merge(sink: &DeltaSink, table: &DeltaTable) {
+    if let Ok(state) = table.snapshot() {
+        let version = state.version();
+        let interval = {
+            use deltalake::table::config::TablePropertiesExt;
+            state.table_config().checkpoint_interval().get()
+        };
+        // deltalake's rule for when a commit writes a checkpoint.
+        if (version + 1).is_multiple_of(interval) {
+            sink.clean_expired_logs(table.log_store(), state, version)
+                .await;
         }
     }
 }
