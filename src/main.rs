@@ -133,6 +133,9 @@ enum Command {
         rate: Option<u64>,
         #[arg(long, default_value_t = 1)]
         tables: u32,
+        /// Partition by the order key (upserts) instead of by record id.
+        #[arg(long)]
+        keyed: bool,
     },
     /// Exit 0 if URL answers 200 (the container HEALTHCHECK; no curl in the image).
     Healthcheck {
@@ -387,6 +390,7 @@ async fn run() -> ExitCode {
             broker,
             rate,
             tables,
+            keyed,
         } => tokio::task::spawn_blocking(move || {
             lakesink::app::bench::feed(lakesink::app::bench::Feed {
                 broker,
@@ -396,6 +400,7 @@ async fn run() -> ExitCode {
                 format,
                 schema_id,
                 rate,
+                keyed,
             })
         })
         .await

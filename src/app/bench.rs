@@ -243,6 +243,9 @@ pub struct Feed {
     pub format: String,
     pub schema_id: u32,
     pub rate: Option<u64>,
+    /// Partition by the order key, as a keyed CDC producer does (upserts): the three changes of
+    /// an order land in one partition. Otherwise record `id` goes to partition `id % P`.
+    pub keyed: bool,
 }
 
 /// `lakesink bench-feed`: the child process. Starts the in-process cluster unless a broker is
@@ -257,6 +260,7 @@ pub fn feed(f: Feed) -> anyhow::Result<()> {
         ref format,
         schema_id,
         rate,
+        keyed,
     } = f;
     let cluster = match &broker {
         Some(_) => None,
@@ -317,9 +321,12 @@ pub fn feed(f: Feed) -> anyhow::Result<()> {
         let value = payload(format, id, &schema, schema_id);
         let key = Order::generate(id).order_id;
         let topic = &topics[(id % n_topics) as usize];
-        // By key, as a keyed producer partitions: the three changes of an order (`o-{id / 3}`)
-        // land in one partition, so an upsert's key lives in one partition, as with CDC.
-        let p = ((id / 3 / n_topics) % partitions as i64) as i32;
+        let p = if keyed {
+            // The three changes of an order (`o-{id / 3}`) land in one partition.
+            ((id / 3 / n_topics) % partitions as i64) as i32
+        } else {
+            ((id / n_topics) % partitions as i64) as i32
+        };
         super::demo::send(
             &producer,
             BaseRecord::to(topic)
@@ -476,6 +483,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         feed_args.extend(["--rate".into(), r.to_string()]);
     }
     feed_args.extend(["--tables".into(), opts.tables.max(1).to_string()]);
+    if mode == "upsert" {
+        feed_args.push("--keyed".into());
+    }
     let mut child = Command::new(std::env::current_exe()?)
         .args(&feed_args)
         .stdin(Stdio::piped())
