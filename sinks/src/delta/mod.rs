@@ -609,32 +609,9 @@ impl DeltaSink {
             }
             let table = slot.as_ref().expect("table loaded");
             // Fence each member on its own partition's txn.
-            let mut carried = Vec::with_capacity(members.len());
-            let mut stop = None;
-            for p in members {
-                let decided = match self.txn_position(table, &p.staged.tp).await {
-                    Ok(Some(pos)) if pos == p.staged.next && p.staged.start != p.staged.next => {
-                        Some(CommitOutcome::AlreadyCommitted { next: pos })
-                    }
-                    Ok(Some(pos)) if pos != p.staged.start => {
-                        Some(CommitOutcome::Fenced { next: pos })
-                    }
-                    Ok(_) => None,
-                    Err(_) => {
-                        stop.get_or_insert_with(Vec::new).push(p);
-                        continue;
-                    }
-                };
-                match decided {
-                    Some(outcome) => {
-                        let _ = p.reply.send(GroupReply::Done(outcome));
-                    }
-                    None => carried.push(p),
-                }
-            }
-            if let Some(mut stopped) = stop {
-                stopped.extend(carried);
-                break stopped;
+            let (carried, unread) = self.fence_members(table, members).await;
+            if !unread.is_empty() {
+                break unread.into_iter().chain(carried).collect();
             }
             if carried.is_empty() {
                 return;
@@ -700,9 +677,7 @@ impl DeltaSink {
                 Err(e) if is_conflict(&e) && attempt < self.config.commit_attempts => {
                     warn!(table = %self.location, attempt, flushes = carried.len(),
                         "group commit conflict, re-checking: {e}");
-                    let backoff = 20u64 * u64::from(attempt.min(10));
-                    let jitter = rand::random::<u64>() % (backoff + 1);
-                    tokio::time::sleep(Duration::from_millis(backoff + jitter)).await;
+                    conflict_backoff(20, attempt).await;
                     members = carried;
                 }
                 Err(e) => {
@@ -714,6 +689,33 @@ impl DeltaSink {
         for p in failed {
             let _ = p.reply.send(GroupReply::Alone);
         }
+    }
+
+    /// Fences each member of a group on its own partition's txn: answers those already committed
+    /// or fenced, and returns the ones to carry and the ones whose txn could not be read.
+    pub(super) async fn fence_members(
+        &self,
+        table: &DeltaTable,
+        members: Vec<Pending>,
+    ) -> (Vec<Pending>, Vec<Pending>) {
+        let mut carried = Vec::with_capacity(members.len());
+        let mut unread = Vec::new();
+        for p in members {
+            let (start, next) = (p.staged.start, p.staged.next);
+            match self.txn_position(table, &p.staged.tp).await {
+                Ok(Some(pos)) if pos == next && start != next => {
+                    let outcome = CommitOutcome::AlreadyCommitted { next: pos };
+                    let _ = p.reply.send(GroupReply::Done(outcome));
+                }
+                Ok(Some(pos)) if pos != start => {
+                    let outcome = CommitOutcome::Fenced { next: pos };
+                    let _ = p.reply.send(GroupReply::Done(outcome));
+                }
+                Ok(_) => carried.push(p),
+                Err(_) => unread.push(p),
+            }
+        }
+        (carried, unread)
     }
 
     /// Runs one commit attempt loop for `staged`'s actions, fenced on the partition's txn.
@@ -785,14 +787,20 @@ impl DeltaSink {
                     // Someone committed this partition's appId, changed the schema, or we ran
                     // out of quick retries: re-read and decide again.
                     warn!(table = %self.location, %tp, attempt, "commit conflict, re-checking: {e}");
-                    let backoff = 20u64 * u64::from(attempt.min(10));
-                    let jitter = rand::random::<u64>() % (backoff + 1);
-                    tokio::time::sleep(Duration::from_millis(backoff + jitter)).await;
+                    conflict_backoff(20, attempt).await;
                 }
                 Err(e) => return Err(self.err("commit", e)),
             }
         }
     }
+}
+
+/// Sleeps before retrying a commit that lost a race: `base_ms` per attempt so far (at most 10),
+/// plus as much again at random, so that racing writers spread out.
+pub(super) async fn conflict_backoff(base_ms: u64, attempt: u32) {
+    let backoff = base_ms * u64::from(attempt.min(10));
+    let jitter = rand::random::<u64>() % (backoff + 1);
+    tokio::time::sleep(Duration::from_millis(backoff + jitter)).await;
 }
 
 fn is_conflict(e: &DeltaTableError) -> bool {

@@ -69,6 +69,56 @@ async fn count(dir: &std::path::Path) -> i64 {
         .value(0)
 }
 
+async fn scalar(dir: &std::path::Path, sql: &str) -> i64 {
+    let out = query(dir, sql).await;
+    out[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .unwrap()
+        .value(0)
+}
+
+async fn table_version(dir: &std::path::Path) -> u64 {
+    let url = Url::from_directory_path(dir).unwrap();
+    let mut t = DeltaTableBuilder::from_url(url).unwrap().build().unwrap();
+    t.load().await.unwrap();
+    t.version().unwrap()
+}
+
+/// The committed position of partition `p`, read by a fresh sink.
+async fn position(dir: &std::path::Path, p: i32) -> Option<Offset> {
+    sink(dir, DeltaSinkConfig::default())
+        .recover(&TopicPartition::new("orders", p))
+        .await
+        .unwrap()
+}
+
+/// Stages `flushes`, holds the table until all of them wait for it, then lets one lead: the
+/// outcomes, in the order given.
+async fn commit_together(s: &Arc<DeltaSink>, flushes: Vec<Flush>) -> Vec<CommitOutcome> {
+    let mut staged = Vec::new();
+    for f in flushes {
+        staged.push(s.stage(f).await.unwrap());
+    }
+    let n = staged.len();
+    let guard = s.table.lock().await;
+    let mut tasks = Vec::new();
+    for st in staged {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move { s.commit(&st).await.unwrap().0 }));
+    }
+    while s.pending.lock().unwrap().len() < n {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    drop(guard);
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
 #[tokio::test]
 async fn appends_record_positions_and_fence_zombies() {
     let dir = tempfile::tempdir().unwrap();
@@ -317,14 +367,7 @@ async fn expired_log_entries_go_when_a_checkpoint_is_written() {
     // The table still reads whole from the checkpoint, and the position is intact.
     commit(&s, flush(0, 3, 4, vec![batch(3..4, false)])).await;
     assert_eq!(count(dir.path()).await, 4);
-    let fresh = sink(dir.path(), DeltaSinkConfig::default());
-    assert_eq!(
-        fresh
-            .recover(&TopicPartition::new("orders", 0))
-            .await
-            .unwrap(),
-        Some(Offset(4))
-    );
+    assert_eq!(position(dir.path(), 0).await, Some(Offset(4)));
 }
 
 #[tokio::test]
@@ -332,44 +375,18 @@ async fn waiting_appends_commit_as_one_group_and_each_is_fenced_on_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let s = Arc::new(sink(dir.path(), DeltaSinkConfig::default()));
     commit(&s, flush(0, 0, 10, vec![batch(0..10, false)])).await;
-    let version = |dir: &std::path::Path| {
-        let dir = dir.to_path_buf();
-        async move {
-            let url = Url::from_directory_path(dir).unwrap();
-            let mut t = DeltaTableBuilder::from_url(url).unwrap().build().unwrap();
-            t.load().await.unwrap();
-            t.version().unwrap()
-        }
-    };
-    let before = version(dir.path()).await;
+    let before = table_version(dir.path()).await;
     // A zombie's flush of partition 0 from an old position, two new partitions, one of which
     // adds a column.
-    let staged = vec![
-        s.stage(flush(0, 0, 5, vec![batch(100..105, false)]))
-            .await
-            .unwrap(),
-        s.stage(flush(1, 0, 10, vec![batch(10..20, false)]))
-            .await
-            .unwrap(),
-        s.stage(flush(2, 0, 10, vec![batch(20..30, true)]))
-            .await
-            .unwrap(),
-    ];
-    // Hold the table so that all three wait, then let one of them lead.
-    let guard = s.table.lock().await;
-    let mut tasks = Vec::new();
-    for st in staged {
-        let s = s.clone();
-        tasks.push(tokio::spawn(async move { s.commit(&st).await.unwrap().0 }));
-    }
-    while s.pending.lock().unwrap().len() < 3 {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    drop(guard);
-    let mut outcomes = Vec::new();
-    for t in tasks {
-        outcomes.push(t.await.unwrap());
-    }
+    let outcomes = commit_together(
+        &s,
+        vec![
+            flush(0, 0, 5, vec![batch(100..105, false)]),
+            flush(1, 0, 10, vec![batch(10..20, false)]),
+            flush(2, 0, 10, vec![batch(20..30, true)]),
+        ],
+    )
+    .await;
     assert_eq!(
         outcomes,
         vec![
@@ -378,27 +395,14 @@ async fn waiting_appends_commit_as_one_group_and_each_is_fenced_on_its_own() {
             CommitOutcome::Committed { next: Offset(10) },
         ]
     );
-    assert_eq!(version(dir.path()).await, before + 1, "one log entry");
+    assert_eq!(table_version(dir.path()).await, before + 1, "one log entry");
     assert_eq!(count(dir.path()).await, 30);
-    let out = query(dir.path(), "SELECT count(note) AS n FROM t").await;
     assert_eq!(
-        out[0]
-            .column(0)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .unwrap()
-            .value(0),
+        scalar(dir.path(), "SELECT count(note) AS n FROM t").await,
         10
     );
-    let fresh = sink(dir.path(), DeltaSinkConfig::default());
     for p in 0..3 {
-        assert_eq!(
-            fresh
-                .recover(&TopicPartition::new("orders", p))
-                .await
-                .unwrap(),
-            Some(Offset(10))
-        );
+        assert_eq!(position(dir.path(), p).await, Some(Offset(10)));
     }
 }
 
@@ -414,48 +418,16 @@ async fn waiting_upserts_merge_as_one_group_unless_their_keys_meet() {
     };
     let s = Arc::new(sink(dir.path(), config));
     commit(&s, flush(0, 0, 10, vec![batch(0..10, false)])).await;
-    let version = |dir: &std::path::Path| {
-        let dir = dir.to_path_buf();
-        async move {
-            let url = Url::from_directory_path(dir).unwrap();
-            let mut t = DeltaTableBuilder::from_url(url).unwrap().build().unwrap();
-            t.load().await.unwrap();
-            t.version().unwrap()
-        }
-    };
-    // Runs `flushes` so that they all wait for the table, then returns their outcomes.
-    let run = |flushes: Vec<Flush>| {
-        let s = s.clone();
-        async move {
-            let mut staged = Vec::new();
-            for f in flushes {
-                staged.push(s.stage(f).await.unwrap());
-            }
-            let n = staged.len();
-            let guard = s.table.lock().await;
-            let mut tasks = Vec::new();
-            for st in staged {
-                let s = s.clone();
-                tasks.push(tokio::spawn(async move { s.commit(&st).await.unwrap().0 }));
-            }
-            while s.pending.lock().unwrap().len() < n {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-            drop(guard);
-            let mut out = Vec::new();
-            for t in tasks {
-                out.push(t.await.unwrap());
-            }
-            out
-        }
-    };
     // A zombie of partition 0, and partitions 1 and 2 updating 5..10 and inserting 10..20.
-    let before = version(dir.path()).await;
-    let out = run(vec![
-        flush(0, 0, 5, vec![batch(0..5, false)]),
-        flush(1, 0, 5, vec![batch(5..10, false)]),
-        flush(2, 0, 10, vec![batch(10..20, false)]),
-    ])
+    let before = table_version(dir.path()).await;
+    let out = commit_together(
+        &s,
+        vec![
+            flush(0, 0, 5, vec![batch(0..5, false)]),
+            flush(1, 0, 5, vec![batch(5..10, false)]),
+            flush(2, 0, 10, vec![batch(10..20, false)]),
+        ],
+    )
     .await;
     assert_eq!(
         out,
@@ -465,28 +437,24 @@ async fn waiting_upserts_merge_as_one_group_unless_their_keys_meet() {
             CommitOutcome::Committed { next: Offset(10) },
         ]
     );
-    assert_eq!(version(dir.path()).await, before + 1, "one MERGE");
+    assert_eq!(table_version(dir.path()).await, before + 1, "one MERGE");
     assert_eq!(count(dir.path()).await, 20);
     // The same key changed in two partitions: no single MERGE may apply both; each merges alone.
-    let before = version(dir.path()).await;
-    let out = run(vec![
-        flush(1, 5, 6, vec![batch(3..4, false)]),
-        flush(2, 10, 11, vec![batch(3..4, false)]),
-    ])
+    let before = table_version(dir.path()).await;
+    let out = commit_together(
+        &s,
+        vec![
+            flush(1, 5, 6, vec![batch(3..4, false)]),
+            flush(2, 10, 11, vec![batch(3..4, false)]),
+        ],
+    )
     .await;
     assert!(out
         .iter()
         .all(|o| matches!(o, CommitOutcome::Committed { .. })));
-    assert_eq!(version(dir.path()).await, before + 2, "two MERGEs");
+    assert_eq!(table_version(dir.path()).await, before + 2, "two MERGEs");
     assert_eq!(count(dir.path()).await, 20);
-    let fresh = sink(dir.path(), DeltaSinkConfig::default());
     for (p, next) in [(0, 10), (1, 6), (2, 11)] {
-        assert_eq!(
-            fresh
-                .recover(&TopicPartition::new("orders", p))
-                .await
-                .unwrap(),
-            Some(Offset(next))
-        );
+        assert_eq!(position(dir.path(), p).await, Some(Offset(next)));
     }
 }

@@ -14,7 +14,6 @@
 //!   two partitions has no order between them, so those flushes merge one at a time.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use arrow::array::{RecordBatch, UInt32Array};
 use arrow::compute::{concat_batches, take_record_batch};
@@ -236,9 +235,7 @@ pub(super) async fn commit(
             }
             Err(e) if super::is_conflict(&e) && attempt < sink.config.commit_attempts => {
                 warn!(table = %sink.location, %tp, attempt, "merge conflict, re-checking: {e}");
-                let backoff = 50u64 * u64::from(attempt.min(10));
-                let jitter = rand::random::<u64>() % (backoff + 1);
-                tokio::time::sleep(Duration::from_millis(backoff + jitter)).await;
+                super::conflict_backoff(50, attempt).await;
             }
             Err(e) => return Err(sink.err("merge", e)),
         }
@@ -270,30 +267,14 @@ pub(super) async fn commit_group(
             Ok(false) | Err(_) => break members,
         }
         let table = slot.as_ref().expect("table loaded");
-        let mut carried: Vec<Pending> = Vec::with_capacity(members.len());
-        let mut alone: Vec<Pending> = Vec::new();
+        let (fenced, mut alone) = sink.fence_members(table, members).await;
+        let mut carried: Vec<Pending> = Vec::with_capacity(fenced.len());
         let mut rows = 0usize;
-        for p in members {
-            let changes = p.staged.delta.as_ref().and_then(|d| d.changes.clone());
-            let Some(changes) = changes else {
+        for p in fenced {
+            let Some(changes) = p.staged.delta.as_ref().and_then(|d| d.changes.clone()) else {
                 alone.push(p);
                 continue;
             };
-            let decided = match sink.txn_position(table, &p.staged.tp).await {
-                Ok(Some(pos)) if pos == p.staged.next && p.staged.start != p.staged.next => {
-                    Some(CommitOutcome::AlreadyCommitted { next: pos })
-                }
-                Ok(Some(pos)) if pos != p.staged.start => Some(CommitOutcome::Fenced { next: pos }),
-                Ok(_) => None,
-                Err(_) => {
-                    alone.push(p);
-                    continue;
-                }
-            };
-            if let Some(outcome) = decided {
-                let _ = p.reply.send(GroupReply::Done(outcome));
-                continue;
-            }
             let fits = carried.is_empty()
                 || (rows + changes.rows.num_rows() <= sink.config.group_rows
                     && carried[0]
@@ -357,9 +338,7 @@ pub(super) async fn commit_group(
             Err(e) if super::is_conflict(&e) && attempt < sink.config.commit_attempts => {
                 warn!(table = %sink.location, attempt, flushes = carried.len(),
                     "grouped merge conflict, re-checking: {e}");
-                let backoff = 50u64 * u64::from(attempt.min(10));
-                let jitter = rand::random::<u64>() % (backoff + 1);
-                tokio::time::sleep(Duration::from_millis(backoff + jitter)).await;
+                super::conflict_backoff(50, attempt).await;
                 members = carried;
             }
             Err(e) => {
