@@ -219,17 +219,7 @@ pub(super) async fn commit(
         let txns = [(app_id.clone(), staged.next.0 - 1)];
         match merge(sink, config, table, &changes.rows, &txns).await {
             Ok((table, metrics)) => {
-                debug!(table = %sink.location, %tp, inserted = metrics.num_target_rows_inserted,
-                    updated = metrics.num_target_rows_updated,
-                    deleted = metrics.num_target_rows_deleted,
-                    copied = metrics.num_target_rows_copied,
-                    files_scanned = metrics.num_target_files_scanned,
-                    files_skipped = metrics.num_target_files_skipped_during_scan,
-                    files_removed = metrics.num_target_files_removed,
-                    scan_ms = metrics.scan_time_ms,
-                    rewrite_ms = metrics.rewrite_time_ms,
-                    ms = metrics.execution_time_ms, "merged");
-                after_merge(sink, &table).await;
+                after_merge(sink, &table, &metrics, 1).await;
                 *slot = Some(table);
                 return Ok(CommitOutcome::Committed { next: staged.next });
             }
@@ -319,13 +309,7 @@ pub(super) async fn commit_group(
             .collect();
         match merge(sink, config, table, &all, &txns).await {
             Ok((table, metrics)) => {
-                debug!(table = %sink.location, flushes = carried.len(),
-                    inserted = metrics.num_target_rows_inserted,
-                    updated = metrics.num_target_rows_updated,
-                    deleted = metrics.num_target_rows_deleted,
-                    files_scanned = metrics.num_target_files_scanned,
-                    ms = metrics.execution_time_ms, "merged a group");
-                after_merge(sink, &table).await;
+                after_merge(sink, &table, &metrics, carried.len()).await;
                 *slot = Some(table);
                 for p in carried {
                     let next = p.staged.next;
@@ -377,8 +361,24 @@ fn keys_distinct(config: &UpsertConfig, rows: &RecordBatch) -> bool {
     (0..rows.num_rows()).all(|i| seen.insert(keys.row(i)))
 }
 
-/// What follows a MERGE's commit: the log clean-up when it wrote a checkpoint.
-async fn after_merge(sink: &DeltaSink, table: &DeltaTable) {
+/// What follows a MERGE's commit of `flushes` flushes: its metrics at debug level, and the log
+/// clean-up when it wrote a checkpoint.
+async fn after_merge(
+    sink: &DeltaSink,
+    table: &DeltaTable,
+    metrics: &deltalake::operations::merge::MergeMetrics,
+    flushes: usize,
+) {
+    debug!(table = %sink.location, flushes, inserted = metrics.num_target_rows_inserted,
+        updated = metrics.num_target_rows_updated,
+        deleted = metrics.num_target_rows_deleted,
+        copied = metrics.num_target_rows_copied,
+        files_scanned = metrics.num_target_files_scanned,
+        files_skipped = metrics.num_target_files_skipped_during_scan,
+        files_removed = metrics.num_target_files_removed,
+        scan_ms = metrics.scan_time_ms,
+        rewrite_ms = metrics.rewrite_time_ms,
+        ms = metrics.execution_time_ms, "merged");
     if let Ok(state) = table.snapshot() {
         let version = state.version();
         let interval = {
