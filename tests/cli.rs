@@ -136,3 +136,38 @@ fn bench_isolate_measures_decode_and_encode() {
         }
     }
 }
+
+/// With `LAKESINK_LOG` unset, a Delta run logs lakesink's own events at info and none of the
+/// Delta kernel's or deltalake's per-commit info events (some print the whole snapshot).
+#[test]
+fn default_log_keeps_delta_internals_out() {
+    let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
+        .args([
+            "bench",
+            "--kind",
+            "delta",
+            "--records",
+            "3000",
+            "--partitions",
+            "2",
+        ])
+        .env_remove("LAKESINK_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("commits in") && stdout.contains("Delta log entries"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("lakesink::source"), "{stderr}");
+    // The binary's jemalloc options are in force (jemalloc's own default is 4 arenas per CPU).
+    assert!(
+        stdout.contains("allocator: jemalloc, 2 arenas, background purging on"),
+        "{stdout}"
+    );
+    for internal in ["buoyant_kernel", "deltalake_core"] {
+        assert!(!stderr.contains(internal), "{internal} in:\n{stderr}");
+    }
+}

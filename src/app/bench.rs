@@ -658,6 +658,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         peak_rss().unwrap_or(0) as f64 / (1 << 20) as f64,
         rss_before as f64 / (1 << 20) as f64
     );
+    println!("  allocator: {}", allocator());
     println!("{}", split.lock().expect("split").report(rows, elapsed));
     println!(
         "  stalls:    the poll thread waited {:.2} s on full worker queues (backpressure); \
@@ -962,6 +963,18 @@ pub async fn isolate(records: u64, format: &str) -> anyhow::Result<()> {
         per(decode_cpu + encode_cpu)
     );
     Ok(())
+}
+
+/// jemalloc's options as it runs them (the `lakesink` binary's defaults, or
+/// `_RJEM_MALLOC_CONF`), so every bench result says which allocator policy it measured.
+fn allocator() -> String {
+    use tikv_jemalloc_ctl::opt;
+    let arenas = opt::narenas::read().map_or("?".into(), |n| n.to_string());
+    let background = opt::background_thread::read().unwrap_or(false);
+    format!(
+        "jemalloc, {arenas} arenas, background purging {} (librdkafka: glibc malloc)",
+        if background { "on" } else { "off" }
+    )
 }
 
 #[cfg(test)]

@@ -58,6 +58,11 @@ pub fn client_config(cfg: &ValidatedConfig) -> ClientConfig {
         // beside it, nearly 4x the limit in heap (60 MiB at 16 MiB, heaptrack); 8 MiB measured no
         // slower and pays for the 512 KiB mmap threshold in `main.rs`.
         .set("queued.max.messages.kbytes", "8192")
+        // ... and at most 20,000 messages: small records reach the message limit first. The
+        // operation librdkafka keeps per message is about 300 bytes, three times a 94-byte Avro
+        // record, so 8 MiB of them queued took 27 MiB of operations plus 15 MiB of
+        // decompressed sets (heaptrack, 20 tables). librdkafka's default is 100,000.
+        .set("queued.min.messages", "20000")
         // One fetch response is held whole while its records are queued: 16 MiB, not 50 MiB.
         .set("fetch.max.bytes", "16777216");
     for (k, v) in &cfg.kafka_properties {
