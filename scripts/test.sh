@@ -20,6 +20,10 @@ if ! command -v openssl >/dev/null 2>&1; then
   log "installing openssl (the registry TLS test makes certificates)"
   apt-get install -y -qq openssl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq openssl; }
 fi
+if ! command -v make >/dev/null 2>&1; then
+  log "installing make (jemalloc's C build, the binary's allocator)"
+  apt-get install -y -qq make >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq make; }
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
   cargo install --locked cargo-nextest >/dev/null 2>&1 || true
