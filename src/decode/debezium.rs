@@ -171,6 +171,7 @@ pub fn unwrap(
         .or(before.as_ref())
         .ok_or("not a Debezium envelope: no `before`/`after` record")?;
     let deleted: BooleanArray = op.iter().map(|o| Some(o == Some("d"))).collect();
+    let deletes = deleted.true_count();
 
     let mut fields: Vec<Arc<Field>> = Vec::new();
     let mut columns: Vec<ArrayRef> = Vec::new();
@@ -179,10 +180,17 @@ pub fn unwrap(
             s.as_ref()
                 .map(|s| with_parent_nulls(s.column(i), s.nulls()))
         };
-        let value = match (pick(&after), pick(&before)) {
-            (Some(a), Some(b)) => zip(&deleted, &b, &a).map_err(|e| e.to_string())?,
-            (Some(a), None) => a,
-            (None, Some(b)) => b,
+        // Deletes take the `before` image, the rest `after`; a batch without deletes (or of
+        // deletes only) takes one side as it is, without copying it.
+        let value = match (&after, &before) {
+            (Some(_), Some(_)) if deletes == 0 => pick(&after).expect("after"),
+            (Some(_), Some(_)) if deletes == deleted.len() => pick(&before).expect("before"),
+            (Some(_), Some(_)) => {
+                let (a, b) = (pick(&after).expect("after"), pick(&before).expect("before"));
+                zip(&deleted, &b, &a).map_err(|e| e.to_string())?
+            }
+            (Some(_), None) => pick(&after).expect("after"),
+            (None, Some(_)) => pick(&before).expect("before"),
             (None, None) => unreachable!(),
         };
         let (field, value) = convert(f.name(), value, semantics.get(f.name()))?;
@@ -351,5 +359,66 @@ mod tests {
         );
         assert_eq!(s.get("at"), Some(&Semantic::Zoned));
         assert_eq!(s.get("id"), None);
+    }
+
+    /// Unwraps envelopes decoded by arrow-json, as the JSON Debezium format does.
+    fn unwrap_json(lines: &[&str]) -> RecordBatch {
+        let row = DataType::Struct(
+            vec![
+                Field::new("id", DataType::Int64, true),
+                Field::new("name", DataType::Utf8, true),
+            ]
+            .into(),
+        );
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("before", row.clone(), true),
+            Field::new("after", row, true),
+            Field::new("op", DataType::Utf8, true),
+        ]));
+        let mut d = arrow_json::ReaderBuilder::new(schema)
+            .build_decoder()
+            .unwrap();
+        for l in lines {
+            d.decode(l.as_bytes()).unwrap();
+        }
+        unwrap(&d.flush().unwrap().unwrap(), &HashMap::new()).unwrap()
+    }
+
+    fn rows(b: &RecordBatch) -> Vec<(Option<i64>, Option<String>, bool)> {
+        let id = b.column_by_name("id").unwrap().as_primitive::<Int64Type>();
+        let name = b.column_by_name("name").unwrap().as_string::<i32>();
+        let deleted = b.column_by_name("_deleted").unwrap().as_boolean();
+        (0..b.num_rows())
+            .map(|i| {
+                (
+                    id.is_valid(i).then(|| id.value(i)),
+                    name.is_valid(i).then(|| name.value(i).to_string()),
+                    deleted.value(i),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn deletes_take_the_before_image_in_mixed_and_uniform_batches() {
+        let create = r#"{"before":null,"after":{"id":1,"name":"a"},"op":"c"}"#;
+        let update = r#"{"before":{"id":2,"name":"b"},"after":{"id":2,"name":"b2"},"op":"u"}"#;
+        let delete = r#"{"before":{"id":3,"name":"c"},"after":null,"op":"d"}"#;
+        let row = |id, name: &str, deleted| (Some(id), Some(name.to_string()), deleted);
+        assert_eq!(
+            rows(&unwrap_json(&[create, update])),
+            vec![row(1, "a", false), row(2, "b2", false)],
+            "no deletes: the after images"
+        );
+        assert_eq!(
+            rows(&unwrap_json(&[create, delete, update])),
+            vec![row(1, "a", false), row(3, "c", true), row(2, "b2", false)],
+            "mixed"
+        );
+        assert_eq!(
+            rows(&unwrap_json(&[delete, delete])),
+            vec![row(3, "c", true), row(3, "c", true)],
+            "deletes only: the before images"
+        );
     }
 }

@@ -213,7 +213,12 @@ impl RegistryJsonDecoder {
             Ok(s) => s.clone(),
             Err(e) => return reject(self, rec, "unknown-schema", Some(id), e.clone()),
         };
-        if self.current.as_ref().is_none_or(|(cur, _)| *cur != schema) {
+        // A decoder per schema id, so rejections name the id their record carries.
+        if self
+            .current
+            .as_ref()
+            .is_none_or(|(cur, d)| *cur != schema || d.schema_id() != Some(id))
+        {
             if let Some((_, mut old)) = self.current.take() {
                 old.finish(out, rejected);
             }
@@ -224,17 +229,16 @@ impl RegistryJsonDecoder {
                 false,
                 self.metadata,
                 self.batch_size,
-            );
+            )
+            .with_schema_id(id);
             self.current = Some((schema, d));
         }
         let (_, d) = self
             .current
             .as_mut()
             .expect("a decoder for the current schema");
-        d.push(rec, out, rejected).map_err(|mut r| {
-            r.error.schema_id = Some(id);
-            r
-        })
+        d.push(rec, out, rejected);
+        Ok(())
     }
 
     pub fn finish(&mut self, out: &mut Vec<RecordBatch>, rejected: &mut Vec<Rejected>) {

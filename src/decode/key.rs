@@ -95,9 +95,7 @@ impl KeyDecoder {
                 let mut d =
                     JsonDecoder::new(self.tp.clone(), schema.clone(), false, false, NO_META, 1);
                 let (mut out, mut rejected) = (Vec::new(), Vec::new());
-                if let Err(r) = d.push(rec(offset, key), &mut out, &mut rejected) {
-                    return Err(self.error(offset, r.error.reason, false));
-                }
+                d.push(rec(offset, key), &mut out, &mut rejected);
                 d.finish(&mut out, &mut rejected);
                 match rejected.pop() {
                     Some(r) => Err(self.error(offset, r.error.reason, false)),
@@ -148,8 +146,7 @@ impl KeyDecoder {
                 );
                 let (mut out, mut rejected) = (Vec::new(), Vec::new());
                 for (i, k) in keys.iter().enumerate() {
-                    d.push(rec(i as i64, k.unwrap_or(b"{}")), &mut out, &mut rejected)
-                        .map_err(|r| r.error.reason)?;
+                    d.push(rec(i as i64, k.unwrap_or(b"{}")), &mut out, &mut rejected);
                 }
                 d.finish(&mut out, &mut rejected);
                 if let Some(r) = rejected.first() {

@@ -87,7 +87,10 @@ impl FormatDecoder {
     ) -> Result<(), Box<Rejected>> {
         match self {
             FormatDecoder::Avro(d) => d.push(rec, out).await,
-            FormatDecoder::Json(d) => d.push(rec, out, rejected),
+            FormatDecoder::Json(d) => {
+                d.push(rec, out, rejected);
+                Ok(())
+            }
             FormatDecoder::RegistryJson(d) => d.push(rec, out, rejected).await,
         }
     }

@@ -20,7 +20,9 @@ use arrow::compute::{concat_batches, take_record_batch};
 use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, SortField};
 use deltalake::datafusion::common::Column;
+use deltalake::datafusion::execution::context::SessionState;
 use deltalake::datafusion::prelude::{lit, Expr, SessionContext};
+use deltalake::delta_datafusion::DeltaSessionContext;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
 use deltalake::{DeltaTable, DeltaTableError};
@@ -109,6 +111,24 @@ fn column(relation: &str, name: &str) -> Expr {
     Expr::Column(Column::new(Some(relation), name))
 }
 
+/// The DataFusion session a MERGE runs in: deltalake's defaults, with the join's sides fixed.
+///
+/// MERGE is a full outer join of the changes (the source) with the files they may touch (the
+/// target). DataFusion puts the side it estimates smaller on the hash table's build side, which is
+/// kept in memory whole; once the table's files looked smaller than a flush of changes, that was
+/// the target, so memory grew with the table. With join reordering off the source, which a flush
+/// bounds, is always the build side, and the target streams through.
+pub(super) fn merge_session() -> std::result::Result<std::sync::Arc<SessionState>, DeltaTableError>
+{
+    let overrides = HashMap::from([(
+        "datafusion.optimizer.join_reordering".to_string(),
+        "false".to_string(),
+    )]);
+    Ok(std::sync::Arc::new(
+        DeltaSessionContext::new_with_session_overrides(&overrides)?.state(),
+    ))
+}
+
 /// One MERGE of `rows` (at most one change per key) into `table`, recording `txns`
 /// (appId, version) in its commit.
 async fn merge(
@@ -152,6 +172,7 @@ async fn merge(
     let mut builder = table
         .clone()
         .merge(source, predicate)
+        .with_session_state(merge_session()?)
         .with_source_alias("source")
         .with_target_alias("target")
         .with_merge_schema(true)
