@@ -129,19 +129,20 @@ pub(super) fn merge_session() -> std::result::Result<std::sync::Arc<SessionState
     ))
 }
 
-/// One MERGE of `rows` (at most one change per key) into `table`, recording `txns`
+/// One MERGE of `batches` (at most one change per key, all of one schema) into `table`, recording `txns`
 /// (appId, version) in its commit.
 async fn merge(
     sink: &DeltaSink,
     config: &UpsertConfig,
     table: &DeltaTable,
-    rows: &RecordBatch,
+    batches: &[RecordBatch],
     txns: &[(String, i64)],
 ) -> std::result::Result<(DeltaTable, deltalake::operations::merge::MergeMetrics), DeltaTableError>
 {
+    let schema = batches.first().expect("a MERGE has changes").schema();
     let ctx = SessionContext::new();
     let source = ctx
-        .read_batch(rows.clone())
+        .read_batches(batches.to_vec())
         .map_err(DeltaTableError::from)?;
     let mut predicate: Option<Expr> = None;
     for k in &config.keys {
@@ -155,14 +156,9 @@ async fn merge(
     let deleted = config
         .delete_column
         .as_ref()
-        .filter(|c| rows.schema().field_with_name(c).is_ok())
+        .filter(|c| schema.field_with_name(c).is_ok())
         .map(|c| column("source", c).eq(lit(true)));
-    let names: Vec<String> = rows
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
+    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
     let mut properties = CommitProperties::default()
         .with_max_retries(sink.config.commit_attempts as usize)
         .with_cleanup_expired_logs(Some(false));
@@ -238,7 +234,15 @@ pub(super) async fn commit(
             _ => {}
         }
         let txns = [(app_id.clone(), staged.next.0 - 1)];
-        match merge(sink, config, table, &changes.rows, &txns).await {
+        match merge(
+            sink,
+            config,
+            table,
+            std::slice::from_ref(&changes.rows),
+            &txns,
+        )
+        .await
+        {
             Ok((table, metrics)) => {
                 after_merge(sink, &table, &metrics, 1).await;
                 *slot = Some(table);
@@ -311,15 +315,13 @@ pub(super) async fn commit_group(
         if carried.is_empty() {
             return;
         }
+        // The flushes' changes go to the MERGE as they are, without a concatenated copy.
         let batches: Vec<RecordBatch> = carried
             .iter()
             .filter_map(|p| p.staged.delta.as_ref()?.changes.as_ref())
             .map(|c| c.rows.clone())
             .collect();
-        let Ok(all) = concat_batches(&batches[0].schema(), &batches) else {
-            break carried;
-        };
-        if !keys_distinct(config, &all) {
+        if !keys_distinct(config, &batches) {
             debug!(table = %sink.location, flushes = carried.len(),
                 "a key changed in more than one partition: merging them one at a time");
             break carried;
@@ -328,7 +330,7 @@ pub(super) async fn commit_group(
             .iter()
             .map(|p| (sink.app_id(&p.staged.tp), p.staged.next.0 - 1))
             .collect();
-        match merge(sink, config, table, &all, &txns).await {
+        match merge(sink, config, table, &batches, &txns).await {
             Ok((table, metrics)) => {
                 after_merge(sink, &table, &metrics, carried.len()).await;
                 *slot = Some(table);
@@ -358,28 +360,43 @@ pub(super) async fn commit_group(
 }
 
 /// Whether no key occurs twice in `rows`.
-fn keys_distinct(config: &UpsertConfig, rows: &RecordBatch) -> bool {
-    let Some(columns) = config
+fn keys_distinct(config: &UpsertConfig, batches: &[RecordBatch]) -> bool {
+    let Some(first) = batches.first() else {
+        return true;
+    };
+    let Some(fields) = config
         .keys
         .iter()
-        .map(|k| rows.column_by_name(k).cloned())
+        .map(|k| {
+            first
+                .column_by_name(k)
+                .map(|c| SortField::new(c.data_type().clone()))
+        })
         .collect::<Option<Vec<_>>>()
     else {
         return false;
     };
-    let Ok(converter) = RowConverter::new(
-        columns
+    let Ok(converter) = RowConverter::new(fields) else {
+        return false;
+    };
+    let mut keys = Vec::with_capacity(batches.len());
+    for b in batches {
+        let Some(columns) = config
+            .keys
             .iter()
-            .map(|c| SortField::new(c.data_type().clone()))
-            .collect(),
-    ) else {
-        return false;
-    };
-    let Ok(keys) = converter.convert_columns(&columns) else {
-        return false;
-    };
-    let mut seen = std::collections::HashSet::with_capacity(rows.num_rows());
-    (0..rows.num_rows()).all(|i| seen.insert(keys.row(i)))
+            .map(|k| b.column_by_name(k).cloned())
+            .collect::<Option<Vec<_>>>()
+        else {
+            return false;
+        };
+        let Ok(k) = converter.convert_columns(&columns) else {
+            return false;
+        };
+        keys.push(k);
+    }
+    let total = batches.iter().map(RecordBatch::num_rows).sum();
+    let mut seen = std::collections::HashSet::with_capacity(total);
+    keys.iter().all(|k| k.iter().all(|row| seen.insert(row)))
 }
 
 /// What follows a MERGE's commit of `flushes` flushes: its metrics at debug level, and the log
