@@ -110,9 +110,10 @@ struct Router {
 }
 
 /// Rows decoded per batch, shared by every partition this process holds: each partition's
-/// decoder keeps buffers sized for one batch (0.5–0.8 MiB at 1,024 JSON rows), so with many
-/// partitions the batches shrink, down to 256 rows, to keep those buffers within the same
-/// memory as 48 partitions at 1,024 rows. Fixed per partition when it is assigned.
+/// decoder keeps one batch (Avro in Arrow builders; JSON as its pending records, parsed when the
+/// batch is emitted), so with many partitions the batches shrink, down to 256 rows, to keep those
+/// buffers within the same memory as 48 partitions at 1,024 rows. Fixed per partition when it is
+/// assigned.
 pub fn decode_batch_rows(partitions: usize) -> usize {
     const ROWS_PER_PROCESS: usize = 48 * 1024;
     (ROWS_PER_PROCESS / partitions.max(1)).clamp(256, 1024)
