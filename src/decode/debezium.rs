@@ -176,21 +176,16 @@ pub fn unwrap(
     let mut fields: Vec<Arc<Field>> = Vec::new();
     let mut columns: Vec<ArrayRef> = Vec::new();
     for (i, f) in row_type.fields().iter().enumerate() {
-        let pick = |s: &Option<arrow::array::StructArray>| -> Option<ArrayRef> {
-            s.as_ref()
-                .map(|s| with_parent_nulls(s.column(i), s.nulls()))
-        };
+        let pick = |s: &arrow::array::StructArray| with_parent_nulls(s.column(i), s.nulls());
         // Deletes take the `before` image, the rest `after`; a batch without deletes (or of
         // deletes only) takes one side as it is, without copying it.
         let value = match (&after, &before) {
-            (Some(_), Some(_)) if deletes == 0 => pick(&after).expect("after"),
-            (Some(_), Some(_)) if deletes == deleted.len() => pick(&before).expect("before"),
-            (Some(_), Some(_)) => {
-                let (a, b) = (pick(&after).expect("after"), pick(&before).expect("before"));
-                zip(&deleted, &b, &a).map_err(|e| e.to_string())?
+            (Some(a), Some(b)) if 0 < deletes && deletes < deleted.len() => {
+                zip(&deleted, &pick(b), &pick(a)).map_err(|e| e.to_string())?
             }
-            (Some(_), None) => pick(&after).expect("after"),
-            (None, Some(_)) => pick(&before).expect("before"),
+            (Some(a), Some(_)) if deletes == 0 => pick(a),
+            (Some(a), None) => pick(a),
+            (_, Some(b)) => pick(b),
             (None, None) => unreachable!(),
         };
         let (field, value) = convert(f.name(), value, semantics.get(f.name()))?;
