@@ -687,6 +687,41 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if mode == "append" {
         anyhow::ensure!(rows == records, "committed {rows} rows, expected {records}");
     }
+    if kind == "delta" && mode == "upsert" && all_topics.len() == 1 && opts.format != "debezium" {
+        check_upserted(&table, records).await?;
+    }
+    Ok(())
+}
+
+/// Reads back the upserted table: one row per order (`order_id = "o-{id / 3}"`), each the order's
+/// last change (the largest `id`).
+async fn check_upserted(table: &std::path::Path, records: u64) -> anyhow::Result<()> {
+    let url = url::Url::from_directory_path(table)
+        .map_err(|()| anyhow::anyhow!("{} is not an absolute path", table.display()))?;
+    let out = sinks::delta::query(
+        url.as_str(),
+        "SELECT count(*), count(DISTINCT order_id), sum(id) FROM t",
+    )
+    .await
+    .context("reading back the upserted table")?;
+    let value = |c: usize| -> anyhow::Result<i64> {
+        let v = arrow::compute::cast(out[0].column(c), &arrow::datatypes::DataType::Int64)?;
+        Ok(v.as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .context("an Int64 column")?
+            .value(0))
+    };
+    let (rows, orders, ids) = (value(0)?, value(1)?, value(2)?);
+    let want_orders = records.div_ceil(3) as i64;
+    let want_ids: i64 = (0..want_orders)
+        .map(|k| (3 * k + 2).min(records as i64 - 1))
+        .sum();
+    anyhow::ensure!(
+        (rows, orders, ids) == (want_orders, want_orders, want_ids),
+        "the upserted table has {rows} rows of {orders} orders with ids summing to {ids}; \
+         expected {want_orders} rows, one per order, summing to {want_ids}"
+    );
+    println!("  check:     {rows} rows, one per order, each its last change (read back)");
     Ok(())
 }
 

@@ -33,6 +33,7 @@
 //! - The log is cleaned of entries past `delta.logRetentionDuration` only when a commit writes a
 //!   checkpoint, as the Delta protocol describes, not after every commit.
 
+mod rewrite;
 mod schema;
 pub mod upsert;
 
@@ -793,6 +794,22 @@ impl DeltaSink {
             }
         }
     }
+}
+
+/// Runs `sql` over the Delta table at `location` (a URL), registered as `t`: what the bench reads
+/// back to check what an upsert left.
+pub async fn query(
+    location: &str,
+    sql: &str,
+) -> std::result::Result<Vec<RecordBatch>, DeltaTableError> {
+    register_handlers();
+    let url =
+        Url::parse(location).map_err(|e| DeltaTableError::InvalidTableLocation(e.to_string()))?;
+    let mut table = DeltaTableBuilder::from_url(url)?.build()?;
+    table.load().await?;
+    let ctx = deltalake::datafusion::prelude::SessionContext::new();
+    ctx.register_table("t", table.table_provider().await?)?;
+    Ok(ctx.sql(sql).await?.collect().await?)
 }
 
 /// Sleeps before retrying a commit that lost a race: `base_ms` per attempt so far (at most 10),

@@ -130,15 +130,23 @@ pub(super) fn merge_session() -> std::result::Result<std::sync::Arc<SessionState
 }
 
 /// One MERGE of `batches` (at most one change per key, all of one schema) into `table`, recording `txns`
-/// (appId, version) in its commit.
+/// (appId, version) in its commit: by copy-on-write of the files that hold a changed key (see
+/// [`super::rewrite`]), or by deltalake's MERGE for the tables that cannot go that way.
 async fn merge(
     sink: &DeltaSink,
     config: &UpsertConfig,
     table: &DeltaTable,
     batches: &[RecordBatch],
+    tps: &[TopicPartition],
     txns: &[(String, i64)],
 ) -> std::result::Result<(DeltaTable, deltalake::operations::merge::MergeMetrics), DeltaTableError>
 {
+    match super::rewrite::upsert(sink, config, table, batches, tps, txns).await? {
+        super::rewrite::Outcome::Done(table, metrics) => return Ok((table, metrics)),
+        super::rewrite::Outcome::Unsupported(why) => {
+            debug!(table = %sink.location, "upsert by deltalake's MERGE: {why}");
+        }
+    }
     let schema = batches.first().expect("a MERGE has changes").schema();
     let ctx = SessionContext::new();
     let source = ctx
@@ -239,6 +247,7 @@ pub(super) async fn commit(
             config,
             table,
             std::slice::from_ref(&changes.rows),
+            std::slice::from_ref(tp),
             &txns,
         )
         .await
@@ -330,7 +339,8 @@ pub(super) async fn commit_group(
             .iter()
             .map(|p| (sink.app_id(&p.staged.tp), p.staged.next.0 - 1))
             .collect();
-        match merge(sink, config, table, &batches, &txns).await {
+        let tps: Vec<TopicPartition> = carried.iter().map(|p| p.staged.tp.clone()).collect();
+        match merge(sink, config, table, &batches, &tps, &txns).await {
             Ok((table, metrics)) => {
                 after_merge(sink, &table, &metrics, carried.len()).await;
                 *slot = Some(table);
