@@ -470,11 +470,15 @@ async fn probe(
     if groups.is_empty() {
         return Ok(Probe::Pruned);
     }
-    let roots: Vec<usize> = keys
+    let Ok(roots) = keys
         .columns
         .iter()
         .map(|k| arrow_schema.index_of(k))
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<Vec<usize>, _>>()
+    else {
+        // Written before a key column existed: its keys are null there, and no change's is.
+        return Ok(Probe::Clean);
+    };
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
     let path = file.object_store_path();
     let mut stream = builder

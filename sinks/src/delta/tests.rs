@@ -750,3 +750,30 @@ async fn tables_partitioned_by_a_key_are_upserted_by_deltalakes_merge() {
     };
     assert_eq!((value(0), value(1)), (2, 2), "ids 0 and 2 are left");
 }
+
+#[tokio::test]
+async fn files_written_before_the_key_column_existed_are_left_as_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![Field::new("name", DataType::Utf8, true)])),
+        vec![Arc::new(StringArray::from(vec!["old"]))],
+    )
+    .unwrap();
+    commit(
+        &sink(dir.path(), DeltaSinkConfig::default()),
+        flush(1, 0, 1, vec![names]),
+    )
+    .await;
+    let before = table_files(&sink(dir.path(), upsert_config())).await;
+    let s = sink(dir.path(), upsert_config());
+    commit(&s, flush(0, 0, 2, vec![inserts(0..2)])).await;
+    commit(&s, flush(0, 2, 3, vec![inserts(1..2)])).await;
+    let after = table_files(&s).await;
+    assert!(after.is_superset(&before), "the keyless file stays");
+    let out = query(dir.path(), "SELECT count(*), count(id), sum(id) FROM t").await;
+    let value = |c: usize| {
+        let v = arrow::compute::cast(out[0].column(c), &DataType::Int64).unwrap();
+        v.as_any().downcast_ref::<Int64Array>().unwrap().value(0)
+    };
+    assert_eq!((value(0), value(1), value(2)), (3, 2, 1));
+}
