@@ -9,8 +9,9 @@
 //!
 //! ```text
 //!  keys    ─► the changes' keys: a hash set (membership) and, per key column, the sorted values
-//!  prune   ─► each file's footer: a row group whose min/max admits no change of some key column
-//!             is skipped; a file with no row group left is untouched (its data is never read)
+//!  prune   ─► a file whose min/max in the log admits no change of some key column is not
+//!             opened; then each file's footer: a row group whose min/max admits none is skipped,
+//!             and a file with no row group left is untouched (its data is never read)
 //!  probe   ─► the key columns of the remaining row groups: a file without a changed key is
 //!             untouched
 //!  rewrite ─► each file that holds one streams through: rows of changed keys are dropped, the
@@ -40,6 +41,7 @@ use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch};
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::row::{Row, RowConverter, Rows, SortField};
+use delta_kernel::expressions::{Scalar, StructData};
 use deltalake::datafusion::common::{Column, ScalarValue};
 use deltalake::datafusion::prelude::{lit, Expr};
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
@@ -123,11 +125,61 @@ impl Keys {
         })
     }
 
+    /// `batch`'s keys, as rows comparable with the changes'.
+    fn rows_of(&self, batch: &RecordBatch) -> Result<Rows, DeltaTableError> {
+        let columns = key_columns(batch, &self.columns, &self.types)?;
+        Ok(self.converter.convert_columns(&columns)?)
+    }
+
     /// Whether some change's value of key column `c` lies in `[min, max]`.
     fn admits(&self, c: usize, min: Row<'_>, max: Row<'_>) -> bool {
         let (_, values, order) = &self.per_column[c];
         let first = order.partition_point(|&i| values.row(i) < min);
         first < order.len() && values.row(order[first]) <= max
+    }
+
+    /// Per row of `mins` / `maxes` (bounds of key column `c`, one row per file or row group):
+    /// whether some change's value lies within them. `None` when the bounds cannot be compared;
+    /// a row without bounds admits.
+    fn admitted_by(&self, c: usize, mins: &ArrayRef, maxes: &ArrayRef) -> Option<Vec<bool>> {
+        let t = &self.types[c];
+        let (mins, maxes) = (cast(mins, t).ok()?, cast(maxes, t).ok()?);
+        let one = &self.per_column[c].0;
+        let lo = one.convert_columns(std::slice::from_ref(&mins)).ok()?;
+        let hi = one.convert_columns(std::slice::from_ref(&maxes)).ok()?;
+        Some(
+            (0..mins.len())
+                .map(|g| {
+                    mins.is_null(g) || maxes.is_null(g) || self.admits(c, lo.row(g), hi.row(g))
+                })
+                .collect(),
+        )
+    }
+
+    /// Whether the file's statistics in the log admit a change of every key column: a file they
+    /// rule out is not even opened.
+    fn admitted_by_log_stats(&self, file: &LogicalFileView) -> bool {
+        let (Some(Scalar::Struct(mins)), Some(Scalar::Struct(maxes))) =
+            (file.min_values(), file.max_values())
+        else {
+            return true;
+        };
+        let bound = |data: &StructData, column: &str| -> Option<ArrayRef> {
+            let (_, v) = data
+                .fields()
+                .iter()
+                .zip(data.values())
+                .find(|(f, _)| f.name() == column)?;
+            (!v.is_null()).then(|| v.to_array(1).ok()).flatten()
+        };
+        self.columns.iter().enumerate().all(|(c, column)| {
+            match (bound(&mins, column), bound(&maxes, column)) {
+                (Some(lo), Some(hi)) => {
+                    self.admitted_by(c, &lo, &hi).is_none_or(|admits| admits[0])
+                }
+                _ => true,
+            }
+        })
     }
 
     /// The smallest and the largest change of key column `c`.
@@ -423,7 +475,12 @@ async fn reader(
     };
     ParquetRecordBatchStreamBuilder::new(reader)
         .await
-        .map_err(|e| DeltaTableError::Generic(format!("reading data file {path}: {e}")))
+        .map_err(read_error(&path))
+}
+
+/// An error reading data file `path`, named.
+fn read_error(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> DeltaTableError + '_ {
+    move |e| DeltaTableError::Generic(format!("reading data file {path}: {e}"))
 }
 
 /// Reads file number `n`'s footer and, where its statistics admit a change, its key columns.
@@ -434,11 +491,14 @@ async fn probe(
     keys: &Keys,
     index: &HashMap<Row<'_>, bool>,
 ) -> Result<Probe, DeltaTableError> {
+    if !keys.admitted_by_log_stats(file) {
+        return Ok(Probe::Pruned);
+    }
     let builder = reader(store, file).await?;
     let arrow_schema = builder.schema().clone();
     let row_groups = builder.metadata().row_groups();
     let mut admitted: Vec<bool> = vec![true; row_groups.len()];
-    for (c, (column, t)) in keys.columns.iter().zip(&keys.types).enumerate() {
+    for (c, column) in keys.columns.iter().enumerate() {
         let Ok(stats) =
             StatisticsConverter::try_new(column, &arrow_schema, builder.parquet_schema())
         else {
@@ -450,19 +510,9 @@ async fn probe(
         ) else {
             continue;
         };
-        let (Ok(mins), Ok(maxes)) = (cast(&mins, t), cast(&maxes, t)) else {
-            continue;
-        };
-        let one = &keys.per_column[c].0;
-        let (Ok(lo), Ok(hi)) = (
-            one.convert_columns(std::slice::from_ref(&mins)),
-            one.convert_columns(std::slice::from_ref(&maxes)),
-        ) else {
-            continue;
-        };
-        for (g, admit) in admitted.iter_mut().enumerate() {
-            if mins.is_valid(g) && maxes.is_valid(g) && !keys.admits(c, lo.row(g), hi.row(g)) {
-                *admit = false;
+        if let Some(admits) = keys.admitted_by(c, &mins, &maxes) {
+            for (a, b) in admitted.iter_mut().zip(admits) {
+                *a &= b;
             }
         }
     }
@@ -486,13 +536,9 @@ async fn probe(
         .with_row_groups(groups)
         .with_batch_size(BATCH_ROWS)
         .build()
-        .map_err(|e| DeltaTableError::Generic(format!("reading data file {path}: {e}")))?;
+        .map_err(read_error(&path))?;
     while let Some(batch) = stream.next().await {
-        let batch = batch
-            .map_err(|e| DeltaTableError::Generic(format!("reading data file {path}: {e}")))?;
-        let rows =
-            keys.converter
-                .convert_columns(&key_columns(&batch, &keys.columns, &keys.types)?)?;
+        let rows = keys.rows_of(&batch.map_err(read_error(&path))?)?;
         if rows.iter().any(|r| index.contains_key(&r)) {
             return Ok(Probe::Dirty(n));
         }
@@ -518,13 +564,10 @@ async fn rewrite_file(
         .await?
         .with_batch_size(BATCH_ROWS)
         .build()
-        .map_err(|e| DeltaTableError::Generic(format!("reading data file {path}: {e}")))?;
+        .map_err(read_error(&path))?;
     while let Some(batch) = stream.next().await {
-        let batch = batch
-            .map_err(|e| DeltaTableError::Generic(format!("reading data file {path}: {e}")))?;
-        let rows =
-            keys.converter
-                .convert_columns(&key_columns(&batch, &keys.columns, &keys.types)?)?;
+        let batch = batch.map_err(read_error(&path))?;
+        let rows = keys.rows_of(&batch)?;
         let keep = BooleanArray::from_iter(rows.iter().map(|r| match index.get(&r) {
             None => Some(true),
             Some(true) => {
