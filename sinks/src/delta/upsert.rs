@@ -1,5 +1,7 @@
 //! `mode = "upsert"` for Delta tables: a flush of change events becomes one MERGE whose commit
-//! also carries the partition's txn action, so applying changes is exactly once too.
+//! also carries the partition's txn action, so applying changes is exactly once too. The MERGE
+//! is lakesink's copy-on-write (`rewrite.rs`) where the table allows it, deltalake's join
+//! otherwise.
 //!
 //! Invariants:
 //! - Within a flush only the last change per key survives (rows arrive in offset order, and a
