@@ -319,9 +319,13 @@ pub(super) async fn upsert(
         Some(partition_columns.clone()),
         Some(sink.options.clone()),
     )?
-    .with_writer_properties(crate::parquet::writer::writer_properties(
+    // As appends do: no dictionary for the columns whose values are mostly distinct in the
+    // changes (an order id, an offset), which would otherwise be hashed into a dictionary as
+    // large as the data while the file is open.
+    .with_writer_properties(crate::parquet::writer::writer_properties_for(
         sink.config.compression,
         sink.config.row_group_rows,
+        &batches[0],
     ))
     .with_target_file_size(TARGET_FILE_BYTES);
     for &n in &dirty {
