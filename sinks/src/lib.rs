@@ -117,6 +117,17 @@ pub struct Staged {
     pub columns: Vec<String>,
 }
 
+impl Staged {
+    /// Bytes of decoded data this staged flush keeps in memory until its commit: a Delta
+    /// upsert's changes, which the commit applies (other flushes are already in their files).
+    pub fn retained_bytes(&self) -> usize {
+        self.delta
+            .as_ref()
+            .and_then(|d| d.changes.as_ref())
+            .map_or(0, |c| c.rows.get_array_memory_size())
+    }
+}
+
 /// A destination table with an exactly-once commit protocol.
 ///
 /// Implementations must be safe to call from several writers (processes) at once: `commit` is

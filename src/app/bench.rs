@@ -641,14 +641,27 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         "  phases:    every record decoded after {consumed:.2} s; the last commit {:.2} s later",
         elapsed - consumed
     );
-    let files = progress.files_committed.load(Ordering::Relaxed);
-    let out_bytes = progress.bytes_committed.load(Ordering::Relaxed);
+    let (mut files, mut out_bytes) = (
+        progress.files_committed.load(Ordering::Relaxed),
+        progress.bytes_committed.load(Ordering::Relaxed),
+    );
+    let mut what = "";
+    if kind == "delta" && mode == "upsert" && all_topics.len() == 1 {
+        // An upsert's files are written by its commit, which replaces files: count what the
+        // table references at the end.
+        let url = url::Url::from_directory_path(&table)
+            .map_err(|()| anyhow::anyhow!("{} is not an absolute path", table.display()))?;
+        let (n, b) = sinks::delta::live_files(url.as_str())
+            .await
+            .context("listing the upserted table's files")?;
+        (files, out_bytes, what) = (n as u64, b, " in the table at the end");
+    }
     let log_entries = match kind.as_str() {
         "delta" => format!(" in {} Delta log entries", delta_log_entries(dir.path())),
         _ => String::new(),
     };
     println!(
-        "  output:    {files} files, {:.1} MB of Parquet ({:.1} MB per file), {} commits{log_entries}",
+        "  output:    {files} files, {:.1} MB of Parquet ({:.1} MB per file){what}, {} commits{log_entries}",
         out_bytes as f64 / 1e6,
         out_bytes as f64 / 1e6 / files.max(1) as f64,
         progress.commits.load(Ordering::Relaxed)

@@ -150,7 +150,8 @@ pub struct HttpConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
-    /// Bytes of decoded, unflushed data across all tables before the largest writers flush.
+    /// Bytes of decoded data across all tables (buffered, being staged, or a Delta upsert's
+    /// changes waiting for their commit) before the largest writers flush.
     #[serde(default = "default_memory")]
     pub max_buffer_bytes: String,
     /// How long shutdown and partition revocation may take to flush and commit.

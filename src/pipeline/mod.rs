@@ -69,7 +69,8 @@ pub enum Event {
 }
 
 /// The global budget for decoded data: buffered in partition writers, plus flushes still being
-/// encoded and staged (their Arrow batches and Parquet output are alive until the stage ends).
+/// encoded and staged (their Arrow batches and Parquet output are alive until the stage ends),
+/// plus staged flushes that keep their rows until their commit (a Delta upsert's changes).
 ///
 /// Over the limit, only writers holding at least the average buffer flush, so pressure produces
 /// a few larger files rather than one tiny file per partition.
@@ -110,7 +111,11 @@ impl BufferBudget {
         self.release(n);
         self.in_flight.fetch_add(n, Ordering::Relaxed);
     }
-    /// The flush of `n` bytes is staged (or abandoned).
+    /// A staged flush keeps `n` bytes of decoded data until its commit ends (`end_flush`).
+    pub fn hold(&self, n: usize) {
+        self.in_flight.fetch_add(n, Ordering::Relaxed);
+    }
+    /// The flush of `n` bytes is staged, committed or abandoned.
     pub fn end_flush(&self, n: usize) {
         self.in_flight.fetch_sub(n, Ordering::Relaxed);
     }
@@ -156,6 +161,23 @@ mod tests {
         b.release(10);
         b.release(20);
         assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn changes_waiting_for_their_commit_put_the_buffers_under_pressure() {
+        let b = BufferBudget::new(100);
+        b.add(60, true);
+        b.start_flush(60);
+        b.end_flush(60);
+        // The staged upsert keeps its 60 bytes of changes until the commit.
+        b.hold(60);
+        b.add(50, true);
+        assert!(
+            b.over() && b.should_flush(50),
+            "buffers flush while changes wait"
+        );
+        b.end_flush(60);
+        assert!(!b.over());
     }
 }
 

@@ -721,13 +721,19 @@ impl Worker {
             Err(e) => return self.give_up(e),
         };
         stats.flush_seconds.observe(started.elapsed());
+        // What the staged flush still holds (an upsert's changes) counts until its commit, so
+        // flushes waiting for their table cannot grow memory past the budget.
+        let retained = staged.retained_bytes();
+        self.ctx.budget.hold(retained);
         let committing = std::time::Instant::now();
         let (runtime, progress) = (self.ctx.runtime.clone(), self.ctx.progress.clone());
-        let outcome = match retry(&name, &tp, &stats, "commit", || {
+        let outcome = retry(&name, &tp, &stats, "commit", || {
             commit(&runtime, &progress, &stats, &staged)
         })
-        .await
-        {
+        .await;
+        drop(staged);
+        self.ctx.budget.end_flush(retained);
+        let outcome = match outcome {
             Ok(o) => o,
             Err(e) => return self.give_up(e),
         };

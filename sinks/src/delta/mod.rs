@@ -58,7 +58,7 @@ use url::Url;
 pub use schema::{conform_batch, delta_schema, merge as merge_schema};
 
 use crate::parquet::{Compression, CrashHook};
-use crate::partition::{self, PartitionSpec, HIVE_NULL};
+use crate::partition::{self, PartitionSpec};
 use crate::store::redact_url;
 use crate::{
     CommitOutcome, CommitStats, Error, Flush, Offset, Result, Sink, Staged, TopicPartition,
@@ -812,6 +812,22 @@ pub async fn query(
     Ok(ctx.sql(sql).await?.collect().await?)
 }
 
+/// The data files the Delta table at `location` (a URL) references now, and their bytes: what
+/// upserts leave, since their commits replace files (what they committed does not add up to it).
+pub async fn live_files(location: &str) -> std::result::Result<(usize, u64), DeltaTableError> {
+    register_handlers();
+    let url =
+        Url::parse(location).map_err(|e| DeltaTableError::InvalidTableLocation(e.to_string()))?;
+    let mut table = DeltaTableBuilder::from_url(url)?.build()?;
+    table.load().await?;
+    let (mut files, mut bytes) = (0, 0);
+    for f in table.snapshot()?.log_data().iter() {
+        files += 1;
+        bytes += f.size().max(0) as u64;
+    }
+    Ok((files, bytes))
+}
+
 /// Sleeps before retrying a commit that lost a race: `base_ms` per attempt so far (at most 10),
 /// plus as much again at random, so that racing writers spread out.
 pub(super) async fn conflict_backoff(base_ms: u64, attempt: u32) {
@@ -891,6 +907,35 @@ fn split_by_partition(
     columns: &[String],
     tp: &TopicPartition,
 ) -> Result<Vec<(PartitionValues, RecordBatch)>> {
+    if columns.is_empty() || batch.num_rows() == 0 {
+        return Ok(vec![(IndexMap::new(), batch.clone())]);
+    }
+    partition_rows(batch, columns, tp)?
+        .into_iter()
+        .map(|(values, rows)| {
+            let part = if rows.len() == batch.num_rows() {
+                batch.clone()
+            } else {
+                take_record_batch(batch, &UInt32Array::from(rows)).map_err(|e| {
+                    Error::PartitionValue {
+                        spec: columns.join(","),
+                        tp: tp.clone(),
+                        reason: e.to_string(),
+                    }
+                })?
+            };
+            Ok((values, part))
+        })
+        .collect()
+}
+
+/// The rows of `batch` in each partition, by the values of its partition columns (one group
+/// of every row when there are none), in the order of [`partition_key`].
+fn partition_rows(
+    batch: &RecordBatch,
+    columns: &[String],
+    tp: &TopicPartition,
+) -> Result<Vec<(PartitionValues, Vec<u32>)>> {
     let err = |reason: String| Error::PartitionValue {
         spec: columns.join(","),
         tp: tp.clone(),
@@ -918,35 +963,38 @@ fn split_by_partition(
         }
         Ok(v)
     };
-    if columns.is_empty() || batch.num_rows() == 0 {
-        return Ok(vec![(IndexMap::new(), batch.clone())]);
-    }
     // Group on the row-encoded values, then serialize each group's values once.
     let owned: Vec<ArrayRef> = arrays.iter().map(|a| (*a).clone()).collect();
-    let mut groups: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    let mut groups: BTreeMap<String, (PartitionValues, Vec<u32>)> = BTreeMap::new();
     for rows in partition::group_rows(&owned, batch.num_rows()).map_err(err)? {
-        let first = rows[0] as usize;
-        let mut key = String::new();
-        for a in &arrays {
-            let s = delta_kernel::expressions::Scalar::from_array(a.as_ref(), first)
-                .map(|s| s.serialize())
-                .unwrap_or_else(|| HIVE_NULL.to_string());
-            key.push_str(&s);
-            key.push('\u{1}');
+        let values = values_of(rows[0] as usize)?;
+        match groups.entry(partition_key(&values)) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert((values, rows));
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                // Distinct row encodings that serialize alike (a float's -0 and 0).
+                let all = &mut o.get_mut().1;
+                all.extend(rows);
+                all.sort_unstable();
+            }
         }
-        partition::merge_group(&mut groups, key, rows);
     }
-    let mut out = Vec::with_capacity(groups.len());
-    for (_, rows) in groups {
-        let first = rows[0] as usize;
-        let part = if rows.len() == batch.num_rows() {
-            batch.clone()
-        } else {
-            take_record_batch(batch, &UInt32Array::from(rows)).map_err(|e| err(e.to_string()))?
-        };
-        out.push((values_of(first)?, part));
+    Ok(groups.into_values().collect())
+}
+
+/// A partition's identity: its values as the log writes them, in partition column order.
+fn partition_key(values: &PartitionValues) -> String {
+    let mut key = String::new();
+    for v in values.values() {
+        match v {
+            // Apart from the string "null", which `serialize` gives it too.
+            delta_kernel::expressions::Scalar::Null(_) => key.push('\u{2}'),
+            v => key.push_str(&v.serialize()),
+        }
+        key.push('\u{1}');
     }
-    Ok(out)
+    key
 }
 
 #[async_trait::async_trait]

@@ -14,9 +14,10 @@
 //!             and a file with no row group left is untouched (its data is never read)
 //!  probe   ─► the key columns of the remaining row groups: a file without a changed key is
 //!             untouched
-//!  rewrite ─► each file that holds one streams through: rows of changed keys are dropped, the
-//!             rest are written (conformed to the table schema), then the changes that are not
-//!             deletes; the writer rolls its files at a target size
+//!  rewrite ─► partition by partition: each file that holds one streams through (rows of
+//!             changed keys are dropped, the rest are written conformed to the table schema),
+//!             then the partition's changes that are not deletes; the partition's files are
+//!             closed before the next partition's open, and roll at a target size
 //!  commit  ─► [metaData if the schema grew] + remove(rewritten) + add(new) + txn per flush, as
 //!             a MERGE whose read predicate is the changes' key range (deltalake's checker then
 //!             conflicts with a concurrent writer that touched the same files or key range)
@@ -25,20 +26,20 @@
 //! Invariants:
 //! - The result is the MERGE's: a target row whose key is among the changes is replaced by the
 //!   change (or deleted by it), every other row is kept, and a change of a new key is inserted.
-//! - Memory is the changes, their key set and one batch of one file in flight, whatever the
-//!   table's size.
+//! - Memory is the changes, their key set, one batch of one file in flight and one partition's
+//!   open output files, whatever the table's size and however many partitions the changes span.
 //! - A kept row goes back to its file's partition; a change goes to the partition of its own
 //!   values, so a key whose partition column changed leaves its old partition.
 //! - Only tables this can rewrite exactly go this way: without column mapping, without deletion
 //!   vectors (a file's deleted rows would come back) and with no key among the partition
 //!   columns. Others answer [`Outcome::Unsupported`] and take deltalake's MERGE.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch};
-use arrow::compute::{cast, filter_record_batch};
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt32Array};
+use arrow::compute::{cast, filter_record_batch, take_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::row::{Row, RowConverter, Rows, SortField};
 use delta_kernel::expressions::{Scalar, StructData};
@@ -328,44 +329,71 @@ pub(super) async fn upsert(
         &batches[0],
     ))
     .with_target_file_size(TARGET_FILE_BYTES);
+    // Partition by partition, each closed before the next opens: a grouped upsert's changes
+    // span several partitions (days), and each open file holds its row group's encoders and
+    // an upload buffer.
+    let mut parts: BTreeMap<String, Part> = BTreeMap::new();
     for &n in &dirty {
-        let file = &files[n];
-        let values = partition_values(file, &partition_columns)?;
-        rewrite_file(
-            &store,
-            file,
-            &values,
-            &keys,
-            &index,
-            &file_schema,
-            &mut writer,
-            &mut metrics,
-        )
-        .await?;
+        let values = partition_values(&files[n], &partition_columns)?;
+        parts
+            .entry(super::partition_key(&values))
+            .or_insert_with(|| Part::new(values))
+            .files
+            .push(n);
     }
-    for ((b, deleted), tp) in batches.iter().zip(&deleted).zip(tps) {
-        let upserts = match deleted {
-            Some(d) => filter_record_batch(b, &arrow::compute::not(d)?)?,
-            None => b.clone(),
-        };
-        metrics.num_output_rows += upserts.num_rows();
-        metrics.num_target_rows_inserted += upserts.num_rows();
-        if upserts.num_rows() == 0 {
-            continue;
-        }
-        let upserts = conform(&upserts, &merged)?;
-        let parts = super::split_by_partition(&upserts, &partition_columns, tp)
+    for (b, ((batch, deleted), tp)) in batches.iter().zip(&deleted).zip(tps).enumerate() {
+        let groups = super::partition_rows(batch, &partition_columns, tp)
             .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
-        for (values, part) in parts {
+        for (values, mut rows) in groups {
+            if let Some(d) = deleted {
+                rows.retain(|&r| !d.value(r as usize));
+            }
+            if rows.is_empty() {
+                continue;
+            }
+            parts
+                .entry(super::partition_key(&values))
+                .or_insert_with(|| Part::new(values))
+                .rows
+                .push((b, rows));
+        }
+    }
+    let mut adds = Vec::new();
+    for part in parts.into_values() {
+        for n in part.files {
+            rewrite_file(
+                &store,
+                &files[n],
+                &part.values,
+                &keys,
+                &index,
+                &file_schema,
+                &mut writer,
+                &mut metrics,
+            )
+            .await?;
+        }
+        for (b, rows) in part.rows {
+            metrics.num_output_rows += rows.len();
+            metrics.num_target_rows_inserted += rows.len();
+            let upserts = if rows.len() == batches[b].num_rows() {
+                batches[b].clone()
+            } else {
+                take_record_batch(&batches[b], &UInt32Array::from(rows))?
+            };
             writer
-                .write_partition(part, &values, WriteMode::Default)
+                .write_partition(
+                    conform(&upserts, &merged)?,
+                    &part.values,
+                    WriteMode::Default,
+                )
                 .await?;
         }
+        adds.extend(writer.flush().await?);
     }
     metrics.num_target_rows_inserted = metrics
         .num_target_rows_inserted
         .saturating_sub(metrics.num_target_rows_updated);
-    let adds = writer.flush().await?;
     metrics.rewrite_time_ms = rewrite_started.elapsed().as_millis() as u64;
     metrics.num_target_files_added = adds.len();
     metrics.num_target_files_removed = dirty.len();
@@ -403,6 +431,24 @@ pub(super) async fn upsert(
     let mut table = table.clone();
     table.state = Some(done.snapshot);
     Ok(Outcome::Done(table, metrics))
+}
+
+/// One partition's share of an upsert: the files it rewrites and the changes it writes.
+struct Part {
+    values: PartitionValues,
+    files: Vec<usize>,
+    /// Rows (that are not deletes) of a change batch, by the batch's number.
+    rows: Vec<(usize, Vec<u32>)>,
+}
+
+impl Part {
+    fn new(values: PartitionValues) -> Self {
+        Part {
+            values,
+            files: Vec::new(),
+            rows: Vec::new(),
+        }
+    }
 }
 
 /// What a file's footer and key columns tell about it.

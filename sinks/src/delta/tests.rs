@@ -711,6 +711,77 @@ async fn partitioned_upserts_move_a_key_whose_partition_changed() {
     );
 }
 
+/// Changes of `ids` with the given names (null and the string "null" among them).
+fn named(ids: Vec<i64>, names: Vec<Option<&str>>) -> RecordBatch {
+    let n = ids.len();
+    RecordBatch::try_new(
+        inserts(0..0).schema(),
+        vec![
+            Arc::new(Int64Array::from(ids)),
+            Arc::new(StringArray::from(names)),
+            Arc::new(BooleanArray::from(vec![false; n])),
+        ],
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_upsert_writes_each_partition_once_with_its_rewritten_rows_and_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = DeltaSinkConfig {
+        partition_by: vec![PartitionSpec::parse("name").unwrap()],
+        ..upsert_config()
+    };
+    let s = sink(dir.path(), config);
+    let first = named(
+        vec![0, 1, 2, 3, 4, 5],
+        vec![Some("a"), Some("a"), Some("b"), None, Some("null"), None],
+    );
+    commit(&s, flush(0, 0, 6, vec![first])).await;
+    assert_eq!(table_files(&s).await.len(), 4);
+    // Two batches of one flush: an update and an insert in `a`, an update in the null partition,
+    // an insert in the string "null" partition (whose file is untouched), a new partition `c`.
+    let changes = vec![
+        named(vec![0, 7], vec![Some("a"), Some("null")]),
+        named(vec![6, 3, 8], vec![Some("a"), None, Some("c")]),
+    ];
+    commit(&s, flush(0, 6, 11, changes)).await;
+    let out = query(
+        dir.path(),
+        "SELECT id, coalesce(name, '<null>') FROM t ORDER BY id",
+    )
+    .await;
+    let rows: Vec<String> = out
+        .iter()
+        .flat_map(|b| {
+            use arrow::array::AsArray;
+            let ids = b
+                .column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .clone();
+            let names = arrow::compute::cast(b.column(1), &DataType::Utf8).unwrap();
+            let names = names.as_string::<i32>().clone();
+            (0..b.num_rows())
+                .map(move |i| format!("{}={}", ids.value(i), names.value(i)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec!["0=a", "1=a", "2=b", "3=<null>", "4=null", "5=<null>", "6=a", "7=null", "8=c"]
+    );
+    let files = table_files(&s).await;
+    let count = |dir: &str| files.iter().filter(|f| f.starts_with(dir)).count();
+    // `a` and the null partition: their rewritten rows and their changes in one file each.
+    assert_eq!(count("name=a/"), 1, "{files:?}");
+    assert_eq!(count("name=__HIVE_DEFAULT_PARTITION__/"), 1, "{files:?}");
+    assert_eq!(count("name=b/"), 1, "{files:?}");
+    assert_eq!(count("name=c/"), 1, "{files:?}");
+    // The untouched file of "null" and the insert's new one.
+    assert_eq!(count("name=null/"), 2, "{files:?}");
+    assert_eq!(files.len(), 6, "{files:?}");
+}
+
 #[tokio::test]
 async fn tables_partitioned_by_a_key_are_upserted_by_deltalakes_merge() {
     let dir = tempfile::tempdir().unwrap();
