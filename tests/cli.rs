@@ -137,6 +137,54 @@ fn bench_isolate_measures_decode_and_encode() {
     }
 }
 
+/// `bench --mode upsert` reads the Delta table back: one row per order, each its last change,
+/// for plain and Debezium changes; its output line counts the files the table references.
+#[test]
+fn bench_upsert_reads_back_one_row_per_order() {
+    for format in ["avro", "debezium"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
+            .args([
+                "bench",
+                "--kind",
+                "delta",
+                "--mode",
+                "upsert",
+                "--format",
+                format,
+                "--records",
+                "3000",
+                "--partitions",
+                "2",
+            ])
+            .env("LAKESINK_LOG", "warn")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{format}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("check:     1000 rows, one per order, each its last change"),
+            "{format}: {stdout}"
+        );
+        let output = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with("output:"))
+            .unwrap_or_else(|| panic!("{format}: no output line in {stdout}"));
+        let files: u64 = output
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{output}"));
+        assert!(
+            files > 0 && output.contains("in the table at the end"),
+            "{output}"
+        );
+    }
+}
+
 /// With `LAKESINK_LOG` unset, a Delta run logs lakesink's own events at info and none of the
 /// Delta kernel's or deltalake's per-commit info events (some print the whole snapshot).
 #[test]

@@ -700,7 +700,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if mode == "append" {
         anyhow::ensure!(rows == records, "committed {rows} rows, expected {records}");
     }
-    if kind == "delta" && mode == "upsert" && all_topics.len() == 1 && opts.format != "debezium" {
+    if kind == "delta" && mode == "upsert" && all_topics.len() == 1 {
         check_upserted(&table, records).await?;
     }
     Ok(())
