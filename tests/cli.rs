@@ -104,35 +104,40 @@ async fn check_reaches_every_dependency_and_names_what_fails() {
     );
 }
 
+/// Runs `lakesink bench` with `args` (warnings only on stderr); its stdout, once it succeeded.
+fn bench(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
+        .arg("bench")
+        .args(args)
+        .env("LAKESINK_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "bench {args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The line of a bench report that starts with `label`.
+fn report_line<'a>(stdout: &'a str, label: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no `{label}` line in {stdout}"))
+}
+
 /// `lakesink bench --isolate` decodes and encodes every record with the pipeline's decoder and
 /// the sinks' Parquet settings (it fails when a row is missing) and reports per-core rates.
 #[test]
 fn bench_isolate_measures_decode_and_encode() {
     for format in ["avro", "json"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
-            .args([
-                "bench",
-                "--isolate",
-                "--records",
-                "3000",
-                "--format",
-                format,
-            ])
-            .env("LAKESINK_LOG", "warn")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{format}: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = bench(&["--isolate", "--records", "3000", "--format", format]);
         for step in ["decode:", "encode:", "both:"] {
-            let line = stdout
-                .lines()
-                .find(|l| l.trim_start().starts_with(step))
-                .unwrap_or_else(|| panic!("{format}: no `{step}` line in {stdout}"));
-            assert!(line.contains("records/s per core"), "{line}");
+            let line = report_line(&stdout, step);
+            assert!(line.contains("records/s per core"), "{format}: {line}");
         }
     }
 }
@@ -142,37 +147,23 @@ fn bench_isolate_measures_decode_and_encode() {
 #[test]
 fn bench_upsert_reads_back_one_row_per_order() {
     for format in ["avro", "debezium"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
-            .args([
-                "bench",
-                "--kind",
-                "delta",
-                "--mode",
-                "upsert",
-                "--format",
-                format,
-                "--records",
-                "3000",
-                "--partitions",
-                "2",
-            ])
-            .env("LAKESINK_LOG", "warn")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{format}: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = bench(&[
+            "--kind",
+            "delta",
+            "--mode",
+            "upsert",
+            "--format",
+            format,
+            "--records",
+            "3000",
+            "--partitions",
+            "2",
+        ]);
         assert!(
             stdout.contains("check:     1000 rows, one per order, each its last change"),
             "{format}: {stdout}"
         );
-        let output = stdout
-            .lines()
-            .find(|l| l.trim_start().starts_with("output:"))
-            .unwrap_or_else(|| panic!("{format}: no output line in {stdout}"));
+        let output = report_line(&stdout, "output:");
         let files: u64 = output
             .split_whitespace()
             .nth(1)
