@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
@@ -113,7 +114,11 @@ async fn poison_records_go_to_the_dead_letter_topic() {
                 FutureRecord::to(&topic)
                     .partition(0)
                     .key("poison-key")
-                    .payload(bytes.as_slice()),
+                    .payload(bytes.as_slice())
+                    .headers(OwnedHeaders::new().insert(Header {
+                        key: "trace-id",
+                        value: Some(class.as_bytes()),
+                    })),
                 Duration::from_secs(10),
             )
             .await
@@ -172,6 +177,8 @@ async fn poison_records_go_to_the_dead_letter_topic() {
         assert_eq!(get("lakesink.sink"), "orders");
         assert!(!get("lakesink.error.message").is_empty());
         assert_eq!(m.key(), Some(&b"poison-key"[..]));
+        // The record's own headers travel with it.
+        assert_eq!(get("trace-id"), get("lakesink.error.class"));
         let offset: i64 = get("lakesink.source.offset").parse().unwrap();
         let prev = seen.insert(
             offset,
@@ -330,7 +337,6 @@ async fn crash_before_the_table_commit(foreign_open_transaction: bool) {
 /// Another writer's transaction, left open with one record in each of `partitions` partitions
 /// of `dlq` (headed as a dead letter of a topic no test reads).
 async fn open_foreign_transaction(dlq: &str, partitions: i32) -> FutureProducer {
-    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::Producer;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka())

@@ -54,9 +54,11 @@ impl TableStore {
                     .map_err(|_| bad("not an absolute local path".into()))?;
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| bad(format!("cannot create directory: {e}")))?;
-                let fs = LocalFileSystem::new_with_prefix(&dir)
-                    .map_err(|e| bad(e.to_string()))?
-                    .with_automatic_cleanup(true);
+                // No automatic cleanup of emptied directories: only staged files are deleted,
+                // and removing their directory after each publish raced the next flush of
+                // another partition creating its own below the same parent ("Unable to create
+                // dir", a retried stage) and cost an rmdir and a mkdir per commit.
+                let fs = LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?;
                 (Arc::new(fs), Path::default())
             }
             ObjectStoreScheme::Memory => (Arc::new(InMemory::new()), Path::default()),

@@ -99,14 +99,25 @@ struct Router {
     /// Records polled but not yet handed to their workers, in poll order per partition.
     /// Dispatched at the end of every poll burst and before any rebalance is handled, so a
     /// worker sees exactly the sequence it would see if every record were sent at once.
-    pending: Vec<(TopicPartition, Vec<Record>)>,
+    pending: Vec<Pending>,
     pending_records: usize,
+    /// Whether records keep their Kafka headers: only when some sink dead-letters, the one
+    /// place they are written again.
+    keep_headers: bool,
     /// Where polled keys and payloads are copied: one allocation per [`ARENA_CHUNK`] shared by
     /// many records (each a `Bytes` slice of it) instead of one allocation per record, freed
     /// on another thread.
     arena: bytes::BytesMut,
     /// Rows per decoder batch for the partitions being assigned (see [`decode_batch_rows`]).
     decode_rows: usize,
+}
+
+/// Records of one partition polled in the current burst.
+struct Pending {
+    tp: TopicPartition,
+    /// The address of librdkafka's topic handle, to match records without reading the name.
+    rkt: usize,
+    records: Vec<Record>,
 }
 
 /// Rows decoded per batch, shared by every partition this process holds: each partition's
@@ -279,31 +290,45 @@ impl Router {
             timestamp_ms: m.timestamp().to_millis(),
             key: m.key().map(|k| self.copy(k)),
             payload: m.payload().map(|p| self.copy(p)),
-            headers: m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            // librdkafka parses headers on request, with an allocation per record even when
+            // there are none: only dead letters carry them, so only read them for those.
+            headers: if self.keep_headers {
+                m.headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            },
         };
-        let same = |tp: &TopicPartition| tp.partition == m.partition() && &*tp.topic == m.topic();
-        let i = match self.pending.iter().rposition(|(tp, _)| same(tp)) {
+        // The topic handle identifies the topic without reading (and UTF-8 checking) its name:
+        // librdkafka keeps one handle per topic while any of its partitions is assigned.
+        let rkt = m.topic_ptr() as usize;
+        let partition = m.partition();
+        let i = match self
+            .pending
+            .iter()
+            .rposition(|p| p.rkt == rkt && p.tp.partition == partition)
+        {
             Some(i) => i,
             None => {
-                let tp = TopicPartition::new(m.topic(), m.partition());
-                self.pending
-                    .push((tp, Vec::with_capacity(SEND_BATCH.min(64))));
+                self.pending.push(Pending {
+                    tp: TopicPartition::new(m.topic(), partition),
+                    rkt,
+                    records: Vec::with_capacity(SEND_BATCH.min(64)),
+                });
                 self.pending.len() - 1
             }
         };
-        self.pending[i].1.push(rec);
+        self.pending[i].records.push(rec);
         self.pending_records += 1;
-        if self.pending[i].1.len() >= SEND_BATCH {
-            let (tp, recs) = self.pending.swap_remove(i);
-            self.pending_records -= recs.len();
-            self.send(&tp, recs);
+        if self.pending[i].records.len() >= SEND_BATCH {
+            let p = self.pending.swap_remove(i);
+            self.pending_records -= p.records.len();
+            self.send(&p.tp, p.records);
         }
     }
 
@@ -314,8 +339,8 @@ impl Router {
 
     /// Hands every queued record to its workers.
     fn dispatch_pending(&mut self) {
-        for (tp, recs) in std::mem::take(&mut self.pending) {
-            self.send(&tp, recs);
+        for p in std::mem::take(&mut self.pending) {
+            self.send(&p.tp, p.records);
         }
         self.pending_records = 0;
     }
@@ -517,6 +542,9 @@ pub fn run(
         fatal: None,
         pending: Vec::new(),
         pending_records: 0,
+        keep_headers: sinks
+            .iter()
+            .any(|s| s.config.errors == crate::config::ErrorPolicy::DeadLetter),
         arena: bytes::BytesMut::new(),
         decode_rows: decode_batch_rows(1),
     };

@@ -359,6 +359,8 @@ impl Sink for ParquetSink {
                     .collect()
             })
             .unwrap_or_default();
+        // Flat in the partition's staging directory, which stays: a directory per flush cost a
+        // mkdir and an rmdir per commit on local disks, the dearest inode operations.
         let staging_rel = format!(
             "{META}/staging/{}/{}/{}-{}",
             tp.topic,
@@ -374,7 +376,7 @@ impl Sink for ParquetSink {
         );
         let mut files = Vec::with_capacity(encoded.len());
         for (i, e) in encoded.into_iter().enumerate() {
-            let staged = format!("{staging_rel}/{i}.parquet.staged");
+            let staged = format!("{staging_rel}-{i}.parquet.staged");
             let path = if e.hive_dir.is_empty() {
                 file_name.clone()
             } else {

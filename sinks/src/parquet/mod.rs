@@ -3,7 +3,7 @@
 //! Commit protocol (one flush = the rows of one source partition between two positions):
 //!
 //! ```text
-//!  stage ─► <table>/_lakesink/staging/<topic>/<p>/<start>-<next>/<i>.parquet.staged   (invisible)
+//!  stage ─► <table>/_lakesink/staging/<topic>/<p>/<start>-<next>-<i>.parquet.staged   (invisible)
 //!    │
 //!  commit ─► PUT If-None-Match:* <table>/_lakesink/commits/<topic>/<p>/<start>.json   (the fence)
 //!    │        AlreadyExists ⇒ another writer owns this start: Fenced, resume at its end
