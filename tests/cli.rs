@@ -142,6 +142,31 @@ fn bench_isolate_measures_decode_and_encode() {
     }
 }
 
+/// An append bench reports the plain loop's CPU per record and the floor: that plus the same
+/// records decoded and encoded alone, and the most records/s it allows on this machine's cores.
+#[test]
+fn bench_append_reports_the_floor_against_the_plain_loop() {
+    let stdout = bench(&["--format", "json", "--records", "3000", "--partitions", "2"]);
+    assert!(
+        report_line(&stdout, "baseline:").contains("us CPU per record"),
+        "{stdout}"
+    );
+    let floor = report_line(&stdout, "floor:");
+    // "... loop A + decode alone B + encode alone C = F us CPU per record: at most R records/s
+    // on N cores; this run spent S us per record (X.XXx the floor ..."
+    let numbers: Vec<f64> = floor
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter_map(|w| w.trim_matches('.').parse().ok())
+        .collect();
+    let [consume, decode, encode, total, rate, cores, spent, ratio] = numbers[..8] else {
+        panic!("{floor}");
+    };
+    assert!(consume > 0.0 && decode > 0.0 && encode > 0.0, "{floor}");
+    assert!((consume + decode + encode - total).abs() < 0.02, "{floor}");
+    assert!((cores * 1e6 / total - rate).abs() / rate < 0.01, "{floor}");
+    assert!((spent / total - ratio).abs() < 0.01, "{floor}");
+}
+
 /// `bench --mode upsert` reads the Delta table back: one row per order, each its last change,
 /// for plain and Debezium changes; its output line counts the files the table references.
 #[test]

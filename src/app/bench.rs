@@ -230,6 +230,9 @@ struct FeedReport {
     records: u64,
     bytes: u64,
     baseline_secs: f64,
+    /// CPU seconds of the feed process while the plain loop ran: the loop's threads and the
+    /// in-process broker serving it.
+    baseline_cpu_secs: f64,
 }
 
 /// What `lakesink bench-feed` produces.
@@ -304,6 +307,7 @@ pub fn feed(f: Feed) -> anyhow::Result<()> {
             records,
             bytes: 0,
             baseline_secs: 0.0,
+            baseline_cpu_secs: 0.0,
         };
         println!("{}", serde_json::to_string(&report)?);
         let mut line = String::new();
@@ -348,12 +352,13 @@ pub fn feed(f: Feed) -> anyhow::Result<()> {
         drop(cluster);
         return Ok(());
     }
-    let (elapsed, bytes) = baseline_consume(&bootstrap, &topics, records)?;
+    let (elapsed, cpu, bytes) = baseline_consume(&bootstrap, &topics, records)?;
     let report = FeedReport {
         bootstrap,
         records,
         bytes,
         baseline_secs: elapsed.as_secs_f64(),
+        baseline_cpu_secs: cpu,
     };
     println!("{}", serde_json::to_string(&report)?);
     // Serve until the parent closes our stdin (or dies).
@@ -383,12 +388,13 @@ fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result
     Ok(())
 }
 
-/// The ceiling: a plain consume loop that touches every payload and does nothing else.
+/// The ceiling: a plain consume loop that touches every payload and does nothing else. Returns
+/// its time and this process's CPU seconds from the first record, and the payload bytes.
 fn baseline_consume(
     bootstrap: &str,
     topics: &[String],
     expected: u64,
-) -> anyhow::Result<(Duration, u64)> {
+) -> anyhow::Result<(Duration, f64, u64)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("{}-baseline", topics[0]))
@@ -398,6 +404,7 @@ fn baseline_consume(
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
     let mut started = Instant::now();
+    let mut cpu_at_start = 0.0;
     let (mut n, mut bytes) = (0u64, 0u64);
     let deadline = Instant::now() + Duration::from_secs(600);
     while n < expected {
@@ -406,6 +413,7 @@ fn baseline_consume(
             if n == 0 {
                 // Time from the first record: the group join is not throughput.
                 started = Instant::now();
+                cpu_at_start = process_cpu_precise();
             }
             bytes += m.payload().map_or(0, |p| p.len()) as u64;
             n += 1;
@@ -414,7 +422,14 @@ fn baseline_consume(
             bail!("baseline consumer read only {n} of {expected} records in 10 minutes");
         }
     }
-    Ok((started.elapsed(), bytes))
+    let cpu = process_cpu_precise() - cpu_at_start;
+    Ok((started.elapsed(), cpu, bytes))
+}
+
+/// CPU seconds of this process's live threads, to the nanosecond (`/proc/self/stat` counts
+/// 10 ms ticks). Threads that exit between two readings are not counted.
+fn process_cpu_precise() -> f64 {
+    thread_cpu_table().values().map(|(_, ns)| *ns).sum::<u64>() as f64 / 1e9
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -692,13 +707,38 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     let bs = report.baseline_secs;
     println!(
-        "  baseline:  plain librdkafka consume loop {:.0} records/s ({mb:.1} MB in {bs:.2} s); pipeline/baseline = {:.2}",
+        "  baseline:  plain librdkafka consume loop {:.0} records/s ({mb:.1} MB in {bs:.2} s, \
+         {:.2} us CPU per record with the broker serving it); pipeline/baseline = {:.2}",
         records as f64 / bs,
+        report.baseline_cpu_secs * 1e6 / records as f64,
         (rows as f64 / elapsed) / (records as f64 / bs)
     );
     // Upserts keep one row per key and Debezium tombstones none; appends every record.
     if mode == "append" {
         anyhow::ensure!(rows == records, "committed {rows} rows, expected {records}");
+    }
+    if mode == "append" && matches!(format.as_str(), "avro" | "json") {
+        // The same records decoded and encoded alone on one core: with the plain loop's CPU,
+        // the least CPU a record can cost on this machine today.
+        let sample = records.min(200_000);
+        let alone = measure_alone(sample, format).await?;
+        let us = |secs: f64, n: u64| secs * 1e6 / n.max(1) as f64;
+        let (consume, decode, encode) = (
+            us(report.baseline_cpu_secs, records),
+            us(alone.decode_cpu, sample),
+            us(alone.encode_cpu, sample),
+        );
+        let floor = consume + decode + encode;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let spent = us(cpu, rows);
+        println!(
+            "  floor:     the plain loop {consume:.2} + decode alone {decode:.2} + encode alone \
+             {encode:.2} = {floor:.2} us CPU per record: at most {:.0} records/s on {cores} \
+             cores; this run spent {spent:.2} us per record ({:.2}x the floor, the broker's share \
+             not counted)",
+            cores as f64 * 1e6 / floor,
+            spent / floor
+        );
     }
     if kind == "delta" && mode == "upsert" && all_topics.len() == 1 {
         check_upserted(&table, records).await?;
@@ -842,14 +882,9 @@ fn process_cpu_seconds(pid: u32) -> Option<f64> {
     Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
 }
 
-/// CPU seconds of the calling thread (user + system).
+/// CPU seconds of the calling thread, to the nanosecond (schedstat).
 fn thread_cpu_seconds() -> f64 {
-    let s = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-    let f: Vec<&str> = s
-        .rsplit_once(')')
-        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
-    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (field(11) + field(12)) / 100.0
+    sinks::thread_cpu_ns() as f64 / 1e9
 }
 
 /// `lakesink bench --isolate`: the decoder and the Parquet encoder alone, on one thread, from
@@ -859,6 +894,44 @@ fn thread_cpu_seconds() -> f64 {
 /// columns) and encodes every batch into one Parquet file in memory with the sinks' writer
 /// settings; prints records/s per core for each step and both.
 pub async fn isolate(records: u64, format: &str) -> anyhow::Result<()> {
+    let m = measure_alone(records, format).await?;
+    let per = |secs: f64| records as f64 / secs.max(1e-9);
+    println!(
+        "lakesink bench --isolate: {records} {format} order lines ({:.0} bytes each) decoded and encoded on one thread, from memory",
+        m.bytes_in as f64 / records as f64
+    );
+    println!(
+        "  decode:    {:.2} CPU s ({:.2} s) = {:.0} records/s per core",
+        m.decode_cpu,
+        m.decode_wall,
+        per(m.decode_cpu)
+    );
+    println!(
+        "  encode:    {:.2} CPU s ({:.2} s) = {:.0} records/s per core, {:.1} MB of Parquet",
+        m.encode_cpu,
+        m.encode_wall,
+        per(m.encode_cpu),
+        m.file_bytes as f64 / 1e6
+    );
+    println!(
+        "  both:      {:.0} records/s per core",
+        per(m.decode_cpu + m.encode_cpu)
+    );
+    Ok(())
+}
+
+/// What [`measure_alone`] measured.
+struct Alone {
+    decode_wall: f64,
+    decode_cpu: f64,
+    encode_wall: f64,
+    encode_cpu: f64,
+    bytes_in: usize,
+    file_bytes: usize,
+}
+
+/// Decodes and then encodes `records` order lines on one thread, from memory (see [`isolate`]).
+async fn measure_alone(records: u64, format: &str) -> anyhow::Result<Alone> {
     use crate::decode::{AvroDecoder, FormatDecoder, JsonDecoder, Record};
     anyhow::ensure!(
         matches!(format, "avro" | "json"),
@@ -991,26 +1064,14 @@ pub async fn isolate(records: u64, format: &str) -> anyhow::Result<()> {
     .await??;
     let (decode_wall, decode_cpu, encode_wall, encode_cpu, rows, file) = report;
     anyhow::ensure!(rows as u64 == records, "decoded {rows} rows of {records}");
-    let per = |secs: f64| records as f64 / secs.max(1e-9);
-    println!(
-        "lakesink bench --isolate: {records} {} order lines ({:.0} bytes each) decoded and encoded on one thread, from memory",
-        opts.format,
-        bytes_in as f64 / records as f64
-    );
-    println!(
-        "  decode:    {decode_cpu:.2} CPU s ({decode_wall:.2} s) = {:.0} records/s per core",
-        per(decode_cpu)
-    );
-    println!(
-        "  encode:    {encode_cpu:.2} CPU s ({encode_wall:.2} s) = {:.0} records/s per core, {:.1} MB of Parquet",
-        per(encode_cpu),
-        file as f64 / 1e6
-    );
-    println!(
-        "  both:      {:.0} records/s per core",
-        per(decode_cpu + encode_cpu)
-    );
-    Ok(())
+    Ok(Alone {
+        decode_wall,
+        decode_cpu,
+        encode_wall,
+        encode_cpu,
+        bytes_in,
+        file_bytes: file,
+    })
 }
 
 /// jemalloc's options as it runs them (the `lakesink` binary's defaults, or
