@@ -718,8 +718,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         anyhow::ensure!(rows == records, "committed {rows} rows, expected {records}");
     }
     if mode == "append" && matches!(format.as_str(), "avro" | "json") {
-        // The same records decoded and encoded alone on one core: with the plain loop's CPU,
-        // the least CPU a record can cost on this machine today.
+        // The same records decoded and encoded alone on one core: with the cheaper consumer's
+        // CPU, the least CPU a record can cost on this machine today.
         let sample = records.min(200_000);
         let alone = measure_alone(sample, format).await?;
         let us = |secs: f64, n: u64| secs * 1e6 / n.max(1) as f64;
@@ -840,7 +840,6 @@ impl CpuSplit {
     }
 }
 
-/// CPU nanoseconds of every live thread of this process: tid -> (name, ns).
 /// Commit files (`<version>.json`) in every `_delta_log` under `root`, table creation included.
 fn delta_log_entries(root: &std::path::Path) -> usize {
     let Ok(entries) = std::fs::read_dir(root) else {
@@ -871,6 +870,7 @@ fn delta_log_entries(root: &std::path::Path) -> usize {
     n
 }
 
+/// CPU nanoseconds of every live thread of this process: tid -> (name, ns).
 fn thread_cpu_table() -> HashMap<u32, (String, u64)> {
     let mut out = HashMap::new();
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
