@@ -12,6 +12,7 @@
 mod avro;
 pub mod debezium;
 pub mod json;
+mod json_fast;
 pub mod json_schema;
 pub mod key;
 mod meta;
