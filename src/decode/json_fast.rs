@@ -404,6 +404,20 @@ impl<'a> Cur<'a> {
         }
     }
 
+    /// After a member or element: `Some(true)` past the `close` byte, `Some(false)` past a comma
+    /// (and the whitespace after it), `None` on anything else.
+    #[inline]
+    fn closed(&mut self, close: u8) -> Option<bool> {
+        self.ws();
+        let c = self.peek()?;
+        self.i += 1;
+        if c == close {
+            return Some(true);
+        }
+        (c == b',').then(|| self.ws())?;
+        Some(false)
+    }
+
     #[inline]
     fn peek(&self) -> Option<u8> {
         self.b.get(self.i).copied()
@@ -468,17 +482,8 @@ impl<'a> Cur<'a> {
                     }
                     None => self.skip(scratch, depth)?,
                 }
-                self.ws();
-                match self.peek()? {
-                    b',' => {
-                        self.i += 1;
-                        self.ws();
-                    }
-                    b'}' => {
-                        self.i += 1;
-                        break;
-                    }
-                    _ => return None,
+                if self.closed(b'}')? {
+                    break;
                 }
             }
         }
@@ -741,17 +746,8 @@ impl<'a> Cur<'a> {
                     self.eat(b':')?;
                     self.ws();
                     self.skip(scratch, depth + 1)?;
-                    self.ws();
-                    match self.peek()? {
-                        b',' => {
-                            self.i += 1;
-                            self.ws();
-                        }
-                        b'}' => {
-                            self.i += 1;
-                            return Some(());
-                        }
-                        _ => return None,
+                    if self.closed(b'}')? {
+                        return Some(());
                     }
                 }
             }
@@ -763,17 +759,8 @@ impl<'a> Cur<'a> {
                 }
                 loop {
                     self.skip(scratch, depth + 1)?;
-                    self.ws();
-                    match self.peek()? {
-                        b',' => {
-                            self.i += 1;
-                            self.ws();
-                        }
-                        b']' => {
-                            self.i += 1;
-                            return Some(());
-                        }
-                        _ => return None,
+                    if self.closed(b']')? {
+                        return Some(());
                     }
                 }
             }
