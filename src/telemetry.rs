@@ -237,6 +237,7 @@ pub fn render(p: &Progress) -> String {
     }
     let _ = writeln!(out, "# HELP lakesink_tombstones_total Null-value records (no row in append tables).\n# TYPE lakesink_tombstones_total counter\nlakesink_tombstones_total {}", p.tombstones.load(Relaxed));
     let _ = writeln!(out, "# HELP lakesink_backpressure_seconds_total Time the Kafka poll thread waited on a full worker queue (a worker behind, usually flushing).\n# TYPE lakesink_backpressure_seconds_total counter\nlakesink_backpressure_seconds_total {}", p.backpressure_ns.load(Relaxed) as f64 / 1e9);
+    let _ = writeln!(out, "# HELP lakesink_poll_idle_seconds_total Time the Kafka poll thread waited for records with none fetched (the source, not lakesink, is behind; or nothing is produced).\n# TYPE lakesink_poll_idle_seconds_total counter\nlakesink_poll_idle_seconds_total {}", p.poll_idle_ns.load(Relaxed) as f64 / 1e9);
     let _ = writeln!(out, "# HELP lakesink_buffer_bytes Decoded data buffered and not yet flushed.\n# TYPE lakesink_buffer_bytes gauge\nlakesink_buffer_bytes {}", p.buffer_bytes());
     // Lag: the broker's end offset minus the committed position (the minimum over sinks).
     let _ = writeln!(out, "# HELP lakesink_consumer_lag Records between the committed position and the partition's end.\n# TYPE lakesink_consumer_lag gauge");

@@ -546,17 +546,35 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             while progress.records_in.load(Ordering::Relaxed) == 0 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            (Instant::now(), cpu_seconds().unwrap_or(0.0))
+            let idle = progress.poll_idle_ns.load(Ordering::Relaxed);
+            (Instant::now(), cpu_seconds().unwrap_or(0.0), idle)
         })
     };
-    // When every record has been handed to a worker and decoded (the rest is the final flush).
+    // When every record has been handed to a worker and decoded (the rest is the final flush),
+    // and how long the poll thread had waited for records by then.
     let all_in = {
         let progress = progress.clone();
         tokio::spawn(async move {
             while progress.records_in.load(Ordering::Relaxed) < records {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            Instant::now()
+            (
+                Instant::now(),
+                progress.poll_idle_ns.load(Ordering::Relaxed),
+            )
+        })
+    };
+    // When every partition is committed up to its end (catch-up runs); the rest is shutdown.
+    let all_committed = {
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            loop {
+                let (done, total) = progress.catch_up_progress();
+                if total > 0 && done >= total {
+                    return Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         })
     };
     // Per-thread CPU from the first record on, sampled while the threads live (librdkafka's
@@ -585,6 +603,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
         })
     };
+    let timeline = std::env::var_os("LAKESINK_BENCH_TIMELINE").map(|path| {
+        let progress = progress.clone();
+        tokio::spawn(async move { write_timeline(path.into(), progress).await })
+    });
     let cancel = CancellationToken::new();
     let mut producing = None;
     if opts.rate.is_some() {
@@ -615,16 +637,28 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         progress.clone(),
     )
     .await;
+    // The pipeline is done; the feed process's exit below is not its time.
+    let ended = Instant::now();
     if let Some(p) = producing {
         drop(p.await?);
     }
     sampler.abort();
+    if let Some(t) = timeline {
+        t.abort();
+    }
     drop(stdin);
     let _ = child.wait();
     result?;
-    let (started, cpu0) = first_record.await?;
-    let elapsed = started.elapsed().as_secs_f64();
-    let consumed = all_in.await?.duration_since(started).as_secs_f64();
+    let (started, cpu0, idle0) = first_record.await?;
+    let elapsed = ended.duration_since(started).as_secs_f64();
+    let (consumed, idle1) = all_in.await?;
+    let consumed = consumed.duration_since(started).as_secs_f64();
+    let fetch_wait = idle1.saturating_sub(idle0) as f64 / 1e9;
+    all_committed.abort();
+    let committed = all_committed
+        .await
+        .ok()
+        .map(|t| t.duration_since(started).as_secs_f64());
     let cpu = cpu_seconds().unwrap_or(0.0) - cpu0;
     let rows = progress.rows_committed.load(Ordering::Relaxed);
     // In latency mode the feed does not time a plain loop; count the input here.
@@ -652,10 +686,19 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         mb / elapsed,
         cpu / elapsed
     );
-    println!(
-        "  phases:    every record decoded after {consumed:.2} s; the last commit {:.2} s later",
-        elapsed - consumed
-    );
+    match committed {
+        Some(committed) => println!(
+            "  phases:    every record decoded after {consumed:.2} s; the last commit {:.2} s \
+             later; stopped {:.2} s after it (the caught-up check, the drain, leaving the group)",
+            committed - consumed,
+            elapsed - committed
+        ),
+        None => println!(
+            "  phases:    every record decoded after {consumed:.2} s; the last commit and the \
+             shutdown {:.2} s later",
+            elapsed - consumed
+        ),
+    }
     let (mut files, mut out_bytes) = (
         progress.files_committed.load(Ordering::Relaxed),
         progress.bytes_committed.load(Ordering::Relaxed),
@@ -689,8 +732,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     println!("  allocator: {}", allocator());
     println!("{}", split.lock().expect("split").report(rows, elapsed));
     println!(
-        "  stalls:    the poll thread waited {:.2} s on full worker queues (backpressure); \
-         flushes waited {:.2} s for an encode permit (summed over flushes)",
+        "  stalls:    the poll thread waited {:.2} s on full worker queues (backpressure) and, \
+         until every record was read, {fetch_wait:.2} s for records to be fetched; flushes \
+         waited {:.2} s for an encode permit (summed over flushes)",
         progress.backpressure_ns.load(Ordering::Relaxed) as f64 / 1e9,
         sinks::ENCODE_WAIT_NS.load(Ordering::Relaxed) as f64 / 1e9
     );
@@ -889,6 +933,57 @@ fn thread_cpu_table() -> HashMap<u32, (String, u64)> {
         out.insert(tid, (name.trim().to_string(), ns));
     }
     out
+}
+
+/// With `LAKESINK_BENCH_TIMELINE=path`: every 10 ms from the first record, one line of where the
+/// pipeline is (records in, rows committed, buffered MiB) and of what each kind of thread did
+/// since the last line (CPU ms of tokio, librdkafka, poll and other threads; encode CPU ms; ms
+/// the poll thread waited on full queues and for records). For finding stalls, not for figures:
+/// the sampling costs CPU of its own.
+async fn write_timeline(path: std::path::PathBuf, progress: Arc<Progress>) {
+    use std::fmt::Write as _;
+    while progress.records_in.load(Ordering::Relaxed) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let started = Instant::now();
+    let kinds = |t: &HashMap<u32, (String, u64)>| {
+        let split = CpuSplit {
+            last: t.clone(),
+            ..CpuSplit::default()
+        };
+        split.by_kind()
+    };
+    let counters = |p: &Progress| {
+        (
+            p.backpressure_ns.load(Ordering::Relaxed),
+            p.poll_idle_ns.load(Ordering::Relaxed),
+            sinks::ENCODE_CPU_NS.load(Ordering::Relaxed),
+        )
+    };
+    let mut out = String::from("ms records_in rows_committed buffered_mib tokio_ms rdkafka_ms poll_ms other_ms encode_ms backpressure_ms poll_idle_ms\n");
+    let (mut last_cpu, mut last) = (kinds(&thread_cpu_table()), counters(&progress));
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (cpu, now) = (kinds(&thread_cpu_table()), counters(&progress));
+        let ms = |a: u64, b: u64| a.saturating_sub(b) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "{} {} {} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1}",
+            started.elapsed().as_millis(),
+            progress.records_in.load(Ordering::Relaxed),
+            progress.rows_committed.load(Ordering::Relaxed),
+            progress.buffer_bytes() as f64 / (1 << 20) as f64,
+            ms(cpu.0, last_cpu.0),
+            ms(cpu.1, last_cpu.1),
+            ms(cpu.2, last_cpu.2),
+            ms(cpu.3, last_cpu.3),
+            ms(now.2, last.2),
+            ms(now.0, last.0),
+            ms(now.1, last.1),
+        );
+        (last_cpu, last) = (cpu, now);
+        let _ = std::fs::write(&path, &out);
+    }
 }
 
 /// User + system CPU seconds of another process.

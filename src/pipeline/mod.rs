@@ -197,6 +197,9 @@ pub struct Progress {
     /// Nanoseconds the poll thread spent blocked on a full worker queue (backpressure: a
     /// worker behind, usually because it is flushing). Summed once per blocked hand-off.
     pub backpressure_ns: AtomicU64,
+    /// Nanoseconds the poll thread waited for records, with nothing fetched to hand on (the
+    /// broker and librdkafka's fetches behind, or nothing produced). Summed once per burst.
+    pub poll_idle_ns: AtomicU64,
     /// Rejected records per (sink, error class, what happened: `dead-letter` or `skip`).
     pub rejected: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
     /// Committed position per (sink name, partition).

@@ -640,8 +640,16 @@ pub fn run(
         // A burst: wait for the first record, then take what is already fetched without
         // waiting, then hand the records to the workers in per-partition batches.
         let mut wait = Duration::from_millis(100);
+        let waiting = Instant::now();
         loop {
-            match consumer.poll(wait) {
+            let polled = consumer.poll(wait);
+            if !wait.is_zero() {
+                progress.poll_idle_ns.fetch_add(
+                    waiting.elapsed().as_nanos() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+            match polled {
                 None => break,
                 Some(Ok(m)) => {
                     let mut router = consumer.context().router.lock().expect("router");
