@@ -5,14 +5,22 @@
 //!                                                           │ rows / bytes / latency /
 //!                                                           │ memory pressure / caught up
 //!                                                           ▼
-//!                           Sink::stage ─► Sink::commit(start = position) ─► Event::Committed
-//!                                              │ Fenced at an earlier end
+//!             flush task: Sink::stage ─► Sink::commit(start = position) ─► Event::Committed
+//!             (the worker decodes on)          │ Fenced at an earlier end
 //!                                              ▼
 //!                            drop buffer, Event::Resync, ignore input until Seeked
 //! ```
 //!
+//! Invariants:
+//! - At most one flush per worker is in flight. The next flush starts at its end, and only
+//!   after it is settled, so commits form a gap-free chain. Records read meanwhile wait in the
+//!   buffer; if the flush is fenced they are dropped and read again from the winner's end.
+//! - A drain settles the flush in flight and the final flush before it is acknowledged: a
+//!   revoked partition has no writer left in this process.
+//!
 //! Undecodable records wait in `dead_pending`; each flush writes them to the dead-letter topic
-//! (one fenced transaction, see `dead_letter`) before its table commit.
+//! (one fenced transaction, see `dead_letter`) before its table commit, after the flush before
+//! it has settled.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,6 +89,28 @@ struct Worker {
     /// This partition's fenced dead-letter writer, opened when the worker starts.
     dead_session: Option<super::dead_letter::Session>,
     dead_opening: Option<tokio::task::JoinHandle<Result<super::dead_letter::Session, String>>>,
+    /// The flush being staged and committed by its own task while this worker decodes on: at
+    /// most one, settled before the next flush starts (see [`InFlight`]).
+    in_flight: Option<InFlight>,
+}
+
+/// What a flush task returns: its commit's outcome, or what failed after its retries.
+type FlushResult = Result<CommitOutcome, (&'static str, u32, sinks::Error)>;
+
+/// A flush handed to its own task: stage, then commit `[start, next)`.
+///
+/// The worker decodes the records after `next` meanwhile, so a partition keeps taking records
+/// (and the poll thread is not held up by its full queue) while its file is encoded, uploaded and
+/// committed. Commits still form a chain: the next flush of the partition starts at `next` and
+/// starts only after this one is settled, so it is staged and committed after this commit.
+struct InFlight {
+    task: tokio::task::JoinHandle<FlushResult>,
+    start: i64,
+    next: i64,
+    rows: usize,
+    /// The oldest Kafka timestamp among the flush's records, for the freshness histogram.
+    oldest_ts_ms: Option<i64>,
+    started: std::time::Instant,
 }
 
 /// Dead letters waiting for a flush are written at most this many (or bytes) at a time.
@@ -109,6 +139,7 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         dead_pending_bytes: 0,
         dead_session: None,
         dead_opening: None,
+        in_flight: None,
     };
     if let Some(dlq) = w
         .ctx
@@ -133,14 +164,21 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         let deadline = w.first_at.map(|t| t + latency);
         tokio::select! {
             biased;
+            settled = in_flight(&mut w.in_flight) => {
+                let f = w.in_flight.take().expect("a flush was in flight");
+                w.settled(f, settled);
+            }
             _ = sleep_until(deadline), if deadline.is_some() && !w.dead => {
-                w.flush(None).await;
+                w.flush().await;
             }
             msg = rx.recv() => match msg {
                 None => break,
                 Some(WorkerMsg::Drain(ack)) => {
+                    // Nothing of this partition may still be writing once the drain is acked.
+                    w.settle().await;
                     if !w.dead && !w.resyncing {
-                        w.flush(None).await;
+                        w.flush().await;
+                        w.settle().await;
                     }
                     w.release();
                     let _ = ack.send(());
@@ -165,7 +203,16 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
             }
         }
     }
+    w.settle().await;
     w.release();
+}
+
+/// The in-flight flush's result, when there is one; pending otherwise.
+async fn in_flight(f: &mut Option<InFlight>) -> Result<FlushResult, tokio::task::JoinError> {
+    match f {
+        Some(f) => (&mut f.task).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -323,7 +370,7 @@ impl Worker {
                 }
             };
             if new_schema && self.buffered_rows + self.decoder.pending_rows() > 0 {
-                self.flush(None).await;
+                self.flush().await;
                 if self.dead || self.resyncing {
                     return;
                 }
@@ -386,7 +433,7 @@ impl Worker {
             || self.dead_pending_bytes >= DEAD_PENDING_MAX_BYTES
             || caught_up
         {
-            self.flush(None).await;
+            self.flush().await;
         }
     }
 
@@ -657,29 +704,32 @@ impl Worker {
         self.buffer.push(batch);
     }
 
-    /// Flushes the buffer (and the decoder's pending rows unless `end` is given) as one commit
-    /// covering `[position, end or last_offset + 1)`.
-    async fn flush(&mut self, end: Option<i64>) {
-        if end.is_none() {
-            let mut out = Vec::new();
-            let mut rejected = Vec::new();
-            if let Err(e) = self.decoder.finish(&mut out, &mut rejected) {
-                self.fatal("decode", format!("sink `{}`: {e}", self.sink_name()));
-                return;
-            }
-            // Rejected records are dead-lettered before the commit that covers them.
-            for r in rejected {
-                Box::pin(self.reject(r)).await;
-                if self.dead {
-                    return;
-                }
-            }
-            for b in out {
-                Box::pin(self.buffer_batch(b)).await;
-            }
+    /// Flushes the buffer and the decoder's pending rows as one commit covering
+    /// `[position, last_offset + 1)`: settles the flush in flight first, then hands this one to
+    /// its own task ([`InFlight`]) and returns; `position` moves to the flush's end at once.
+    async fn flush(&mut self) {
+        self.settle().await;
+        if self.dead || self.resyncing {
+            return;
+        }
+        let mut out = Vec::new();
+        let mut rejected = Vec::new();
+        if let Err(e) = self.decoder.finish(&mut out, &mut rejected) {
+            self.fatal("decode", format!("sink `{}`: {e}", self.sink_name()));
+            return;
+        }
+        // Rejected records are dead-lettered before the commit that covers them.
+        for r in rejected {
+            Box::pin(self.reject(r)).await;
             if self.dead {
                 return;
             }
+        }
+        for b in out {
+            Box::pin(self.buffer_batch(b)).await;
+        }
+        if self.dead {
+            return;
         }
         if !self.dead_pending.is_empty() && !self.write_dead_letters().await {
             return;
@@ -688,83 +738,114 @@ impl Worker {
         let (Some(start), Some(last)) = (self.ctx.position, self.last_offset) else {
             return;
         };
-        let next = end.unwrap_or(last + 1);
+        let next = last + 1;
         if next <= start {
             return;
         }
         let batches = std::mem::take(&mut self.buffer);
         let rows = self.buffered_rows;
         // The batches stay in the budget until they are staged.
-        let in_flight = std::mem::take(&mut self.buffered_bytes);
-        if in_flight > 0 {
-            self.ctx.budget.start_flush(in_flight);
+        let bytes = std::mem::take(&mut self.buffered_bytes);
+        if bytes > 0 {
+            self.ctx.budget.start_flush(bytes);
         }
         self.release();
-        let tp = self.ctx.tp.clone();
         let flush = Flush {
-            tp: tp.clone(),
+            tp: self.ctx.tp.clone(),
             start: Offset(start),
             next: Offset(next),
             batches,
         };
-        let started = std::time::Instant::now();
-        let sink = self.ctx.runtime.sink.clone();
-        let name = self.sink_name().to_string();
-        let stats = self.stats.clone();
-        let staged = retry(&name, &tp, &stats, "stage", || sink.stage(flush.clone())).await;
-        drop(flush);
-        if in_flight > 0 {
-            self.ctx.budget.end_flush(in_flight);
+        let task = tokio::spawn(stage_and_commit(
+            self.ctx.runtime.clone(),
+            self.ctx.progress.clone(),
+            self.stats.clone(),
+            self.ctx.budget.clone(),
+            flush,
+            bytes,
+        ));
+        self.in_flight = Some(InFlight {
+            task,
+            start,
+            next,
+            rows,
+            oldest_ts_ms: self.oldest_ts_ms.take(),
+            started: std::time::Instant::now(),
+        });
+        // The next flush starts where this one ends; `settled` corrects it if this one is fenced.
+        self.ctx.position = Some(next);
+    }
+
+    /// Waits for the flush in flight, if any, and applies its outcome.
+    async fn settle(&mut self) {
+        if let Some(mut f) = self.in_flight.take() {
+            let result = (&mut f.task).await;
+            self.settled(f, result);
         }
-        let staged = match staged {
-            Ok(s) => s,
-            Err(e) => return self.give_up(e),
+    }
+
+    /// Applies the outcome of a finished flush task: the position moves on (and the source
+    /// hears of it), or the worker re-reads from a fencing winner's end, or stops.
+    fn settled(&mut self, f: InFlight, result: Result<FlushResult, tokio::task::JoinError>) {
+        let tp = self.ctx.tp.clone();
+        let (start, flushed) = (f.start, f.next);
+        let outcome = match result {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => return self.give_up(start, flushed, e),
+            Err(e) => {
+                let name = self.sink_name().to_string();
+                return self.fatal(
+                    "internal",
+                    format!(
+                        "sink `{name}` {tp} offsets {start}..{flushed}: the flush task failed: \
+                         {e}. Nothing of this range was committed unless its commit record \
+                         says so; it is read again after a restart"
+                    ),
+                );
+            }
         };
-        stats.flush_seconds.observe(started.elapsed());
-        // What the staged flush still holds (an upsert's changes) counts until its commit, so
-        // flushes waiting for their table cannot grow memory past the budget.
-        let retained = staged.retained_bytes();
-        self.ctx.budget.hold(retained);
-        let committing = std::time::Instant::now();
-        let (runtime, progress) = (self.ctx.runtime.clone(), self.ctx.progress.clone());
-        let outcome = retry(&name, &tp, &stats, "commit", || {
-            commit(&runtime, &progress, &stats, &staged)
-        })
-        .await;
-        drop(staged);
-        self.ctx.budget.end_flush(retained);
-        let outcome = match outcome {
-            Ok(o) => o,
-            Err(e) => return self.give_up(e),
-        };
-        stats.commit_seconds.observe(committing.elapsed());
-        match outcome {
-            CommitOutcome::Committed { next } | CommitOutcome::AlreadyCommitted { next } => {
-                self.observe_freshness();
-                debug!(sink = self.sink_name(), %tp, start, next = next.0, rows,
-                       ms = started.elapsed().as_millis() as u64, "committed");
+        if self.dead {
+            // Stopped meanwhile: the outcome still tells the source what is committed.
+            if let CommitOutcome::Committed { next } | CommitOutcome::AlreadyCommitted { next } =
+                outcome
+            {
                 self.advance(next.0);
             }
-            CommitOutcome::Fenced { next: winner } if winner.0 >= next => {
-                self.oldest_ts_ms = None;
-                // The winner covered at least what we read: continue after it.
+            return;
+        }
+        match outcome {
+            CommitOutcome::Committed { next } | CommitOutcome::AlreadyCommitted { next } => {
+                self.observe_freshness(f.oldest_ts_ms);
+                debug!(sink = self.sink_name(), %tp, start, next = next.0, rows = f.rows,
+                       ms = f.started.elapsed().as_millis() as u64, "committed");
+                self.advance(next.0);
+            }
+            CommitOutcome::Fenced { next: winner }
+                if winner.0 >= flushed && self.last_offset.is_none_or(|l| l < flushed) =>
+            {
+                // The winner covered at least what we read, and nothing was read since:
+                // continue after it.
                 info!(sink = self.sink_name(), %tp, start, winner_next = winner.0,
                       "another writer committed this range first; continuing after it");
                 self.last_offset = Some(winner.0 - 1);
                 self.advance(winner.0);
             }
-            CommitOutcome::Fenced { next } => {
-                self.oldest_ts_ms = None;
-                warn!(sink = self.sink_name(), %tp, start, winner_next = next.0,
+            CommitOutcome::Fenced { next: winner } => {
+                // Records read since this flush started may overlap the winner's range, or
+                // follow a gap: drop them and read again from the winner's end.
+                warn!(sink = self.sink_name(), %tp, start, winner_next = winner.0,
                       "fenced by another writer; re-reading from its end");
-                self.resync(tp, next.0);
+                self.release();
+                self.oldest_ts_ms = None;
+                self.first_at = None;
+                self.resync(tp, winner.0);
             }
         }
     }
 
     /// Records how stale the table was just before this commit.
-    fn observe_freshness(&mut self) {
-        let Some(oldest) = self.oldest_ts_ms.take() else {
+    fn observe_freshness(&mut self, oldest: Option<i64>) {
+        let Some(oldest) = oldest else {
             return;
         };
         let now = std::time::SystemTime::now()
@@ -795,12 +876,13 @@ impl Worker {
         });
     }
 
-    fn give_up(&mut self, (what, attempts, e): (&'static str, u32, sinks::Error)) {
-        let range = format!(
-            "offsets {}..{}",
-            self.ctx.position.unwrap_or(-1),
-            self.last_offset.map_or(-1, |l| l + 1)
-        );
+    fn give_up(
+        &mut self,
+        start: i64,
+        next: i64,
+        (what, attempts, e): (&'static str, u32, sinks::Error),
+    ) {
+        let range = format!("offsets {start}..{next}");
         self.fatal(
             "storage",
             format!(
@@ -811,6 +893,42 @@ impl Worker {
         ),
         );
     }
+}
+
+/// A flush's task: stages it, releases its batches from the budget, and commits it, each with
+/// retries. Runs beside its worker (see [`InFlight`]).
+async fn stage_and_commit(
+    runtime: Arc<SinkRuntime>,
+    progress: Arc<Progress>,
+    stats: Arc<SinkStats>,
+    budget: Arc<BufferBudget>,
+    flush: Flush,
+    bytes: usize,
+) -> FlushResult {
+    let (name, tp) = (runtime.config.name.clone(), flush.tp.clone());
+    let started = std::time::Instant::now();
+    let sink = runtime.sink.clone();
+    let staged = retry(&name, &tp, &stats, "stage", || sink.stage(flush.clone())).await;
+    drop(flush);
+    if bytes > 0 {
+        budget.staged(bytes);
+    }
+    let staged = staged?;
+    stats.flush_seconds.observe(started.elapsed());
+    // What the staged flush still holds (an upsert's changes) counts until its commit, so
+    // flushes waiting for their table cannot grow memory past the budget.
+    let retained = staged.retained_bytes();
+    budget.hold(retained);
+    let committing = std::time::Instant::now();
+    let outcome = retry(&name, &tp, &stats, "commit", || {
+        commit(&runtime, &progress, &stats, &staged)
+    })
+    .await;
+    drop(staged);
+    budget.end_flush(retained);
+    let outcome = outcome?;
+    stats.commit_seconds.observe(committing.elapsed());
+    Ok(outcome)
 }
 
 /// Commits a staged flush and counts it.
@@ -875,4 +993,182 @@ fn backoff(attempt: u32) -> Duration {
     let ms = 100u64.saturating_mul(1 << attempt.min(8)).min(30_000);
     let jitter = rand::random::<u64>() % (ms / 4 + 1);
     Duration::from_millis(ms + jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The worker against a scripted sink (a unit test: the real sinks' fencing is proven in
+    //! `tests/fencing.rs` and `tests/chaos.rs`).
+
+    use std::collections::VecDeque;
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::Mutex;
+
+    use sinks::{CommitStats, Staged};
+
+    use super::*;
+    use crate::config::Config;
+
+    /// Stages only when the test opens the gate; commits return the scripted outcomes.
+    #[derive(Debug)]
+    struct Scripted {
+        gate: tokio::sync::Semaphore,
+        outcomes: Mutex<VecDeque<CommitOutcome>>,
+        /// (start, next, rows) of every stage call.
+        staged: Mutex<Vec<(i64, i64, usize)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl sinks::Sink for Scripted {
+        async fn recover(&self, _: &TopicPartition) -> sinks::Result<Option<Offset>> {
+            Ok(None)
+        }
+        async fn committed(&self, _: &TopicPartition) -> sinks::Result<Option<Offset>> {
+            Ok(None)
+        }
+        async fn stage(&self, flush: Flush) -> sinks::Result<Staged> {
+            self.gate.acquire().await.expect("open").forget();
+            let rows = flush.rows();
+            self.staged
+                .lock()
+                .unwrap()
+                .push((flush.start.0, flush.next.0, rows));
+            Ok(Staged {
+                tp: flush.tp,
+                start: flush.start,
+                next: flush.next,
+                rows: rows as u64,
+                files: Vec::new(),
+                delta: None,
+                databend: None,
+                columns: Vec::new(),
+            })
+        }
+        async fn commit(&self, _: &Staged) -> sinks::Result<(CommitOutcome, CommitStats)> {
+            let outcome = self.outcomes.lock().unwrap().pop_front().expect("scripted");
+            Ok((outcome, CommitStats::default()))
+        }
+        async fn check(&self) -> sinks::Result<()> {
+            Ok(())
+        }
+        fn location(&self) -> &str {
+            "scripted"
+        }
+    }
+
+    fn records(offsets: std::ops::Range<i64>) -> WorkerMsg {
+        WorkerMsg::Records(
+            offsets
+                .map(|o| Record {
+                    offset: o,
+                    timestamp_ms: None,
+                    key: None,
+                    payload: Some(bytes::Bytes::from(format!(r#"{{"id":{o}}}"#))),
+                    headers: Vec::new(),
+                })
+                .collect(),
+        )
+    }
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fenced_flush_in_flight_drops_what_was_read_since_and_reads_from_the_winner() {
+        let config = Config::from_toml(
+            r#"
+[kafka]
+bootstrap_servers = "127.0.0.1:9"
+group_id = "g"
+
+[[sink]]
+name = "t"
+topics = ["t"]
+format = "json"
+schema = { id = "long" }
+kind = "parquet"
+table = "file:///nonexistent/t"
+flush = { max_rows = 2 }
+"#,
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        let sink = Arc::new(Scripted {
+            gate: tokio::sync::Semaphore::new(0),
+            outcomes: Mutex::default(),
+            staged: Mutex::default(),
+        });
+        sink.outcomes.lock().unwrap().extend([
+            // Another writer committed [0, 5) first.
+            CommitOutcome::Fenced { next: Offset(5) },
+            CommitOutcome::Committed { next: Offset(7) },
+        ]);
+        let runtime = Arc::new(SinkRuntime {
+            config: config.sinks[0].clone(),
+            sink: sink.clone(),
+            registry: schema_registry::RegistryClient::new(schema_registry::RegistryConfig::new(
+                "http://127.0.0.1:9",
+            ))
+            .unwrap(),
+            dead_letters: None,
+        });
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let progress = Arc::new(Progress::default());
+        let tp = TopicPartition::new("t", 0);
+        let ctx = WorkerCtx {
+            sink_index: 0,
+            runtime,
+            tp: tp.clone(),
+            position: None,
+            end_offset: None,
+            events: events_tx,
+            budget: Arc::new(BufferBudget::new(1 << 30)),
+            progress: progress.clone(),
+            decode_rows: 1024,
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let worker = tokio::spawn(run(ctx, rx));
+
+        // Offsets 0 and 1 fill a flush, whose stage waits; the worker reads offset 2 meanwhile.
+        tx.send(records(0..2)).await.unwrap();
+        until("the first flush is staging", || {
+            sink.gate.available_permits() == 0
+        })
+        .await;
+        tx.send(records(2..3)).await.unwrap();
+        until("offset 2 is read while the flush is in flight", || {
+            progress.records_in.load(Relaxed) == 3
+        })
+        .await;
+        assert!(sink.staged.lock().unwrap().is_empty(), "still staging");
+
+        // The flush is fenced at 5: offset 2 is dropped and the worker asks to read from 5.
+        sink.gate.add_permits(1);
+        match events.recv().await.unwrap() {
+            Event::Resync { position, .. } => assert_eq!(position, 5),
+            other => panic!("expected a resync to 5, got {other:?}"),
+        }
+        // Records read before the seek is confirmed are stale.
+        tx.send(records(3..5)).await.unwrap();
+        tx.send(WorkerMsg::Seeked { position: 5 }).await.unwrap();
+        sink.gate.add_permits(1);
+        tx.send(records(5..7)).await.unwrap();
+        match events.recv().await.unwrap() {
+            Event::Committed { next, .. } => assert_eq!(next, Offset(7)),
+            other => panic!("expected a commit up to 7, got {other:?}"),
+        }
+        assert_eq!(*sink.staged.lock().unwrap(), vec![(0, 2, 2), (5, 7, 2)]);
+
+        let (ack, acked) = tokio::sync::oneshot::channel();
+        tx.send(WorkerMsg::Drain(ack)).await.unwrap();
+        acked.await.unwrap();
+        worker.await.unwrap();
+        assert!(events.try_recv().is_err(), "nothing after the drain");
+    }
 }
