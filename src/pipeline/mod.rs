@@ -117,10 +117,6 @@ impl BufferBudget {
     pub fn hold(&self, n: usize) {
         self.in_flight.fetch_add(n, Ordering::Relaxed);
     }
-    /// The flush of `n` bytes started by [`Self::start_flush`] is staged (or abandoned).
-    pub fn staged(&self, n: usize) {
-        self.end_flush(n);
-    }
     /// The flush of `n` bytes is staged, committed or abandoned.
     pub fn end_flush(&self, n: usize) {
         self.in_flight.fetch_sub(n, Ordering::Relaxed);

@@ -911,7 +911,7 @@ async fn stage_and_commit(
     let staged = retry(&name, &tp, &stats, "stage", || sink.stage(flush.clone())).await;
     drop(flush);
     if bytes > 0 {
-        budget.staged(bytes);
+        budget.end_flush(bytes);
     }
     let staged = staged?;
     stats.flush_seconds.observe(started.elapsed());
