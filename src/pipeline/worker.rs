@@ -207,6 +207,24 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
     w.release();
 }
 
+/// Frees the unused capacity of a batch much shorter than the decoder's batches. The
+/// decoders allocate for a full batch; one cut short (by a schema version flip, a latency
+/// flush or a flush for rows) would otherwise hold, and count in the budget, a full batch's
+/// memory: interleaved Avro versions made one batch per record, about 40 KB each, and 400
+/// rows counted as 16 MB. Full batches are kept as they are (nothing to free).
+fn shrink(batch: RecordBatch, decode_rows: usize) -> RecordBatch {
+    if batch.num_rows().saturating_mul(4) >= decode_rows {
+        return batch;
+    }
+    let (schema, mut columns, rows) = batch.into_parts();
+    for c in &mut columns {
+        arrow::array::Array::shrink_to_fit(c);
+    }
+    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(rows));
+    RecordBatch::try_new_with_options(schema, columns, &options)
+        .expect("the same columns, schema and row count")
+}
+
 /// The in-flight flush's result, when there is one; pending otherwise.
 async fn in_flight(f: &mut Option<InFlight>) -> Result<FlushResult, tokio::task::JoinError> {
     match f {
@@ -692,6 +710,7 @@ impl Worker {
                 return;
             }
         }
+        let batch = shrink(batch, self.ctx.decode_rows);
         let size = batch.get_array_memory_size();
         if size == 0 {
             self.buffered_rows += batch.num_rows();
@@ -911,7 +930,7 @@ async fn stage_and_commit(
     let staged = retry(&name, &tp, &stats, "stage", || sink.stage(flush.clone())).await;
     drop(flush);
     if bytes > 0 {
-        budget.end_flush(bytes);
+        budget.staged(bytes);
     }
     let staged = staged?;
     stats.flush_seconds.observe(started.elapsed());
@@ -1170,5 +1189,43 @@ flush = { max_rows = 2 }
         acked.await.unwrap();
         worker.await.unwrap();
         assert!(events.try_recv().is_err(), "nothing after the drain");
+    }
+
+    /// A short batch from a decoder that allocated for a full one gives its spare capacity back
+    /// (and so stops counting it in the budget); a full batch is left alone.
+    #[test]
+    fn short_batches_give_back_the_capacity_of_a_full_one() {
+        use arrow::array::{ArrayRef, Int64Builder, StringBuilder, StructArray};
+        use arrow::datatypes::{DataType, Field};
+        let batch = |rows: usize, capacity: usize| {
+            let mut ids = Int64Builder::with_capacity(capacity);
+            let mut names = StringBuilder::with_capacity(capacity, capacity * 32);
+            for i in 0..rows {
+                ids.append_value(i as i64);
+                names.append_value(format!("order-{i}"));
+            }
+            let names: ArrayRef = Arc::new(names.finish());
+            let nested = StructArray::from(vec![(
+                Arc::new(Field::new("name", DataType::Utf8, false)),
+                names,
+            )]);
+            RecordBatch::try_from_iter([
+                ("id", Arc::new(ids.finish()) as ArrayRef),
+                ("nested", Arc::new(nested) as ArrayRef),
+            ])
+            .unwrap()
+        };
+        let short = batch(3, 1024);
+        let before = short.get_array_memory_size();
+        let shrunk = shrink(short, 1024);
+        assert_eq!(shrunk, batch(3, 1024), "the same rows");
+        let after = shrunk.get_array_memory_size();
+        assert!(
+            after * 20 < before,
+            "3 rows keep {after} of a 1,024-row batch's {before} bytes"
+        );
+        let full = batch(1024, 1024);
+        let size = full.get_array_memory_size();
+        assert_eq!(shrink(full, 1024).get_array_memory_size(), size);
     }
 }
