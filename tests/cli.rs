@@ -147,7 +147,16 @@ fn bench_isolate_measures_decode_and_encode() {
 /// alone, and the most records/s it allows on this machine's cores.
 #[test]
 fn bench_append_reports_the_floor_against_the_plain_loop() {
-    let stdout = bench(&["--format", "json", "--records", "3000", "--partitions", "2"]);
+    // Enough records that each consumer fetches several times after its first record: with
+    // 3,000 (one fetch per partition) both consumers' CPU from the first record could read 0.
+    let stdout = bench(&[
+        "--format",
+        "json",
+        "--records",
+        "50000",
+        "--partitions",
+        "2",
+    ]);
     assert!(
         report_line(&stdout, "baseline:").contains("us CPU per record"),
         "{stdout}"

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use arrow::record_batch::RecordBatch;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
@@ -578,7 +579,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         })
     };
     // Per-thread CPU from the first record on, sampled while the threads live (librdkafka's
-    // exit with the consumer, before the report).
+    // exit with the consumer, before the report): every 50 ms, every 2 ms once all is in.
     let split = Arc::new(std::sync::Mutex::new(CpuSplit::default()));
     let sampler = {
         let (progress, split, feed_pid) = (progress.clone(), split.clone(), child.id());
@@ -599,7 +600,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     s.last.extend(table);
                     s.feed_last = feed.or(s.feed_last);
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Once all is committed the consumer's threads exit within milliseconds: sample
+                // them often enough that a short run still sees their CPU.
+                let (done, total) = progress.catch_up_progress();
+                let step = if total > 0 && done >= total { 2 } else { 50 };
+                tokio::time::sleep(Duration::from_millis(step)).await;
             }
         })
     };
@@ -1028,7 +1033,91 @@ pub async fn isolate(records: u64, format: &str) -> anyhow::Result<()> {
         "  both:      {:.0} records/s per core",
         per(m.decode_cpu + m.encode_cpu)
     );
+    let batches = m.batches;
+    tokio::task::spawn_blocking(move || encode_breakdown(&batches, records)).await??;
     Ok(())
+}
+
+/// Where the Parquet encode's time goes: the same batches encoded again under writer settings
+/// that do less work (down to parquet-rs's least: plain encoding, no statistics, no
+/// compression), then one column at a time with the sinks' settings. On the calling thread.
+fn encode_breakdown(batches: &[RecordBatch], records: u64) -> anyhow::Result<()> {
+    use parquet::file::properties::EnabledStatistics;
+    use sinks::parquet::{writer_properties, writer_properties_for, Compression};
+    let Some(first) = batches.first() else {
+        return Ok(());
+    };
+    let us = |cpu: f64| cpu * 1e6 / records as f64;
+    let rows = 1 << 20;
+    let settings = [
+        (
+            "the sinks' (snappy, dictionary where it pays, page statistics)",
+            writer_properties_for(Compression::Snappy, rows, first),
+        ),
+        (
+            "uncompressed",
+            writer_properties_for(Compression::None, rows, first),
+        ),
+        (
+            "uncompressed, column-chunk statistics only",
+            writer_properties_for(Compression::None, rows, first)
+                .into_builder()
+                .set_statistics_enabled(EnabledStatistics::Chunk)
+                .build(),
+        ),
+        (
+            "uncompressed, no statistics, no dictionary (parquet-rs's least work)",
+            writer_properties(Compression::None, rows)
+                .into_builder()
+                .set_statistics_enabled(EnabledStatistics::None)
+                .set_dictionary_enabled(false)
+                .build(),
+        ),
+    ];
+    println!("  encode again, by writer setting:");
+    for (name, props) in settings {
+        let (cpu, bytes) = encode_cpu(batches, props)?;
+        println!(
+            "    {:.2} CPU s = {:.3} µs per record, {:.1} MB: {name}",
+            cpu,
+            us(cpu),
+            bytes as f64 / 1e6
+        );
+    }
+    println!("  encode again, one column at a time (the sinks' settings):");
+    let schema = first.schema();
+    let mut total = 0.0;
+    for (i, field) in schema.fields().iter().enumerate() {
+        let column: Vec<RecordBatch> = batches
+            .iter()
+            .map(|b| b.project(&[i]))
+            .collect::<Result<_, _>>()?;
+        let props = writer_properties_for(Compression::Snappy, rows, &column[0]);
+        let (cpu, _) = encode_cpu(&column, props)?;
+        total += cpu;
+        println!(
+            "    {:.3} µs per record: {} ({})",
+            us(cpu),
+            field.name(),
+            field.data_type()
+        );
+    }
+    println!("    {:.3} µs per record: all columns, summed", us(total));
+    Ok(())
+}
+
+/// Encodes `batches` into one Parquet file in memory; the thread's CPU seconds and the size.
+fn encode_cpu(
+    batches: &[RecordBatch],
+    props: parquet::file::properties::WriterProperties,
+) -> anyhow::Result<(f64, usize)> {
+    let cpu = thread_cpu_seconds();
+    let mut w = parquet::arrow::ArrowWriter::try_new(Vec::new(), batches[0].schema(), Some(props))?;
+    for b in batches {
+        w.write(b)?;
+    }
+    let file = w.into_inner()?;
+    Ok((thread_cpu_seconds() - cpu, file.len()))
 }
 
 /// What [`measure_alone`] measured.
@@ -1039,6 +1128,8 @@ struct Alone {
     encode_cpu: f64,
     bytes_in: usize,
     file_bytes: usize,
+    /// The decoded batches, for [`encode_breakdown`].
+    batches: Vec<RecordBatch>,
 }
 
 /// Decodes and then encodes `records` order lines on one thread, from memory (see [`isolate`]).
@@ -1104,85 +1195,75 @@ async fn measure_alone(records: u64, format: &str) -> anyhow::Result<Alone> {
         .map(|r| r.payload.as_ref().map_or(0, |p| p.len()))
         .sum();
     let format = format.to_string();
-    let report = tokio::task::spawn_blocking(
-        move || -> anyhow::Result<(f64, f64, f64, f64, usize, usize)> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let tp = sinks::TopicPartition::new(topic, 0);
-                let mut decoder = match format.as_str() {
-                    "avro" => FormatDecoder::Avro(Box::new(AvroDecoder::new(
-                        tp,
-                        client,
-                        sink.metadata,
-                        1024,
-                    ))),
-                    _ => FormatDecoder::Json(Box::new(JsonDecoder::new(
-                        tp,
-                        sink.json_schema.clone().context("a declared JSON schema")?,
-                        false,
-                        false,
-                        sink.metadata,
-                        1024,
-                    ))),
-                };
+    let report = tokio::task::spawn_blocking(move || -> anyhow::Result<(usize, Alone)> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let tp = sinks::TopicPartition::new(topic, 0);
+            let mut decoder = match format.as_str() {
+                "avro" => {
+                    FormatDecoder::Avro(Box::new(AvroDecoder::new(tp, client, sink.metadata, 1024)))
+                }
+                _ => FormatDecoder::Json(Box::new(JsonDecoder::new(
+                    tp,
+                    sink.json_schema.clone().context("a declared JSON schema")?,
+                    false,
+                    false,
+                    sink.metadata,
+                    1024,
+                ))),
+            };
+            decoder
+                .prepare(&input[0])
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (mut out, mut rejected) = (Vec::new(), Vec::new());
+            let (wall, cpu) = (Instant::now(), thread_cpu_seconds());
+            for rec in input {
                 decoder
-                    .prepare(&input[0])
+                    .push(rec, &mut out, &mut rejected)
                     .await
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                let (mut out, mut rejected) = (Vec::new(), Vec::new());
-                let (wall, cpu) = (Instant::now(), thread_cpu_seconds());
-                for rec in input {
-                    decoder
-                        .push(rec, &mut out, &mut rejected)
-                        .await
-                        .map_err(|r| anyhow::anyhow!("{}", r.error))?;
-                }
-                decoder
-                    .finish(&mut out, &mut rejected)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                anyhow::ensure!(rejected.is_empty(), "{} records rejected", rejected.len());
-                let (decode_wall, decode_cpu) =
-                    (wall.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu);
-                let (wall, cpu) = (Instant::now(), thread_cpu_seconds());
-                let props = sinks::parquet::writer_properties_for(
-                    sinks::parquet::Compression::Snappy,
-                    1 << 20,
-                    &out[0],
-                );
-                let mut w =
-                    parquet::arrow::ArrowWriter::try_new(Vec::new(), out[0].schema(), Some(props))?;
-                let mut rows = 0;
-                for b in &out {
-                    rows += b.num_rows();
-                    w.write(b)?;
-                }
-                let file = w.into_inner()?;
-                let (encode_wall, encode_cpu) =
-                    (wall.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu);
-                Ok((
-                    decode_wall,
-                    decode_cpu,
-                    encode_wall,
-                    encode_cpu,
-                    rows,
-                    file.len(),
-                ))
-            })
-        },
-    )
-    .await??;
-    let (decode_wall, decode_cpu, encode_wall, encode_cpu, rows, file) = report;
-    anyhow::ensure!(rows as u64 == records, "decoded {rows} rows of {records}");
-    Ok(Alone {
-        decode_wall,
-        decode_cpu,
-        encode_wall,
-        encode_cpu,
-        bytes_in,
-        file_bytes: file,
+                    .map_err(|r| anyhow::anyhow!("{}", r.error))?;
+            }
+            decoder
+                .finish(&mut out, &mut rejected)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            anyhow::ensure!(rejected.is_empty(), "{} records rejected", rejected.len());
+            let (decode_wall, decode_cpu) =
+                (wall.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu);
+            let (wall, cpu) = (Instant::now(), thread_cpu_seconds());
+            let props = sinks::parquet::writer_properties_for(
+                sinks::parquet::Compression::Snappy,
+                1 << 20,
+                &out[0],
+            );
+            let mut w =
+                parquet::arrow::ArrowWriter::try_new(Vec::new(), out[0].schema(), Some(props))?;
+            let mut rows = 0;
+            for b in &out {
+                rows += b.num_rows();
+                w.write(b)?;
+            }
+            let file = w.into_inner()?;
+            let (encode_wall, encode_cpu) =
+                (wall.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu);
+            let alone = Alone {
+                decode_wall,
+                decode_cpu,
+                encode_wall,
+                encode_cpu,
+                bytes_in,
+                file_bytes: file.len(),
+                batches: out,
+            };
+            Ok((rows, alone))
+        })
     })
+    .await??;
+    let (rows, alone) = report;
+    anyhow::ensure!(rows as u64 == records, "decoded {rows} rows of {records}");
+    Ok(alone)
 }
 
 /// jemalloc's options as it runs them (the `lakesink` binary's defaults, or
