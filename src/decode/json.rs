@@ -217,7 +217,7 @@ impl JsonDecoder {
             return;
         }
         let mut pending = std::mem::take(&mut self.pending);
-        if let Some(batch) = self.fast.as_ref().and_then(|f| f.decode(&pending)) {
+        if let Some(batch) = self.fast.as_mut().and_then(|f| f.decode(&pending)) {
             for rec in &pending {
                 self.meta
                     .push(rec.offset, rec.timestamp_ms, rec.key.as_deref());
@@ -452,7 +452,7 @@ mod tests {
             .collect();
         let row = Arc::new(Schema::new(fields));
         for debezium in [false, true] {
-            let d = JsonDecoder::new(
+            let mut d = JsonDecoder::new(
                 TopicPartition::new("t", 0),
                 row.clone(),
                 debezium,
@@ -473,7 +473,7 @@ mod tests {
                     rec(id, &line)
                 })
                 .collect();
-            let fast = d.fast.as_ref().expect("the order schema is supported");
+            let fast = d.fast.as_mut().expect("the order schema is supported");
             let got = fast.decode(&recs).expect("order lines are well-formed");
             let mut reference = build(&d.schema, recs.len());
             for r in &recs {

@@ -58,6 +58,9 @@ struct Node {
     nullable: bool,
     data_type: DataType,
     kind: Kind,
+    /// For a string column: bytes per row to reserve, learnt from the previous batch (so its
+    /// values buffer is allocated once, not grown by doubling and copying).
+    text_per_row: usize,
 }
 
 /// The decoding plan of one schema; `None` from [`Plan::new`] when the schema holds a type this
@@ -89,6 +92,7 @@ fn node(name: &str, nullable: bool, data_type: &DataType) -> Option<Node> {
         nullable,
         data_type: data_type.clone(),
         kind,
+        text_per_row: 16,
     })
 }
 
@@ -113,9 +117,9 @@ impl Plan {
 
     /// Decodes `records` (their payloads after any 5-byte Confluent framing) into one batch of
     /// the plan's schema, or `None` when any record needs arrow-json's judgement.
-    pub fn decode(&self, records: &[Record]) -> Option<RecordBatch> {
+    pub fn decode(&mut self, records: &[Record]) -> Option<RecordBatch> {
         let rows = records.len();
-        let mut cols: Vec<Col> = self.root.iter().map(|n| Col::new(&n.kind, rows)).collect();
+        let mut cols: Vec<Col> = self.root.iter().map(|n| Col::new(n, rows)).collect();
         let mut scratch = String::new();
         let mut order = Vec::new();
         for rec in records {
@@ -134,6 +138,7 @@ impl Plan {
                 return None;
             }
         }
+        learn_text_sizes(&mut self.root, &cols, rows);
         let columns = self
             .root
             .iter()
@@ -141,6 +146,21 @@ impl Plan {
             .map(|(n, c)| c.finish(n))
             .collect::<Option<Vec<_>>>()?;
         RecordBatch::try_new(self.schema.clone(), columns).ok()
+    }
+}
+
+/// Remembers each string column's bytes per row in this batch, an eighth more for the next.
+fn learn_text_sizes(nodes: &mut [Node], cols: &[Col], rows: usize) {
+    for (node, col) in nodes.iter_mut().zip(cols) {
+        match (col, &mut node.kind) {
+            (Col::Utf8(b), _) if rows > 0 => {
+                node.text_per_row = (b.values_slice().len() * 9 / 8).div_ceil(rows).max(1);
+            }
+            (Col::Struct(children, ..), Kind::Struct(child_nodes)) => {
+                learn_text_sizes(child_nodes, children, rows)
+            }
+            _ => {}
+        }
     }
 }
 
@@ -158,18 +178,18 @@ enum Col {
 }
 
 impl Col {
-    fn new(kind: &Kind, rows: usize) -> Col {
+    fn new(node: &Node, rows: usize) -> Col {
         let nulls = NullBufferBuilder::new(rows);
-        match kind {
+        match &node.kind {
             Kind::Bool => Col::Bool(BooleanBuilder::with_capacity(rows)),
             Kind::Int32 | Kind::Date32 => Col::I32(Vec::with_capacity(rows), nulls),
             Kind::Int64 | Kind::Timestamp(..) => Col::I64(Vec::with_capacity(rows), nulls),
             Kind::Float32 => Col::F32(Vec::with_capacity(rows), nulls),
             Kind::Float64 => Col::F64(Vec::with_capacity(rows), nulls),
             Kind::Decimal128(..) => Col::I128(Vec::with_capacity(rows), nulls),
-            Kind::Utf8 => Col::Utf8(StringBuilder::with_capacity(rows, rows * 16)),
+            Kind::Utf8 => Col::Utf8(StringBuilder::with_capacity(rows, rows * node.text_per_row)),
             Kind::Struct(children) => Col::Struct(
-                children.iter().map(|n| Col::new(&n.kind, rows)).collect(),
+                children.iter().map(|n| Col::new(n, rows)).collect(),
                 nulls,
                 Vec::new(),
             ),
@@ -851,7 +871,7 @@ mod tests {
     #[test]
     fn well_formed_batches_decode_as_arrow_json_decodes_them() {
         let schema = schema();
-        let plan = Plan::new(&schema).expect("every type in the schema is supported");
+        let mut plan = Plan::new(&schema).expect("every type in the schema is supported");
         let recs = records(GOOD);
         let want = reference(&schema, &recs).expect("arrow-json accepts the good records");
         let got = plan
@@ -867,7 +887,7 @@ mod tests {
     #[test]
     fn anything_questionable_is_left_to_arrow_json() {
         let schema = schema();
-        let plan = Plan::new(&schema).unwrap();
+        let mut plan = Plan::new(&schema).unwrap();
         let odd = [
             // Not one JSON object.
             "",
@@ -939,7 +959,7 @@ mod tests {
     fn mutated_records_never_decode_differently() {
         use rand::{Rng, SeedableRng};
         let schema = schema();
-        let plan = Plan::new(&schema).unwrap();
+        let mut plan = Plan::new(&schema).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(20261123);
         let alphabet = b"{}[],:\"\\/0123456789-+.eEnulltruefalse \t\nabu";
         let (mut accepted, mut total) = (0, 0);
@@ -976,6 +996,39 @@ mod tests {
         }
         // Edits inside strings and whitespace keep many records valid: the comparison is real.
         assert!(accepted > total / 20, "{accepted} of {total} accepted");
+    }
+
+    /// A string column reserves what the previous batch needed (an eighth more), not a guess
+    /// that doubles and copies its way up: capacity is what the memory budget counts.
+    #[test]
+    fn string_buffers_are_sized_from_the_previous_batch() {
+        let schema = schema();
+        let mut plan = Plan::new(&schema).unwrap();
+        let name = "n".repeat(40);
+        let lines: Vec<String> = (0..1024)
+            .map(|i| format!(r#"{{"req":"r{i}","name":"{name}"}}"#))
+            .collect();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let recs = records(&lines);
+        let values = |b: &RecordBatch| {
+            let a = b.column_by_name("name").unwrap();
+            let s = a
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .unwrap();
+            (s.values().len(), s.values().capacity())
+        };
+        // The first batch guesses 16 bytes a row and grows by doubling: 64 KiB for 40 KiB.
+        let (len, first) = values(&plan.decode(&recs).unwrap());
+        assert_eq!(len, 40 * 1024);
+        assert!(first >= 64 << 10, "{first}");
+        let (len, next) = values(&plan.decode(&recs).unwrap());
+        assert_eq!(len, 40 * 1024);
+        assert!(
+            next >= len && next <= len * 9 / 8 + 1024 + 64,
+            "{next} for {len}"
+        );
+        assert_eq!(plan.decode(&recs[..1]).unwrap().num_rows(), 1);
     }
 
     /// The word-at-a-time scan stops exactly where the byte-at-a-time one would, whatever the

@@ -83,12 +83,9 @@ fn mostly_distinct(column: &dyn arrow::array::Array) -> bool {
     if n < 64 {
         return false; // too few rows to judge, and too few for the choice to matter
     }
-    let mut seen = std::collections::HashSet::with_capacity(n);
-    let mut values = 0usize;
-    let mut count = |v: &[u8]| {
-        values += 1;
-        seen.insert(value_hash(v));
-    };
+    // Hashes, sorted and deduplicated once at the end: cheaper than a hash set per value.
+    let mut seen: Vec<u64> = Vec::with_capacity(n);
+    let mut count = |v: &[u8]| seen.push(value_hash(v));
     let valid = |i: usize| column.is_valid(i);
     match column.data_type() {
         DataType::Utf8 => {
@@ -126,18 +123,31 @@ fn mostly_distinct(column: &dyn arrow::array::Array) -> bool {
         }
         _ => return false,
     }
+    let values = seen.len();
+    seen.sort_unstable();
+    seen.dedup();
     values >= 64 && seen.len() * 2 > values
 }
 
 /// A 64-bit hash of a value, for counting distinct values in a sample (collisions only make
-/// a column look less distinct, which keeps its dictionary: the safe side).
+/// a column look less distinct, which keeps its dictionary: the safe side). A word at a time,
+/// multiply-and-rotate (FxHash's step, with the length mixed in): it needs to spread values,
+/// not resist attacks, and runs for a thousand values of every column of every flush.
 fn value_hash(v: &[u8]) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    static STATE: std::sync::LazyLock<std::collections::hash_map::RandomState> =
-        std::sync::LazyLock::new(std::collections::hash_map::RandomState::new);
-    let mut h = STATE.build_hasher();
-    h.write(v);
-    h.finish()
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let step = |h: u64, w: u64| (h.rotate_left(5) ^ w).wrapping_mul(K);
+    let mut words = v.chunks_exact(8);
+    let mut h = step(0, v.len() as u64);
+    for w in &mut words {
+        h = step(h, u64::from_le_bytes(w.try_into().expect("8 bytes")));
+    }
+    let mut tail = [0u8; 8];
+    tail[..words.remainder().len()].copy_from_slice(words.remainder());
+    h = step(h, u64::from_le_bytes(tail));
+    // A final avalanche, so values differing in a last byte differ in every bit.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
 }
 
 /// Encodes `flush` into one Parquet file per output partition, in hive-key order (so the
