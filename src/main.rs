@@ -299,8 +299,17 @@ async fn run() -> ExitCode {
         .with(filter)
         .with(QuietDoubleClose);
     match cli.log_format {
+        // Colours only on a terminal (and without NO_COLOR): log files, `kubectl logs` and
+        // collectors get plain text.
         LogFormat::Text => logs
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(
+                        std::io::IsTerminal::is_terminal(&std::io::stderr())
+                            && std::env::var_os("NO_COLOR").is_none(),
+                    )
+                    .with_writer(std::io::stderr),
+            )
             .init(),
         LogFormat::Json => logs
             .with(

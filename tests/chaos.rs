@@ -809,10 +809,29 @@ drain_timeout = "10s"
         .iter()
         .filter(|k| !dead.contains_key(k))
         .collect();
-    assert!(
-        missing.is_empty(),
-        "poison never dead-lettered: {missing:?}"
-    );
+    if !missing.is_empty() {
+        // Keep what the members said, for the cause: which session covered each missing
+        // record's partition, and which position (`last`) it read from the dead-letter tail.
+        let all = logs.join("\n");
+        let path = scratch("chaos-logs").join("members.log");
+        std::fs::write(&path, &all).unwrap();
+        let sessions: Vec<&str> = all
+            .lines()
+            .filter(|l| l.contains("dead-letter session open"))
+            .filter(|l| {
+                missing
+                    .iter()
+                    .any(|(t, p, _)| l.contains(&format!("tp={t}/{p} ")))
+            })
+            .take(40)
+            .collect();
+        panic!(
+            "poison never dead-lettered: {missing:?}; every member's log is in {}; the \
+             dead-letter sessions of those partitions:\n{}",
+            path.display(),
+            sessions.join("\n")
+        );
+    }
     let extra: Vec<_> = dead.keys().filter(|k| !sent.poison.contains(k)).collect();
     assert!(extra.is_empty(), "good records dead-lettered: {extra:?}");
     // Asserted after the summary line, which reports it.

@@ -252,4 +252,6 @@ fn default_log_keeps_delta_internals_out() {
     // A clean run logs no ERROR: not even rust-rdkafka's on dropping the consumer that has
     // already left its group.
     assert!(!stderr.contains("ERROR"), "{stderr}");
+    // stderr is a pipe here, as in a log file or a container: no colour escapes.
+    assert!(!stderr.contains('\u{1b}'), "colour escapes in:\n{stderr}");
 }
