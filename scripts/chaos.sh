@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The chaos harness (tests/chaos.rs) by hand, e.g. the long mode:
 #
-#   scripts/chaos.sh --minutes 30 --seed 7 [--target parquet_on_moto|parquet_on_azurite|delta_on_moto|databend]
+#   scripts/chaos.sh --minutes 30 --seed 7 [--target parquet_on_moto|parquet_on_azurite|parquet_on_gcs|delta_on_moto|databend|..._kip848]
 #
 # Starts the real services (scripts/services.sh), runs the chosen targets one after another
-# (all four by default) and prints each run's summary line; stops the services on exit. A run
+# (all by default) and prints each run's summary line; stops the services on exit. A run
 # is reproducible from its seed (the stream and the fault schedule) up to process timing.
 set -euo pipefail
 

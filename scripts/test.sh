@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole lakesink test suite against real services.
 #
-# Installs what is missing (idempotent), starts on free loopback ports: tansu (Kafka-protocol
-# broker), moto (S3 with atomic conditional writes), Azurite (Azure Blob); runs fmt, clippy and
-# every test; stops the services on exit. Caches live outside the clone, in $LAKESINK_CACHE
-# (default ~/.cache/lakesink): the Python venv, Azurite's node_modules and the cargo target dir.
+# Installs what is missing (idempotent), starts on free loopback ports (scripts/services.sh):
+# Apache Kafka 4.4 (KRaft, from Maven Central), moto (S3 with atomic conditional writes), Azurite
+# (Azure Blob), fake-gcs-server (GCS), the Databend test server; runs fmt, clippy and every test;
+# stops the services on exit. Caches live outside the clone, in $LAKESINK_CACHE (default
+# ~/.cache/lakesink): the Kafka jars, the Python venv, Azurite's node_modules, the Go build of
+# fake-gcs-server and the cargo target dir; Maven's own cache is ~/.m2.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -49,16 +51,12 @@ cargo clippy --workspace --all-targets -- -D warnings
 log "tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast --test-threads 4 -E 'not binary(chaos)' "$@"
-  # The chaos harness (short mode, 45 s per target: Parquet on moto and on Azurite, Delta on
-  # moto, Databend) runs alone: three lakesink processes, a producer and fault proxies on 2 cores.
-  # LAKESINK_CHAOS=0 skips it. tansu 0.6's group coordinator can stall after member kills (the
-  # harness restarts the group, at most twice); a target that still fails is run up to twice more
-  # and then reported FLAKY with its first failure kept in the log. Twice: a short run sometimes
-  # misses one dead letter the broker acknowledged (README, "An open question"; 2 of 13 first
-  # tries in one evening, every retry passed).
+  # The chaos harness (short mode, 45 s per target) runs alone: three lakesink processes, a
+  # producer and fault proxies on 2 cores. LAKESINK_CHAOS=0 skips it. A failed target fails the
+  # run: no retries.
   if [ "${LAKESINK_CHAOS:-1}" != 0 ]; then
     log "chaos harness (short mode)"
-    cargo nextest run --no-fail-fast --test chaos --test-threads 1 --retries 2 \
+    cargo nextest run --no-fail-fast --test chaos --test-threads 1 \
       --success-output final --failure-output immediate-final "$@"
   fi
 else

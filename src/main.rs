@@ -388,6 +388,17 @@ async fn run() -> ExitCode {
                         "{:<16} {:<32} {:>9} {:>14} {:>14} {:>10}",
                         "SINK", "TOPIC", "PARTITION", "COMMITTED", "END", "LAG"
                     );
+                    let unreadable: Vec<String> = rows
+                        .iter()
+                        .filter_map(|r| {
+                            r.unreadable.as_ref().map(|why| {
+                                format!(
+                                    "sink `{}`: {}/{} cannot be read: {why}",
+                                    r.sink, r.topic, r.partition
+                                )
+                            })
+                        })
+                        .collect();
                     for r in rows {
                         println!(
                             "{:<16} {:<32} {:>9} {:>14} {:>14} {:>10}",
@@ -398,6 +409,9 @@ async fn run() -> ExitCode {
                             r.end,
                             r.lag
                         );
+                    }
+                    for u in &unreadable {
+                        println!("{u}");
                     }
                     Ok(())
                 }

@@ -257,6 +257,17 @@ pub fn render(p: &Progress) -> String {
             (high - pos).max(0)
         );
     }
+    let stalled = p.stalled.lock().expect("progress").clone();
+    let _ = writeln!(out, "# HELP lakesink_partition_stalled Partitions the consumer cannot read: records beyond the fetch position and none fetched for pipeline.stall_timeout (1 while stalled; /readyz names the offset and the cause).\n# TYPE lakesink_partition_stalled gauge");
+    for tp in stalled.keys() {
+        let _ = writeln!(
+            out,
+            "lakesink_partition_stalled{{topic=\"{}\",partition=\"{}\"}} 1",
+            esc(&tp.topic),
+            tp.partition
+        );
+    }
+    let _ = writeln!(out, "# HELP lakesink_stalled_partitions How many assigned partitions are stalled.\n# TYPE lakesink_stalled_partitions gauge\nlakesink_stalled_partitions {}", stalled.len());
     let _ = writeln!(out, "# HELP lakesink_ready Whether the process holds partitions and is not draining.\n# TYPE lakesink_ready gauge\nlakesink_ready {}", u8::from(p.ready()));
     out
 }
@@ -284,12 +295,24 @@ pub async fn serve(addr: SocketAddr, progress: Arc<Progress>) -> std::io::Result
             get(move || {
                 let p = ready.clone();
                 async move {
+                    let stalled = p.stalled.lock().expect("progress").clone();
                     if p.ready() {
-                        (StatusCode::OK, "ready\n")
+                        (StatusCode::OK, "ready\n".to_string())
                     } else if p.health.draining.load(Relaxed) {
-                        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                        (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_string())
+                    } else if !stalled.is_empty() {
+                        let lines: Vec<String> = stalled
+                            .iter()
+                            .map(|(tp, (offset, cause))| {
+                                format!("partition {tp} stalled at offset {offset}: {cause}\n")
+                            })
+                            .collect();
+                        (StatusCode::SERVICE_UNAVAILABLE, lines.concat())
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "no partitions assigned\n")
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "no partitions assigned\n".to_string(),
+                        )
                     }
                 }
             }),

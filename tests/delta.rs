@@ -1,5 +1,5 @@
-//! Delta Lake sink against real services: tansu, the registry, moto (S3), Azurite (`az://` and
-//! `abfss://` in emulator mode) and local disk. What lands is read back by python `deltalake`
+//! Delta Lake sink against real services: Apache Kafka, the registry, moto (S3), Azurite
+//! (`az://` and `abfss://` in emulator mode), fake-gcs-server (`gs://`) and local disk. What lands is read back by python `deltalake`
 //! and DuckDB (over deltalake's pyarrow dataset), including the txn versions.
 
 mod common;
@@ -97,6 +97,11 @@ async fn delta_on_s3_exactly_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn delta_on_azure_exactly_once() {
     delta_exactly_once(Store::azure("orders_delta"), 900).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delta_on_gcs_exactly_once() {
+    delta_exactly_once(Store::gcs("orders_delta"), 900).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

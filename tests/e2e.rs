@@ -1,5 +1,5 @@
-//! End to end against real services: tansu (Kafka protocol), the registry, moto (S3), Azurite
-//! (Azure Blob) and local disk; what lands is read back by pyarrow and DuckDB.
+//! End to end against real services: Apache Kafka, the registry, moto (S3), Azurite (Azure
+//! Blob), fake-gcs-server (GCS) and local disk; what lands is read back by pyarrow and DuckDB.
 
 mod common;
 
@@ -52,6 +52,36 @@ async fn s3_exactly_once_with_every_avro_type() {
 #[tokio::test(flavor = "multi_thread")]
 async fn azure_exactly_once_with_every_avro_type() {
     sink_table_exactly_once(Store::azure("orders"), 1500).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gcs_exactly_once_with_every_avro_type() {
+    sink_table_exactly_once(Store::gcs("orders"), 1500).await;
+}
+
+/// Producers compress batches with gzip, snappy, lz4 or zstd; one topic holds batches of all
+/// four (and uncompressed ones), and every record lands exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_of_every_compression_codec_are_consumed() {
+    let store = Store::local("orders");
+    let topic = unique("codecs");
+    create_topic(&topic, PARTITIONS).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    let mut produced = Produced::new();
+    for (i, codec) in ["none", "gzip", "snappy", "lz4", "zstd"].iter().enumerate() {
+        let ids = (i as i64 * 300)..(i as i64 * 300 + 300);
+        produced.extend(produce_compressed(&topic, id, ids, PARTITIONS, codec).await);
+    }
+    let cfg = config(&topic, &unique("g"), &registry_url, &store, "");
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    wait_rows(&store, &topic, 1500, &mut proc_, Duration::from_secs(120)).await;
+    let log = proc_.stop();
+    assert!(
+        !log.contains("Decompression") && !log.contains("Not implemented"),
+        "a codec was not decoded:\n{log}"
+    );
+    assert_exactly_once(&store.read(), &produced);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -13,10 +13,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use schema_registry::wire;
 
-/// Produces orders `0..n` round-robin over `partitions`, one record per produce request:
-/// tansu's end offset is only right for single-record batches, and `status` and
-/// `--until-caught-up` compare against it. Returns each partition's end offset.
-async fn produce_one_by_one(
+/// Produces orders `0..n` round-robin over `partitions`, in batches (lz4-compressed, as
+/// producers in the field send them). Returns each partition's end offset.
+async fn produce_batched(
     topic: &str,
     id: schema_registry::SchemaId,
     n: i64,
@@ -24,23 +23,30 @@ async fn produce_one_by_one(
 ) -> BTreeMap<i32, i64> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka())
-        .set("linger.ms", "0")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
         .create()
         .unwrap();
     let schema = lakesink::workload::order_schema();
+    let payloads: Vec<(i32, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let order = lakesink::workload::Order::generate(i).encode(&schema);
+            ((i % partitions as i64) as i32, wire::frame(id, &order))
+        })
+        .collect();
+    let sends = payloads.iter().map(|(p, payload)| {
+        producer.send(
+            FutureRecord::<(), _>::to(topic)
+                .partition(*p)
+                .payload(payload),
+            Duration::from_secs(10),
+        )
+    });
     let mut ends = BTreeMap::new();
-    for i in 0..n {
-        let payload = wire::frame(id, &lakesink::workload::Order::generate(i).encode(&schema));
-        let d = producer
-            .send(
-                FutureRecord::<(), _>::to(topic)
-                    .partition((i % partitions as i64) as i32)
-                    .payload(&payload),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-        ends.insert(d.partition, d.offset + 1);
+    for d in futures::future::join_all(sends).await {
+        let d = d.unwrap();
+        let end = ends.entry(d.partition).or_insert(0);
+        *end = (*end).max(d.offset + 1);
     }
     ends
 }
@@ -60,7 +66,7 @@ async fn metrics_probes_and_status_match_what_landed() {
     let (registry_url, client) = registry().await;
     let id = register_orders(&client, &topic).await;
     let n = 300i64;
-    let per_partition = produce_one_by_one(&topic, id, n, 2).await;
+    let per_partition = produce_batched(&topic, id, n, 2).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -278,7 +284,7 @@ async fn until_caught_up_exits_when_done() {
     create_topic(&topic, 2).await;
     let (registry_url, client) = registry().await;
     let id = register_orders(&client, &topic).await;
-    produce_one_by_one(&topic, id, 200, 2).await;
+    produce_batched(&topic, id, 200, 2).await;
     let cfg = config(&topic, &unique("g"), &registry_url, &store, "");
     let path = scratch("backfill").join("lakesink.toml");
     std::fs::write(&path, &cfg).unwrap();

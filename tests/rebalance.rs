@@ -1,6 +1,6 @@
 //! Scale-out: two lakesink processes in one consumer group share a topic's partitions; members
 //! join and leave mid-stream (rebalances hand partitions over after a drain), and every record
-//! still lands exactly once.
+//! still lands exactly once, under the classic group protocol and KIP-848's.
 
 mod common;
 
@@ -10,13 +10,24 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn members_joining_and_leaving_keep_exactly_once() {
+    members_join_and_leave("classic").await;
+}
+
+/// The same under KIP-848's consumer group protocol: the broker assigns incrementally.
+#[tokio::test(flavor = "multi_thread")]
+async fn members_joining_and_leaving_keep_exactly_once_kip848() {
+    members_join_and_leave("consumer").await;
+}
+
+async fn members_join_and_leave(protocol: &str) {
     let store = Store::s3("orders");
     let topic = unique("scale");
     let partitions = 6;
     create_topic(&topic, partitions).await;
     let (registry_url, client) = registry().await;
     let id = register_orders(&client, &topic).await;
-    let cfg = config(&topic, &unique("g"), &registry_url, &store, "");
+    let cfg = config(&topic, &unique("g"), &registry_url, &store, "")
+        .replace(&group_properties(), &group_properties_for(protocol));
 
     let mut produced = produce(&topic, id, 0..1200, partitions).await;
     let mut a = Lakesink::start(&cfg, &[]);

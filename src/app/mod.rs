@@ -3,12 +3,15 @@
 
 pub mod bench;
 pub mod demo;
+mod inspect;
+
+pub use inspect::{check, status, CheckResult, PartitionStatus};
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+
 use schema_registry::{RegistryClient, RegistryConfig};
 use sinks::databend::{DatabendSink, DatabendSinkConfig};
 use sinks::delta::upsert::UpsertConfig;
@@ -219,7 +222,6 @@ pub fn build_sinks(cfg: &ValidatedConfig) -> anyhow::Result<Vec<Arc<SinkRuntime>
                         cfg,
                         topic,
                         s.dead_letter_exactly_once,
-                        s.dead_letter_read_committed,
                     )
                     .map_err(|e| anyhow!("sink `{}`: {e}", s.name))?,
                 ),
@@ -370,163 +372,4 @@ pub fn cancel_on_signals(token: CancellationToken) {
         warn!("second signal: exiting without draining");
         std::process::exit(130);
     });
-}
-
-/// One line of `lakesink check`.
-#[derive(Debug)]
-pub struct CheckResult {
-    pub what: String,
-    pub error: Option<String>,
-}
-
-/// Reaches the broker, the registry and every table location.
-pub async fn check(cfg: &ValidatedConfig) -> Vec<CheckResult> {
-    let mut out = Vec::new();
-    // Kafka: metadata of the configured topics.
-    let kafka = {
-        let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || -> Result<String, String> {
-            let consumer: BaseConsumer<crate::auth::AuthContext> = source::client_config(&cfg)
-                .create_with_context(crate::auth::AuthContext(
-                    crate::auth::KafkaAuth::from_config(&cfg),
-                ))
-                .map_err(|e| format!("cannot create a consumer: {e}"))?;
-            let md = consumer
-                .fetch_metadata(None, Duration::from_secs(10))
-                .map_err(|e| format!("cannot fetch metadata: {e}"))?;
-            let topics: Vec<String> = md.topics().iter().map(|t| t.name().to_string()).collect();
-            let mut missing = Vec::new();
-            for s in &cfg.sinks {
-                if let crate::config::TopicSelector::Names(names) = &s.topics {
-                    for n in names {
-                        if !topics.contains(n) {
-                            missing.push(format!("{n} (sink `{}`)", s.name));
-                        }
-                    }
-                }
-            }
-            if missing.is_empty() {
-                Ok(format!(
-                    "{} brokers, {} topics",
-                    md.brokers().len(),
-                    topics.len()
-                ))
-            } else {
-                Err(format!("topics not found: {}", missing.join(", ")))
-            }
-        })
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()))
-    };
-    out.push(match kafka {
-        Ok(s) => CheckResult {
-            what: format!("kafka {} ({s})", cfg.bootstrap_servers),
-            error: None,
-        },
-        Err(e) => CheckResult {
-            what: format!("kafka {}", cfg.bootstrap_servers),
-            error: Some(e),
-        },
-    });
-    if let Some(r) = &cfg.registry {
-        let res = match registry_client(cfg) {
-            Ok(c) => c.check().await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        out.push(CheckResult {
-            what: format!("schema registry {}", r.url),
-            error: res.err(),
-        });
-    }
-    match build_sinks(cfg) {
-        Ok(sinks) => {
-            for s in sinks {
-                let res = s.sink.check().await.map_err(|e| e.to_string());
-                out.push(CheckResult {
-                    what: format!("sink `{}` table {}", s.config.name, s.sink.location()),
-                    error: res.err(),
-                });
-            }
-        }
-        Err(e) => out.push(CheckResult {
-            what: "sinks".into(),
-            error: Some(format!("{e:#}")),
-        }),
-    }
-    out
-}
-
-/// One line of `lakesink status`.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PartitionStatus {
-    pub sink: String,
-    pub topic: String,
-    pub partition: i32,
-    /// The next offset the sink will read (from the table's commit record), if any commit.
-    pub committed: Option<i64>,
-    /// The broker's end offset (high watermark).
-    pub end: i64,
-    pub lag: i64,
-}
-
-/// Per sink and partition: the committed position read from the destination, the broker's end
-/// offset and the lag between them.
-pub async fn status(cfg: &ValidatedConfig) -> anyhow::Result<Vec<PartitionStatus>> {
-    let sinks = build_sinks(cfg)?;
-    let kafka_cfg = cfg.clone();
-    let partitions =
-        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, i32, i64, i64)>> {
-            let consumer: BaseConsumer<crate::auth::AuthContext> =
-                source::client_config(&kafka_cfg)
-                    .create_with_context(crate::auth::AuthContext(
-                        crate::auth::KafkaAuth::from_config(&kafka_cfg),
-                    ))
-                    .context("cannot create a Kafka client")?;
-            let md = consumer
-                .fetch_metadata(None, Duration::from_secs(10))
-                .context("cannot fetch the broker's metadata")?;
-            let mut out = Vec::new();
-            for t in md.topics() {
-                if !kafka_cfg.sinks.iter().any(|s| s.topics.matches(t.name())) {
-                    continue;
-                }
-                for p in t.partitions() {
-                    let (low, high) = consumer
-                        .fetch_watermarks(t.name(), p.id(), Duration::from_secs(10))
-                        .with_context(|| {
-                            format!("cannot read the offsets of {}/{}", t.name(), p.id())
-                        })?;
-                    out.push((t.name().to_string(), p.id(), low, high));
-                }
-            }
-            Ok(out)
-        })
-        .await??;
-    let mut out = Vec::new();
-    for s in &sinks {
-        for (topic, partition, low, high) in &partitions {
-            if !s.config.topics.matches(topic) {
-                continue;
-            }
-            let tp = sinks::TopicPartition::new(topic.as_str(), *partition);
-            let committed = s
-                .sink
-                .committed(&tp)
-                .await
-                .with_context(|| {
-                    format!("sink `{}`: cannot read the position of {tp}", s.config.name)
-                })?
-                .map(|o| o.0);
-            out.push(PartitionStatus {
-                sink: s.config.name.clone(),
-                topic: topic.clone(),
-                partition: *partition,
-                committed,
-                end: *high,
-                lag: (high - committed.unwrap_or(*low)).max(0),
-            });
-        }
-    }
-    out.sort_by(|a, b| (&a.sink, &a.topic, a.partition).cmp(&(&b.sink, &b.topic, b.partition)));
-    Ok(out)
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use rdkafka::client::OAuthToken;
 use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::KafkaError;
 use rdkafka::ClientContext;
 
 use crate::config::ValidatedConfig;
@@ -25,6 +26,10 @@ pub struct KafkaAuth {
     pub tokens: Arc<AtomicU64>,
     /// Announce a shorter lifetime than the token's 15 minutes (tests of the refresh timing).
     pub lifetime: Option<std::time::Duration>,
+    /// The last client-level error librdkafka reported (a failed TLS handshake, a rejected
+    /// login): what `check` and the dead-letter producer name when a request then fails with
+    /// only "transport failure" or a timeout. librdkafka's messages carry no secrets.
+    pub last_error: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl KafkaAuth {
@@ -33,7 +38,22 @@ impl KafkaAuth {
             msk_iam_region: cfg.msk_iam_region.clone(),
             tokens: Arc::default(),
             lifetime: None,
+            last_error: Arc::default(),
         }
+    }
+
+    /// Records a client-level error (see [`KafkaAuth::last_error`]).
+    pub fn record_error(&self, error: &KafkaError, reason: &str) {
+        *self.last_error.lock().expect("last_error") = Some(format!("{error}: {reason}"));
+    }
+
+    /// The last client-level error with what to do about it, for an error message.
+    pub fn explain_last_error(&self) -> Option<String> {
+        let e = self.last_error.lock().expect("last_error").clone()?;
+        Some(match connection_hint(&e) {
+            Some(hint) => format!("{e} ({hint})"),
+            None => e,
+        })
     }
 
     /// A fresh OAUTHBEARER token. Called by librdkafka from a client's poll thread.
@@ -62,6 +82,46 @@ impl KafkaAuth {
     }
 }
 
+/// Forwards a librdkafka log line to `tracing` (target `librdkafka`), keeping error lines as
+/// the client's last error: librdkafka reports a failed login or TLS handshake as an error log
+/// from its broker threads at once, while its error event waits for a poll that a blocking
+/// metadata request never makes.
+pub fn forward_log(
+    auth: &KafkaAuth,
+    level: rdkafka::config::RDKafkaLogLevel,
+    fac: &str,
+    message: &str,
+) {
+    use rdkafka::config::RDKafkaLogLevel::*;
+    match level {
+        Emerg | Alert | Critical | Error => {
+            *auth.last_error.lock().expect("last_error") = Some(message.to_string());
+            tracing::error!(target: "librdkafka", fac, "{message}");
+        }
+        Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+        Notice | Info => tracing::info!(target: "librdkafka", fac, "{message}"),
+        Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
+    }
+}
+
+/// What to do about a connection error librdkafka reported, if it is a common one.
+pub fn connection_hint(error: &str) -> Option<&'static str> {
+    let e = error.to_ascii_lowercase();
+    if e.contains("invalid username or password") || e.contains("authentication failed") {
+        Some(
+            "the broker rejected the login: check kafka.security.username / password and mechanism",
+        )
+    } else if e.contains("certificate verify failed") || e.contains("could not be verified") {
+        Some("the broker's TLS certificate is not trusted: add the CA that signed it with kafka.properties ssl.ca.location")
+    } else if e.contains("unsupported sasl mechanism") {
+        Some("the broker does not offer this SASL mechanism: check kafka.security.mechanism")
+    } else if e.contains("ssl handshake failed") || e.contains("disconnected while requesting") {
+        Some("the TLS connection failed: check kafka.security.protocol and the port (SSL / SASL_SSL listener)")
+    } else {
+        None
+    }
+}
+
 /// A client context that only authenticates (for `check`, `status` and the dead-letter
 /// producer).
 #[derive(Debug, Clone, Default)]
@@ -69,6 +129,15 @@ pub struct AuthContext(pub KafkaAuth);
 
 impl ClientContext for AuthContext {
     const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0.record_error(&error, reason);
+        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        forward_log(&self.0, level, fac, log_message);
+    }
 
     fn generate_oauth_token(&self, _config: Option<&str>) -> Result<OAuthToken, Box<dyn Error>> {
         self.0.oauth_token()

@@ -160,6 +160,10 @@ pub struct PipelineConfig {
     /// Records queued per partition between the consumer and its writer.
     #[serde(default = "default_queue")]
     pub queue_records: usize,
+    /// An assigned partition with records beyond its fetch position that fetches none for this
+    /// long is reported stalled (readiness, metrics, an error log).
+    #[serde(default = "default_stall")]
+    pub stall_timeout: String,
 }
 
 impl Default for PipelineConfig {
@@ -168,8 +172,13 @@ impl Default for PipelineConfig {
             max_buffer_bytes: default_memory(),
             drain_timeout: default_drain(),
             queue_records: default_queue(),
+            stall_timeout: default_stall(),
         }
     }
+}
+
+fn default_stall() -> String {
+    "60s".into()
 }
 
 fn default_memory() -> String {
@@ -217,10 +226,6 @@ pub struct SinkConfig {
     /// once for brokers without transactions.
     #[serde(default = "yes")]
     pub dead_letter_exactly_once: bool,
-    /// How a new owner reads what earlier owners dead-lettered: `read_committed` (default) or
-    /// `read_uncommitted` (brokers whose last stable offset can stay behind for good).
-    #[serde(default)]
-    pub dead_letter_read_isolation: Option<String>,
     /// `format = "json"` / `"debezium-json"`: the table's columns, `name = "type"`, in order.
     #[serde(default)]
     pub schema: Option<toml::Table>,
@@ -600,8 +605,6 @@ pub struct ValidatedSink {
     pub errors: ErrorPolicy,
     pub dead_letter_topic: Option<String>,
     pub dead_letter_exactly_once: bool,
-    /// `dead_letter_read_isolation = "read_committed"` (the default).
-    pub dead_letter_read_committed: bool,
     pub format: Format,
     /// The declared table schema of `format = "json"` / `"debezium-json"`.
     pub json_schema: Option<arrow::datatypes::SchemaRef>,
@@ -737,6 +740,8 @@ pub struct ValidatedConfig {
     pub registry: Option<ValidatedRegistry>,
     pub max_buffer_bytes: u64,
     pub drain_timeout: Duration,
+    /// `pipeline.stall_timeout`.
+    pub stall_timeout: Duration,
     pub queue_records: usize,
     /// `security.mechanism = "AWS_MSK_IAM"`: sign OAUTHBEARER tokens for this region.
     pub msk_iam_region: Option<String>,
@@ -786,6 +791,27 @@ impl Config {
                 _ => {}
             }
             props.insert(name.clone(), Secret::new(value.to_string()));
+        }
+        // KIP-848's protocol takes membership timing from the broker; librdkafka refuses these.
+        if k.properties
+            .get("group.protocol")
+            .map(|v| v.to_string().to_ascii_lowercase())
+            == Some("consumer".into())
+        {
+            for name in [
+                "session.timeout.ms",
+                "heartbeat.interval.ms",
+                "partition.assignment.strategy",
+                "group.protocol.type",
+            ] {
+                if k.properties.contains_key(name) {
+                    return Err(err(
+                        format!("kafka.properties.\"{name}\""),
+                        "not supported with group.protocol = \"consumer\": the broker sets it \
+                         (group.consumer.* settings); remove it, or use the classic protocol",
+                    ));
+                }
+            }
         }
         if let Some(sec) = &k.security {
             let protocol = sec.protocol.to_ascii_uppercase();
@@ -903,6 +929,14 @@ impl Config {
             parse_bytes(&p.max_buffer_bytes).map_err(|e| err("pipeline.max_buffer_bytes", e))?;
         let drain_timeout =
             parse_duration(&p.drain_timeout).map_err(|e| err("pipeline.drain_timeout", e))?;
+        let stall_timeout =
+            parse_duration(&p.stall_timeout).map_err(|e| err("pipeline.stall_timeout", e))?;
+        if stall_timeout < Duration::from_secs(5) {
+            return Err(err(
+                "pipeline.stall_timeout",
+                "must be at least 5s (librdkafka reports fetch positions every 5 s)",
+            ));
+        }
         if p.queue_records == 0 {
             return Err(err("pipeline.queue_records", "must be at least 1"));
         }
@@ -1141,18 +1175,6 @@ impl Config {
                     ))
                 }
             };
-            let dead_letter_read_committed = match s.dead_letter_read_isolation.as_deref() {
-                None | Some("read_committed") => true,
-                Some("read_uncommitted") => false,
-                Some(other) => {
-                    return Err(err(
-                        key("dead_letter_read_isolation"),
-                        format!(
-                            "unknown isolation `{other}`; use read_committed or read_uncommitted"
-                        ),
-                    ))
-                }
-            };
             if let Some(t) = &s.dead_letter_topic {
                 if t.is_empty()
                     || !t
@@ -1263,7 +1285,6 @@ impl Config {
                 errors,
                 dead_letter_topic: s.dead_letter_topic.clone(),
                 dead_letter_exactly_once: s.dead_letter_exactly_once,
-                dead_letter_read_committed,
                 format: match s.format.as_str() {
                     "debezium-avro" => Format::DebeziumAvro,
                     "json" => Format::Json,
@@ -1301,6 +1322,7 @@ impl Config {
             registry,
             max_buffer_bytes,
             drain_timeout,
+            stall_timeout,
             queue_records: p.queue_records,
             msk_iam_region,
             http_listen: match &self.http {

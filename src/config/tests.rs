@@ -31,6 +31,22 @@ fn parse(text: &str) -> Result<ValidatedConfig, ConfigError> {
 }
 
 #[test]
+fn consumer_group_protocol_refuses_client_side_membership_keys() {
+    let text = BASE.replace(
+        "[kafka]\n",
+        "[kafka]\nproperties = { \"group.protocol\" = \"consumer\", \"session.timeout.ms\" = \"6000\" }\n",
+    );
+    let e = parse(&text).unwrap_err();
+    assert_eq!(e.key, "kafka.properties.\"session.timeout.ms\"", "{e}");
+    assert!(e.reason.contains("group.protocol"), "{e}");
+    let ok = BASE.replace(
+        "[kafka]\n",
+        "[kafka]\nproperties = { \"group.protocol\" = \"consumer\" }\n",
+    );
+    parse(&ok).unwrap();
+}
+
+#[test]
 fn valid_config_interpolates_and_redacts() {
     let c = parse(BASE).unwrap();
     assert_eq!(c.sinks[0].flush.max_bytes, 8 << 20);
@@ -159,18 +175,4 @@ fn databend_connection_is_parsed_without_leaking_the_password() {
         .unwrap_err()
         .to_string()
         .contains("sink[0].databend"));
-}
-
-#[test]
-fn dead_letter_read_isolation_defaults_to_read_committed() {
-    let dlq = BASE.to_string() + "dead_letter_topic = \"orders.dlq\"\n";
-    assert!(parse(&dlq).unwrap().sinks[0].dead_letter_read_committed);
-    let tansu = dlq.clone() + "dead_letter_read_isolation = \"read_uncommitted\"\n";
-    assert!(!parse(&tansu).unwrap().sinks[0].dead_letter_read_committed);
-    let e = parse(&(dlq + "dead_letter_read_isolation = \"dirty\"\n")).unwrap_err();
-    assert_eq!(e.key, "sink[0].dead_letter_read_isolation", "{e}");
-    assert!(
-        e.reason.contains("read_committed or read_uncommitted"),
-        "{e}"
-    );
 }

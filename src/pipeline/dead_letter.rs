@@ -22,14 +22,6 @@
 //! - a rejected record at or below `last` is skipped: an earlier owner wrote it and crashed (or
 //!   was fenced) before its table commit.
 //!
-//! `dead_letter_read_isolation = "read_uncommitted"` reads the tail without waiting, every
-//! record counted. That is right only on a broker that commits (never aborts) the open
-//! transaction of a writer it fences, and it is there for one whose last stable offset can stay
-//! behind for good: tansu 0.6, whose stable offset was seen stuck at 0 with 4,089 records
-//! above it in a 30-minute chaos run, so every read_committed tail read waited in vain. On
-//! Kafka, which aborts a fenced writer's transaction, it could skip a dead letter that was
-//! aborted: keep the default there.
-//!
 //! Any error drops the session; the retry opens a new one, which reads `last` again. Except a
 //! fence: a newer owner of the source partition opened its own session, and a new one here
 //! would fence it in turn (the two would take turns failing). The worker then drops its buffer
@@ -99,8 +91,6 @@ pub struct DeadLetters {
     group: String,
     /// `Some` in at-least-once mode: the one shared producer.
     shared: Option<FutureProducer<AuthContext>>,
-    /// How the tail is read: read_committed (the default) or read_uncommitted.
-    read_committed: bool,
 }
 
 impl std::fmt::Debug for DeadLetters {
@@ -140,12 +130,7 @@ pub struct Written {
 }
 
 impl DeadLetters {
-    pub fn new(
-        cfg: &ValidatedConfig,
-        topic: &str,
-        exactly_once: bool,
-        read_committed: bool,
-    ) -> Result<Self, String> {
+    pub fn new(cfg: &ValidatedConfig, topic: &str, exactly_once: bool) -> Result<Self, String> {
         let mut client = ClientConfig::new();
         client.set("bootstrap.servers", &cfg.bootstrap_servers);
         for (k, v) in &cfg.kafka_properties {
@@ -183,7 +168,6 @@ impl DeadLetters {
             auth,
             group: cfg.group_id.clone(),
             shared,
-            read_committed,
         })
     }
 
@@ -221,17 +205,14 @@ impl DeadLetters {
         sink: &str,
         tp: &TopicPartition,
     ) -> tokio::task::JoinHandle<Result<Session, String>> {
-        let (client, auth, committed) =
-            (self.client.clone(), self.auth.clone(), self.read_committed);
+        let (client, auth) = (self.client.clone(), self.auth.clone());
         let (topic, group, sink, tp) = (
             self.topic.clone(),
             self.group.clone(),
             sink.to_string(),
             tp.clone(),
         );
-        tokio::task::spawn_blocking(move || {
-            open_session(client, auth, &topic, &group, &sink, &tp, committed)
-        })
+        tokio::task::spawn_blocking(move || open_session(client, auth, &topic, &group, &sink, &tp))
     }
 
     /// Whether dead letters are written in fenced transactions.
@@ -393,19 +374,13 @@ fn open_session(
     group: &str,
     sink: &str,
     tp: &TopicPartition,
-    read_committed: bool,
 ) -> Result<Session, String> {
-    let isolation = if read_committed {
-        "read_committed"
-    } else {
-        "read_uncommitted"
-    };
     let reader: BaseConsumer<AuthContext> = client
         .clone()
         .set("group.id", format!("lakesink-dlq-reader.{group}"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
-        .set("isolation.level", isolation)
+        .set("isolation.level", "read_committed")
         .create_with_context(AuthContext(auth.clone()))
         .map_err(|e| format!("cannot create the dead-letter reader: {e}"))?;
     // The end to read to is the log end offset, which only a read_uncommitted client reports
@@ -498,8 +473,7 @@ fn last_dead_lettered(
                     "timed out reading the dead-letter topic `{topic}` partition {partition} \
                      from offset {start} to {end}: a transaction stays open there (it ends when \
                      its source partition is assigned again, or after the broker's \
-                     transaction.timeout.ms). A broker whose last stable offset stays behind \
-                     for good (tansu 0.6) needs dead_letter_read_isolation = \"read_uncommitted\""
+                     transaction.timeout.ms)"
                 ));
             }
             match reader.poll(Duration::from_millis(200)) {

@@ -263,6 +263,11 @@ pub struct Progress {
     pub health: Health,
     /// Catch-up mode: per partition, the start position and the end offset seen at assignment.
     pub catch_up: Mutex<BTreeMap<TopicPartition, (i64, i64)>>,
+    /// Partitions the consumer cannot read (`source::stall`): the offset it is stuck at and the
+    /// last consumer error seen.
+    pub stalled: Mutex<BTreeMap<TopicPartition, (i64, String)>>,
+    /// The last error the Kafka consumer reported (librdkafka's text, never a secret).
+    pub consumer_error: Mutex<Option<String>>,
 }
 
 impl Progress {
@@ -314,10 +319,34 @@ impl Progress {
         (done, total)
     }
 
-    /// Assigned partitions and not draining.
+    /// Assigned partitions, not draining, and none of them stalled.
     pub fn ready(&self) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
-        self.health.assigned.load(Relaxed) && !self.health.draining.load(Relaxed)
+        self.health.assigned.load(Relaxed)
+            && !self.health.draining.load(Relaxed)
+            && self.stalled.lock().expect("progress").is_empty()
+    }
+
+    /// Records the consumer's latest error.
+    pub fn note_consumer_error(&self, e: String) {
+        *self.consumer_error.lock().expect("progress") = Some(e);
+    }
+
+    pub fn consumer_error(&self) -> Option<String> {
+        self.consumer_error.lock().expect("progress").clone()
+    }
+
+    /// Marks `tp` stalled at an offset with a cause, or (`None`) consumed again.
+    pub fn set_stalled(&self, tp: &TopicPartition, stall: Option<(i64, String)>) {
+        let mut s = self.stalled.lock().expect("progress");
+        match stall {
+            Some(v) => {
+                s.insert(tp.clone(), v);
+            }
+            None => {
+                s.remove(tp);
+            }
+        }
     }
 
     pub fn committed_positions(&self) -> BTreeMap<(String, TopicPartition), i64> {

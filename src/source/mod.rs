@@ -34,6 +34,8 @@ use crate::decode::Record;
 use crate::pipeline::worker::{self, WorkerCtx};
 use crate::pipeline::{BufferBudget, Event, Progress, SinkRuntime, WorkerMsg};
 
+pub mod stall;
+
 /// How the source runs.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SourceOptions {
@@ -154,6 +156,7 @@ const POLL_BURST: usize = 4096;
 pub struct LakeContext {
     router: Mutex<Router>,
     auth: crate::auth::KafkaAuth,
+    stalls: Mutex<stall::StallDetector>,
 }
 
 impl ClientContext for LakeContext {
@@ -167,27 +170,80 @@ impl ClientContext for LakeContext {
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
-        use rdkafka::config::RDKafkaLogLevel::*;
-        match level {
-            Emerg | Alert | Critical | Error => error!(target: "librdkafka", fac, "{log_message}"),
-            Warning => warn!(target: "librdkafka", fac, "{log_message}"),
-            Notice | Info => info!(target: "librdkafka", fac, "{log_message}"),
-            Debug => debug!(target: "librdkafka", fac, "{log_message}"),
-        }
+        crate::auth::forward_log(&self.auth, level, fac, log_message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        self.auth.record_error(&error, reason);
+        let progress = self.router.lock().expect("router").progress.clone();
+        progress.note_consumer_error(format!("{error}: {reason}"));
         warn!(target: "librdkafka", error = %error, "{reason}");
     }
 
     fn stats(&self, statistics: rdkafka::Statistics) {
-        // The broker's end offsets, for the lag metric.
-        let progress = self.router.lock().expect("router").progress.clone();
+        // The broker's end offsets, for the lag metric, and each assigned partition's fetch
+        // progress, for stalls.
+        let router = self.router.lock().expect("router");
+        let progress = router.progress.clone();
+        let now = Instant::now();
+        let mut stalls = self.stalls.lock().expect("stalls");
         let mut highs = progress.high_watermarks.lock().expect("progress");
         for (topic, t) in &statistics.topics {
             for (p, part) in &t.partitions {
-                if *p >= 0 && part.hi_offset >= 0 && part.desired {
-                    highs.insert(TopicPartition::new(topic.as_str(), *p), part.hi_offset);
+                if *p < 0 || !part.desired {
+                    continue;
+                }
+                let tp = TopicPartition::new(topic.as_str(), *p);
+                if part.hi_offset >= 0 {
+                    highs.insert(tp.clone(), part.hi_offset);
+                }
+                if !router.parts.contains_key(&tp) {
+                    continue;
+                }
+                let readable_end = match (part.hi_offset, part.ls_offset) {
+                    (hi, _) if hi < 0 => None,
+                    (hi, ls) if ls >= 0 => Some(hi.min(ls)),
+                    (hi, _) => Some(hi),
+                };
+                let position = [part.next_offset, part.app_offset, part.committed_offset]
+                    .into_iter()
+                    .find(|o| *o >= 0)
+                    .unwrap_or(-1);
+                let seen = stall::Observation {
+                    position,
+                    readable_end,
+                    queued: part.fetchq_cnt,
+                };
+                match stalls.observe(&tp, seen, now) {
+                    Some(stall::Change::Stalled {
+                        position,
+                        readable_end,
+                        waited,
+                    }) => {
+                        let cause = progress
+                            .consumer_error()
+                            .unwrap_or_else(|| "no error reported by the client".into());
+                        let end = match readable_end {
+                            Some(e) => format!("the broker holds records up to offset {e}"),
+                            None => "no fetch of it was answered".to_string(),
+                        };
+                        error!(
+                            topic = %tp.topic,
+                            partition = tp.partition,
+                            offset = position,
+                            "partition {tp} cannot be consumed: no record fetched at offset \
+                             {position} for {}s while {end} (last consumer error: {cause}); \
+                             check the principal's Read ACL on the topic and that this build \
+                             reads the topic's compression codec",
+                            waited.as_secs()
+                        );
+                        progress.set_stalled(&tp, Some((position, cause)));
+                    }
+                    Some(stall::Change::Recovered { position }) => {
+                        info!(topic = %tp.topic, partition = tp.partition, offset = position, "partition {tp} is consumed again");
+                        progress.set_stalled(&tp, None);
+                    }
+                    None => {}
                 }
             }
         }
@@ -261,9 +317,14 @@ impl ConsumerContext for LakeContext {
                     std::sync::atomic::Ordering::Relaxed,
                 );
                 let mut highs = router.progress.high_watermarks.lock().expect("progress");
+                let mut stalls = self.stalls.lock().expect("stalls");
                 for tp in &tps {
                     highs.remove(tp);
+                    if stalls.forget(tp) {
+                        router.progress.set_stalled(tp, None);
+                    }
                 }
+                drop(stalls);
                 let r = if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
@@ -552,6 +613,7 @@ pub fn run(
         .create_with_context(LakeContext {
             router: Mutex::new(router),
             auth: crate::auth::KafkaAuth::from_config(cfg),
+            stalls: Mutex::new(stall::StallDetector::new(cfg.stall_timeout)),
         })
         .map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
     let mut subscriptions: Vec<String> = sinks
@@ -663,6 +725,7 @@ pub fn run(
                     wait = Duration::ZERO;
                 }
                 Some(Err(e)) => {
+                    progress.note_consumer_error(e.to_string());
                     warn_kafka(&mut warned_errors, e);
                     break;
                 }

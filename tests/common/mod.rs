@@ -43,6 +43,51 @@ pub fn azure() -> String {
 pub fn python() -> String {
     need("LAKESINK_TEST_PYTHON")
 }
+/// fake-gcs-server's base URL.
+pub fn gcs() -> String {
+    need("LAKESINK_TEST_GCS")
+}
+/// A service-account file for fake-gcs-server (its base URL, OAuth off), as object_store reads it.
+pub fn gcs_account() -> String {
+    need("LAKESINK_TEST_GCS_ACCOUNT")
+}
+
+/// The consumer group protocol the tests use: `classic` (default) or KIP-848's `consumer`,
+/// from `LAKESINK_TEST_GROUP_PROTOCOL`.
+pub fn group_protocol() -> String {
+    std::env::var("LAKESINK_TEST_GROUP_PROTOCOL").unwrap_or_else(|_| "classic".into())
+}
+
+/// `[kafka] properties` entries for fast group membership under `protocol`: classic takes
+/// the session timeout from the client; KIP-848's protocol takes it from the broker
+/// (`group.consumer.session.timeout.ms`, 6 s in scripts/kafka.sh) and refuses the client keys.
+pub fn group_properties_for(protocol: &str) -> String {
+    match protocol {
+        "consumer" => r#""group.protocol" = "consumer""#.to_string(),
+        _ => r#""session.timeout.ms" = "6000", "heartbeat.interval.ms" = "500""#.to_string(),
+    }
+}
+
+/// [`group_properties_for`] the protocol of this run ([`group_protocol`]).
+pub fn group_properties() -> String {
+    group_properties_for(&group_protocol())
+}
+
+/// Runs `scripts/kafka.sh ACTION` on the test broker (`kill`, `restart`): the broker crash of
+/// the chaos harness. `restart` returns when the broker serves again.
+pub fn kafka_broker(action: &str) {
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/kafka.sh"))
+        .arg(action)
+        .arg(need("LAKESINK_TEST_KAFKA_DIR"))
+        .output()
+        .expect("run scripts/kafka.sh");
+    assert!(
+        out.status.success(),
+        "kafka.sh {action}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
 
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{:08x}", rand::random::<u32>())
@@ -106,6 +151,18 @@ impl Store {
         }
     }
 
+    /// A `gs://` table on fake-gcs-server.
+    pub fn gcs(table: &str) -> Store {
+        let bucket = unique("lake");
+        let url = format!("gs://{bucket}/{table}");
+        create_container(&url, &gcs());
+        Store {
+            url,
+            options: [("service_account_path".to_string(), gcs_account())].into(),
+            endpoint: Some(gcs()),
+        }
+    }
+
     pub fn local(table: &str) -> Store {
         let dir = scratch("local").join(table);
         Store {
@@ -156,6 +213,10 @@ impl Store {
             cmd.arg("--azure-endpoint")
                 .arg(self.endpoint.as_ref().unwrap());
         }
+        if self.url.starts_with("gs://") {
+            cmd.arg("--gcs-endpoint")
+                .arg(self.endpoint.as_ref().unwrap());
+        }
         let out = cmd.output().expect("run read_table.py");
         assert!(
             out.status.success(),
@@ -204,6 +265,9 @@ impl Store {
         }
         if self.url.starts_with("abfss://") {
             cmd.arg("--azurite-url").arg(&self.env()[0].1);
+        }
+        if self.url.starts_with("gs://") {
+            cmd.arg("--gcs-account").arg(gcs_account());
         }
         for a in app_ids {
             cmd.arg("--app-id").arg(a);
@@ -339,9 +403,21 @@ pub async fn produce(
     ids: std::ops::Range<i64>,
     partitions: i32,
 ) -> Produced {
+    produce_compressed(topic, id, ids, partitions, "none").await
+}
+
+/// [`produce`] in batches compressed with `codec` (`none`, `gzip`, `snappy`, `lz4`, `zstd`).
+pub async fn produce_compressed(
+    topic: &str,
+    id: SchemaId,
+    ids: std::ops::Range<i64>,
+    partitions: i32,
+    codec: &str,
+) -> Produced {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka())
         .set("linger.ms", "5")
+        .set("compression.type", codec)
         .set("message.timeout.ms", "30000")
         .create()
         .unwrap();
@@ -537,7 +613,7 @@ pub fn config_with(
 [kafka]
 bootstrap_servers = "{kafka}"
 group_id = "{group}"
-properties = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "500", "topic.metadata.refresh.interval.ms" = "1000" }}
+properties = {{ {membership}, "topic.metadata.refresh.interval.ms" = "1000" }}
 
 [schema_registry]
 url = "{registry}"
@@ -557,6 +633,7 @@ flush = {{ max_rows = 400, max_latency = "1s" }}
         kafka = kafka(),
         url = store.url,
         opts = store.toml_options(),
+        membership = group_properties(),
     )
 }
 
@@ -837,17 +914,21 @@ pub type SourcePosition = (String, i32, i64);
 /// Reads a dead-letter topic from the start until `done` holds and 3 s pass without a new dead
 /// letter, or 60 s: how often each source position was dead-lettered.
 ///
-/// It reads `read_uncommitted` on purpose, and reads when every writer is done. tansu 0.6's
-/// last stable offset can stay behind a transaction for good (once seen in the chaos test:
-/// stuck at offset 1 with 125 committed dead letters behind it), and a `read_committed` reader
-/// stops there. lakesink never aborts a dead-letter transaction, and tansu commits (does not
-/// abort) the open transaction of a writer it fences, so at the end every record in the topic
-/// is committed. Measured on tansu 0.6: its `read_uncommitted` shows an open transaction's
-/// records, and even its `read_committed` shows an aborted one's. Against Kafka, which aborts a
-/// fenced writer's transaction, this reader would count aborted copies too: a duplicate would
-/// still be flagged, but an aborted copy could hide a lost dead letter. The tests run on tansu.
+/// It reads `read_committed`, as a user of the dead-letter topic does: a copy of a dead letter
+/// in an aborted transaction (a fenced zombie's) is not there, and a duplicate is one that two
+/// committed transactions hold.
 pub async fn dead_letters(
     dlq: &str,
+    done: impl Fn(&BTreeMap<SourcePosition, u32>) -> bool,
+) -> BTreeMap<SourcePosition, u32> {
+    dead_letters_with(dlq, "read_committed", done).await
+}
+
+/// [`dead_letters`] read with `isolation`: `read_uncommitted` sees committed dead letters that
+/// sit above another writer's open transaction (a `read_committed` reader stops below it).
+pub async fn dead_letters_with(
+    dlq: &str,
+    isolation: &str,
     done: impl Fn(&BTreeMap<SourcePosition, u32>) -> bool,
 ) -> BTreeMap<SourcePosition, u32> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -856,7 +937,7 @@ pub async fn dead_letters(
         .set("bootstrap.servers", kafka())
         .set("group.id", unique("dlq-reader"))
         .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_uncommitted")
+        .set("isolation.level", isolation)
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "500")
         .create()

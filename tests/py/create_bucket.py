@@ -1,4 +1,5 @@
-"""Creates an S3 bucket (moto) or an Azure container (Azurite) for a test: create_bucket.py URL ENDPOINT"""
+"""Creates an S3 bucket (moto), an Azure container (Azurite) or a GCS bucket (fake-gcs-server)
+for a test: create_bucket.py URL ENDPOINT"""
 import sys
 from urllib.parse import urlparse
 
@@ -28,5 +29,16 @@ elif u.scheme == "az":
         svc.create_container(u.netloc)
     except ResourceExistsError:
         pass
+elif u.scheme == "gs":
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{endpoint}/storage/v1/b?project=test",
+        data=json.dumps({"name": u.netloc}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    urllib.request.urlopen(req).read()
 else:
     raise SystemExit(f"unsupported url {url}")

@@ -1,7 +1,7 @@
 """Reads a Delta table with independent readers (python `deltalake` and DuckDB over its pyarrow
 dataset) and prints JSON.
 
-Usage: read_delta.py URL [--s3-endpoint URL] [--azure-endpoint URL] [--app-id ID ...]
+Usage: read_delta.py URL [--s3-endpoint URL] [--azure-endpoint URL] [--gcs-account FILE] [--app-id ID ...]
                          [--azurite-url URL] [--key COL]
 
 Output: {"rows": [...] (order rows as in orders.py, else every column), "duckdb": {"count", "distinct"}, "schema": {col: type}, "version": N,
@@ -41,6 +41,9 @@ def options(a):
             "endpoint": a.azure_endpoint,
             "allow_http": "true",
         }
+    if a.url.startswith("gs://"):
+        # fake-gcs-server: a service-account file naming its base URL, OAuth off (object_store).
+        return {"google_service_account_path": a.gcs_account}
     if a.url.startswith("abfss://"):
         os.environ["AZURITE_BLOB_STORAGE_URL"] = a.azurite_url
         return {"use_emulator": "true"}
@@ -63,6 +66,7 @@ def main():
     ap.add_argument("--s3-endpoint")
     ap.add_argument("--azure-endpoint")
     ap.add_argument("--azurite-url")
+    ap.add_argument("--gcs-account")
     ap.add_argument("--app-id", action="append", default=[])
     a = ap.parse_args()
     url = a.url[len("file://"):] if a.url.startswith("file://") else a.url

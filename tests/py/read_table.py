@@ -1,8 +1,9 @@
 """Reads a lakesink Parquet table with independent readers (pyarrow and DuckDB) and prints JSON.
 
-Usage: read_table.py URL [--s3-endpoint URL] [--azure-endpoint URL]
+Usage: read_table.py URL [--s3-endpoint URL] [--azure-endpoint URL] [--gcs-endpoint URL]
 
-The table is first copied to a local directory (boto3 for s3://, azure-storage-blob for az://),
+The table is first copied to a local directory (boto3 for s3://, azure-storage-blob for az://, GCS's JSON API
+for gs://),
 skipping nothing: the readers themselves must ignore `_lakesink/` (pyarrow ignores `_`-prefixed
 paths; DuckDB's glob only matches `*.parquet`, which staged files are not).
 
@@ -27,7 +28,7 @@ AZURITE_KEY = (
 )
 
 
-def fetch(url, s3_endpoint, azure_endpoint, dest):
+def fetch(url, s3_endpoint, azure_endpoint, dest, gcs_endpoint=None):
     u = urlparse(url)
     prefix = u.path.lstrip("/")
     if u.scheme == "file":
@@ -64,6 +65,32 @@ def fetch(url, s3_endpoint, azure_endpoint, dest):
             with open(path, "wb") as f:
                 f.write(container.download_blob(blob.name).readall())
         return dest
+    if u.scheme == "gs":
+        import urllib.parse
+        import urllib.request
+
+        token = None
+        while True:
+            q = {"prefix": prefix}
+            if token:
+                q["pageToken"] = token
+            listing = json.load(
+                urllib.request.urlopen(
+                    f"{gcs_endpoint}/storage/v1/b/{u.netloc}/o?{urllib.parse.urlencode(q)}"
+                )
+            )
+            for obj in listing.get("items", []):
+                rel = obj["name"][len(prefix):].lstrip("/")
+                path = os.path.join(dest, rel)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                name = urllib.parse.quote(obj["name"], safe="")
+                with urllib.request.urlopen(
+                    f"{gcs_endpoint}/storage/v1/b/{u.netloc}/o/{name}?alt=media"
+                ) as r, open(path, "wb") as f:
+                    f.write(r.read())
+            token = listing.get("nextPageToken")
+            if not token:
+                return dest
     raise SystemExit(f"unsupported url {url}")
 
 
@@ -72,9 +99,10 @@ def main():
     ap.add_argument("url")
     ap.add_argument("--s3-endpoint")
     ap.add_argument("--azure-endpoint")
+    ap.add_argument("--gcs-endpoint")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = fetch(a.url, a.s3_endpoint, a.azure_endpoint, tmp)
+        root = fetch(a.url, a.s3_endpoint, a.azure_endpoint, tmp, a.gcs_endpoint)
         files = []
         for d, _, names in os.walk(root):
             for n in names:
