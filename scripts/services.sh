@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs (only what is missing) and starts the real services the integration tests need, on
-# free loopback ports: Apache Kafka 4.4 (one KRaft node, scripts/kafka.sh), moto (S3), Azurite
-# (Azure Blob), fake-gcs-server (GCS), the Databend test server (tests/py/databend_server.py
-# over the embedded Databend engine).
+# free loopback ports: Apache Kafka 4.4 (one KRaft node, scripts/kafka.sh), PostgreSQL and Kafka
+# Connect with Debezium (scripts/debezium.sh), moto (S3), Azurite (Azure Blob), fake-gcs-server
+# (GCS, tests/gcs), the Databend test server (tests/py/databend_server.py over the embedded
+# Databend engine).
 #
 #   scripts/services.sh start DIR   # logs and data in DIR; writes DIR/env (source it)
 #   scripts/services.sh stop DIR
@@ -23,6 +24,7 @@ if [ "$CMD" = stop ]; then
     while read -r pid; do kill "$pid" 2>/dev/null || true; done <"$RUN/pids"
     rm -f "$RUN/pids"
   fi
+  if [ -d "$RUN/debezium" ]; then bash "$ROOT/scripts/debezium.sh" stop "$RUN/debezium"; fi
   if [ -d "$RUN/kafka" ]; then bash "$ROOT/scripts/kafka.sh" stop "$RUN/kafka"; fi
   exit 0
 fi
@@ -43,6 +45,7 @@ if [ ! -x "$NODE_DIR/node_modules/.bin/azurite-blob" ]; then
   npm install --silent --no-audit --no-fund --prefix "$NODE_DIR" azurite@3.37.0 >/dev/null
 fi
 bash "$ROOT/scripts/kafka.sh" install
+bash "$ROOT/scripts/debezium.sh" install
 GO_DIR=$CACHE/go
 GCS_BIN=$GO_DIR/bin/lakesink-gcs
 GCS_STAMP=$(cat "$ROOT/tests/gcs/main.go" "$ROOT/tests/gcs/go.mod" "$ROOT/tests/gcs/go.sum" | sha256sum | cut -c1-16)
@@ -101,11 +104,17 @@ echo $! >>"$RUN/pids"
 rm -f "$RUN/env"
 wait_port databend "$DATABEND_PORT"
 if ! wait "$KAFKA_STARTER"; then cat "$RUN/kafka-start.log" >&2; exit 1; fi
+# PostgreSQL and Kafka Connect (Debezium) need the broker.
+if ! bash "$ROOT/scripts/debezium.sh" start "$RUN/debezium" "$(sed -n 's/^export LAKESINK_TEST_KAFKA=//p' "$RUN/kafka/env")" \
+  >"$RUN/debezium-start.log" 2>&1; then
+  cat "$RUN/debezium-start.log" >&2; exit 1
+fi
 wait_port moto "$S3_PORT"
 wait_port azurite "$AZ_PORT"
 wait_port gcs "$GCS_PORT"
 
 cat "$RUN/kafka/env" >>"$RUN/env"
+cat "$RUN/debezium/env" >>"$RUN/env"
 echo "export LAKESINK_TEST_S3=http://127.0.0.1:$S3_PORT" >>"$RUN/env"
 echo "export LAKESINK_TEST_AZURE=http://127.0.0.1:$AZ_PORT/devstoreaccount1" >>"$RUN/env"
 echo "export LAKESINK_TEST_GCS=http://127.0.0.1:$GCS_PORT" >>"$RUN/env"
