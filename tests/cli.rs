@@ -181,6 +181,32 @@ fn bench_append_reports_the_floor_against_the_plain_loop() {
     assert!((spent / total - ratio).abs() < 0.01, "{floor}");
 }
 
+/// `bench --broker` runs the same pipeline against the real broker (Apache Kafka in the tests):
+/// every record committed, on one partition.
+#[test]
+fn bench_against_the_real_broker() {
+    let stdout = bench(&[
+        "--format",
+        "json",
+        "--records",
+        "5000",
+        "--partitions",
+        "1",
+        "--broker",
+        &kafka(),
+    ]);
+    assert!(
+        report_line(&stdout, "lakesink bench:").contains(&format!("broker {}", kafka())),
+        "{stdout}"
+    );
+    assert!(
+        report_line(&stdout, "pipeline:")
+            .trim_start()
+            .starts_with("pipeline:  5000 rows"),
+        "{stdout}"
+    );
+}
+
 /// `bench --mode upsert` reads the Delta table back: one row per order, each its last change,
 /// for plain and Debezium changes; its output line counts the files the table references.
 #[test]

@@ -1,4 +1,4 @@
-//! Databend sink against real services: tansu, the registry, and the Databend test server
+//! Databend sink against real services: Apache Kafka, the registry, and the Databend test server
 //! (tests/py/databend_server.py: Databend's HTTP protocol over the real embedded Databend
 //! engine). What lands is queried back through the engine.
 

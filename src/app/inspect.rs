@@ -137,7 +137,25 @@ fn check_kafka(cfg: &ValidatedConfig) -> Result<String, String> {
         return Err(problems.join("; "));
     }
     if tpl.count() > 0 {
-        if let Err(e) = consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+        // A group's coordinator can be moving or loading (a new cluster creates its offsets
+        // topic on the first request): those answers are retried for a while.
+        use rdkafka::types::RDKafkaErrorCode::{
+            CoordinatorLoadInProgress, CoordinatorNotAvailable, NotCoordinator,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let mut res = consumer.committed_offsets(tpl.clone(), Duration::from_secs(10));
+        while let Err(e) = &res {
+            let transient = matches!(
+                e.rdkafka_error_code(),
+                Some(NotCoordinator | CoordinatorLoadInProgress | CoordinatorNotAvailable)
+            );
+            if !transient || std::time::Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            res = consumer.committed_offsets(tpl.clone(), Duration::from_secs(10));
+        }
+        if let Err(e) = res {
             let e = cause(e);
             return Err(if e.contains("uthoriz") {
                 format!(
