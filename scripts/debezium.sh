@@ -74,22 +74,7 @@ offset.storage.file.filename=$DIR/connect.offsets
 offset.flush.interval.ms=1000
 listeners=http://127.0.0.1:$connect_port
 EOF
-  cat >"$DIR/connect-log4j2.yaml" <<'EOF'
-Configuration:
-  Appenders:
-    Console:
-      name: STDOUT
-      PatternLayout:
-        pattern: "[%d] %p %m (%c)%n"
-  Loggers:
-    Logger:
-      - name: io.debezium
-        level: INFO
-    Root:
-      level: WARN
-      AppenderRef:
-        - ref: STDOUT
-EOF
+  cp "$ROOT/scripts/java/log4j2.yaml" "$DIR/connect-log4j2.yaml"
   nohup java -Xms128m -Xmx768m -XX:+UseSerialGC -Dlog4j2.configurationFile="$DIR/connect-log4j2.yaml" \
     -cp "$LIBS/*" org.apache.kafka.connect.cli.ConnectStandalone "$DIR/connect.properties" \
     >"$DIR/connect.log" 2>&1 &

@@ -108,28 +108,7 @@ start() {
   openssl pkcs8 -topk8 -nocrypt -in "$DIR/server.key" -out "$DIR/server.p8"
   cat "$DIR/server.crt" "$DIR/server.p8" >"$DIR/keystore.pem"
 
-  cat >"$DIR/log4j2.yaml" <<'EOF'
-Configuration:
-  Appenders:
-    Console:
-      name: STDOUT
-      PatternLayout:
-        pattern: "[%d] %p %m (%c)%n"
-  Loggers:
-    Logger:
-      - name: kafka
-        level: INFO
-      - name: org.apache.kafka
-        level: WARN
-      - name: state.change.logger
-        level: WARN
-      - name: kafka.request.logger
-        level: WARN
-    Root:
-      level: WARN
-      AppenderRef:
-        - ref: STDOUT
-EOF
+  cp "$ROOT/scripts/java/log4j2.yaml" "$DIR/log4j2.yaml"
 
   cat >"$DIR/server.properties" <<EOF
 process.roles=broker,controller

@@ -241,7 +241,16 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(run()),
+        Ok(rt) => {
+            let code = rt.block_on(run());
+            // Blocking tasks still running are abandoned, not awaited: a dead-letter session
+            // waiting for another writer's open transaction (up to 90 s) must not hold the exit
+            // after the drain. Nothing they do is needed once the pipeline has returned: a dead
+            // letter is committed before the table commit that covers it, and an open
+            // transaction of this process is aborted by the broker.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            code
+        }
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             ExitCode::FAILURE

@@ -447,3 +447,41 @@ async fn a_fenced_dead_letter_session_says_so_and_writes_nothing() {
         "{seen:?}"
     );
 }
+
+/// SIGTERM while a new dead-letter session waits for another writer's open transaction (a killed
+/// member's, until it is fenced or times out): the process still stops within the drain
+/// timeout. Before, the waiting tail read (a blocking task, up to 90 s) held the exit, and the
+/// chaos harness saw a member not stop within 60 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_dead_letter_wait_stops_within_the_drain_timeout() {
+    let store = Store::local("orders");
+    let topic = unique("waiting");
+    let dlq = unique("dlq");
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    let foreign = open_foreign_transaction(&dlq, 1).await;
+    produce(&topic, id, 0..20, 1).await;
+    let cfg = config(
+        &topic,
+        &unique("g"),
+        &registry_url,
+        &store,
+        &format!("dead_letter_topic = \"{dlq}\""),
+    )
+    .replace("drain_timeout = \"20s\"", "drain_timeout = \"5s\"");
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    proc_.wait_for_line(
+        "waiting for an open transaction in the dead-letter partition",
+        Duration::from_secs(60),
+    );
+    let start = Instant::now();
+    proc_.stop();
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "stopping took {took:?} with a 5 s drain timeout"
+    );
+    drop(foreign);
+}

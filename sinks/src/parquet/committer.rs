@@ -193,6 +193,11 @@ impl ParquetSink {
             let dest = self.rel(&f.path);
             match self.table.store.copy(&staged, &dest).await {
                 Ok(()) => {}
+                // The published file is there already: an earlier publish of this marker whose
+                // answer was lost, or another publisher. Its path names this marker's start
+                // offset, which one marker owns, so it holds these rows. Stores whose copy is
+                // create-only report that as AlreadyExists (GCS through object_store 0.13).
+                Err(object_store::Error::AlreadyExists { .. }) => {}
                 Err(object_store::Error::NotFound { .. }) => {
                     // Someone else published it already; the destination must then exist.
                     self.table

@@ -163,6 +163,63 @@ async fn crash_after_marker_is_published_by_recovery() {
     assert!(!paths(&store).await.iter().any(|p| p.contains("staging")));
 }
 
+/// A publish whose copy happened but whose answer was lost (or a second publisher) copies onto
+/// the published file again; on a store whose copy is create-only (GCS through object_store
+/// 0.13) that is `AlreadyExists`, which means published, not a failure.
+#[tokio::test]
+async fn republishing_onto_a_create_only_copy_store_is_idempotent() {
+    let memory = Arc::new(InMemory::new());
+    let s = sink(&memory, "w1");
+    let staged = s.stage(flush(0, 5)).await.unwrap();
+    let marker = Marker {
+        version: 1,
+        writer: "w1".into(),
+        topic: "orders".into(),
+        partition: 0,
+        start: 0,
+        next: 5,
+        rows: 5,
+        files: staged.files.clone(),
+        columns: vec![],
+        committed_at_ms: 0,
+    };
+    memory
+        .put(
+            &s.marker_path(&staged.tp, 0),
+            serde_json::to_vec(&marker).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    // The first publisher's copy landed; it died before deleting the staged file.
+    let root = Path::from("t");
+    for f in &staged.files {
+        let (from, to) = (
+            Path::from(format!("{root}/{}", f.staged)),
+            Path::from(format!("{root}/{}", f.path)),
+        );
+        memory.copy(&from, &to).await.unwrap();
+    }
+    let mut gcs_like = FailOnce::new(memory.clone(), 0);
+    gcs_like.create_only_copy = true;
+    let restarted = ParquetSink::new(
+        TableStore {
+            store: Arc::new(gcs_like),
+            root,
+            location: "memory:///t".into(),
+        },
+        ParquetSinkConfig {
+            writer_id: "w2".into(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        restarted.recover(&staged.tp).await.unwrap(),
+        Some(Offset(5))
+    );
+    assert_eq!(visible_values(&memory).await, vec![0, 1, 2, 3, 4]);
+    assert!(!paths(&memory).await.iter().any(|p| p.contains("staging")));
+}
+
 #[tokio::test]
 async fn crash_before_marker_leaves_nothing_visible() {
     let store = Arc::new(InMemory::new());
@@ -216,6 +273,9 @@ struct FailOnce {
     calls: std::sync::atomic::AtomicUsize,
     fail_at: usize,
     injected: std::sync::Mutex<Option<String>>,
+    /// Every copy is create-only, as object_store 0.13's GCS client does (its `copy` sends
+    /// `x-goog-if-generation-match: 0`): copying onto an existing object is `AlreadyExists`.
+    create_only_copy: bool,
 }
 
 impl FailOnce {
@@ -225,6 +285,7 @@ impl FailOnce {
             calls: Default::default(),
             fail_at,
             injected: Default::default(),
+            create_only_copy: false,
         }
     }
 
@@ -315,6 +376,11 @@ impl ObjectStore for FailOnce {
         options: object_store::CopyOptions,
     ) -> object_store::Result<()> {
         self.tick("copy", to.as_ref())?;
+        let options = if self.create_only_copy {
+            object_store::CopyOptions::new().with_mode(object_store::CopyMode::Create)
+        } else {
+            options
+        };
         self.inner.copy_opts(from, to, options).await
     }
 }
