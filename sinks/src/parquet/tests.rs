@@ -129,14 +129,9 @@ async fn second_writer_at_same_start_is_fenced_and_invisible() {
     assert_eq!((m.writer.as_str(), m.rows), ("a", 5));
 }
 
-#[tokio::test]
-async fn crash_after_marker_is_published_by_recovery() {
-    let store = Arc::new(InMemory::new());
-    let s = sink(&store, "w1");
-    let staged = s.stage(flush(0, 5)).await.unwrap();
-    // Simulate a crash right after the marker create: write the marker the way commit does,
-    // but never publish.
-    let marker = Marker {
+/// The marker `w1` creates for `staged`, a flush of offsets 0..5 (what commit writes).
+fn marker_of(staged: &crate::Staged) -> Marker {
+    Marker {
         version: 1,
         writer: "w1".into(),
         topic: "orders".into(),
@@ -147,7 +142,17 @@ async fn crash_after_marker_is_published_by_recovery() {
         files: staged.files.clone(),
         columns: vec![],
         committed_at_ms: 0,
-    };
+    }
+}
+
+#[tokio::test]
+async fn crash_after_marker_is_published_by_recovery() {
+    let store = Arc::new(InMemory::new());
+    let s = sink(&store, "w1");
+    let staged = s.stage(flush(0, 5)).await.unwrap();
+    // Simulate a crash right after the marker create: write the marker the way commit does,
+    // but never publish.
+    let marker = marker_of(&staged);
     let p = s.marker_path(&staged.tp, 0);
     store
         .put(&p, serde_json::to_vec(&marker).unwrap().into())
@@ -171,18 +176,7 @@ async fn republishing_onto_a_create_only_copy_store_is_idempotent() {
     let memory = Arc::new(InMemory::new());
     let s = sink(&memory, "w1");
     let staged = s.stage(flush(0, 5)).await.unwrap();
-    let marker = Marker {
-        version: 1,
-        writer: "w1".into(),
-        topic: "orders".into(),
-        partition: 0,
-        start: 0,
-        next: 5,
-        rows: 5,
-        files: staged.files.clone(),
-        columns: vec![],
-        committed_at_ms: 0,
-    };
+    let marker = marker_of(&staged);
     memory
         .put(
             &s.marker_path(&staged.tp, 0),
