@@ -48,6 +48,9 @@ start() {
   chmod o+x "$DIR" "$(dirname "$DIR")"
   local pg_port connect_port bin
   pg_port=$(free_port); connect_port=$(free_port); bin=$(pg_bin)
+  # A fresh cluster each start: stop what an earlier start left running, drop its data.
+  stop
+  rm -rf "$DIR/pg" "$DIR/connect.offsets"
   mkdir -p "$DIR/pg"
   chown postgres "$DIR/pg"
   runuser -u postgres -- "$bin/initdb" -D "$DIR/pg/data" -U postgres --auth=trust \

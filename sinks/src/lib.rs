@@ -71,6 +71,10 @@ pub struct Flush {
     pub start: Offset,
     pub next: Offset,
     pub batches: Vec<RecordBatch>,
+    /// The source table was truncated just before `batches` (a Debezium `op: "t"`): an upsert
+    /// sink empties the table in the same commit, before applying them. Append sinks never see
+    /// it set.
+    pub truncate: bool,
 }
 
 impl Flush {

@@ -1010,6 +1010,11 @@ impl Config {
                         ));
                     }
                 }
+                "json" | "debezium-json"
+                    if s.schema.is_none() && s.json_envelope.as_deref() == Some("connect") =>
+                {
+                    // The schema each record carries (Kafka Connect's JsonConverter).
+                }
                 "json" if s.schema.is_none() => {
                     if registry.is_none() {
                         return Err(err(
@@ -1022,7 +1027,7 @@ impl Config {
                     if s.schema.is_none() {
                         return Err(err(
                             key("schema"),
-                            "`json` needs the table's columns: schema = { id = \"long\", name = \"string\", ... }",
+                            "`debezium-json` needs the table's columns (schema = { id = \"long\", name = \"string\", ... }), or json_envelope = \"connect\" to read the schema each record carries (Connect's JsonConverter with schemas.enable=true, Debezium's default)",
                         ));
                     }
                 }

@@ -2,7 +2,7 @@
 //! the row image, with Debezium and Kafka Connect semantic types converted.
 //!
 //! Output columns: the row's fields (`after` for creates, updates and snapshot reads; `before`
-//! for deletes), then `_op` (`c`, `u`, `d`, `r`), `_deleted`, `_source_ts` (UTC ms, when the
+//! for deletes; null for truncates), then `_op` (`c`, `u`, `d`, `r`, `t`), `_deleted`, `_source_ts` (UTC ms, when the
 //! database made the change), the source position for ordering (`_source_lsn` for PostgreSQL,
 //! `_source_file` / `_source_pos` for MySQL binlogs, `_source_db`, `_source_table`, whichever the
 //! source block has), then the Kafka metadata columns.
@@ -155,6 +155,34 @@ fn semantic_of(t: &Value) -> Option<Semantic> {
     }
 }
 
+/// The row changes of a batch of Debezium envelopes (`op` create, update, delete, read or
+/// truncate), and how many records were not row changes: heartbeats and schema-change events
+/// (no `op`), logical-decoding messages (`op: "m"`). `None` when no row change is left.
+pub fn row_changes(batch: RecordBatch) -> Result<(Option<RecordBatch>, usize), String> {
+    let n = batch.num_rows();
+    let has_row = batch.column_by_name("after").is_some() || batch.column_by_name("before").is_some();
+    let Some(op) = batch.column_by_name("op").filter(|_| has_row) else {
+        return Ok((None, n));
+    };
+    let op = cast(op, &DataType::Utf8).map_err(|e| e.to_string())?;
+    let keep: BooleanArray = op
+        .as_string::<i32>()
+        .iter()
+        .map(|o| Some(matches!(o, Some("c" | "u" | "d" | "r" | "t"))))
+        .collect();
+    let skipped = keep.false_count();
+    Ok(match skipped {
+        0 => (Some(batch), 0),
+        _ if skipped == n => (None, n),
+        _ => (
+            Some(
+                arrow::compute::filter_record_batch(&batch, &keep).map_err(|e| e.to_string())?,
+            ),
+            skipped,
+        ),
+    })
+}
+
 /// Unwraps a batch of Debezium envelopes (as arrow-avro decodes them) into row images.
 pub fn unwrap(
     batch: &RecordBatch,
@@ -222,6 +250,20 @@ pub fn unwrap(
             }
         }
     }
+    // Debezium's transaction block (`provide.transaction.metadata=true`).
+    if let Some(tx) = col("transaction").and_then(|s| s.as_struct_opt()) {
+        for (name, out) in [
+            ("id", "_transaction_id"),
+            ("total_order", "_transaction_total_order"),
+            ("data_collection_order", "_transaction_collection_order"),
+        ] {
+            if let Some(c) = tx.column_by_name(name) {
+                let c = with_parent_nulls(c, tx.nulls());
+                fields.push(Arc::new(Field::new(out, c.data_type().clone(), true)));
+                columns.push(c);
+            }
+        }
+    }
     // Kafka metadata columns pass through.
     for (f, c) in batch.schema().fields().iter().zip(batch.columns()) {
         if f.name().starts_with("_kafka_") {
@@ -233,7 +275,7 @@ pub fn unwrap(
 }
 
 /// A struct child with the struct's own nulls applied (a null `after` has null fields).
-fn with_parent_nulls(child: &ArrayRef, parent: Option<&NullBuffer>) -> ArrayRef {
+pub(super) fn with_parent_nulls(child: &ArrayRef, parent: Option<&NullBuffer>) -> ArrayRef {
     let Some(parent) = parent else {
         return child.clone();
     };
@@ -287,38 +329,47 @@ fn convert(name: &str, col: ArrayRef, sem: Option<&Semantic>) -> Result<(Field, 
         )
         .map_err(|e| format!("field `{name}`: not an ISO-8601 timestamp: {e}"))?,
         (Some(Semantic::Decimal { precision, scale }), DataType::Binary) => {
-            let bin = col.as_binary::<i32>();
-            let mut b = Decimal128Builder::with_capacity(bin.len());
-            for v in bin.iter() {
-                match v {
-                    None => b.append_null(),
-                    Some(bytes) if bytes.len() <= 16 => {
-                        let fill = if bytes.first().is_some_and(|x| x & 0x80 != 0) {
-                            0xff
-                        } else {
-                            0
-                        };
-                        let mut buf = [fill; 16];
-                        buf[16 - bytes.len()..].copy_from_slice(bytes);
-                        b.append_value(i128::from_be_bytes(buf));
-                    }
-                    Some(bytes) => {
-                        return Err(format!(
-                            "field `{name}`: a {}-byte decimal does not fit 38 digits",
-                            bytes.len()
-                        ))
-                    }
-                }
-            }
-            Arc::new(
-                b.finish()
-                    .with_precision_and_scale(*precision, *scale)
-                    .map_err(|e| format!("field `{name}`: {e}"))?,
-            )
+            decimal_from_bytes(name, col.as_binary::<i32>(), *precision, *scale)?
         }
         _ => col,
     };
     Ok((Field::new(name, out.data_type().clone(), true), out))
+}
+
+/// Big-endian two's complement bytes (Connect's `Decimal`) to Decimal128(`precision`, `scale`).
+pub(super) fn decimal_from_bytes(
+    name: &str,
+    bin: &arrow::array::BinaryArray,
+    precision: u8,
+    scale: i8,
+) -> Result<ArrayRef, String> {
+    let mut b = Decimal128Builder::with_capacity(bin.len());
+    for v in bin.iter() {
+        match v {
+            None => b.append_null(),
+            Some(bytes) if bytes.len() <= 16 => {
+                let fill = if bytes.first().is_some_and(|x| x & 0x80 != 0) {
+                    0xff
+                } else {
+                    0
+                };
+                let mut buf = [fill; 16];
+                buf[16 - bytes.len()..].copy_from_slice(bytes);
+                b.append_value(i128::from_be_bytes(buf));
+            }
+            Some(bytes) => {
+                return Err(format!(
+                    "field `{name}`: a {}-byte decimal does not fit 38 digits",
+                    bytes.len()
+                ))
+            }
+        }
+    }
+    Ok(Arc::new(
+        b.finish()
+            .with_precision_and_scale(precision, scale)
+            .map_err(|e| format!("field `{name}`: {e}"))?,
+    ))
 }
 
 trait Pipe: Sized {

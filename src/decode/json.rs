@@ -166,12 +166,19 @@ impl JsonDecoder {
 
     /// The decoded record (the Connect payload when records carry the envelope).
     fn payload(&self, batch: RecordBatch) -> RecordBatch {
-        use arrow::array::AsArray;
-        if self.connect_envelope {
-            RecordBatch::from(batch.column(0).as_struct().clone())
-        } else {
-            batch
+        use arrow::array::{Array, AsArray};
+        if !self.connect_envelope {
+            return batch;
         }
+        let payload = batch.column(0).as_struct();
+        // A null payload (`"payload": null`) is a row of nulls.
+        let columns = payload
+            .columns()
+            .iter()
+            .map(|c| super::debezium::with_parent_nulls(c, payload.nulls()))
+            .collect();
+        RecordBatch::try_new(Arc::new(Schema::new(payload.fields().clone())), columns)
+            .expect("the payload's own columns")
     }
 
     pub fn schema_id(&self) -> Option<u32> {

@@ -1,5 +1,5 @@
 //! Record keys decoded into a `_key` column: `string` (UTF-8), `json` (objects of a declared
-//! `key_schema`) or `avro` (Confluent-framed, schemas from the registry's `<topic>-key`
+//! `key_schema`, bare or in Kafka Connect's envelope) or `avro` (Confluent-framed, schemas from the registry's `<topic>-key`
 //! subject). Upsert sinks read their key fields from `_key`.
 //!
 //! Invariant: keys travel with their rows as the raw `_kafka_key` metadata column (so every
@@ -92,8 +92,14 @@ impl KeyDecoder {
                 .map(|_| ())
                 .map_err(|e| self.error(offset, format!("not UTF-8: {e}"), false)),
             KeyFormat::Json(schema) => {
-                let mut d =
-                    JsonDecoder::new(self.tp.clone(), schema.clone(), false, false, NO_META, 1);
+                let mut d = JsonDecoder::new(
+                    self.tp.clone(),
+                    schema.clone(),
+                    false,
+                    in_connect_envelope(key),
+                    NO_META,
+                    1,
+                );
                 let (mut out, mut rejected) = (Vec::new(), Vec::new());
                 d.push(rec(offset, key), &mut out, &mut rejected);
                 d.finish(&mut out, &mut rejected);
@@ -136,11 +142,18 @@ impl KeyDecoder {
                 arrow::compute::cast(keys, &DataType::Utf8).map_err(|e| e.to_string())
             }
             KeyFormat::Json(schema) => {
+                // Kafka Connect's JsonConverter wraps each key in its envelope (Debezium's
+                // default); the key is its payload. A batch's keys are all wrapped or none.
+                let mut present = keys.iter().flatten();
+                let envelope = present.next().is_some_and(in_connect_envelope);
+                if present.any(|k| in_connect_envelope(k) != envelope) {
+                    return Err("the keys mix Kafka Connect envelopes and plain JSON objects".into());
+                }
                 let mut d = JsonDecoder::new(
                     self.tp.clone(),
                     schema.clone(),
                     false,
-                    false,
+                    envelope,
                     NO_META,
                     keys.len().max(1),
                 );
@@ -193,6 +206,13 @@ impl KeyDecoder {
     }
 }
 
+/// Whether a JSON key is Kafka Connect's `{"schema": ..., "payload": ...}` (schema first, as
+/// JsonConverter writes it).
+fn in_connect_envelope(key: &[u8]) -> bool {
+    let start = key.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(0);
+    key[start..].starts_with(b"{\"schema\":")
+}
+
 fn struct_of(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<ArrayRef, String> {
     let all = concat_batches(schema, batches).map_err(|e| {
         format!("keys changed schema within one batch ({e}); flush more often or keep key schemas compatible")
@@ -212,4 +232,37 @@ fn with_nulls(col: ArrayRef, keys: &BinaryArray) -> Result<ArrayRef, String> {
     )
     .map_err(|e| e.to_string())?;
     Ok(Arc::new(arr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{Field, Int64Type, Schema};
+
+    #[tokio::test]
+    async fn connect_enveloped_json_keys_decode_their_payload() {
+        let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, true)]));
+        let registry = RegistryClient::new(schema_registry::RegistryConfig::new(
+            "http://127.0.0.1:1",
+        ))
+        .unwrap();
+        let mut d = KeyDecoder::new(
+            KeyFormat::Json(schema),
+            TopicPartition::new("pg.shop.t", 0),
+            registry,
+        );
+        // As Debezium writes them with JsonConverter (schemas.enable=true).
+        let wrapped = br#"{"schema":{"type":"struct","fields":[{"type":"int64","optional":false,"field":"id"}],"optional":false,"name":"pg.shop.t.Key"},"payload":{"id":7}}"#;
+        d.check(Some(wrapped), 0).await.unwrap();
+        let keys = BinaryArray::from(vec![Some(&wrapped[..]), None, Some(&wrapped[..])]);
+        let col = d.decode(&keys).await.unwrap();
+        let ids = col.as_struct().column(0).as_primitive::<Int64Type>().clone();
+        assert_eq!(ids.iter().collect::<Vec<_>>(), [Some(7), None, Some(7)]);
+        assert!(col.is_null(1), "a null key stays null");
+        let bare = BinaryArray::from(vec![Some(&br#"{"id": 8}"#[..])]);
+        let col = d.decode(&bare).await.unwrap();
+        assert_eq!(col.as_struct().column(0).as_primitive::<Int64Type>().value(0), 8);
+        let mixed = BinaryArray::from(vec![Some(&wrapped[..]), Some(&br#"{"id": 8}"#[..])]);
+        assert!(d.decode(&mixed).await.unwrap_err().contains("mix"));
+    }
 }

@@ -10,6 +10,7 @@
 //! counted and logged by the caller).
 
 mod avro;
+pub mod connect_json;
 pub mod debezium;
 pub mod json;
 mod json_fast;
@@ -66,6 +67,8 @@ pub enum FormatDecoder {
     Json(Box<JsonDecoder>),
     /// JSON with JSON Schemas from the registry.
     RegistryJson(Box<json_schema::RegistryJsonDecoder>),
+    /// JSON in Kafka Connect's envelope, with the schema each record carries.
+    ConnectJson(Box<connect_json::ConnectJsonDecoder>),
 }
 
 impl FormatDecoder {
@@ -75,6 +78,7 @@ impl FormatDecoder {
             FormatDecoder::Avro(d) => d.prepare(rec).await,
             FormatDecoder::Json(_) => Ok(false),
             FormatDecoder::RegistryJson(d) => d.prepare(rec).await,
+            FormatDecoder::ConnectJson(d) => d.prepare(rec),
         }
     }
 
@@ -93,6 +97,7 @@ impl FormatDecoder {
                 Ok(())
             }
             FormatDecoder::RegistryJson(d) => d.push(rec, out, rejected).await,
+            FormatDecoder::ConnectJson(d) => d.push(rec, out, rejected),
         }
     }
 
@@ -112,6 +117,7 @@ impl FormatDecoder {
                 d.finish(out, rejected);
                 Ok(())
             }
+            FormatDecoder::ConnectJson(d) => d.finish(out, rejected),
         }
     }
 
@@ -120,6 +126,7 @@ impl FormatDecoder {
             FormatDecoder::Avro(d) => d.pending_rows(),
             FormatDecoder::Json(d) => d.pending_rows(),
             FormatDecoder::RegistryJson(d) => d.pending_rows(),
+            FormatDecoder::ConnectJson(d) => d.pending_rows(),
         }
     }
 
@@ -127,7 +134,9 @@ impl FormatDecoder {
     pub fn reader_schema(&self) -> Option<(u32, &str)> {
         match self {
             FormatDecoder::Avro(d) => d.reader_schema(),
-            FormatDecoder::Json(_) | FormatDecoder::RegistryJson(_) => None,
+            FormatDecoder::Json(_)
+            | FormatDecoder::RegistryJson(_)
+            | FormatDecoder::ConnectJson(_) => None,
         }
     }
 }

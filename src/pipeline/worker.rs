@@ -86,6 +86,9 @@ struct Worker {
     /// (before the table commit), and their payload bytes.
     dead_pending: Vec<Rejected>,
     dead_pending_bytes: usize,
+    /// A source TRUNCATE was read since the last flush (upserts): the next commit empties the
+    /// table before applying what followed it.
+    truncate: bool,
     /// This partition's fenced dead-letter writer, opened when the worker starts.
     dead_session: Option<super::dead_letter::Session>,
     dead_opening: Option<tokio::task::JoinHandle<Result<super::dead_letter::Session, String>>>,
@@ -131,6 +134,7 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         resyncing: false,
         dead: false,
         semantics: None,
+        truncate: false,
         counted_in: (0, 0),
         oldest_ts_ms: None,
         stats: Arc::new(SinkStats::default()),
@@ -264,6 +268,15 @@ fn new_decoder(ctx: &WorkerCtx) -> FormatDecoder {
                 batch,
             )))
         }
+        (Format::Json | Format::DebeziumJson, None) if config.connect_envelope => {
+            FormatDecoder::ConnectJson(Box::new(
+                crate::decode::connect_json::ConnectJsonDecoder::new(
+                    ctx.tp.clone(),
+                    config.metadata,
+                    batch,
+                ),
+            ))
+        }
         (Format::Json, None) => FormatDecoder::RegistryJson(Box::new(
             crate::decode::json_schema::RegistryJsonDecoder::new(
                 ctx.tp.clone(),
@@ -293,6 +306,7 @@ impl Worker {
         self.buffered_bytes = 0;
         self.buffered_rows = 0;
         self.buffer.clear();
+        self.truncate = false;
         self.dead_pending.clear();
         self.dead_pending_bytes = 0;
         self.dead_session = None;
@@ -627,10 +641,13 @@ impl Worker {
     }
 
     /// Format-specific reshaping of a decoded batch (Debezium envelopes to row images).
-    async fn transform(&mut self, batch: RecordBatch) -> Result<RecordBatch, String> {
-        let batch = self.unwrap_envelope(batch)?;
+    async fn transform(&mut self, batch: RecordBatch) -> Result<Option<RecordBatch>, String> {
+        let Some(batch) = self.unwrap_envelope(batch)? else {
+            return Ok(None);
+        };
+        let batch = self.truncates(batch)?;
         let Some(keys) = self.keys.as_mut() else {
-            return Ok(batch);
+            return Ok(Some(batch));
         };
         let schema = batch.schema();
         let raw = schema
@@ -653,14 +670,41 @@ impl Worker {
         )));
         columns.push(decoded);
         RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), columns)
+            .map(Some)
             .map_err(|e| e.to_string())
     }
 
-    fn unwrap_envelope(&mut self, batch: RecordBatch) -> Result<RecordBatch, String> {
-        match self.ctx.runtime.config.format {
-            Format::DebeziumJson => return debezium::unwrap(&batch, &HashMap::new()),
-            Format::DebeziumAvro => {}
-            _ => return Ok(batch),
+    /// Counts records skipped by rule (not undecodable: nothing goes to the dead-letter topic).
+    fn count_skipped(&self, reason: &'static str, n: usize) {
+        *self
+            .ctx
+            .progress
+            .rejected
+            .lock()
+            .expect("progress")
+            .entry((self.sink_name().to_string(), reason, "skip"))
+            .or_default() += n as u64;
+    }
+
+    /// Debezium envelopes to row images. Records that are not row changes (heartbeats,
+    /// logical-decoding messages `op: "m"`, schema-change events) are skipped and counted;
+    /// `None` when none is left.
+    fn unwrap_envelope(&mut self, batch: RecordBatch) -> Result<Option<RecordBatch>, String> {
+        if !matches!(
+            self.ctx.runtime.config.format,
+            Format::DebeziumJson | Format::DebeziumAvro
+        ) {
+            return Ok(Some(batch));
+        }
+        let (batch, skipped) = debezium::row_changes(batch)?;
+        if skipped > 0 {
+            self.count_skipped("not-a-row-change", skipped);
+            debug!(sink = self.sink_name(), tp = %self.ctx.tp, skipped,
+                   "Debezium records that are not row changes (heartbeats, messages) skipped");
+        }
+        let Some(batch) = batch else { return Ok(None) };
+        if self.ctx.runtime.config.format == Format::DebeziumJson {
+            return debezium::unwrap(&batch, &HashMap::new()).map(Some);
         }
         let (id, schema) = self
             .decoder
@@ -674,12 +718,49 @@ impl Worker {
             self.semantics = Some((id, debezium::semantic_types(schema)));
         }
         let semantics = &self.semantics.as_ref().expect("just set").1;
-        debezium::unwrap(&batch, semantics)
+        debezium::unwrap(&batch, semantics).map(Some)
+    }
+
+    /// Applies the source TRUNCATEs (`_op = "t"`) in `batch`: an upsert table drops what was
+    /// buffered before the last one and empties the table in the next commit; an append table
+    /// keeps its history and skips them, counted.
+    fn truncates(&mut self, batch: RecordBatch) -> Result<RecordBatch, String> {
+        let Some(ops) = batch.column_by_name("_op") else {
+            return Ok(batch);
+        };
+        use arrow::array::{Array, AsArray};
+        let ops = ops.as_string::<i32>();
+        let Some(last) = (0..ops.len())
+            .rev()
+            .find(|&i| ops.is_valid(i) && ops.value(i) == "t")
+        else {
+            return Ok(batch);
+        };
+        if self.ctx.runtime.config.upsert_keys.is_none() {
+            let keep: arrow::array::BooleanArray =
+                ops.iter().map(|o| Some(o != Some("t"))).collect();
+            let n = keep.false_count();
+            self.count_skipped("truncate", n);
+            info!(sink = self.sink_name(), tp = %self.ctx.tp, truncates = n,
+                  "source TRUNCATE skipped: an append table keeps every change it was sent");
+            return arrow::compute::filter_record_batch(&batch, &keep).map_err(|e| e.to_string());
+        }
+        let earlier = self.buffered_rows + last;
+        info!(sink = self.sink_name(), tp = %self.ctx.tp, dropped = earlier,
+              "source TRUNCATE: the next commit empties the table, then applies what follows it");
+        self.ctx.budget.release(self.buffered_bytes);
+        self.buffered_bytes = 0;
+        self.buffered_rows = 0;
+        self.buffer.clear();
+        self.truncate = true;
+        // What follows the truncate; kept even when empty, so the flush has the schema.
+        Ok(batch.slice(last + 1, batch.num_rows() - last - 1))
     }
 
     async fn buffer_batch(&mut self, batch: RecordBatch) {
         let batch = match self.transform(batch).await {
-            Ok(b) => b,
+            Ok(None) => return,
+            Ok(Some(b)) => b,
             Err(e) => {
                 self.fatal(
                     "schema",
@@ -762,6 +843,7 @@ impl Worker {
             return;
         }
         let batches = std::mem::take(&mut self.buffer);
+        let truncate = std::mem::take(&mut self.truncate);
         let rows = self.buffered_rows;
         // The batches stay in the budget until they are staged.
         let bytes = std::mem::take(&mut self.buffered_bytes);
@@ -774,6 +856,7 @@ impl Worker {
             start: Offset(start),
             next: Offset(next),
             batches,
+            truncate,
         };
         let task = tokio::spawn(stage_and_commit(
             self.ctx.runtime.clone(),

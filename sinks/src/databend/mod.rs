@@ -66,6 +66,8 @@ pub struct DatabendStaged {
     pub file: Option<String>,
     pub columns: Vec<String>,
     pub bytes: u64,
+    /// Empty the table before loading (a source TRUNCATE; upserts only).
+    pub truncate: bool,
 }
 
 pub struct DatabendSink {
@@ -315,6 +317,21 @@ impl DatabendSink {
         Ok(())
     }
 
+    async fn table_exists(&self, session: &mut Session, table: &str) -> Result<bool> {
+        let found = self
+            .run(
+                session,
+                "find the table",
+                &format!(
+                    "SELECT name FROM system.tables WHERE database = {} AND name = {}",
+                    literal(&self.config.client.database),
+                    literal(table)
+                ),
+            )
+            .await?;
+        Ok(!found.rows.is_empty())
+    }
+
     fn schema_err(&self, table: &str, reason: String) -> Error {
         Error::Warehouse {
             location: self.location.clone(),
@@ -338,8 +355,13 @@ impl DatabendSink {
     }
 
     async fn apply(&self, session: &mut Session, d: &DatabendStaged) -> Result<()> {
-        let Some(file) = &d.file else { return Ok(()) };
         let qualified = format!("{}.{}", self.db(), ident(&d.table));
+        if d.truncate && (d.file.is_some() || self.table_exists(session, &d.table).await?) {
+            // In the load's transaction: the rows go, the ledger moves, or neither.
+            self.run(session, "truncate", &format!("DELETE FROM {qualified}"))
+                .await?;
+        }
+        let Some(file) = &d.file else { return Ok(()) };
         let cols: Vec<String> = d.columns.iter().map(|c| ident(c)).collect();
         // The staged file's columns are c0, c1, ... (see `encode`); tests/security.rs found that
         // a quoted "orderId" cannot be selected from a stage by its own name.
@@ -466,10 +488,12 @@ impl Sink for DatabendSink {
                 file: None,
                 columns: Vec::new(),
                 bytes: 0,
+                truncate: flush.truncate && self.config.upsert.is_some(),
             }),
             columns: Vec::new(),
         };
-        if flush.batches.is_empty() || rows == 0 {
+        // A truncate with no rows after it still loads an empty file (it creates the table).
+        if flush.batches.is_empty() || (rows == 0 && !flush.truncate) {
             return Ok(staged);
         }
         // One schema for the flush: the union of its batches, in Databend-storable types.
@@ -495,6 +519,7 @@ impl Sink for DatabendSink {
             let changes = Changes::build(u, &target, batches, &flush.tp)?;
             batches = vec![changes.rows];
         }
+        let truncate = flush.truncate && self.config.upsert.is_some();
         self.ensure_table(&table, &target).await?;
         let data = {
             let target = target.clone();
@@ -526,6 +551,7 @@ impl Sink for DatabendSink {
             file: Some(format!("{dir}/{name}")),
             columns,
             bytes,
+            truncate,
         });
         self.point("after_stage");
         Ok(staged)

@@ -1040,7 +1040,8 @@ impl Sink for DeltaSink {
             return Ok(staged);
         };
         if let Some(upsert) = &self.config.upsert {
-            let changes = upsert::Changes::build(upsert, &schema, batches, &flush.tp)?;
+            let mut changes = upsert::Changes::build(upsert, &schema, batches, &flush.tp)?;
+            changes.truncate = flush.truncate;
             if let Some(d) = staged.delta.as_mut() {
                 d.changes = Some(Arc::new(changes));
             }

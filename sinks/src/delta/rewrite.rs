@@ -227,11 +227,14 @@ pub(super) async fn upsert(
     batches: &[RecordBatch],
     tps: &[TopicPartition],
     txns: &[(String, i64)],
+    truncate: bool,
 ) -> Result<Outcome, DeltaTableError> {
     let started = Instant::now();
     let state = table.snapshot()?;
     let partition_columns: Vec<String> = state.metadata().partition_columns().to_vec();
-    if config.keys.iter().any(|k| partition_columns.contains(k)) {
+    // A truncate removes every file whole: no row is kept, so keys in partition columns and
+    // deletion vectors do not matter to it.
+    if !truncate && config.keys.iter().any(|k| partition_columns.contains(k)) {
         return Ok(Outcome::Unsupported("a key column partitions the table"));
     }
     if state
@@ -243,9 +246,10 @@ pub(super) async fn upsert(
         return Ok(Outcome::Unsupported("the table uses column mapping"));
     }
     let files: Vec<LogicalFileView> = state.log_data().iter().collect();
-    if files
-        .iter()
-        .any(|f| f.deletion_vector_descriptor().is_some())
+    if !truncate
+        && files
+            .iter()
+            .any(|f| f.deletion_vector_descriptor().is_some())
     {
         return Ok(Outcome::Unsupported("the table has deletion vectors"));
     }
@@ -293,7 +297,10 @@ pub(super) async fn upsert(
     let probes: Vec<BoxFuture<'_, Result<Probe, DeltaTableError>>> = files
         .iter()
         .enumerate()
-        .map(|(n, f)| probe(&store, f, n, &keys, &index).boxed())
+        .map(|(n, f)| match truncate {
+            true => futures::future::ready(Ok(Probe::Dirty(n))).boxed(),
+            false => probe(&store, f, n, &keys, &index).boxed(),
+        })
         .collect();
     let probed: Vec<Probe> = futures::stream::iter(probes)
         .buffer_unordered(PROBES)
@@ -360,7 +367,7 @@ pub(super) async fn upsert(
     }
     let mut adds = Vec::new();
     for part in parts.into_values() {
-        for n in part.files {
+        for n in part.files.into_iter().filter(|_| !truncate) {
             rewrite_file(
                 &store,
                 &files[n],
@@ -424,7 +431,10 @@ pub(super) async fn upsert(
         .build(
             Some(state),
             table.log_store(),
-            operation(config, &keys, index.values().any(|d| *d)),
+            match truncate {
+                true => DeltaOperation::Delete { predicate: None },
+                false => operation(config, &keys, index.values().any(|d| *d)),
+            },
         )
         .await?;
     metrics.execution_time_ms = started.elapsed().as_millis() as u64;

@@ -41,6 +41,7 @@ fn flush(p: i32, start: i64, next: i64, batches: Vec<RecordBatch>) -> Flush {
         start: Offset(start),
         next: Offset(next),
         batches,
+        truncate: false,
     }
 }
 
@@ -594,6 +595,7 @@ async fn upserts_rewrite_only_the_files_that_hold_a_changed_key() {
         &[changes],
         &[TopicPartition::new("orders", 0)],
         &[(app_id, 112)],
+        false,
     )
     .await;
     let super::rewrite::Outcome::Done(_, m) = outcome.unwrap() else {
@@ -802,6 +804,7 @@ async fn tables_partitioned_by_a_key_are_upserted_by_deltalakes_merge() {
         &[inserts(1..2)],
         &[TopicPartition::new("orders", 0)],
         &[],
+        false,
     )
     .await;
     assert!(matches!(
@@ -853,4 +856,43 @@ async fn files_written_before_the_key_column_existed_are_left_as_they_are() {
         v.as_any().downcast_ref::<Int64Array>().unwrap().value(0)
     };
     assert_eq!((value(0), value(1), value(2)), (3, 2, 1));
+}
+
+#[tokio::test]
+async fn a_truncate_empties_the_table_in_the_commit_that_applies_what_follows_it() {
+    for partition_by in [vec![], vec![PartitionSpec::parse("id").unwrap()]] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = sink(
+            dir.path(),
+            DeltaSinkConfig {
+                partition_by,
+                ..upsert_config()
+            },
+        );
+        commit(&s, flush(0, 0, 3, vec![inserts(0..3)])).await;
+        commit(&s, flush(1, 0, 2, vec![inserts(10..12)])).await;
+        let mut truncate = flush(0, 3, 6, vec![inserts(20..22)]);
+        truncate.truncate = true;
+        assert!(matches!(
+            commit(&s, truncate).await,
+            CommitOutcome::Committed { .. }
+        ));
+        let ids = || async {
+            let out = query(dir.path(), "SELECT id FROM t ORDER BY id").await;
+            out.iter()
+                .flat_map(|b| {
+                    let c = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                    c.values().to_vec()
+                })
+                .collect::<Vec<i64>>()
+        };
+        assert_eq!(ids().await, [20, 21], "every partition's rows went");
+        assert_eq!(position(dir.path(), 0).await, Some(Offset(6)));
+        // A truncate with nothing after it in its flush.
+        let mut empty = flush(0, 6, 7, vec![inserts(0..0)]);
+        empty.truncate = true;
+        commit(&s, empty).await;
+        assert_eq!(ids().await, Vec::<i64>::new());
+        assert_eq!(position(dir.path(), 0).await, Some(Offset(7)));
+    }
 }

@@ -48,6 +48,8 @@ pub struct Changes {
     pub rows: RecordBatch,
     /// Rows the reduction dropped (superseded by a later change of the same key).
     pub superseded: usize,
+    /// The table is emptied before `rows` are applied (see [`crate::Flush::truncate`]).
+    pub truncate: bool,
 }
 
 impl Changes {
@@ -127,7 +129,11 @@ impl Changes {
                 interleave_record_batch(&refs, &keep).map_err(|e| bad(e.to_string()))?
             }
         };
-        Ok(Self { rows, superseded })
+        Ok(Self {
+            rows,
+            superseded,
+            truncate: false,
+        })
     }
 }
 
@@ -163,10 +169,16 @@ async fn merge(
     batches: &[RecordBatch],
     tps: &[TopicPartition],
     txns: &[(String, i64)],
+    truncate: bool,
 ) -> std::result::Result<(DeltaTable, deltalake::operations::merge::MergeMetrics), DeltaTableError>
 {
-    match super::rewrite::upsert(sink, config, table, batches, tps, txns).await? {
+    match super::rewrite::upsert(sink, config, table, batches, tps, txns, truncate).await? {
         super::rewrite::Outcome::Done(table, metrics) => return Ok((table, metrics)),
+        super::rewrite::Outcome::Unsupported(why) if truncate => {
+            return Err(DeltaTableError::Generic(format!(
+                "cannot apply a source TRUNCATE to this table: {why}"
+            )))
+        }
         super::rewrite::Outcome::Unsupported(why) => {
             debug!(table = %sink.location, "upsert by deltalake's MERGE: {why}");
         }
@@ -273,6 +285,7 @@ pub(super) async fn commit(
             std::slice::from_ref(&changes.rows),
             std::slice::from_ref(tp),
             &txns,
+            changes.truncate,
         )
         .await
         {
@@ -323,6 +336,11 @@ pub(super) async fn commit_group(
                 alone.push(p);
                 continue;
             };
+            if changes.truncate {
+                // Emptying the table orders this flush against every other: it goes alone.
+                alone.push(p);
+                continue;
+            }
             let fits = carried.is_empty()
                 || (rows + changes.rows.num_rows() <= sink.config.group_rows
                     && carried[0]
@@ -364,7 +382,7 @@ pub(super) async fn commit_group(
             .map(|p| (sink.app_id(&p.staged.tp), p.staged.next.0 - 1))
             .collect();
         let tps: Vec<TopicPartition> = carried.iter().map(|p| p.staged.tp.clone()).collect();
-        match merge(sink, config, table, &batches, &tps, &txns).await {
+        match merge(sink, config, table, &batches, &tps, &txns, false).await {
             Ok((table, metrics)) => {
                 after_merge(sink, &table, &metrics, carried.len()).await;
                 *slot = Some(table);

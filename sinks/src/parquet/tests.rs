@@ -45,6 +45,7 @@ fn flush(start: i64, next: i64) -> Flush {
         start: Offset(start),
         next: Offset(next),
         batches: vec![batch],
+        truncate: false,
     }
 }
 
