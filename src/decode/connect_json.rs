@@ -22,7 +22,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, BinaryBuilder, ListArray, StringBuilder, StructArray};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BinaryBuilder, ListArray, StringBuilder, StructArray,
+};
 use arrow::compute::{cast_with_options, CastOptions};
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
@@ -326,7 +328,10 @@ fn decimal_text(unscaled: i128, scale: i32) -> String {
     let digits = unscaled.unsigned_abs().to_string();
     let sign = if unscaled < 0 { "-" } else { "" };
     if scale <= 0 {
-        return format!("{sign}{digits}{}", "0".repeat(scale.unsigned_abs() as usize));
+        return format!(
+            "{sign}{digits}{}",
+            "0".repeat(scale.unsigned_abs() as usize)
+        );
     }
     let scale = scale as usize;
     let padded = format!("{digits:0>width$}", width = scale + 1);
@@ -419,20 +424,20 @@ impl ConnectJsonDecoder {
             Some(s) if v.get("payload").is_some() => {
                 Ok(std::borrow::Cow::Owned(s.to_string().into_bytes()))
             }
-            _ => Err("not a Kafka Connect envelope ({\"schema\": ..., \"payload\": ...}); \
+            _ => Err(
+                "not a Kafka Connect envelope ({\"schema\": ..., \"payload\": ...}); \
                  set value.converter.schemas.enable=true in Connect, or declare the table's \
                  `schema` and leave `json_envelope` out"
-                .into()),
+                    .into(),
+            ),
         }
     }
 
     fn is_current(&self, payload: &[u8]) -> bool {
-        self.current
-            .as_ref()
-            .is_some_and(|c| {
-                payload.starts_with(b"{\"schema\":")
-                    && payload.get(10..10 + c.text.len()) == Some(&c.text[..])
-            })
+        self.current.as_ref().is_some_and(|c| {
+            payload.starts_with(b"{\"schema\":")
+                && payload.get(10..10 + c.text.len()) == Some(&c.text[..])
+        })
     }
 
     /// Converts the record's schema once; `true` when it changes the table schema.

@@ -85,11 +85,21 @@ fn debezium_postgres_types_become_arrow_types() {
         col("tm").as_primitive::<Time64MicrosecondType>().value(0),
         49_501_123_456 // 13:45:01.123456
     );
-    assert_eq!(col("b").as_binary::<i32>().value(0), [0xde, 0xad, 0xbe, 0xef]);
-    let tags = col("tags").as_list::<i32>().value(0);
-    assert_eq!(tags.as_string::<i32>().iter().collect::<Vec<_>>(), [Some("x"), Some("y")]);
     assert_eq!(
-        out[0].column_by_name("op").unwrap().as_string::<i32>().value(1),
+        col("b").as_binary::<i32>().value(0),
+        [0xde, 0xad, 0xbe, 0xef]
+    );
+    let tags = col("tags").as_list::<i32>().value(0);
+    assert_eq!(
+        tags.as_string::<i32>().iter().collect::<Vec<_>>(),
+        [Some("x"), Some("y")]
+    );
+    assert_eq!(
+        out[0]
+            .column_by_name("op")
+            .unwrap()
+            .as_string::<i32>()
+            .value(1),
         "u"
     );
     assert!(out[0].column_by_name("_kafka_offset").is_some());
@@ -100,12 +110,18 @@ fn an_added_column_is_a_new_table_schema_and_commits_what_precedes_it() {
     let mut d = decoder();
     let recs = records();
     let (mut out, mut rejected) = (Vec::new(), Vec::new());
-    assert!(!d.prepare(&recs[0]).unwrap(), "the first schema is no change");
+    assert!(
+        !d.prepare(&recs[0]).unwrap(),
+        "the first schema is no change"
+    );
     d.push(recs[0].clone(), &mut out, &mut rejected).unwrap();
     assert!(!d.prepare(&recs[1]).unwrap(), "same schema text");
     d.push(recs[1].clone(), &mut out, &mut rejected).unwrap();
     assert!(out.is_empty(), "a batch is emitted when full or finished");
-    assert!(d.prepare(&recs[2]).unwrap(), "ALTER TABLE ADD COLUMN changes the table");
+    assert!(
+        d.prepare(&recs[2]).unwrap(),
+        "ALTER TABLE ADD COLUMN changes the table"
+    );
     d.push(recs[2].clone(), &mut out, &mut rejected).unwrap();
     d.finish(&mut out, &mut rejected).unwrap();
     assert_eq!(out.len(), 2, "one batch per schema");
@@ -132,7 +148,10 @@ fn a_bad_value_is_rejected_alone_and_a_plain_object_is_named() {
     );
     let offsets: Vec<i64> = rejected.iter().map(|r| r.error.offset).collect();
     assert_eq!(offsets, [2, 1], "{rejected:?}");
-    assert!(rejected[1].error.reason.contains("field `after.b`: not base64"));
+    assert!(rejected[1]
+        .error
+        .reason
+        .contains("field `after.b`: not base64"));
     assert!(rejected[0].error.reason.contains("schemas.enable=true"));
     let rows: usize = out.iter().map(|b| b.num_rows()).sum();
     assert_eq!(rows, 2);

@@ -160,7 +160,8 @@ fn semantic_of(t: &Value) -> Option<Semantic> {
 /// (no `op`), logical-decoding messages (`op: "m"`). `None` when no row change is left.
 pub fn row_changes(batch: RecordBatch) -> Result<(Option<RecordBatch>, usize), String> {
     let n = batch.num_rows();
-    let has_row = batch.column_by_name("after").is_some() || batch.column_by_name("before").is_some();
+    let has_row =
+        batch.column_by_name("after").is_some() || batch.column_by_name("before").is_some();
     let Some(op) = batch.column_by_name("op").filter(|_| has_row) else {
         return Ok((None, n));
     };
@@ -175,9 +176,7 @@ pub fn row_changes(batch: RecordBatch) -> Result<(Option<RecordBatch>, usize), S
         0 => (Some(batch), 0),
         _ if skipped == n => (None, n),
         _ => (
-            Some(
-                arrow::compute::filter_record_batch(&batch, &keep).map_err(|e| e.to_string())?,
-            ),
+            Some(arrow::compute::filter_record_batch(&batch, &keep).map_err(|e| e.to_string())?),
             skipped,
         ),
     })

@@ -147,7 +147,9 @@ impl KeyDecoder {
                 let mut present = keys.iter().flatten();
                 let envelope = present.next().is_some_and(in_connect_envelope);
                 if present.any(|k| in_connect_envelope(k) != envelope) {
-                    return Err("the keys mix Kafka Connect envelopes and plain JSON objects".into());
+                    return Err(
+                        "the keys mix Kafka Connect envelopes and plain JSON objects".into(),
+                    );
                 }
                 let mut d = JsonDecoder::new(
                     self.tp.clone(),
@@ -209,7 +211,10 @@ impl KeyDecoder {
 /// Whether a JSON key is Kafka Connect's `{"schema": ..., "payload": ...}` (schema first, as
 /// JsonConverter writes it).
 fn in_connect_envelope(key: &[u8]) -> bool {
-    let start = key.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(0);
+    let start = key
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(0);
     key[start..].starts_with(b"{\"schema\":")
 }
 
@@ -242,10 +247,9 @@ mod tests {
     #[tokio::test]
     async fn connect_enveloped_json_keys_decode_their_payload() {
         let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, true)]));
-        let registry = RegistryClient::new(schema_registry::RegistryConfig::new(
-            "http://127.0.0.1:1",
-        ))
-        .unwrap();
+        let registry =
+            RegistryClient::new(schema_registry::RegistryConfig::new("http://127.0.0.1:1"))
+                .unwrap();
         let mut d = KeyDecoder::new(
             KeyFormat::Json(schema),
             TopicPartition::new("pg.shop.t", 0),
@@ -256,12 +260,22 @@ mod tests {
         d.check(Some(wrapped), 0).await.unwrap();
         let keys = BinaryArray::from(vec![Some(&wrapped[..]), None, Some(&wrapped[..])]);
         let col = d.decode(&keys).await.unwrap();
-        let ids = col.as_struct().column(0).as_primitive::<Int64Type>().clone();
+        let ids = col
+            .as_struct()
+            .column(0)
+            .as_primitive::<Int64Type>()
+            .clone();
         assert_eq!(ids.iter().collect::<Vec<_>>(), [Some(7), None, Some(7)]);
         assert!(col.is_null(1), "a null key stays null");
         let bare = BinaryArray::from(vec![Some(&br#"{"id": 8}"#[..])]);
         let col = d.decode(&bare).await.unwrap();
-        assert_eq!(col.as_struct().column(0).as_primitive::<Int64Type>().value(0), 8);
+        assert_eq!(
+            col.as_struct()
+                .column(0)
+                .as_primitive::<Int64Type>()
+                .value(0),
+            8
+        );
         let mixed = BinaryArray::from(vec![Some(&wrapped[..]), Some(&br#"{"id": 8}"#[..])]);
         assert!(d.decode(&mixed).await.unwrap_err().contains("mix"));
     }
