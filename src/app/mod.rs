@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{SinkKind, ValidatedConfig};
+use crate::decode::debezium::UNCHANGED_COLUMN;
 use crate::pipeline::{Progress, SinkRuntime};
 use crate::source::{self, SourceOptions};
 
@@ -122,6 +123,7 @@ pub fn open_sink(
                 upsert: s.upsert_keys.as_ref().map(|keys| UpsertConfig {
                     keys: keys.clone(),
                     delete_column: Some("_deleted".into()),
+                    unchanged_column: Some(UNCHANGED_COLUMN.into()),
                 }),
                 compression: s.compression,
             })
@@ -154,6 +156,7 @@ pub fn delta_config(cfg: &ValidatedConfig, s: &crate::config::ValidatedSink) -> 
         upsert: s.upsert_keys.as_ref().map(|keys| UpsertConfig {
             keys: keys.clone(),
             delete_column: Some("_deleted".into()),
+            unchanged_column: Some(UNCHANGED_COLUMN.into()),
         }),
         group_rows: s.flush.max_rows,
         ..Default::default()

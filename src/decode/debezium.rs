@@ -155,6 +155,88 @@ fn semantic_of(t: &Value) -> Option<Semantic> {
     }
 }
 
+/// What Debezium sends for a value it does not have (`unavailable.value.placeholder`, its
+/// default): a TOASTed column an UPDATE left alone, under PostgreSQL's default replica identity.
+pub const UNAVAILABLE: &str = "__debezium_unavailable_value";
+
+/// The column of upsert rows naming the columns whose stored value they keep.
+pub const UNCHANGED_COLUMN: &str = "_unchanged";
+
+/// For upserts: the row columns holding [`UNAVAILABLE`] (as text, as bytes, or as a one-element
+/// text array) are set null there and named in an [`UNCHANGED_COLUMN`] list (null when none),
+/// so the sink keeps the stored value instead of writing the marker. `row_columns` are the
+/// leading columns that are the row's own (as [`unwrap`] outputs them, before `_op`).
+pub fn mark_unavailable(batch: RecordBatch) -> Result<RecordBatch, String> {
+    use arrow::array::{ListBuilder, StringBuilder};
+    let schema = batch.schema();
+    let row_columns = schema.index_of("_op").unwrap_or(0);
+    let n = batch.num_rows();
+    let mut named: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut columns = batch.columns().to_vec();
+    for (c, column) in columns.iter_mut().enumerate().take(row_columns) {
+        let hits: Vec<usize> = match column.data_type() {
+            DataType::Utf8 => {
+                let a = column.as_string::<i32>();
+                (0..n).filter(|&i| a.is_valid(i) && a.value(i) == UNAVAILABLE).collect()
+            }
+            DataType::Binary => {
+                let a = column.as_binary::<i32>();
+                (0..n)
+                    .filter(|&i| a.is_valid(i) && a.value(i) == UNAVAILABLE.as_bytes())
+                    .collect()
+            }
+            DataType::List(item) if item.data_type() == &DataType::Utf8 => {
+                let a = column.as_list::<i32>();
+                (0..n)
+                    .filter(|&i| {
+                        a.is_valid(i) && {
+                            let v = a.value(i);
+                            let v = v.as_string::<i32>();
+                            v.len() == 1 && v.is_valid(0) && v.value(0) == UNAVAILABLE
+                        }
+                    })
+                    .collect()
+            }
+            _ => continue,
+        };
+        if hits.is_empty() {
+            continue;
+        }
+        let mut valid: Vec<bool> = (0..n).map(|i| column.is_valid(i)).collect();
+        for &i in &hits {
+            valid[i] = false;
+            named[i].push(c);
+        }
+        let data = column
+            .to_data()
+            .into_builder()
+            .nulls(Some(NullBuffer::from(valid)))
+            .build()
+            .map_err(|e| e.to_string())?;
+        *column = make_array(data);
+    }
+    let mut list = ListBuilder::new(StringBuilder::new());
+    for cols in &named {
+        if cols.is_empty() {
+            list.append_null();
+            continue;
+        }
+        for &c in cols {
+            list.values().append_value(schema.field(c).name());
+        }
+        list.append(true);
+    }
+    let mut fields: Vec<Arc<Field>> = schema.fields().iter().cloned().collect();
+    let at = schema.index_of("_deleted").map_or(fields.len(), |i| i + 1);
+    let list = list.finish();
+    fields.insert(
+        at,
+        Arc::new(Field::new(UNCHANGED_COLUMN, list.data_type().clone(), true)),
+    );
+    columns.insert(at, Arc::new(list));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(|e| e.to_string())
+}
+
 /// The row changes of a batch of Debezium envelopes (`op` create, update, delete, read or
 /// truncate), and how many records were not row changes: heartbeats and schema-change events
 /// (no `op`), logical-decoding messages (`op: "m"`). `None` when no row change is left.

@@ -703,8 +703,13 @@ impl Worker {
                    "Debezium records that are not row changes (heartbeats, messages) skipped");
         }
         let Some(batch) = batch else { return Ok(None) };
+        let upsert = self.ctx.runtime.config.upsert_keys.is_some();
+        let finish = |rows: RecordBatch| match upsert {
+            true => debezium::mark_unavailable(rows).map(Some),
+            false => Ok(Some(rows)),
+        };
         if self.ctx.runtime.config.format == Format::DebeziumJson {
-            return debezium::unwrap(&batch, &HashMap::new()).map(Some);
+            return finish(debezium::unwrap(&batch, &HashMap::new())?);
         }
         let (id, schema) = self
             .decoder
@@ -718,7 +723,7 @@ impl Worker {
             self.semantics = Some((id, debezium::semantic_types(schema)));
         }
         let semantics = &self.semantics.as_ref().expect("just set").1;
-        debezium::unwrap(&batch, semantics).map(Some)
+        finish(debezium::unwrap(&batch, semantics)?)
     }
 
     /// Applies the source TRUNCATEs (`_op = "t"`) in `batch`: an upsert table drops what was

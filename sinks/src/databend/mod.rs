@@ -68,6 +68,9 @@ pub struct DatabendStaged {
     pub bytes: u64,
     /// Empty the table before loading (a source TRUNCATE; upserts only).
     pub truncate: bool,
+    /// The file's last column, after `columns`, lists per row the columns that keep the
+    /// stored value (see `UpsertConfig::unchanged_column`).
+    pub unchanged: bool,
 }
 
 pub struct DatabendSink {
@@ -365,11 +368,21 @@ impl DatabendSink {
         let cols: Vec<String> = d.columns.iter().map(|c| ident(c)).collect();
         // The staged file's columns are c0, c1, ... (see `encode`); tests/security.rs found that
         // a quoted "orderId" cannot be selected from a stage by its own name.
-        let positional: Vec<String> = cols
+        let mut positional: Vec<String> = cols
             .iter()
             .enumerate()
             .map(|(i, c)| format!("{} AS {c}", staged_column(i)))
             .collect();
+        let unchanged = ident(
+            self.config
+                .upsert
+                .as_ref()
+                .and_then(|u| u.unchanged_column.as_deref())
+                .unwrap_or("_unchanged"),
+        );
+        if d.unchanged {
+            positional.push(format!("{} AS {unchanged}", staged_column(cols.len())));
+        }
         let source = format!("@~/{file}");
         match &self.config.upsert {
             None => {
@@ -395,7 +408,18 @@ impl DatabendSink {
                     .as_ref()
                     .filter(|c| d.columns.contains(c))
                     .map(|c| format!("s.{}", ident(c)));
-                let set: Vec<String> = cols.iter().map(|c| format!("{c} = s.{c}")).collect();
+                // A column the change did not carry keeps the target's value.
+                let set: Vec<String> = cols
+                    .iter()
+                    .zip(&d.columns)
+                    .map(|(c, name)| match d.unchanged {
+                        true => format!(
+                            "{c} = CASE WHEN contains(s.{unchanged}, {}) THEN t.{c} ELSE s.{c} END",
+                            literal(name)
+                        ),
+                        false => format!("{c} = s.{c}"),
+                    })
+                    .collect();
                 let values: Vec<String> = cols.iter().map(|c| format!("s.{c}")).collect();
                 let mut stmt = format!(
                     "MERGE INTO {qualified} AS t USING (SELECT {} FROM {source} (FILE_FORMAT => 'parquet')) AS s ON {} ",
@@ -489,6 +513,7 @@ impl Sink for DatabendSink {
                 columns: Vec::new(),
                 bytes: 0,
                 truncate: flush.truncate && self.config.upsert.is_some(),
+                unchanged: false,
             }),
             columns: Vec::new(),
         };
@@ -507,7 +532,22 @@ impl Sink for DatabendSink {
                 }
             });
         }
-        let target = target.expect("non-empty");
+        let mut target = target.expect("non-empty");
+        // The unchanged-values list is loaded as the file's last column, never into the table.
+        let unchanged = self
+            .config
+            .upsert
+            .as_ref()
+            .and_then(|u| u.unchanged_column.as_ref())
+            .and_then(|c| target.index_of(c).ok());
+        if let Some(i) = unchanged {
+            let mut fields: Vec<_> = target.fields().iter().cloned().collect();
+            let list = fields.remove(i);
+            fields.push(list);
+            target = std::sync::Arc::new(Schema::new(fields));
+        }
+        let table_fields = target.fields().len() - usize::from(unchanged.is_some());
+        let table_schema = Schema::new(target.fields()[..table_fields].to_vec());
         let mut batches = flush
             .batches
             .iter()
@@ -520,7 +560,7 @@ impl Sink for DatabendSink {
             batches = vec![changes.rows];
         }
         let truncate = flush.truncate && self.config.upsert.is_some();
-        self.ensure_table(&table, &target).await?;
+        self.ensure_table(&table, &table_schema).await?;
         let data = {
             let target = target.clone();
             let compression = self.config.compression;
@@ -540,7 +580,11 @@ impl Sink for DatabendSink {
             .upload(&dir, &name, data)
             .await
             .map_err(|e| self.err("upload to stage", e))?;
-        let columns: Vec<String> = target.fields().iter().map(|f| f.name().clone()).collect();
+        let columns: Vec<String> = table_schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
         staged.columns = target
             .fields()
             .iter()
@@ -552,6 +596,7 @@ impl Sink for DatabendSink {
             columns,
             bytes,
             truncate,
+            unchanged: unchanged.is_some(),
         });
         self.point("after_stage");
         Ok(staged)

@@ -35,6 +35,7 @@
 
 mod rewrite;
 mod schema;
+mod unchanged;
 pub mod upsert;
 
 use std::collections::{BTreeMap, HashMap};
@@ -400,6 +401,23 @@ impl DeltaSink {
             .map(|b| conform_batch(b, &target).map_err(|r| self.schema_err(&flush.tp, r)))
             .collect::<Result<Vec<_>>>()?;
         Ok((target, conformed))
+    }
+
+    /// `schema` without the columns that are never stored (an upsert's unchanged-values list).
+    fn table_schema(&self, schema: &SchemaRef) -> SchemaRef {
+        let unchanged = self
+            .config
+            .upsert
+            .as_ref()
+            .and_then(|u| u.unchanged_column.as_ref());
+        match unchanged.and_then(|c| schema.index_of(c).ok()) {
+            None => schema.clone(),
+            Some(i) => {
+                let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
+                fields.remove(i);
+                Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+            }
+        }
     }
 
     /// Writes `batches` (conformed to `schema`) as data files, one per output partition.
@@ -1031,7 +1049,8 @@ impl Sink for DeltaSink {
             databend: None,
             delta: Some(DeltaStaged {
                 adds: Vec::new(),
-                schema: schema.clone(),
+                // The table's schema: without the upsert's unchanged-values column.
+                schema: schema.as_ref().map(|s| self.table_schema(s)),
                 changes: None,
             }),
             columns,
@@ -1126,6 +1145,8 @@ impl DeltaSink {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_upsert;
 
 /// What `lakesink maintain` did to one table.
 #[derive(Debug, Clone, Default)]

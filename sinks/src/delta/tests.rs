@@ -10,7 +10,7 @@ use deltalake::datafusion::prelude::SessionContext;
 use super::upsert::UpsertConfig;
 use super::*;
 
-fn sink(dir: &std::path::Path, config: DeltaSinkConfig) -> DeltaSink {
+pub(super) fn sink(dir: &std::path::Path, config: DeltaSinkConfig) -> DeltaSink {
     let url = Url::from_directory_path(dir).unwrap();
     DeltaSink::new(url.as_str(), Vec::<(String, String)>::new(), config).unwrap()
 }
@@ -35,7 +35,7 @@ fn batch(ids: std::ops::Range<i64>, with_note: bool) -> RecordBatch {
     RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap()
 }
 
-fn flush(p: i32, start: i64, next: i64, batches: Vec<RecordBatch>) -> Flush {
+pub(super) fn flush(p: i32, start: i64, next: i64, batches: Vec<RecordBatch>) -> Flush {
     Flush {
         tp: TopicPartition::new("orders", p),
         start: Offset(start),
@@ -45,12 +45,12 @@ fn flush(p: i32, start: i64, next: i64, batches: Vec<RecordBatch>) -> Flush {
     }
 }
 
-async fn commit(s: &DeltaSink, f: Flush) -> CommitOutcome {
+pub(super) async fn commit(s: &DeltaSink, f: Flush) -> CommitOutcome {
     let staged = s.stage(f).await.unwrap();
     s.commit(&staged).await.unwrap().0
 }
 
-async fn query(dir: &std::path::Path, sql: &str) -> Vec<RecordBatch> {
+pub(super) async fn query(dir: &std::path::Path, sql: &str) -> Vec<RecordBatch> {
     let url = Url::from_directory_path(dir).unwrap();
     let mut table = DeltaTableBuilder::from_url(url).unwrap().build().unwrap();
     table.load().await.unwrap();
@@ -88,7 +88,7 @@ async fn table_version(dir: &std::path::Path) -> u64 {
 }
 
 /// The committed position of partition `p`, read by a fresh sink.
-async fn position(dir: &std::path::Path, p: i32) -> Option<Offset> {
+pub(super) async fn position(dir: &std::path::Path, p: i32) -> Option<Offset> {
     sink(dir, DeltaSinkConfig::default())
         .recover(&TopicPartition::new("orders", p))
         .await
@@ -253,6 +253,7 @@ async fn upserts_keep_the_last_change_and_apply_deletes() {
         upsert: Some(UpsertConfig {
             keys: vec!["id".into()],
             delete_column: Some("_deleted".into()),
+            unchanged_column: Some("_unchanged".into()),
         }),
         ..Default::default()
     };
@@ -414,6 +415,7 @@ async fn waiting_upserts_merge_as_one_group_unless_their_keys_meet() {
         upsert: Some(UpsertConfig {
             keys: vec!["id".into()],
             delete_column: None,
+            unchanged_column: None,
         }),
         ..DeltaSinkConfig::default()
     };
@@ -507,18 +509,19 @@ async fn merges_keep_the_changes_on_the_build_side_however_large_the_table() {
     assert_eq!(build_side(SessionContext::new().state()).await, "target_id");
 }
 
-fn upsert_config() -> DeltaSinkConfig {
+pub(super) fn upsert_config() -> DeltaSinkConfig {
     DeltaSinkConfig {
         upsert: Some(UpsertConfig {
             keys: vec!["id".into()],
             delete_column: Some("_deleted".into()),
+            unchanged_column: Some("_unchanged".into()),
         }),
         ..Default::default()
     }
 }
 
 /// Changes of `ids` named `n<id>`, none of them deletes.
-fn inserts(ids: impl Iterator<Item = i64> + Clone) -> RecordBatch {
+pub(super) fn inserts(ids: impl Iterator<Item = i64> + Clone) -> RecordBatch {
     let n = ids.clone().count();
     RecordBatch::try_new(
         Arc::new(Schema::new(vec![
@@ -858,41 +861,3 @@ async fn files_written_before_the_key_column_existed_are_left_as_they_are() {
     assert_eq!((value(0), value(1), value(2)), (3, 2, 1));
 }
 
-#[tokio::test]
-async fn a_truncate_empties_the_table_in_the_commit_that_applies_what_follows_it() {
-    for partition_by in [vec![], vec![PartitionSpec::parse("id").unwrap()]] {
-        let dir = tempfile::tempdir().unwrap();
-        let s = sink(
-            dir.path(),
-            DeltaSinkConfig {
-                partition_by,
-                ..upsert_config()
-            },
-        );
-        commit(&s, flush(0, 0, 3, vec![inserts(0..3)])).await;
-        commit(&s, flush(1, 0, 2, vec![inserts(10..12)])).await;
-        let mut truncate = flush(0, 3, 6, vec![inserts(20..22)]);
-        truncate.truncate = true;
-        assert!(matches!(
-            commit(&s, truncate).await,
-            CommitOutcome::Committed { .. }
-        ));
-        let ids = || async {
-            let out = query(dir.path(), "SELECT id FROM t ORDER BY id").await;
-            out.iter()
-                .flat_map(|b| {
-                    let c = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
-                    c.values().to_vec()
-                })
-                .collect::<Vec<i64>>()
-        };
-        assert_eq!(ids().await, [20, 21], "every partition's rows went");
-        assert_eq!(position(dir.path(), 0).await, Some(Offset(6)));
-        // A truncate with nothing after it in its flush.
-        let mut empty = flush(0, 6, 7, vec![inserts(0..0)]);
-        empty.truncate = true;
-        commit(&s, empty).await;
-        assert_eq!(ids().await, Vec::<i64>::new());
-        assert_eq!(position(dir.path(), 0).await, Some(Offset(7)));
-    }
-}

@@ -40,6 +40,9 @@ pub struct UpsertConfig {
     pub keys: Vec<String>,
     /// A boolean column that marks deletes (Debezium's `_deleted`); rows without it upsert.
     pub delete_column: Option<String>,
+    /// A list-of-names column naming, per row, the columns whose stored value the change
+    /// keeps (values the source did not send; see [`super::unchanged`]). Never stored.
+    pub unchanged_column: Option<String>,
 }
 
 /// A flush's changes, reduced to the last one per key.
@@ -117,6 +120,22 @@ impl Changes {
         }
         let mut keep: Vec<(usize, usize)> = last.into_values().collect();
         keep.sort_unstable();
+        // Every change of each kept key, for the values a later change did not carry.
+        let history = match super::unchanged::any(config, &batches) {
+            false => HashMap::new(),
+            true => {
+                let mut by_key: HashMap<arrow::row::Row<'_>, Vec<(usize, usize)>> = HashMap::new();
+                for (b, rows) in keys.iter().enumerate() {
+                    for (i, row) in rows.iter().enumerate() {
+                        by_key.entry(row).or_default().push((b, i));
+                    }
+                }
+                by_key
+                    .into_values()
+                    .map(|all| (*all.last().expect("one change at least"), all))
+                    .collect()
+            }
+        };
         let superseded = total - keep.len();
         let rows = match batches.as_slice() {
             [] => RecordBatch::new_empty(schema.clone()),
@@ -128,6 +147,11 @@ impl Changes {
                 let refs: Vec<&RecordBatch> = batches.iter().collect();
                 interleave_record_batch(&refs, &keep).map_err(|e| bad(e.to_string()))?
             }
+        };
+        let rows = match history.is_empty() {
+            true => rows,
+            false => super::unchanged::coalesce(config, rows, &batches, &keep, &history)
+                .map_err(bad)?,
         };
         Ok(Self {
             rows,
@@ -172,7 +196,12 @@ async fn merge(
     truncate: bool,
 ) -> std::result::Result<(DeltaTable, deltalake::operations::merge::MergeMetrics), DeltaTableError>
 {
-    match super::rewrite::upsert(sink, config, table, batches, tps, txns, truncate).await? {
+    // Values the changes did not carry come from the table this commit is based on.
+    let mut filled = Vec::with_capacity(batches.len());
+    for b in batches {
+        filled.push(super::unchanged::fill_from_table(config, table, b.clone()).await?);
+    }
+    match super::rewrite::upsert(sink, config, table, &filled, tps, txns, truncate).await? {
         super::rewrite::Outcome::Done(table, metrics) => return Ok((table, metrics)),
         super::rewrite::Outcome::Unsupported(why) if truncate => {
             return Err(DeltaTableError::Generic(format!(
@@ -183,6 +212,7 @@ async fn merge(
             debug!(table = %sink.location, "upsert by deltalake's MERGE: {why}");
         }
     }
+    let batches = &filled;
     let schema = batches.first().expect("a MERGE has changes").schema();
     let ctx = SessionContext::new();
     let source = ctx
@@ -511,6 +541,7 @@ mod tests {
         let config = UpsertConfig {
             keys: vec!["id".into()],
             delete_column: None,
+            unchanged_column: None,
         };
         let schema = changes(vec![], vec![]).schema();
         Changes::build(&config, &schema, batches, &TopicPartition::new("t", 0)).unwrap()
@@ -556,6 +587,7 @@ mod tests {
         let config = UpsertConfig {
             keys: vec!["name".into()],
             delete_column: None,
+            unchanged_column: None,
         };
         let b = RecordBatch::try_new(
             changes(vec![], vec![]).schema(),
