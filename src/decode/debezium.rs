@@ -177,7 +177,9 @@ pub fn mark_unavailable(batch: RecordBatch) -> Result<RecordBatch, String> {
         let hits: Vec<usize> = match column.data_type() {
             DataType::Utf8 => {
                 let a = column.as_string::<i32>();
-                (0..n).filter(|&i| a.is_valid(i) && a.value(i) == UNAVAILABLE).collect()
+                (0..n)
+                    .filter(|&i| a.is_valid(i) && a.value(i) == UNAVAILABLE)
+                    .collect()
             }
             DataType::Binary => {
                 let a = column.as_binary::<i32>();

@@ -860,4 +860,3 @@ async fn files_written_before_the_key_column_existed_are_left_as_they_are() {
     };
     assert_eq!((value(0), value(1), value(2)), (3, 2, 1));
 }
-

@@ -103,7 +103,10 @@ async fn a_value_the_change_did_not_carry_keeps_what_the_key_had() {
                 0,
                 0,
                 2,
-                vec![changes(&[(1, "a", Some("long 1"), none), (2, "b", Some("long 2"), none)])],
+                vec![changes(&[
+                    (1, "a", Some("long 1"), none),
+                    (2, "b", Some("long 2"), none),
+                ])],
             ),
         )
         .await;
@@ -126,17 +129,24 @@ async fn a_value_the_change_did_not_carry_keeps_what_the_key_had() {
         let mut rows = Vec::new();
         for b in &out {
             assert!(b.column_by_name("_unchanged").is_none(), "never stored");
-            let id = b.column_by_name("id").unwrap().as_primitive::<arrow::datatypes::Int64Type>();
+            let id = b
+                .column_by_name("id")
+                .unwrap()
+                .as_primitive::<arrow::datatypes::Int64Type>();
             let name = b.column_by_name("name").unwrap();
             let name = arrow::compute::cast(name, &DataType::Utf8).unwrap();
             let bio = b.column_by_name("bio").unwrap();
             let bio = arrow::compute::cast(bio, &DataType::Utf8).unwrap();
             for i in 0..b.num_rows() {
-                let text = |a: &ArrayRef| a.is_valid(i).then(|| a.as_string::<i32>().value(i).to_string());
+                let text = |a: &ArrayRef| {
+                    a.is_valid(i)
+                        .then(|| a.as_string::<i32>().value(i).to_string())
+                };
                 rows.push((id.value(i), text(&name), text(&bio)));
             }
         }
-        let row = |id, name: &str, bio: Option<&str>| (id, Some(name.to_string()), bio.map(String::from));
+        let row =
+            |id, name: &str, bio: Option<&str>| (id, Some(name.to_string()), bio.map(String::from));
         assert_eq!(
             rows,
             [

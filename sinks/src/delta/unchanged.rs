@@ -34,7 +34,11 @@ fn names(list: &GenericListArray<i32>, i: usize) -> Vec<String> {
         return Vec::new();
     }
     let v = list.value(i);
-    v.as_string::<i32>().iter().flatten().map(String::from).collect()
+    v.as_string::<i32>()
+        .iter()
+        .flatten()
+        .map(String::from)
+        .collect()
 }
 
 fn unchanged<'a>(config: &UpsertConfig, b: &'a RecordBatch) -> Option<&'a GenericListArray<i32>> {
@@ -238,14 +242,21 @@ pub(crate) async fn fill_from_table(
             .map(|k| cast(stored.column(k), batch.column(key_idx[k]).data_type()))
             .collect::<Result<Vec<_>, _>>()?,
     )?;
-    let by_key: HashMap<_, usize> = stored_keys.iter().enumerate().map(|(j, r)| (r, j)).collect();
+    let by_key: HashMap<_, usize> = stored_keys
+        .iter()
+        .enumerate()
+        .map(|(j, r)| (r, j))
+        .collect();
     let schema = batch.schema();
     let mut columns = batch.columns().to_vec();
     for (n, name) in needed.iter().enumerate() {
         let Ok(c) = schema.index_of(name) else {
             continue;
         };
-        let from = cast(stored.column(key_idx.len() + n), batch.column(c).data_type())?;
+        let from = cast(
+            stored.column(key_idx.len() + n),
+            batch.column(c).data_type(),
+        )?;
         let mut indices: Vec<(usize, usize)> = (0..batch.num_rows()).map(|o| (0, o)).collect();
         let mut any = false;
         for &i in &wanted {

@@ -150,8 +150,9 @@ impl Changes {
         };
         let rows = match history.is_empty() {
             true => rows,
-            false => super::unchanged::coalesce(config, rows, &batches, &keep, &history)
-                .map_err(bad)?,
+            false => {
+                super::unchanged::coalesce(config, rows, &batches, &keep, &history).map_err(bad)?
+            }
         };
         Ok(Self {
             rows,
