@@ -60,8 +60,8 @@ listen_addresses = '127.0.0.1'
 port = $pg_port
 unix_socket_directories = '$DIR/pg'
 wal_level = logical
-max_wal_senders = 10
-max_replication_slots = 10
+max_wal_senders = 40
+max_replication_slots = 40
 fsync = off
 EOF
   runuser -u postgres -- "$bin/pg_ctl" -D "$DIR/pg/data" -l "$DIR/pg/postgres.log" -w start >/dev/null

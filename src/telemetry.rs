@@ -225,7 +225,7 @@ pub fn render(p: &Progress) -> String {
             );
         }
     }
-    let _ = writeln!(out, "# HELP lakesink_skipped_total Undecodable records skipped (errors = \"skip\"), by reason.\n# TYPE lakesink_skipped_total counter");
+    let _ = writeln!(out, "# HELP lakesink_skipped_total Records skipped, by reason: undecodable ones under errors = \"skip\" (their error class), and by rule: Debezium records that are not row changes (not-a-row-change), truncates in append tables (truncate).\n# TYPE lakesink_skipped_total counter");
     for ((sink, class, what), n) in &rejected {
         if *what == "skip" {
             let _ = writeln!(

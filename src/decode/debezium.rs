@@ -492,6 +492,11 @@ mod tests {
 
     /// Unwraps envelopes decoded by arrow-json, as the JSON Debezium format does.
     fn unwrap_json(lines: &[&str]) -> RecordBatch {
+        unwrap(&unwrap_json_raw(lines), &HashMap::new()).unwrap()
+    }
+
+    /// Envelopes decoded by arrow-json.
+    fn unwrap_json_raw(lines: &[&str]) -> RecordBatch {
         let row = DataType::Struct(
             vec![
                 Field::new("id", DataType::Int64, true),
@@ -510,7 +515,7 @@ mod tests {
         for l in lines {
             d.decode(l.as_bytes()).unwrap();
         }
-        unwrap(&d.flush().unwrap().unwrap(), &HashMap::new()).unwrap()
+        d.flush().unwrap().unwrap()
     }
 
     fn rows(b: &RecordBatch) -> Vec<(Option<i64>, Option<String>, bool)> {
@@ -549,5 +554,62 @@ mod tests {
             vec![row(3, "c", true), row(3, "c", true)],
             "deletes only: the before images"
         );
+    }
+
+    #[test]
+    fn records_that_are_not_row_changes_are_counted_out() {
+        let envelope = unwrap_json_raw(&[
+            r#"{"before":null,"after":{"id":1,"name":"a"},"op":"c"}"#,
+            r#"{"op":"m"}"#,
+            r#"{"before":null,"after":null,"op":"t"}"#,
+            r#"{}"#,
+        ]);
+        let (rows, skipped) = row_changes(envelope).unwrap();
+        assert_eq!(skipped, 2, "the message and the heartbeat");
+        let rows = unwrap(&rows.unwrap(), &HashMap::new()).unwrap();
+        let ops = rows.column_by_name("_op").unwrap().as_string::<i32>();
+        assert_eq!(ops.iter().collect::<Vec<_>>(), [Some("c"), Some("t")]);
+        // A batch of heartbeats only (no `op` field at all).
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "ts_ms",
+            DataType::Int64,
+            true,
+        )]));
+        let heartbeats = RecordBatch::try_new(
+            schema,
+            vec![Arc::new(arrow::array::Int64Array::from(vec![1, 2]))],
+        )
+        .unwrap();
+        let (rows, skipped) = row_changes(heartbeats).unwrap();
+        assert!(rows.is_none());
+        assert_eq!(skipped, 2);
+    }
+
+    #[test]
+    fn unavailable_values_are_nulled_and_named() {
+        let rows = unwrap(
+            &unwrap_json_raw(&[
+                r#"{"before":null,"after":{"id":1,"name":"__debezium_unavailable_value"},"op":"u"}"#,
+                r#"{"before":null,"after":{"id":2,"name":"b"},"op":"u"}"#,
+            ]),
+            &HashMap::new(),
+        )
+        .unwrap();
+        let marked = mark_unavailable(rows).unwrap();
+        let name = marked.column_by_name("name").unwrap();
+        assert!(name.is_null(0) && name.is_valid(1));
+        let unchanged = marked
+            .column_by_name(UNCHANGED_COLUMN)
+            .unwrap()
+            .as_list::<i32>();
+        assert_eq!(
+            unchanged
+                .value(0)
+                .as_string::<i32>()
+                .iter()
+                .collect::<Vec<_>>(),
+            [Some("name")]
+        );
+        assert!(unchanged.is_null(1));
     }
 }

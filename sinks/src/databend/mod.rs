@@ -557,7 +557,12 @@ impl Sink for DatabendSink {
             .collect::<Result<Vec<_>>>()?;
         if let Some(u) = &self.config.upsert {
             let changes = Changes::build(u, &target, batches, &flush.tp)?;
-            batches = vec![changes.rows];
+            let mut rows = changes.rows;
+            if unchanged.is_some() {
+                rows = sql::required_last_list(&rows).map_err(|r| self.schema_err(&table, r))?;
+                target = rows.schema();
+            }
+            batches = vec![rows];
         }
         let truncate = flush.truncate && self.config.upsert.is_some();
         self.ensure_table(&table, &table_schema).await?;

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 /// A quoted identifier: `"name"` with `"` doubled.
@@ -154,6 +155,35 @@ pub fn column_def(f: &Field) -> Result<String, String> {
         ident(f.name()),
         nullable_type(f).map_err(|e| format!("column `{}`: {e}", f.name()))?
     ))
+}
+
+/// `batch` with its last column (a list of names, null for none) as a list that is never null
+/// and holds no null: Databend's `contains` takes no nullable array.
+pub fn required_last_list(batch: &RecordBatch) -> Result<RecordBatch, String> {
+    use arrow::array::{Array, AsArray, ListBuilder, StringBuilder};
+    let last = batch.num_columns() - 1;
+    let list = batch.column(last).as_list::<i32>();
+    let mut out = ListBuilder::new(StringBuilder::new()).with_field(Arc::new(Field::new(
+        "item",
+        DataType::Utf8,
+        false,
+    )));
+    for i in 0..list.len() {
+        if list.is_valid(i) {
+            let v = list.value(i);
+            for name in v.as_string::<i32>().iter().flatten() {
+                out.values().append_value(name);
+            }
+        }
+        out.append(true);
+    }
+    let out = out.finish();
+    let schema = batch.schema();
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields[last] = Field::new(schema.field(last).name(), out.data_type().clone(), false);
+    let mut columns = batch.columns().to_vec();
+    columns[last] = Arc::new(out);
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
