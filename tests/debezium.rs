@@ -355,3 +355,165 @@ async fn debezium_json_with_connect_envelope_is_unwrapped() {
         assert_eq!(r["_source_file"], "mysql-bin.000004");
     }
 }
+
+/// Heartbeats, schema-change events, logical-decoding messages and truncates are not row
+/// changes: in the table topic they must never stop a sink. An upsert table applies the
+/// truncate; an append table skips it; both skip and count the rest.
+#[tokio::test]
+async fn records_that_are_not_row_changes_never_stop_a_sink() {
+    let topic = unique("dbserver1.inventory.customers-misc");
+    create_topic(&topic, 1).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let source = |pos: i64| {
+        serde_json::json!({"connector": "mysql", "ts_ms": 1_790_000_000_000i64 + pos,
+                           "db": "inventory", "table": "customers", "file": "mysql-bin.000004",
+                           "pos": pos * 10})
+    };
+    let image = |id: i64, v: i64| serde_json::json!({"id": id, "name": format!("c{id}v{v}")});
+    let change = |op: &str, id: i64, v: i64, pos: i64| {
+        serde_json::json!({"before": null, "after": image(id, v), "source": source(pos),
+                           "op": op, "ts_ms": 1_790_000_000_500i64 + pos})
+    };
+    let mut values: Vec<(Option<String>, serde_json::Value)> = Vec::new();
+    for id in 1..=10 {
+        values.push((Some(id.to_string()), change("c", id, 0, id)));
+    }
+    // A heartbeat, a schema-change event, a logical-decoding message, then a truncate.
+    values.push((None, serde_json::json!({"ts_ms": 1_790_000_001_000i64})));
+    values.push((
+        None,
+        serde_json::json!({"source": source(11), "databaseName": "inventory",
+                           "ddl": "ALTER TABLE customers ADD COLUMN x INT", "tableChanges": []}),
+    ));
+    values.push((
+        None,
+        serde_json::json!({"op": "m", "ts_ms": 1_790_000_001_200i64, "source": source(12),
+                           "message": {"prefix": "audit", "content": "aGVsbG8="}}),
+    ));
+    values.push((
+        None,
+        serde_json::json!({"before": null, "after": null, "source": source(13), "op": "t",
+                           "ts_ms": 1_790_000_001_300i64}),
+    ));
+    for id in 20..=25 {
+        values.push((Some(id.to_string()), change("c", id, 0, id)));
+    }
+    values.push((Some("21".into()), change("u", 21, 1, 30)));
+    for (key, value) in &values {
+        let payload = value.to_string();
+        let mut rec = FutureRecord::<String, String>::to(&topic)
+            .partition(0)
+            .payload(&payload);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        producer
+            .send(rec, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    }
+
+    let upserts = Store::local("customers");
+    let appends = Store::local("changelog");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let common = r#"format = "debezium-json"
+schema = { id = "long", name = "string" }
+flush = { max_rows = 1000, max_latency = "1s" }"#;
+    let cfg = format!(
+        r#"
+[kafka]
+bootstrap_servers = "{kafka}"
+group_id = "{group}"
+properties = {{ {membership} }}
+
+[http]
+listen = "127.0.0.1:{port}"
+
+[[sink]]
+name = "upserts"
+topics = ["{topic}"]
+kind = "delta"
+table = "{upserts}"
+mode = "upsert"
+key = ["id"]
+{common}
+
+[[sink]]
+name = "changelog"
+topics = ["{topic}"]
+table = "{appends}"
+{common}
+"#,
+        kafka = kafka(),
+        group = unique("g"),
+        membership = group_properties(),
+        upserts = upserts.url,
+        appends = appends.url,
+    );
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    // Every change but the truncate is a row of the changelog.
+    wait_rows(&appends, &topic, 17, &mut proc_, Duration::from_secs(120)).await;
+    let metrics = || async {
+        reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let start = std::time::Instant::now();
+    let ids = loop {
+        let t = upserts.read_delta(&[]);
+        let mut ids: Vec<(i64, String)> = t["rows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                (
+                    r["id"].as_i64().unwrap(),
+                    r["name"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        ids.sort();
+        if ids.len() == 6 || start.elapsed() > Duration::from_secs(60) {
+            break ids;
+        }
+        if let Some(s) = proc_.child.try_wait().unwrap() {
+            panic!("lakesink exited ({s}):\n{}", proc_.log());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let want: Vec<(i64, String)> = (20..=25)
+        .map(|id| (id, format!("c{id}v{}", i64::from(id == 21))))
+        .collect();
+    assert_eq!(ids, want, "the truncate emptied the table before 20..25");
+    let text = metrics().await;
+    for (sink, reason, n) in [
+        ("upserts", "not-a-row-change", 3),
+        ("changelog", "not-a-row-change", 3),
+        ("changelog", "truncate", 1),
+    ] {
+        let line = format!("lakesink_skipped_total{{sink=\"{sink}\",reason=\"{reason}\"}} {n}");
+        assert!(text.contains(&line), "no `{line}` in\n{text}");
+    }
+    let changelog = appends.read();
+    let rows = changelog["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 17);
+    assert!(
+        rows.iter().all(|r| !r["id"].is_null()),
+        "no all-null rows: {rows:?}"
+    );
+    let log = proc_.stop();
+    assert!(
+        !log.lines().any(|l| l.contains("ERROR lakesink")),
+        "the sinks never failed:\n{log}"
+    );
+}
