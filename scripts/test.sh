@@ -26,21 +26,27 @@ if ! command -v make >/dev/null 2>&1; then
   log "installing make (jemalloc's C build, the binary's allocator)"
   apt-get install -y -qq make >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq make; }
 fi
-if ! cargo nextest --version >/dev/null 2>&1; then
-  log "installing cargo-nextest"
-  cargo install --locked cargo-nextest >/dev/null 2>&1 || true
-fi
-
-# ---- install and start the services (scripts/services.sh), stop them on exit -------------
+# ---- install and start the services (scripts/services.sh) in the background, stop on exit --
+# On a machine with nothing cached, installing them (Maven, the Go build, pip, npm: mostly
+# downloads) overlaps the Rust build below instead of adding to it.
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/lakesink-test.XXXXXX")
+SERVICES_PID=
 cleanup() {
+  if [ -n "$SERVICES_PID" ]; then wait "$SERVICES_PID" 2>/dev/null || true; fi
   bash "$ROOT/scripts/services.sh" stop "$RUN" || true
   if [ "${KEEP_TEST_DIR:-0}" != 1 ]; then rm -rf "$RUN"; fi
 }
 trap cleanup EXIT
-bash "$ROOT/scripts/services.sh" start "$RUN"
-# shellcheck disable=SC1091
-source "$RUN/env"
+log "installing and starting the services (log: $RUN/services.log)"
+bash "$ROOT/scripts/services.sh" start "$RUN" >"$RUN/services.log" 2>&1 &
+SERVICES_PID=$!
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest"
+  # Without its self-update feature: a smaller build, and it never updates itself anyway here.
+  cargo install --locked cargo-nextest --no-default-features --features default-no-update \
+    >/dev/null 2>&1 || true
+fi
 
 # ---- checks and tests ----------------------------------------------------------------------
 cd "$ROOT"
@@ -48,6 +54,24 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+log "building the tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-run "$@"
+else
+  cargo test --workspace --no-run "$@"
+fi
+log "waiting for the services"
+if ! wait "$SERVICES_PID"; then
+  SERVICES_PID=
+  cat "$RUN/services.log" >&2
+  echo "the services did not start (their log is above)" >&2
+  exit 1
+fi
+SERVICES_PID=
+tail -n 20 "$RUN/services.log" >&2
+# shellcheck disable=SC1091
+source "$RUN/env"
+
 log "tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast --test-threads 4 -E 'not binary(chaos)' "$@"

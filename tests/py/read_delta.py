@@ -117,3 +117,7 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # deltalake's native threads can abort the interpreter's teardown ("terminate called
+    # without an active exception", delta-io/delta-rs#2184) after the output is complete.
+    sys.stdout.flush()
+    os._exit(0)
