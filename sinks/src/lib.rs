@@ -13,12 +13,17 @@
 //!
 //! [`RecordBatch`]: arrow::record_batch::RecordBatch
 
+pub mod crash;
 pub mod databend;
 pub mod delta;
+pub mod encode;
 pub mod error;
+pub mod fence;
 pub mod parquet;
 pub mod partition;
+pub mod schema;
 pub mod store;
+pub mod upsert;
 
 use std::fmt;
 use std::sync::Arc;

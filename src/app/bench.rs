@@ -1043,7 +1043,7 @@ pub async fn isolate(records: u64, format: &str) -> anyhow::Result<()> {
 /// compression), then one column at a time with the sinks' settings. On the calling thread.
 fn encode_breakdown(batches: &[RecordBatch], records: u64) -> anyhow::Result<()> {
     use parquet::file::properties::EnabledStatistics;
-    use sinks::parquet::{writer_properties, writer_properties_for, Compression};
+    use sinks::encode::{writer_properties, writer_properties_for, Compression};
     let Some(first) = batches.first() else {
         return Ok(());
     };
@@ -1233,8 +1233,8 @@ async fn measure_alone(records: u64, format: &str) -> anyhow::Result<Alone> {
             let (decode_wall, decode_cpu) =
                 (wall.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu);
             let (wall, cpu) = (Instant::now(), thread_cpu_seconds());
-            let props = sinks::parquet::writer_properties_for(
-                sinks::parquet::Compression::Snappy,
+            let props = sinks::encode::writer_properties_for(
+                sinks::encode::Compression::Snappy,
                 1 << 20,
                 &out[0],
             );

@@ -14,10 +14,10 @@ use anyhow::{anyhow, Context as _};
 
 use schema_registry::{RegistryClient, RegistryConfig};
 use sinks::databend::{DatabendSink, DatabendSinkConfig};
-use sinks::delta::upsert::UpsertConfig;
 use sinks::delta::{DeltaSink, DeltaSinkConfig};
 use sinks::parquet::{ParquetSink, ParquetSinkConfig};
 use sinks::store::TableStore;
+use sinks::upsert::UpsertConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -60,7 +60,7 @@ pub fn registry_client(cfg: &ValidatedConfig) -> anyhow::Result<RegistryClient> 
 /// `point` (`after_stage`, `after_marker`, `mid_publish`), print `CRASHPOINT <point>` and freeze
 /// so the crash-safety tests can SIGKILL the process exactly there. Test-only; unset in
 /// production.
-fn crash_hook_from_env() -> Option<sinks::parquet::CrashHook> {
+fn crash_hook_from_env() -> Option<sinks::crash::CrashHook> {
     let spec = std::env::var("LAKESINK_TEST_CRASHPOINT").ok()?;
     let (point, n) = spec.split_once(':').unwrap_or((spec.as_str(), "1"));
     let point = point.to_string();

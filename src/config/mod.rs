@@ -22,7 +22,7 @@ use serde::Deserialize;
 pub use secret::{is_secret_key, Secret};
 pub use units::{parse_bytes, parse_duration};
 
-use sinks::parquet::Compression;
+use sinks::encode::Compression;
 use sinks::partition::PartitionSpec;
 
 /// A configuration problem, naming the key and the fix.

@@ -34,8 +34,9 @@ use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use tracing::{debug, info, warn};
 
-use crate::delta::upsert::{Changes, UpsertConfig};
-use crate::parquet::{Compression, CrashHook};
+use crate::crash::CrashHook;
+use crate::encode::Compression;
+use crate::upsert::{Changes, UpsertConfig};
 use crate::{
     CommitOutcome, CommitStats, Error, Flush, Offset, Result, Sink, Staged, TopicPartition,
 };
@@ -465,7 +466,7 @@ fn encode(
     schema: &SchemaRef,
     compression: Compression,
 ) -> std::result::Result<Bytes, String> {
-    let props = crate::parquet::writer::writer_properties(compression, 1 << 20);
+    let props = crate::encode::writer_properties(compression, 1 << 20);
     let file_schema: SchemaRef = std::sync::Arc::new(Schema::new(
         schema
             .fields()
@@ -527,9 +528,7 @@ impl Sink for DatabendSink {
             let s = sql::storable_schema(&b.schema());
             target = Some(match target {
                 None => s,
-                Some(t) => {
-                    crate::delta::merge_schema(&t, &s).map_err(|r| self.schema_err(&table, r))?
-                }
+                Some(t) => crate::schema::merge(&t, &s).map_err(|r| self.schema_err(&table, r))?,
             });
         }
         let mut target = target.expect("non-empty");
@@ -552,7 +551,7 @@ impl Sink for DatabendSink {
             .batches
             .iter()
             .map(|b| {
-                crate::delta::conform_batch(b, &target).map_err(|r| self.schema_err(&table, r))
+                crate::schema::conform_batch(b, &target).map_err(|r| self.schema_err(&table, r))
             })
             .collect::<Result<Vec<_>>>()?;
         if let Some(u) = &self.config.upsert {
@@ -621,12 +620,8 @@ impl Sink for DatabendSink {
         self.run(&mut s, "begin", "BEGIN").await?;
         let outcome = async {
             let current = self.ledger_position(&mut s, tp).await?;
-            match current {
-                Some(pos) if pos == staged.next && staged.start != staged.next => {
-                    return Ok(Some(CommitOutcome::AlreadyCommitted { next: pos }))
-                }
-                Some(pos) if pos != staged.start => return Ok(Some(CommitOutcome::Fenced { next: pos })),
-                _ => {}
+            if let Some(done) = crate::fence::decide(current, staged.start, staged.next) {
+                return Ok(Some(done));
             }
             self.apply(&mut s, d).await?;
             let ledger = format!("{}.{}", self.db(), ident(LEDGER));

@@ -58,7 +58,8 @@ use url::Url;
 
 pub use schema::{conform_batch, delta_schema, merge as merge_schema};
 
-use crate::parquet::{Compression, CrashHook};
+use crate::crash::CrashHook;
+use crate::encode::Compression;
 use crate::partition::{self, PartitionSpec};
 use crate::store::redact_url;
 use crate::{
@@ -82,7 +83,7 @@ pub struct DeltaSinkConfig {
     /// Commit attempts before a commit that keeps losing races fails (retryable).
     pub commit_attempts: u32,
     /// `mode = "upsert"`: merge on these key columns instead of appending.
-    pub upsert: Option<upsert::UpsertConfig>,
+    pub upsert: Option<crate::upsert::UpsertConfig>,
     /// Upserts: the most change rows one grouped MERGE carries (the flush size, so a group
     /// never joins more than one full flush would).
     pub group_rows: usize,
@@ -113,7 +114,7 @@ pub struct DeltaStaged {
     pub schema: Option<SchemaRef>,
     /// Upsert mode: the batch's rows, deduplicated to the last change per key, applied by a
     /// MERGE at commit time.
-    pub changes: Option<Arc<upsert::Changes>>,
+    pub changes: Option<Arc<crate::upsert::Changes>>,
 }
 
 /// A Delta table written with the txn-action protocol described in the module docs.
@@ -441,12 +442,12 @@ impl DeltaSink {
         )
         .map_err(|e| self.err("open writer", e))?
         .with_writer_properties(match batches.first() {
-            Some(sample) => crate::parquet::writer::writer_properties_for(
+            Some(sample) => crate::encode::writer_properties_for(
                 self.config.compression,
                 self.config.row_group_rows,
                 sample,
             ),
-            None => crate::parquet::writer::writer_properties(
+            None => crate::encode::writer_properties(
                 self.config.compression,
                 self.config.row_group_rows,
             ),
@@ -722,15 +723,12 @@ impl DeltaSink {
         for p in members {
             let (start, next) = (p.staged.start, p.staged.next);
             match self.txn_position(table, &p.staged.tp).await {
-                Ok(Some(pos)) if pos == next && start != next => {
-                    let outcome = CommitOutcome::AlreadyCommitted { next: pos };
-                    let _ = p.reply.send(GroupReply::Done(outcome));
-                }
-                Ok(Some(pos)) if pos != start => {
-                    let outcome = CommitOutcome::Fenced { next: pos };
-                    let _ = p.reply.send(GroupReply::Done(outcome));
-                }
-                Ok(_) => carried.push(p),
+                Ok(recorded) => match crate::fence::decide(recorded, start, next) {
+                    Some(outcome) => {
+                        let _ = p.reply.send(GroupReply::Done(outcome));
+                    }
+                    None => carried.push(p),
+                },
                 Err(_) => unread.push(p),
             }
         }
@@ -760,12 +758,9 @@ impl DeltaSink {
                 self.create(slot, schema).await?;
             }
             let table = slot.as_ref().expect("table loaded");
-            match self.txn_position(table, tp).await? {
-                Some(pos) if pos == staged.next && staged.start != staged.next => {
-                    return Ok(CommitOutcome::AlreadyCommitted { next: pos })
-                }
-                Some(pos) if pos != staged.start => return Ok(CommitOutcome::Fenced { next: pos }),
-                _ => {}
+            let recorded = self.txn_position(table, tp).await?;
+            if let Some(done) = crate::fence::decide(recorded, staged.start, staged.next) {
+                return Ok(done);
             }
             let snapshot = table.snapshot().map_err(|e| self.err("snapshot", e))?;
             let mut all = Vec::with_capacity(actions.len() + 1);
@@ -1059,7 +1054,7 @@ impl Sink for DeltaSink {
             return Ok(staged);
         };
         if let Some(upsert) = &self.config.upsert {
-            let mut changes = upsert::Changes::build(upsert, &schema, batches, &flush.tp)?;
+            let mut changes = crate::upsert::Changes::build(upsert, &schema, batches, &flush.tp)?;
             changes.truncate = flush.truncate;
             if let Some(d) = staged.delta.as_mut() {
                 d.changes = Some(Arc::new(changes));
@@ -1181,7 +1176,7 @@ impl DeltaSink {
         let (table, metrics) = table
             .optimize()
             .with_target_size(std::num::NonZeroU64::new(target_file_size.max(1)).expect("non-zero"))
-            .with_writer_properties(crate::parquet::writer::writer_properties(
+            .with_writer_properties(crate::encode::writer_properties(
                 self.config.compression,
                 self.config.row_group_rows,
             ))

@@ -62,8 +62,8 @@ use parquet::arrow::ProjectionMask;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use tracing::info;
 
-use super::upsert::UpsertConfig;
 use super::{schema, DeltaSink, PartitionValues};
+use crate::upsert::UpsertConfig;
 use crate::TopicPartition;
 
 /// Files whose footers and key columns are read at the same time.
@@ -330,7 +330,7 @@ pub(super) async fn upsert(
     // As appends do: no dictionary for the columns whose values are mostly distinct in the
     // changes (an order id, an offset), which would otherwise be hashed into a dictionary as
     // large as the data while the file is open.
-    .with_writer_properties(crate::parquet::writer::writer_properties_for(
+    .with_writer_properties(crate::encode::writer_properties_for(
         sink.config.compression,
         sink.config.row_group_rows,
         &batches[0],

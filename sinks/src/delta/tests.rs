@@ -7,8 +7,8 @@ use arrow::array::{BooleanArray, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use deltalake::datafusion::prelude::SessionContext;
 
-use super::upsert::UpsertConfig;
 use super::*;
+use crate::upsert::UpsertConfig;
 
 pub(super) fn sink(dir: &std::path::Path, config: DeltaSinkConfig) -> DeltaSink {
     let url = Url::from_directory_path(dir).unwrap();

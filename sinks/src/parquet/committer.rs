@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::config::ParquetSinkConfig;
 use super::writer::{encode, StagedFile};
+use crate::crash::CrashHook;
 use crate::store::TableStore;
 use crate::{
     CommitOutcome, CommitStats, Error, Flush, Offset, Result, Sink, Staged, TopicPartition,
@@ -46,10 +47,6 @@ struct Hint {
     marker_start: i64,
     next: i64,
 }
-
-/// Called at named points of the commit protocol (`after_stage`, `after_marker`,
-/// `mid_publish`); the crash-safety tests use it to SIGKILL the process at exactly that point.
-pub type CrashHook = std::sync::Arc<dyn Fn(&'static str) + Send + Sync>;
 
 /// A Parquet table with the marker commit protocol.
 pub struct ParquetSink {

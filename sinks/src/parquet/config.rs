@@ -1,33 +1,7 @@
 //! Settings of a Parquet table sink, already validated by the service's config layer.
 
+use crate::encode::Compression;
 use crate::partition::PartitionSpec;
-
-/// Parquet column compression.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Compression {
-    None,
-    #[default]
-    Snappy,
-    Zstd,
-    Lz4,
-}
-
-impl std::str::FromStr for Compression {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s.to_ascii_lowercase().as_str() {
-            "none" | "uncompressed" => Compression::None,
-            "snappy" => Compression::Snappy,
-            "zstd" => Compression::Zstd,
-            "lz4" => Compression::Lz4,
-            _ => {
-                return Err(format!(
-                    "unknown compression `{s}`; use none, snappy, zstd or lz4"
-                ))
-            }
-        })
-    }
-}
 
 /// How a Parquet sink lays out and names what it writes.
 #[derive(Debug, Clone)]

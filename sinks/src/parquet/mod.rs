@@ -30,10 +30,9 @@
 mod committer;
 mod config;
 pub(crate) mod writer;
-pub use writer::{writer_properties, writer_properties_for};
 
-pub use committer::{CrashHook, Marker, MarkerFile, ParquetSink};
-pub use config::{Compression, ParquetSinkConfig};
+pub use committer::{Marker, MarkerFile, ParquetSink};
+pub use config::ParquetSinkConfig;
 pub use writer::StagedFile;
 
 #[cfg(test)]
