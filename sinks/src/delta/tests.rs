@@ -3,9 +3,11 @@
 
 use std::sync::Arc;
 
+use arrow::array::ArrayRef;
 use arrow::array::{BooleanArray, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use deltalake::datafusion::prelude::SessionContext;
+use deltalake::DeltaTableBuilder;
 
 use super::*;
 use crate::upsert::UpsertConfig;

@@ -1,0 +1,67 @@
+//! `lakesink maintain` for Delta tables: compaction, checkpoint and vacuum on demand.
+
+use std::time::Duration;
+
+use crate::Result;
+
+use super::*;
+
+/// What `lakesink maintain` did to one table.
+#[derive(Debug, Clone, Default)]
+pub struct MaintainReport {
+    pub version_before: Option<u64>,
+    pub version_after: Option<u64>,
+    pub files_compacted: u64,
+    pub files_written: u64,
+    pub files_vacuumed: usize,
+    pub checkpoint: bool,
+}
+
+impl DeltaSink {
+    /// Compacts small files (OPTIMIZE, bin-packing towards `target_file_size`), removes data
+    /// files unreferenced for longer than `retention` (VACUUM FULL: tombstoned files and orphans
+    /// of crashed flushes), and writes a checkpoint. Safe while writers run: compaction only
+    /// rewrites data, never txn positions, and conflicts like any other commit.
+    pub async fn maintain(
+        &self,
+        target_file_size: u64,
+        retention: Duration,
+    ) -> Result<MaintainReport> {
+        let mut slot = self.table.lock().await;
+        if !self.refresh(&mut slot).await? {
+            return Ok(MaintainReport::default());
+        }
+        let table = slot.take().expect("table loaded");
+        let mut report = MaintainReport {
+            version_before: table.version(),
+            ..Default::default()
+        };
+        let (table, metrics) = table
+            .optimize()
+            .with_target_size(std::num::NonZeroU64::new(target_file_size.max(1)).expect("non-zero"))
+            .with_writer_properties(crate::encode::writer_properties(
+                self.config.compression,
+                self.config.row_group_rows,
+            ))
+            .await
+            .map_err(|e| self.err("compact", e))?;
+        report.files_compacted = metrics.num_files_removed;
+        report.files_written = metrics.num_files_added;
+        let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        let (table, vacuum) = table
+            .vacuum()
+            .with_retention_period(retention)
+            .with_enforce_retention_duration(false)
+            .with_mode(deltalake::operations::vacuum::VacuumMode::Full)
+            .await
+            .map_err(|e| self.err("vacuum", e))?;
+        report.files_vacuumed = vacuum.files_deleted.len();
+        deltalake::checkpoints::create_checkpoint(&table, None)
+            .await
+            .map_err(|e| self.err("checkpoint", e))?;
+        report.checkpoint = true;
+        report.version_after = table.version();
+        *slot = Some(table);
+        Ok(report)
+    }
+}

@@ -1,0 +1,251 @@
+//! Staging: a flush's batches in the table's form (partition columns added, schema merged and
+//! conformed), written as data files the log does not reference yet.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, RecordBatch, UInt32Array};
+use arrow::compute::take_record_batch;
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use deltalake::kernel::scalars::ScalarExt;
+use deltalake::kernel::Add;
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use indexmap::IndexMap;
+
+pub use schema::{conform_batch, delta_schema};
+
+use crate::partition::{self, PartitionSpec};
+use crate::{Error, Flush, Result, TopicPartition};
+
+use super::*;
+
+impl DeltaSink {
+    /// The Delta form of a flush's rows: derived partition columns added, conformed to the
+    /// table schema merged with the data's.
+    pub(super) fn prepare(&self, flush: &Flush) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let mut batches = Vec::with_capacity(flush.batches.len());
+        for b in &flush.batches {
+            batches.push(with_partition_columns(
+                b,
+                &self.config.partition_by,
+                &flush.tp,
+            )?);
+        }
+        let known = self.known_schema.lock().expect("poisoned").clone();
+        let mut target: Option<SchemaRef> = known;
+        for b in &batches {
+            let data = delta_schema(&b.schema()).map_err(|r| self.schema_err(&flush.tp, r))?;
+            target = Some(match target {
+                None => data,
+                Some(t) => schema::merge(&t, &data).map_err(|r| self.schema_err(&flush.tp, r))?,
+            });
+        }
+        let target = match target {
+            Some(t) => t,
+            None => return Ok((Arc::new(Schema::empty()), Vec::new())),
+        };
+        let conformed = batches
+            .iter()
+            .map(|b| conform_batch(b, &target).map_err(|r| self.schema_err(&flush.tp, r)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((target, conformed))
+    }
+
+    /// `schema` without the columns that are never stored (an upsert's unchanged-values list).
+    pub(super) fn table_schema(&self, schema: &SchemaRef) -> SchemaRef {
+        let unchanged = self
+            .config
+            .upsert
+            .as_ref()
+            .and_then(|u| u.unchanged_column.as_ref());
+        match unchanged.and_then(|c| schema.index_of(c).ok()) {
+            None => schema.clone(),
+            Some(i) => {
+                let mut fields: Vec<_> = schema.fields().iter().cloned().collect();
+                fields.remove(i);
+                Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
+            }
+        }
+    }
+
+    /// Writes `batches` (conformed to `schema`) as data files, one per output partition.
+    pub(super) async fn write_files(
+        &self,
+        tp: &TopicPartition,
+        schema: &SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> Result<Vec<Add>> {
+        let partition_columns: Vec<String> = self
+            .config
+            .partition_by
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect();
+        let mut writer = RecordBatchWriter::try_new(
+            self.url.as_str(),
+            schema.clone(),
+            Some(partition_columns.clone()),
+            Some(self.options.clone()),
+        )
+        .map_err(|e| self.err("open writer", e))?
+        .with_writer_properties(match batches.first() {
+            Some(sample) => crate::encode::writer_properties_for(
+                self.config.compression,
+                self.config.row_group_rows,
+                sample,
+            ),
+            None => crate::encode::writer_properties(
+                self.config.compression,
+                self.config.row_group_rows,
+            ),
+        });
+        for batch in batches {
+            for (values, part) in split_by_partition(&batch, &partition_columns, tp)? {
+                writer
+                    .write_partition(part, &values, deltalake::writer::WriteMode::Default)
+                    .await
+                    .map_err(|e| self.err("write data file", e))?;
+            }
+        }
+        writer
+            .flush()
+            .await
+            .map_err(|e| self.err("write data file", e))
+    }
+}
+
+/// `batch` plus the derived partition columns (`day` as a date, `hour` as `YYYY-MM-DD-HH`).
+pub(super) fn with_partition_columns(
+    batch: &RecordBatch,
+    specs: &[PartitionSpec],
+    tp: &TopicPartition,
+) -> Result<RecordBatch> {
+    let mut fields: Vec<Arc<Field>> = batch.schema().fields().iter().cloned().collect();
+    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+    for spec in specs {
+        let value_err = |reason: String| Error::PartitionValue {
+            spec: format!("{spec:?}"),
+            tp: tp.clone(),
+            reason,
+        };
+        if matches!(spec, PartitionSpec::Field(_)) {
+            continue;
+        }
+        if batch.schema().field_with_name(spec.name()).is_ok() {
+            return Err(value_err(format!(
+                "the data already has a column `{}`; partition by it directly",
+                spec.name()
+            )));
+        }
+        let source = batch
+            .column_by_name(spec.column())
+            .ok_or_else(|| value_err(format!("no column `{}` in the data", spec.column())))?;
+        let (dt, array) = partition::derived_column(spec, source).map_err(value_err)?;
+        fields.push(Arc::new(Field::new(spec.name(), dt, true)));
+        columns.push(array);
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(|e| {
+        Error::PartitionValue {
+            spec: "partition_by".into(),
+            tp: tp.clone(),
+            reason: e.to_string(),
+        }
+    })
+}
+
+/// Splits `batch` by the values of its partition columns (kept in the batches; the writer
+/// strips them from the files).
+pub(super) fn split_by_partition(
+    batch: &RecordBatch,
+    columns: &[String],
+    tp: &TopicPartition,
+) -> Result<Vec<(PartitionValues, RecordBatch)>> {
+    if columns.is_empty() || batch.num_rows() == 0 {
+        return Ok(vec![(IndexMap::new(), batch.clone())]);
+    }
+    partition_rows(batch, columns, tp)?
+        .into_iter()
+        .map(|(values, rows)| {
+            let part = if rows.len() == batch.num_rows() {
+                batch.clone()
+            } else {
+                take_record_batch(batch, &UInt32Array::from(rows)).map_err(|e| {
+                    Error::PartitionValue {
+                        spec: columns.join(","),
+                        tp: tp.clone(),
+                        reason: e.to_string(),
+                    }
+                })?
+            };
+            Ok((values, part))
+        })
+        .collect()
+}
+
+/// The rows of `batch` in each partition, by the values of its partition columns (one group
+/// of every row when there are none), in the order of [`partition_key`].
+pub(super) fn partition_rows(
+    batch: &RecordBatch,
+    columns: &[String],
+    tp: &TopicPartition,
+) -> Result<Vec<(PartitionValues, Vec<u32>)>> {
+    let err = |reason: String| Error::PartitionValue {
+        spec: columns.join(","),
+        tp: tp.clone(),
+        reason,
+    };
+    let arrays: Vec<&ArrayRef> = columns
+        .iter()
+        .map(|c| {
+            batch
+                .column_by_name(c)
+                .ok_or_else(|| err(format!("no column `{c}`")))
+        })
+        .collect::<Result<_>>()?;
+    let values_of = |row: usize| -> Result<PartitionValues> {
+        let mut v = IndexMap::new();
+        for (name, a) in columns.iter().zip(&arrays) {
+            let scalar = delta_kernel::expressions::Scalar::from_array(a.as_ref(), row)
+                .ok_or_else(|| {
+                    err(format!(
+                        "column `{name}` of type {} cannot partition a Delta table",
+                        a.data_type()
+                    ))
+                })?;
+            v.insert(name.clone(), scalar);
+        }
+        Ok(v)
+    };
+    // Group on the row-encoded values, then serialize each group's values once.
+    let owned: Vec<ArrayRef> = arrays.iter().map(|a| (*a).clone()).collect();
+    let mut groups: BTreeMap<String, (PartitionValues, Vec<u32>)> = BTreeMap::new();
+    for rows in partition::group_rows(&owned, batch.num_rows()).map_err(err)? {
+        let values = values_of(rows[0] as usize)?;
+        match groups.entry(partition_key(&values)) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert((values, rows));
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                // Distinct row encodings that serialize alike (a float's -0 and 0).
+                let all = &mut o.get_mut().1;
+                all.extend(rows);
+                all.sort_unstable();
+            }
+        }
+    }
+    Ok(groups.into_values().collect())
+}
+
+/// A partition's identity: its values as the log writes them, in partition column order.
+pub(super) fn partition_key(values: &PartitionValues) -> String {
+    let mut key = String::new();
+    for v in values.values() {
+        match v {
+            // Apart from the string "null", which `serialize` gives it too.
+            delta_kernel::expressions::Scalar::Null(_) => key.push('\u{2}'),
+            v => key.push_str(&v.serialize()),
+        }
+        key.push('\u{1}');
+    }
+    key
+}
