@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The chaos harness (tests/chaos.rs) by hand, e.g. the long mode:
 #
-#   scripts/chaos.sh --minutes 30 --seed 7 [--target parquet_on_moto|parquet_on_azurite|parquet_on_gcs|delta_on_moto|databend|..._kip848]
+#   scripts/chaos.sh --minutes 30 --seed 7 [--target parquet_on_moto|parquet_on_azurite|parquet_on_gcs|delta_on_moto|delta_on_moto_kip848|databend|databend_kip848]
 #
 # Starts the real services (scripts/services.sh), runs the chosen targets one after another
 # (all by default) and prints each run's summary line; stops the services on exit. A run

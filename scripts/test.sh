@@ -43,8 +43,9 @@ SERVICES_PID=$!
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
-  # Without its self-update feature: a smaller build, and it never updates itself anyway here.
-  cargo install --locked cargo-nextest --no-default-features --features default-no-update \
+  # A debug build without its self-update feature: a third of the release build's time on a
+  # cold machine, and a test runner needs no optimisation.
+  cargo install --locked --debug cargo-nextest --no-default-features --features default-no-update \
     >/dev/null 2>&1 || true
 fi
 

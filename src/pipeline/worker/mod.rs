@@ -1,0 +1,489 @@
+//! The partition worker: decode, buffer, flush, stage, commit, for one (sink, partition).
+//!
+//! ```text
+//!  WorkerMsg::Record ─► skip if already handled ─► decoder ─► buffer (one schema)
+//!                                                           │ rows / bytes / latency /
+//!                                                           │ memory pressure / caught up
+//!                                                           ▼
+//!             flush task: Sink::stage ─► Sink::commit(start = position) ─► Event::Committed
+//!             (the worker decodes on)          │ Fenced at an earlier end
+//!                                              ▼
+//!                            drop buffer, Event::Resync, ignore input until Seeked
+//! ```
+//!
+//! Invariants:
+//! - At most one flush per worker is in flight. The next flush starts at its end, and only
+//!   after it is settled, so commits form a gap-free chain. Records read meanwhile wait in the
+//!   buffer; if the flush is fenced they are dropped and read again from the winner's end.
+//! - A drain settles the flush in flight and the final flush before it is acknowledged: a
+//!   revoked partition has no writer left in this process.
+//!
+//! Undecodable records wait in `dead_pending`; each flush writes them to the dead-letter topic
+//! (one fenced transaction, see `dead_letter`) before its table commit, after the flush before
+//! it has settled.
+
+mod chain;
+mod commit;
+mod rejects;
+
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, error, warn};
+
+use sinks::{CommitOutcome, TopicPartition};
+
+use super::{BufferBudget, Event, Progress, SinkRuntime, WorkerMsg};
+use crate::telemetry::SinkStats;
+use std::collections::HashMap;
+
+use crate::decode::debezium;
+use crate::decode::key::KeyDecoder;
+use crate::decode::{FormatDecoder, Record, Rejected};
+use chain::new_decoder;
+use commit::backoff;
+
+/// Everything a worker needs.
+pub struct WorkerCtx {
+    pub sink_index: usize,
+    pub runtime: Arc<SinkRuntime>,
+    pub tp: TopicPartition,
+    /// Committed position recovered from the sink, if any.
+    pub position: Option<i64>,
+    /// In catch-up mode: the partition's end offset at start; reaching it flushes at once.
+    pub end_offset: Option<i64>,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub budget: Arc<BufferBudget>,
+    pub progress: Arc<Progress>,
+    /// Rows per decoder batch (`source::decode_batch_rows`), at most `flush.max_rows`.
+    pub decode_rows: usize,
+}
+
+const RETRY_ATTEMPTS: u32 = 12;
+
+struct Worker {
+    ctx: WorkerCtx,
+    decoder: FormatDecoder,
+    buffer: Vec<RecordBatch>,
+    buffered_rows: usize,
+    buffered_bytes: usize,
+    first_at: Option<Instant>,
+    /// Highest offset handled since `position` (rows, tombstones).
+    last_offset: Option<i64>,
+    /// Waiting for the source to confirm a seek; input is stale until then.
+    resyncing: bool,
+    /// A fatal error happened: ignore input until drained.
+    dead: bool,
+    /// This sink's counters.
+    stats: Arc<SinkStats>,
+    /// Decodes keys into `_key`, when the sink asks for it.
+    keys: Option<KeyDecoder>,
+    /// Debezium semantic types of the current reader schema (by reader id).
+    semantics: Option<(u32, HashMap<String, debezium::Semantic>)>,
+    /// Records and payload bytes handled since the counters were last published.
+    counted_in: (u64, u64),
+    /// The oldest Kafka timestamp (ms) among the records the next commit covers.
+    oldest_ts_ms: Option<i64>,
+    /// Rejected records waiting for the next flush to write them to the dead-letter topic
+    /// (before the table commit), and their payload bytes.
+    dead_pending: Vec<Rejected>,
+    dead_pending_bytes: usize,
+    /// A source TRUNCATE was read since the last flush (upserts): the next commit empties the
+    /// table before applying what followed it.
+    truncate: bool,
+    /// This partition's fenced dead-letter writer, opened when the worker starts.
+    dead_session: Option<super::dead_letter::Session>,
+    dead_opening: Option<tokio::task::JoinHandle<Result<super::dead_letter::Session, String>>>,
+    /// The flush being staged and committed by its own task while this worker decodes on: at
+    /// most one, settled before the next flush starts (see [`InFlight`]).
+    in_flight: Option<InFlight>,
+}
+
+/// What a flush task returns: its commit's outcome, or what failed after its retries.
+type FlushResult = Result<CommitOutcome, (&'static str, u32, sinks::Error)>;
+
+/// A flush handed to its own task: stage, then commit `[start, next)`.
+///
+/// The worker decodes the records after `next` meanwhile, so a partition keeps taking records
+/// (and the poll thread is not held up by its full queue) while its file is encoded, uploaded and
+/// committed. Commits still form a chain: the next flush of the partition starts at `next` and
+/// starts only after this one is settled, so it is staged and committed after this commit.
+struct InFlight {
+    task: tokio::task::JoinHandle<FlushResult>,
+    start: i64,
+    next: i64,
+    rows: usize,
+    /// The oldest Kafka timestamp among the flush's records, for the freshness histogram.
+    oldest_ts_ms: Option<i64>,
+    started: std::time::Instant,
+}
+
+/// Dead letters waiting for a flush are written at most this many (or bytes) at a time.
+const DEAD_PENDING_MAX: usize = 2_000;
+const DEAD_PENDING_MAX_BYTES: usize = 16 << 20;
+
+/// Runs a worker until it is drained or its input closes.
+pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
+    let decoder = new_decoder(&ctx);
+    let mut w = Worker {
+        ctx,
+        decoder,
+        buffer: Vec::new(),
+        buffered_rows: 0,
+        buffered_bytes: 0,
+        first_at: None,
+        last_offset: None,
+        resyncing: false,
+        dead: false,
+        semantics: None,
+        truncate: false,
+        counted_in: (0, 0),
+        oldest_ts_ms: None,
+        stats: Arc::new(SinkStats::default()),
+        keys: None,
+        dead_pending: Vec::new(),
+        dead_pending_bytes: 0,
+        dead_session: None,
+        dead_opening: None,
+        in_flight: None,
+    };
+    if let Some(dlq) = w
+        .ctx
+        .runtime
+        .dead_letters
+        .as_ref()
+        .filter(|d| d.exactly_once())
+    {
+        // Fences the partition's earlier dead-letter writers now, not at the first dead letter.
+        w.dead_opening = Some(dlq.open(&w.ctx.runtime.config.name, &w.ctx.tp));
+    }
+    w.keys = w
+        .ctx
+        .runtime
+        .config
+        .key_format
+        .clone()
+        .map(|f| KeyDecoder::new(f, w.ctx.tp.clone(), w.ctx.runtime.registry.clone()));
+    w.stats = w.ctx.progress.sink(&w.ctx.runtime.config.name);
+    let latency = w.ctx.runtime.config.flush.max_latency;
+    loop {
+        let deadline = w.first_at.map(|t| t + latency);
+        tokio::select! {
+            biased;
+            settled = in_flight(&mut w.in_flight) => {
+                let f = w.in_flight.take().expect("a flush was in flight");
+                w.settled(f, settled);
+            }
+            _ = sleep_until(deadline), if deadline.is_some() && !w.dead => {
+                w.flush().await;
+            }
+            msg = rx.recv() => match msg {
+                None => break,
+                Some(WorkerMsg::Drain(ack)) => {
+                    // Nothing of this partition may still be writing once the drain is acked.
+                    w.settle().await;
+                    if !w.dead && !w.resyncing {
+                        w.flush().await;
+                        w.settle().await;
+                    }
+                    w.release();
+                    let _ = ack.send(());
+                    return;
+                }
+                Some(WorkerMsg::Seeked { position }) => {
+                    if w.resyncing {
+                        w.resyncing = false;
+                        w.ctx.position = Some(position);
+                        w.last_offset = None;
+                    }
+                }
+                Some(WorkerMsg::Records(recs)) => {
+                    for rec in recs {
+                        if w.dead || w.resyncing {
+                            break;
+                        }
+                        w.handle(rec).await;
+                    }
+                    w.publish_in();
+                }
+            }
+        }
+    }
+    w.settle().await;
+    w.release();
+}
+
+/// Frees the unused capacity of a batch much shorter than the decoder's batches. The
+/// decoders allocate for a full batch; one cut short (by a schema version flip, a latency
+/// flush or a flush for rows) would otherwise hold, and count in the budget, a full batch's
+/// memory: interleaved Avro versions made one batch per record, about 40 KB each, and 400
+/// rows counted as 16 MB. Full batches are kept as they are (nothing to free).
+fn shrink(batch: RecordBatch, decode_rows: usize) -> RecordBatch {
+    if batch.num_rows().saturating_mul(4) >= decode_rows {
+        return batch;
+    }
+    let (schema, mut columns, rows) = batch.into_parts();
+    for c in &mut columns {
+        arrow::array::Array::shrink_to_fit(c);
+    }
+    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(rows));
+    RecordBatch::try_new_with_options(schema, columns, &options)
+        .expect("the same columns, schema and row count")
+}
+
+/// The in-flight flush's result, when there is one; pending otherwise.
+async fn in_flight(f: &mut Option<InFlight>) -> Result<FlushResult, tokio::task::JoinError> {
+    match f {
+        Some(f) => (&mut f.task).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Worker {
+    fn sink_name(&self) -> &str {
+        &self.ctx.runtime.config.name
+    }
+
+    fn release(&mut self) {
+        if self.buffered_bytes > 0 {
+            self.ctx.budget.release(self.buffered_bytes);
+        }
+        self.buffered_bytes = 0;
+        self.buffered_rows = 0;
+        self.buffer.clear();
+        self.truncate = false;
+        self.dead_pending.clear();
+        self.dead_pending_bytes = 0;
+        self.dead_session = None;
+        self.dead_opening = None;
+    }
+
+    fn fatal(&mut self, class: &'static str, message: String) {
+        self.stats.errors.inc(class);
+        error!(sink = self.sink_name(), tp = %self.ctx.tp, "{message}");
+        self.dead = true;
+        self.release();
+        let _ = self.ctx.events.send(Event::Fatal { message });
+    }
+
+    /// Publishes the input counted since the last call: once per batch, not per record (the
+    /// counters are shared by every worker).
+    fn publish_in(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (n, bytes) = std::mem::take(&mut self.counted_in);
+        if n > 0 {
+            self.ctx.progress.records_in.fetch_add(n, Relaxed);
+            self.ctx.progress.bytes_in.fetch_add(bytes, Relaxed);
+            self.stats.records_in.fetch_add(n, Relaxed);
+            self.stats.bytes_in.fetch_add(bytes, Relaxed);
+        }
+    }
+
+    async fn handle(&mut self, rec: Record) {
+        let next_expected = match (self.ctx.position, self.last_offset) {
+            (_, Some(last)) => last + 1,
+            (Some(p), None) => p,
+            (None, None) => rec.offset,
+        };
+        let offset = rec.offset;
+        if rec.offset < next_expected {
+            return; // already handled (a seek for another sink of this topic re-delivers)
+        }
+        if self.ctx.position.is_none() {
+            self.ctx.position = Some(rec.offset);
+        }
+        if let Some(ts) = rec.timestamp_ms.filter(|t| *t > 0) {
+            self.oldest_ts_ms = Some(self.oldest_ts_ms.map_or(ts, |o| o.min(ts)));
+        }
+        self.counted_in.0 += 1;
+        self.counted_in.1 += rec.payload.as_ref().map_or(0, |p| p.len()) as u64;
+        if self.first_at.is_none() {
+            self.first_at = Some(Instant::now());
+        }
+        if rec.payload.is_none() {
+            // A tombstone carries no row in an append table; its offset is still covered by the
+            // next commit.
+            self.ctx
+                .progress
+                .tombstones
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            debug!(sink = self.sink_name(), tp = %self.ctx.tp, offset = rec.offset,
+                   "tombstone (null value) skipped in append mode");
+        } else {
+            if let Some(keys) = self.keys.as_mut() {
+                let mut attempt = 0;
+                let checked = loop {
+                    match keys.check(rec.key.as_deref(), offset).await {
+                        Err(e) if e.retryable && attempt < RETRY_ATTEMPTS => {
+                            attempt += 1;
+                            self.stats.retries.inc("registry");
+                            tokio::time::sleep(backoff(attempt)).await;
+                        }
+                        other => break other,
+                    }
+                };
+                if let Err(error) = checked {
+                    self.reject(Rejected { error, record: rec }).await;
+                    if !self.dead {
+                        self.last_offset = Some(offset);
+                    }
+                    return;
+                }
+            }
+            // Resolve the schema first: a newer reader schema changes the output schema, so
+            // what precedes this record is committed under the old one.
+            let mut attempt = 0;
+            let new_schema = loop {
+                match self.decoder.prepare(&rec).await {
+                    Ok(changes) => break changes,
+                    Err(e) if e.retryable && attempt < RETRY_ATTEMPTS => {
+                        attempt += 1;
+                        self.stats.retries.inc("registry");
+                        warn!(sink = self.sink_name(), error = %e, attempt, "retrying");
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                    // Not retryable: `push` reports it with the record.
+                    Err(_) => break false,
+                }
+            };
+            if new_schema && self.buffered_rows + self.decoder.pending_rows() > 0 {
+                self.flush().await;
+                if self.dead || self.resyncing {
+                    return;
+                }
+            }
+            let mut out = Vec::new();
+            let mut rejected = Vec::new();
+            let mut attempt = 0;
+            let mut rec = rec;
+            loop {
+                match self.decoder.push(rec, &mut out, &mut rejected).await {
+                    Ok(()) => break,
+                    Err(rejected) if rejected.error.retryable && attempt < RETRY_ATTEMPTS => {
+                        attempt += 1;
+                        self.stats.retries.inc("registry");
+                        warn!(sink = self.sink_name(), error = %rejected.error, attempt, "retrying");
+                        tokio::time::sleep(backoff(attempt)).await;
+                        rec = rejected.record;
+                    }
+                    Err(rejected) if rejected.error.retryable => {
+                        // Transient (registry unreachable) is never dead-lettered.
+                        self.fatal(
+                            "registry",
+                            format!(
+                                "sink `{}`: {} (still failing after {attempt} retries); stopping \
+                                 rather than dead-lettering a good record",
+                                self.sink_name(),
+                                rejected.error
+                            ),
+                        );
+                        return;
+                    }
+                    Err(rejected) => {
+                        self.reject(*rejected).await;
+                        break;
+                    }
+                }
+            }
+            for r in rejected {
+                self.reject(r).await;
+            }
+            for b in out {
+                self.buffer_batch(b).await;
+            }
+            if self.dead {
+                return;
+            }
+        }
+        let previous = self.last_offset.replace(offset);
+        let flush = &self.ctx.runtime.config.flush;
+        // Crossing the end offset seen at start flushes once; records past it (produced since,
+        // or a broker whose watermark lags) follow the normal flush rules, never one file each.
+        let caught_up = self
+            .ctx
+            .end_offset
+            .is_some_and(|end| offset + 1 >= end && previous.is_none_or(|last| last + 1 < end));
+        if self.buffered_rows + self.decoder.pending_rows() >= flush.max_rows
+            || self.buffered_bytes as u64 >= flush.max_bytes
+            || self.ctx.budget.should_flush(self.buffered_bytes)
+            || self.dead_pending.len() >= DEAD_PENDING_MAX
+            || self.dead_pending_bytes >= DEAD_PENDING_MAX_BYTES
+            || caught_up
+        {
+            self.flush().await;
+        }
+    }
+
+    /// Reads the partition again from `position`: a fresh decoder, input ignored until the
+    /// source confirms the seek.
+    fn resync(&mut self, tp: TopicPartition, position: i64) {
+        self.ctx.position = Some(position);
+        self.last_offset = None;
+        self.decoder = new_decoder(&self.ctx);
+        self.resyncing = true;
+        let _ = self.ctx.events.send(Event::Resync {
+            sink: self.ctx.sink_index,
+            tp,
+            position,
+        });
+    }
+
+    async fn buffer_batch(&mut self, batch: RecordBatch) {
+        let batch = match self.transform(batch).await {
+            Ok(None) => return,
+            Ok(Some(b)) => b,
+            Err(e) => {
+                self.fatal(
+                    "schema",
+                    format!(
+                        "sink `{}` {}: cannot unwrap Debezium envelopes: {e}",
+                        self.sink_name(),
+                        self.ctx.tp
+                    ),
+                );
+                return;
+            }
+        };
+        if let Some(first) = self.buffer.first() {
+            if first.schema() != batch.schema() {
+                // `handle` flushes before a record with another schema, so this cannot happen;
+                // refuse rather than write a file with mixed schemas.
+                self.fatal(
+                    "internal",
+                    format!(
+                        "sink `{}` {}: internal error: a batch with a different schema reached a \
+                     non-empty buffer: {:?} vs {:?}",
+                        self.sink_name(),
+                        self.ctx.tp,
+                        first.schema(),
+                        batch.schema()
+                    ),
+                );
+                return;
+            }
+        }
+        let batch = shrink(batch, self.ctx.decode_rows);
+        let size = batch.get_array_memory_size();
+        if size == 0 {
+            self.buffered_rows += batch.num_rows();
+            self.buffer.push(batch);
+            return;
+        }
+        self.buffered_rows += batch.num_rows();
+        self.ctx.budget.add(size, self.buffered_bytes == 0);
+        self.buffered_bytes += size;
+        self.buffer.push(batch);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,214 @@
+//! The worker against a scripted sink (a unit test: the real sinks' fencing is proven in
+//! `tests/fencing.rs` and `tests/chaos.rs`).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Mutex;
+
+use std::time::Duration;
+
+use sinks::{CommitStats, Flush, Offset, Staged};
+
+use super::*;
+use crate::config::Config;
+
+/// Stages only when the test opens the gate; commits return the scripted outcomes.
+#[derive(Debug)]
+struct Scripted {
+    gate: tokio::sync::Semaphore,
+    outcomes: Mutex<VecDeque<CommitOutcome>>,
+    /// (start, next, rows) of every stage call.
+    staged: Mutex<Vec<(i64, i64, usize)>>,
+}
+
+#[async_trait::async_trait]
+impl sinks::Sink for Scripted {
+    async fn recover(&self, _: &TopicPartition) -> sinks::Result<Option<Offset>> {
+        Ok(None)
+    }
+    async fn committed(&self, _: &TopicPartition) -> sinks::Result<Option<Offset>> {
+        Ok(None)
+    }
+    async fn stage(&self, flush: Flush) -> sinks::Result<Staged> {
+        self.gate.acquire().await.expect("open").forget();
+        let rows = flush.rows();
+        self.staged
+            .lock()
+            .unwrap()
+            .push((flush.start.0, flush.next.0, rows));
+        Ok(Staged {
+            tp: flush.tp,
+            start: flush.start,
+            next: flush.next,
+            rows: rows as u64,
+            files: Vec::new(),
+            delta: None,
+            databend: None,
+            columns: Vec::new(),
+        })
+    }
+    async fn commit(&self, _: &Staged) -> sinks::Result<(CommitOutcome, CommitStats)> {
+        let outcome = self.outcomes.lock().unwrap().pop_front().expect("scripted");
+        Ok((outcome, CommitStats::default()))
+    }
+    async fn check(&self) -> sinks::Result<()> {
+        Ok(())
+    }
+    fn location(&self) -> &str {
+        "scripted"
+    }
+}
+
+fn records(offsets: std::ops::Range<i64>) -> WorkerMsg {
+    WorkerMsg::Records(
+        offsets
+            .map(|o| Record {
+                offset: o,
+                timestamp_ms: None,
+                key: None,
+                payload: Some(bytes::Bytes::from(format!(r#"{{"id":{o}}}"#))),
+                headers: Vec::new(),
+            })
+            .collect(),
+    )
+}
+
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_fenced_flush_in_flight_drops_what_was_read_since_and_reads_from_the_winner() {
+    let config = Config::from_toml(
+        r#"
+[kafka]
+bootstrap_servers = "127.0.0.1:9"
+group_id = "g"
+
+[[sink]]
+name = "t"
+topics = ["t"]
+format = "json"
+schema = { id = "long" }
+kind = "parquet"
+table = "file:///nonexistent/t"
+flush = { max_rows = 2 }
+"#,
+    )
+    .unwrap()
+    .validate()
+    .unwrap();
+    let sink = Arc::new(Scripted {
+        gate: tokio::sync::Semaphore::new(0),
+        outcomes: Mutex::default(),
+        staged: Mutex::default(),
+    });
+    sink.outcomes.lock().unwrap().extend([
+        // Another writer committed [0, 5) first.
+        CommitOutcome::Fenced { next: Offset(5) },
+        CommitOutcome::Committed { next: Offset(7) },
+    ]);
+    let runtime = Arc::new(SinkRuntime {
+        config: config.sinks[0].clone(),
+        sink: sink.clone(),
+        registry: schema_registry::RegistryClient::new(schema_registry::RegistryConfig::new(
+            "http://127.0.0.1:9",
+        ))
+        .unwrap(),
+        dead_letters: None,
+    });
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let progress = Arc::new(Progress::default());
+    let tp = TopicPartition::new("t", 0);
+    let ctx = WorkerCtx {
+        sink_index: 0,
+        runtime,
+        tp: tp.clone(),
+        position: None,
+        end_offset: None,
+        events: events_tx,
+        budget: Arc::new(BufferBudget::new(1 << 30)),
+        progress: progress.clone(),
+        decode_rows: 1024,
+    };
+    let (tx, rx) = mpsc::channel(4);
+    let worker = tokio::spawn(run(ctx, rx));
+
+    // Offsets 0 and 1 fill a flush, whose stage waits; the worker reads offset 2 meanwhile.
+    tx.send(records(0..2)).await.unwrap();
+    until("the first flush is staging", || {
+        sink.gate.available_permits() == 0
+    })
+    .await;
+    tx.send(records(2..3)).await.unwrap();
+    until("offset 2 is read while the flush is in flight", || {
+        progress.records_in.load(Relaxed) == 3
+    })
+    .await;
+    assert!(sink.staged.lock().unwrap().is_empty(), "still staging");
+
+    // The flush is fenced at 5: offset 2 is dropped and the worker asks to read from 5.
+    sink.gate.add_permits(1);
+    match events.recv().await.unwrap() {
+        Event::Resync { position, .. } => assert_eq!(position, 5),
+        other => panic!("expected a resync to 5, got {other:?}"),
+    }
+    // Records read before the seek is confirmed are stale.
+    tx.send(records(3..5)).await.unwrap();
+    tx.send(WorkerMsg::Seeked { position: 5 }).await.unwrap();
+    sink.gate.add_permits(1);
+    tx.send(records(5..7)).await.unwrap();
+    match events.recv().await.unwrap() {
+        Event::Committed { next, .. } => assert_eq!(next, Offset(7)),
+        other => panic!("expected a commit up to 7, got {other:?}"),
+    }
+    assert_eq!(*sink.staged.lock().unwrap(), vec![(0, 2, 2), (5, 7, 2)]);
+
+    let (ack, acked) = tokio::sync::oneshot::channel();
+    tx.send(WorkerMsg::Drain(ack)).await.unwrap();
+    acked.await.unwrap();
+    worker.await.unwrap();
+    assert!(events.try_recv().is_err(), "nothing after the drain");
+}
+
+/// A short batch from a decoder that allocated for a full one gives its spare capacity back
+/// (and so stops counting it in the budget); a full batch is left alone.
+#[test]
+fn short_batches_give_back_the_capacity_of_a_full_one() {
+    use arrow::array::{ArrayRef, Int64Builder, StringBuilder, StructArray};
+    use arrow::datatypes::{DataType, Field};
+    let batch = |rows: usize, capacity: usize| {
+        let mut ids = Int64Builder::with_capacity(capacity);
+        let mut names = StringBuilder::with_capacity(capacity, capacity * 32);
+        for i in 0..rows {
+            ids.append_value(i as i64);
+            names.append_value(format!("order-{i}"));
+        }
+        let names: ArrayRef = Arc::new(names.finish());
+        let nested = StructArray::from(vec![(
+            Arc::new(Field::new("name", DataType::Utf8, false)),
+            names,
+        )]);
+        RecordBatch::try_from_iter([
+            ("id", Arc::new(ids.finish()) as ArrayRef),
+            ("nested", Arc::new(nested) as ArrayRef),
+        ])
+        .unwrap()
+    };
+    let short = batch(3, 1024);
+    let before = short.get_array_memory_size();
+    let shrunk = shrink(short, 1024);
+    assert_eq!(shrunk, batch(3, 1024), "the same rows");
+    let after = shrunk.get_array_memory_size();
+    assert!(
+        after * 20 < before,
+        "3 rows keep {after} of a 1,024-row batch's {before} bytes"
+    );
+    let full = batch(1024, 1024);
+    let size = full.get_array_memory_size();
+    assert_eq!(shrink(full, 1024).get_array_memory_size(), size);
+}
