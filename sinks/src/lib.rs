@@ -23,6 +23,8 @@ pub mod parquet;
 pub mod partition;
 pub mod schema;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod upsert;
 
 use std::fmt;

@@ -3,6 +3,8 @@
 //! logical decoding message.
 
 use super::*;
+use crate::decode::connect_schema::decimal_text;
+use arrow::array::AsArray;
 use arrow::datatypes::{Date32Type, Decimal128Type, Time64MicrosecondType};
 
 const CAPTURED: &str = include_str!("testdata/debezium-postgres-connect.jsonl");

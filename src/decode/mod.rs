@@ -11,6 +11,7 @@
 
 mod avro;
 pub mod connect_json;
+mod connect_schema;
 pub mod debezium;
 pub mod json;
 mod json_fast;

@@ -862,3 +862,13 @@ async fn files_written_before_the_key_column_existed_are_left_as_they_are() {
     };
     assert_eq!((value(0), value(1), value(2)), (3, 2, 1));
 }
+
+#[tokio::test]
+async fn runs_the_sink_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::testing::all("contract", |_| {
+        let s = sink(dir.path(), DeltaSinkConfig::default());
+        async move { s }
+    })
+    .await;
+}

@@ -499,3 +499,13 @@ async fn a_failure_at_any_store_call_loses_and_duplicates_nothing() {
         "only {injected} failure points were exercised"
     );
 }
+
+#[tokio::test]
+async fn runs_the_sink_contract() {
+    let store = Arc::new(InMemory::new());
+    crate::testing::all("contract", |i| {
+        let s = sink(&store, &format!("w{i}"));
+        async move { s }
+    })
+    .await;
+}

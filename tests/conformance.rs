@@ -1,0 +1,83 @@
+//! The sink contract (`sinks::testing`: commit and recover, a retried commit, two writers from
+//! one start, an empty flush, a zombie behind the owner) against the real services: Parquet and
+//! Delta tables on the S3 (moto), Azure (Azurite) and GCS (fake-gcs-server) servers, and a
+//! Databend table on the Databend test server. Each sink's unit tests run the same scenarios on
+//! local storage.
+
+mod common;
+
+use std::time::Duration;
+
+use common::databend::databend_url;
+use common::*;
+use sinks::databend::client::ClientConfig;
+use sinks::databend::{DatabendSink, DatabendSinkConfig};
+use sinks::parquet::{ParquetSink, ParquetSinkConfig};
+use sinks::testing;
+
+fn stores() -> Vec<Store> {
+    vec![
+        Store::s3("contract"),
+        Store::azure("contract"),
+        Store::gcs("contract"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parquet_keeps_the_sink_contract_on_every_store() {
+    for store in stores() {
+        testing::all(&unique("contract"), |i| {
+            let s = ParquetSink::new(
+                store.table_store(),
+                ParquetSinkConfig {
+                    writer_id: format!("w{i}"),
+                    ..Default::default()
+                },
+            );
+            async move { s }
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delta_keeps_the_sink_contract_on_every_store() {
+    for store in stores() {
+        let group = unique("g");
+        testing::all(&unique("contract"), |_| {
+            let s = store.delta_sink(&group);
+            async move { s }
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn databend_keeps_the_sink_contract() {
+    let mut url = url::Url::parse(&databend_url()).unwrap();
+    let user = url.username().to_string();
+    let password = url.password().map(str::to_string);
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    let database = unique("contract").replace('-', "_");
+    testing::all(&unique("contract"), |i| {
+        let s = DatabendSink::new(DatabendSinkConfig {
+            client: ClientConfig {
+                endpoint: url.clone(),
+                user: user.clone(),
+                password: password.clone(),
+                warehouse: None,
+                database: database.clone(),
+                timeout: Duration::from_secs(60),
+            },
+            // One sink (the ledger's key) written by two writers, as two members would.
+            sink: "contract".into(),
+            table: "contract".into(),
+            upsert: None,
+            compression: Default::default(),
+        })
+        .unwrap_or_else(|e| panic!("writer {i}: {e}"));
+        async move { s }
+    })
+    .await;
+}
