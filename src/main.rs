@@ -204,7 +204,7 @@ fn limit_malloc_arenas() {
 /// resident. A fixed 128 KiB kept one partition at 211–215 MiB instead of 259–286 MiB, but
 /// doubled the page faults (5–15 % more CPU). 512 KiB, with the smaller librdkafka pre-fetch
 /// queue (`source::client_config`), keeps every measured Parquet case under 256 MiB with 40 %
-/// fewer page faults than 128 KiB (BENCHMARKS.md). Trimming the arenas instead cost more.
+/// fewer page faults than 128 KiB (docs/perf-notes.md). Trimming the arenas instead cost more.
 fn fix_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
@@ -217,7 +217,7 @@ fn fix_mmap_threshold() {
 }
 
 /// Rust's allocations go to jemalloc. Against glibc's malloc (alternated runs, 1M records,
-/// BENCHMARKS.md): 20 Delta tables used 6.7–8.4 CPU s instead of 7.9–9.4 at the same or lower
+/// docs/perf-notes.md): 20 Delta tables used 6.7–8.4 CPU s instead of 7.9–9.4 at the same or lower
 /// peak RSS, and JSON on 48 partitions 3.5–4.3 CPU s instead of 4.3–4.7. librdkafka, a C
 /// library, still uses glibc's malloc, which the two `mallopt` settings above still shape.
 #[global_allocator]
