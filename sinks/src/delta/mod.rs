@@ -368,4 +368,6 @@ impl DeltaSink {
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_rewrite;
+#[cfg(test)]
 mod tests_upsert;

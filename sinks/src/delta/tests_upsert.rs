@@ -9,7 +9,8 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema};
 
-use super::tests::{commit, flush, inserts, position, query, sink, upsert_config};
+use super::tests::{commit, flush, position, query, sink};
+use super::tests_rewrite::{inserts, upsert_config};
 use super::*;
 
 #[tokio::test]
