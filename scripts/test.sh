@@ -22,6 +22,10 @@ if ! command -v openssl >/dev/null 2>&1; then
   log "installing openssl (the registry TLS test makes certificates)"
   apt-get install -y -qq openssl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq openssl; }
 fi
+if ! command -v curl >/dev/null 2>&1; then
+  log "installing curl (scripts/debezium.sh and the Debezium test talk to Kafka Connect's REST API)"
+  apt-get install -y -qq curl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq curl; }
+fi
 if ! command -v make >/dev/null 2>&1; then
   log "installing make (jemalloc's C build, the binary's allocator)"
   apt-get install -y -qq make >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq make; }

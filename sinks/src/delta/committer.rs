@@ -70,12 +70,7 @@ impl DeltaSink {
 
     /// The operation an append commit records.
     pub(super) fn append_operation(&self) -> DeltaOperation {
-        let partition_by: Vec<String> = self
-            .config
-            .partition_by
-            .iter()
-            .map(|p| p.name().to_string())
-            .collect();
+        let partition_by: Vec<String> = self.partition_columns();
         DeltaOperation::Write {
             mode: SaveMode::Append,
             partition_by: (!partition_by.is_empty()).then_some(partition_by),

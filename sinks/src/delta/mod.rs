@@ -204,6 +204,15 @@ impl DeltaSink {
         }
     }
 
+    /// The table's partition columns, in path order.
+    fn partition_columns(&self) -> Vec<String> {
+        self.config
+            .partition_by
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect()
+    }
+
     fn app_id(&self, tp: &TopicPartition) -> String {
         format!(
             "{}/{}/{}",

@@ -62,12 +62,7 @@ impl DeltaSink {
         properties
             .entry("delta.checkpointInterval".into())
             .or_insert_with(|| self.config.checkpoint_interval.to_string());
-        let partition_columns: Vec<String> = self
-            .config
-            .partition_by
-            .iter()
-            .map(|p| p.name().to_string())
-            .collect();
+        let partition_columns: Vec<String> = self.partition_columns();
         let created = CreateBuilder::new()
             .with_location(self.url.as_str())
             .with_storage_options(self.options.clone())

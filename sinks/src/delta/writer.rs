@@ -75,12 +75,7 @@ impl DeltaSink {
         schema: &SchemaRef,
         batches: Vec<RecordBatch>,
     ) -> Result<Vec<Add>> {
-        let partition_columns: Vec<String> = self
-            .config
-            .partition_by
-            .iter()
-            .map(|p| p.name().to_string())
-            .collect();
+        let partition_columns: Vec<String> = self.partition_columns();
         let mut writer = RecordBatchWriter::try_new(
             self.url.as_str(),
             schema.clone(),
