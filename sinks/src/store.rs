@@ -110,6 +110,49 @@ impl TableStore {
     }
 }
 
+/// Proves that `store` honours a conditional create (`If-None-Match: *` on S3, `If-None-Match`
+/// on Azure, `ifGenerationMatch=0` on GCS, `O_EXCL` on disk) by creating `probe` twice: every
+/// fence of the Parquet and Delta protocols is such a create, and a store that ignores it lets
+/// two writers commit one range. Deletes the probe.
+pub async fn check_conditional_create(
+    store: &dyn ObjectStore,
+    location: &str,
+    probe: &Path,
+) -> Result<()> {
+    use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+    let err = |source| Error::Store {
+        table: location.to_string(),
+        path: probe.to_string(),
+        source: Box::new(source),
+    };
+    let create = || PutOptions {
+        mode: PutMode::Create,
+        ..Default::default()
+    };
+    let _ = store.delete(probe).await;
+    store
+        .put_opts(probe, PutPayload::from_static(b"lakesink check"), create())
+        .await
+        .map_err(err)?;
+    let second = store
+        .put_opts(probe, PutPayload::from_static(b"lakesink check"), create())
+        .await;
+    let _ = store.delete(probe).await;
+    match second {
+        Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(err(e)),
+        Ok(_) => Err(Error::Location {
+            location: location.to_string(),
+            reason: "the store accepted a second create of the same object: it ignores \
+                     `If-None-Match` (conditional writes), which every commit of this table \
+                     relies on to fence writers; use a store that supports it (AWS S3, Azure, \
+                     GCS, MinIO, a local disk) or, for S3-compatible stores, enable conditional \
+                     writes"
+                .into(),
+        }),
+    }
+}
+
 /// Removes user info and query strings (SAS tokens) from a URL for display.
 pub fn redact_url(raw: &str) -> String {
     match Url::parse(raw) {

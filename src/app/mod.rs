@@ -240,6 +240,22 @@ pub fn build_sinks(cfg: &ValidatedConfig) -> anyhow::Result<Vec<Arc<SinkRuntime>
         .collect()
 }
 
+/// Checks every table at start-up. A store that ignores conditional creates (which every fence
+/// of the Parquet and Delta protocols is) stops the start; an unreachable one only warns, since
+/// its partitions wait for it (recovery retries).
+async fn refuse_unsafe_stores(sinks: &[Arc<SinkRuntime>]) -> anyhow::Result<()> {
+    for s in sinks {
+        match s.sink.check().await {
+            Ok(()) => {}
+            Err(e @ sinks::Error::Location { .. }) => {
+                return Err(anyhow!("sink `{}`: {e}", s.config.name));
+            }
+            Err(e) => warn!(sink = %s.config.name, "the table is not reachable yet: {e}"),
+        }
+    }
+    Ok(())
+}
+
 /// Runs the service until `cancel` fires (or, in catch-up mode, until caught up). Returns the
 /// progress counters; a fatal pipeline error is an `Err` naming sink, partition and offsets.
 pub async fn run(
@@ -249,6 +265,7 @@ pub async fn run(
     progress: Arc<Progress>,
 ) -> anyhow::Result<()> {
     let sinks = build_sinks(&cfg)?;
+    refuse_unsafe_stores(&sinks).await?;
     info!(
         version = env!("CARGO_PKG_VERSION"),
         group = %cfg.group_id,

@@ -340,17 +340,7 @@ impl Sink for DeltaSink {
             "_lakesink/check-{}.tmp",
             rand::random::<u64>()
         ));
-        use object_store::ObjectStoreExt;
-        store
-            .put(&probe, bytes::Bytes::from_static(b"lakesink check").into())
-            .await
-            .map_err(|e| Error::Store {
-                table: self.location.clone(),
-                path: probe.to_string(),
-                source: Box::new(e),
-            })?;
-        let _ = store.delete(&probe).await;
-        Ok(())
+        crate::store::check_conditional_create(&*store, &self.location, &probe).await
     }
 
     fn location(&self) -> &str {

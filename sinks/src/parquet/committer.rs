@@ -290,11 +290,22 @@ impl ParquetSink {
                     });
                 }
                 if marker.start > exp {
-                    warn!(
-                        table = self.table.location(), %tp, from = exp, to = marker.start,
-                        "gap in the commit chain: offsets {exp}..{} were never committed \
-                         (were markers deleted by hand?)", marker.start
-                    );
+                    // Every writer starts at a chain end, so a hole means a marker was lost
+                    // (deleted by hand, or a store that lost a write): the records in it were
+                    // read and perhaps published, but no commit says so. Stop this partition
+                    // rather than resume after the hole and skip them.
+                    return Err(Error::Chain {
+                        table: self.table.location().to_string(),
+                        tp: tp.clone(),
+                        reason: format!(
+                            "offsets {exp}..{} are in no commit: the marker `{}` is missing \
+                             (deleted by hand?). The partition is not consumed rather than \
+                             skip them; restore that marker, or write it with \
+                             `\"files\": []` to accept that those records are not in the table",
+                            marker.start,
+                            self.marker_path(tp, exp)
+                        ),
+                    });
                 }
             }
             let unpublished = marker
@@ -363,12 +374,15 @@ impl Sink for ParquetSink {
             .unwrap_or_default();
         // Flat in the partition's staging directory, which stays: a directory per flush cost a
         // mkdir and an rmdir per commit on local disks, the dearest inode operations.
+        // Unique per stage call: a zombie and the owner often stage the same range, and must
+        // never overwrite each other's bytes. The marker records the exact names.
         let staging_rel = format!(
-            "{META}/staging/{}/{}/{}-{}",
+            "{META}/staging/{}/{}/{}-{}-{:016x}",
             tp.topic,
             tp.partition,
             offset_key(flush.start.0),
-            offset_key(flush.next.0)
+            offset_key(flush.next.0),
+            rand::random::<u64>()
         );
         let file_name = format!(
             "{}+{}+{}.parquet",
@@ -449,14 +463,21 @@ impl Sink for ParquetSink {
                 Ok((CommitOutcome::Committed { next: staged.next }, stats))
             }
             Err(object_store::Error::AlreadyExists { .. }) => {
-                let winner =
-                    self.read_json::<Marker>(&path)
-                        .await?
-                        .ok_or_else(|| Error::CorruptMarker {
-                            table: self.table.location().to_string(),
-                            path: path.to_string(),
-                            reason: "create reported AlreadyExists but the marker is gone".into(),
-                        })?;
+                // S3 answers 409 ConditionalRequestConflict (which object_store reports as
+                // AlreadyExists) while another conditional write of the key is in flight: the
+                // marker may not be readable yet. A retry reads the winner.
+                let winner = self.read_json::<Marker>(&path).await?.ok_or_else(|| {
+                    self.table.err(
+                        &path,
+                        object_store::Error::Generic {
+                            store: "marker",
+                            source: "the conditional create conflicted with another writer's \
+                                     (S3 409 ConditionalRequestConflict) and its marker is not \
+                                     readable yet"
+                                .into(),
+                        },
+                    )
+                })?;
                 if winner.writer == marker.writer && winner.next == marker.next {
                     // Our own earlier attempt won; make sure it is published.
                     self.publish(&winner).await?;
@@ -470,6 +491,11 @@ impl Sink for ParquetSink {
                 warn!(table = self.table.location(), %tp, start = staged.start.0,
                       winner = %winner.writer, winner_next = winner.next,
                       "fenced: another writer committed this start position first");
+                // The winner may have died between its marker and its publish (a zombie that
+                // was killed). This writer goes on after the winner's end, and its next hint
+                // moves recovery past this marker, so publish it now (idempotent, safe beside
+                // the winner's own publish).
+                self.publish(&winner).await?;
                 self.discard(staged, &winner).await;
                 Ok((
                     CommitOutcome::Fenced {
@@ -484,17 +510,8 @@ impl Sink for ParquetSink {
 
     async fn check(&self) -> Result<()> {
         let path = self.table.path([META, "check", &self.config.writer_id]);
-        self.table
-            .store
-            .put(&path, PutPayload::from_static(b"lakesink check"))
+        crate::store::check_conditional_create(&*self.table.store, self.table.location(), &path)
             .await
-            .map_err(|e| self.table.err(&path, e))?;
-        self.table
-            .store
-            .delete(&path)
-            .await
-            .map_err(|e| self.table.err(&path, e))?;
-        Ok(())
     }
 
     fn location(&self) -> &str {

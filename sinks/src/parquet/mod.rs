@@ -3,7 +3,7 @@
 //! Commit protocol (one flush = the rows of one source partition between two positions):
 //!
 //! ```text
-//!  stage ─► <table>/_lakesink/staging/<topic>/<p>/<start>-<next>-<i>.parquet.staged   (invisible)
+//!  stage ─► <table>/_lakesink/staging/<topic>/<p>/<start>-<next>-<rand>-<i>.parquet.staged (invisible)
 //!    │
 //!  commit ─► PUT If-None-Match:* <table>/_lakesink/commits/<topic>/<p>/<start>.json   (the fence)
 //!    │        AlreadyExists ⇒ another writer owns this start: Fenced, resume at its end
@@ -23,9 +23,14 @@
 //!   marker whose staged files still exist, so a crash during publishing loses nothing.
 //! - Readers never see uncommitted data: everything unpublished lives under `_lakesink/`
 //!   (ignored by Spark, pyarrow and Hive) and staged files do not end in `.parquet`.
-//! - Staged names are a function of (topic, partition, start, next, output partition), so two
-//!   writers that stage the same flush write identical objects, and a loser never deletes a file
-//!   the winner's marker references.
+//! - Staged names are unique per stage call (a random part): a zombie and the owner that stage
+//!   the same range never overwrite each other's bytes; the marker records the exact names.
+//! - A writer fenced at a start publishes the winner's marker before it goes on after it: the
+//!   winner may have died between its marker and its publish, and the loser's next hint moves
+//!   recovery past that marker.
+//! - A hole between two markers stops the partition ([`crate::Error::Chain`]): records are never
+//!   skipped because a marker went missing.
+//! - [`Sink::check`](crate::Sink::check) refuses a store that ignores conditional creates.
 
 mod committer;
 mod config;
@@ -37,3 +42,5 @@ pub use writer::StagedFile;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_races;

@@ -15,7 +15,7 @@ use super::*;
 use crate::store::TableStore;
 use crate::{CommitOutcome, Flush, Offset, Sink, TopicPartition};
 
-fn table(store: Arc<InMemory>) -> TableStore {
+pub(super) fn table(store: Arc<InMemory>) -> TableStore {
     TableStore {
         store,
         root: Path::from("t"),
@@ -23,7 +23,7 @@ fn table(store: Arc<InMemory>) -> TableStore {
     }
 }
 
-fn sink(store: &Arc<InMemory>, writer: &str) -> ParquetSink {
+pub(super) fn sink(store: &Arc<InMemory>, writer: &str) -> ParquetSink {
     ParquetSink::new(
         table(store.clone()),
         ParquetSinkConfig {
@@ -33,7 +33,7 @@ fn sink(store: &Arc<InMemory>, writer: &str) -> ParquetSink {
     )
 }
 
-fn flush(start: i64, next: i64) -> Flush {
+pub(super) fn flush(start: i64, next: i64) -> Flush {
     let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
     let batch = RecordBatch::try_new(
         schema,
@@ -49,7 +49,7 @@ fn flush(start: i64, next: i64) -> Flush {
     }
 }
 
-async fn paths(store: &InMemory) -> Vec<String> {
+pub(super) async fn paths(store: &InMemory) -> Vec<String> {
     let mut v: Vec<String> = store
         .list(None)
         .map_ok(|m| m.location.to_string())
@@ -60,7 +60,7 @@ async fn paths(store: &InMemory) -> Vec<String> {
     v
 }
 
-async fn visible(store: &InMemory) -> Vec<String> {
+pub(super) async fn visible(store: &InMemory) -> Vec<String> {
     paths(store)
         .await
         .into_iter()
@@ -263,7 +263,7 @@ async fn recovery_uses_the_hint_and_still_finds_later_markers() {
 /// An object store that fails exactly one call, the `fail_at`-th (1-based) over every operation,
 /// and passes everything else to an in-memory store.
 #[derive(Debug)]
-struct FailOnce {
+pub(super) struct FailOnce {
     inner: Arc<InMemory>,
     calls: std::sync::atomic::AtomicUsize,
     fail_at: usize,
@@ -381,7 +381,7 @@ impl ObjectStore for FailOnce {
 }
 
 /// Every value in the visible (published) Parquet files, sorted.
-async fn visible_values(store: &InMemory) -> Vec<i64> {
+pub(super) async fn visible_values(store: &InMemory) -> Vec<i64> {
     let mut out = Vec::new();
     for p in visible(store).await {
         let bytes = store
@@ -411,7 +411,11 @@ async fn visible_values(store: &InMemory) -> Vec<i64> {
 }
 
 /// One flush through a sink: stage, then commit.
-async fn stage_and_commit(s: &ParquetSink, start: i64, next: i64) -> crate::Result<CommitOutcome> {
+pub(super) async fn stage_and_commit(
+    s: &ParquetSink,
+    start: i64,
+    next: i64,
+) -> crate::Result<CommitOutcome> {
     let staged = s.stage(flush(start, next)).await?;
     Ok(s.commit(&staged).await?.0)
 }
