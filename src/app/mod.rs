@@ -57,11 +57,18 @@ pub fn registry_client(cfg: &ValidatedConfig) -> anyhow::Result<RegistryClient> 
 }
 
 /// `LAKESINK_TEST_CRASHPOINT=<point>:<n>`: at the n-th time the commit protocol reaches
-/// `point` (`after_stage`, `after_marker`, `mid_publish`), print `CRASHPOINT <point>` and freeze
-/// so the crash-safety tests can SIGKILL the process exactly there. Test-only; unset in
-/// production.
-fn crash_hook_from_env() -> Option<sinks::crash::CrashHook> {
+/// `point` (`after_stage`, `after_marker`, `mid_publish`, `after_commit`), print
+/// `CRASHPOINT <point>` and freeze so the crash-safety tests can SIGKILL the process exactly
+/// there. `LAKESINK_TEST_CRASHPOINT_SINK=<name>` limits it to one sink;
+/// `LAKESINK_TEST_CRASHPOINT_RELEASE=<file>` holds the commit only until that file exists (a
+/// race set up on purpose). Test-only; unset in production.
+fn crash_hook_from_env(sink: &str) -> Option<sinks::crash::CrashHook> {
     let spec = std::env::var("LAKESINK_TEST_CRASHPOINT").ok()?;
+    if std::env::var("LAKESINK_TEST_CRASHPOINT_SINK").is_ok_and(|only| only != sink) {
+        return None;
+    }
+    let release =
+        std::env::var_os("LAKESINK_TEST_CRASHPOINT_RELEASE").map(std::path::PathBuf::from);
     let (point, n) = spec.split_once(':').unwrap_or((spec.as_str(), "1"));
     let point = point.to_string();
     let n: u64 = n.parse().unwrap_or(1);
@@ -69,8 +76,17 @@ fn crash_hook_from_env() -> Option<sinks::crash::CrashHook> {
     Some(Arc::new(move |at: &'static str| {
         if at == point && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
             eprintln!("CRASHPOINT {at}");
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
+            let hold = || loop {
+                if release.as_ref().is_some_and(|f| f.exists()) {
+                    eprintln!("CRASHPOINT {at} released");
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            // The hook runs inside a commit future: let the runtime move its other tasks.
+            match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(hold),
+                _ => hold(),
             }
         }
     }))
@@ -99,7 +115,7 @@ pub fn open_sink(
                     ..Default::default()
                 },
             );
-            if let Some(hook) = crash_hook_from_env() {
+            if let Some(hook) = crash_hook_from_env(&s.name) {
                 sink = sink.with_crash_hook(hook);
             }
             Arc::new(sink)
@@ -128,7 +144,7 @@ pub fn open_sink(
                 compression: s.compression,
             })
             .with_context(|| format!("sink `{}`: cannot connect to Databend", s.name))?;
-            if let Some(hook) = crash_hook_from_env() {
+            if let Some(hook) = crash_hook_from_env(&s.name) {
                 sink = sink.with_crash_hook(hook);
             }
             Arc::new(sink)
@@ -136,7 +152,7 @@ pub fn open_sink(
         SinkKind::Delta => {
             let mut sink = DeltaSink::new(&s.table, storage, delta_config(cfg, s))
                 .with_context(|| format!("sink `{}`: cannot open table", s.name))?;
-            if let Some(hook) = crash_hook_from_env() {
+            if let Some(hook) = crash_hook_from_env(&s.name) {
                 sink = sink.with_crash_hook(hook);
             }
             Arc::new(sink)

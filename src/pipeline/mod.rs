@@ -60,9 +60,13 @@ pub enum Event {
         tp: TopicPartition,
         next: Offset,
     },
-    /// Another writer owns this range: seek the partition to `position`.
+    /// Another writer owns this range: this worker reads on from `position` (the source seeks
+    /// back if it has delivered past it; it never moves the shared position forward).
     Resync {
         sink: usize,
+        /// The worker asking ([`worker::WorkerCtx::id`]): a drained worker's late request is
+        /// ignored.
+        worker: u64,
         tp: TopicPartition,
         position: i64,
     },

@@ -75,6 +75,7 @@ pub fn client_config(cfg: &ValidatedConfig) -> ClientConfig {
 
 struct WorkerHandle {
     sink: usize,
+    id: u64,
     tx: mpsc::Sender<WorkerMsg>,
     join: tokio::task::JoinHandle<()>,
 }
@@ -85,6 +86,10 @@ struct PartitionState {
     end: Option<i64>,
     /// Committed position per sink index.
     committed: BTreeMap<usize, i64>,
+    /// One past the last offset handed to the workers (after a seek: the seek's position).
+    /// Every worker of the partition has been sent everything below it, so a worker that must
+    /// skip to a position at or past it needs no seek.
+    delivered: Option<i64>,
 }
 
 struct Router {
@@ -98,6 +103,8 @@ struct Router {
     drain_timeout: Duration,
     options: SourceOptions,
     fatal: Option<String>,
+    /// The id of the next worker started ([`WorkerCtx::id`]).
+    next_worker: u64,
     /// Records polled but not yet handed to their workers, in poll order per partition.
     /// Dispatched at the end of every poll burst and before any rebalance is handled, so a
     /// worker sees exactly the sequence it would see if every record were sent at once.
@@ -408,10 +415,13 @@ impl Router {
 
     /// Sends `recs` to every worker of `tp` (none if it is no longer assigned). Blocks while a
     /// worker's queue is full: backpressure.
-    fn send(&self, tp: &TopicPartition, recs: Vec<Record>) {
-        let Some(state) = self.parts.get(tp) else {
+    fn send(&mut self, tp: &TopicPartition, recs: Vec<Record>) {
+        let Some(state) = self.parts.get_mut(tp) else {
             return;
         };
+        if let Some(last) = recs.last() {
+            state.delivered = Some(last.offset + 1);
+        }
         let n = state.workers.len();
         let mut recs = Some(recs);
         for (i, w) in state.workers.iter().enumerate() {
@@ -501,14 +511,18 @@ impl Router {
             workers: Vec::new(),
             end: end.map(|(_, h)| h),
             committed: BTreeMap::new(),
+            delivered: None,
         };
         for (i, pos) in &positions {
             let (tx, rx) = mpsc::channel(self.queue.div_ceil(SEND_BATCH).max(2));
             if let Some(p) = pos.or(end.map(|(low, _)| low)) {
                 state.committed.insert(*i, p);
             }
+            self.next_worker += 1;
+            let id = self.next_worker;
             let ctx = WorkerCtx {
                 sink_index: *i,
+                id,
                 runtime: self.sinks[*i].clone(),
                 tp: tp.clone(),
                 position: *pos,
@@ -519,7 +533,12 @@ impl Router {
                 decode_rows: self.decode_rows,
             };
             let join = self.rt.spawn(worker::run(ctx, rx));
-            state.workers.push(WorkerHandle { sink: *i, tx, join });
+            state.workers.push(WorkerHandle {
+                sink: *i,
+                id,
+                tx,
+                join,
+            });
         }
         self.parts.insert(tp.clone(), state);
         // Seek to the earliest position any sink needs; a sink with no commit yet starts from
@@ -601,6 +620,7 @@ pub fn run(
         drain_timeout: cfg.drain_timeout,
         options,
         fatal: None,
+        next_worker: 0,
         pending: Vec::new(),
         pending_records: 0,
         keep_headers: sinks
@@ -643,40 +663,12 @@ pub fn run(
                     }
                     note_commit(&mut positions, &mut to_commit, &sinks, sink, tp, next.0);
                 }
-                Event::Resync { sink, tp, position } => {
-                    // The worker ignores input until it hears the seek happened; a failed seek
-                    // must never be reported as done (records before the old position would be
-                    // skipped), so retry, then stop the process: a restart recovers from the
-                    // table.
-                    let mut sought = Err(rdkafka::error::KafkaError::Seek("not tried".into()));
-                    for attempt in 0..5 {
-                        sought = consumer.seek(
-                            &tp.topic,
-                            tp.partition,
-                            KOffset::Offset(position),
-                            Duration::from_secs(10),
-                        );
-                        if sought.is_ok() || !router.parts.contains_key(&tp) {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(200 << attempt));
-                    }
-                    match (sought, router.parts.get(&tp)) {
-                        (_, None) => {} // revoked meanwhile: the next owner recovers
-                        (Ok(()), Some(state)) => {
-                            for w in state.workers.iter().filter(|w| w.sink == sink) {
-                                // Blocking: the worker drains its queue while resyncing.
-                                let _ = w.tx.blocking_send(WorkerMsg::Seeked { position });
-                            }
-                        }
-                        (Err(e), Some(_)) => {
-                            router.fatal.get_or_insert(format!(
-                                "cannot seek {tp} to {position} after another writer committed \
-                                 that range: {e}; restarting recovers from the table"
-                            ));
-                        }
-                    }
-                }
+                Event::Resync {
+                    sink,
+                    worker,
+                    tp,
+                    position,
+                } => resync(&consumer, &mut router, sink, worker, &tp, position),
                 Event::Fatal { message } => {
                     router.fatal.get_or_insert(message);
                 }
@@ -719,7 +711,9 @@ pub fn run(
                 Some(Ok(m)) => {
                     let mut router = consumer.context().router.lock().expect("router");
                     router.push(&m);
-                    if router.pending_records >= POLL_BURST {
+                    // A worker's event (a commit, a resync after a fence) ends the burst: it is
+                    // answered before more records are handed out.
+                    if router.pending_records >= POLL_BURST || !events.is_empty() {
                         break;
                     }
                     wait = Duration::ZERO;
@@ -765,6 +759,72 @@ pub fn run(
         }
     }
     result
+}
+
+/// A worker of `sink` was fenced and must read on from `position`, the winner's end.
+///
+/// There is one fetch position per partition, shared by every sink of the topic, so it is
+/// never moved forward for one sink: that would skip records the other sinks have not read.
+/// At or past what was delivered, the worker needs no seek (it skips up to `position` itself);
+/// before it, the source seeks back, and the other sinks skip what they already have. A request
+/// of a worker that was drained meanwhile (the partition revoked, perhaps assigned again) is
+/// ignored: its writer is gone. The worker ignores input until it hears `Seeked`; a failed seek
+/// must never be reported as done (records before the old position would be skipped), so it is
+/// retried, then stops the process: a restart recovers from the table.
+fn resync(
+    consumer: &BaseConsumer<LakeContext>,
+    router: &mut Router,
+    sink: usize,
+    worker: u64,
+    tp: &TopicPartition,
+    position: i64,
+) {
+    let Some(state) = router.parts.get(tp) else {
+        return; // revoked meanwhile: the next owner recovers
+    };
+    if !state.workers.iter().any(|w| w.id == worker) {
+        debug!(%tp, sink, worker, "a drained worker's resync ignored");
+        return;
+    }
+    let name = &router.sinks[sink].config.name;
+    let delivered = state.delivered;
+    if delivered.is_none_or(|d| position >= d) {
+        info!(sink = %name, %tp, position, delivered = ?delivered,
+              "reading on from {position} after another writer's commit; the consumer stays where it is (other sinks of the topic read from it)");
+    } else {
+        info!(sink = %name, %tp, position, delivered = ?delivered,
+              "seeking {tp} back to {position} after another writer's commit (the other sinks of the topic skip what they have)");
+        let mut sought = Err(rdkafka::error::KafkaError::Seek("not tried".into()));
+        for attempt in 0..5 {
+            sought = consumer.seek(
+                &tp.topic,
+                tp.partition,
+                KOffset::Offset(position),
+                Duration::from_secs(10),
+            );
+            if sought.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200 << attempt));
+        }
+        if let Err(e) = sought {
+            router.fatal.get_or_insert(format!(
+                "cannot seek {tp} to {position} after another writer committed that range: {e}; \
+                 restarting recovers from the table"
+            ));
+            return;
+        }
+    }
+    let Some(state) = router.parts.get_mut(tp) else {
+        return;
+    };
+    if delivered.is_some_and(|d| position < d) {
+        state.delivered = Some(position);
+    }
+    for w in state.workers.iter().filter(|w| w.id == worker) {
+        // Blocking: the worker drains its queue while resyncing.
+        let _ = w.tx.blocking_send(WorkerMsg::Seeked { position });
+    }
 }
 
 /// Logs a Kafka error, each distinct one at most every 30 s.

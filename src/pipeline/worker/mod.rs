@@ -48,6 +48,8 @@ use commit::backoff;
 /// Everything a worker needs.
 pub struct WorkerCtx {
     pub sink_index: usize,
+    /// Unique per worker in this process: tells a live worker's events from a drained one's.
+    pub id: u64,
     pub runtime: Arc<SinkRuntime>,
     pub tp: TopicPartition,
     /// Committed position recovered from the sink, if any.
@@ -432,6 +434,7 @@ impl Worker {
         self.resyncing = true;
         let _ = self.ctx.events.send(Event::Resync {
             sink: self.ctx.sink_index,
+            worker: self.ctx.id,
             tp,
             position,
         });

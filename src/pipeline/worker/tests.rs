@@ -125,6 +125,7 @@ flush = { max_rows = 2 }
     let progress = Arc::new(Progress::default());
     let tp = TopicPartition::new("t", 0);
     let ctx = WorkerCtx {
+        id: 1,
         sink_index: 0,
         runtime,
         tp: tp.clone(),
