@@ -17,21 +17,21 @@ fn delta_sink_config(extra: &str) -> String {
     format!("kind = \"delta\"\n{extra}")
 }
 
-fn app_ids(group: &str, topic: &str, partitions: i32) -> Vec<String> {
+fn app_ids(topic: &str, partitions: i32) -> Vec<String> {
     (0..partitions)
-        .map(|p| format!("lakesink/{group}/{topic}/{p}"))
+        .map(|p| format!("lakesink/{topic}/{p}"))
         .collect()
 }
 
 /// Checks the txn versions python deltalake reads: last offset of each partition.
-fn assert_txns(table: &Value, group: &str, topic: &str, produced: &Produced) {
+fn assert_txns(table: &Value, topic: &str, produced: &Produced) {
     let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
     for (p, o) in produced.keys() {
         let e = ends.entry(*p).or_default();
         *e = (*e).max(*o);
     }
     for (p, last) in ends {
-        let app = format!("lakesink/{group}/{topic}/{p}");
+        let app = format!("lakesink/{topic}/{p}");
         assert_eq!(
             table["txn"][&app].as_i64(),
             Some(last),
@@ -69,9 +69,9 @@ async fn delta_exactly_once(store: Store, n: i64) {
     .await;
     let log = proc_.stop();
     assert!(!log.contains(AZURITE_KEY), "a secret leaked into the log");
-    let table = store.read_delta(&app_ids(&group, &topic, PARTITIONS));
+    let table = store.read_delta(&app_ids(&topic, PARTITIONS));
     assert_exactly_once(&table, &produced);
-    assert_txns(&table, &group, &topic, &produced);
+    assert_txns(&table, &topic, &produced);
     assert_eq!(table["partition_columns"], serde_json::json!(["day"]));
     let schema = &table["schema"];
     assert!(
@@ -139,7 +139,7 @@ async fn delta_gains_a_column_mid_stream() {
     )
     .await;
     proc_.stop();
-    let table = store.read_delta(&app_ids(&group, &topic, 1));
+    let table = store.read_delta(&app_ids(&topic, 1));
     assert_exactly_once(&table, &produced);
     assert!(
         table["schema"]["coupon"]
@@ -190,7 +190,7 @@ async fn delta_crash_between_files_and_commit_then_maintain() {
     let mut first = Lakesink::start(&cfg, &[("LAKESINK_TEST_CRASHPOINT", "after_stage:3")]);
     first.wait_for_line("CRASHPOINT after_stage", Duration::from_secs(120));
     first.kill9();
-    let ids = app_ids(&group, &topic, PARTITIONS);
+    let ids = app_ids(&topic, PARTITIONS);
     let before = store.read_delta(&ids);
     let rows = before["rows"].as_array().unwrap();
     let mut seen = std::collections::BTreeSet::new();
@@ -217,7 +217,7 @@ async fn delta_crash_between_files_and_commit_then_maintain() {
     second.stop();
     let after = store.read_delta(&ids);
     assert_exactly_once(&after, &produced);
-    assert_txns(&after, &group, &topic, &produced);
+    assert_txns(&after, &topic, &produced);
     let orphans = after["stored_files"].as_u64().unwrap() - after["files"].as_u64().unwrap();
     assert!(orphans > 0, "orphans are still there before maintenance");
     assert!(
@@ -242,7 +242,7 @@ async fn delta_crash_between_files_and_commit_then_maintain() {
     assert!(stdout.contains("ok    orders"), "{stdout}");
     let maintained = store.read_delta(&ids);
     assert_exactly_once(&maintained, &produced);
-    assert_txns(&maintained, &group, &topic, &produced);
+    assert_txns(&maintained, &topic, &produced);
     assert_eq!(
         maintained["stored_files"], maintained["files"],
         "vacuum removed every unreferenced file"
@@ -289,9 +289,9 @@ async fn two_members_append_to_one_delta_table() {
     wait_delta(&reader, &topic, &produced, &mut a, Duration::from_secs(180)).await;
     let log_a = a.stop();
     let log_b = b.stop();
-    let table = store.read_delta(&app_ids(&group, &topic, partitions));
+    let table = store.read_delta(&app_ids(&topic, partitions));
     assert_exactly_once(&table, &produced);
-    assert_txns(&table, &group, &topic, &produced);
+    assert_txns(&table, &topic, &produced);
     for (name, log) in [("first", &log_a), ("second", &log_b)] {
         assert!(
             log.contains("committed") || log.contains("commit"),
@@ -395,11 +395,8 @@ async fn zombie_is_fenced_and_concurrent_writers_commit_on_s3() {
     );
 
     commit_rates(&store, group, "moto").await;
-    let table = store.read_delta(&[format!("lakesink/{group}/t/0")]);
-    assert_eq!(
-        table["txn"][format!("lakesink/{group}/t/0")].as_i64(),
-        Some(19)
-    );
+    let table = store.read_delta(&["lakesink/t/0".to_string()]);
+    assert_eq!(table["txn"]["lakesink/t/0".to_string()].as_i64(), Some(19));
     // The zombie's 5 rows would make this 445.
     assert_eq!(
         table["duckdb"]["count"].as_u64(),
@@ -457,7 +454,7 @@ async fn debezium_upsert_reaches_the_final_source_state() {
     )
     .await;
     proc_.stop();
-    let table = store.read_delta(&[format!("lakesink/{group}/{topic}/0")]);
+    let table = store.read_delta(&[format!("lakesink/{topic}/0")]);
     let got: BTreeMap<i64, String> = table["rows"]
         .as_array()
         .unwrap()
@@ -481,7 +478,7 @@ async fn debezium_upsert_reaches_the_final_source_state() {
     );
     assert_eq!(got, state);
     assert_eq!(
-        table["txn"][format!("lakesink/{group}/{topic}/0")].as_i64(),
+        table["txn"][format!("lakesink/{topic}/0")].as_i64(),
         Some(sent - 1)
     );
     let history: Vec<&str> = table["history"]

@@ -165,7 +165,8 @@ pub fn delta_config(cfg: &ValidatedConfig, s: &crate::config::ValidatedSink) -> 
     DeltaSinkConfig {
         partition_by: s.partition_by.clone(),
         compression: s.compression,
-        app_id_prefix: format!("lakesink/{}", cfg.group_id),
+        app_id_prefix: "lakesink".into(),
+        legacy_app_id_prefix: Some(format!("lakesink/{}", cfg.group_id)),
         table_properties: s.delta.properties.clone(),
         checkpoint_interval: s.delta.checkpoint_interval,
         commit_attempts: s.delta.commit_attempts,

@@ -290,7 +290,7 @@ impl Store {
             &self.url,
             self.options.clone(),
             sinks::delta::DeltaSinkConfig {
-                app_id_prefix: format!("lakesink/{group}"),
+                legacy_app_id_prefix: Some(format!("lakesink/{group}")),
                 ..Default::default()
             },
         )
@@ -754,6 +754,35 @@ impl Lakesink {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// Runs `lakesink run --until-caught-up` on `config_text` to its end; asserts it exits 0 and
+/// returns its log.
+pub fn catch_up(config_text: &str, extra_env: &[(&str, &str)]) -> String {
+    let path = scratch("catch-up").join("lakesink.toml");
+    std::fs::write(&path, config_text).unwrap();
+    let args = [
+        "run",
+        "--until-caught-up",
+        "--config",
+        path.to_str().unwrap(),
+    ];
+    let mut proc_ = Lakesink::start_args(&args, extra_env);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = proc_.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "still running:\n{}",
+            proc_.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(status.success(), "{status}:\n{}", proc_.log());
+    proc_.log()
 }
 
 /// A failed test does not leave its lakesink processes running (they would keep loading the

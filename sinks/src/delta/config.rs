@@ -10,8 +10,13 @@ pub struct DeltaSinkConfig {
     pub partition_by: Vec<PartitionSpec>,
     pub compression: Compression,
     pub row_group_rows: usize,
-    /// `lakesink/<group>`: txn app ids are `<prefix>/<topic>/<partition>`.
+    /// Txn app ids are `<prefix>/<topic>/<partition>` (`lakesink/orders/3`): the table's own
+    /// identity of a source partition, so renaming the consumer group or running a second
+    /// deployment finds the same position (and two deployments fence each other).
     pub app_id_prefix: String,
+    /// The prefix earlier lakesink versions used (`lakesink/<group>`), read when a partition has no
+    /// position under `app_id_prefix` yet: a table written by them resumes where it was.
+    pub legacy_app_id_prefix: Option<String>,
     /// Table properties set when lakesink creates the table (`delta.*` keys and free-form ones).
     pub table_properties: BTreeMap<String, String>,
     /// `delta.checkpointInterval` for tables lakesink creates: a checkpoint every N commits.
@@ -32,6 +37,7 @@ impl Default for DeltaSinkConfig {
             compression: Compression::Snappy,
             row_group_rows: 1 << 20,
             app_id_prefix: "lakesink".into(),
+            legacy_app_id_prefix: None,
             table_properties: BTreeMap::new(),
             checkpoint_interval: 10,
             commit_attempts: 20,

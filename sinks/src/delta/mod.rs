@@ -14,8 +14,11 @@
 //!              re-read txn(appId) to decide Fenced / AlreadyCommitted
 //! ```
 //!
-//! `appId = "<app_id_prefix>/<topic>/<partition>"` (`lakesink/<group>/<topic>/<partition>`),
+//! `appId = "<app_id_prefix>/<topic>/<partition>"` (`lakesink/<topic>/<partition>`),
 //! `version` = the last offset the commit covers, so the committed position is `version + 1`.
+//! The app id names the source partition, not the consumer group: a renamed group or a second
+//! deployment resumes from, and is fenced by, the same position. (Earlier lakesink versions used
+//! `lakesink/<group>/<topic>/<partition>`; that position is read when the new one is absent.)
 //!
 //! Invariants:
 //! - A flush becomes visible in exactly one log entry, together with its txn action; a crash

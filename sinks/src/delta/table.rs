@@ -88,17 +88,27 @@ impl DeltaSink {
         }
     }
 
-    /// The table's committed position for `tp`, from the loaded snapshot.
+    /// The table's committed position for `tp`, from the loaded snapshot: its txn version
+    /// under the app id, else under the legacy app id (a table last written by an older
+    /// version), which the next commit carries over to the app id.
     pub(super) async fn txn_position(
         &self,
         table: &DeltaTable,
         tp: &TopicPartition,
     ) -> Result<Option<Offset>> {
         let snapshot = table.snapshot().map_err(|e| self.err("snapshot", e))?;
-        let v = snapshot
-            .transaction_version(table.log_store().as_ref(), self.app_id(tp))
+        let log = table.log_store();
+        let mut v = snapshot
+            .transaction_version(log.as_ref(), self.app_id(tp))
             .await
             .map_err(|e| self.err("read txn", e))?;
+        if let (None, Some(legacy)) = (v, &self.config.legacy_app_id_prefix) {
+            let app_id = format!("{legacy}/{}/{}", tp.topic, tp.partition);
+            v = snapshot
+                .transaction_version(log.as_ref(), app_id)
+                .await
+                .map_err(|e| self.err("read txn", e))?;
+        }
         Ok(v.map(|v| Offset(v + 1)))
     }
 }

@@ -162,6 +162,49 @@ async fn appends_record_positions_and_fence_zombies() {
     );
 }
 
+/// A table written by an earlier version (app ids `lakesink/<group>/<topic>/<p>`) resumes where
+/// it was, and its next commit moves the position to the group-free app id.
+#[tokio::test]
+async fn a_table_of_the_group_keyed_app_ids_resumes_where_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = sink(
+        dir.path(),
+        DeltaSinkConfig {
+            app_id_prefix: "lakesink/blue".into(),
+            ..Default::default()
+        },
+    );
+    let tp = TopicPartition::new("orders", 0);
+    commit(&old, flush(0, 0, 10, vec![batch(0..10, false)])).await;
+    let new = || {
+        sink(
+            dir.path(),
+            DeltaSinkConfig {
+                legacy_app_id_prefix: Some("lakesink/blue".into()),
+                ..Default::default()
+            },
+        )
+    };
+    assert_eq!(new().recover(&tp).await.unwrap(), Some(Offset(10)));
+    assert_eq!(
+        commit(&new(), flush(0, 0, 10, vec![batch(0..10, false)])).await,
+        CommitOutcome::AlreadyCommitted { next: Offset(10) }
+    );
+    assert_eq!(
+        commit(&new(), flush(0, 10, 20, vec![batch(10..20, false)])).await,
+        CommitOutcome::Committed { next: Offset(20) }
+    );
+    // Another group's deployment (no legacy id of its own) reads the same position.
+    assert_eq!(
+        sink(dir.path(), DeltaSinkConfig::default())
+            .recover(&tp)
+            .await
+            .unwrap(),
+        Some(Offset(20))
+    );
+    assert_eq!(count(dir.path()).await, 20);
+}
+
 #[tokio::test]
 async fn concurrent_writers_of_different_partitions_all_commit() {
     let dir = tempfile::tempdir().unwrap();
