@@ -225,7 +225,7 @@ pub fn render(p: &Progress) -> String {
             );
         }
     }
-    let _ = writeln!(out, "# HELP lakesink_skipped_total Records skipped, by reason: undecodable ones under errors = \"skip\" (their error class), and by rule: Debezium records that are not row changes (not-a-row-change), truncates in append tables (truncate).\n# TYPE lakesink_skipped_total counter");
+    let _ = writeln!(out, "# HELP lakesink_skipped_total Records skipped, by reason: undecodable ones under errors = \"skip\" (their error class), and by rule: Debezium records that are not row changes (not-a-row-change), truncates in append tables (truncate); and records the topic's retention deleted before they were read (retention).\n# TYPE lakesink_skipped_total counter");
     for ((sink, class, what), n) in &rejected {
         if *what == "skip" {
             let _ = writeln!(
@@ -268,6 +268,18 @@ pub fn render(p: &Progress) -> String {
         );
     }
     let _ = writeln!(out, "# HELP lakesink_stalled_partitions How many assigned partitions are stalled.\n# TYPE lakesink_stalled_partitions gauge\nlakesink_stalled_partitions {}", stalled.len());
+    let quarantined = p.quarantined.lock().expect("progress").clone();
+    let _ = writeln!(out, "# HELP lakesink_partition_quarantined Partitions (of one sink, or sink=\"*\": of every sink) not consumed until an operator acts: a position beyond the end of the log (topic recreated or truncated), a broken commit chain (1 while quarantined; /readyz and the log say why and what to do).\n# TYPE lakesink_partition_quarantined gauge");
+    for (tp, sink) in quarantined.keys() {
+        let _ = writeln!(
+            out,
+            "lakesink_partition_quarantined{{sink=\"{}\",topic=\"{}\",partition=\"{}\"}} 1",
+            esc(sink),
+            esc(&tp.topic),
+            tp.partition
+        );
+    }
+    let _ = writeln!(out, "# HELP lakesink_quarantined_partitions How many (sink, partition) pairs are quarantined.\n# TYPE lakesink_quarantined_partitions gauge\nlakesink_quarantined_partitions {}", quarantined.len());
     let _ = writeln!(out, "# HELP lakesink_ready Whether the process holds partitions and is not draining.\n# TYPE lakesink_ready gauge\nlakesink_ready {}", u8::from(p.ready()));
     out
 }
@@ -296,6 +308,7 @@ pub async fn serve(addr: SocketAddr, progress: Arc<Progress>) -> std::io::Result
                 let p = ready.clone();
                 async move {
                     let stalled = p.stalled.lock().expect("progress").clone();
+                    let quarantined = p.quarantined.lock().expect("progress").clone();
                     if p.ready() {
                         (StatusCode::OK, "ready\n".to_string())
                     } else if p.health.draining.load(Relaxed) {
@@ -305,6 +318,14 @@ pub async fn serve(addr: SocketAddr, progress: Arc<Progress>) -> std::io::Result
                             .iter()
                             .map(|(tp, (offset, cause))| {
                                 format!("partition {tp} stalled at offset {offset}: {cause}\n")
+                            })
+                            .collect();
+                        (StatusCode::SERVICE_UNAVAILABLE, lines.concat())
+                    } else if !quarantined.is_empty() {
+                        let lines: Vec<String> = quarantined
+                            .iter()
+                            .map(|((tp, sink), why)| {
+                                format!("partition {tp} quarantined (sink {sink}): {why}\n")
                             })
                             .collect();
                         (StatusCode::SERVICE_UNAVAILABLE, lines.concat())

@@ -28,3 +28,127 @@ async fn renaming_the_group_reingests_nothing() {
     }
     assert_exactly_once(&delta.read_delta(&[]), &produced);
 }
+
+fn offsets(store: &Store) -> Vec<(i32, i64)> {
+    let mut v: Vec<(i32, i64)> = store.read()["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["p"].as_i64().unwrap() as i32, r["o"].as_i64().unwrap()))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// F4: the topic is deleted and created again while the table is at position 1,000; the new
+/// topic holds 300 records. Skipping them (or reading them as if they followed the old ones)
+/// would lose or misplace them silently: the partition stops, the run fails and says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recreated_topic_stops_its_partition_instead_of_skipping() {
+    let topic = unique("recreated");
+    create_topic(&topic, 1).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    produce(&topic, id, 0..1000, 1).await;
+    let store = Store::local("orders");
+    let cfg = config(&topic, &unique("g"), &registry_url, &store, "");
+    catch_up(&cfg, &[]);
+    assert_eq!(committed_rows(&store, &topic).await, 1000);
+
+    recreate_topic(&topic, 1).await;
+    produce(&topic, id, 1000..1300, 1).await;
+    let (status, log) = catch_up_status(&cfg, &[]);
+    assert!(!status.success(), "the run must fail:\n{log}");
+    assert!(
+        log.contains("beyond the end of its log") && log.contains("quarantined"),
+        "the log names the cause:\n{log}"
+    );
+    assert_eq!(
+        committed_rows(&store, &topic).await,
+        1000,
+        "nothing written"
+    );
+}
+
+/// F4: retention deleted records the table has not read (here with `auto.offset.reset =
+/// "latest"`, which before jumped to the end): the rest is read, the loss logged.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_lost_to_retention_are_logged_and_the_rest_is_read() {
+    let topic = unique("retention");
+    create_topic(&topic, 1).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    produce(&topic, id, 0..1000, 1).await;
+    let store = Store::local("orders");
+    let cfg = config(&topic, &unique("g"), &registry_url, &store, "");
+    catch_up(&cfg, &[]);
+    produce(&topic, id, 1000..2000, 1).await;
+    delete_records(&topic, 0, 1500).await;
+    // `latest` only says where a sink with no position starts; this table has one.
+    let latest = cfg.replace(
+        "\"topic.metadata.refresh.interval.ms\" = \"1000\"",
+        "\"topic.metadata.refresh.interval.ms\" = \"1000\", \"auto.offset.reset\" = \"latest\"",
+    );
+    assert!(latest.contains("latest"));
+    let log = catch_up(&latest, &[]);
+    assert!(
+        log.contains("records 1000..1500") && log.contains("deleted by the topic's retention"),
+        "the loss is logged:\n{log}"
+    );
+    let expected: Vec<(i32, i64)> = (0..1000).chain(1500..2000).map(|o| (0, o)).collect();
+    assert_eq!(offsets(&store), expected);
+}
+
+/// F4: a table deleted by hand while lakesink was stopped is rebuilt from the log, not resumed
+/// from the group's committed offsets (which are for lag dashboards).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_deleted_by_hand_is_rebuilt_from_the_log() {
+    let topic = unique("deleted");
+    create_topic(&topic, 3).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    let produced = produce(&topic, id, 0..600, 3).await;
+    let store = Store::local("orders");
+    let cfg = config(&topic, &unique("g"), &registry_url, &store, "");
+    catch_up(&cfg, &[]);
+    let dir = store.url.strip_prefix("file://").unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+    catch_up(&cfg, &[]);
+    assert_exactly_once(&store.read(), &produced);
+}
+
+/// F4 while running: the topic is recreated under a running lakesink. The partition stops (the
+/// process goes on, for its other partitions) instead of reading the new records as if they
+/// followed the old ones, or skipping them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_topic_recreated_under_a_running_sink_stops_its_partition() {
+    let topic = unique("recreated-live");
+    create_topic(&topic, 1).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    produce(&topic, id, 0..1000, 1).await;
+    let store = Store::local("orders");
+    let cfg = config(&topic, &unique("g"), &registry_url, &store, "");
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    wait_rows(
+        &store,
+        &topic,
+        1000,
+        &mut proc_,
+        std::time::Duration::from_secs(60),
+    )
+    .await;
+    recreate_topic(&topic, 1).await;
+    produce(&topic, id, 1000..1300, 1).await;
+    proc_.wait_for_line(
+        "beyond the end of its log",
+        std::time::Duration::from_secs(90),
+    );
+    let log = proc_.stop();
+    assert!(log.contains("position 1000"), "{log}");
+    assert_eq!(
+        committed_rows(&store, &topic).await,
+        1000,
+        "nothing written"
+    );
+}

@@ -859,9 +859,23 @@ impl Config {
         for (name, value, _) in FORCED {
             props.insert((*name).into(), Secret::new(*value));
         }
-        props
+        let reset = props
             .entry("auto.offset.reset".into())
             .or_insert_with(|| Secret::new("earliest"));
+        if !matches!(
+            reset.expose(),
+            "earliest" | "smallest" | "beginning" | "latest" | "largest" | "end"
+        ) {
+            return Err(err(
+                "kafka.properties.\"auto.offset.reset\"",
+                format!(
+                    "`{}`: must be `earliest` or `latest`. It only says where a sink with no \
+                     position in its table starts; lakesink resolves out-of-range positions itself \
+                     (see \"When the log and the table disagree\" in the README)",
+                    reset.expose()
+                ),
+            ));
+        }
 
         let registry = match &self.schema_registry {
             Some(r) => {

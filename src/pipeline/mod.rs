@@ -270,6 +270,9 @@ pub struct Progress {
     /// Partitions the consumer cannot read (`source::stall`): the offset it is stuck at and the
     /// last consumer error seen.
     pub stalled: Mutex<BTreeMap<TopicPartition, (i64, String)>>,
+    /// Partitions not consumed, by this member, until an operator acts (`source::positions`):
+    /// (partition, sink name, or `*` for every sink of it) and why.
+    pub quarantined: Mutex<BTreeMap<(TopicPartition, String), String>>,
     /// The last error the Kafka consumer reported (librdkafka's text, never a secret).
     pub consumer_error: Mutex<Option<String>>,
 }
@@ -323,12 +326,29 @@ impl Progress {
         (done, total)
     }
 
-    /// Assigned partitions, not draining, and none of them stalled.
+    /// Assigned partitions, not draining, and none of them stalled or quarantined.
     pub fn ready(&self) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         self.health.assigned.load(Relaxed)
             && !self.health.draining.load(Relaxed)
             && self.stalled.lock().expect("progress").is_empty()
+            && self.quarantined.lock().expect("progress").is_empty()
+    }
+
+    /// Stops consuming `tp` for `sink` (`None`: every sink of it) until an operator acts.
+    pub fn quarantine(&self, tp: &TopicPartition, sink: Option<&str>, why: String) {
+        self.quarantined
+            .lock()
+            .expect("progress")
+            .insert((tp.clone(), sink.unwrap_or("*").to_string()), why);
+    }
+
+    /// Forgets the quarantines of `tp` (revoked: its next owner decides again).
+    pub fn release_quarantine(&self, tp: &TopicPartition) {
+        self.quarantined
+            .lock()
+            .expect("progress")
+            .retain(|(t, _), _| t != tp);
     }
 
     /// Records the consumer's latest error.

@@ -34,7 +34,10 @@ use crate::decode::Record;
 use crate::pipeline::worker::{self, WorkerCtx};
 use crate::pipeline::{BufferBudget, Event, Progress, SinkRuntime, WorkerMsg};
 
+mod positions;
 pub mod stall;
+
+pub use positions::StartAt;
 
 /// How the source runs.
 #[derive(Debug, Clone, Copy, Default)]
@@ -103,6 +106,8 @@ struct Router {
     drain_timeout: Duration,
     options: SourceOptions,
     fatal: Option<String>,
+    /// Where a sink with no position in its table starts.
+    start_at: StartAt,
     /// The id of the next worker started ([`WorkerCtx::id`]).
     next_worker: u64,
     /// Records polled but not yet handed to their workers, in poll order per partition.
@@ -164,6 +169,8 @@ pub struct LakeContext {
     router: Mutex<Router>,
     auth: crate::auth::KafkaAuth,
     stalls: Mutex<stall::StallDetector>,
+    /// Fetch offsets librdkafka reset (out of range), for the poll loop to resolve.
+    resets: Mutex<Vec<(TopicPartition, i64)>>,
 }
 
 impl ClientContext for LakeContext {
@@ -177,6 +184,11 @@ impl ClientContext for LakeContext {
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if fac == "OFFSET" {
+            if let Some(reset) = positions::parse_offset_reset(log_message) {
+                self.resets.lock().expect("resets").push(reset);
+            }
+        }
         crate::auth::forward_log(&self.auth, level, fac, log_message);
     }
 
@@ -285,14 +297,17 @@ impl ConsumerContext for LakeContext {
                         .filter(|tp| !router.parts.contains_key(tp))
                         .count();
                 router.decode_rows = decode_batch_rows(held);
+                let (mut started, mut idle) =
+                    (TopicPartitionList::new(), TopicPartitionList::new());
                 for tp in &tps {
+                    let had = router.parts.contains_key(tp);
                     match router.start_partition(consumer, tp) {
-                        Ok(Some(pos)) => {
-                            let _ = tpl.set_partition_offset(
-                                &tp.topic,
-                                tp.partition,
-                                KOffset::Offset(pos),
-                            );
+                        Ok(Some(at)) => {
+                            let _ = tpl.set_partition_offset(&tp.topic, tp.partition, at);
+                            started.add_partition(&tp.topic, tp.partition);
+                        }
+                        Ok(None) if !had => {
+                            idle.add_partition(&tp.topic, tp.partition);
                         }
                         Ok(None) => {}
                         Err(e) => {
@@ -306,6 +321,12 @@ impl ConsumerContext for LakeContext {
                 } else {
                     consumer.assign(tpl)
                 };
+                // A partition no sink can take (quarantined) is not fetched; one quarantined
+                // before, and now assigned again, is.
+                if r.is_ok() {
+                    let _ = consumer.pause(&idle);
+                    let _ = consumer.resume(&started);
+                }
                 router.progress.health.assigned.store(
                     !router.parts.is_empty(),
                     std::sync::atomic::Ordering::Relaxed,
@@ -326,6 +347,7 @@ impl ConsumerContext for LakeContext {
                 let mut highs = router.progress.high_watermarks.lock().expect("progress");
                 let mut stalls = self.stalls.lock().expect("stalls");
                 for tp in &tps {
+                    router.progress.release_quarantine(tp);
                     highs.remove(tp);
                     if stalls.forget(tp) {
                         router.progress.set_stalled(tp, None);
@@ -444,114 +466,6 @@ impl Router {
         }
     }
 
-    /// Recovers every sink of `tp`'s topic, starts their workers, returns the seek position.
-    fn start_partition(
-        &mut self,
-        consumer: &BaseConsumer<LakeContext>,
-        tp: &TopicPartition,
-    ) -> Result<Option<i64>, String> {
-        if self.parts.contains_key(tp) {
-            return Ok(None);
-        }
-        let mut positions = Vec::new();
-        for (i, s) in self.sinks.iter().enumerate() {
-            if !s.config.topics.matches(&tp.topic) {
-                continue;
-            }
-            let sink = s.sink.clone();
-            let tp2 = tp.clone();
-            let recovered = self.rt.block_on(async move {
-                let mut attempt = 0u32;
-                loop {
-                    match sink.recover(&tp2).await {
-                        Ok(p) => return Ok(p),
-                        Err(e) if e.is_retryable() && attempt < 8 => {
-                            attempt += 1;
-                            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            });
-            let recovered = recovered.map_err(|e| {
-                format!(
-                    "sink `{}` cannot recover its position for {tp}: {e}; the partition is not \
-                     consumed until the table is reachable",
-                    s.config.name
-                )
-            })?;
-            let recovered = recovered.map(|o| o.0);
-            info!(sink = %s.config.name, %tp, position = ?recovered, "recovered");
-            positions.push((i, recovered));
-        }
-        if positions.is_empty() {
-            return Ok(None);
-        }
-        let end = if self.options.until_caught_up {
-            let (low, high) = consumer
-                .fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(10))
-                .map_err(|e| format!("cannot read the end offset of {tp}: {e}"))?;
-            Some((low, high))
-        } else {
-            None
-        };
-        if let Some((low, high)) = end {
-            let start = positions
-                .iter()
-                .map(|(_, p)| p.unwrap_or(low))
-                .min()
-                .unwrap_or(low);
-            self.progress
-                .catch_up
-                .lock()
-                .expect("progress")
-                .insert(tp.clone(), (start, high));
-        }
-        let mut state = PartitionState {
-            workers: Vec::new(),
-            end: end.map(|(_, h)| h),
-            committed: BTreeMap::new(),
-            delivered: None,
-        };
-        for (i, pos) in &positions {
-            let (tx, rx) = mpsc::channel(self.queue.div_ceil(SEND_BATCH).max(2));
-            if let Some(p) = pos.or(end.map(|(low, _)| low)) {
-                state.committed.insert(*i, p);
-            }
-            self.next_worker += 1;
-            let id = self.next_worker;
-            let ctx = WorkerCtx {
-                sink_index: *i,
-                id,
-                runtime: self.sinks[*i].clone(),
-                tp: tp.clone(),
-                position: *pos,
-                end_offset: end.map(|(_, h)| h),
-                events: self.events.clone(),
-                budget: self.budget.clone(),
-                progress: self.progress.clone(),
-                decode_rows: self.decode_rows,
-            };
-            let join = self.rt.spawn(worker::run(ctx, rx));
-            state.workers.push(WorkerHandle {
-                sink: *i,
-                id,
-                tx,
-                join,
-            });
-        }
-        self.parts.insert(tp.clone(), state);
-        // Seek to the earliest position any sink needs; a sink with no commit yet starts from
-        // the group's offset or `auto.offset.reset`.
-        if positions.iter().any(|(_, p)| p.is_none()) {
-            if positions.iter().all(|(_, p)| p.is_none()) {
-                return Ok(None);
-            }
-            return Ok(Some(end.map_or(0, |(low, _)| low)));
-        }
-        Ok(positions.iter().filter_map(|(_, p)| *p).min())
-    }
-
     /// Flushes, commits and stops the workers of `tps`, within the drain timeout.
     fn drain(&mut self, tps: &[TopicPartition]) {
         let mut acks = Vec::new();
@@ -620,6 +534,7 @@ pub fn run(
         drain_timeout: cfg.drain_timeout,
         options,
         fatal: None,
+        start_at: StartAt::from_config(cfg),
         next_worker: 0,
         pending: Vec::new(),
         pending_records: 0,
@@ -629,11 +544,16 @@ pub fn run(
         arena: bytes::BytesMut::new(),
         decode_rows: decode_batch_rows(1),
     };
+    // Every start position is explicit (see `positions`), so librdkafka resets only a fetch
+    // offset found out of range, always to the log start, and says so in a warning that
+    // `positions` resolves against the table's position.
     let consumer: BaseConsumer<LakeContext> = client_config(cfg)
+        .set("auto.offset.reset", "earliest")
         .create_with_context(LakeContext {
             router: Mutex::new(router),
             auth: crate::auth::KafkaAuth::from_config(cfg),
             stalls: Mutex::new(stall::StallDetector::new(cfg.stall_timeout)),
+            resets: Mutex::new(Vec::new()),
         })
         .map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
     let mut subscriptions: Vec<String> = sinks
@@ -679,9 +599,27 @@ pub fn run(
             if let Some(f) = &router.fatal {
                 break Err(f.clone());
             }
-            if options.until_caught_up && router.caught_up() {
-                info!("caught up: every assigned partition is committed up to the end offset it had at start");
-                break Ok(());
+            if options.until_caught_up {
+                let quarantined = router
+                    .progress
+                    .quarantined
+                    .lock()
+                    .expect("progress")
+                    .clone();
+                if !quarantined.is_empty() && (router.parts.is_empty() || router.caught_up()) {
+                    let list: Vec<String> = quarantined
+                        .iter()
+                        .map(|((tp, sink), why)| format!("{tp} (sink {sink}): {why}"))
+                        .collect();
+                    break Err(format!(
+                        "caught up except for quarantined partitions, which were not read: {}",
+                        list.join("; ")
+                    ));
+                }
+                if router.caught_up() {
+                    info!("caught up: every assigned partition is committed up to the end offset it had at start");
+                    break Ok(());
+                }
             }
         }
         if cancel.is_cancelled() {
@@ -725,12 +663,21 @@ pub fn run(
                 }
             }
         }
-        consumer
-            .context()
-            .router
-            .lock()
-            .expect("router")
-            .dispatch_pending();
+        let mut router = consumer.context().router.lock().expect("router");
+        router.dispatch_pending();
+        // Fetch offsets librdkafka found out of range (see `positions`): resolved against the
+        // log's watermarks; one that cannot be checked now is checked after the next burst.
+        let resets = std::mem::take(&mut *consumer.context().resets.lock().expect("resets"));
+        for (tp, at) in resets {
+            if !router.offset_reset(&consumer, &tp, at) {
+                consumer
+                    .context()
+                    .resets
+                    .lock()
+                    .expect("resets")
+                    .push((tp, at));
+            }
+        }
     };
     // Drain: flush and commit every writer, then commit group offsets once more.
     progress

@@ -383,6 +383,54 @@ pub async fn create_topic(name: &str, partitions: i32) {
     }
 }
 
+/// Deletes `name` and creates it again, empty, with `partitions` (Kafka deletes
+/// asynchronously: the create is retried while the old topic is still being removed).
+pub async fn recreate_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for r in admin.delete_topics(&[name], &opts).await.unwrap() {
+        r.unwrap_or_else(|(t, e)| panic!("delete topic {t}: {e}"));
+    }
+    let start = Instant::now();
+    loop {
+        let res = admin
+            .create_topics(
+                &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                &opts,
+            )
+            .await
+            .unwrap();
+        match res.into_iter().next().unwrap() {
+            Ok(_) => return,
+            Err((t, e)) => assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "recreate topic {t}: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Deletes the records of `topic`/`partition` before `before` (what retention does).
+pub async fn delete_records(topic: &str, partition: i32, before: i64) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(before))
+        .unwrap();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let done = admin.delete_records(&tpl, &opts).await.unwrap();
+    for e in done.elements() {
+        e.error()
+            .unwrap_or_else(|e| panic!("delete records of {topic}: {e}"));
+    }
+}
+
 /// A registry server in this test process; returns its URL and a client.
 pub async fn registry() -> (String, RegistryClient) {
     let (addr, _task) = schema_registry::server::spawn("127.0.0.1:0".parse().unwrap(), None)
@@ -759,6 +807,16 @@ impl Lakesink {
 /// Runs `lakesink run --until-caught-up` on `config_text` to its end; asserts it exits 0 and
 /// returns its log.
 pub fn catch_up(config_text: &str, extra_env: &[(&str, &str)]) -> String {
+    let (status, log) = catch_up_status(config_text, extra_env);
+    assert!(status.success(), "{status}:\n{log}");
+    log
+}
+
+/// Runs `lakesink run --until-caught-up` on `config_text` to its end: its exit status and log.
+pub fn catch_up_status(
+    config_text: &str,
+    extra_env: &[(&str, &str)],
+) -> (std::process::ExitStatus, String) {
     let path = scratch("catch-up").join("lakesink.toml");
     std::fs::write(&path, config_text).unwrap();
     let args = [
@@ -781,8 +839,7 @@ pub fn catch_up(config_text: &str, extra_env: &[(&str, &str)]) -> String {
         std::thread::sleep(Duration::from_millis(100));
     };
     std::thread::sleep(Duration::from_millis(200));
-    assert!(status.success(), "{status}:\n{}", proc_.log());
-    proc_.log()
+    (status, proc_.log())
 }
 
 /// A failed test does not leave its lakesink processes running (they would keep loading the

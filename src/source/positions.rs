@@ -1,0 +1,316 @@
+//! Where a partition is read from, and what happens when the log and the table disagree.
+//!
+//! The table's position is the only truth about what a sink has: the consumer group's
+//! committed offsets are for lag dashboards. So:
+//! - A sink with a position in its table reads from exactly there. librdkafka never resolves an
+//!   out-of-range offset on its own (`auto.offset.reset=error` is set internally); lakesink
+//!   resolves it here, by comparing the position with the log's watermarks.
+//! - A sink with no position (a new table, or one deleted by hand) starts at the end of the log
+//!   that `auto.offset.reset` names (`earliest`, the default, or `latest`), never at the group's
+//!   committed offset: a table deleted by hand is rebuilt from what the log still holds.
+//! - A position below the log start (retention deleted records before they were read) is
+//!   logged and counted (`lakesink_skipped_total{reason="retention"}`), and reading goes on at
+//!   the log start: those records are gone from Kafka, nothing can bring them back.
+//! - A position beyond the log end (the topic was deleted and recreated, or truncated by an
+//!   unclean leader election) stops the partition: it is quarantined (paused, named in the log,
+//!   `/readyz` and `lakesink_partition_quarantined`), and the other partitions go on. Skipping to
+//!   the new end, or starting over at 0, would each lose or duplicate records silently.
+//! - A sink whose table cannot give a position (a broken commit chain, a corrupt marker, two
+//!   ledger rows) is quarantined for that partition alone; the other sinks of the topic go on. A
+//!   table that stays unreachable (retryable errors, retried for about a minute and a half)
+//!   stops the process, which a restart retries: that is systemic, not one partition's fault.
+
+use super::*;
+
+/// Where a sink with no position in its table starts: `kafka.properties."auto.offset.reset"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    Earliest,
+    Latest,
+}
+
+impl StartAt {
+    /// The policy the config names (validated: `earliest`/`smallest`/`beginning` or
+    /// `latest`/`largest`/`end`).
+    pub fn from_config(cfg: &ValidatedConfig) -> StartAt {
+        match cfg
+            .kafka_properties
+            .get("auto.offset.reset")
+            .map(|v| v.expose())
+        {
+            Some("latest" | "largest" | "end") => StartAt::Latest,
+            _ => StartAt::Earliest,
+        }
+    }
+
+    fn logical(self) -> KOffset {
+        match self {
+            StartAt::Earliest => KOffset::Beginning,
+            StartAt::Latest => KOffset::End,
+        }
+    }
+
+    fn resolve(self, (low, high): (i64, i64)) -> i64 {
+        match self {
+            StartAt::Earliest => low,
+            StartAt::Latest => high,
+        }
+    }
+}
+
+const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Router {
+    /// Recovers every sink of `tp`'s topic, starts their workers; returns where to read from
+    /// (`None`: nothing to read, the partition is paused).
+    pub(super) fn start_partition(
+        &mut self,
+        consumer: &BaseConsumer<LakeContext>,
+        tp: &TopicPartition,
+    ) -> Result<Option<KOffset>, String> {
+        if self.parts.contains_key(tp) {
+            return Ok(None);
+        }
+        let mut positions = Vec::new();
+        for (i, s) in self.sinks.iter().enumerate() {
+            if !s.config.topics.matches(&tp.topic) {
+                continue;
+            }
+            let sink = s.sink.clone();
+            let tp2 = tp.clone();
+            let recovered = self.rt.block_on(async move {
+                let mut attempt = 0u32;
+                loop {
+                    match sink.recover(&tp2).await {
+                        Ok(p) => return Ok(p),
+                        Err(e) if e.is_retryable() && attempt < 8 => {
+                            attempt += 1;
+                            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            });
+            let name = &s.config.name;
+            match recovered {
+                Ok(p) => {
+                    let p = p.map(|o| o.0);
+                    info!(sink = %name, %tp, position = ?p, "recovered");
+                    positions.push((i, p));
+                }
+                Err(e) if !e.is_retryable() => {
+                    let why = format!(
+                        "sink `{name}` cannot recover its position for {tp}: {e}. This sink does \
+                         not consume {tp} (the other partitions and sinks go on) until the table \
+                         is repaired and the partition is assigned again (a restart)"
+                    );
+                    error!(sink = %name, %tp, "{why}");
+                    self.progress.quarantine(tp, Some(name), why);
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "sink `{name}` cannot recover its position for {tp}: {e}; the table is \
+                         unreachable, restarting retries"
+                    ))
+                }
+            }
+        }
+        if positions.is_empty() {
+            return Ok(None);
+        }
+        // The log's ends, when a position depends on them: sinks without a position beside
+        // sinks with one, and catch-up runs (which stop at the end seen now).
+        let mixed = positions.iter().any(|(_, p)| p.is_none())
+            && positions.iter().any(|(_, p)| p.is_some());
+        let marks = if mixed || self.options.until_caught_up {
+            Some(
+                consumer
+                    .fetch_watermarks(&tp.topic, tp.partition, WATERMARKS_TIMEOUT)
+                    .map_err(|e| format!("cannot read the offsets of {tp}: {e}"))?,
+            )
+        } else {
+            None
+        };
+        if let Some((_, high)) = marks {
+            if let Some(at) = positions.iter().filter_map(|(_, p)| *p).find(|p| *p > high) {
+                let why = beyond_end(tp, at, high);
+                error!(%tp, "{why}");
+                self.progress.quarantine(tp, None, why);
+                return Ok(None);
+            }
+        }
+        let resolved: Vec<(usize, Option<i64>)> = positions
+            .iter()
+            .map(|(i, p)| (*i, p.or(marks.map(|m| self.start_at.resolve(m)))))
+            .collect();
+        let start = resolved.iter().map(|(_, p)| *p).collect::<Option<Vec<_>>>();
+        let start = start.and_then(|all| all.into_iter().min());
+        if let (true, Some((low, high))) = (self.options.until_caught_up, marks) {
+            self.progress
+                .catch_up
+                .lock()
+                .expect("progress")
+                .insert(tp.clone(), (start.unwrap_or(low), high));
+        }
+        let end = marks.filter(|_| self.options.until_caught_up).map(|m| m.1);
+        let mut state = PartitionState {
+            workers: Vec::new(),
+            end,
+            committed: BTreeMap::new(),
+            delivered: start,
+        };
+        for (i, pos) in &resolved {
+            let (tx, rx) = mpsc::channel(self.queue.div_ceil(SEND_BATCH).max(2));
+            if let Some(p) = pos {
+                state.committed.insert(*i, *p);
+            }
+            self.next_worker += 1;
+            let id = self.next_worker;
+            let ctx = WorkerCtx {
+                sink_index: *i,
+                id,
+                runtime: self.sinks[*i].clone(),
+                tp: tp.clone(),
+                position: *pos,
+                end_offset: end,
+                events: self.events.clone(),
+                budget: self.budget.clone(),
+                progress: self.progress.clone(),
+                decode_rows: self.decode_rows,
+            };
+            let join = self.rt.spawn(worker::run(ctx, rx));
+            state.workers.push(WorkerHandle {
+                sink: *i,
+                id,
+                tx,
+                join,
+            });
+        }
+        self.parts.insert(tp.clone(), state);
+        // The earliest position any sink needs (the others skip what they have), or, when no
+        // sink has one, the end of the log `auto.offset.reset` names.
+        Ok(Some(start.map_or(self.start_at.logical(), KOffset::Offset)))
+    }
+
+    /// librdkafka could not fetch `tp` at `at` (out of range) and restarted it at the log
+    /// start: decides by the log's watermarks what that means. Returns false if they could not
+    /// be read (the caller asks again later).
+    pub(super) fn offset_reset(
+        &mut self,
+        consumer: &BaseConsumer<LakeContext>,
+        tp: &TopicPartition,
+        at: i64,
+    ) -> bool {
+        if !self.parts.contains_key(tp) {
+            return true; // not ours any more: its next owner decides
+        }
+        let (low, high) = match consumer.fetch_watermarks(
+            &tp.topic,
+            tp.partition,
+            WATERMARKS_TIMEOUT,
+        ) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(%tp, "cannot read the offsets of {tp} to resolve an out-of-range fetch at {at}: {e}; trying again");
+                return false;
+            }
+        };
+        if at > high {
+            self.quarantine_partition(consumer, tp, beyond_end(tp, at, high));
+        } else if at < low {
+            // librdkafka reads on at the log start, which every worker accepts.
+            let lost = low - at;
+            error!(%tp, from = at, to = low, lost,
+                   "records {at}..{low} of {tp} were deleted by the topic's retention before \
+                    lakesink read them; reading on at {low}. They are lost to every sink of \
+                    the topic (counted in lakesink_skipped_total{{reason=\"retention\"}}); \
+                    raise the topic's retention.ms or keep lakesink running");
+            let mut rejected = self.progress.rejected.lock().expect("progress");
+            for w in &self.parts[tp].workers {
+                let sink = self.sinks[w.sink].config.name.clone();
+                *rejected.entry((sink, "retention", "skip")).or_default() += lost as u64;
+            }
+        } else {
+            // Back in range (the log moved meanwhile): read on where the workers are.
+            let to = self.parts[tp].delivered.unwrap_or(at).max(low);
+            if let Err(e) = consumer.seek(
+                &tp.topic,
+                tp.partition,
+                KOffset::Offset(to),
+                WATERMARKS_TIMEOUT,
+            ) {
+                self.fatal
+                    .get_or_insert(format!("cannot seek {tp} to {to}: {e}"));
+            }
+        }
+        true
+    }
+
+    /// Flushes what the workers of `tp` hold, stops them, pauses `tp` and says why, at error
+    /// level, in `/readyz` and in the metrics.
+    fn quarantine_partition(
+        &mut self,
+        consumer: &BaseConsumer<LakeContext>,
+        tp: &TopicPartition,
+        why: String,
+    ) {
+        error!(%tp, "{why}");
+        self.progress.quarantine(tp, None, why);
+        self.drain(std::slice::from_ref(tp));
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.topic, tp.partition);
+        if let Err(e) = consumer.pause(&tpl) {
+            warn!(%tp, "cannot pause {tp}: {e}");
+        }
+    }
+}
+
+/// Why a partition whose position is beyond its log's end is not consumed, and what to do.
+fn beyond_end(tp: &TopicPartition, at: i64, high: i64) -> String {
+    format!(
+        "the position {at} of {tp} is beyond the end of its log ({high}): the topic was deleted \
+         and created again, or truncated. lakesink does not consume it rather than skip records \
+         or write them twice. If the topic was recreated, point the sinks of `{}` at new tables \
+         (or move the old ones aside) and restart; see \"When the log and the table disagree\" \
+         in the README",
+        tp.topic
+    )
+}
+
+/// librdkafka's warning when it restarts a fetch whose offset is out of range
+/// (`rdkafka_offset.c`, `rd_kafka_offset_reset`): `[thrd:main]: <topic> [<p>]: offset reset (at offset <n>
+/// (leader epoch <e>), broker <b>) to BEGINNING: ...`. It is the only report of a reset that
+/// names the partition (the consumer error event does not, through rust-rdkafka).
+pub(super) fn parse_offset_reset(message: &str) -> Option<(TopicPartition, i64)> {
+    let (head, rest) = message.split_once("]: offset reset (at offset ")?;
+    let (topic, partition) = head.rsplit_once(" [")?;
+    // After librdkafka's own prefix (`[thrd:main]: `).
+    let topic = topic.rsplit(' ').next()?;
+    let digits: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '-')
+        .collect();
+    Some((
+        TopicPartition::new(topic, partition.parse().ok()?),
+        digits.parse().ok()?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_librdkafkas_offset_reset_warning() {
+        // The format of librdkafka 2.12's rd_kafka_offset_reset (the bundled source).
+        let line =
+            "[thrd:main]: orders.v1 [3]: offset reset (at offset 1000 (leader epoch 0), broker 1) \
+                    to BEGINNING: fetch failed due to requested offset not available on the \
+                    broker: Broker: Offset out of range";
+        assert_eq!(
+            parse_offset_reset(line),
+            Some((TopicPartition::new("orders.v1", 3), 1000))
+        );
+        assert_eq!(parse_offset_reset("orders [3]: fetch backoff"), None);
+    }
+}
