@@ -152,3 +152,59 @@ async fn a_topic_recreated_under_a_running_sink_stops_its_partition() {
         "nothing written"
     );
 }
+
+/// F7: a commit marker deleted by hand leaves a hole in partition 0's chain. That partition
+/// stops with the table's error (before: a warning, and the hole's records were skipped for
+/// good); partition 1 goes on, in the same process.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hole_in_one_partitions_chain_stops_only_that_partition() {
+    use sinks::Sink;
+    let topic = unique("hole");
+    create_topic(&topic, 2).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    produce(&topic, id, 0..400, 2).await;
+    let store = Store::local("orders");
+    let cfg = config(&topic, &unique("g"), &registry_url, &store, "")
+        .replace("max_rows = 400", "max_rows = 50");
+    catch_up(&cfg, &[]);
+    let dir = std::path::PathBuf::from(store.url.strip_prefix("file://").unwrap());
+    let commits = dir.join("_lakesink/commits").join(&topic).join("0");
+    let mut markers: Vec<_> = std::fs::read_dir(&commits)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    markers.sort();
+    assert!(markers.len() >= 3, "{markers:?}");
+    std::fs::remove_file(&markers[1]).unwrap();
+    let _ = std::fs::remove_file(
+        dir.join("_lakesink/checkpoints")
+            .join(&topic)
+            .join("0.json"),
+    );
+
+    produce(&topic, id, 400..800, 2).await;
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    proc_.wait_for_line("are in no commit", std::time::Duration::from_secs(60));
+    let reader = sinks::parquet::ParquetSink::new(store.table_store(), Default::default());
+    let p1 = sinks::TopicPartition::new(topic.as_str(), 1);
+    let start = std::time::Instant::now();
+    while reader.committed(&p1).await.unwrap() != Some(sinks::Offset(400)) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "partition 1 stopped too:\n{}",
+            proc_.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let log = proc_.stop();
+    assert!(
+        log.contains("quarantined") || log.contains("does not consume"),
+        "{log}"
+    );
+    let p0 = sinks::TopicPartition::new(topic.as_str(), 0);
+    assert!(
+        reader.committed(&p0).await.is_err(),
+        "partition 0 still has its hole"
+    );
+}
