@@ -17,12 +17,17 @@ Protocol (as documented for Databend's HTTP handler):
   "SUCCESS", "files": [name]}.
 - Basic auth; a wrong password gets 401.
 
-The engine is one in-process `SessionContext` (its catalog lives in this process), so one
-explicit transaction runs at a time: statements of other sessions wait for it, and a transaction
-whose client went silent for `--txn-idle-secs` is rolled back (like a Databend session that
-expired), so a SIGKILLed sink cannot wedge the server. The user stage `@~` is an `fs://` stage
-under DIR. Each statement is executed exactly once (`collect()` re-executes; `to_py_arrow()` is
-used for statements that return rows and panics on MERGE, so MERGE uses `collect()`).
+Each session in a transaction has its own engine `SessionContext` (all of one tenant, so they
+share one catalog), so transactions of different sessions really overlap, and the engine's own
+conflict detection decides between them at COMMIT, as on a Databend server (a transaction that
+lost answers `TableVersionMismatched`, code 2009). Statements outside a transaction run on a
+pooled context. Statements themselves run one at a time: the embedded engine's local meta store
+panics (`unreachable`, meta/store/src/lib.rs) when several threads use it at once, which a
+Databend server, with its meta service, does not share. A transaction whose client went silent for `--txn-idle-secs` is rolled back (like a
+Databend session that expired); its client then gets `CurrentTransactionIsAborted` (4002). The
+user stage `@~` is an `fs://` stage under DIR. Each statement is executed exactly once
+(`collect()` re-executes; `to_py_arrow()` is used for statements that return rows and panics on
+MERGE, so MERGE uses `collect()`).
 """
 import argparse
 import base64
@@ -38,11 +43,13 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-ENGINE_LOCK = threading.Condition()
-STATE = {"txn_owner": None, "txn_last": 0.0}
+LOCK = threading.Lock()
+ENGINE = threading.Lock()  # one statement at a time in the embedded engine (see above)
+POOL = []  # idle engine contexts: {"ctx", "db"}
+BOUND = {}  # session id -> context of its open transaction: {"ctx", "db", "last", "busy"}
 QUERIES = {}
 ARGS = None
-CTX = None
+TENANT = "lakesink"
 NODE = "lakesink-test-node"
 
 ROW_STATEMENTS = ("SELECT", "SHOW", "DESC", "DESCRIBE", "EXPLAIN", "WITH", "COPY", "LIST")
@@ -71,11 +78,18 @@ def rewrite_stage(sql):
     return re.sub(r"@~(/|\b)", r"@lakesink_user_stage\1", sql)
 
 
-def run_sql(sql):
-    """Executes one statement; returns (schema, rows)."""
+def new_context():
+    from databend import SessionContext
+
+    with ENGINE:
+        return {"ctx": SessionContext(tenant=TENANT), "db": None}
+
+
+def run_sql(w, sql):
+    """Executes one statement on context `w`; returns (schema, rows)."""
     sql = rewrite_stage(sql)
     head = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
-    df = CTX.sql(sql)
+    df = w["ctx"].sql(sql)
     if head in ROW_STATEMENTS:
         batches = df.to_py_arrow()
         if not batches:
@@ -91,13 +105,13 @@ def run_sql(sql):
     return [], []
 
 
-def use_database(db):
+def use_database(w, db):
     """Statements run in the session's current database, like a Databend session."""
-    if STATE.get("db") == db:
+    if w["db"] == db:
         return
     try:
-        CTX.sql('USE "' + db.replace('"', '""') + '"').collect()
-        STATE["db"] = db
+        w["ctx"].sql('USE "' + db.replace('"', '""') + '"').collect()
+        w["db"] = db
     except BaseException:
         # The database may not exist yet (CREATE DATABASE comes first): stay where we are.
         pass
@@ -121,32 +135,39 @@ def session_id(session):
     return json.loads(session["internal"])["id"]
 
 
-def expire_idle_txn():
-    owner = STATE["txn_owner"]
-    if owner and time.time() - STATE["txn_last"] > ARGS.txn_idle_secs:
-        try:
-            CTX.sql("ROLLBACK").collect()
-        except Exception:
-            pass
-        print(f"rolled back the idle transaction of session {owner}", file=sys.stderr, flush=True)
-        STATE["txn_owner"] = None
-        ENGINE_LOCK.notify_all()
+def rollback(w):
+    try:
+        with ENGINE:
+            w["ctx"].sql("ROLLBACK").collect()
+    except BaseException:
+        pass
+
+
+def expire_idle_txns():
+    """Rolls back transactions whose client went silent (called under LOCK)."""
+    now = time.time()
+    for sid, w in list(BOUND.items()):
+        if not w["busy"] and now - w["last"] > ARGS.txn_idle_secs:
+            del BOUND[sid]
+            rollback(w)
+            print(f"rolled back the idle transaction of session {sid}", file=sys.stderr, flush=True)
 
 
 def execute(session, sql):
-    """Runs `sql` for `session` under the engine lock; returns (schema, rows, error)."""
+    """Runs `sql` for `session`; returns (schema, rows, error)."""
     sid = session_id(session)
     head = sql.strip().rstrip(";").upper()
-    with ENGINE_LOCK:
-        deadline = time.time() + 60
-        while STATE["txn_owner"] not in (None, sid):
-            expire_idle_txn()
-            if STATE["txn_owner"] in (None, sid):
-                break
-            if time.time() > deadline:
-                return [], [], {"code": 4002, "message": "timed out waiting for another transaction"}
-            ENGINE_LOCK.wait(0.2)
-        in_txn = STATE["txn_owner"] == sid
+    with LOCK:
+        expire_idle_txns()
+        w = BOUND.get(sid)
+        in_txn = w is not None
+        if in_txn:
+            w["busy"] = True
+        else:
+            w = POOL.pop() if POOL else None
+    if w is None:
+        w = new_context()
+    try:
         if session.get("txn_state") == "Active" and not in_txn:
             # The server rolled this session's transaction back (idle): it is gone.
             session["txn_state"] = "Fail"
@@ -154,10 +175,14 @@ def execute(session, sql):
             return [], [], {"code": 4002, "message": "current transaction is aborted, commands ignored until end of transaction block"}
         if session.get("txn_state") == "Fail":
             session["txn_state"] = "AutoCommit"
+            if in_txn:
+                w = None  # see COMMIT below: not reused
+                in_txn = False
             return [], [], None
         try:
-            use_database(session.get("database") or "default")
-            schema, rows = run_sql(sql)
+            with ENGINE:
+                use_database(w, session.get("database") or "default")
+                schema, rows = run_sql(w, sql)
             error = None
         except BaseException as e:  # the engine raises RuntimeError (and panics) with its text
             schema, rows = [], []
@@ -165,18 +190,30 @@ def execute(session, sql):
             m = re.search(r"Code: (\d+)", msg)
             error = {"code": int(m.group(1)) if m else 1001, "message": msg}
         if head in ("BEGIN", "BEGIN TRANSACTION") and error is None:
-            STATE["txn_owner"] = sid
+            in_txn = True
             session["txn_state"] = "Active"
         elif head in ("COMMIT", "ROLLBACK", "ABORT"):
-            STATE["txn_owner"] = None
+            if error is not None or w.get("failed"):
+                # A context whose transaction failed is not reused: the engine has been seen
+                # to hit `unreachable` in the next transaction of such a context.
+                w = None
+            in_txn = False
             session["txn_state"] = "AutoCommit"
-            ENGINE_LOCK.notify_all()
         elif in_txn and error is not None:
+            w["failed"] = True
             session["txn_state"] = "Fail"
-        if STATE["txn_owner"] == sid:
-            STATE["txn_last"] = time.time()
-        session["need_sticky"] = STATE["txn_owner"] == sid
+        session["need_sticky"] = in_txn
         return schema, rows, error
+    finally:
+        with LOCK:
+            if in_txn:
+                w["busy"] = False
+                w["last"] = time.time()
+                BOUND[sid] = w
+            else:
+                BOUND.pop(sid, None)
+                if w is not None:
+                    POOL.append(w)
 
 
 def response(qid, session, schema, rows, error, page, page_size):
@@ -293,7 +330,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main():
-    global ARGS, CTX
+    global ARGS
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--dir", required=True)
@@ -305,10 +342,10 @@ def main():
     # The engine keeps its data under the working directory (`.databend/`): keep it in DIR.
     ARGS.dir = os.path.abspath(ARGS.dir)
     os.chdir(ARGS.dir)
-    from databend import SessionContext  # creates `.databend/` in the working directory
-
-    CTX = SessionContext()
-    CTX.sql(f"CREATE STAGE IF NOT EXISTS lakesink_user_stage URL = 'fs://{os.path.abspath(ARGS.dir)}/stage/'").collect()
+    # The engine keeps its data in the working directory (`.databend/`).
+    w = new_context()
+    POOL.append(w)
+    w["ctx"].sql(f"CREATE STAGE IF NOT EXISTS lakesink_user_stage URL = 'fs://{os.path.abspath(ARGS.dir)}/stage/'").collect()
     server = ThreadingHTTPServer(("127.0.0.1", ARGS.port), Handler)
     print(f"databend test server on 127.0.0.1:{ARGS.port}", flush=True)
     server.serve_forever()

@@ -19,6 +19,12 @@ use url::Url;
 /// Why a Databend request failed.
 /// Databend's `CurrentTransactionIsAborted`: the whole transaction is gone and can be redone.
 pub const TRANSACTION_ABORTED: i64 = 4002;
+/// Databend's `TableVersionMismatched`: a transaction lost, at COMMIT, to another that changed a
+/// table it changed (concurrent transactions on one table conflict, appends included).
+pub const TABLE_VERSION_MISMATCHED: i64 = 2009;
+/// Databend's `UnresolvableConflict` (`MultiStmtTxnCommitFailed`): the same, for a transaction
+/// over several tables.
+pub const UNRESOLVABLE_CONFLICT: i64 = 4001;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -43,12 +49,16 @@ pub enum ClientError {
 impl ClientError {
     /// Network problems, 5xx and 429 can succeed later; so can a transaction the server aborted
     /// under us (error 4002, `CurrentTransactionIsAborted`: rolled back while the client was
-    /// cut off or paused). Other SQL errors and 4xx cannot.
+    /// cut off or paused) or one that lost a conflict at COMMIT (2009, 4001): redone, it reads
+    /// the ledger again. Other SQL errors and 4xx cannot.
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Transport { .. } => true,
             ClientError::Http { status, .. } => *status >= 500 || *status == 429,
-            ClientError::Query { code, .. } => *code == TRANSACTION_ABORTED,
+            ClientError::Query { code, .. } => matches!(
+                *code,
+                TRANSACTION_ABORTED | TABLE_VERSION_MISMATCHED | UNRESOLVABLE_CONFLICT
+            ),
             ClientError::Protocol { .. } => false,
         }
     }

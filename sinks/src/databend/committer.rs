@@ -11,6 +11,30 @@ use super::writer::staged_column;
 use super::*;
 
 impl DatabendSink {
+    /// Fails unless the session's transaction is still open. Lost before the load (`early`),
+    /// the transaction is simply redone; lost after it, statements may have run outside any
+    /// transaction, so nothing is committed and the error says what to check.
+    fn in_transaction(&self, s: &Session, after: &str, early: bool) -> Result<()> {
+        if s.txn_state() == "Active" {
+            return Ok(());
+        }
+        Err(Error::Warehouse {
+            location: self.location.clone(),
+            op: "commit",
+            retryable: early,
+            reason: if early {
+                format!("the transaction is {} after {after}; redone", s.txn_state())
+            } else {
+                format!(
+                    "the transaction is {} after {after}: its statements may have run outside \
+                     a transaction (the session lost it). Nothing is committed; check the table \
+                     for rows of this range before restarting",
+                    s.txn_state()
+                )
+            },
+        })
+    }
+
     pub(super) async fn apply(&self, session: &mut Session, d: &DatabendStaged) -> Result<()> {
         let qualified = format!("{}.{}", self.db(), ident(&d.table));
         if d.truncate && (d.file.is_some() || self.table_exists(session, &d.table).await?) {
@@ -115,14 +139,19 @@ impl DatabendSink {
             bytes: d.bytes,
         };
         let tp = &staged.tp;
+        let _one_at_a_time = self.commit_lock.lock().await;
         let mut s = Session::default();
         self.run(&mut s, "begin", "BEGIN").await?;
         let outcome = async {
+            self.in_transaction(&s, "BEGIN", true)?;
             let current = self.ledger_position(&mut s, tp).await?;
             if let Some(done) = crate::fence::decide(current, staged.start, staged.next) {
                 return Ok(Some(done));
             }
+            // Before the load: a transaction lost here costs only a retry.
+            self.in_transaction(&s, "reading the ledger", true)?;
             self.apply(&mut s, d).await?;
+            self.in_transaction(&s, "the load", false)?;
             let ledger = format!("{}.{}", self.db(), ident(LEDGER));
             let stmt = match current {
                 Some(_) => format!(
@@ -142,6 +171,21 @@ impl DatabendSink {
                 ),
             };
             self.run(&mut s, "record the offset", &stmt).await?;
+            // The guarded UPDATE must have moved exactly this partition's row to `next`.
+            let recorded = self.ledger_position(&mut s, tp).await?;
+            if recorded != Some(staged.next) {
+                return Err(Error::Warehouse {
+                    location: self.location.clone(),
+                    op: "record the offset",
+                    retryable: true,
+                    reason: format!(
+                        "{tp}: the ledger reads {recorded:?} after moving it from {} to {}; \
+                         rolled back",
+                        staged.start.0, staged.next.0
+                    ),
+                });
+            }
+            self.in_transaction(&s, "recording the offset", false)?;
             Ok::<_, Error>(None)
         }
         .await;

@@ -11,7 +11,8 @@
 //!            COPY INTO <table> (cols) FROM (SELECT c0 AS col0, ... FROM @~/...) FORCE = TRUE  (append)
 //!            MERGE INTO <table> USING (SELECT c0 AS col0, ... FROM @~/...)           (upsert)
 //!            UPDATE lakesink_offsets ... WHERE next_offset = start   (or INSERT the first one)
-//!            COMMIT
+//!            SELECT next_offset ... (must read `next`, in one row)
+//!            COMMIT   (txn_state checked to be Active before it)
 //! ```
 //!
 //! Invariants:
@@ -19,8 +20,17 @@
 //!   position is recorded. COPY's load history (which expires) is never relied on.
 //! - The ledger update is conditional on the expected previous offset; a zombie's late
 //!   transaction finds another position and rolls back.
-//! - Staged file names are a function of (sink, topic, partition, start, next): a retried
-//!   upload overwrites the same file.
+//! - The fence is Databend's conflict detection: two transactions that change one table (the
+//!   ledger, which every load changes) conflict at COMMIT (2009 `TableVersionMismatched`, 4001
+//!   `UnresolvableConflict`), so of two writers that both read the same position (two first
+//!   commits included, where each INSERTs the ledger row) only one commits; the other is redone,
+//!   reads the winner's position and is fenced. tests/databend_races.rs runs such transactions
+//!   really overlapping.
+//! - A transaction that is no longer `Active` (the session lost it: a COMMIT outside a
+//!   transaction is silently ignored by Databend) is never committed; the ledger row is read
+//!   back inside the transaction before COMMIT and must say `next`, once.
+//! - Staged file names are unique per stage call, so a zombie and the owner never load each
+//!   other's file; the commit loads exactly the file its own stage wrote.
 //! - Every identifier that comes from data or config is quoted; every literal is escaped.
 
 pub mod client;
@@ -81,6 +91,11 @@ pub struct DatabendSink {
     /// Columns known per table (name → SQL type), to decide on ALTER TABLE ADD COLUMN.
     known: tokio::sync::Mutex<HashMap<String, Vec<String>>>,
     ledger_ready: tokio::sync::OnceCell<()>,
+    /// One load transaction at a time per sink in this process: every one changes the ledger
+    /// table, and concurrent transactions on one table conflict at COMMIT, so overlapping them
+    /// only buys retries. Transactions of other processes (members) still conflict, and the
+    /// loser is redone.
+    commit_lock: tokio::sync::Mutex<()>,
     crash_hook: Option<CrashHook>,
 }
 
@@ -118,6 +133,7 @@ impl DatabendSink {
             location,
             known: tokio::sync::Mutex::new(HashMap::new()),
             ledger_ready: tokio::sync::OnceCell::new(),
+            commit_lock: tokio::sync::Mutex::new(()),
             crash_hook: None,
         })
     }

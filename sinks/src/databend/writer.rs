@@ -27,7 +27,14 @@ impl DatabendSink {
                 safe(&tp.topic),
                 tp.partition
             ),
-            format!("{:020}-{:020}.parquet", start.0, next.0),
+            // Unique per stage call: a zombie and the owner staging the same range must never
+            // load each other's file (its columns follow each writer's own reader schema).
+            format!(
+                "{:020}-{:020}-{:016x}.parquet",
+                start.0,
+                next.0,
+                rand::random::<u64>()
+            ),
         )
     }
 
