@@ -59,6 +59,12 @@ enum Command {
         /// Only the sink with this name.
         #[arg(long)]
         sink: Option<String>,
+        /// Vacuum files unreferenced for longer than this, once, instead of
+        /// `delta.vacuum_retention` (which cannot be below 1h). Only with every writer of the
+        /// table stopped: files a running writer has written but not yet committed are
+        /// unreferenced too.
+        #[arg(long)]
+        retention: Option<String>,
     },
     /// Per sink and partition: the committed position (read from the table), the broker's end
     /// offset and the lag.
@@ -351,12 +357,27 @@ async fn run() -> ExitCode {
             )
             .await
         }
-        Command::Maintain { config, sink } => {
+        Command::Maintain {
+            config,
+            sink,
+            retention,
+        } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            lakesink::app::maintain(&cfg, sink.as_deref()).await
+            let retention = match retention
+                .as_deref()
+                .map(lakesink::config::parse_duration)
+                .transpose()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: --retention: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            lakesink::app::maintain(&cfg, sink.as_deref(), retention).await
         }
         Command::Check { config } => {
             let cfg = match load(&config) {

@@ -53,7 +53,9 @@ fn env_u64(k: &str, d: u64) -> u64 {
 
 /// Where the run lands.
 enum Target {
-    Parquet(Store),
+    /// The orders table, and optionally a second table of the same topic (a second sink reading
+    /// it: a fence or a resync in one must never cost the other a record).
+    Parquet(Store, Option<Store>),
     /// The orders table and the customers (upsert) table.
     Delta(Store, Store),
     /// A database on the Databend test server.
@@ -63,20 +65,24 @@ enum Target {
 impl Target {
     fn label(&self) -> String {
         match self {
-            Target::Parquet(s) => format!("parquet/{}", s.url.split("://").next().unwrap()),
+            Target::Parquet(s, copy) => format!(
+                "parquet/{}{}",
+                s.url.split("://").next().unwrap(),
+                if copy.is_some() { "+second-sink" } else { "" }
+            ),
             Target::Delta(s, _) => format!("delta/{}", s.url.split("://").next().unwrap()),
             Target::Databend(_) => "databend".into(),
         }
     }
 
     fn upserts(&self) -> bool {
-        !matches!(self, Target::Parquet(_))
+        !matches!(self, Target::Parquet(..))
     }
 
     /// The service the destination fault proxy fronts.
     fn upstream(&self) -> SocketAddr {
         match self {
-            Target::Parquet(s) | Target::Delta(s, _) => addr_of(s.endpoint.as_deref().unwrap()),
+            Target::Parquet(s, _) | Target::Delta(s, _) => addr_of(s.endpoint.as_deref().unwrap()),
             Target::Databend(_) => addr_of(&databend_url()),
         }
     }
@@ -131,14 +137,28 @@ impl Target {
         let upsert = "mode = \"upsert\"\nkey = [\"id\"]\nformat = \"debezium-json\"\n\
                       schema = { id = \"long\", name = \"string\" }\n";
         match self {
-            Target::Parquet(orders) => {
+            Target::Parquet(orders, copy) => {
                 let s = through(orders);
-                common("orders", &run.orders, 500)
+                let mut out = common("orders", &run.orders, 500)
                     + &format!(
                         "table = \"{}\"\nstorage = {}\npartition_by = [\"day(ts)\"]\n",
                         s.url,
                         s.toml_options()
-                    )
+                    );
+                if let Some(copy) = copy {
+                    // Other flush boundaries than the first sink's; poison is skipped here
+                    // (the first sink dead-letters it).
+                    let c = through(copy);
+                    out += &format!(
+                        "\n[[sink]]\nname = \"orders_copy\"\ntopics = [\"{}\"]\n\
+                         flush = {{ max_rows = 300, max_latency = \"{latency}\" }}\n\
+                         errors = \"skip\"\ntable = \"{}\"\nstorage = {}\npartition_by = [\"day(ts)\"]\n",
+                        run.orders,
+                        c.url,
+                        c.toml_options()
+                    );
+                }
+                out
             }
             Target::Delta(orders, customers) => {
                 let (o, c) = (through(orders), through(customers));
@@ -177,7 +197,11 @@ impl Target {
         let mut out = BTreeMap::new();
         match self {
             Target::Databend(database) => return ledger(database, sink, topic).await,
-            Target::Parquet(store) => {
+            Target::Parquet(orders, copy) => {
+                let store = match (sink, copy) {
+                    ("orders_copy", Some(copy)) => copy,
+                    _ => orders,
+                };
                 let reader = sinks::parquet::ParquetSink::new(
                     store.table_store(),
                     sinks::parquet::ParquetSinkConfig::default(),
@@ -212,14 +236,23 @@ impl Target {
         logs: &str,
     ) -> BTreeMap<(i32, i64), Value> {
         let coupons: Vec<(i32, i64, Option<String>)> = match self {
-            Target::Parquet(store) | Target::Delta(store, _) => {
+            Target::Parquet(store, _) | Target::Delta(store, _) => {
                 let table = match self {
-                    Target::Parquet(_) => store.read(),
+                    Target::Parquet(..) => store.read(),
                     _ => store.read_delta(&[]),
                 };
-                if let Target::Parquet(_) = self {
+                if let Target::Parquet(_, copy) = self {
                     let evidence = duplicate_evidence(store, topic, &table, logs).await;
                     assert!(evidence.is_empty(), "duplicated rows:\n{evidence}");
+                    if let Some(copy) = copy {
+                        let second = copy.read();
+                        let evidence = duplicate_evidence(copy, topic, &second, logs).await;
+                        assert!(
+                            evidence.is_empty(),
+                            "second sink: duplicated rows:\n{evidence}"
+                        );
+                        assert_exactly_once(&second, &sent.orders);
+                    }
                 }
                 assert_exactly_once(&table, &sent.orders);
                 table["rows"]
@@ -268,7 +301,7 @@ impl Target {
     /// The customers table as read back: id -> name.
     async fn customers(&self) -> BTreeMap<i64, String> {
         match self {
-            Target::Parquet(_) => BTreeMap::new(),
+            Target::Parquet(..) => BTreeMap::new(),
             Target::Delta(_, store) => {
                 let table = store.read_delta(&[]);
                 table["rows"]
@@ -657,7 +690,7 @@ drain_timeout = "10s"
         sinks = target.sinks(&run, &dest_proxy),
     );
     let env = match &target {
-        Target::Parquet(s) | Target::Delta(s, _) => s.env(),
+        Target::Parquet(s, _) | Target::Delta(s, _) => s.env(),
         Target::Databend(_) => Vec::new(),
     };
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -738,6 +771,9 @@ drain_timeout = "10s"
     // Catch-up, faults still on: every sink's committed position reaches every end.
     let sinks: Vec<(&str, &String)> = std::iter::once(("orders", &run.orders))
         .chain(run.customers.as_ref().map(|c| ("customers", c)))
+        .chain(
+            matches!(target, Target::Parquet(_, Some(_))).then_some(("orders_copy", &run.orders)),
+        )
         .collect();
     // The backlog grows with the run (kills and zombie pauses stop members while the producer
     // goes on): a 20-minute Delta upsert run on moto was still committing MERGEs after 360 s.
@@ -894,17 +930,22 @@ drain_timeout = "10s"
 // classic protocol on the other two).
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_parquet_on_moto() {
-    chaos(Target::Parquet(Store::s3("orders")), "classic").await;
+    // Two sinks read the orders topic here.
+    chaos(
+        Target::Parquet(Store::s3("orders"), Some(Store::s3("orders_copy"))),
+        "classic",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_parquet_on_azurite() {
-    chaos(Target::Parquet(Store::azure("orders")), "consumer").await;
+    chaos(Target::Parquet(Store::azure("orders"), None), "consumer").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_parquet_on_gcs() {
-    chaos(Target::Parquet(Store::gcs("orders")), "classic").await;
+    chaos(Target::Parquet(Store::gcs("orders"), None), "classic").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

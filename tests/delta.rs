@@ -183,9 +183,7 @@ async fn delta_crash_between_files_and_commit_then_maintain() {
         &group,
         &registry_url,
         &store,
-        &delta_sink_config(
-            "delta = { checkpoint_interval = 5, vacuum_retention = \"0s\", target_file_size = \"64MiB\" }",
-        ),
+        &delta_sink_config("delta = { checkpoint_interval = 5, target_file_size = \"64MiB\" }"),
     );
     let mut first = Lakesink::start(&cfg, &[("LAKESINK_TEST_CRASHPOINT", "after_stage:3")]);
     first.wait_for_line("CRASHPOINT after_stage", Duration::from_secs(120));
@@ -230,7 +228,13 @@ async fn delta_crash_between_files_and_commit_then_maintain() {
     let path = dir.join("maintain.toml");
     std::fs::write(&path, &cfg).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_lakesink"))
-        .args(["maintain", "--config", path.to_str().unwrap()])
+        .args([
+            "maintain",
+            "--config",
+            path.to_str().unwrap(),
+            "--retention",
+            "0s",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -127,9 +127,10 @@ async fn poison_records_go_to_the_dead_letter_topic() {
     }
     produced.extend(produce(&topic, id, next_id..next_id + 60, 1).await);
 
+    let group = unique("g");
     let cfg = config(
         &topic,
-        &unique("g"),
+        &group,
         &registry_url,
         &store,
         &format!("errors = \"dead-letter\"\ndead_letter_topic = \"{dlq}\""),
@@ -145,6 +146,10 @@ async fn poison_records_go_to_the_dead_letter_topic() {
     .await;
     let log = proc_.stop();
     assert!(log.contains("dead-lettered"), "{log}");
+    assert!(
+        log.contains("dead_letter_offset="),
+        "each dead letter's place is logged: {log}"
+    );
     assert_exactly_once(&store.read(), &produced);
 
     // Read the dead-letter topic back.
@@ -175,6 +180,7 @@ async fn poison_records_go_to_the_dead_letter_topic() {
         assert_eq!(get("lakesink.source.topic"), topic);
         assert_eq!(get("lakesink.source.partition"), "0");
         assert_eq!(get("lakesink.sink"), "orders");
+        assert_eq!(get("lakesink.group"), group);
         assert!(!get("lakesink.error.message").is_empty());
         assert_eq!(m.key(), Some(&b"poison-key"[..]));
         // The record's own headers travel with it.

@@ -180,8 +180,13 @@ pub fn delta_config(cfg: &ValidatedConfig, s: &crate::config::ValidatedSink) -> 
     }
 }
 
-/// `lakesink maintain`: compaction, vacuum and a checkpoint for every Delta sink (or `only`).
-pub async fn maintain(cfg: &ValidatedConfig, only: Option<&str>) -> anyhow::Result<()> {
+/// `lakesink maintain`: compaction, vacuum and a checkpoint for every Delta sink (or `only`);
+/// `retention` replaces `delta.vacuum_retention` for this run (writers stopped).
+pub async fn maintain(
+    cfg: &ValidatedConfig,
+    only: Option<&str>,
+    retention: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
     let mut seen = false;
     for s in &cfg.sinks {
         if only.is_some_and(|n| n != s.name) {
@@ -202,7 +207,10 @@ pub async fn maintain(cfg: &ValidatedConfig, only: Option<&str>) -> anyhow::Resu
         .with_context(|| format!("sink `{}`: cannot open table", s.name))?;
         let started = std::time::Instant::now();
         let r = sink
-            .maintain(s.delta.target_file_size, s.delta.vacuum_retention)
+            .maintain(
+                s.delta.target_file_size,
+                retention.unwrap_or(s.delta.vacuum_retention),
+            )
             .await
             .with_context(|| {
                 format!(

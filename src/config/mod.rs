@@ -311,6 +311,10 @@ fn default_checkpoint_interval() -> u64 {
 fn default_commit_attempts() -> u32 {
     20
 }
+/// The shortest `delta.vacuum_retention`: longer than any flush's stage-to-commit time, with
+/// room for clock skew between the maintaining host and the store.
+pub const MIN_VACUUM_RETENTION: std::time::Duration = std::time::Duration::from_secs(3600);
+
 fn default_vacuum_retention() -> String {
     "168h".into()
 }
@@ -1113,6 +1117,19 @@ impl Config {
             }
             let vacuum_retention = parse_duration(&s.delta.vacuum_retention)
                 .map_err(|e| err(key("delta.vacuum_retention"), e))?;
+            if vacuum_retention < MIN_VACUUM_RETENTION {
+                return Err(err(
+                    key("delta.vacuum_retention"),
+                    format!(
+                        "`{}` is below the floor of 1h: the data files a running writer has \
+                         written but not committed yet are unreferenced too, and would be \
+                         deleted (a clock ahead of the store's counts against it). With every \
+                         writer of the table stopped, `lakesink maintain --retention 0s` applies \
+                         a shorter one once",
+                        s.delta.vacuum_retention
+                    ),
+                ));
+            }
             let target_file_size = parse_bytes(&s.delta.target_file_size)
                 .map_err(|e| err(key("delta.target_file_size"), e))?;
             if kind == SinkKind::Databend {

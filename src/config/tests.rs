@@ -136,6 +136,13 @@ fn delta_and_upsert_settings_are_checked() {
     assert_eq!(c.sinks[0].upsert_keys, Some(vec!["id".to_string()]));
     assert_eq!(c.sinks[0].delta.checkpoint_interval, 3);
     assert_eq!(c.sinks[0].delta.vacuum_retention.as_secs(), 86_400);
+    let e = parse(&delta.replace("vacuum_retention = \"24h\"", "vacuum_retention = \"10m\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("delta.vacuum_retention") && e.contains("floor of 1h"),
+        "a retention that could delete files being committed is refused: {e}"
+    );
 
     let no_key = delta.replace("key = [\"id\"]\n", "");
     assert!(parse(&no_key)

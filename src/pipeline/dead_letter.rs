@@ -1,9 +1,9 @@
 //! The dead-letter topic: records a sink cannot decode, with their original key, value and
 //! headers, plus headers that name the error.
 //!
-//! Headers added: `lakesink.error.class`, `lakesink.error.message`, `lakesink.sink`,
-//! `lakesink.source.topic`, `lakesink.source.partition`, `lakesink.source.offset` and, when the
-//! framing could be read, `lakesink.schema.id`.
+//! Headers added: `lakesink.error.class`, `lakesink.error.message`, `lakesink.group`,
+//! `lakesink.sink`, `lakesink.source.topic`, `lakesink.source.partition`,
+//! `lakesink.source.offset` and, when the framing could be read, `lakesink.schema.id`.
 //!
 //! # Exactly once (the default, `dead_letter_exactly_once = true`)
 //! A worker collects its rejected records and writes them in one Kafka transaction just before
@@ -21,6 +21,12 @@
 //!   are written in offset order and only above `last`, so the last one found is the highest;
 //! - a rejected record at or below `last` is skipped: an earlier owner wrote it and crashed (or
 //!   was fenced) before its table commit.
+//!
+//! The tail read is `read_committed`: the records of an aborted transaction (a writer killed
+//! mid-transaction, a worker aborted by a drain timeout, a session dropped after an error) are
+//! never counted as written, so they are written again. A session that fails other than by a
+//! fence aborts its transaction explicitly before it is dropped, and a worker that stops before
+//! its session finished opening cancels the opening (it never fences a later owner's session).
 //!
 //! Any error drops the session; the retry opens a new one, which reads `last` again. Except a
 //! fence: a newer owner of the source partition opened its own session, and a new one here
@@ -127,6 +133,32 @@ pub struct Written {
     pub sent: usize,
     /// Already there, from an earlier owner of the partition: skipped.
     pub already: usize,
+    /// Where each record sent now landed: (source offset, dead-letter partition, its offset).
+    pub deliveries: Vec<(i64, i32, i64)>,
+}
+
+/// A session being opened in the background; dropping it cancels the opening if it has not
+/// fenced yet, so a worker that stopped never fences a later owner's session.
+pub struct Opening {
+    task: tokio::task::JoinHandle<Result<Session, String>>,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::future::Future for Opening {
+    type Output = Result<Result<Session, String>, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.task).poll(cx)
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        self.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl DeadLetters {
@@ -188,23 +220,22 @@ impl DeadLetters {
             .iter()
             .map(|r| shared.send(self.record(sink, tp, r, None), TIMEOUT))
             .collect();
-        for s in sends {
-            s.await.map_err(|(e, _)| WriteError::from(self.failed(e)))?;
+        let mut deliveries = Vec::with_capacity(sends.len());
+        for (s, r) in sends.into_iter().zip(pending) {
+            let d = s.await.map_err(|(e, _)| WriteError::from(self.failed(e)))?;
+            deliveries.push((r.record.offset, d.partition, d.offset));
         }
         Ok(Written {
             sent: pending.len(),
             already: 0,
+            deliveries,
         })
     }
 
     /// Opens `tp`'s session in the background: fences the partition's earlier writers at once
     /// (resolving a transaction a killed member left open, which would otherwise hold back
     /// every read_committed reader of its dead-letter partition), then reads `last`.
-    pub fn open(
-        &self,
-        sink: &str,
-        tp: &TopicPartition,
-    ) -> tokio::task::JoinHandle<Result<Session, String>> {
+    pub fn open(&self, sink: &str, tp: &TopicPartition) -> Opening {
         let (client, auth) = (self.client.clone(), self.auth.clone());
         let (topic, group, sink, tp) = (
             self.topic.clone(),
@@ -212,7 +243,12 @@ impl DeadLetters {
             sink.to_string(),
             tp.clone(),
         );
-        tokio::task::spawn_blocking(move || open_session(client, auth, &topic, &group, &sink, &tp))
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cancelled = cancel.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            open_session(client, auth, &topic, &group, &sink, &tp, &cancelled)
+        });
+        Opening { task, cancel }
     }
 
     /// Whether dead letters are written in fenced transactions.
@@ -235,36 +271,62 @@ impl DeadLetters {
             *session = Some(opened);
         }
         let s = session.as_mut().expect("opened above");
+        // In source-offset order (the caller sorts): the scan of the next session relies on
+        // the last dead letter of a partition being its highest.
         let todo: Vec<&Rejected> = pending
             .iter()
             .filter(|r| s.last.is_none_or(|last| r.record.offset > last))
             .collect();
         let already = pending.len() - todo.len();
         if todo.is_empty() {
-            return Ok(Written { sent: 0, already });
+            return Ok(Written {
+                already,
+                ..Written::default()
+            });
         }
         let p = s.producer.clone();
         blocking(move || p.begin_transaction())
             .await
             .map_err(|e| self.failed_in(s, e))?;
-        let sends: Vec<_> = todo
-            .iter()
-            .map(|r| {
-                s.producer
-                    .send(self.record(sink, tp, r, Some(s.partition)), TIMEOUT)
-            })
-            .collect();
-        for send in sends {
-            send.await.map_err(|(e, _)| self.failed_in(s, e))?;
+        let sent = async {
+            let sends: Vec<_> = todo
+                .iter()
+                .map(|r| {
+                    s.producer
+                        .send(self.record(sink, tp, r, Some(s.partition)), TIMEOUT)
+                })
+                .collect();
+            let mut deliveries = Vec::with_capacity(sends.len());
+            for (send, r) in sends.into_iter().zip(&todo) {
+                let d = send.await.map_err(|(e, _)| self.failed_in(s, e))?;
+                deliveries.push((r.record.offset, d.partition, d.offset));
+            }
+            let p = s.producer.clone();
+            blocking(move || p.commit_transaction(TIMEOUT))
+                .await
+                .map_err(|e| self.failed_in(s, e))?;
+            Ok::<_, WriteError>(deliveries)
         }
-        let p = s.producer.clone();
-        blocking(move || p.commit_transaction(TIMEOUT))
-            .await
-            .map_err(|e| self.failed_in(s, e))?;
-        s.last = todo.last().map(|r| r.record.offset).or(s.last);
+        .await;
+        let deliveries = match sent {
+            Ok(d) => d,
+            Err(e) => {
+                if !e.fenced {
+                    // Resolve it now rather than leave it open until the next session's fence
+                    // (it would hold back every read_committed reader of the partition).
+                    let p = s.producer.clone();
+                    if let Err(a) = blocking(move || p.abort_transaction(TIMEOUT)).await {
+                        tracing::debug!(%tp, "cannot abort the failed dead-letter transaction: {a}");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        s.last = todo.iter().map(|r| r.record.offset).max().or(s.last);
         Ok(Written {
             sent: todo.len(),
             already,
+            deliveries,
         })
     }
 
@@ -312,6 +374,7 @@ impl DeadLetters {
         let fields = [
             ("lakesink.error.class", Some(err.class.to_string())),
             ("lakesink.error.message", Some(err.reason.clone())),
+            ("lakesink.group", Some(self.group.clone())),
             ("lakesink.sink", Some(sink.to_string())),
             ("lakesink.source.topic", Some(tp.topic.to_string())),
             ("lakesink.source.partition", Some(tp.partition.to_string())),
@@ -351,8 +414,17 @@ where
 }
 
 /// The `transactional.id` of a (sink, source partition): one writer at a time, fleet-wide.
+/// Each part has `%` and `.` escaped (`%25`, `%2E`), so two (group, sink, topic) never share an
+/// id (`g.a`/`b` and `g`/`a.b` would, joined plainly); names without them are unchanged.
 pub fn transactional_id(group: &str, sink: &str, tp: &TopicPartition) -> String {
-    format!("lakesink-dlq.{group}.{sink}.{}.{}", tp.topic, tp.partition)
+    let esc = |s: &str| s.replace('%', "%25").replace('.', "%2E");
+    format!(
+        "lakesink-dlq.{}.{}.{}.{}",
+        esc(group),
+        esc(sink),
+        esc(&tp.topic),
+        tp.partition
+    )
 }
 
 /// The dead-letter partition of a (sink, source partition): FNV-1a, stable across builds.
@@ -374,6 +446,7 @@ fn open_session(
     group: &str,
     sink: &str,
     tp: &TopicPartition,
+    cancelled: &std::sync::atomic::AtomicBool,
 ) -> Result<Session, String> {
     let reader: BaseConsumer<AuthContext> = client
         .clone()
@@ -412,6 +485,12 @@ fn open_session(
         .set("acks", "all")
         .create_with_context(AuthContext(auth))
         .map_err(|e| format!("cannot create the dead-letter producer: {e}"))?;
+    if cancelled.load(std::sync::atomic::Ordering::SeqCst) {
+        // Its worker stopped: fencing now could only fence a later owner's session.
+        return Err(format!(
+            "the dead-letter session of {tp} was no longer needed"
+        ));
+    }
     producer.init_transactions(TIMEOUT).map_err(|e| {
         format!("cannot start dead-letter transactions on `{topic}` (does the broker support transactions? else set dead_letter_exactly_once = false): {e}")
     })?;
@@ -427,13 +506,21 @@ fn open_session(
             )
         })?;
     drop(ends);
-    let last = last_dead_lettered(&reader, topic, partition, (low, end), sink, tp)?;
+    let scan = last_dead_lettered(&reader, topic, partition, (low, end), group, sink, tp)?;
+    let last = scan.last;
     tracing::info!(
         sink,
         tp = %tp,
         dead_letter_partition = partition,
+        low,
+        end,
+        read_from = scan.from,
+        ours = scan.ours,
         last = ?last,
-        "dead-letter session open: earlier writers fenced"
+        "dead-letter session open: earlier writers fenced; the tail [{}, {end}) of partition \
+         {partition} holds {} dead letters of this source partition, the last for offset {last:?}",
+        scan.from,
+        scan.ours
     );
     Ok(Session {
         producer: Arc::new(producer),
@@ -442,17 +529,30 @@ fn open_session(
     })
 }
 
-/// The highest source offset of (sink, tp) in the committed part of a dead-letter partition:
-/// reads windows backwards from the end, growing 4× each time, and stops at the first window
-/// holding one of ours (they are in source-offset order, so its highest is the highest).
+/// What the tail read of a dead-letter partition found.
+struct Scan {
+    /// The highest source offset of ours.
+    last: Option<i64>,
+    /// Where the read started (the last window's start).
+    from: i64,
+    /// Dead letters of ours seen.
+    ours: usize,
+}
+
+/// The highest source offset of (group, sink, tp) in the committed part of a dead-letter
+/// partition: reads windows backwards from the end, growing 4× each time, and stops at the
+/// first window holding one of ours (they are in source-offset order, so its highest is the
+/// highest). Records without a `lakesink.group` header (written before it existed) count as
+/// every group's.
 fn last_dead_lettered(
     reader: &BaseConsumer<AuthContext>,
     topic: &str,
     partition: i32,
     (low, high): (i64, i64),
+    group: &str,
     sink: &str,
     tp: &TopicPartition,
-) -> Result<Option<i64>, String> {
+) -> Result<Scan, String> {
     let fail = |e: KafkaError| {
         format!("cannot read the dead-letter topic `{topic}` partition {partition}: {e}")
     };
@@ -466,6 +566,7 @@ fn last_dead_lettered(
         reader.assign(&tpl).map_err(fail)?;
         let deadline = std::time::Instant::now() + SCAN_TIMEOUT;
         let mut best: Option<i64> = None;
+        let mut ours = 0;
         let mut told = false;
         loop {
             if std::time::Instant::now() > deadline {
@@ -525,12 +626,14 @@ fn last_dead_lettered(
                                 .and_then(|v| std::str::from_utf8(v).ok())
                         };
                         if get("lakesink.sink") == Some(sink)
+                            && get("lakesink.group").is_none_or(|g| g == group)
                             && get("lakesink.source.topic") == Some(&*tp.topic)
                             && get("lakesink.source.partition") == Some(source_partition.as_str())
                         {
                             if let Some(o) =
                                 get("lakesink.source.offset").and_then(|v| v.parse::<i64>().ok())
                             {
+                                ours += 1;
                                 best = Some(best.map_or(o, |b| b.max(o)));
                             }
                         }
@@ -542,12 +645,20 @@ fn last_dead_lettered(
             }
         }
         if best.is_some() {
-            return Ok(best);
+            return Ok(Scan {
+                last: best,
+                from: start,
+                ours,
+            });
         }
         end = start;
         window = window.saturating_mul(4);
     }
-    Ok(None)
+    Ok(Scan {
+        last: None,
+        from: low,
+        ours: 0,
+    })
 }
 
 #[cfg(test)]
@@ -574,5 +685,10 @@ mod tests {
             transactional_id("g1", "lake", &tp),
             "lakesink-dlq.g1.lake.orders.3"
         );
+        // Dots in the parts cannot make two pairs share an id.
+        let a = transactional_id("g.a", "b", &tp);
+        let b = transactional_id("g", "a.b", &tp);
+        assert_ne!(a, b);
+        assert_eq!(a, "lakesink-dlq.g%2Ea.b.orders.3");
     }
 }

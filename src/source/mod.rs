@@ -299,9 +299,10 @@ impl ConsumerContext for LakeContext {
                 router.decode_rows = decode_batch_rows(held);
                 let (mut started, mut idle) =
                     (TopicPartitionList::new(), TopicPartitionList::new());
+                let mut recovered = router.recover_all(&tps);
                 for tp in &tps {
                     let had = router.parts.contains_key(tp);
-                    match router.start_partition(consumer, tp) {
+                    match router.start_partition(consumer, tp, &mut recovered) {
                         Ok(Some(at)) => {
                             let _ = tpl.set_partition_offset(&tp.topic, tp.partition, at);
                             started.add_partition(&tp.topic, tp.partition);

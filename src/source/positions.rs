@@ -19,6 +19,9 @@
 //!   ledger rows) is quarantined for that partition alone; the other sinks of the topic go on. A
 //!   table that stays unreachable (retryable errors, retried for about a minute and a half)
 //!   stops the process, which a restart retries: that is systemic, not one partition's fault.
+//! - The recoveries of one assignment run concurrently (at most 32 at a time): the rebalance
+//!   callback waits for them, and one at a time a large assignment on a slow store outlasted
+//!   `max.poll.interval.ms`, so the member was expelled and the rebalance began again.
 
 use super::*;
 
@@ -59,14 +62,55 @@ impl StartAt {
 }
 
 const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Recoveries of one assignment run at most this many at a time.
+const RECOVERIES_AT_ONCE: usize = 32;
+
+/// What recovery found per (partition, sink index).
+pub(super) type Recovered = HashMap<(TopicPartition, usize), sinks::Result<Option<sinks::Offset>>>;
 
 impl Router {
-    /// Recovers every sink of `tp`'s topic, starts their workers; returns where to read from
-    /// (`None`: nothing to read, the partition is paused).
+    /// Recovers the position of every sink of every partition in `tps`, concurrently (the
+    /// rebalance callback waits for it: one at a time, a large assignment on a slow store would
+    /// outlast `max.poll.interval.ms` and the member would be expelled). A retryable error is
+    /// retried with backoff, about a minute and a half at most.
+    pub(super) fn recover_all(&self, tps: &[TopicPartition]) -> Recovered {
+        use futures::StreamExt;
+        let mut jobs = Vec::new();
+        for tp in tps.iter().filter(|tp| !self.parts.contains_key(*tp)) {
+            for (i, s) in self.sinks.iter().enumerate() {
+                if s.config.topics.matches(&tp.topic) {
+                    jobs.push((tp.clone(), i, s.sink.clone()));
+                }
+            }
+        }
+        self.rt.block_on(
+            futures::stream::iter(jobs)
+                .map(|(tp, i, sink)| async move {
+                    let mut attempt = 0u32;
+                    let result = loop {
+                        match sink.recover(&tp).await {
+                            Ok(p) => break Ok(p),
+                            Err(e) if e.is_retryable() && attempt < 8 => {
+                                attempt += 1;
+                                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                            }
+                            Err(e) => break Err(e),
+                        }
+                    };
+                    ((tp, i), result)
+                })
+                .buffer_unordered(RECOVERIES_AT_ONCE)
+                .collect::<HashMap<_, _>>(),
+        )
+    }
+
+    /// Starts the workers of `tp` from what [`Self::recover_all`] found; returns where to read
+    /// from (`None`: nothing to read, the partition is paused).
     pub(super) fn start_partition(
         &mut self,
         consumer: &BaseConsumer<LakeContext>,
         tp: &TopicPartition,
+        recovered: &mut Recovered,
     ) -> Result<Option<KOffset>, String> {
         if self.parts.contains_key(tp) {
             return Ok(None);
@@ -76,21 +120,9 @@ impl Router {
             if !s.config.topics.matches(&tp.topic) {
                 continue;
             }
-            let sink = s.sink.clone();
-            let tp2 = tp.clone();
-            let recovered = self.rt.block_on(async move {
-                let mut attempt = 0u32;
-                loop {
-                    match sink.recover(&tp2).await {
-                        Ok(p) => return Ok(p),
-                        Err(e) if e.is_retryable() && attempt < 8 => {
-                            attempt += 1;
-                            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            });
+            let Some(recovered) = recovered.remove(&(tp.clone(), i)) else {
+                continue;
+            };
             let name = &s.config.name;
             match recovered {
                 Ok(p) => {

@@ -97,7 +97,7 @@ struct Worker {
     truncate: bool,
     /// This partition's fenced dead-letter writer, opened when the worker starts.
     dead_session: Option<super::dead_letter::Session>,
-    dead_opening: Option<tokio::task::JoinHandle<Result<super::dead_letter::Session, String>>>,
+    dead_opening: Option<super::dead_letter::Opening>,
     /// The flush being staged and committed by its own task while this worker decodes on: at
     /// most one, settled before the next flush starts (see [`InFlight`]).
     in_flight: Option<InFlight>,

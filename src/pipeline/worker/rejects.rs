@@ -56,8 +56,11 @@ impl Worker {
     /// Returns whether the flush may go on to its table commit: not when the sink stopped, nor
     /// when the session was fenced (see [`Self::yield_dead_letters`]).
     pub(super) async fn write_dead_letters(&mut self) -> bool {
-        let pending = std::mem::take(&mut self.dead_pending);
+        let mut pending = std::mem::take(&mut self.dead_pending);
         self.dead_pending_bytes = 0;
+        // Key failures are rejected at once, value failures when the decoder's batch ends: in
+        // offset order, the ones already written from an earlier owner are a prefix.
+        pending.sort_by_key(|r| r.record.offset);
         let runtime = self.ctx.runtime.clone();
         let dlq = runtime
             .dead_letters
@@ -110,10 +113,11 @@ impl Worker {
             }
         };
         let (skipped, sent) = pending.split_at(written.already);
-        for r in sent {
+        for (r, (_, partition, at)) in sent.iter().zip(&written.deliveries) {
             let e = &r.error;
             warn!(sink = %sink, tp = %self.ctx.tp, offset = e.offset, class = e.class,
-                  topic = %dlq.topic, "dead-lettered: {}", e.reason);
+                  topic = %dlq.topic, dead_letter_partition = partition, dead_letter_offset = at,
+                  "dead-lettered: {}", e.reason);
         }
         if !skipped.is_empty() {
             info!(sink = %sink, tp = %self.ctx.tp, records = skipped.len(),
