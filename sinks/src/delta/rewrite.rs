@@ -82,7 +82,7 @@ pub(super) enum Outcome {
 }
 
 /// The changes' keys, as rows of one [`RowConverter`].
-struct Keys {
+pub(super) struct Keys {
     columns: Vec<String>,
     types: Vec<DataType>,
     converter: RowConverter,
@@ -92,7 +92,10 @@ struct Keys {
 }
 
 impl Keys {
-    fn new(config: &UpsertConfig, batches: &[RecordBatch]) -> Result<Self, DeltaTableError> {
+    pub(super) fn new(
+        config: &UpsertConfig,
+        batches: &[RecordBatch],
+    ) -> Result<Self, DeltaTableError> {
         let schema = batches[0].schema();
         let mut types = Vec::with_capacity(config.keys.len());
         for k in &config.keys {
@@ -687,7 +690,7 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, Delta
 
 /// The MERGE this upsert is, as the log records it. Its read predicate is the changes' range of
 /// each key column (`None`, the whole table, when a range cannot be written as SQL).
-fn operation(config: &UpsertConfig, keys: &Keys, deletes: bool) -> DeltaOperation {
+pub(super) fn operation(config: &UpsertConfig, keys: &Keys, deletes: bool) -> DeltaOperation {
     let mut predicate: Option<Expr> = None;
     for (c, k) in config.keys.iter().enumerate() {
         let Some((min, max)) = keys.range(c) else {
