@@ -581,7 +581,9 @@ struct Figures {
     broker_restarts: u32,
 }
 
-async fn chaos(target: Target, protocol: &str) {
+/// `drain_timeout`: how long a revoked member may take to flush and commit; shorter than a
+/// flush under load, the flush task outlives its worker and races the partition's next owner.
+async fn chaos(target: Target, protocol: &str, drain_timeout: &str) {
     let seconds = env_u64(
         "LAKESINK_CHAOS_SECONDS",
         env_u64("LAKESINK_CHAOS_MINUTES", 0) * 60,
@@ -681,7 +683,7 @@ properties = {{ {membership}, "max.poll.interval.ms" = "30000", "topic.metadata.
 url = "{registry}"
 
 [pipeline]
-drain_timeout = "10s"
+drain_timeout = "{drain_timeout}"
 {sinks}"#,
         kafka = kafka(),
         group = run.group,
@@ -899,7 +901,7 @@ drain_timeout = "10s"
         assert!(!all_logs.contains(&secret), "a secret leaked into the logs");
     }
     println!(
-        "chaos summary: target={} protocol={protocol} seed={seed} seconds={seconds} kills={} rebalances={} zombies={} outages={} \
+        "chaos summary: target={} protocol={protocol} drain_timeout={drain_timeout} seed={seed} seconds={seconds} kills={} rebalances={} zombies={} outages={} \
          broker_restarts={} faults_injected={} records_reconciled={} changes_reconciled={} final_keys={} lost=0 duplicated=0 \
          dlq_matched={}/{} dlq_duplicated={twice}",
         target.label(),
@@ -934,18 +936,30 @@ async fn chaos_parquet_on_moto() {
     chaos(
         Target::Parquet(Store::s3("orders"), Some(Store::s3("orders_copy"))),
         "classic",
+        "10s",
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_parquet_on_azurite() {
-    chaos(Target::Parquet(Store::azure("orders"), None), "consumer").await;
+    // Drains shorter than a flush under load: flush tasks outlive their workers.
+    chaos(
+        Target::Parquet(Store::azure("orders"), None),
+        "consumer",
+        "1s",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_parquet_on_gcs() {
-    chaos(Target::Parquet(Store::gcs("orders"), None), "classic").await;
+    chaos(
+        Target::Parquet(Store::gcs("orders"), None),
+        "classic",
+        "10s",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -953,6 +967,7 @@ async fn chaos_delta_on_moto() {
     chaos(
         Target::Delta(Store::s3("orders"), Store::s3("customers")),
         "classic",
+        "10s",
     )
     .await;
 }
@@ -962,16 +977,18 @@ async fn chaos_delta_on_moto_kip848() {
     chaos(
         Target::Delta(Store::s3("orders"), Store::s3("customers")),
         "consumer",
+        // Drains shorter than a flush under load: flush tasks outlive their workers.
+        "1s",
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_databend() {
-    chaos(Target::Databend(unique("chaos")), "classic").await;
+    chaos(Target::Databend(unique("chaos")), "classic", "10s").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_databend_kip848() {
-    chaos(Target::Databend(unique("chaos")), "consumer").await;
+    chaos(Target::Databend(unique("chaos")), "consumer", "10s").await;
 }

@@ -701,7 +701,10 @@ impl Lakesink {
 
     /// Starts `lakesink` with explicit arguments.
     pub fn start_args(args: &[&str], extra_env: &[(&str, &str)]) -> Lakesink {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lakesink"));
+        // LAKESINK_TEST_BIN: a copy of the binary, for long runs that must not see a rebuild.
+        let bin = std::env::var("LAKESINK_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_lakesink").to_string());
+        let mut cmd = Command::new(bin);
         cmd.args(args)
             .env("LAKESINK_LOG", "info,librdkafka=warn")
             .stdout(Stdio::null())
