@@ -900,8 +900,18 @@ drain_timeout = "{drain_timeout}"
     {
         assert!(!all_logs.contains(&secret), "a secret leaked into the logs");
     }
+    // How often a revoked worker outlived the drain timeout, and how often a writer was fenced
+    // by another's commit: the races the run exercised.
+    let drains_timed_out = all_logs
+        .matches("did not finish within the drain timeout")
+        .count();
+    let fences = all_logs
+        .matches("another writer committed this range first")
+        .count()
+        + all_logs.matches("fenced by another writer").count();
     println!(
         "chaos summary: target={} protocol={protocol} drain_timeout={drain_timeout} seed={seed} seconds={seconds} kills={} rebalances={} zombies={} outages={} \
+         drains_timed_out={drains_timed_out} fences={fences} \
          broker_restarts={} faults_injected={} records_reconciled={} changes_reconciled={} final_keys={} lost=0 duplicated=0 \
          dlq_matched={}/{} dlq_duplicated={twice}",
         target.label(),
