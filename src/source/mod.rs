@@ -11,6 +11,11 @@
 //!   librdkafka keeps heartbeating in its own threads).
 //! - Group offsets are committed after sink commits, for lag dashboards only: the sink's commit
 //!   record is the source of truth.
+//!
+//! Parts: `rebalance` (assignment and revocation), `positions` (where a partition is read from,
+//! and what happens when the log and the table disagree), `router` (records to workers, the
+//! partition state, resyncs after a fence), `stall` (partitions that cannot be fetched); this
+//! file holds the client configuration and the poll loop.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -35,7 +40,11 @@ use crate::pipeline::worker::{self, WorkerCtx};
 use crate::pipeline::{BufferBudget, Event, Progress, SinkRuntime, WorkerMsg};
 
 mod positions;
+mod rebalance;
+mod router;
 pub mod stall;
+
+use router::{resync, PartitionState, Router, WorkerHandle, POLL_BURST, SEND_BATCH};
 
 pub use positions::StartAt;
 
@@ -76,64 +85,6 @@ pub fn client_config(cfg: &ValidatedConfig) -> ClientConfig {
     c
 }
 
-struct WorkerHandle {
-    sink: usize,
-    id: u64,
-    tx: mpsc::Sender<WorkerMsg>,
-    join: tokio::task::JoinHandle<()>,
-}
-
-struct PartitionState {
-    workers: Vec<WorkerHandle>,
-    /// End offset at assignment (catch-up mode) and the start position.
-    end: Option<i64>,
-    /// Committed position per sink index.
-    committed: BTreeMap<usize, i64>,
-    /// One past the last offset handed to the workers (after a seek: the seek's position).
-    /// Every worker of the partition has been sent everything below it, so a worker that must
-    /// skip to a position at or past it needs no seek.
-    delivered: Option<i64>,
-}
-
-struct Router {
-    rt: tokio::runtime::Handle,
-    sinks: Vec<Arc<SinkRuntime>>,
-    parts: HashMap<TopicPartition, PartitionState>,
-    events: mpsc::UnboundedSender<Event>,
-    budget: Arc<BufferBudget>,
-    progress: Arc<Progress>,
-    queue: usize,
-    drain_timeout: Duration,
-    options: SourceOptions,
-    fatal: Option<String>,
-    /// Where a sink with no position in its table starts.
-    start_at: StartAt,
-    /// The id of the next worker started ([`WorkerCtx::id`]).
-    next_worker: u64,
-    /// Records polled but not yet handed to their workers, in poll order per partition.
-    /// Dispatched at the end of every poll burst and before any rebalance is handled, so a
-    /// worker sees exactly the sequence it would see if every record were sent at once.
-    pending: Vec<Pending>,
-    pending_records: usize,
-    /// Whether records keep their Kafka headers: only when some sink dead-letters, the one
-    /// place they are written again.
-    keep_headers: bool,
-    /// Where polled keys and payloads are copied: one allocation per [`ARENA_CHUNK`] shared by
-    /// many records (each a `Bytes` slice of it) instead of one allocation per record, freed
-    /// on another thread.
-    arena: bytes::BytesMut,
-    /// Rows per decoder batch for the partitions being assigned (see [`decode_batch_rows`]).
-    decode_rows: usize,
-}
-
-/// Records of one partition polled in the current burst.
-struct Pending {
-    tp: TopicPartition,
-    /// The address of librdkafka's topic handle, to match records without reading the name.
-    rkt: usize,
-    records: Vec<Record>,
-}
-
 /// Rows decoded per batch, shared by every partition this process holds: each partition's
 /// decoder keeps one batch (Avro in Arrow builders; JSON as its pending records, parsed when the
 /// batch is emitted), so with many partitions the batches shrink, down to 256 rows, to keep those
@@ -158,11 +109,6 @@ pub fn arena_copy(arena: &mut bytes::BytesMut, data: &[u8]) -> bytes::Bytes {
     arena.extend_from_slice(data);
     arena.split().freeze()
 }
-
-/// Records per message to a worker: one channel message and one wake-up per batch.
-const SEND_BATCH: usize = 256;
-/// Records polled in one burst before they are dispatched.
-const POLL_BURST: usize = 4096;
 
 /// The consumer context: bridges rebalances to recovery and workers, and signs tokens.
 pub struct LakeContext {
@@ -266,248 +212,6 @@ impl ClientContext for LakeContext {
                 }
             }
         }
-    }
-}
-
-impl ConsumerContext for LakeContext {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        let cooperative = matches!(
-            consumer.rebalance_protocol(),
-            RebalanceProtocol::Cooperative
-        );
-        let tps: Vec<TopicPartition> = tpl
-            .elements()
-            .iter()
-            .map(|e| TopicPartition::new(e.topic(), e.partition()))
-            .collect();
-        let mut router = self.router.lock().expect("router");
-        // Records polled before the rebalance reach their workers before it is handled.
-        router.dispatch_pending();
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                info!(partitions = ?tps.iter().map(ToString::to_string).collect::<Vec<_>>(), "assigned");
-                let held = router.parts.len()
-                    + tps
-                        .iter()
-                        .filter(|tp| !router.parts.contains_key(tp))
-                        .count();
-                router.decode_rows = decode_batch_rows(held);
-                let (mut started, mut idle) =
-                    (TopicPartitionList::new(), TopicPartitionList::new());
-                let mut recovered = router.recover_all(&tps);
-                for tp in &tps {
-                    let had = router.parts.contains_key(tp);
-                    match router.start_partition(consumer, tp, &mut recovered) {
-                        Ok(Some(at)) => {
-                            let _ = tpl.set_partition_offset(&tp.topic, tp.partition, at);
-                            started.add_partition(&tp.topic, tp.partition);
-                        }
-                        Ok(None) if !had => {
-                            idle.add_partition(&tp.topic, tp.partition);
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            error!("{e}");
-                            router.fatal.get_or_insert(e);
-                        }
-                    }
-                }
-                let r = if cooperative {
-                    consumer.incremental_assign(tpl)
-                } else {
-                    consumer.assign(tpl)
-                };
-                // A partition no sink can take (quarantined) is not fetched; one quarantined
-                // before, and now assigned again, is.
-                if r.is_ok() {
-                    let _ = consumer.pause(&idle);
-                    let _ = consumer.resume(&started);
-                }
-                router.progress.health.assigned.store(
-                    !router.parts.is_empty(),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                if let Err(e) = r {
-                    router
-                        .fatal
-                        .get_or_insert(format!("cannot assign partitions: {e}"));
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                info!(partitions = tps.len(), "revoked; draining their writers");
-                router.drain(&tps);
-                router.progress.health.assigned.store(
-                    !router.parts.is_empty(),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                let mut highs = router.progress.high_watermarks.lock().expect("progress");
-                let mut stalls = self.stalls.lock().expect("stalls");
-                for tp in &tps {
-                    router.progress.release_quarantine(tp);
-                    highs.remove(tp);
-                    if stalls.forget(tp) {
-                        router.progress.set_stalled(tp, None);
-                    }
-                }
-                drop(stalls);
-                let r = if cooperative {
-                    consumer.incremental_unassign(tpl)
-                } else {
-                    consumer.unassign()
-                };
-                if let Err(e) = r {
-                    warn!("unassign failed: {e}");
-                }
-            }
-            other => {
-                warn!("rebalance error: {other:?}");
-                router.drain(&tps);
-                let _ = consumer.unassign();
-            }
-        }
-    }
-}
-
-impl Router {
-    /// Queues a polled record for its partition's workers.
-    fn push(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
-        let rec = Record {
-            offset: m.offset(),
-            timestamp_ms: m.timestamp().to_millis(),
-            key: m.key().map(|k| self.copy(k)),
-            payload: m.payload().map(|p| self.copy(p)),
-            // librdkafka parses headers on request, with an allocation per record even when
-            // there are none: only dead letters carry them, so only read them for those.
-            headers: if self.keep_headers {
-                m.headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            } else {
-                Vec::new()
-            },
-        };
-        // The topic handle identifies the topic without reading (and UTF-8 checking) its name:
-        // librdkafka keeps one handle per topic while any of its partitions is assigned.
-        let rkt = m.topic_ptr() as usize;
-        let partition = m.partition();
-        let i = match self
-            .pending
-            .iter()
-            .rposition(|p| p.rkt == rkt && p.tp.partition == partition)
-        {
-            Some(i) => i,
-            None => {
-                self.pending.push(Pending {
-                    tp: TopicPartition::new(m.topic(), partition),
-                    rkt,
-                    records: Vec::with_capacity(SEND_BATCH.min(64)),
-                });
-                self.pending.len() - 1
-            }
-        };
-        self.pending[i].records.push(rec);
-        self.pending_records += 1;
-        if self.pending[i].records.len() >= SEND_BATCH {
-            let p = self.pending.swap_remove(i);
-            self.pending_records -= p.records.len();
-            self.send(&p.tp, p.records);
-        }
-    }
-
-    /// A copy of `data` in the arena.
-    fn copy(&mut self, data: &[u8]) -> bytes::Bytes {
-        arena_copy(&mut self.arena, data)
-    }
-
-    /// Hands every queued record to its workers.
-    fn dispatch_pending(&mut self) {
-        for p in std::mem::take(&mut self.pending) {
-            self.send(&p.tp, p.records);
-        }
-        self.pending_records = 0;
-    }
-
-    /// Sends `recs` to every worker of `tp` (none if it is no longer assigned). Blocks while a
-    /// worker's queue is full: backpressure.
-    fn send(&mut self, tp: &TopicPartition, recs: Vec<Record>) {
-        let Some(state) = self.parts.get_mut(tp) else {
-            return;
-        };
-        if let Some(last) = recs.last() {
-            state.delivered = Some(last.offset + 1);
-        }
-        let n = state.workers.len();
-        let mut recs = Some(recs);
-        for (i, w) in state.workers.iter().enumerate() {
-            let batch = if i + 1 == n {
-                recs.take().expect("records")
-            } else {
-                recs.clone().expect("records")
-            };
-            match w.tx.try_send(WorkerMsg::Records(batch)) {
-                Err(mpsc::error::TrySendError::Full(msg)) => {
-                    let blocked = std::time::Instant::now();
-                    let _ = w.tx.blocking_send(msg);
-                    self.progress.backpressure_ns.fetch_add(
-                        blocked.elapsed().as_nanos() as u64,
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
-                }
-                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-            }
-        }
-    }
-
-    /// Flushes, commits and stops the workers of `tps`, within the drain timeout.
-    fn drain(&mut self, tps: &[TopicPartition]) {
-        let mut acks = Vec::new();
-        for tp in tps {
-            if let Some(state) = self.parts.remove(tp) {
-                for w in state.workers {
-                    let (ack_tx, ack_rx) = oneshot::channel();
-                    let tx = w.tx.clone();
-                    acks.push((ack_rx, w.join, tp.clone(), w.sink));
-                    let _ = self
-                        .rt
-                        .block_on(async move { tx.send(WorkerMsg::Drain(ack_tx)).await });
-                }
-            }
-        }
-        let deadline = self.drain_timeout;
-        self.rt.block_on(async move {
-            let until = tokio::time::Instant::now() + deadline;
-            for (ack, join, tp, sink) in acks {
-                match tokio::time::timeout_at(until, ack).await {
-                    Ok(_) => {
-                        let _ = join.await;
-                    }
-                    Err(_) => {
-                        warn!(%tp, sink, "writer did not finish within the drain timeout; \
-                               abandoning its uncommitted data (it is read again by the next owner)");
-                        join.abort();
-                    }
-                }
-            }
-        });
-    }
-
-    fn caught_up(&self) -> bool {
-        !self.parts.is_empty()
-            && self.parts.values().all(|s| {
-                let Some(end) = s.end else { return false };
-                s.workers
-                    .iter()
-                    .all(|w| s.committed.get(&w.sink).is_some_and(|p| *p >= end))
-            })
     }
 }
 
@@ -707,72 +411,6 @@ pub fn run(
         }
     }
     result
-}
-
-/// A worker of `sink` was fenced and must read on from `position`, the winner's end.
-///
-/// There is one fetch position per partition, shared by every sink of the topic, so it is
-/// never moved forward for one sink: that would skip records the other sinks have not read.
-/// At or past what was delivered, the worker needs no seek (it skips up to `position` itself);
-/// before it, the source seeks back, and the other sinks skip what they already have. A request
-/// of a worker that was drained meanwhile (the partition revoked, perhaps assigned again) is
-/// ignored: its writer is gone. The worker ignores input until it hears `Seeked`; a failed seek
-/// must never be reported as done (records before the old position would be skipped), so it is
-/// retried, then stops the process: a restart recovers from the table.
-fn resync(
-    consumer: &BaseConsumer<LakeContext>,
-    router: &mut Router,
-    sink: usize,
-    worker: u64,
-    tp: &TopicPartition,
-    position: i64,
-) {
-    let Some(state) = router.parts.get(tp) else {
-        return; // revoked meanwhile: the next owner recovers
-    };
-    if !state.workers.iter().any(|w| w.id == worker) {
-        debug!(%tp, sink, worker, "a drained worker's resync ignored");
-        return;
-    }
-    let name = &router.sinks[sink].config.name;
-    let delivered = state.delivered;
-    if delivered.is_none_or(|d| position >= d) {
-        info!(sink = %name, %tp, position, delivered = ?delivered,
-              "reading on from {position} after another writer's commit; the consumer stays where it is (other sinks of the topic read from it)");
-    } else {
-        info!(sink = %name, %tp, position, delivered = ?delivered,
-              "seeking {tp} back to {position} after another writer's commit (the other sinks of the topic skip what they have)");
-        let mut sought = Err(rdkafka::error::KafkaError::Seek("not tried".into()));
-        for attempt in 0..5 {
-            sought = consumer.seek(
-                &tp.topic,
-                tp.partition,
-                KOffset::Offset(position),
-                Duration::from_secs(10),
-            );
-            if sought.is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200 << attempt));
-        }
-        if let Err(e) = sought {
-            router.fatal.get_or_insert(format!(
-                "cannot seek {tp} to {position} after another writer committed that range: {e}; \
-                 restarting recovers from the table"
-            ));
-            return;
-        }
-    }
-    let Some(state) = router.parts.get_mut(tp) else {
-        return;
-    };
-    if delivered.is_some_and(|d| position < d) {
-        state.delivered = Some(position);
-    }
-    for w in state.workers.iter().filter(|w| w.id == worker) {
-        // Blocking: the worker drains its queue while resyncing.
-        let _ = w.tx.blocking_send(WorkerMsg::Seeked { position });
-    }
 }
 
 /// Logs a Kafka error, each distinct one at most every 30 s.
