@@ -6,11 +6,8 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::databend::databend_url;
+use common::databend::client_config;
 use common::*;
-use sinks::databend::client::ClientConfig;
 use sinks::databend::{DatabendSink, DatabendSinkConfig};
 use sinks::parquet::{ParquetSink, ParquetSinkConfig};
 use sinks::testing;
@@ -54,22 +51,10 @@ async fn delta_keeps_the_sink_contract_on_every_store() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn databend_keeps_the_sink_contract() {
-    let mut url = url::Url::parse(&databend_url()).unwrap();
-    let user = url.username().to_string();
-    let password = url.password().map(str::to_string);
-    let _ = url.set_username("");
-    let _ = url.set_password(None);
     let database = unique("contract").replace('-', "_");
     testing::all(&unique("contract"), |i| {
         let s = DatabendSink::new(DatabendSinkConfig {
-            client: ClientConfig {
-                endpoint: url.clone(),
-                user: user.clone(),
-                password: password.clone(),
-                warehouse: None,
-                database: database.clone(),
-                timeout: Duration::from_secs(60),
-            },
+            client: client_config(&database),
             // One sink (the ledger's key) written by two writers, as two members would.
             sink: "contract".into(),
             table: "contract".into(),

@@ -13,25 +13,12 @@ use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use common::databend::*;
 use common::unique;
-use sinks::databend::client::ClientConfig;
 use sinks::databend::{DatabendSink, DatabendSinkConfig};
 use sinks::{CommitOutcome, Flush, Offset, Sink, Staged, TopicPartition};
 
 fn writer(database: &str) -> DatabendSink {
-    let mut url = url::Url::parse(&databend_url()).unwrap();
-    let user = url.username().to_string();
-    let password = url.password().map(str::to_string);
-    let _ = url.set_username("");
-    let _ = url.set_password(None);
     DatabendSink::new(DatabendSinkConfig {
-        client: ClientConfig {
-            endpoint: url,
-            user,
-            password,
-            warehouse: None,
-            database: database.into(),
-            timeout: Duration::from_secs(60),
-        },
+        client: client_config(database),
         // One sink name (the ledger's key) for every writer, as members of one group have.
         sink: "orders".into(),
         table: "orders".into(),

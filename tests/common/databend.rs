@@ -13,21 +13,25 @@ pub fn databend_url() -> String {
     need("LAKESINK_TEST_DATABEND")
 }
 
-pub fn client(database: &str) -> Client {
+/// The test server's client settings for `database` (the credentials come out of the URL).
+pub fn client_config(database: &str) -> DbConfig {
     let mut url = url::Url::parse(&databend_url()).unwrap();
     let user = url.username().to_string();
     let password = url.password().map(str::to_string);
     let _ = url.set_username("");
     let _ = url.set_password(None);
-    Client::new(DbConfig {
+    DbConfig {
         endpoint: url,
         user,
         password,
         warehouse: None,
         database: database.into(),
         timeout: Duration::from_secs(60),
-    })
-    .unwrap()
+    }
+}
+
+pub fn client(database: &str) -> Client {
+    Client::new(client_config(database)).unwrap()
 }
 
 pub async fn rows(database: &str, sql: &str) -> Vec<Vec<Option<String>>> {
