@@ -145,7 +145,14 @@ log.segment.bytes=67108864
 log.retention.check.interval.ms=300000
 EOF
   if [ ! -d "$DIR/data" ]; then
-    java_run kafka.tools.StorageTool format -t "$(python3 -c 'import uuid,base64;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')" \
+    # A random cluster id in Kafka's form. One in 64 base64 ids starts with '-', which the
+    # format tool's argument parser takes for an option (Kafka's own Uuid.randomUuid skips those).
+    local cluster_id
+    cluster_id=$(python3 -c 'import uuid,base64
+while True:
+    s = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    if not s.startswith("-"): print(s); break')
+    java_run kafka.tools.StorageTool format -t "$cluster_id" \
       -c "$DIR/server.properties" --add-scram 'SCRAM-SHA-512=[name=msk-user,password=msk-secret]' \
       >"$DIR/format.log" 2>&1 || { cat "$DIR/format.log" >&2; exit 1; }
   fi
