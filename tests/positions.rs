@@ -59,8 +59,9 @@ async fn a_recreated_topic_stops_its_partition_instead_of_skipping() {
     produce(&topic, id, 1000..1300, 1).await;
     let (status, log) = catch_up_status(&cfg, &[]);
     assert!(!status.success(), "the run must fail:\n{log}");
+    // The topic id (KIP-516) tells first; without ids, the position beyond the log's end.
     assert!(
-        log.contains("beyond the end of its log") && log.contains("quarantined"),
+        log.contains("holds positions of the earlier topic") && log.contains("quarantined"),
         "the log names the cause:\n{log}"
     );
     assert_eq!(
@@ -68,6 +69,87 @@ async fn a_recreated_topic_stops_its_partition_instead_of_skipping() {
         1000,
         "nothing written"
     );
+}
+
+/// F4, the case the log's end cannot tell: the topic is deleted and created again, and the new
+/// topic already holds more records (900) than the tables' position (600) when lakesink next
+/// reads it. Resuming at 600 would skip the new topic's first 600 records. Each table (Parquet,
+/// Delta, Databend) recorded the topic's id (KIP-516) before its first commit: the new id stops
+/// the partition for every sink, and pointing the sinks at new tables (the documented reset)
+/// reads the new topic whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recreated_topic_with_more_records_is_recognised_by_its_id() {
+    use common::databend::{databend_url, rows};
+    let topic = unique("recreated-id");
+    create_topic(&topic, 1).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    produce(&topic, id, 0..600, 1).await;
+    let three_sinks = |parquet: &Store, delta: &Store, database: &str| {
+        let flush = "flush = { max_rows = 400, max_latency = \"1s\" }";
+        let extra = format!(
+            "\n[[sink]]\nname = \"orders_delta\"\ntopics = [\"{topic}\"]\nkind = \"delta\"\n\
+             table = \"{}\"\nstorage = {}\npartition_by = [\"day(ts)\"]\n{flush}\n\
+             \n[[sink]]\nname = \"orders_databend\"\ntopics = [\"{topic}\"]\nkind = \"databend\"\n\
+             databend = {{ url = \"{}/{database}\" }}\ntable = \"orders\"\n{flush}\n",
+            delta.url,
+            delta.toml_options(),
+            databend_url(),
+        );
+        config(&topic, &unique("g"), &registry_url, parquet, &extra)
+    };
+    let counts = |parquet: Store, delta: Store, database: String| {
+        let topic = topic.clone();
+        async move {
+            let p = committed_rows(&parquet, &topic).await;
+            let d = delta.read_delta(&[])["rows"].as_array().unwrap().len() as u64;
+            let b = rows(&database, "SELECT COUNT(*) FROM orders").await[0][0]
+                .clone()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap();
+            (p, d, b)
+        }
+    };
+    let (parquet, delta, database) = (
+        Store::local("orders"),
+        Store::local("orders_delta"),
+        unique("db").replace('-', "_"),
+    );
+    catch_up(&three_sinks(&parquet, &delta, &database), &[]);
+    assert_eq!(
+        counts(parquet.clone(), delta.clone(), database.clone()).await,
+        (600, 600, 600)
+    );
+
+    recreate_topic(&topic, 1).await;
+    let produced = produce(&topic, id, 600..1500, 1).await;
+    let (status, log) = catch_up_status(&three_sinks(&parquet, &delta, &database), &[]);
+    assert!(!status.success(), "the run must fail:\n{log}");
+    for sink in ["orders", "orders_delta", "orders_databend"] {
+        assert!(
+            log.contains(&format!(
+                "of sink `{sink}` holds positions of the earlier topic"
+            )),
+            "the log names sink {sink} and the cause:\n{log}"
+        );
+    }
+    assert_eq!(
+        counts(parquet.clone(), delta.clone(), database.clone()).await,
+        (600, 600, 600),
+        "nothing written"
+    );
+
+    // The documented reset: new tables read the new topic from its start, once.
+    let (parquet, delta, database) = (
+        Store::local("orders_new"),
+        Store::local("orders_delta_new"),
+        unique("db").replace('-', "_"),
+    );
+    catch_up(&three_sinks(&parquet, &delta, &database), &[]);
+    assert_exactly_once(&parquet.read(), &produced);
+    assert_exactly_once(&delta.read_delta(&[]), &produced);
+    assert_eq!(counts(parquet, delta, database).await, (900, 900, 900));
 }
 
 /// F4: retention deleted records the table has not read (here with `auto.offset.reset =
@@ -150,6 +232,41 @@ async fn a_topic_recreated_under_a_running_sink_stops_its_partition() {
         committed_rows(&store, &topic).await,
         1000,
         "nothing written"
+    );
+}
+
+/// F4 while running, with more records than the position: the topic is recreated under a
+/// running lakesink and the new topic passes the table's position (1,500 records, position
+/// 1,000) before lakesink reads it again. The log's end cannot tell; the topic id does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_topic_recreated_under_a_running_sink_with_more_records_stops_its_partition() {
+    let topic = unique("recreated-live-id");
+    create_topic(&topic, 1).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    produce(&topic, id, 0..1000, 1).await;
+    let store = Store::local("orders");
+    let cfg = config(&topic, &unique("g"), &registry_url, &store, "");
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    wait_rows(
+        &store,
+        &topic,
+        1000,
+        &mut proc_,
+        std::time::Duration::from_secs(60),
+    )
+    .await;
+    recreate_topic(&topic, 1).await;
+    produce(&topic, id, 1000..2500, 1).await;
+    proc_.wait_for_line(
+        "holds positions of the earlier topic",
+        std::time::Duration::from_secs(90),
+    );
+    let log = proc_.stop();
+    assert_eq!(
+        committed_rows(&store, &topic).await,
+        1000,
+        "nothing written:\n{log}"
     );
 }
 

@@ -139,6 +139,18 @@ impl Staged {
     }
 }
 
+/// What [`Sink::adopt_topic_id`] found in the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicIdentity {
+    /// Nothing was recorded for the topic: the given id is now.
+    Recorded,
+    /// The table records the given id already.
+    Same,
+    /// The table records another id: its positions count offsets of an earlier topic of the
+    /// same name.
+    Other(String),
+}
+
 /// A destination table with an exactly-once commit protocol.
 ///
 /// Implementations must be safe to call from several writers (processes) at once: `commit` is
@@ -157,6 +169,13 @@ pub trait Sink: Send + Sync + fmt::Debug {
 
     /// Makes a staged flush visible, fenced on its start position.
     async fn commit(&self, staged: &Staged) -> Result<(CommitOutcome, CommitStats)>;
+
+    /// Records `topic_id` (Kafka's KIP-516 topic id) as the identity of `topic` in this table
+    /// unless one is recorded already, and says how the recorded one compares. The table's
+    /// positions for `topic` count offsets of the topic recorded here: a topic deleted and
+    /// created again under the same name has a new id, and offsets unrelated to the old ones.
+    /// Idempotent, and safe from several writers at once (the first record wins).
+    async fn adopt_topic_id(&self, topic: &str, topic_id: &str) -> Result<TopicIdentity>;
 
     /// Checks that the table location is reachable and writable.
     async fn check(&self) -> Result<()>;

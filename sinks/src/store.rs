@@ -153,6 +153,64 @@ pub async fn check_conditional_create(
     }
 }
 
+/// The record of a topic's identity in a table (`_lakesink/topics/<topic>.json`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct TopicRecord {
+    topic: String,
+    topic_id: String,
+    recorded_at: String,
+}
+
+/// [`crate::Sink::adopt_topic_id`] for tables on an object store: `path` is created only if
+/// absent (the fences' conditional create), so of two writers recording at once the first wins
+/// and the second compares with it.
+pub async fn adopt_topic_id(
+    store: &dyn ObjectStore,
+    location: &str,
+    path: &Path,
+    topic: &str,
+    topic_id: &str,
+) -> Result<crate::TopicIdentity> {
+    use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+    let err = |source| Error::Store {
+        table: location.to_string(),
+        path: path.to_string(),
+        source: Box::new(source),
+    };
+    let record = TopicRecord {
+        topic: topic.to_string(),
+        topic_id: topic_id.to_string(),
+        recorded_at: chrono::Utc::now().to_rfc3339(),
+    };
+    let body = serde_json::to_vec_pretty(&record).expect("serialisable");
+    let create = PutOptions {
+        mode: PutMode::Create,
+        ..Default::default()
+    };
+    match store.put_opts(path, PutPayload::from(body), create).await {
+        Ok(_) => return Ok(crate::TopicIdentity::Recorded),
+        Err(object_store::Error::AlreadyExists { .. }) => {}
+        Err(e) => return Err(err(e)),
+    }
+    let bytes = store
+        .get(path)
+        .await
+        .map_err(err)?
+        .bytes()
+        .await
+        .map_err(err)?;
+    let found: TopicRecord = serde_json::from_slice(&bytes).map_err(|e| Error::CorruptMarker {
+        table: location.to_string(),
+        path: path.to_string(),
+        reason: format!("not a topic record: {e}"),
+    })?;
+    Ok(if found.topic_id == topic_id {
+        crate::TopicIdentity::Same
+    } else {
+        crate::TopicIdentity::Other(found.topic_id)
+    })
+}
+
 /// Removes user info and query strings (SAS tokens) from a URL for display.
 pub fn redact_url(raw: &str) -> String {
     match Url::parse(raw) {

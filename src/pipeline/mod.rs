@@ -17,6 +17,7 @@
 //!   most data flush.
 
 pub mod dead_letter;
+pub mod identity;
 pub mod worker;
 
 use std::collections::BTreeMap;
@@ -72,6 +73,13 @@ pub enum Event {
     },
     /// The worker cannot continue; the process drains and exits with this error.
     Fatal { message: String },
+    /// A topic was found with another id than its partitions were assigned with: deleted and
+    /// created again under a running consumer (see [`identity`]).
+    TopicRecreated {
+        topic: String,
+        recorded: String,
+        current: String,
+    },
 }
 
 /// The global budget for decoded data: buffered in partition writers, plus flushes still being

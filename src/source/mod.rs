@@ -43,6 +43,7 @@ mod positions;
 mod rebalance;
 mod router;
 pub mod stall;
+mod topic_ids;
 
 use router::{resync, PartitionState, Router, WorkerHandle, POLL_BURST, SEND_BATCH};
 
@@ -226,6 +227,22 @@ pub fn run(
     options: SourceOptions,
 ) -> Result<(), String> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
+    // The commit gate looks topic ids up on the consumer's own handle (librdkafka's admin calls
+    // are thread-safe), held weakly: the gate lives in the consumer's context.
+    let handle: Arc<std::sync::OnceLock<std::sync::Weak<BaseConsumer<LakeContext>>>> =
+        Arc::default();
+    let identities = crate::pipeline::identity::TopicIdentities::new({
+        let handle = handle.clone();
+        Box::new(move |topics: &[String]| {
+            let consumer = handle
+                .get()
+                .and_then(std::sync::Weak::upgrade)
+                .ok_or_else(|| "the consumer is closed".to_string())?;
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            topic_ids::describe(&*consumer, &names, Duration::from_secs(10))
+        })
+    });
+    identities.report_to(events_tx.clone());
     let budget = Arc::new(BufferBudget::new(cfg.max_buffer_bytes));
     *progress.budget.lock().expect("progress") = Some(budget.clone());
     let router = Router {
@@ -248,11 +265,13 @@ pub fn run(
             .any(|s| s.config.errors == crate::config::ErrorPolicy::DeadLetter),
         arena: bytes::BytesMut::new(),
         decode_rows: decode_batch_rows(1),
+        topic_ids: HashMap::new(),
+        identities,
     };
     // Every start position is explicit (see `positions`), so librdkafka resets only a fetch
     // offset found out of range, always to the log start, and says so in a warning that
     // `positions` resolves against the table's position.
-    let consumer: BaseConsumer<LakeContext> = client_config(cfg)
+    let consumer: Arc<BaseConsumer<LakeContext>> = client_config(cfg)
         .set("auto.offset.reset", "earliest")
         .create_with_context(LakeContext {
             router: Mutex::new(router),
@@ -260,7 +279,9 @@ pub fn run(
             stalls: Mutex::new(stall::StallDetector::new(cfg.stall_timeout)),
             resets: Mutex::new(Vec::new()),
         })
+        .map(Arc::new)
         .map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
+    let _ = handle.set(Arc::downgrade(&consumer));
     let mut subscriptions: Vec<String> = sinks
         .iter()
         .flat_map(|s| s.config.topics.subscriptions())
@@ -294,6 +315,11 @@ pub fn run(
                     tp,
                     position,
                 } => resync(&consumer, &mut router, sink, worker, &tp, position),
+                Event::TopicRecreated {
+                    topic,
+                    recorded,
+                    current,
+                } => router.topic_recreated(&consumer, &topic, &recorded, &current),
                 Event::Fatal { message } => {
                     router.fatal.get_or_insert(message);
                 }

@@ -66,14 +66,49 @@ const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(10);
 const RECOVERIES_AT_ONCE: usize = 32;
 
 /// What recovery found per (partition, sink index).
-pub(super) type Recovered = HashMap<(TopicPartition, usize), sinks::Result<Option<sinks::Offset>>>;
+pub(super) type Recovered =
+    HashMap<(TopicPartition, usize), Result<Option<sinks::Offset>, Failure>>;
+
+/// Why a sink cannot start a partition.
+#[derive(Debug, Clone)]
+pub(super) enum Failure {
+    /// The sink could not read its position (or record the topic's id).
+    Sink(Arc<sinks::Error>),
+    /// The table's positions count offsets of an earlier topic of the same name.
+    Recreated { recorded: String, current: String },
+    /// The broker's topic ids could not be read (the process exits; a restart retries).
+    TopicIds(String),
+}
+
+/// Retries `op` while its error is retryable, with backoff: about a minute and a half at most.
+pub(super) async fn retrying<T, F, Fut>(mut op: F) -> sinks::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = sinks::Result<T>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        match op().await {
+            Err(e) if e.is_retryable() && attempt < 8 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
 
 impl Router {
     /// Recovers the position of every sink of every partition in `tps`, concurrently (the
     /// rebalance callback waits for it: one at a time, a large assignment on a slow store would
-    /// outlast `max.poll.interval.ms` and the member would be expelled). A retryable error is
-    /// retried with backoff, about a minute and a half at most.
-    pub(super) fn recover_all(&self, tps: &[TopicPartition]) -> Recovered {
+    /// outlast `max.poll.interval.ms` and the member would be expelled), after checking each
+    /// table's record of the topic's identity (see `topic_ids`). A retryable error is retried
+    /// with backoff, about a minute and a half at most.
+    pub(super) fn recover_all(
+        &mut self,
+        consumer: &BaseConsumer<LakeContext>,
+        tps: &[TopicPartition],
+    ) -> Recovered {
         use futures::StreamExt;
         let mut jobs = Vec::new();
         for tp in tps.iter().filter(|tp| !self.parts.contains_key(*tp)) {
@@ -83,21 +118,28 @@ impl Router {
                 }
             }
         }
+        let identities = match self.check_topic_ids(consumer, &jobs) {
+            Ok(found) => found,
+            Err(why) => {
+                return jobs
+                    .into_iter()
+                    .map(|(tp, i, _)| ((tp, i), Err(Failure::TopicIds(why.clone()))))
+                    .collect()
+            }
+        };
         self.rt.block_on(
             futures::stream::iter(jobs)
-                .map(|(tp, i, sink)| async move {
-                    let mut attempt = 0u32;
-                    let result = loop {
-                        match sink.recover(&tp).await {
-                            Ok(p) => break Ok(p),
-                            Err(e) if e.is_retryable() && attempt < 8 => {
-                                attempt += 1;
-                                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                            }
-                            Err(e) => break Err(e),
-                        }
-                    };
-                    ((tp, i), result)
+                .map(|(tp, i, sink)| {
+                    let verdict = identities.get(&(i, tp.topic.to_string())).cloned();
+                    async move {
+                        let result = match verdict {
+                            Some(failure) => Err(failure),
+                            None => retrying(|| sink.recover(&tp))
+                                .await
+                                .map_err(|e| Failure::Sink(Arc::new(e))),
+                        };
+                        ((tp, i), result)
+                    }
                 })
                 .buffer_unordered(RECOVERIES_AT_ONCE)
                 .collect::<HashMap<_, _>>(),
@@ -130,7 +172,19 @@ impl Router {
                     info!(sink = %name, %tp, position = ?p, "recovered");
                     positions.push((i, p));
                 }
-                Err(e) if !e.is_retryable() => {
+                Err(Failure::Recreated { recorded, current }) => {
+                    let why = recreated(name, s.sink.location(), tp, &recorded, &current);
+                    error!(sink = %name, %tp, "{why}");
+                    self.progress.quarantine(tp, Some(name), why);
+                }
+                Err(Failure::TopicIds(why)) => {
+                    return Err(format!(
+                        "cannot read the topic id of `{}` to check it against the tables: {why}; \
+                         restarting retries",
+                        tp.topic
+                    ))
+                }
+                Err(Failure::Sink(e)) if !e.is_retryable() => {
                     let why = format!(
                         "sink `{name}` cannot recover its position for {tp}: {e}. This sink does \
                          not consume {tp} (the other partitions and sinks go on) until the table \
@@ -139,7 +193,7 @@ impl Router {
                     error!(sink = %name, %tp, "{why}");
                     self.progress.quarantine(tp, Some(name), why);
                 }
-                Err(e) => {
+                Err(Failure::Sink(e)) => {
                     return Err(format!(
                         "sink `{name}` cannot recover its position for {tp}: {e}; the table is \
                          unreachable, restarting retries"
@@ -209,6 +263,7 @@ impl Router {
                 budget: self.budget.clone(),
                 progress: self.progress.clone(),
                 decode_rows: self.decode_rows,
+                identities: self.identities.clone(),
             };
             let join = self.rt.spawn(worker::run(ctx, rx));
             state.workers.push(WorkerHandle {
@@ -278,6 +333,40 @@ impl Router {
         true
     }
 
+    /// The commit gate found `topic` with another id than it was assigned with: every
+    /// partition of it held here stops for every sink (their workers' flushes are refused by
+    /// the gate, so draining them commits nothing more).
+    pub(super) fn topic_recreated(
+        &mut self,
+        consumer: &BaseConsumer<LakeContext>,
+        topic: &str,
+        recorded: &str,
+        current: &str,
+    ) {
+        let tps: Vec<TopicPartition> = self
+            .parts
+            .keys()
+            .filter(|tp| &*tp.topic == topic)
+            .cloned()
+            .collect();
+        self.topic_ids.retain(|(_, t), _| t != topic);
+        for tp in &tps {
+            let sinks: Vec<usize> = self.parts[tp].workers.iter().map(|w| w.sink).collect();
+            for i in sinks {
+                let s = &self.sinks[i];
+                let why = recreated(&s.config.name, s.sink.location(), tp, recorded, current);
+                error!(sink = %s.config.name, %tp, "{why}");
+                self.progress.quarantine(tp, Some(&s.config.name), why);
+            }
+            self.drain(std::slice::from_ref(tp));
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&tp.topic, tp.partition);
+            if let Err(e) = consumer.pause(&tpl) {
+                warn!(%tp, "cannot pause {tp}: {e}");
+            }
+        }
+    }
+
     /// Flushes what the workers of `tp` hold, stops them, pauses `tp` and says why, at error
     /// level, in `/readyz` and in the metrics.
     fn quarantine_partition(
@@ -306,6 +395,27 @@ fn beyond_end(tp: &TopicPartition, at: i64, high: i64) -> String {
          (or move the old ones aside) and restart; see \"When the log and the table disagree\" \
          in the README",
         tp.topic
+    )
+}
+
+/// Why a sink whose table records another topic id does not consume `tp`, and what to do.
+fn recreated(
+    sink: &str,
+    table: &str,
+    tp: &TopicPartition,
+    recorded: &str,
+    current: &str,
+) -> String {
+    format!(
+        "topic `{topic}` was deleted and created again: the table {table} of sink `{sink}` holds \
+         positions of the earlier topic of that name (topic id {recorded}), the broker's \
+         `{topic}` is topic id {current}, and its offsets have nothing to do with the old ones. \
+         Sink `{sink}` does not consume {tp} rather than skip or misplace records. To read the \
+         new topic from its start, point the sink at a new table (or move this one aside; for \
+         Databend, also delete the sink's rows for the topic from `lakesink_offsets` and \
+         `lakesink_topics`) and restart; see \"When the log and the table disagree\" in the \
+         README",
+        topic = tp.topic
     )
 }
 

@@ -56,6 +56,11 @@ pub(super) struct Router {
     pub(super) arena: bytes::BytesMut,
     /// Rows per decoder batch for the partitions being assigned (see [`decode_batch_rows`]).
     pub(super) decode_rows: usize,
+    /// The topic id each (sink index, topic) was last verified against its table with (see
+    /// `topic_ids`): not asked again while the broker reports the same id.
+    pub(super) topic_ids: HashMap<(usize, String), String>,
+    /// The commit gate on topic identity, told each assigned topic's id.
+    pub(super) identities: Arc<crate::pipeline::identity::TopicIdentities>,
 }
 
 /// Records of one partition polled in the current burst.

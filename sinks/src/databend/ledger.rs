@@ -25,6 +25,17 @@ impl DatabendSink {
                     ),
                 )
                 .await?;
+                self.run(
+                    &mut s,
+                    "create the topic identity table",
+                    &format!(
+                        "CREATE TABLE IF NOT EXISTS {}.{} (sink VARCHAR NOT NULL, topic VARCHAR NOT NULL, \
+                         topic_id VARCHAR NOT NULL, recorded_at TIMESTAMP NOT NULL)",
+                        self.db(),
+                        ident(TOPICS)
+                    ),
+                )
+                .await?;
                 Ok(())
             })
             .await
@@ -70,5 +81,61 @@ impl DatabendSink {
                 reason: format!("{} ledger rows for {tp}; expected one", rows.len()),
             }),
         }
+    }
+}
+
+impl DatabendSink {
+    /// [`crate::Sink::adopt_topic_id`]: the ids recorded for (sink, topic), or the given one
+    /// inserted when there is none. Two writers inserting at once both insert the id they see,
+    /// which is the same unless the topic was recreated in between; then the next recovery
+    /// finds two ids and stops the partition.
+    pub(super) async fn adopt_topic(
+        &self,
+        topic: &str,
+        topic_id: &str,
+    ) -> Result<crate::TopicIdentity> {
+        self.ensure_ledger().await?;
+        let mut s = Session::default();
+        let filter = format!(
+            "sink = {} AND topic = {}",
+            literal(&self.config.sink),
+            literal(topic)
+        );
+        let r = self
+            .run(
+                &mut s,
+                "read the topic ids",
+                &format!(
+                    "SELECT topic_id FROM {}.{} WHERE {filter}",
+                    self.db(),
+                    ident(TOPICS)
+                ),
+            )
+            .await?;
+        let ids: Vec<String> = r
+            .rows
+            .iter()
+            .filter_map(|row| row.first().cloned().flatten())
+            .collect();
+        if let Some(other) = ids.iter().find(|id| id.as_str() != topic_id) {
+            return Ok(crate::TopicIdentity::Other(other.clone()));
+        }
+        if !ids.is_empty() {
+            return Ok(crate::TopicIdentity::Same);
+        }
+        self.run(
+            &mut s,
+            "record the topic id",
+            &format!(
+                "INSERT INTO {}.{} (sink, topic, topic_id, recorded_at) VALUES ({}, {}, {}, NOW())",
+                self.db(),
+                ident(TOPICS),
+                literal(&self.config.sink),
+                literal(topic),
+                literal(topic_id)
+            ),
+        )
+        .await?;
+        Ok(crate::TopicIdentity::Recorded)
     }
 }

@@ -32,6 +32,8 @@
 //! - Staged file names are unique per stage call, so a zombie and the owner never load each
 //!   other's file; the commit loads exactly the file its own stage wrote.
 //! - Every identifier that comes from data or config is quoted; every literal is escaped.
+//! - `lakesink_topics` records, per (sink, topic), the Kafka topic id the ledger's positions
+//!   count offsets of; it is written before the first load of the topic.
 
 pub mod client;
 mod committer;
@@ -55,6 +57,8 @@ use sql::ident;
 
 /// The ledger table, in the sink's database.
 pub const LEDGER: &str = "lakesink_offsets";
+/// The Kafka topic id (KIP-516) each sink's ledger positions count offsets of, per topic.
+pub const TOPICS: &str = "lakesink_topics";
 
 /// How a Databend sink loads.
 #[derive(Debug, Clone)]
@@ -210,6 +214,10 @@ impl Sink for DatabendSink {
 
     async fn commit(&self, staged: &Staged) -> Result<(CommitOutcome, CommitStats)> {
         self.commit_staged(staged).await
+    }
+
+    async fn adopt_topic_id(&self, topic: &str, topic_id: &str) -> Result<crate::TopicIdentity> {
+        self.adopt_topic(topic, topic_id).await
     }
 
     async fn check(&self) -> Result<()> {

@@ -333,6 +333,15 @@ impl Sink for DeltaSink {
         Ok((outcome, stats))
     }
 
+    async fn adopt_topic_id(&self, topic: &str, topic_id: &str) -> Result<crate::TopicIdentity> {
+        // Beside the log, below `_lakesink/` (VACUUM and readers skip `_` directories).
+        let table = self.builder()?.build().map_err(|e| self.err("open", e))?;
+        let store = table.object_store();
+        let path =
+            object_store::path::Path::from_iter(["_lakesink", "topics", &format!("{topic}.json")]);
+        crate::store::adopt_topic_id(&*store, &self.location, &path, topic, topic_id).await
+    }
+
     async fn check(&self) -> Result<()> {
         let mut slot = self.table.lock().await;
         self.refresh(&mut slot).await?;

@@ -15,7 +15,8 @@ use super::writer::{encode, StagedFile};
 use crate::crash::CrashHook;
 use crate::store::TableStore;
 use crate::{
-    CommitOutcome, CommitStats, Error, Flush, Offset, Result, Sink, Staged, TopicPartition,
+    CommitOutcome, CommitStats, Error, Flush, Offset, Result, Sink, Staged, TopicIdentity,
+    TopicPartition,
 };
 
 const META: &str = "_lakesink";
@@ -349,6 +350,18 @@ impl Sink for ParquetSink {
 
     async fn committed(&self, tp: &TopicPartition) -> Result<Option<Offset>> {
         self.walk_chain(tp, false).await
+    }
+
+    async fn adopt_topic_id(&self, topic: &str, topic_id: &str) -> Result<TopicIdentity> {
+        let path = self.table.path([META, "topics", &format!("{topic}.json")]);
+        crate::store::adopt_topic_id(
+            &*self.table.store,
+            self.table.location(),
+            &path,
+            topic,
+            topic_id,
+        )
+        .await
     }
 
     async fn stage(&self, flush: Flush) -> Result<Staged> {

@@ -69,6 +69,12 @@ impl Worker {
             batches,
             truncate,
         };
+        let received_by = self.last_received.unwrap_or_else(std::time::Instant::now);
+        let gate = self
+            .ctx
+            .identities
+            .clone()
+            .confirm(self.ctx.tp.topic.to_string(), received_by);
         let task = tokio::spawn(stage_and_commit(
             self.ctx.runtime.clone(),
             self.ctx.progress.clone(),
@@ -76,6 +82,7 @@ impl Worker {
             self.ctx.budget.clone(),
             flush,
             bytes,
+            gate,
         ));
         self.in_flight = Some(InFlight {
             task,
@@ -108,7 +115,10 @@ impl Worker {
         let (start, flushed) = (f.start, f.next);
         let outcome = match result {
             Ok(Ok(o)) => o,
-            Ok(Err(e)) => return self.give_up(start, flushed, e),
+            Ok(Err(FlushError::Sink(what, attempts, e))) => {
+                return self.give_up(start, flushed, (what, attempts, e))
+            }
+            Ok(Err(FlushError::Recreated(why))) => return self.discard(start, flushed, why),
             Err(e) => {
                 let name = self.sink_name().to_string();
                 return self.fatal(
@@ -193,6 +203,14 @@ impl Worker {
         });
     }
 
+    /// The topic was recreated: the flush is not committed and the worker takes no more
+    /// records; the source quarantines the partition (it was told by the gate).
+    pub(super) fn discard(&mut self, start: i64, next: i64, why: String) {
+        warn!(sink = self.sink_name(), tp = %self.ctx.tp, start, next, "{why}; offsets {start}..{next} discarded");
+        self.dead = true;
+        self.release();
+    }
+
     pub(super) fn give_up(
         &mut self,
         start: i64,
@@ -221,16 +239,25 @@ pub(super) async fn stage_and_commit(
     budget: Arc<BufferBudget>,
     flush: Flush,
     bytes: usize,
+    gate: impl std::future::Future<Output = Result<(), String>> + Send + 'static,
 ) -> FlushResult {
     let (name, tp) = (runtime.config.name.clone(), flush.tp.clone());
     let started = std::time::Instant::now();
     let sink = runtime.sink.clone();
+    // The topic's identity is looked up while the flush is staged.
+    let gate = tokio::spawn(gate);
     let staged = retry(&name, &tp, &stats, "stage", || sink.stage(flush.clone())).await;
     drop(flush);
     if bytes > 0 {
         budget.staged(bytes);
     }
     let staged = staged?;
+    let gate = gate
+        .await
+        .unwrap_or_else(|e| Err(format!("the topic identity check failed: {e}")));
+    if let Err(why) = gate {
+        return Err(FlushError::Recreated(why));
+    }
     stats.flush_seconds.observe(started.elapsed());
     // What the staged flush still holds (an upsert's changes) counts until its commit, so
     // flushes waiting for their table cannot grow memory past the budget.
@@ -286,7 +313,7 @@ pub(super) async fn retry<T, F, Fut>(
     stats: &SinkStats,
     what: &'static str,
     mut op: F,
-) -> Result<T, (&'static str, u32, sinks::Error)>
+) -> Result<T, FlushError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = sinks::Result<T>>,
@@ -301,7 +328,7 @@ where
                 warn!(sink, %tp, attempt, error = %e, "{what} failed; retrying");
                 tokio::time::sleep(backoff(attempt)).await;
             }
-            Err(e) => return Err((what, attempt + 1, e)),
+            Err(e) => return Err(FlushError::Sink(what, attempt + 1, e)),
         }
     }
 }

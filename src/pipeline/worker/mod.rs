@@ -61,6 +61,8 @@ pub struct WorkerCtx {
     pub progress: Arc<Progress>,
     /// Rows per decoder batch (`source::decode_batch_rows`), at most `flush.max_rows`.
     pub decode_rows: usize,
+    /// The commit gate on the topic's identity.
+    pub identities: Arc<super::identity::TopicIdentities>,
 }
 
 const RETRY_ATTEMPTS: u32 = 12;
@@ -101,10 +103,21 @@ struct Worker {
     /// The flush being staged and committed by its own task while this worker decodes on: at
     /// most one, settled before the next flush starts (see [`InFlight`]).
     in_flight: Option<InFlight>,
+    /// When the last records arrived: a flush's records were all fetched before it.
+    last_received: Option<std::time::Instant>,
 }
 
-/// What a flush task returns: its commit's outcome, or what failed after its retries.
-type FlushResult = Result<CommitOutcome, (&'static str, u32, sinks::Error)>;
+/// What a flush task returns: its commit's outcome, or why it was not committed.
+type FlushResult = Result<CommitOutcome, FlushError>;
+
+/// Why a flush task did not commit.
+enum FlushError {
+    /// A sink call failed after its retries: (what, attempts, the last error).
+    Sink(&'static str, u32, sinks::Error),
+    /// The topic was recreated under the worker: its records are discarded (see
+    /// [`super::identity`]).
+    Recreated(String),
+}
 
 /// A flush handed to its own task: stage, then commit `[start, next)`.
 ///
@@ -150,6 +163,7 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         dead_session: None,
         dead_opening: None,
         in_flight: None,
+        last_received: None,
     };
     if let Some(dlq) = w
         .ctx
@@ -202,6 +216,7 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
                     }
                 }
                 Some(WorkerMsg::Records(recs)) => {
+                    w.last_received = Some(std::time::Instant::now());
                     for rec in recs {
                         if w.dead || w.resyncing {
                             break;

@@ -29,6 +29,9 @@ impl sinks::Sink for Scripted {
     async fn committed(&self, _: &TopicPartition) -> sinks::Result<Option<Offset>> {
         Ok(None)
     }
+    async fn adopt_topic_id(&self, _: &str, _: &str) -> sinks::Result<sinks::TopicIdentity> {
+        Ok(sinks::TopicIdentity::Recorded)
+    }
     async fn stage(&self, flush: Flush) -> sinks::Result<Staged> {
         self.gate.acquire().await.expect("open").forget();
         let rows = flush.rows();
@@ -135,6 +138,7 @@ flush = { max_rows = 2 }
         budget: Arc::new(BufferBudget::new(1 << 30)),
         progress: progress.clone(),
         decode_rows: 1024,
+        identities: crate::pipeline::identity::TopicIdentities::none(),
     };
     let (tx, rx) = mpsc::channel(4);
     let worker = tokio::spawn(run(ctx, rx));
