@@ -269,7 +269,7 @@ pub fn render(p: &Progress) -> String {
     }
     let _ = writeln!(out, "# HELP lakesink_stalled_partitions How many assigned partitions are stalled.\n# TYPE lakesink_stalled_partitions gauge\nlakesink_stalled_partitions {}", stalled.len());
     let quarantined = p.quarantined.lock().expect("progress").clone();
-    let _ = writeln!(out, "# HELP lakesink_partition_quarantined Partitions (of one sink, or sink=\"*\": of every sink) not consumed until an operator acts: a position beyond the end of the log (topic recreated or truncated), a broken commit chain (1 while quarantined; /readyz and the log say why and what to do).\n# TYPE lakesink_partition_quarantined gauge");
+    let _ = writeln!(out, "# HELP lakesink_partition_quarantined Partitions (of one sink, or sink=\"*\": of every sink) not consumed: until an operator acts (a recreated topic, a position beyond the end of the log, a broken commit chain) or until its table answers (retried); 1 while so, /readyz and the log say why and what to do.\n# TYPE lakesink_partition_quarantined gauge");
     for (tp, sink) in quarantined.keys() {
         let _ = writeln!(
             out,

@@ -152,6 +152,44 @@ async fn a_recreated_topic_with_more_records_is_recognised_by_its_id() {
     assert_eq!(counts(parquet, delta, database).await, (900, 900, 900));
 }
 
+/// F14: a table that does not answer when its partitions are assigned (its S3 store refusing
+/// every connection for a minute) leaves those partitions waiting, paused, while the member
+/// stays in the group; before, the process exited. Once the store answers they are read, every
+/// record once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_unreachable_at_assignment_leaves_its_partitions_waiting() {
+    use common::fault_proxy::FaultProxy;
+    let topic = unique("unready");
+    create_topic(&topic, 2).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    let produced = produce(&topic, id, 0..400, 2).await;
+    let direct = Store::s3("orders");
+    let proxy = FaultProxy::start(addr_of(direct.endpoint.as_deref().unwrap()), 0, 7).await;
+    let mut proxied = direct.clone();
+    proxied.options.insert("endpoint".into(), proxy.url());
+    proxy.outage(std::time::Duration::from_secs(60));
+    let cfg = config(&topic, &unique("g"), &registry_url, &proxied, "");
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    proc_.wait_for_line("the partition waits", std::time::Duration::from_secs(90));
+    assert!(
+        proc_.child.try_wait().unwrap().is_none(),
+        "the process must not exit:\n{}",
+        proc_.log()
+    );
+    proc_.wait_for_line("answer again", std::time::Duration::from_secs(90));
+    wait_rows(
+        &direct,
+        &topic,
+        400,
+        &mut proc_,
+        std::time::Duration::from_secs(60),
+    )
+    .await;
+    proc_.stop();
+    assert_exactly_once(&direct.read(), &produced);
+}
+
 /// F4: retention deleted records the table has not read (here with `auto.offset.reset =
 /// "latest"`, which before jumped to the end): the rest is read, the loss logged.
 #[tokio::test(flavor = "multi_thread")]

@@ -267,19 +267,27 @@ pub fn build_sinks(cfg: &ValidatedConfig) -> anyhow::Result<Vec<Arc<SinkRuntime>
 
 /// Checks every table at start-up. A store that ignores conditional creates (which every fence
 /// of the Parquet and Delta protocols is) stops the start; an unreachable one only warns, since
-/// its partitions wait for it (recovery retries).
+/// its partitions wait for it (recovery retries). Each check may take [`START_CHECK_WITHIN`]:
+/// object_store retries a refused connection for minutes.
 async fn refuse_unsafe_stores(sinks: &[Arc<SinkRuntime>]) -> anyhow::Result<()> {
     for s in sinks {
-        match s.sink.check().await {
-            Ok(()) => {}
-            Err(e @ sinks::Error::Location { .. }) => {
+        match tokio::time::timeout(START_CHECK_WITHIN, s.sink.check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e @ sinks::Error::Location { .. })) => {
                 return Err(anyhow!("sink `{}`: {e}", s.config.name));
             }
-            Err(e) => warn!(sink = %s.config.name, "the table is not reachable yet: {e}"),
+            Ok(Err(e)) => warn!(sink = %s.config.name, "the table is not reachable yet: {e}"),
+            Err(_) => warn!(
+                sink = %s.config.name,
+                "the table did not answer within {}s; its partitions wait for it",
+                START_CHECK_WITHIN.as_secs()
+            ),
         }
     }
     Ok(())
 }
+
+const START_CHECK_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs the service until `cancel` fires (or, in catch-up mode, until caught up). Returns the
 /// progress counters; a fatal pipeline error is an `Err` naming sink, partition and offsets.

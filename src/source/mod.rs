@@ -267,6 +267,7 @@ pub fn run(
         decode_rows: decode_batch_rows(1),
         topic_ids: HashMap::new(),
         identities,
+        waiting: HashMap::new(),
     };
     // Every start position is explicit (see `positions`), so librdkafka resets only a fetch
     // offset found out of range, always to the log start, and says so in a warning that
@@ -396,6 +397,7 @@ pub fn run(
         }
         let mut router = consumer.context().router.lock().expect("router");
         router.dispatch_pending();
+        router.retry_waiting(&consumer);
         // Fetch offsets librdkafka found out of range (see `positions`): resolved against the
         // log's watermarks; one that cannot be checked now is checked after the next burst.
         let resets = std::mem::take(&mut *consumer.context().resets.lock().expect("resets"));

@@ -16,12 +16,17 @@
 //!   `/readyz` and `lakesink_partition_quarantined`), and the other partitions go on. Skipping to
 //!   the new end, or starting over at 0, would each lose or duplicate records silently.
 //! - A sink whose table cannot give a position (a broken commit chain, a corrupt marker, two
-//!   ledger rows) is quarantined for that partition alone; the other sinks of the topic go on. A
-//!   table that stays unreachable (retryable errors, retried for about a minute and a half)
-//!   stops the process, which a restart retries: that is systemic, not one partition's fault.
-//! - The recoveries of one assignment run concurrently (at most 32 at a time): the rebalance
-//!   callback waits for them, and one at a time a large assignment on a slow store outlasted
-//!   `max.poll.interval.ms`, so the member was expelled and the rebalance began again.
+//!   ledger rows) is quarantined for that partition alone; the other sinks of the topic go on.
+//! - A table that does not answer within [`RECOVERY_DEADLINE`] (unreachable, or only retryable
+//!   errors) leaves the partition waiting: paused, named in `/readyz`, its tables asked again
+//!   every few seconds from the poll loop, and started (sought to the position found, resumed)
+//!   when they answer. The member stays in the group and its other partitions go on.
+//! - The recoveries of one assignment run concurrently (at most 32 at a time) under that one
+//!   deadline: the rebalance callback waits for them, and one at a time a large assignment on a
+//!   slow store outlasted `max.poll.interval.ms`, so the member was expelled and the rebalance
+//!   began again.
+//! - Each table records the topic's id (see `topic_ids`): another id quarantines the partition
+//!   for that sink (the topic was deleted and created again).
 
 use super::*;
 
@@ -64,6 +69,13 @@ impl StartAt {
 const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Recoveries of one assignment run at most this many at a time.
 const RECOVERIES_AT_ONCE: usize = 32;
+/// How long the recoveries of an assignment may take in all (the rebalance callback waits for
+/// them, and `max.poll.interval.ms` is 300 s by default); a table that has not answered by then
+/// leaves its partition waiting.
+pub(super) const RECOVERY_DEADLINE: Duration = Duration::from_secs(30);
+/// How often a waiting partition's tables are asked again, and for how long each time.
+const WAITING_RETRY_EVERY: Duration = Duration::from_secs(10);
+const WAITING_RETRY_WITHIN: Duration = Duration::from_secs(5);
 
 /// What recovery found per (partition, sink index).
 pub(super) type Recovered =
@@ -78,6 +90,9 @@ pub(super) enum Failure {
     Recreated { recorded: String, current: String },
     /// The broker's topic ids could not be read (the process exits; a restart retries).
     TopicIds(String),
+    /// The table did not answer in time, or only with retryable errors: the partition waits
+    /// and its tables are asked again.
+    Unready(String),
 }
 
 /// Retries `op` while its error is retryable, with backoff: about a minute and a half at most.
@@ -108,7 +123,9 @@ impl Router {
         &mut self,
         consumer: &BaseConsumer<LakeContext>,
         tps: &[TopicPartition],
+        within: Duration,
     ) -> Recovered {
+        let deadline = tokio::time::Instant::now() + within;
         use futures::StreamExt;
         let mut jobs = Vec::new();
         for tp in tps.iter().filter(|tp| !self.parts.contains_key(*tp)) {
@@ -118,7 +135,7 @@ impl Router {
                 }
             }
         }
-        let identities = match self.check_topic_ids(consumer, &jobs) {
+        let identities = match self.check_topic_ids(consumer, &jobs, deadline) {
             Ok(found) => found,
             Err(why) => {
                 return jobs
@@ -134,9 +151,18 @@ impl Router {
                     async move {
                         let result = match verdict {
                             Some(failure) => Err(failure),
-                            None => retrying(|| sink.recover(&tp))
-                                .await
-                                .map_err(|e| Failure::Sink(Arc::new(e))),
+                            None => match tokio::time::timeout_at(
+                                deadline,
+                                retrying(|| sink.recover(&tp)),
+                            )
+                            .await
+                            {
+                                Ok(r) => r.map_err(|e| Failure::Sink(Arc::new(e))),
+                                Err(_) => Err(Failure::Unready(format!(
+                                    "no answer within {}s",
+                                    within.as_secs()
+                                ))),
+                            },
                         };
                         ((tp, i), result)
                     }
@@ -158,6 +184,7 @@ impl Router {
             return Ok(None);
         }
         let mut positions = Vec::new();
+        let mut unready = Vec::new();
         for (i, s) in self.sinks.iter().enumerate() {
             if !s.config.topics.matches(&tp.topic) {
                 continue;
@@ -193,13 +220,25 @@ impl Router {
                     error!(sink = %name, %tp, "{why}");
                     self.progress.quarantine(tp, Some(name), why);
                 }
-                Err(Failure::Sink(e)) => {
-                    return Err(format!(
-                        "sink `{name}` cannot recover its position for {tp}: {e}; the table is \
-                         unreachable, restarting retries"
-                    ))
-                }
+                Err(Failure::Sink(e)) => unready.push((name.clone(), e.to_string())),
+                Err(Failure::Unready(why)) => unready.push((name.clone(), why)),
             }
+        }
+        if !unready.is_empty() {
+            // The whole partition waits (its sinks share one fetch position); the member stays
+            // in the group and its other partitions go on.
+            for (name, why) in unready {
+                let why = format!(
+                    "sink `{name}` cannot read its position for {tp} from its table yet ({why}); \
+                     the partition waits and the table is asked again every {}s",
+                    WAITING_RETRY_EVERY.as_secs()
+                );
+                warn!(sink = %name, %tp, "{why}");
+                self.progress.quarantine(tp, Some(&name), why);
+            }
+            self.waiting
+                .insert(tp.clone(), Instant::now() + WAITING_RETRY_EVERY);
+            return Ok(None);
         }
         if positions.is_empty() {
             return Ok(None);
@@ -277,6 +316,44 @@ impl Router {
         // The earliest position any sink needs (the others skip what they have), or, when no
         // sink has one, the end of the log `auto.offset.reset` names.
         Ok(Some(start.map_or(self.start_at.logical(), KOffset::Offset)))
+    }
+
+    /// Asks the tables of partitions left waiting (see [`Failure::Unready`]) again when due, and
+    /// starts those whose tables answer: seeks them to their position and resumes them.
+    pub(super) fn retry_waiting(&mut self, consumer: &BaseConsumer<LakeContext>) {
+        let now = Instant::now();
+        let due: Vec<TopicPartition> = self
+            .waiting
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        for tp in &due {
+            self.waiting.remove(tp);
+            self.progress.release_quarantine(tp);
+        }
+        let mut recovered = self.recover_all(consumer, &due, WAITING_RETRY_WITHIN);
+        for tp in &due {
+            match self.start_partition(consumer, tp, &mut recovered) {
+                Ok(Some(at)) => {
+                    info!(%tp, "the tables of {tp} answer again; reading it");
+                    if let Err(e) = consumer.seek(&tp.topic, tp.partition, at, WATERMARKS_TIMEOUT) {
+                        self.fatal
+                            .get_or_insert(format!("cannot seek {tp} to {at:?}: {e}"));
+                    }
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(&tp.topic, tp.partition);
+                    let _ = consumer.resume(&tpl);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.fatal.get_or_insert(e);
+                }
+            }
+        }
     }
 
     /// librdkafka could not fetch `tp` at `at` (out of range) and restarted it at the log

@@ -34,7 +34,8 @@ impl ConsumerContext for LakeContext {
                 router.decode_rows = decode_batch_rows(held);
                 let (mut started, mut idle) =
                     (TopicPartitionList::new(), TopicPartitionList::new());
-                let mut recovered = router.recover_all(consumer, &tps);
+                let mut recovered =
+                    router.recover_all(consumer, &tps, positions::RECOVERY_DEADLINE);
                 for tp in &tps {
                     let had = router.parts.contains_key(tp);
                     match router.start_partition(consumer, tp, &mut recovered) {
@@ -80,6 +81,9 @@ impl ConsumerContext for LakeContext {
                     !router.parts.is_empty(),
                     std::sync::atomic::Ordering::Relaxed,
                 );
+                for tp in &tps {
+                    router.waiting.remove(tp);
+                }
                 let mut highs = router.progress.high_watermarks.lock().expect("progress");
                 let mut stalls = self.stalls.lock().expect("stalls");
                 for tp in &tps {

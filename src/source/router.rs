@@ -61,6 +61,8 @@ pub(super) struct Router {
     pub(super) topic_ids: HashMap<(usize, String), String>,
     /// The commit gate on topic identity, told each assigned topic's id.
     pub(super) identities: Arc<crate::pipeline::identity::TopicIdentities>,
+    /// Assigned partitions waiting for a table to answer, with when to ask again.
+    pub(super) waiting: HashMap<TopicPartition, Instant>,
 }
 
 /// Records of one partition polled in the current burst.

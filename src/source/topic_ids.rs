@@ -46,6 +46,7 @@ impl Router {
         &mut self,
         consumer: &BaseConsumer<LakeContext>,
         jobs: &[(TopicPartition, usize, Arc<dyn Sink>)],
+        deadline: tokio::time::Instant,
     ) -> Result<Verdicts, String> {
         use futures::StreamExt;
         let mut topics: Vec<&str> = jobs.iter().map(|(tp, _, _)| &*tp.topic).collect();
@@ -90,7 +91,11 @@ impl Router {
         let answers: Vec<_> = self.rt.block_on(
             futures::stream::iter(asks)
                 .map(|(key, sink, id)| async move {
-                    let r = retrying(|| sink.adopt_topic_id(&key.1, &id)).await;
+                    let r = tokio::time::timeout_at(
+                        deadline,
+                        retrying(|| sink.adopt_topic_id(&key.1, &id)),
+                    )
+                    .await;
                     (key, id, r)
                 })
                 .buffer_unordered(ADOPTIONS_AT_ONCE)
@@ -100,15 +105,18 @@ impl Router {
         for (key, id, answer) in answers {
             let sink = &self.sinks[key.0].config.name;
             match answer {
-                Ok(TopicIdentity::Recorded) => {
+                Err(_) => {
+                    verdicts.insert(key, Failure::Unready("no answer in time".into()));
+                }
+                Ok(Ok(TopicIdentity::Recorded)) => {
                     info!(sink = %sink, topic = %key.1, topic_id = %id,
                           "recorded the topic's id in the table: its positions count this topic's offsets");
                     self.topic_ids.insert(key, id);
                 }
-                Ok(TopicIdentity::Same) => {
+                Ok(Ok(TopicIdentity::Same)) => {
                     self.topic_ids.insert(key, id);
                 }
-                Ok(TopicIdentity::Other(recorded)) => {
+                Ok(Ok(TopicIdentity::Other(recorded))) => {
                     self.topic_ids.remove(&key);
                     verdicts.insert(
                         key,
@@ -118,7 +126,7 @@ impl Router {
                         },
                     );
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     verdicts.insert(key, Failure::Sink(Arc::new(e)));
                 }
             }
