@@ -1,0 +1,201 @@
+//! Checking `[kafka]` and `[schema_registry]`: the librdkafka properties (the safety settings
+//! lakesink owns, logins, what KIP-848's protocol takes from the broker, where a sink without a
+//! position starts) and the registry's URL, login and TLS files.
+
+use super::*;
+
+/// librdkafka properties lakesink owns; setting them is an error.
+const FORCED: &[(&str, &str, &str)] = &[
+    (
+        "enable.auto.commit",
+        "false",
+        "lakesink commits offsets itself, after the sink's commit; auto commit would lose records on a crash",
+    ),
+    (
+        "enable.auto.offset.store",
+        "false",
+        "lakesink stores offsets itself, after the sink's commit",
+    ),
+];
+
+/// `[kafka]`: every librdkafka property lakesink sets (safety settings included), and the
+/// region MSK IAM tokens are signed for when that login is used.
+pub(super) fn validate_kafka(
+    k: &KafkaConfig,
+) -> Result<(BTreeMap<String, Secret>, Option<String>), ConfigError> {
+    if k.bootstrap_servers.trim().is_empty() {
+        return Err(err("kafka.bootstrap_servers", "must not be empty"));
+    }
+    if k.group_id.trim().is_empty() {
+        return Err(err("kafka.group_id", "must not be empty"));
+    }
+    let mut props: BTreeMap<String, Secret> = BTreeMap::new();
+    let mut msk_iam_region = None;
+    for (name, value) in &k.properties {
+        let key = format!("kafka.properties.\"{name}\"");
+        if let Some((_, _, why)) = FORCED.iter().find(|(n, _, _)| n == name) {
+            return Err(err(
+                key,
+                format!("cannot be set: {why}; remove it (lakesink forces it to false)"),
+            ));
+        }
+        match name.as_str() {
+            "bootstrap.servers" => return Err(err(key, "set `kafka.bootstrap_servers` instead")),
+            "group.id" => return Err(err(key, "set `kafka.group_id` instead")),
+            _ => {}
+        }
+        props.insert(name.clone(), Secret::new(value.to_string()));
+    }
+    // KIP-848's protocol takes membership timing from the broker; librdkafka refuses these.
+    if k.properties
+        .get("group.protocol")
+        .map(|v| v.to_string().to_ascii_lowercase())
+        == Some("consumer".into())
+    {
+        for name in [
+            "session.timeout.ms",
+            "heartbeat.interval.ms",
+            "partition.assignment.strategy",
+            "group.protocol.type",
+        ] {
+            if k.properties.contains_key(name) {
+                return Err(err(
+                    format!("kafka.properties.\"{name}\""),
+                    "not supported with group.protocol = \"consumer\": the broker sets it \
+                     (group.consumer.* settings); remove it, or use the classic protocol",
+                ));
+            }
+        }
+    }
+    if let Some(sec) = &k.security {
+        let protocol = sec.protocol.to_ascii_uppercase();
+        if !["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"].contains(&protocol.as_str()) {
+            return Err(err(
+                "kafka.security.protocol",
+                format!(
+                    "`{}` is not one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL",
+                    sec.protocol
+                ),
+            ));
+        }
+        props.insert("security.protocol".into(), Secret::new(protocol.clone()));
+        if let Some(m) = &sec.mechanism {
+            let librdkafka = if m.eq_ignore_ascii_case("AWS_MSK_IAM") {
+                if sec.region.is_none() {
+                    return Err(err(
+                        "kafka.security.region",
+                        "AWS_MSK_IAM signs tokens for the cluster's region; set e.g. region = \"eu-west-1\"",
+                    ));
+                }
+                if !protocol.starts_with("SASL") {
+                    return Err(err("kafka.security.protocol", "AWS_MSK_IAM needs SASL_SSL"));
+                }
+                msk_iam_region = sec.region.clone();
+                "OAUTHBEARER".to_string()
+            } else {
+                m.clone()
+            };
+            props.insert("sasl.mechanism".into(), Secret::new(librdkafka));
+        }
+        if let Some(u) = &sec.username {
+            props.insert("sasl.username".into(), Secret::new(u.clone()));
+        }
+        if let Some(p) = &sec.password {
+            props.insert("sasl.password".into(), p.clone());
+        }
+        if protocol.starts_with("SASL") && sec.mechanism.is_none() {
+            return Err(err(
+                "kafka.security.mechanism",
+                "required with a SASL protocol (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER)",
+            ));
+        }
+    }
+    for (name, value, _) in FORCED {
+        props.insert((*name).into(), Secret::new(*value));
+    }
+    let reset = props
+        .entry("auto.offset.reset".into())
+        .or_insert_with(|| Secret::new("earliest"));
+    if !matches!(
+        reset.expose(),
+        "earliest" | "smallest" | "beginning" | "latest" | "largest" | "end"
+    ) {
+        return Err(err(
+            "kafka.properties.\"auto.offset.reset\"",
+            format!(
+                "`{}`: must be `earliest` or `latest`. It only says where a sink with no \
+                 position in its table starts; lakesink resolves out-of-range positions itself \
+                 (see \"When the log and the table disagree\" in the README)",
+                reset.expose()
+            ),
+        ));
+    }
+    Ok((props, msk_iam_region))
+}
+
+/// `[schema_registry]`, when there is one.
+pub(super) fn validate_registry(
+    r: Option<&SchemaRegistryConfig>,
+) -> Result<Option<ValidatedRegistry>, ConfigError> {
+    let registry = match r {
+        Some(r) => {
+            let url = url::Url::parse(&r.url).map_err(|e| {
+                err(
+                    "schema_registry.url",
+                    format!("`{}` is not a URL: {e}", r.url),
+                )
+            })?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(err(
+                    "schema_registry.url",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+            if url.password().is_some() {
+                return Err(err(
+                    "schema_registry.url",
+                    "put credentials in `schema_registry.basic_auth`, not in the URL",
+                ));
+            }
+            if r.basic_auth.is_some() && r.bearer_token.is_some() {
+                return Err(err(
+                    "schema_registry.bearer_token",
+                    "set either `basic_auth` or `bearer_token`, not both",
+                ));
+            }
+            if r.client_cert_file.is_some() != r.client_key_file.is_some() {
+                return Err(err(
+                    "schema_registry.client_key_file",
+                    "mutual TLS needs both `client_cert_file` and `client_key_file`",
+                ));
+            }
+            for (k, f) in [
+                ("ca_file", &r.ca_file),
+                ("client_cert_file", &r.client_cert_file),
+                ("client_key_file", &r.client_key_file),
+            ] {
+                if let Some(f) = f {
+                    if !f.is_file() {
+                        return Err(err(
+                            format!("schema_registry.{k}"),
+                            format!("{} is not a readable file", f.display()),
+                        ));
+                    }
+                }
+            }
+            Some(ValidatedRegistry {
+                url: r.url.clone(),
+                username: r.basic_auth.as_ref().map(|b| b.username.clone()),
+                password: r.basic_auth.as_ref().map(|b| b.password.clone()),
+                bearer_token: r.bearer_token.clone(),
+                ca_file: r.ca_file.clone(),
+                client_cert_file: r.client_cert_file.clone(),
+                client_key_file: r.client_key_file.clone(),
+                timeout: parse_duration(&r.timeout)
+                    .map_err(|e| err("schema_registry.timeout", e))?,
+            })
+        }
+        None => None,
+    };
+    Ok(registry)
+}

@@ -1,0 +1,358 @@
+//! Phase 1 of the config: the file as written (every table rejects unknown keys).
+
+use super::*;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub schema_registry: Option<SchemaRegistryConfig>,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub http: Option<HttpConfig>,
+    #[serde(rename = "sink", default)]
+    pub sinks: Vec<SinkConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    #[serde(default)]
+    pub security: Option<SecurityConfig>,
+    /// Passed to librdkafka unchanged.
+    #[serde(default)]
+    pub properties: BTreeMap<String, PropertyValue>,
+}
+
+/// A librdkafka property value: TOML strings, numbers and booleans are all accepted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl std::fmt::Display for PropertyValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PropertyValue::Str(s) => f.write_str(s),
+            PropertyValue::Int(i) => write!(f, "{i}"),
+            PropertyValue::Float(x) => write!(f, "{x}"),
+            PropertyValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`.
+    pub protocol: String,
+    /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`, `OAUTHBEARER`.
+    #[serde(default)]
+    pub mechanism: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// AWS region of the MSK cluster (`mechanism = "AWS_MSK_IAM"`).
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaRegistryConfig {
+    pub url: String,
+    #[serde(default)]
+    pub basic_auth: Option<BasicAuth>,
+    /// `Authorization: Bearer` token, instead of basic auth.
+    #[serde(default)]
+    pub bearer_token: Option<Secret>,
+    /// PEM file of extra CA certificates to trust.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate and key for mutual TLS.
+    #[serde(default)]
+    pub client_cert_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<std::path::PathBuf>,
+    #[serde(default = "default_registry_timeout")]
+    pub timeout: String,
+}
+
+fn default_registry_timeout() -> String {
+    "10s".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// The HTTP listener for `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `ADDR:PORT`, e.g. `0.0.0.0:9090`.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Bytes of decoded data across all tables (buffered, being staged, or a Delta upsert's
+    /// changes waiting for their commit) before the largest writers flush.
+    #[serde(default = "default_memory")]
+    pub max_buffer_bytes: String,
+    /// How long shutdown and partition revocation may take to flush and commit.
+    #[serde(default = "default_drain")]
+    pub drain_timeout: String,
+    /// Records queued per partition between the consumer and its writer.
+    #[serde(default = "default_queue")]
+    pub queue_records: usize,
+    /// An assigned partition with records beyond its fetch position that fetches none for this
+    /// long is reported stalled (readiness, metrics, an error log).
+    #[serde(default = "default_stall")]
+    pub stall_timeout: String,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            max_buffer_bytes: default_memory(),
+            drain_timeout: default_drain(),
+            queue_records: default_queue(),
+            stall_timeout: default_stall(),
+        }
+    }
+}
+
+fn default_stall() -> String {
+    "60s".into()
+}
+
+fn default_memory() -> String {
+    "64MiB".into()
+}
+fn default_drain() -> String {
+    "30s".into()
+}
+fn default_queue() -> usize {
+    1024
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    pub name: String,
+    #[serde(default)]
+    pub topics: Option<Vec<String>>,
+    #[serde(default)]
+    pub topics_regex: Option<String>,
+    #[serde(default = "default_format")]
+    pub format: String,
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    pub table: String,
+    /// object_store options (endpoint, region, credentials, allow_http, ...).
+    #[serde(default)]
+    pub storage: BTreeMap<String, Secret>,
+    #[serde(default)]
+    pub partition_by: Vec<String>,
+    #[serde(default)]
+    pub flush: FlushConfig,
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    #[serde(default)]
+    pub metadata: MetadataConfig,
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// What to do with a record that cannot be decoded: `fail`, `skip` or `dead-letter`.
+    #[serde(default)]
+    pub errors: Option<String>,
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    /// Dead letters in Kafka transactions, fenced per source partition (default), or at least
+    /// once for brokers without transactions.
+    #[serde(default = "yes")]
+    pub dead_letter_exactly_once: bool,
+    /// `format = "json"` / `"debezium-json"`: the table's columns, `name = "type"`, in order.
+    #[serde(default)]
+    pub schema: Option<toml::Table>,
+    /// JSON records wrapped in Kafka Connect's `{"schema": ..., "payload": ...}` (`"connect"`).
+    #[serde(default)]
+    pub json_envelope: Option<String>,
+    /// Decode record keys into `_key`: `string`, `json` (with `key_schema`) or `avro`.
+    #[serde(default)]
+    pub key_format: Option<String>,
+    /// `key_format = "json"`: the key's fields, `name = "type"`.
+    #[serde(default)]
+    pub key_schema: Option<toml::Table>,
+    /// `mode = "upsert"`: the columns that identify a row.
+    #[serde(default)]
+    pub key: Option<Vec<String>>,
+    /// `kind = "delta"` settings.
+    #[serde(default)]
+    pub delta: DeltaConfig,
+    /// `kind = "databend"` connection.
+    #[serde(default)]
+    pub databend: Option<DatabendConfig>,
+}
+
+/// `[sink.databend]`: where a Databend sink loads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabendConfig {
+    /// `http(s)://[user[:password]@]host:port[/database]`.
+    pub url: Secret,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(default)]
+    pub database: Option<String>,
+    /// Databend Cloud warehouse (`X-DATABEND-WAREHOUSE`).
+    #[serde(default)]
+    pub warehouse: Option<String>,
+    #[serde(default = "default_databend_timeout")]
+    pub timeout: String,
+}
+
+fn default_databend_timeout() -> String {
+    "60s".into()
+}
+
+/// `[sink.delta]`: Delta table settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaConfig {
+    /// Write a checkpoint every N commits (`delta.checkpointInterval` of created tables).
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: u64,
+    /// Table properties for tables lakesink creates (e.g. `"delta.logRetentionDuration"`).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// Commit attempts before a commit that keeps losing races is retried by the pipeline.
+    #[serde(default = "default_commit_attempts")]
+    pub commit_attempts: u32,
+    /// `lakesink maintain`: files older than this, no longer referenced, are vacuumed.
+    #[serde(default = "default_vacuum_retention")]
+    pub vacuum_retention: String,
+    /// `lakesink maintain`: compact files smaller than this into files of about this size.
+    #[serde(default = "default_target_file_size")]
+    pub target_file_size: String,
+}
+
+impl Default for DeltaConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval: default_checkpoint_interval(),
+            properties: BTreeMap::new(),
+            commit_attempts: default_commit_attempts(),
+            vacuum_retention: default_vacuum_retention(),
+            target_file_size: default_target_file_size(),
+        }
+    }
+}
+
+fn default_checkpoint_interval() -> u64 {
+    10
+}
+fn default_commit_attempts() -> u32 {
+    20
+}
+/// The shortest `delta.vacuum_retention`: longer than any flush's stage-to-commit time, with
+/// room for clock skew between the maintaining host and the store.
+pub const MIN_VACUUM_RETENTION: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn default_vacuum_retention() -> String {
+    "168h".into()
+}
+fn default_target_file_size() -> String {
+    "128MiB".into()
+}
+
+fn default_format() -> String {
+    "avro".into()
+}
+fn default_kind() -> String {
+    "parquet".into()
+}
+fn default_compression() -> String {
+    "snappy".into()
+}
+fn default_mode() -> String {
+    "append".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlushConfig {
+    #[serde(default = "default_max_rows")]
+    pub max_rows: usize,
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: String,
+    #[serde(default = "default_max_latency")]
+    pub max_latency: String,
+}
+
+impl Default for FlushConfig {
+    fn default() -> Self {
+        Self {
+            max_rows: default_max_rows(),
+            max_bytes: default_max_bytes(),
+            max_latency: default_max_latency(),
+        }
+    }
+}
+
+fn default_max_rows() -> usize {
+    1_000_000
+}
+fn default_max_bytes() -> String {
+    "128MiB".into()
+}
+fn default_max_latency() -> String {
+    "60s".into()
+}
+
+/// Which Kafka metadata columns every row carries.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataConfig {
+    #[serde(default = "yes")]
+    pub topic: bool,
+    #[serde(default = "yes")]
+    pub partition: bool,
+    #[serde(default = "yes")]
+    pub offset: bool,
+    #[serde(default = "yes")]
+    pub timestamp: bool,
+    #[serde(default)]
+    pub key: bool,
+}
+
+impl Default for MetadataConfig {
+    fn default() -> Self {
+        Self {
+            topic: true,
+            partition: true,
+            offset: true,
+            timestamp: true,
+            key: false,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}

@@ -1,0 +1,198 @@
+//! Phase 2 of the config: checked values, the only form that builds components.
+
+use super::*;
+
+/// Which topics a sink reads.
+#[derive(Debug, Clone)]
+pub enum TopicSelector {
+    Names(Vec<String>),
+    Regex(regex::Regex),
+}
+
+impl TopicSelector {
+    pub fn matches(&self, topic: &str) -> bool {
+        match self {
+            TopicSelector::Names(n) => n.iter().any(|t| t == topic),
+            TopicSelector::Regex(r) => r.is_match(topic),
+        }
+    }
+
+    /// The librdkafka subscription patterns (a regex subscription starts with `^`).
+    pub fn subscriptions(&self) -> Vec<String> {
+        match self {
+            TopicSelector::Names(n) => n.clone(),
+            TopicSelector::Regex(r) => {
+                let s = r.as_str();
+                vec![if s.starts_with('^') {
+                    s.to_string()
+                } else {
+                    format!("^{s}")
+                }]
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ValidatedRegistry {
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub bearer_token: Option<Secret>,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub client_cert_file: Option<std::path::PathBuf>,
+    pub client_key_file: Option<std::path::PathBuf>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Flush {
+    pub max_rows: usize,
+    pub max_bytes: u64,
+    pub max_latency: Duration,
+}
+
+/// What happens to a record a sink cannot decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorPolicy {
+    /// Stop the sink with an error naming the record (nothing is skipped).
+    Fail,
+    /// Log and count it, commit past it.
+    Skip,
+    /// Send it to the dead-letter topic with headers naming the error, commit past it.
+    DeadLetter,
+}
+
+#[derive(Debug, Clone)]
+pub struct ValidatedSink {
+    pub name: String,
+    pub topics: TopicSelector,
+    pub table: String,
+    pub storage: BTreeMap<String, Secret>,
+    pub partition_by: Vec<PartitionSpec>,
+    pub flush: Flush,
+    pub compression: Compression,
+    pub metadata: MetadataConfig,
+    pub errors: ErrorPolicy,
+    pub dead_letter_topic: Option<String>,
+    pub dead_letter_exactly_once: bool,
+    pub format: Format,
+    /// The declared table schema of `format = "json"` / `"debezium-json"`.
+    pub json_schema: Option<arrow::datatypes::SchemaRef>,
+    /// JSON values are Kafka Connect `{"schema", "payload"}` envelopes.
+    pub connect_envelope: bool,
+    /// How to decode keys into `_key`, if at all.
+    pub key_format: Option<crate::decode::key::KeyFormat>,
+    pub kind: SinkKind,
+    /// `kind = "databend"`: the checked connection.
+    pub databend: Option<ValidatedDatabend>,
+    /// `mode = "upsert"`: the key columns.
+    pub upsert_keys: Option<Vec<String>>,
+    pub delta: ValidatedDelta,
+}
+
+/// Which table format a sink writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    Parquet,
+    Delta,
+    Databend,
+}
+
+/// A checked Databend connection.
+#[derive(Debug, Clone)]
+pub struct ValidatedDatabend {
+    /// `http(s)://host:port`, without credentials.
+    pub endpoint: url::Url,
+    pub user: String,
+    pub password: Option<Secret>,
+    pub database: String,
+    pub warehouse: Option<String>,
+    pub timeout: std::time::Duration,
+}
+
+/// Checked `[sink.delta]` settings.
+#[derive(Debug, Clone)]
+pub struct ValidatedDelta {
+    pub checkpoint_interval: u64,
+    pub properties: BTreeMap<String, String>,
+    pub commit_attempts: u32,
+    pub vacuum_retention: std::time::Duration,
+    pub target_file_size: u64,
+}
+
+/// How record values are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Schemaless JSON objects decoded into the declared `schema`.
+    Json,
+    /// Confluent-framed Avro.
+    Avro,
+    /// Confluent-framed Avro Debezium envelopes, unwrapped to row images.
+    DebeziumAvro,
+    /// JSON Debezium envelopes (rows of the declared `schema`), unwrapped to row images.
+    DebeziumJson,
+}
+
+#[derive(Debug, Clone)]
+pub struct ValidatedConfig {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    /// Every librdkafka property, safety settings included.
+    pub kafka_properties: BTreeMap<String, Secret>,
+    pub registry: Option<ValidatedRegistry>,
+    pub max_buffer_bytes: u64,
+    pub drain_timeout: Duration,
+    /// `pipeline.stall_timeout`.
+    pub stall_timeout: Duration,
+    pub queue_records: usize,
+    /// `security.mechanism = "AWS_MSK_IAM"`: sign OAUTHBEARER tokens for this region.
+    pub msk_iam_region: Option<String>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub http_listen: Option<std::net::SocketAddr>,
+    pub sinks: Vec<ValidatedSink>,
+}
+
+impl ValidatedConfig {
+    /// A printable summary with every secret redacted.
+    pub fn redacted(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "kafka: {} group={}",
+            self.bootstrap_servers, self.group_id
+        );
+        for (k, v) in &self.kafka_properties {
+            let shown = if is_secret_key(k) { "***" } else { v.expose() };
+            let _ = writeln!(s, "  {k} = {shown}");
+        }
+        if let Some(r) = &self.registry {
+            let _ = writeln!(
+                s,
+                "schema_registry: {} auth={}",
+                r.url,
+                if r.username.is_some() {
+                    "basic (***)"
+                } else {
+                    "none"
+                }
+            );
+        }
+        for sink in &self.sinks {
+            let _ = writeln!(
+                s,
+                "sink {}: {:?} -> {} partition_by={:?} flush={:?}",
+                sink.name,
+                sink.topics.subscriptions(),
+                sinks::store::redact_url(&sink.table),
+                sink.partition_by,
+                sink.flush
+            );
+            for (k, v) in &sink.storage {
+                let shown = if is_secret_key(k) { "***" } else { v.expose() };
+                let _ = writeln!(s, "  storage.{k} = {shown}");
+            }
+        }
+        s
+    }
+}
