@@ -351,7 +351,10 @@ async fn run() -> ExitCode {
             }
             lakesink::app::run(
                 cfg,
-                SourceOptions { until_caught_up },
+                SourceOptions {
+                    until_caught_up,
+                    topic_ids: true,
+                },
                 cancel,
                 Default::default(),
             )

@@ -88,6 +88,8 @@ async fn exactly_once_through_request_errors_and_broker_outages() {
         cfg,
         SourceOptions {
             until_caught_up: false,
+            // librdkafka's mock cluster has no topic ids.
+            topic_ids: false,
         },
         cancel.clone(),
         progress.clone(),

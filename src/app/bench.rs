@@ -637,6 +637,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         cfg,
         SourceOptions {
             until_caught_up: opts.rate.is_none(),
+            topic_ids: opts.broker.is_some(),
         },
         cancel,
         progress.clone(),

@@ -238,6 +238,7 @@ pub async fn run(records: u64, dir: PathBuf) -> anyhow::Result<()> {
         cfg,
         SourceOptions {
             until_caught_up: true,
+            topic_ids: false,
         },
         cancel,
         progress.clone(),

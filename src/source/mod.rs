@@ -55,6 +55,9 @@ pub struct SourceOptions {
     /// Stop once every assigned partition is committed up to the end offset it had when
     /// assigned.
     pub until_caught_up: bool,
+    /// Record and check topic ids (see `topic_ids`). Off only for librdkafka's in-process mock
+    /// cluster (`demo`, `bench`), which has no topic ids and no controller to ask.
+    pub topic_ids: bool,
 }
 
 /// Builds the librdkafka client config from a validated config.

@@ -88,8 +88,6 @@ pub(super) enum Failure {
     Sink(Arc<sinks::Error>),
     /// The table's positions count offsets of an earlier topic of the same name.
     Recreated { recorded: String, current: String },
-    /// The broker's topic ids could not be read (the process exits; a restart retries).
-    TopicIds(String),
     /// The table did not answer in time, or only with retryable errors: the partition waits
     /// and its tables are asked again.
     Unready(String),
@@ -135,15 +133,7 @@ impl Router {
                 }
             }
         }
-        let identities = match self.check_topic_ids(consumer, &jobs, deadline) {
-            Ok(found) => found,
-            Err(why) => {
-                return jobs
-                    .into_iter()
-                    .map(|(tp, i, _)| ((tp, i), Err(Failure::TopicIds(why.clone()))))
-                    .collect()
-            }
-        };
+        let identities = self.check_topic_ids(consumer, &jobs, deadline);
         self.rt.block_on(
             futures::stream::iter(jobs)
                 .map(|(tp, i, sink)| {
@@ -203,13 +193,6 @@ impl Router {
                     let why = recreated(name, s.sink.location(), tp, &recorded, &current);
                     error!(sink = %name, %tp, "{why}");
                     self.progress.quarantine(tp, Some(name), why);
-                }
-                Err(Failure::TopicIds(why)) => {
-                    return Err(format!(
-                        "cannot read the topic id of `{}` to check it against the tables: {why}; \
-                         restarting retries",
-                        tp.topic
-                    ))
                 }
                 Err(Failure::Sink(e)) if !e.is_retryable() => {
                     let why = format!(

@@ -22,7 +22,7 @@ use rdkafka::bindings as rd;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaRespErr;
 use sinks::{Sink, TopicIdentity, TopicPartition};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::positions::{retrying, Failure};
 use super::{LakeContext, Router};
@@ -47,13 +47,13 @@ impl Router {
         consumer: &BaseConsumer<LakeContext>,
         jobs: &[(TopicPartition, usize, Arc<dyn Sink>)],
         deadline: tokio::time::Instant,
-    ) -> Result<Verdicts, String> {
+    ) -> Verdicts {
         use futures::StreamExt;
         let mut topics: Vec<&str> = jobs.iter().map(|(tp, _, _)| &*tp.topic).collect();
         topics.sort_unstable();
         topics.dedup();
-        if topics.is_empty() {
-            return Ok(Verdicts::new());
+        if topics.is_empty() || !self.options.topic_ids {
+            return Verdicts::new();
         }
         let mut attempt = 0;
         let issued = std::time::Instant::now();
@@ -65,7 +65,13 @@ impl Router {
                     debug!("reading topic ids (attempt {attempt}): {e}");
                     std::thread::sleep(Duration::from_secs(attempt.into()));
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // Not a reason to stop reading: without ids, a recreated topic is still
+                    // recognised when its log ends before the table's position.
+                    warn!(?topics, "cannot read the topics' ids to check them against the \
+                           tables ({e}); these partitions are read without that check");
+                    return Verdicts::new();
+                }
             }
         };
         if ids.is_empty() {
@@ -131,7 +137,7 @@ impl Router {
                 }
             }
         }
-        Ok(verdicts)
+        verdicts
     }
 }
 
