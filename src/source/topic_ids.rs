@@ -68,8 +68,11 @@ impl Router {
                 Err(e) => {
                     // Not a reason to stop reading: without ids, a recreated topic is still
                     // recognised when its log ends before the table's position.
-                    warn!(?topics, "cannot read the topics' ids to check them against the \
-                           tables ({e}); these partitions are read without that check");
+                    warn!(
+                        ?topics,
+                        "cannot read the topics' ids to check them against the \
+                           tables ({e}); these partitions are read without that check"
+                    );
                     return Verdicts::new();
                 }
             }
