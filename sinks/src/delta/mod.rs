@@ -41,6 +41,7 @@ mod config;
 mod group;
 mod inspect;
 mod maintain;
+mod probe;
 mod rewrite;
 mod schema;
 mod table;

@@ -52,24 +52,22 @@ use deltalake::protocol::{DeltaOperation, MergePredicate};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
 use deltalake::{DeltaTable, DeltaTableError};
 use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt, TryFutureExt, TryStreamExt};
-use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
-use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
-use parquet::arrow::arrow_reader::ArrowReaderOptions;
-use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStreamBuilder};
-use parquet::arrow::ProjectionMask;
-use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use object_store::ObjectStore;
 use tracing::info;
 
 use super::{schema, DeltaSink, PartitionValues};
 use crate::upsert::UpsertConfig;
 use crate::TopicPartition;
 
+use super::probe::*;
+
 /// Files whose footers and key columns are read at the same time.
 const PROBES: usize = 8;
+
 /// Rows per batch read from a file.
-const BATCH_ROWS: usize = 8192;
+pub(super) const BATCH_ROWS: usize = 8192;
+
 /// The size at which a rewrite rolls to its next data file.
 const TARGET_FILE_BYTES: u64 = 128 << 20;
 
@@ -83,12 +81,12 @@ pub(super) enum Outcome {
 
 /// The changes' keys, as rows of one [`RowConverter`].
 pub(super) struct Keys {
-    columns: Vec<String>,
-    types: Vec<DataType>,
-    converter: RowConverter,
-    rows: Vec<Rows>,
+    pub(super) columns: Vec<String>,
+    pub(super) types: Vec<DataType>,
+    pub(super) converter: RowConverter,
+    pub(super) rows: Vec<Rows>,
     /// Per key column: a converter of that column alone, and its distinct values, sorted.
-    per_column: Vec<(RowConverter, Rows, Vec<usize>)>,
+    pub(super) per_column: Vec<(RowConverter, Rows, Vec<usize>)>,
 }
 
 impl Keys {
@@ -130,13 +128,13 @@ impl Keys {
     }
 
     /// `batch`'s keys, as rows comparable with the changes'.
-    fn rows_of(&self, batch: &RecordBatch) -> Result<Rows, DeltaTableError> {
+    pub(super) fn rows_of(&self, batch: &RecordBatch) -> Result<Rows, DeltaTableError> {
         let columns = key_columns(batch, &self.columns, &self.types)?;
         Ok(self.converter.convert_columns(&columns)?)
     }
 
     /// Whether some change's value of key column `c` lies in `[min, max]`.
-    fn admits(&self, c: usize, min: Row<'_>, max: Row<'_>) -> bool {
+    pub(super) fn admits(&self, c: usize, min: Row<'_>, max: Row<'_>) -> bool {
         let (_, values, order) = &self.per_column[c];
         let first = order.partition_point(|&i| values.row(i) < min);
         first < order.len() && values.row(order[first]) <= max
@@ -145,7 +143,12 @@ impl Keys {
     /// Per row of `mins` / `maxes` (bounds of key column `c`, one row per file or row group):
     /// whether some change's value lies within them. `None` when the bounds cannot be compared;
     /// a row without bounds admits.
-    fn admitted_by(&self, c: usize, mins: &ArrayRef, maxes: &ArrayRef) -> Option<Vec<bool>> {
+    pub(super) fn admitted_by(
+        &self,
+        c: usize,
+        mins: &ArrayRef,
+        maxes: &ArrayRef,
+    ) -> Option<Vec<bool>> {
         let t = &self.types[c];
         let (mins, maxes) = (cast(mins, t).ok()?, cast(maxes, t).ok()?);
         let one = &self.per_column[c].0;
@@ -162,7 +165,7 @@ impl Keys {
 
     /// Whether the file's statistics in the log admit a change of every key column: a file they
     /// rule out is not even opened.
-    fn admitted_by_log_stats(&self, file: &LogicalFileView) -> bool {
+    pub(super) fn admitted_by_log_stats(&self, file: &LogicalFileView) -> bool {
         let (Some(Scalar::Struct(mins)), Some(Scalar::Struct(maxes))) =
             (file.min_values(), file.max_values())
         else {
@@ -187,7 +190,7 @@ impl Keys {
     }
 
     /// The smallest and the largest change of key column `c`.
-    fn range(&self, c: usize) -> Option<(ScalarValue, ScalarValue)> {
+    pub(super) fn range(&self, c: usize) -> Option<(ScalarValue, ScalarValue)> {
         let (one, values, order) = &self.per_column[c];
         let (first, last) = (order.first()?, order.last()?);
         let arrays = one
@@ -462,151 +465,6 @@ impl Part {
             rows: Vec::new(),
         }
     }
-}
-
-/// What a file's footer and key columns tell about it.
-enum Probe {
-    /// No row group's statistics admit a change: the data was not read.
-    Pruned,
-    /// Its key columns hold no changed key.
-    Clean,
-    /// It holds a changed key: file number `.0` is rewritten.
-    Dirty(usize),
-}
-
-/// A data file of the table, read by ranges; its size is known from the log, so the footer is
-/// one ranged read.
-struct FileReader {
-    store: Arc<dyn ObjectStore>,
-    path: Path,
-    size: u64,
-}
-
-fn parquet_err(e: object_store::Error) -> parquet::errors::ParquetError {
-    parquet::errors::ParquetError::External(Box::new(e))
-}
-
-impl AsyncFileReader for FileReader {
-    fn get_bytes(
-        &mut self,
-        range: std::ops::Range<u64>,
-    ) -> BoxFuture<'_, parquet::errors::Result<bytes::Bytes>> {
-        self.store
-            .get_range(&self.path, range)
-            .map_err(parquet_err)
-            .boxed()
-    }
-
-    fn get_byte_ranges(
-        &mut self,
-        ranges: Vec<std::ops::Range<u64>>,
-    ) -> BoxFuture<'_, parquet::errors::Result<Vec<bytes::Bytes>>> {
-        async move {
-            self.store
-                .get_ranges(&self.path, &ranges)
-                .await
-                .map_err(parquet_err)
-        }
-        .boxed()
-    }
-
-    fn get_metadata<'a>(
-        &'a mut self,
-        options: Option<&'a ArrowReaderOptions>,
-    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
-        async move {
-            let size = self.size;
-            let metadata = ParquetMetaDataReader::new()
-                .with_arrow_reader_options(options)
-                .load_and_finish(self, size)
-                .await?;
-            Ok(Arc::new(metadata))
-        }
-        .boxed()
-    }
-}
-
-async fn reader(
-    store: &Arc<dyn ObjectStore>,
-    file: &LogicalFileView,
-) -> Result<ParquetRecordBatchStreamBuilder<FileReader>, DeltaTableError> {
-    let path = file.object_store_path();
-    let reader = FileReader {
-        store: store.clone(),
-        path: path.clone(),
-        size: file.size() as u64,
-    };
-    ParquetRecordBatchStreamBuilder::new(reader)
-        .await
-        .map_err(read_error(&path))
-}
-
-/// An error reading data file `path`, named.
-fn read_error(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> DeltaTableError + '_ {
-    move |e| DeltaTableError::Generic(format!("reading data file {path}: {e}"))
-}
-
-/// Reads file number `n`'s footer and, where its statistics admit a change, its key columns.
-async fn probe(
-    store: &Arc<dyn ObjectStore>,
-    file: &LogicalFileView,
-    n: usize,
-    keys: &Keys,
-    index: &HashMap<Row<'_>, bool>,
-) -> Result<Probe, DeltaTableError> {
-    if !keys.admitted_by_log_stats(file) {
-        return Ok(Probe::Pruned);
-    }
-    let builder = reader(store, file).await?;
-    let arrow_schema = builder.schema().clone();
-    let row_groups = builder.metadata().row_groups();
-    let mut admitted: Vec<bool> = vec![true; row_groups.len()];
-    for (c, column) in keys.columns.iter().enumerate() {
-        let Ok(stats) =
-            StatisticsConverter::try_new(column, &arrow_schema, builder.parquet_schema())
-        else {
-            continue;
-        };
-        let (Ok(mins), Ok(maxes)) = (
-            stats.row_group_mins(row_groups.iter()),
-            stats.row_group_maxes(row_groups.iter()),
-        ) else {
-            continue;
-        };
-        if let Some(admits) = keys.admitted_by(c, &mins, &maxes) {
-            for (a, b) in admitted.iter_mut().zip(admits) {
-                *a &= b;
-            }
-        }
-    }
-    let groups: Vec<usize> = (0..admitted.len()).filter(|&g| admitted[g]).collect();
-    if groups.is_empty() {
-        return Ok(Probe::Pruned);
-    }
-    let Ok(roots) = keys
-        .columns
-        .iter()
-        .map(|k| arrow_schema.index_of(k))
-        .collect::<Result<Vec<usize>, _>>()
-    else {
-        // Written before a key column existed: its keys are null there, and no change's is.
-        return Ok(Probe::Clean);
-    };
-    let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-    let path = file.object_store_path();
-    let mut stream = builder
-        .with_projection(mask)
-        .with_row_groups(groups)
-        .with_batch_size(BATCH_ROWS)
-        .build()
-        .map_err(read_error(&path))?;
-    while let Some(batch) = stream.next().await {
-        let rows = keys.rows_of(&batch.map_err(read_error(&path))?)?;
-        if rows.iter().any(|r| index.contains_key(&r)) {
-            return Ok(Probe::Dirty(n));
-        }
-    }
-    Ok(Probe::Clean)
 }
 
 /// Streams `file` into `writer`, back to its partition (`values`), without the rows whose key is
