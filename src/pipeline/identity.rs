@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::Event;
 
@@ -77,6 +77,11 @@ impl TopicIdentities {
     /// A gate that expects nothing: every flush passes (tests, brokers without topic ids).
     pub fn none() -> Arc<Self> {
         Self::new(Box::new(|_| Ok(HashMap::new())))
+    }
+
+    /// Looks `topics` up now (blocking): each existing topic's id.
+    pub fn describe(&self, topics: &[String]) -> Result<HashMap<String, String>, String> {
+        (self.describe)(topics)
     }
 
     /// Where a topic found recreated is reported.
@@ -150,6 +155,12 @@ impl TopicIdentities {
             let found = tokio::task::spawn_blocking(move || (this.describe)(&asked))
                 .await
                 .unwrap_or_else(|e| Err(format!("the lookup task failed: {e}")));
+            debug!(
+                ?topics,
+                ms = issued.elapsed().as_millis() as u64,
+                ok = found.is_ok(),
+                "looked up topic ids"
+            );
             match found {
                 Ok(ids) => self.settle(&topics, issued, &ids),
                 Err(e) => {

@@ -230,21 +230,21 @@ pub fn run(
     options: SourceOptions,
 ) -> Result<(), String> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    // The commit gate looks topic ids up on the consumer's own handle (librdkafka's admin calls
-    // are thread-safe), held weakly: the gate lives in the consumer's context.
-    let handle: Arc<std::sync::OnceLock<std::sync::Weak<BaseConsumer<LakeContext>>>> =
-        Arc::default();
-    let identities = crate::pipeline::identity::TopicIdentities::new({
-        let handle = handle.clone();
-        Box::new(move |topics: &[String]| {
-            let consumer = handle
-                .get()
-                .and_then(std::sync::Weak::upgrade)
-                .ok_or_else(|| "the consumer is closed".to_string())?;
+    // Topic ids are looked up on a client of their own: on the consumer's connection a lookup
+    // queued behind the broker's long-polled Fetch (`fetch.wait.max.ms`, 500 ms), every time.
+    let lookups: BaseConsumer<crate::auth::AuthContext> = client_config(cfg)
+        .remove("group.id")
+        .create_with_context(crate::auth::AuthContext(
+            crate::auth::KafkaAuth::from_config(cfg),
+        ))
+        .map_err(|e| format!("cannot create the Kafka client for topic ids: {e}"))?;
+    let identities =
+        crate::pipeline::identity::TopicIdentities::new(Box::new(move |topics: &[String]| {
+            // Serves a due token refresh (OAUTHBEARER logins) before the request needs it.
+            let _ = lookups.poll(Duration::ZERO);
             let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-            topic_ids::describe(&*consumer, &names, Duration::from_secs(10))
-        })
-    });
+            topic_ids::describe(&lookups, &names, topic_ids::DESCRIBE_TIMEOUT)
+        }));
     identities.report_to(events_tx.clone());
     let budget = Arc::new(BufferBudget::new(cfg.max_buffer_bytes));
     *progress.budget.lock().expect("progress") = Some(budget.clone());
@@ -275,7 +275,7 @@ pub fn run(
     // Every start position is explicit (see `positions`), so librdkafka resets only a fetch
     // offset found out of range, always to the log start, and says so in a warning that
     // `positions` resolves against the table's position.
-    let consumer: Arc<BaseConsumer<LakeContext>> = client_config(cfg)
+    let consumer: BaseConsumer<LakeContext> = client_config(cfg)
         .set("auto.offset.reset", "earliest")
         .create_with_context(LakeContext {
             router: Mutex::new(router),
@@ -283,9 +283,7 @@ pub fn run(
             stalls: Mutex::new(stall::StallDetector::new(cfg.stall_timeout)),
             resets: Mutex::new(Vec::new()),
         })
-        .map(Arc::new)
         .map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
-    let _ = handle.set(Arc::downgrade(&consumer));
     let mut subscriptions: Vec<String> = sinks
         .iter()
         .flat_map(|s| s.config.topics.subscriptions())

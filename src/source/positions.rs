@@ -117,12 +117,7 @@ impl Router {
     /// outlast `max.poll.interval.ms` and the member would be expelled), after checking each
     /// table's record of the topic's identity (see `topic_ids`). A retryable error is retried
     /// with backoff, about a minute and a half at most.
-    pub(super) fn recover_all(
-        &mut self,
-        consumer: &BaseConsumer<LakeContext>,
-        tps: &[TopicPartition],
-        within: Duration,
-    ) -> Recovered {
+    pub(super) fn recover_all(&mut self, tps: &[TopicPartition], within: Duration) -> Recovered {
         let deadline = tokio::time::Instant::now() + within;
         use futures::StreamExt;
         let mut jobs = Vec::new();
@@ -133,7 +128,7 @@ impl Router {
                 }
             }
         }
-        let identities = self.check_topic_ids(consumer, &jobs, deadline);
+        let identities = self.check_topic_ids(&jobs, deadline);
         self.rt.block_on(
             futures::stream::iter(jobs)
                 .map(|(tp, i, sink)| {
@@ -318,7 +313,7 @@ impl Router {
             self.waiting.remove(tp);
             self.progress.release_quarantine(tp);
         }
-        let mut recovered = self.recover_all(consumer, &due, WAITING_RETRY_WITHIN);
+        let mut recovered = self.recover_all(&due, WAITING_RETRY_WITHIN);
         for tp in &due {
             match self.start_partition(consumer, tp, &mut recovered) {
                 Ok(Some(at)) => {

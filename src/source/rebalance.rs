@@ -34,8 +34,7 @@ impl ConsumerContext for LakeContext {
                 router.decode_rows = decode_batch_rows(held);
                 let (mut started, mut idle) =
                     (TopicPartitionList::new(), TopicPartitionList::new());
-                let mut recovered =
-                    router.recover_all(consumer, &tps, positions::RECOVERY_DEADLINE);
+                let mut recovered = router.recover_all(&tps, positions::RECOVERY_DEADLINE);
                 for tp in &tps {
                     let had = router.parts.contains_key(tp);
                     match router.start_partition(consumer, tp, &mut recovered) {

@@ -25,10 +25,10 @@ use sinks::{Sink, TopicIdentity, TopicPartition};
 use tracing::{debug, info, warn};
 
 use super::positions::{retrying, Failure};
-use super::{LakeContext, Router};
+use super::Router;
 
 /// How long DescribeTopics may take per attempt.
-const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts at DescribeTopics before the assignment fails (and the process restarts).
 const DESCRIBE_ATTEMPTS: u32 = 3;
 /// Tables asked at once.
@@ -44,12 +44,11 @@ impl Router {
     /// Pairs verified before against the same id are not asked again.
     pub(super) fn check_topic_ids(
         &mut self,
-        consumer: &BaseConsumer<LakeContext>,
         jobs: &[(TopicPartition, usize, Arc<dyn Sink>)],
         deadline: tokio::time::Instant,
     ) -> Verdicts {
         use futures::StreamExt;
-        let mut topics: Vec<&str> = jobs.iter().map(|(tp, _, _)| &*tp.topic).collect();
+        let mut topics: Vec<String> = jobs.iter().map(|(tp, _, _)| tp.topic.to_string()).collect();
         topics.sort_unstable();
         topics.dedup();
         if topics.is_empty() || !self.options.topic_ids {
@@ -59,7 +58,7 @@ impl Router {
         let issued = std::time::Instant::now();
         let ids = loop {
             attempt += 1;
-            match describe(consumer, &topics, DESCRIBE_TIMEOUT) {
+            match self.identities.describe(&topics) {
                 Ok(ids) => break ids,
                 Err(e) if attempt < DESCRIBE_ATTEMPTS => {
                     debug!("reading topic ids (attempt {attempt}): {e}");

@@ -706,7 +706,12 @@ impl Lakesink {
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_lakesink").to_string());
         let mut cmd = Command::new(bin);
         cmd.args(args)
-            .env("LAKESINK_LOG", "info,librdkafka=warn")
+            // LAKESINK_TEST_LOG: another log filter for the processes a test starts.
+            .env(
+                "LAKESINK_LOG",
+                std::env::var("LAKESINK_TEST_LOG")
+                    .unwrap_or_else(|_| "info,librdkafka=warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in extra_env {
