@@ -54,7 +54,10 @@ fn flush(writer: i64, partition: i32, start: i64, next: i64) -> Flush {
 }
 
 /// What the worker does: retries what the sink says is retryable.
-async fn commit(s: &DatabendSink, staged: &Staged) -> CommitOutcome {
+async fn commit(
+    s: &DatabendSink,
+    staged: &Staged<sinks::databend::DatabendStaged>,
+) -> CommitOutcome {
     let mut attempt = 0;
     loop {
         match s.commit(staged).await {

@@ -11,6 +11,10 @@
 //! 3. [`Sink::recover`] reads the committed position back after any crash or rebalance, and
 //!    finishes any commit that was interrupted half-way.
 //!
+//! Each sink stages its own data type ([`Sink::Data`]); the service holds sinks as
+//! `Arc<dyn AnySink>`, whose [`StagedFlush`] carries the sink that staged it, so a flush can
+//! only ever be committed by the sink (and kind) that staged it.
+//!
 //! [`RecordBatch`]: arrow::record_batch::RecordBatch
 
 pub mod crash;
@@ -111,31 +115,68 @@ pub struct CommitStats {
     pub bytes: u64,
 }
 
-/// A flush written where readers cannot see it, ready to commit.
+/// A flush written where readers cannot see it, ready to commit. `D` is what the sink that
+/// staged it needs to commit it (its [`Sink::Data`]), so a flush is only ever committed by a
+/// sink of the kind that staged it.
 #[derive(Debug, Clone)]
-pub struct Staged {
+pub struct Staged<D> {
     pub tp: TopicPartition,
     pub start: Offset,
     pub next: Offset,
     pub rows: u64,
-    /// Parquet sinks: the staged files.
-    pub files: Vec<parquet::StagedFile>,
-    /// Delta sinks: the data files written and the table schema they need.
-    pub delta: Option<delta::DeltaStaged>,
-    /// Databend sinks: the staged file and the table it loads into.
-    pub databend: Option<databend::DatabendStaged>,
     /// The data's columns as `name: type`, recorded in the commit for humans and tools.
     pub columns: Vec<String>,
+    pub data: D,
 }
 
-impl Staged {
-    /// Bytes of decoded data this staged flush keeps in memory until its commit: a Delta
-    /// upsert's changes, which the commit applies (other flushes are already in their files).
+/// A staged flush of any sink, committed by the sink that staged it (see [`AnySink`]).
+pub struct StagedFlush {
+    inner: Box<dyn ErasedStaged>,
+}
+
+impl fmt::Debug for StagedFlush {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (tp, start, next, rows) = self.inner.range();
+        write!(f, "StagedFlush({tp} {start}..{next}, {rows} rows)")
+    }
+}
+
+impl StagedFlush {
+    /// Makes the flush visible, fenced on its start position (see [`Sink::commit`]).
+    pub async fn commit(&self) -> Result<(CommitOutcome, CommitStats)> {
+        self.inner.commit().await
+    }
+
+    /// Bytes of decoded data this staged flush keeps in memory until its commit (a Delta
+    /// upsert's changes, which the commit applies; other flushes are already in their files).
     pub fn retained_bytes(&self) -> usize {
-        self.delta
-            .as_ref()
-            .and_then(|d| d.changes.as_ref())
-            .map_or(0, |c| c.rows.get_array_memory_size())
+        self.inner.retained_bytes()
+    }
+}
+
+#[async_trait::async_trait]
+trait ErasedStaged: Send + Sync {
+    fn range(&self) -> (&TopicPartition, Offset, Offset, u64);
+    fn retained_bytes(&self) -> usize;
+    async fn commit(&self) -> Result<(CommitOutcome, CommitStats)>;
+}
+
+struct Held<S: Sink> {
+    sink: Arc<S>,
+    staged: Staged<S::Data>,
+}
+
+#[async_trait::async_trait]
+impl<S: Sink> ErasedStaged for Held<S> {
+    fn range(&self) -> (&TopicPartition, Offset, Offset, u64) {
+        let s = &self.staged;
+        (&s.tp, s.start, s.next, s.rows)
+    }
+    fn retained_bytes(&self) -> usize {
+        self.sink.retained_bytes(&self.staged)
+    }
+    async fn commit(&self) -> Result<(CommitOutcome, CommitStats)> {
+        self.sink.commit(&self.staged).await
     }
 }
 
@@ -156,7 +197,11 @@ pub enum TopicIdentity {
 /// Implementations must be safe to call from several writers (processes) at once: `commit` is
 /// fenced on `staged.start`, so for a given start position exactly one writer ever wins.
 #[async_trait::async_trait]
-pub trait Sink: Send + Sync + fmt::Debug {
+pub trait Sink: Send + Sync + fmt::Debug + 'static {
+    /// What a staged flush keeps for its commit (staged files, data files written, a stage
+    /// file and its table).
+    type Data: Send + Sync + fmt::Debug + 'static;
+
     /// The committed position of `tp` (the next offset to read), or `None` if nothing was ever
     /// committed. Finishes publishing any commit that was interrupted.
     async fn recover(&self, tp: &TopicPartition) -> Result<Option<Offset>>;
@@ -165,10 +210,15 @@ pub trait Sink: Send + Sync + fmt::Debug {
     async fn committed(&self, tp: &TopicPartition) -> Result<Option<Offset>>;
 
     /// Encodes and writes a flush where readers cannot see it. Retrying is safe.
-    async fn stage(&self, flush: Flush) -> Result<Staged>;
+    async fn stage(&self, flush: Flush) -> Result<Staged<Self::Data>>;
 
     /// Makes a staged flush visible, fenced on its start position.
-    async fn commit(&self, staged: &Staged) -> Result<(CommitOutcome, CommitStats)>;
+    async fn commit(&self, staged: &Staged<Self::Data>) -> Result<(CommitOutcome, CommitStats)>;
+
+    /// Bytes of decoded data `staged` keeps in memory until its commit.
+    fn retained_bytes(&self, _staged: &Staged<Self::Data>) -> usize {
+        0
+    }
 
     /// Records `topic_id` (Kafka's KIP-516 topic id) as the identity of `topic` in this table
     /// unless one is recorded already, and says how the recorded one compares. The table's
@@ -182,6 +232,49 @@ pub trait Sink: Send + Sync + fmt::Debug {
 
     /// The table's location, for messages (never contains credentials).
     fn location(&self) -> &str;
+}
+
+/// Any sink, as the service holds it (`Arc<dyn AnySink>`): [`Sink`] with its staged data
+/// hidden in a [`StagedFlush`] that only the sink that staged it commits.
+#[async_trait::async_trait]
+pub trait AnySink: Send + Sync + fmt::Debug {
+    /// See [`Sink::recover`].
+    async fn recover(&self, tp: &TopicPartition) -> Result<Option<Offset>>;
+    /// See [`Sink::committed`].
+    async fn committed(&self, tp: &TopicPartition) -> Result<Option<Offset>>;
+    /// See [`Sink::stage`].
+    async fn stage(self: Arc<Self>, flush: Flush) -> Result<StagedFlush>;
+    /// See [`Sink::adopt_topic_id`].
+    async fn adopt_topic_id(&self, topic: &str, topic_id: &str) -> Result<TopicIdentity>;
+    /// See [`Sink::check`].
+    async fn check(&self) -> Result<()>;
+    /// See [`Sink::location`].
+    fn location(&self) -> &str;
+}
+
+#[async_trait::async_trait]
+impl<S: Sink> AnySink for S {
+    async fn recover(&self, tp: &TopicPartition) -> Result<Option<Offset>> {
+        Sink::recover(self, tp).await
+    }
+    async fn committed(&self, tp: &TopicPartition) -> Result<Option<Offset>> {
+        Sink::committed(self, tp).await
+    }
+    async fn stage(self: Arc<Self>, flush: Flush) -> Result<StagedFlush> {
+        let staged = Sink::stage(&*self, flush).await?;
+        Ok(StagedFlush {
+            inner: Box::new(Held { sink: self, staged }),
+        })
+    }
+    async fn adopt_topic_id(&self, topic: &str, topic_id: &str) -> Result<TopicIdentity> {
+        Sink::adopt_topic_id(self, topic, topic_id).await
+    }
+    async fn check(&self) -> Result<()> {
+        Sink::check(self).await
+    }
+    fn location(&self) -> &str {
+        Sink::location(self)
+    }
 }
 
 /// Runs CPU-bound encoding (Parquet) on the blocking pool, at most one encode per core at a

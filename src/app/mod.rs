@@ -97,7 +97,7 @@ pub fn open_sink(
     cfg: &ValidatedConfig,
     s: &crate::config::ValidatedSink,
     writer: &str,
-) -> anyhow::Result<Arc<dyn sinks::Sink>> {
+) -> anyhow::Result<Arc<dyn sinks::AnySink>> {
     let storage = s
         .storage
         .iter()

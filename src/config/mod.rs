@@ -14,6 +14,7 @@ mod kafka;
 mod raw;
 mod secret;
 mod sink;
+mod types;
 mod units;
 mod validated;
 
@@ -25,6 +26,7 @@ use serde::Deserialize;
 
 pub use raw::*;
 pub use secret::{is_secret_key, Secret};
+pub use types::parse_type;
 pub use units::{parse_bytes, parse_duration};
 pub use validated::*;
 

@@ -224,7 +224,7 @@ pub(super) fn validate_sink(
     if s.flush.max_rows == 0 {
         return Err(err(key("flush.max_rows"), "must be at least 1"));
     }
-    let flush = Flush {
+    let flush = FlushTriggers {
         max_rows: s.flush.max_rows,
         max_bytes: parse_bytes(&s.flush.max_bytes).map_err(|e| err(key("flush.max_bytes"), e))?,
         max_latency: parse_duration(&s.flush.max_latency)
@@ -279,8 +279,7 @@ pub(super) fn validate_sink(
                         "the type must be a string such as \"long\"",
                     )
                 })?;
-                let dt = crate::decode::json::parse_type(t)
-                    .map_err(|e| err(key(&format!("{what}.{name}")), e))?;
+                let dt = parse_type(t).map_err(|e| err(key(&format!("{what}.{name}")), e))?;
                 fields.push(arrow::datatypes::Field::new(name, dt, true));
             }
             if fields.is_empty() {
@@ -290,11 +289,8 @@ pub(super) fn validate_sink(
         };
     let key_format = match (s.key_format.as_deref(), &s.key_schema) {
         (None, None) => None,
-        (Some("string"), None) => Some(crate::decode::key::KeyFormat::String),
-        (Some("json"), Some(cols)) => Some(crate::decode::key::KeyFormat::Json(declared(
-            cols,
-            "key_schema",
-        )?)),
+        (Some("string"), None) => Some(KeyFormat::String),
+        (Some("json"), Some(cols)) => Some(KeyFormat::Json(declared(cols, "key_schema")?)),
         (Some("json"), None) => {
             return Err(err(
                 key("key_schema"),
@@ -308,7 +304,7 @@ pub(super) fn validate_sink(
                     "`avro` keys need a [schema_registry]",
                 ));
             }
-            Some(crate::decode::key::KeyFormat::Avro)
+            Some(KeyFormat::Avro)
         }
         (Some(_), Some(_)) | (None, Some(_)) => {
             return Err(err(

@@ -45,8 +45,9 @@ pub struct ValidatedRegistry {
     pub timeout: Duration,
 }
 
+/// When a partition writer flushes (`flush = {..}`): whichever comes first.
 #[derive(Debug, Clone)]
-pub struct Flush {
+pub struct FlushTriggers {
     pub max_rows: usize,
     pub max_bytes: u64,
     pub max_latency: Duration,
@@ -70,7 +71,7 @@ pub struct ValidatedSink {
     pub table: String,
     pub storage: BTreeMap<String, Secret>,
     pub partition_by: Vec<PartitionSpec>,
-    pub flush: Flush,
+    pub flush: FlushTriggers,
     pub compression: Compression,
     pub metadata: MetadataConfig,
     pub errors: ErrorPolicy,
@@ -82,7 +83,7 @@ pub struct ValidatedSink {
     /// JSON values are Kafka Connect `{"schema", "payload"}` envelopes.
     pub connect_envelope: bool,
     /// How to decode keys into `_key`, if at all.
-    pub key_format: Option<crate::decode::key::KeyFormat>,
+    pub key_format: Option<KeyFormat>,
     pub kind: SinkKind,
     /// `kind = "databend"`: the checked connection.
     pub databend: Option<ValidatedDatabend>,
@@ -195,4 +196,14 @@ impl ValidatedConfig {
         }
         s
     }
+}
+
+/// How record keys are encoded (`key_format`).
+#[derive(Debug, Clone)]
+pub enum KeyFormat {
+    String,
+    /// JSON objects with the declared `key_schema`.
+    Json(arrow::datatypes::SchemaRef),
+    /// Confluent-framed Avro.
+    Avro,
 }

@@ -20,13 +20,7 @@ use sinks::TopicPartition;
 use super::{AvroDecoder, DecodeError, JsonDecoder, Record};
 use crate::config::MetadataConfig;
 
-/// How keys are encoded.
-#[derive(Debug, Clone)]
-pub enum KeyFormat {
-    String,
-    Json(SchemaRef),
-    Avro,
-}
+pub use crate::config::KeyFormat;
 
 /// Checks and decodes one partition's keys.
 pub struct KeyDecoder {

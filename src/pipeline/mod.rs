@@ -25,17 +25,17 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use schema_registry::RegistryClient;
-use sinks::{Offset, Sink, TopicPartition};
+use sinks::{AnySink, Offset, TopicPartition};
 
 use crate::config::ValidatedSink;
 use crate::decode::Record;
-use crate::telemetry::{Health, SinkStats};
+use crate::metrics::{Health, SinkStats};
 
 /// A configured sink, shared by its partition workers.
 #[derive(Debug)]
 pub struct SinkRuntime {
     pub config: ValidatedSink,
-    pub sink: Arc<dyn Sink>,
+    pub sink: Arc<dyn AnySink>,
     pub registry: RegistryClient,
     /// Where undecodable records go when `errors = "dead-letter"`.
     pub dead_letters: Option<dead_letter::DeadLetters>,

@@ -45,7 +45,7 @@ pub(super) struct Router {
     /// Records polled but not yet handed to their workers, in poll order per partition.
     /// Dispatched at the end of every poll burst and before any rebalance is handled, so a
     /// worker sees exactly the sequence it would see if every record were sent at once.
-    pub(super) pending: Vec<Pending>,
+    pub(super) pending: Vec<Polled>,
     pub(super) pending_records: usize,
     /// Whether records keep their Kafka headers: only when some sink dead-letters, the one
     /// place they are written again.
@@ -66,7 +66,7 @@ pub(super) struct Router {
 }
 
 /// Records of one partition polled in the current burst.
-pub(super) struct Pending {
+pub(super) struct Polled {
     pub(super) tp: TopicPartition,
     /// The address of librdkafka's topic handle, to match records without reading the name.
     pub(super) rkt: usize,
@@ -111,7 +111,7 @@ impl Router {
         {
             Some(i) => i,
             None => {
-                self.pending.push(Pending {
+                self.pending.push(Polled {
                     tp: TopicPartition::new(m.topic(), partition),
                     rkt,
                     records: Vec::with_capacity(SEND_BATCH.min(64)),

@@ -2,7 +2,7 @@
 //!
 //! A topic deleted and created again under the same name gets a new id, and offsets that have
 //! nothing to do with the old ones. Every table records the id of the topic its positions count
-//! offsets of ([`sinks::Sink::adopt_topic_id`], before the first commit of that topic), and
+//! offsets of ([`sinks::AnySink::adopt_topic_id`], before the first commit of that topic), and
 //! recovery compares it with the broker's: a different id stops the partition instead of
 //! resuming the new topic at the old topic's position (which would skip its first records, or
 //! read them as if they followed the old ones).
@@ -21,7 +21,7 @@ use std::time::Duration;
 use rdkafka::bindings as rd;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaRespErr;
-use sinks::{Sink, TopicIdentity, TopicPartition};
+use sinks::{AnySink, TopicIdentity, TopicPartition};
 use tracing::{debug, info, warn};
 
 use super::positions::{retrying, Failure};
@@ -40,11 +40,11 @@ pub(super) type Verdicts = HashMap<(usize, String), Failure>;
 
 impl Router {
     /// Reads the broker's id of every topic in `jobs` and has each sink's table adopt it
-    /// ([`Sink::adopt_topic_id`]): recorded when the table has none, compared when it has one.
+    /// ([`AnySink::adopt_topic_id`]): recorded when the table has none, compared when it has one.
     /// Pairs verified before against the same id are not asked again.
     pub(super) fn check_topic_ids(
         &mut self,
-        jobs: &[(TopicPartition, usize, Arc<dyn Sink>)],
+        jobs: &[(TopicPartition, usize, Arc<dyn AnySink>)],
         deadline: tokio::time::Instant,
     ) -> Verdicts {
         use futures::StreamExt;

@@ -128,11 +128,9 @@ impl DatabendSink {
 
     pub(super) async fn commit_staged(
         &self,
-        staged: &Staged,
+        staged: &Staged<DatabendStaged>,
     ) -> Result<(CommitOutcome, CommitStats)> {
-        let d = staged.databend.as_ref().ok_or_else(|| {
-            Error::Join("a Databend sink was handed a flush staged by another sink kind".into())
-        })?;
+        let d = &staged.data;
         let stats = CommitStats {
             files: usize::from(d.file.is_some()),
             rows: staged.rows,

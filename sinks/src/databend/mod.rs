@@ -198,6 +198,8 @@ impl DatabendSink {
 
 #[async_trait::async_trait]
 impl Sink for DatabendSink {
+    type Data = DatabendStaged;
+
     async fn recover(&self, tp: &TopicPartition) -> Result<Option<Offset>> {
         self.committed(tp).await
     }
@@ -208,11 +210,14 @@ impl Sink for DatabendSink {
         self.ledger_position(&mut s, tp).await
     }
 
-    async fn stage(&self, flush: Flush) -> Result<Staged> {
+    async fn stage(&self, flush: Flush) -> Result<Staged<DatabendStaged>> {
         self.stage_flush(flush).await
     }
 
-    async fn commit(&self, staged: &Staged) -> Result<(CommitOutcome, CommitStats)> {
+    async fn commit(
+        &self,
+        staged: &Staged<DatabendStaged>,
+    ) -> Result<(CommitOutcome, CommitStats)> {
         self.commit_staged(staged).await
     }
 

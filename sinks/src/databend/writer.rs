@@ -38,7 +38,7 @@ impl DatabendSink {
         )
     }
 
-    pub(super) async fn stage_flush(&self, flush: Flush) -> Result<Staged> {
+    pub(super) async fn stage_flush(&self, flush: Flush) -> Result<Staged<DatabendStaged>> {
         self.ensure_ledger().await?;
         let rows = flush.rows() as u64;
         let table = self.table_for(&flush.tp.topic);
@@ -47,17 +47,15 @@ impl DatabendSink {
             start: flush.start,
             next: flush.next,
             rows,
-            files: Vec::new(),
-            delta: None,
-            databend: Some(DatabendStaged {
+            columns: Vec::new(),
+            data: DatabendStaged {
                 table: table.clone(),
                 file: None,
                 columns: Vec::new(),
                 bytes: 0,
                 truncate: flush.truncate && self.config.upsert.is_some(),
                 unchanged: false,
-            }),
-            columns: Vec::new(),
+            },
         };
         // A truncate with no rows after it still loads an empty file (it creates the table).
         if flush.batches.is_empty() || (rows == 0 && !flush.truncate) {
@@ -135,14 +133,14 @@ impl DatabendSink {
             .iter()
             .map(|f| format!("{}: {}", f.name(), f.data_type()))
             .collect();
-        staged.databend = Some(DatabendStaged {
+        staged.data = DatabendStaged {
             table,
             file: Some(format!("{dir}/{name}")),
             columns,
             bytes,
             truncate,
             unchanged: unchanged.is_some(),
-        });
+        };
         self.point("after_stage");
         Ok(staged)
     }

@@ -11,6 +11,7 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::DeltaTable;
 use tracing::{debug, info, warn};
 
+use super::DeltaStaged;
 use crate::{CommitOutcome, Result, Staged};
 
 use super::*;
@@ -84,7 +85,10 @@ impl DeltaSink {
     /// bottleneck when many partitions flush at once. Each flush is still fenced on its own
     /// txn: a fenced or already committed member is answered without being written, and a
     /// group that fails falls back to one commit per flush.
-    pub(super) async fn commit_queued(&self, staged: &Staged) -> Result<CommitOutcome> {
+    pub(super) async fn commit_queued(
+        &self,
+        staged: &Staged<DeltaStaged>,
+    ) -> Result<CommitOutcome> {
         static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (reply, mut answer) = tokio::sync::oneshot::channel();
@@ -147,9 +151,9 @@ impl DeltaSink {
     pub(super) async fn commit_alone(
         &self,
         slot: &mut Option<DeltaTable>,
-        staged: &Staged,
+        staged: &Staged<DeltaStaged>,
     ) -> Result<CommitOutcome> {
-        let delta = staged.delta.as_ref().expect("a Delta flush");
+        let delta = &staged.data;
         if let Some(changes) = &delta.changes {
             return upsert::commit(self, slot, staged, delta.schema.as_ref(), changes).await;
         }
@@ -164,7 +168,7 @@ impl DeltaSink {
     pub(super) async fn commit_actions(
         &self,
         slot: &mut Option<DeltaTable>,
-        staged: &Staged,
+        staged: &Staged<DeltaStaged>,
         schema: Option<&SchemaRef>,
         actions: Vec<Action>,
         operation: impl Fn() -> DeltaOperation,

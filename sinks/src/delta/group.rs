@@ -42,7 +42,7 @@ impl DeltaSink {
             let mut merged = current.clone();
             let mut mergeable = true;
             for p in &carried {
-                if let Some(wanted) = p.staged.delta.as_ref().and_then(|d| d.schema.as_ref()) {
+                if let Some(wanted) = p.staged.data.schema.as_ref() {
                     match schema::merge(&merged, wanted) {
                         Ok(m) => merged = m,
                         Err(_) => mergeable = false,
@@ -68,7 +68,7 @@ impl DeltaSink {
                 .with_max_retries(self.config.commit_attempts as usize)
                 .with_cleanup_expired_logs(Some(false));
             for p in &carried {
-                let delta = p.staged.delta.as_ref().expect("a Delta flush");
+                let delta = &p.staged.data;
                 all.extend(delta.adds.iter().cloned().map(Action::Add));
                 properties = properties.with_application_transaction(Transaction::new(
                     self.app_id(&p.staged.tp),

@@ -107,7 +107,7 @@ pub struct DeltaSink {
 /// One append waiting to be committed with others (group commit).
 pub(super) struct Pending {
     id: u64,
-    pub(super) staged: Staged,
+    pub(super) staged: Staged<DeltaStaged>,
     pub(super) reply: tokio::sync::oneshot::Sender<GroupReply>,
 }
 
@@ -252,6 +252,16 @@ type PartitionValues = IndexMap<String, delta_kernel::expressions::Scalar>;
 
 #[async_trait::async_trait]
 impl Sink for DeltaSink {
+    type Data = DeltaStaged;
+
+    fn retained_bytes(&self, staged: &Staged<DeltaStaged>) -> usize {
+        staged
+            .data
+            .changes
+            .as_ref()
+            .map_or(0, |c| c.rows.get_array_memory_size())
+    }
+
     async fn recover(&self, tp: &TopicPartition) -> Result<Option<Offset>> {
         // A Delta commit is one atomic log entry: there is never anything half-done to finish.
         self.committed(tp).await
@@ -266,7 +276,7 @@ impl Sink for DeltaSink {
         self.txn_position(table, tp).await
     }
 
-    async fn stage(&self, flush: Flush) -> Result<Staged> {
+    async fn stage(&self, flush: Flush) -> Result<Staged<DeltaStaged>> {
         let rows = flush.rows() as u64;
         let (schema, batches) = self.prepare(&flush)?;
         let columns = schema
@@ -280,15 +290,13 @@ impl Sink for DeltaSink {
             start: flush.start,
             next: flush.next,
             rows,
-            files: Vec::new(),
-            databend: None,
-            delta: Some(DeltaStaged {
+            columns,
+            data: DeltaStaged {
                 adds: Vec::new(),
                 // The table's schema: without the upsert's unchanged-values column.
                 schema: schema.as_ref().map(|s| self.table_schema(s)),
                 changes: None,
-            }),
-            columns,
+            },
         };
         let Some(schema) = schema else {
             return Ok(staged);
@@ -296,9 +304,7 @@ impl Sink for DeltaSink {
         if let Some(upsert) = &self.config.upsert {
             let mut changes = crate::upsert::Changes::build(upsert, &schema, batches, &flush.tp)?;
             changes.truncate = flush.truncate;
-            if let Some(d) = staged.delta.as_mut() {
-                d.changes = Some(Arc::new(changes));
-            }
+            staged.data.changes = Some(Arc::new(changes));
             return Ok(staged);
         }
         // Parquet encoding is CPU-bound: keep it off the async worker threads.
@@ -311,17 +317,13 @@ impl Sink for DeltaSink {
         })
         .await
         .map_err(|e| Error::Join(e.to_string()))??;
-        if let Some(d) = staged.delta.as_mut() {
-            d.adds = adds;
-        }
+        staged.data.adds = adds;
         self.point("after_stage");
         Ok(staged)
     }
 
-    async fn commit(&self, staged: &Staged) -> Result<(CommitOutcome, CommitStats)> {
-        let delta = staged.delta.as_ref().ok_or_else(|| {
-            Error::Join("a Delta sink was handed a flush staged by another sink kind".into())
-        })?;
+    async fn commit(&self, staged: &Staged<DeltaStaged>) -> Result<(CommitOutcome, CommitStats)> {
+        let delta = &staged.data;
         let stats = CommitStats {
             files: delta.adds.len(),
             rows: staged.rows,

@@ -423,7 +423,7 @@ async fn concurrent_upserts_on_a_camel_case_key_both_land() {
             ))
             .await
             .unwrap();
-        let retrying = |s: Arc<DeltaSink>, staged: crate::Staged| async move {
+        let retrying = |s: Arc<DeltaSink>, staged: crate::Staged<super::DeltaStaged>| async move {
             let mut attempt = 0;
             loop {
                 match s.commit(&staged).await {

@@ -152,7 +152,7 @@ async fn merge(
 pub(super) async fn commit(
     sink: &DeltaSink,
     slot: &mut Option<DeltaTable>,
-    staged: &Staged,
+    staged: &Staged<super::DeltaStaged>,
     schema: Option<&SchemaRef>,
     changes: &Changes,
 ) -> Result<CommitOutcome> {
@@ -230,7 +230,7 @@ pub(super) async fn commit_group(
         let mut carried: Vec<Pending> = Vec::with_capacity(fenced.len());
         let mut rows = 0usize;
         for p in fenced {
-            let Some(changes) = p.staged.delta.as_ref().and_then(|d| d.changes.clone()) else {
+            let Some(changes) = p.staged.data.changes.clone() else {
                 alone.push(p);
                 continue;
             };
@@ -243,9 +243,9 @@ pub(super) async fn commit_group(
                 || (rows + changes.rows.num_rows() <= sink.config.group_rows
                     && carried[0]
                         .staged
-                        .delta
+                        .data
+                        .changes
                         .as_ref()
-                        .and_then(|d| d.changes.as_ref())
                         .is_some_and(|c| c.rows.schema() == changes.rows.schema()));
             if fits {
                 rows += changes.rows.num_rows();
@@ -267,7 +267,7 @@ pub(super) async fn commit_group(
         // The flushes' changes go to the MERGE as they are, without a concatenated copy.
         let batches: Vec<RecordBatch> = carried
             .iter()
-            .filter_map(|p| p.staged.delta.as_ref()?.changes.as_ref())
+            .filter_map(|p| p.staged.data.changes.as_ref())
             .map(|c| c.rows.clone())
             .collect();
         if !keys_distinct(config, &batches) {

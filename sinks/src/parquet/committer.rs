@@ -328,9 +328,9 @@ impl ParquetSink {
     }
 
     /// Deletes staged files of a lost flush that the winning marker does not reference.
-    async fn discard(&self, staged: &Staged, winner: &Marker) {
+    async fn discard(&self, staged: &Staged<Vec<StagedFile>>, winner: &Marker) {
         let keep: HashSet<&str> = winner.files.iter().map(|f| f.staged.as_str()).collect();
-        for f in &staged.files {
+        for f in &staged.data {
             if keep.contains(f.staged.as_str()) {
                 continue;
             }
@@ -344,6 +344,8 @@ impl ParquetSink {
 
 #[async_trait::async_trait]
 impl Sink for ParquetSink {
+    type Data = Vec<StagedFile>;
+
     async fn recover(&self, tp: &TopicPartition) -> Result<Option<Offset>> {
         self.walk_chain(tp, true).await
     }
@@ -364,7 +366,7 @@ impl Sink for ParquetSink {
         .await
     }
 
-    async fn stage(&self, flush: Flush) -> Result<Staged> {
+    async fn stage(&self, flush: Flush) -> Result<Staged<Vec<StagedFile>>> {
         let config = self.config.clone();
         let (flush, encoded) = crate::encode_blocking(move || {
             let encoded = encode(&flush, &config);
@@ -430,14 +432,15 @@ impl Sink for ParquetSink {
             start: flush.start,
             next: flush.next,
             rows: files.iter().map(|f| f.rows).sum(),
-            files,
-            delta: None,
-            databend: None,
             columns,
+            data: files,
         })
     }
 
-    async fn commit(&self, staged: &Staged) -> Result<(CommitOutcome, CommitStats)> {
+    async fn commit(
+        &self,
+        staged: &Staged<Vec<StagedFile>>,
+    ) -> Result<(CommitOutcome, CommitStats)> {
         let tp = &staged.tp;
         let marker = Marker {
             version: MARKER_VERSION,
@@ -447,16 +450,16 @@ impl Sink for ParquetSink {
             start: staged.start.0,
             next: staged.next.0,
             rows: staged.rows,
-            files: staged.files.clone(),
+            files: staged.data.clone(),
             columns: staged.columns.clone(),
             committed_at_ms: chrono::Utc::now().timestamp_millis(),
         };
         let path = self.marker_path(tp, staged.start.0);
         let body = serde_json::to_vec_pretty(&marker).expect("marker serializes");
         let stats = CommitStats {
-            files: staged.files.len(),
+            files: staged.data.len(),
             rows: staged.rows,
-            bytes: staged.files.iter().map(|f| f.bytes).sum(),
+            bytes: staged.data.iter().map(|f| f.bytes).sum(),
         };
         let opts = PutOptions {
             mode: PutMode::Create,

@@ -131,7 +131,7 @@ async fn second_writer_at_same_start_is_fenced_and_invisible() {
 }
 
 /// The marker `w1` creates for `staged`, a flush of offsets 0..5 (what commit writes).
-fn marker_of(staged: &crate::Staged) -> Marker {
+fn marker_of(staged: &crate::Staged<Vec<super::StagedFile>>) -> Marker {
     Marker {
         version: 1,
         writer: "w1".into(),
@@ -140,7 +140,7 @@ fn marker_of(staged: &crate::Staged) -> Marker {
         start: 0,
         next: 5,
         rows: 5,
-        files: staged.files.clone(),
+        files: staged.data.clone(),
         columns: vec![],
         committed_at_ms: 0,
     }
@@ -187,7 +187,7 @@ async fn republishing_onto_a_create_only_copy_store_is_idempotent() {
         .unwrap();
     // The first publisher's copy landed; it died before deleting the staged file.
     let root = Path::from("t");
-    for f in &staged.files {
+    for f in &staged.data {
         let (from, to) = (
             Path::from(format!("{root}/{}", f.staged)),
             Path::from(format!("{root}/{}", f.path)),

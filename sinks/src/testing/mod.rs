@@ -54,13 +54,13 @@ pub fn flush(tp: &TopicPartition, start: i64, next: i64, rows: bool) -> Flush {
     }
 }
 
-async fn commit(sink: &dyn Sink, f: Flush) -> CommitOutcome {
+async fn commit<S: Sink>(sink: &S, f: Flush) -> CommitOutcome {
     let staged = sink.stage(f).await.expect("stage");
     sink.commit(&staged).await.expect("commit").0
 }
 
 /// A committed flush is the position `recover` and `committed` report.
-pub async fn commit_then_recover(sink: &dyn Sink, tp: &TopicPartition) {
+pub async fn commit_then_recover<S: Sink>(sink: &S, tp: &TopicPartition) {
     assert_eq!(sink.committed(tp).await.expect("committed"), None);
     assert_eq!(
         commit(sink, flush(tp, 0, 10, true)).await,
@@ -74,7 +74,7 @@ pub async fn commit_then_recover(sink: &dyn Sink, tp: &TopicPartition) {
 }
 
 /// The same staged flush committed twice: the second attempt is `AlreadyCommitted`.
-pub async fn a_retried_commit_is_already_committed(sink: &dyn Sink, tp: &TopicPartition) {
+pub async fn a_retried_commit_is_already_committed<S: Sink>(sink: &S, tp: &TopicPartition) {
     let staged = sink.stage(flush(tp, 0, 10, true)).await.expect("stage");
     let first = sink.commit(&staged).await.expect("commit").0;
     assert_eq!(first, CommitOutcome::Committed { next: Offset(10) });
@@ -88,7 +88,7 @@ pub async fn a_retried_commit_is_already_committed(sink: &dyn Sink, tp: &TopicPa
 
 /// Two writers stage flushes from one start; the first commit wins, the second is fenced at
 /// the winner's end.
-pub async fn the_same_start_is_fenced(a: &dyn Sink, b: &dyn Sink, tp: &TopicPartition) {
+pub async fn the_same_start_is_fenced<S: Sink>(a: &S, b: &S, tp: &TopicPartition) {
     let sa = a.stage(flush(tp, 0, 10, true)).await.expect("stage a");
     let sb = b.stage(flush(tp, 0, 7, true)).await.expect("stage b");
     assert_eq!(
@@ -103,7 +103,7 @@ pub async fn the_same_start_is_fenced(a: &dyn Sink, b: &dyn Sink, tp: &TopicPart
 }
 
 /// A flush without rows moves the position too.
-pub async fn an_empty_flush_advances(sink: &dyn Sink, tp: &TopicPartition) {
+pub async fn an_empty_flush_advances<S: Sink>(sink: &S, tp: &TopicPartition) {
     commit(sink, flush(tp, 0, 10, true)).await;
     let outcome = commit(sink, flush(tp, 10, 15, false)).await;
     assert_eq!(outcome, CommitOutcome::Committed { next: Offset(15) });
@@ -116,9 +116,9 @@ pub async fn an_empty_flush_advances(sink: &dyn Sink, tp: &TopicPartition) {
 
 /// A writer that resumed from position 0 while the owner committed up to 20 is fenced, and
 /// learns where the owner got to.
-pub async fn a_zombie_behind_the_owner_is_fenced(
-    owner: &dyn Sink,
-    zombie: &dyn Sink,
+pub async fn a_zombie_behind_the_owner_is_fenced<S: Sink>(
+    owner: &S,
+    zombie: &S,
     tp: &TopicPartition,
 ) {
     commit(owner, flush(tp, 0, 10, true)).await;

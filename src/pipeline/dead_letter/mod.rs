@@ -114,13 +114,13 @@ impl std::fmt::Debug for DeadLetters {
 
 /// One (sink, source partition)'s transactional writer: its fenced producer, its dead-letter
 /// partition, and the highest source offset already there.
-pub struct Session {
+pub struct DeadLetterSession {
     producer: Arc<FutureProducer<AuthContext>>,
     partition: i32,
     last: Option<i64>,
 }
 
-impl Drop for Session {
+impl Drop for DeadLetterSession {
     fn drop(&mut self) {
         // Dropping a producer flushes for up to 500 ms: keep that off the async workers.
         let producer = self.producer.clone();
@@ -144,12 +144,12 @@ pub struct Written {
 /// A session being opened in the background; dropping it cancels the opening if it has not
 /// fenced yet, so a worker that stopped never fences a later owner's session.
 pub struct Opening {
-    task: tokio::task::JoinHandle<Result<Session, String>>,
+    task: tokio::task::JoinHandle<Result<DeadLetterSession, String>>,
     cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::future::Future for Opening {
-    type Output = Result<Result<Session, String>, tokio::task::JoinError>;
+    type Output = Result<Result<DeadLetterSession, String>, tokio::task::JoinError>;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
@@ -212,7 +212,7 @@ impl DeadLetters {
     /// by the caller after an error.
     pub async fn write(
         &self,
-        session: &mut Option<Session>,
+        session: &mut Option<DeadLetterSession>,
         sink: &str,
         tp: &TopicPartition,
         pending: &[Rejected],
@@ -262,7 +262,7 @@ impl DeadLetters {
 
     async fn write_exactly_once(
         &self,
-        session: &mut Option<Session>,
+        session: &mut Option<DeadLetterSession>,
         sink: &str,
         tp: &TopicPartition,
         pending: &[Rejected],
@@ -336,7 +336,7 @@ impl DeadLetters {
 
     /// A failure of `session`, fenced when its producer is (librdkafka reports a fence as the
     /// producer's fatal error; the failed call itself may only say that its queue was purged).
-    fn failed_in(&self, session: &Session, e: KafkaError) -> WriteError {
+    fn failed_in(&self, session: &DeadLetterSession, e: KafkaError) -> WriteError {
         use rdkafka::types::RDKafkaErrorCode as Code;
         let is_fence = |c: Code| matches!(c, Code::Fenced | Code::ProducerFenced);
         let fenced = e.rdkafka_error_code().is_some_and(is_fence)

@@ -14,7 +14,7 @@ pub(super) fn open_session(
     sink: &str,
     tp: &TopicPartition,
     cancelled: &std::sync::atomic::AtomicBool,
-) -> Result<Session, String> {
+) -> Result<DeadLetterSession, String> {
     let reader: BaseConsumer<AuthContext> = client
         .clone()
         .set("group.id", format!("lakesink-dlq-reader.{group}"))
@@ -89,7 +89,7 @@ pub(super) fn open_session(
         scan.from,
         scan.ours
     );
-    Ok(Session {
+    Ok(DeadLetterSession {
         producer: Arc::new(producer),
         partition,
         last,

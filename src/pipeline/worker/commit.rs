@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
-use sinks::{CommitOutcome, Flush, Offset, Staged, TopicPartition};
+use sinks::{CommitOutcome, Flush, Offset, StagedFlush, TopicPartition};
 
 use super::{BufferBudget, Event, Progress, SinkRuntime};
-use crate::telemetry::SinkStats;
+use crate::metrics::SinkStats;
 
 use super::*;
 
@@ -246,7 +246,10 @@ pub(super) async fn stage_and_commit(
     let sink = runtime.sink.clone();
     // The topic's identity is looked up while the flush is staged.
     let gate = tokio::spawn(gate);
-    let staged = retry(&name, &tp, &stats, "stage", || sink.stage(flush.clone())).await;
+    let staged = retry(&name, &tp, &stats, "stage", || {
+        sink.clone().stage(flush.clone())
+    })
+    .await;
     drop(flush);
     if bytes > 0 {
         budget.staged(bytes);
@@ -265,7 +268,7 @@ pub(super) async fn stage_and_commit(
     budget.hold(retained);
     let committing = std::time::Instant::now();
     let outcome = retry(&name, &tp, &stats, "commit", || {
-        commit(&runtime, &progress, &stats, &staged)
+        commit(&progress, &stats, &staged)
     })
     .await;
     drop(staged);
@@ -277,13 +280,12 @@ pub(super) async fn stage_and_commit(
 
 /// Commits a staged flush and counts it.
 pub(super) async fn commit(
-    runtime: &SinkRuntime,
     progress: &Progress,
     sink_stats: &SinkStats,
-    staged: &Staged,
+    staged: &StagedFlush,
 ) -> sinks::Result<CommitOutcome> {
     use std::sync::atomic::Ordering::Relaxed;
-    let (outcome, stats) = runtime.sink.commit(staged).await?;
+    let (outcome, stats) = staged.commit().await?;
     match outcome {
         CommitOutcome::Committed { .. } => {
             let p = progress;

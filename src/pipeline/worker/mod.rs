@@ -36,7 +36,7 @@ use tracing::{debug, error, warn};
 use sinks::{CommitOutcome, TopicPartition};
 
 use super::{BufferBudget, Event, Progress, SinkRuntime, WorkerMsg};
-use crate::telemetry::SinkStats;
+use crate::metrics::SinkStats;
 use std::collections::HashMap;
 
 use crate::decode::debezium;
@@ -98,7 +98,7 @@ struct Worker {
     /// table before applying what followed it.
     truncate: bool,
     /// This partition's fenced dead-letter writer, opened when the worker starts.
-    dead_session: Option<super::dead_letter::Session>,
+    dead_session: Option<super::dead_letter::DeadLetterSession>,
     dead_opening: Option<super::dead_letter::Opening>,
     /// The flush being staged and committed by its own task while this worker decodes on: at
     /// most one, settled before the next flush starts (see [`InFlight`]).

@@ -23,6 +23,8 @@ struct Scripted {
 
 #[async_trait::async_trait]
 impl sinks::Sink for Scripted {
+    type Data = ();
+
     async fn recover(&self, _: &TopicPartition) -> sinks::Result<Option<Offset>> {
         Ok(None)
     }
@@ -32,7 +34,7 @@ impl sinks::Sink for Scripted {
     async fn adopt_topic_id(&self, _: &str, _: &str) -> sinks::Result<sinks::TopicIdentity> {
         Ok(sinks::TopicIdentity::Recorded)
     }
-    async fn stage(&self, flush: Flush) -> sinks::Result<Staged> {
+    async fn stage(&self, flush: Flush) -> sinks::Result<Staged<()>> {
         self.gate.acquire().await.expect("open").forget();
         let rows = flush.rows();
         self.staged
@@ -44,13 +46,11 @@ impl sinks::Sink for Scripted {
             start: flush.start,
             next: flush.next,
             rows: rows as u64,
-            files: Vec::new(),
-            delta: None,
-            databend: None,
             columns: Vec::new(),
+            data: (),
         })
     }
-    async fn commit(&self, _: &Staged) -> sinks::Result<(CommitOutcome, CommitStats)> {
+    async fn commit(&self, _: &Staged<()>) -> sinks::Result<(CommitOutcome, CommitStats)> {
         let outcome = self.outcomes.lock().unwrap().pop_front().expect("scripted");
         Ok((outcome, CommitStats::default()))
     }
