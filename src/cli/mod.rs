@@ -1,0 +1,405 @@
+//! The command line: the arguments, logging, and each command's run (exit codes: 0 ok,
+//! 1 runtime failure, 2 bad config).
+
+mod logging;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use lakesink::config::{Config, ValidatedConfig};
+use lakesink::source::SourceOptions;
+
+#[derive(Parser)]
+#[command(
+    name = "lakesink",
+    version,
+    about = "Kafka topics into a data lake, exactly once"
+)]
+pub struct Cli {
+    /// Log format on stderr: `text` for people, `json` for log pipelines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Exit 0 once every assigned partition is committed up to the end offset it had at
+        /// start (backfill).
+        #[arg(long)]
+        until_caught_up: bool,
+        /// Serve /metrics, /healthz and /readyz on ADDR:PORT (overrides `[http] listen`).
+        #[arg(long)]
+        http_listen: Option<std::net::SocketAddr>,
+    },
+    /// Validate the config and reach the broker, the registry and every table.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Delta tables: compact small files, vacuum unreferenced ones and write a checkpoint
+    /// (safe while the service runs).
+    Maintain {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only the sink with this name.
+        #[arg(long)]
+        sink: Option<String>,
+        /// Vacuum files unreferenced for longer than this, once, instead of
+        /// `delta.vacuum_retention` (which cannot be below 1h). Only with every writer of the
+        /// table stopped: files a running writer has written but not yet committed are
+        /// unreferenced too.
+        #[arg(long)]
+        retention: Option<String>,
+    },
+    /// Per sink and partition: the committed position (read from the table), the broker's end
+    /// offset and the lag.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the whole pipeline with an in-process Kafka and registry into a local table.
+    Demo {
+        #[arg(long, default_value_t = 100_000)]
+        records: u64,
+        #[arg(long, default_value = "lakesink-demo")]
+        dir: PathBuf,
+    },
+    /// Measure the pipeline (in-process Kafka -> local Parquet) against a plain consume loop.
+    Bench {
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        /// Workload: avro (Confluent-framed), json (order lines, declared schema) or debezium.
+        #[arg(long, default_value = "avro")]
+        format: String,
+        /// A real broker (bootstrap servers) instead of the in-process cluster.
+        #[arg(long)]
+        broker: Option<String>,
+        /// Latency mode: produce at this many records/s while the pipeline runs, and report
+        /// produce-to-committed latency instead of backlog throughput.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// flush.max_latency in latency mode.
+        #[arg(long, default_value = "1s")]
+        max_latency: String,
+        /// Destination: parquet, delta (local tables) or databend (needs --databend).
+        #[arg(long, default_value = "parquet")]
+        kind: String,
+        /// append, or upsert keyed by order_id (delta and databend).
+        #[arg(long, default_value = "append")]
+        mode: String,
+        /// Databend URL for --kind databend: http://user:password@host:port
+        #[arg(long, env = "LAKESINK_BENCH_DATABEND", hide_env_values = true)]
+        databend: Option<String>,
+        /// Spread the records over this many topics, each sunk into its own table.
+        #[arg(long, default_value_t = 1)]
+        tables: u32,
+        /// Extra [pipeline] settings for the run (TOML), e.g. 'queue_records = 256'.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Measure only the decoder and the Parquet encoder, on one thread, from memory
+        /// (records/s per core; avro or json).
+        #[arg(long)]
+        isolate: bool,
+    },
+    /// The benchmark's feed process (internal): hosts the cluster, produces, times a plain
+    /// consumer, serves until stdin closes.
+    #[command(hide = true)]
+    BenchFeed {
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        partitions: i32,
+        #[arg(long)]
+        records: u64,
+        #[arg(long)]
+        format: String,
+        #[arg(long)]
+        schema_id: u32,
+        #[arg(long)]
+        broker: Option<String>,
+        #[arg(long)]
+        rate: Option<u64>,
+        #[arg(long, default_value_t = 1)]
+        tables: u32,
+        /// Partition by the order key (upserts) instead of by record id.
+        #[arg(long)]
+        keyed: bool,
+    },
+    /// Exit 0 if URL answers 200 (the container HEALTHCHECK; no curl in the image).
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
+        url: String,
+    },
+    /// The schema registry server.
+    Registry {
+        #[command(subcommand)]
+        command: RegistryCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegistryCommand {
+    /// Serve a Confluent-compatible schema registry.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: std::net::SocketAddr,
+        /// Directory the registry persists to.
+        #[arg(long)]
+        data: PathBuf,
+    },
+}
+
+fn load(path: &std::path::Path) -> Result<ValidatedConfig, ExitCode> {
+    match Config::load(path).and_then(Config::validate) {
+        Ok(c) => {
+            tracing::info!("config {}:\n{}", path.display(), c.redacted());
+            Ok(c)
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// Parses the arguments, sets up logging and runs the command.
+pub async fn run() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let result = match cli.command {
+        Command::Run {
+            config,
+            until_caught_up,
+            http_listen,
+        } => {
+            let cancel = CancellationToken::new();
+            lakesink::app::cancel_on_signals(cancel.clone());
+            let mut cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if http_listen.is_some() {
+                cfg.http_listen = http_listen;
+            }
+            lakesink::app::run(
+                cfg,
+                SourceOptions {
+                    until_caught_up,
+                    topic_ids: true,
+                },
+                cancel,
+                Default::default(),
+            )
+            .await
+        }
+        Command::Maintain {
+            config,
+            sink,
+            retention,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let retention = match retention
+                .as_deref()
+                .map(lakesink::config::parse_duration)
+                .transpose()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: --retention: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            lakesink::app::maintain(&cfg, sink.as_deref(), retention).await
+        }
+        Command::Check { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let results = lakesink::app::check(&cfg).await;
+            let mut failed = false;
+            for r in &results {
+                match &r.error {
+                    None => println!("ok    {}", r.what),
+                    Some(e) => {
+                        failed = true;
+                        println!("FAIL  {}: {e}", r.what);
+                    }
+                }
+            }
+            if failed {
+                return ExitCode::FAILURE;
+            }
+            Ok(())
+        }
+        Command::Status { config, json } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match lakesink::app::status(&cfg).await {
+                Ok(rows) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&rows).expect("status serializes")
+                    );
+                    Ok(())
+                }
+                Ok(rows) => {
+                    println!(
+                        "{:<16} {:<32} {:>9} {:>14} {:>14} {:>10}",
+                        "SINK", "TOPIC", "PARTITION", "COMMITTED", "END", "LAG"
+                    );
+                    let unreadable: Vec<String> = rows
+                        .iter()
+                        .filter_map(|r| {
+                            r.unreadable.as_ref().map(|why| {
+                                format!(
+                                    "sink `{}`: {}/{} cannot be read: {why}",
+                                    r.sink, r.topic, r.partition
+                                )
+                            })
+                        })
+                        .collect();
+                    for r in rows {
+                        println!(
+                            "{:<16} {:<32} {:>9} {:>14} {:>14} {:>10}",
+                            r.sink,
+                            r.topic,
+                            r.partition,
+                            r.committed.map_or("-".to_string(), |c| c.to_string()),
+                            r.end,
+                            r.lag
+                        );
+                    }
+                    for u in &unreadable {
+                        println!("{u}");
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Command::Healthcheck { url } => {
+            let ok = async {
+                let r = reqwest::Client::builder()
+                    .timeout(std::time::Duration::from_secs(3))
+                    .build()?
+                    .get(&url)
+                    .send()
+                    .await?;
+                Ok::<_, reqwest::Error>(r.status().is_success())
+            }
+            .await;
+            return match ok {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) | Err(_) => {
+                    eprintln!("unhealthy: {url}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Demo { records, dir } => lakesink::app::demo::run(records, dir).await,
+        Command::Bench {
+            records,
+            format,
+            isolate: true,
+            ..
+        } => lakesink::app::bench::isolate(records, &format).await,
+        Command::Bench {
+            records,
+            partitions,
+            format,
+            broker,
+            rate,
+            max_latency,
+            kind,
+            mode,
+            databend,
+            tables,
+            pipeline,
+            isolate: false,
+        } => {
+            lakesink::app::bench::run(lakesink::app::bench::Options {
+                tables,
+                pipeline,
+                records,
+                partitions,
+                format,
+                kind,
+                mode,
+                databend,
+                broker,
+                rate,
+                max_latency,
+            })
+            .await
+        }
+        Command::BenchFeed {
+            topic,
+            partitions,
+            records,
+            format,
+            schema_id,
+            broker,
+            rate,
+            tables,
+            keyed,
+        } => tokio::task::spawn_blocking(move || {
+            lakesink::app::bench::feed(lakesink::app::bench::Feed {
+                broker,
+                topics: lakesink::app::bench::topics(&topic, tables),
+                partitions,
+                records,
+                format,
+                schema_id,
+                rate,
+                keyed,
+            })
+        })
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r),
+        Command::Registry {
+            command: RegistryCommand::Serve { listen, data },
+        } => {
+            async {
+                let (addr, task) = schema_registry::server::spawn(listen, Some(data)).await?;
+                tracing::info!("schema registry listening on http://{addr}");
+                task.await??;
+                Ok(())
+            }
+            .await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
