@@ -48,7 +48,7 @@ pub enum WorkerMsg {
     Records(Vec<Record>),
     /// The source sought to the position the worker asked for; records before this message
     /// were read before the seek.
-    Seeked { position: i64 },
+    Seeked { position: Offset },
     /// Flush and commit what is buffered, then stop (revocation or shutdown).
     Drain(tokio::sync::oneshot::Sender<()>),
 }
@@ -69,7 +69,7 @@ pub enum Event {
         /// ignored.
         worker: u64,
         tp: TopicPartition,
-        position: i64,
+        position: Offset,
     },
     /// The worker cannot continue; the process drains and exits with this error.
     Fatal { message: String },

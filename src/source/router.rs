@@ -232,8 +232,9 @@ pub(super) fn resync(
     sink: usize,
     worker: u64,
     tp: &TopicPartition,
-    position: i64,
+    position: sinks::Offset,
 ) {
+    let position = position.0;
     let Some(state) = router.parts.get(tp) else {
         return; // revoked meanwhile: the next owner recovers
     };
@@ -278,6 +279,8 @@ pub(super) fn resync(
     }
     for w in state.workers.iter().filter(|w| w.id == worker) {
         // Blocking: the worker drains its queue while resyncing.
-        let _ = w.tx.blocking_send(WorkerMsg::Seeked { position });
+        let _ = w.tx.blocking_send(WorkerMsg::Seeked {
+            position: sinks::Offset(position),
+        });
     }
 }

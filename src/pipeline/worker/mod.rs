@@ -211,7 +211,7 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
                 Some(WorkerMsg::Seeked { position }) => {
                     if w.resyncing {
                         w.resyncing = false;
-                        w.ctx.position = Some(position);
+                        w.ctx.position = Some(position.0);
                         w.last_offset = None;
                     }
                 }
@@ -451,7 +451,7 @@ impl Worker {
             sink: self.ctx.sink_index,
             worker: self.ctx.id,
             tp,
-            position,
+            position: sinks::Offset(position),
         });
     }
 

@@ -159,12 +159,16 @@ flush = { max_rows = 2 }
     // The flush is fenced at 5: offset 2 is dropped and the worker asks to read from 5.
     sink.gate.add_permits(1);
     match events.recv().await.unwrap() {
-        Event::Resync { position, .. } => assert_eq!(position, 5),
+        Event::Resync { position, .. } => assert_eq!(position, Offset(5)),
         other => panic!("expected a resync to 5, got {other:?}"),
     }
     // Records read before the seek is confirmed are stale.
     tx.send(records(3..5)).await.unwrap();
-    tx.send(WorkerMsg::Seeked { position: 5 }).await.unwrap();
+    tx.send(WorkerMsg::Seeked {
+        position: Offset(5),
+    })
+    .await
+    .unwrap();
     sink.gate.add_permits(1);
     tx.send(records(5..7)).await.unwrap();
     match events.recv().await.unwrap() {
