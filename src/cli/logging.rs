@@ -49,7 +49,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for QuietDoubleClose {
 }
 
 /// Installs the global subscriber.
-pub fn init(format: LogFormat) {
+pub(super) fn init(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LAKESINK_LOG")
         .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into());
     let logs = tracing_subscriber::registry()

@@ -18,7 +18,7 @@ use lakesink::source::SourceOptions;
     version,
     about = "Kafka topics into a data lake, exactly once"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Log format on stderr: `text` for people, `json` for log pipelines.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -27,7 +27,7 @@ pub struct Cli {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Text,
     Json,
 }
@@ -183,7 +183,7 @@ fn load(path: &std::path::Path) -> Result<ValidatedConfig, ExitCode> {
 }
 
 /// Parses the arguments, sets up logging and runs the command.
-pub async fn run() -> ExitCode {
+pub(crate) async fn run() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let result = match cli.command {

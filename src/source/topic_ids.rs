@@ -148,7 +148,7 @@ const ZERO_ID: &str = "AAAAAAAAAAAAAAAAAAAAAA";
 
 /// Each topic's id (base64, as Kafka's tools print it), for the topics that exist and have one.
 /// `Ok(empty)` when the broker has no topic ids at all.
-pub fn describe<C: rdkafka::consumer::ConsumerContext>(
+pub(super) fn describe<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topics: &[&str],
     timeout: Duration,

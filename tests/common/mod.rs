@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: service endpoints (started by `scripts/test.sh`),
 //! unique names, topic creation, producing the order workload, running the `lakesink` binary,
 //! and reading tables back with the independent Python readers.
+// Helpers shared by the test binaries, each of which uses some of them.
+#![allow(unreachable_pub)]
 #![allow(dead_code)]
 
 pub mod databend;

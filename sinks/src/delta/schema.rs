@@ -15,7 +15,7 @@ pub use crate::schema::{conform_batch, merge};
 /// Delta's form of an Arrow type: microsecond UTC timestamps, times of day as microseconds
 /// (`long`, Delta has no TIME type), unsigned integers widened to the next signed type, and
 /// large/view variants folded into their plain types.
-pub fn delta_type(dt: &DataType) -> DataType {
+pub(super) fn delta_type(dt: &DataType) -> DataType {
     match dt {
         DataType::Timestamp(_, Some(_)) => {
             DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
@@ -66,7 +66,7 @@ pub fn delta_schema(schema: &Schema) -> Result<SchemaRef, String> {
 }
 
 /// The kernel form of a (normalized) Arrow schema, for table metadata.
-pub fn kernel_schema(schema: &Schema) -> Result<StructType, String> {
+pub(super) fn kernel_schema(schema: &Schema) -> Result<StructType, String> {
     schema
         .try_into_kernel()
         .map_err(|e| format!("Delta cannot store this schema: {e}"))

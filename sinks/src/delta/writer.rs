@@ -12,7 +12,7 @@ use deltalake::kernel::Add;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use indexmap::IndexMap;
 
-pub use schema::{conform_batch, delta_schema};
+pub(super) use schema::{conform_batch, delta_schema};
 
 use crate::partition::{self, PartitionSpec};
 use crate::{Error, Flush, Result, TopicPartition};

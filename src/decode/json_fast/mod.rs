@@ -41,7 +41,7 @@ use column::*;
 use cursor::*;
 
 /// The deepest nesting accepted (in skipped values too); deeper records go to arrow-json.
-pub const MAX_DEPTH: u32 = 64;
+pub(super) const MAX_DEPTH: u32 = 64;
 
 /// What a column holds, and how JSON values convert into it.
 #[derive(Debug, Clone)]
@@ -72,7 +72,7 @@ struct Node {
 /// The decoding plan of one schema; `None` from [`Plan::new`] when the schema holds a type this
 /// decoder does not convert (those schemas always use arrow-json).
 #[derive(Debug, Clone)]
-pub struct Plan {
+pub(super) struct Plan {
     schema: SchemaRef,
     root: Vec<Node>,
 }
@@ -114,7 +114,7 @@ fn nodes(fields: &Fields) -> Option<Vec<Node>> {
 }
 
 impl Plan {
-    pub fn new(schema: &SchemaRef) -> Option<Plan> {
+    pub(super) fn new(schema: &SchemaRef) -> Option<Plan> {
         Some(Plan {
             schema: schema.clone(),
             root: nodes(schema.fields())?,
@@ -123,7 +123,7 @@ impl Plan {
 
     /// Decodes `records` (their payloads after any 5-byte Confluent framing) into one batch of
     /// the plan's schema, or `None` when any record needs arrow-json's judgement.
-    pub fn decode(&mut self, records: &[Record]) -> Option<RecordBatch> {
+    pub(super) fn decode(&mut self, records: &[Record]) -> Option<RecordBatch> {
         let rows = records.len();
         let mut cols: Vec<Col> = self.root.iter().map(|n| Col::new(n, rows)).collect();
         let mut scratch = String::new();
