@@ -237,12 +237,13 @@ async fn a_table_deleted_by_hand_is_rebuilt_from_the_log() {
     assert_exactly_once(&store.read(), &produced);
 }
 
-/// F4 while running: the topic is recreated under a running lakesink. The partition stops (the
-/// process goes on, for its other partitions) instead of reading the new records as if they
-/// followed the old ones, or skipping them.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_topic_recreated_under_a_running_sink_stops_its_partition() {
-    let topic = unique("recreated-live");
+/// A running lakesink whose Parquet table holds records 0..1000 of a new one-partition topic;
+/// then the topic is deleted, created again and given the order lines `then`.
+async fn recreated_under_a_running_sink(
+    prefix: &str,
+    then: std::ops::Range<i64>,
+) -> (String, Store, Lakesink) {
+    let topic = unique(prefix);
     create_topic(&topic, 1).await;
     let (registry_url, client) = registry().await;
     let id = register_orders(&client, &topic).await;
@@ -259,7 +260,17 @@ async fn a_topic_recreated_under_a_running_sink_stops_its_partition() {
     )
     .await;
     recreate_topic(&topic, 1).await;
-    produce(&topic, id, 1000..1300, 1).await;
+    produce(&topic, id, then, 1).await;
+    (topic, store, proc_)
+}
+
+/// F4 while running: the topic is recreated under a running lakesink. The partition stops (the
+/// process goes on, for its other partitions) instead of reading the new records as if they
+/// followed the old ones, or skipping them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_topic_recreated_under_a_running_sink_stops_its_partition() {
+    let (topic, store, mut proc_) =
+        recreated_under_a_running_sink("recreated-live", 1000..1300).await;
     proc_.wait_for_line(
         "beyond the end of its log",
         std::time::Duration::from_secs(90),
@@ -278,24 +289,8 @@ async fn a_topic_recreated_under_a_running_sink_stops_its_partition() {
 /// 1,000) before lakesink reads it again. The log's end cannot tell; the topic id does.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_topic_recreated_under_a_running_sink_with_more_records_stops_its_partition() {
-    let topic = unique("recreated-live-id");
-    create_topic(&topic, 1).await;
-    let (registry_url, client) = registry().await;
-    let id = register_orders(&client, &topic).await;
-    produce(&topic, id, 0..1000, 1).await;
-    let store = Store::local("orders");
-    let cfg = config(&topic, &unique("g"), &registry_url, &store, "");
-    let mut proc_ = Lakesink::start(&cfg, &[]);
-    wait_rows(
-        &store,
-        &topic,
-        1000,
-        &mut proc_,
-        std::time::Duration::from_secs(60),
-    )
-    .await;
-    recreate_topic(&topic, 1).await;
-    produce(&topic, id, 1000..2500, 1).await;
+    let (topic, store, mut proc_) =
+        recreated_under_a_running_sink("recreated-live-id", 1000..2500).await;
     proc_.wait_for_line(
         "holds positions of the earlier topic",
         std::time::Duration::from_secs(90),
