@@ -32,7 +32,7 @@ fn limit_malloc_arenas() {
 /// Parquet's large buffers come from the arenas, whose freed memory fragments and stays
 /// resident. A fixed 128 KiB kept one partition at 211–215 MiB instead of 259–286 MiB, but
 /// doubled the page faults (5–15 % more CPU). 512 KiB, with the smaller librdkafka pre-fetch
-/// queue (`source::client_config`), keeps every measured Parquet case under 256 MiB with 40 %
+/// queue (`kafka::client_config`), keeps every measured Parquet case under 256 MiB with 40 %
 /// fewer page faults than 128 KiB (docs/perf-notes.md). Trimming the arenas instead cost more.
 fn fix_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -266,7 +266,7 @@ fn default_log_keeps_delta_internals_out() {
         stdout.contains("commits in") && stdout.contains("Delta log entries"),
         "{stdout}"
     );
-    assert!(stderr.contains("lakesink::source"), "{stderr}");
+    assert!(stderr.contains("lakesink::kafka"), "{stderr}");
     // The binary's jemalloc options are in force (jemalloc's own default is 4 arenas per CPU).
     assert!(
         stdout.contains("allocator: jemalloc, 2 arenas, background purging on"),

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use common::*;
 use lakesink::config::Config;
+use lakesink::kafka::SourceOptions;
 use lakesink::pipeline::Progress;
-use lakesink::source::SourceOptions;
 use lakesink::workload::{order_schema, Order, ORDER_SCHEMA};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};

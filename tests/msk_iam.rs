@@ -14,9 +14,9 @@ use axum::Router;
 use base64::Engine;
 use chrono::{TimeZone, Utc};
 use common::*;
-use lakesink::auth::aws::{self, AwsCredentials, Env};
-use lakesink::auth::{msk_iam, AuthContext, KafkaAuth};
 use lakesink::config::Secret;
+use lakesink::kafka::auth::aws::{self, AwsCredentials, Env};
+use lakesink::kafka::auth::{msk_iam, AuthContext, KafkaAuth};
 
 struct MapEnv(HashMap<&'static str, String>);
 
@@ -179,7 +179,7 @@ async fn credential_chain_env_profile_web_identity_and_imds() {
         ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
     ]));
     let e = aws::resolve(&env, "eu-west-1").await.unwrap_err();
-    assert!(e.contains("no AWS credentials"), "{e}");
+    assert!(e.to_string().contains("no AWS credentials"), "{e}");
 }
 
 /// librdkafka asks for a new token before the announced lifetime ends, from the poll loop;

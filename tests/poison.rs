@@ -396,7 +396,7 @@ async fn open_foreign_transaction(dlq: &str, partitions: i32) -> FutureProducer 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fenced_dead_letter_session_says_so_and_writes_nothing() {
     use lakesink::decode::{DecodeError, Record, Rejected};
-    use lakesink::pipeline::dead_letter::DeadLetters;
+    use lakesink::kafka::dead_letter::DeadLetters;
     let topic = unique("fenced");
     let dlq = unique("dlq");
     create_topic(&dlq, 2).await;

@@ -15,8 +15,8 @@ use schema_registry::{wire, RegistryClient, RegistryConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::kafka::SourceOptions;
 use crate::pipeline::Progress;
-use crate::source::SourceOptions;
 use crate::workload::{order_schema, Order, ORDER_SCHEMA};
 
 pub const TOPIC: &str = "demo.orders";

@@ -12,7 +12,7 @@ use rdkafka::message::Message as _;
 
 use super::{build_sinks, registry_client};
 use crate::config::ValidatedConfig;
-use crate::source;
+use crate::kafka;
 
 /// One line of `lakesink check`.
 #[derive(Debug)]
@@ -74,9 +74,9 @@ pub async fn check(cfg: &ValidatedConfig) -> Vec<CheckResult> {
 /// (which needs the group ACL). A failed connection names librdkafka's cause (a rejected login,
 /// an untrusted certificate) and the key to fix.
 fn check_kafka(cfg: &ValidatedConfig) -> Result<String, String> {
-    let auth = crate::auth::KafkaAuth::from_config(cfg);
-    let consumer: BaseConsumer<crate::auth::AuthContext> = source::client_config(cfg)
-        .create_with_context(crate::auth::AuthContext(auth.clone()))
+    let auth = crate::kafka::auth::KafkaAuth::from_config(cfg);
+    let consumer: BaseConsumer<crate::kafka::auth::AuthContext> = kafka::client_config(cfg)
+        .create_with_context(crate::kafka::auth::AuthContext(auth.clone()))
         .map_err(|e| format!("cannot create a consumer: {e}"))?;
     // librdkafka queues its log lines (rust-rdkafka sets `log.queue`), and the cause of a failed
     // request (a rejected login, a failed handshake) is one of them: serve the queue a moment.
@@ -196,10 +196,10 @@ pub async fn status(cfg: &ValidatedConfig) -> anyhow::Result<Vec<PartitionStatus
     let kafka_cfg = cfg.clone();
     let partitions =
         tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, i32, i64, i64)>> {
-            let consumer: BaseConsumer<crate::auth::AuthContext> =
-                source::client_config(&kafka_cfg)
-                    .create_with_context(crate::auth::AuthContext(
-                        crate::auth::KafkaAuth::from_config(&kafka_cfg),
+            let consumer: BaseConsumer<crate::kafka::auth::AuthContext> =
+                kafka::client_config(&kafka_cfg)
+                    .create_with_context(crate::kafka::auth::AuthContext(
+                        crate::kafka::auth::KafkaAuth::from_config(&kafka_cfg),
                     ))
                     .context("cannot create a Kafka client")?;
             let md = consumer
@@ -276,8 +276,8 @@ fn probe_reads(
     cfg: &ValidatedConfig,
     parts: &[(String, i32, i64)],
 ) -> BTreeMap<(String, i32), String> {
-    let auth = crate::auth::KafkaAuth::from_config(cfg);
-    let mut client = source::client_config(cfg);
+    let auth = crate::kafka::auth::KafkaAuth::from_config(cfg);
+    let mut client = kafka::client_config(cfg);
     client
         .set(
             "group.id",
@@ -293,8 +293,8 @@ fn probe_reads(
             )
         })
         .collect();
-    let consumer: BaseConsumer<crate::auth::AuthContext> =
-        match client.create_with_context(crate::auth::AuthContext(auth.clone())) {
+    let consumer: BaseConsumer<crate::kafka::auth::AuthContext> =
+        match client.create_with_context(crate::kafka::auth::AuthContext(auth.clone())) {
             Ok(c) => c,
             Err(e) => {
                 for v in missing.values_mut() {

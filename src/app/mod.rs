@@ -23,8 +23,8 @@ use tracing::{info, warn};
 
 use crate::config::{SinkKind, ValidatedConfig};
 use crate::decode::debezium::UNCHANGED_COLUMN;
+use crate::kafka::{self, SourceOptions};
 use crate::pipeline::{Progress, SinkRuntime};
-use crate::source::{self, SourceOptions};
 
 /// A unique id for this writer process, recorded in commit markers.
 pub fn writer_id() -> String {
@@ -245,14 +245,17 @@ pub fn build_sinks(cfg: &ValidatedConfig) -> anyhow::Result<Vec<Arc<SinkRuntime>
         .map(|s| {
             let sink = open_sink(cfg, s, &writer)?;
             let dead_letters = match (&s.dead_letter_topic, s.errors) {
-                (Some(topic), crate::config::ErrorPolicy::DeadLetter) => Some(
-                    crate::pipeline::dead_letter::DeadLetters::new(
-                        cfg,
-                        topic,
-                        s.dead_letter_exactly_once,
-                    )
-                    .map_err(|e| anyhow!("sink `{}`: {e}", s.name))?,
-                ),
+                (Some(topic), crate::config::ErrorPolicy::DeadLetter) => {
+                    let topic: Arc<dyn crate::pipeline::dead_letters::DeadLetterTopic> = Arc::new(
+                        crate::kafka::dead_letter::DeadLetters::new(
+                            cfg,
+                            topic,
+                            s.dead_letter_exactly_once,
+                        )
+                        .map_err(|e| anyhow!("sink `{}`: {e}", s.name))?,
+                    );
+                    Some(topic)
+                }
                 _ => None,
             };
             Ok(Arc::new(SinkRuntime {
@@ -321,7 +324,7 @@ pub async fn run(
     std::thread::Builder::new()
         .name("lakesink-source".into())
         .spawn(move || {
-            let r = source::run(&cfg, sinks, progress, rt, thread_cancel, options);
+            let r = kafka::run(&cfg, sinks, progress, rt, thread_cancel, options);
             let _ = done_tx.send(r);
         })
         .context("cannot start the source thread")?;

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use lakesink::config::{Config, ValidatedConfig};
-use lakesink::source::SourceOptions;
+use lakesink::kafka::SourceOptions;
 
 #[derive(Parser)]
 #[command(

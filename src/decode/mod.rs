@@ -31,7 +31,7 @@ pub struct Record {
     pub offset: i64,
     /// Milliseconds since the epoch, when the broker or producer set one.
     pub timestamp_ms: Option<i64>,
-    /// Key and payload are slices of the poll thread's arena (see `source`), not owned copies.
+    /// Key and payload are slices of the poll thread's arena (see `kafka`), not owned copies.
     pub key: Option<bytes::Bytes>,
     pub payload: Option<bytes::Bytes>,
     /// Kafka headers, kept for the dead-letter topic.

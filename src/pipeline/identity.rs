@@ -28,10 +28,23 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{debug, warn};
 
 use super::Event;
+use crate::error::Error;
 
 /// Looks up topic ids (blocking): each existing topic's id, absent topics left out.
 pub type Describe =
-    Box<dyn Fn(&[String]) -> Result<HashMap<String, String>, String> + Send + Sync + 'static>;
+    Box<dyn Fn(&[String]) -> Result<HashMap<String, String>, Error> + Send + Sync + 'static>;
+
+/// A topic found with another id than its partitions were assigned with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "topic `{topic}` was deleted and created again while it was read (topic id {expected}, now \
+     {found}): records received since may belong to the new topic, so they are not committed"
+)]
+pub struct Recreated {
+    pub topic: String,
+    pub expected: String,
+    pub found: String,
+}
 
 /// How long a failed lookup waits before the next.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -80,7 +93,7 @@ impl TopicIdentities {
     }
 
     /// Looks `topics` up now (blocking): each existing topic's id.
-    pub fn describe(&self, topics: &[String]) -> Result<HashMap<String, String>, String> {
+    pub fn describe(&self, topics: &[String]) -> Result<HashMap<String, String>, Error> {
         (self.describe)(topics)
     }
 
@@ -104,7 +117,7 @@ impl TopicIdentities {
         self: Arc<Self>,
         topic: String,
         received_by: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<(), Recreated> {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -112,11 +125,11 @@ impl TopicIdentities {
             {
                 let mut s = self.state.lock().expect("identities");
                 if let Some((expected, found)) = s.recreated.get(&topic) {
-                    return Err(format!(
-                        "topic `{topic}` was deleted and created again while it was read (topic \
-                         id {expected}, now {found}): records received since may belong to the \
-                         new topic, so they are not committed"
-                    ));
+                    return Err(Recreated {
+                        topic: topic.clone(),
+                        expected: expected.clone(),
+                        found: found.clone(),
+                    });
                 }
                 if !s.expected.contains_key(&topic) {
                     return Ok(());
@@ -154,7 +167,7 @@ impl TopicIdentities {
             let asked = topics.clone();
             let found = tokio::task::spawn_blocking(move || (this.describe)(&asked))
                 .await
-                .unwrap_or_else(|e| Err(format!("the lookup task failed: {e}")));
+                .unwrap_or_else(|e| Err(Error::kafka("the topic-id lookup task failed", e)));
             debug!(
                 ?topics,
                 ms = issued.elapsed().as_millis() as u64,
@@ -245,7 +258,8 @@ mod tests {
             .clone()
             .confirm("t".into(), Instant::now())
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("created again") && e.contains("A") && e.contains("B"),
             "{e}"
@@ -254,7 +268,8 @@ mod tests {
             .clone()
             .confirm("t".into(), Instant::now())
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, e2);
         match rx.try_recv().unwrap() {
             Event::TopicRecreated {

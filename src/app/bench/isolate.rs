@@ -179,11 +179,11 @@ pub(super) async fn measure_alone(records: u64, format: &str) -> anyhow::Result<
         .map(|id| Record {
             offset: id,
             timestamp_ms: Some(Order::generate(id).ts_ms),
-            key: Some(crate::source::arena_copy(
+            key: Some(crate::kafka::arena_copy(
                 &mut arena,
                 Order::generate(id).order_id.as_bytes(),
             )),
-            payload: Some(crate::source::arena_copy(
+            payload: Some(crate::kafka::arena_copy(
                 &mut arena,
                 &payload(format, id, &schema, schema_id),
             )),

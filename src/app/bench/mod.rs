@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::demo::demo_config;
 use crate::config::Config;
+use crate::kafka::SourceOptions;
 use crate::pipeline::Progress;
-use crate::source::SourceOptions;
 use crate::workload::{order_schema, Order, ORDER_JSON_SCHEMA, ORDER_SCHEMA};
 
 mod feed;

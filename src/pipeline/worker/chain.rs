@@ -15,12 +15,30 @@ use crate::decode::{AvroDecoder, FormatDecoder, JsonDecoder};
 
 use super::*;
 
+/// Why a decoded batch cannot be reshaped into the sink's rows (envelopes without row images,
+/// keys that do not decode): the sink stops, naming the partition.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(super) struct ReshapeError(String);
+
+impl From<String> for ReshapeError {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<&str> for ReshapeError {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
+}
+
 impl Worker {
     /// Format-specific reshaping of a decoded batch (Debezium envelopes to row images).
     pub(super) async fn transform(
         &mut self,
         batch: RecordBatch,
-    ) -> Result<Option<RecordBatch>, String> {
+    ) -> Result<Option<RecordBatch>, ReshapeError> {
         let Some(batch) = self.unwrap_envelope(batch)? else {
             return Ok(None);
         };
@@ -50,7 +68,7 @@ impl Worker {
         columns.push(decoded);
         RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), columns)
             .map(Some)
-            .map_err(|e| e.to_string())
+            .map_err(|e| ReshapeError(e.to_string()))
     }
 
     /// Counts records skipped by rule (not undecodable: nothing goes to the dead-letter topic).
@@ -71,7 +89,7 @@ impl Worker {
     pub(super) fn unwrap_envelope(
         &mut self,
         batch: RecordBatch,
-    ) -> Result<Option<RecordBatch>, String> {
+    ) -> Result<Option<RecordBatch>, ReshapeError> {
         if !matches!(
             self.ctx.runtime.config.format,
             Format::DebeziumJson | Format::DebeziumAvro
@@ -87,7 +105,9 @@ impl Worker {
         let Some(batch) = batch else { return Ok(None) };
         let upsert = self.ctx.runtime.config.upsert_keys.is_some();
         let finish = |rows: RecordBatch| match upsert {
-            true => debezium::mark_unavailable(rows).map(Some),
+            true => debezium::mark_unavailable(rows)
+                .map(Some)
+                .map_err(ReshapeError),
             false => Ok(Some(rows)),
         };
         if self.ctx.runtime.config.format == Format::DebeziumJson {
@@ -111,7 +131,7 @@ impl Worker {
     /// Applies the source TRUNCATEs (`_op = "t"`) in `batch`: an upsert table drops what was
     /// buffered before the last one and empties the table in the next commit; an append table
     /// keeps its history and skips them, counted.
-    pub(super) fn truncates(&mut self, batch: RecordBatch) -> Result<RecordBatch, String> {
+    pub(super) fn truncates(&mut self, batch: RecordBatch) -> Result<RecordBatch, ReshapeError> {
         let Some(ops) = batch.column_by_name("_op") else {
             return Ok(batch);
         };
@@ -130,7 +150,8 @@ impl Worker {
             self.count_skipped("truncate", n);
             info!(sink = self.sink_name(), tp = %self.ctx.tp, truncates = n,
                   "source TRUNCATE skipped: an append table keeps every change it was sent");
-            return arrow::compute::filter_record_batch(&batch, &keep).map_err(|e| e.to_string());
+            return arrow::compute::filter_record_batch(&batch, &keep)
+                .map_err(|e| ReshapeError(e.to_string()));
         }
         let earlier = self.buffered_rows + last;
         info!(sink = self.sink_name(), tp = %self.ctx.tp, dropped = earlier,

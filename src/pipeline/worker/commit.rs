@@ -3,7 +3,6 @@
 //! retry loop a worker's sink calls go through.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
@@ -11,6 +10,8 @@ use sinks::{CommitOutcome, Flush, Offset, StagedFlush, TopicPartition};
 
 use super::{BufferBudget, Event, Progress, SinkRuntime};
 use crate::metrics::SinkStats;
+use crate::pipeline::retry::Policy;
+use std::time::Duration;
 
 use super::*;
 
@@ -239,7 +240,9 @@ pub(super) async fn stage_and_commit(
     budget: Arc<BufferBudget>,
     flush: Flush,
     bytes: usize,
-    gate: impl std::future::Future<Output = Result<(), String>> + Send + 'static,
+    gate: impl std::future::Future<Output = Result<(), crate::pipeline::identity::Recreated>>
+        + Send
+        + 'static,
 ) -> FlushResult {
     let (name, tp) = (runtime.config.name.clone(), flush.tp.clone());
     let started = std::time::Instant::now();
@@ -255,11 +258,14 @@ pub(super) async fn stage_and_commit(
         budget.staged(bytes);
     }
     let staged = staged?;
-    let gate = gate
-        .await
-        .unwrap_or_else(|e| Err(format!("the topic identity check failed: {e}")));
-    if let Err(why) = gate {
-        return Err(FlushError::Recreated(why));
+    match gate.await {
+        Ok(Ok(())) => {}
+        Ok(Err(recreated)) => return Err(FlushError::Recreated(recreated.to_string())),
+        Err(e) => {
+            return Err(FlushError::Recreated(format!(
+                "the topic identity check failed: {e}"
+            )))
+        }
     }
     stats.flush_seconds.observe(started.elapsed());
     // What the staged flush still holds (an upsert's changes) counts until its commit, so
@@ -308,7 +314,7 @@ pub(super) async fn commit(
     Ok(outcome)
 }
 
-/// Runs `op` until it succeeds, retrying retryable errors with backoff.
+/// Runs the sink call `op` until it succeeds, retrying retryable errors ([`Policy::WORKER`]).
 pub(super) async fn retry<T, F, Fut>(
     sink: &str,
     tp: &TopicPartition,
@@ -320,23 +326,15 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = sinks::Result<T>>,
 {
-    let mut attempt = 0;
-    loop {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is_retryable() && attempt < RETRY_ATTEMPTS => {
-                attempt += 1;
-                stats.retries.inc(what);
-                warn!(sink, %tp, attempt, error = %e, "{what} failed; retrying");
-                tokio::time::sleep(backoff(attempt)).await;
-            }
-            Err(e) => return Err(FlushError::Sink(what, attempt + 1, e)),
-        }
-    }
-}
-
-pub(super) fn backoff(attempt: u32) -> Duration {
-    let ms = 100u64.saturating_mul(1 << attempt.min(8)).min(30_000);
-    let jitter = rand::random::<u64>() % (ms / 4 + 1);
-    Duration::from_millis(ms + jitter)
+    crate::pipeline::retry::retry(
+        Policy::WORKER,
+        &mut op,
+        sinks::Error::is_retryable,
+        |attempt, e| {
+            stats.retries.inc(what);
+            warn!(sink, %tp, attempt, error = %e, "{what} failed; retrying");
+        },
+    )
+    .await
+    .map_err(|g| FlushError::Sink(what, g.attempts, g.error))
 }

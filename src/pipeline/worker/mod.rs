@@ -42,8 +42,8 @@ use std::collections::HashMap;
 use crate::decode::debezium;
 use crate::decode::key::KeyDecoder;
 use crate::decode::{FormatDecoder, Record, Rejected};
+use crate::pipeline::retry::{Attempts, Policy};
 use chain::new_decoder;
-use commit::backoff;
 
 /// Everything a worker needs.
 pub struct WorkerCtx {
@@ -59,13 +59,11 @@ pub struct WorkerCtx {
     pub events: mpsc::UnboundedSender<Event>,
     pub budget: Arc<BufferBudget>,
     pub progress: Arc<Progress>,
-    /// Rows per decoder batch (`source::decode_batch_rows`), at most `flush.max_rows`.
+    /// Rows per decoder batch (`kafka::decode_batch_rows`), at most `flush.max_rows`.
     pub decode_rows: usize,
     /// The commit gate on the topic's identity.
     pub identities: Arc<super::identity::TopicIdentities>,
 }
-
-const RETRY_ATTEMPTS: u32 = 12;
 
 struct Worker {
     ctx: WorkerCtx,
@@ -97,9 +95,9 @@ struct Worker {
     /// A source TRUNCATE was read since the last flush (upserts): the next commit empties the
     /// table before applying what followed it.
     truncate: bool,
-    /// This partition's fenced dead-letter writer, opened when the worker starts.
-    dead_session: Option<super::dead_letter::DeadLetterSession>,
-    dead_opening: Option<super::dead_letter::Opening>,
+    /// This partition's dead-letter writer: made when the worker starts (fencing the
+    /// partition's earlier writers then, not at the first dead letter) and again after a fence.
+    dead_writer: Option<Box<dyn super::dead_letters::DeadLetterWriter>>,
     /// The flush being staged and committed by its own task while this worker decodes on: at
     /// most one, settled before the next flush starts (see [`InFlight`]).
     in_flight: Option<InFlight>,
@@ -160,20 +158,12 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         keys: None,
         dead_pending: Vec::new(),
         dead_pending_bytes: 0,
-        dead_session: None,
-        dead_opening: None,
+        dead_writer: None,
         in_flight: None,
         last_received: None,
     };
-    if let Some(dlq) = w
-        .ctx
-        .runtime
-        .dead_letters
-        .as_ref()
-        .filter(|d| d.exactly_once())
-    {
-        // Fences the partition's earlier dead-letter writers now, not at the first dead letter.
-        w.dead_opening = Some(dlq.open(&w.ctx.runtime.config.name, &w.ctx.tp));
+    if let Some(dlq) = &w.ctx.runtime.dead_letters {
+        w.dead_writer = Some(dlq.writer(&w.ctx.runtime.config.name, &w.ctx.tp));
     }
     w.keys = w
         .ctx
@@ -280,8 +270,7 @@ impl Worker {
         self.truncate = false;
         self.dead_pending.clear();
         self.dead_pending_bytes = 0;
-        self.dead_session = None;
-        self.dead_opening = None;
+        self.dead_writer = None;
     }
 
     fn fatal(&mut self, class: &'static str, message: String) {
@@ -289,7 +278,15 @@ impl Worker {
         error!(sink = self.sink_name(), tp = %self.ctx.tp, "{message}");
         self.dead = true;
         self.release();
-        let _ = self.ctx.events.send(Event::Fatal { message });
+        let _ = self
+            .ctx
+            .events
+            .send(Event::Fatal(crate::error::Error::Worker {
+                sink: self.sink_name().to_string(),
+                tp: self.ctx.tp.clone(),
+                class,
+                message,
+            }));
     }
 
     /// Publishes the input counted since the last call: once per batch, not per record (the
@@ -337,13 +334,12 @@ impl Worker {
                    "tombstone (null value) skipped in append mode");
         } else {
             if let Some(keys) = self.keys.as_mut() {
-                let mut attempt = 0;
+                let mut attempts = Attempts::new(Policy::WORKER);
                 let checked = loop {
                     match keys.check(rec.key.as_deref(), offset).await {
-                        Err(e) if e.retryable && attempt < RETRY_ATTEMPTS => {
-                            attempt += 1;
+                        Err(e) if e.retryable && attempts.left() => {
                             self.stats.retries.inc("registry");
-                            tokio::time::sleep(backoff(attempt)).await;
+                            attempts.wait().await;
                         }
                         other => break other,
                     }
@@ -358,15 +354,14 @@ impl Worker {
             }
             // Resolve the schema first: a newer reader schema changes the output schema, so
             // what precedes this record is committed under the old one.
-            let mut attempt = 0;
+            let mut attempts = Attempts::new(Policy::WORKER);
             let new_schema = loop {
                 match self.decoder.prepare(&rec).await {
                     Ok(changes) => break changes,
-                    Err(e) if e.retryable && attempt < RETRY_ATTEMPTS => {
-                        attempt += 1;
+                    Err(e) if e.retryable && attempts.left() => {
                         self.stats.retries.inc("registry");
-                        warn!(sink = self.sink_name(), error = %e, attempt, "retrying");
-                        tokio::time::sleep(backoff(attempt)).await;
+                        warn!(sink = self.sink_name(), error = %e, attempt = attempts.made(), "retrying");
+                        attempts.wait().await;
                     }
                     // Not retryable: `push` reports it with the record.
                     Err(_) => break false,
@@ -380,16 +375,15 @@ impl Worker {
             }
             let mut out = Vec::new();
             let mut rejected = Vec::new();
-            let mut attempt = 0;
+            let mut attempts = Attempts::new(Policy::WORKER);
             let mut rec = rec;
             loop {
                 match self.decoder.push(rec, &mut out, &mut rejected).await {
                     Ok(()) => break,
-                    Err(rejected) if rejected.error.retryable && attempt < RETRY_ATTEMPTS => {
-                        attempt += 1;
+                    Err(rejected) if rejected.error.retryable && attempts.left() => {
                         self.stats.retries.inc("registry");
-                        warn!(sink = self.sink_name(), error = %rejected.error, attempt, "retrying");
-                        tokio::time::sleep(backoff(attempt)).await;
+                        warn!(sink = self.sink_name(), error = %rejected.error, attempt = attempts.made(), "retrying");
+                        attempts.wait().await;
                         rec = rejected.record;
                     }
                     Err(rejected) if rejected.error.retryable => {
@@ -397,10 +391,11 @@ impl Worker {
                         self.fatal(
                             "registry",
                             format!(
-                                "sink `{}`: {} (still failing after {attempt} retries); stopping \
+                                "sink `{}`: {} (still failing after {} retries); stopping \
                                  rather than dead-lettering a good record",
                                 self.sink_name(),
-                                rejected.error
+                                rejected.error,
+                                attempts.retried()
                             ),
                         );
                         return;

@@ -7,6 +7,7 @@ use crate::config::ErrorPolicy;
 use crate::decode::Rejected;
 
 use super::*;
+use crate::pipeline::retry::retry;
 
 impl Worker {
     /// Applies the sink's error policy to a record that cannot be decoded.
@@ -67,28 +68,21 @@ impl Worker {
             .as_ref()
             .expect("validation requires a dead_letter_topic");
         let sink = self.sink_name().to_string();
-        if let Some(opening) = self.dead_opening.take() {
-            match opening.await {
-                Ok(Ok(s)) => self.dead_session = Some(s),
-                Ok(Err(e)) => warn!(sink = %sink, tp = %self.ctx.tp, "{e}; retrying"),
-                Err(e) => warn!(sink = %sink, tp = %self.ctx.tp, "internal: {e}"),
-            }
-        }
-        let mut attempt = 0;
+        let mut writer = self
+            .dead_writer
+            .take()
+            .unwrap_or_else(|| dlq.writer(&sink, &self.ctx.tp));
+        let mut attempts = Attempts::new(Policy::WORKER);
         let written = loop {
-            match dlq
-                .write(&mut self.dead_session, &sink, &self.ctx.tp, &pending)
-                .await
-            {
+            match writer.write(&pending).await {
                 Ok(w) => break w,
                 Err(e) if e.fenced => {
-                    self.dead_session = None;
+                    // The writer is dropped: a new one is made for the next dead letters.
                     self.yield_dead_letters(&e.message).await;
                     return false;
                 }
                 Err(e) => {
-                    self.dead_session = None;
-                    if attempt >= RETRY_ATTEMPTS {
+                    if !attempts.left() {
                         let (first, last) = (
                             pending[0].record.offset,
                             pending[pending.len() - 1].record.offset,
@@ -105,18 +99,18 @@ impl Worker {
                         );
                         return false;
                     }
-                    attempt += 1;
                     self.stats.retries.inc("dead-letter");
-                    warn!(sink = %sink, tp = %self.ctx.tp, attempt, "{e}; retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
+                    warn!(sink = %sink, tp = %self.ctx.tp, attempt = attempts.made(), "{e}; retrying");
+                    attempts.wait().await;
                 }
             }
         };
+        self.dead_writer = Some(writer);
         let (skipped, sent) = pending.split_at(written.already);
         for (r, (_, partition, at)) in sent.iter().zip(&written.deliveries) {
             let e = &r.error;
             warn!(sink = %sink, tp = %self.ctx.tp, offset = e.offset, class = e.class,
-                  topic = %dlq.topic, dead_letter_partition = partition, dead_letter_offset = at,
+                  topic = %dlq.topic(), dead_letter_partition = partition, dead_letter_offset = at,
                   "dead-lettered: {}", e.reason);
         }
         if !skipped.is_empty() {
@@ -141,23 +135,28 @@ impl Worker {
     pub(super) async fn yield_dead_letters(&mut self, reason: &str) {
         let tp = self.ctx.tp.clone();
         let sink = self.ctx.runtime.sink.clone();
-        let mut attempt = 0;
-        let position = loop {
-            match sink.recover(&tp).await {
-                Ok(p) => break p,
-                Err(e) if attempt < RETRY_ATTEMPTS => {
-                    attempt += 1;
-                    warn!(sink = self.sink_name(), %tp, attempt, "cannot read the committed position: {e}; retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
-                }
-                Err(e) => {
-                    let name = self.sink_name().to_string();
-                    self.fatal(
-                        "storage",
-                        format!("sink `{name}` {tp}: cannot read the committed position after a dead-letter fence: {e}"),
-                    );
-                    return;
-                }
+        let name = self.sink_name().to_string();
+        let recovered = retry(
+            Policy::WORKER,
+            || sink.recover(&tp),
+            |_| true,
+            |attempt, e| {
+                warn!(sink = %name, %tp, attempt, "cannot read the committed position: {e}; retrying")
+            },
+        )
+        .await;
+        let position = match recovered {
+            Ok(p) => p,
+            Err(e) => {
+                self.fatal(
+                    "storage",
+                    format!(
+                        "sink `{name}` {tp}: cannot read the committed position after a \
+                         dead-letter fence: {}",
+                        e.error
+                    ),
+                );
+                return;
             }
         };
         let position = position.map(|p| p.0).or(self.ctx.position).unwrap_or(0);

@@ -39,8 +39,26 @@ impl Env for ProcessEnv {
     }
 }
 
+/// Why no AWS credentials could be resolved (the message names the step of the chain and the
+/// fix; never a secret).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CredentialsError(String);
+
+impl From<String> for CredentialsError {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<&str> for CredentialsError {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
+}
+
 /// Resolves credentials through the chain.
-pub async fn resolve(env: &dyn Env, region: &str) -> Result<AwsCredentials, String> {
+pub async fn resolve(env: &dyn Env, region: &str) -> Result<AwsCredentials, CredentialsError> {
     if let (Some(id), Some(secret)) = (
         env.var("AWS_ACCESS_KEY_ID"),
         env.var("AWS_SECRET_ACCESS_KEY"),
@@ -66,15 +84,17 @@ pub async fn resolve(env: &dyn Env, region: &str) -> Result<AwsCredentials, Stri
         match imds(env).await {
             Ok(c) => return Ok(c),
             Err(e) => {
-                return Err(format!(
+                return Err(CredentialsError::from(format!(
                     "no AWS credentials: not in the environment (AWS_ACCESS_KEY_ID), no web \
                      identity (AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN), no profile in the \
                      shared credentials file, and the instance metadata service failed: {e}"
-                ))
+                )))
             }
         }
     }
-    Err("no AWS credentials found in the environment, web identity, shared credentials file or instance metadata".into())
+    Err(CredentialsError::from(
+        "no AWS credentials found in the environment, web identity, shared credentials file or instance metadata",
+    ))
 }
 
 fn http() -> reqwest::Client {
@@ -97,7 +117,7 @@ async fn web_identity(
     region: &str,
     token_file: &str,
     role: &str,
-) -> Result<AwsCredentials, String> {
+) -> Result<AwsCredentials, CredentialsError> {
     let token = std::fs::read_to_string(token_file).map_err(|e| {
         format!("web identity: cannot read AWS_WEB_IDENTITY_TOKEN_FILE {token_file}: {e}")
     })?;
@@ -132,9 +152,9 @@ async fn web_identity(
         .map_err(|e| format!("web identity: {}", e.without_url()))?;
     if !status.is_success() {
         let msg = xml_tag(&body, "Message").unwrap_or("no message");
-        return Err(format!(
+        return Err(CredentialsError::from(format!(
             "web identity: STS refused AssumeRoleWithWebIdentity for {role} (HTTP {status}): {msg}"
-        ));
+        )));
     }
     let get = |t: &str| {
         xml_tag(&body, t)
@@ -150,7 +170,7 @@ async fn web_identity(
     })
 }
 
-fn profile(env: &dyn Env) -> Result<Option<AwsCredentials>, String> {
+fn profile(env: &dyn Env) -> Result<Option<AwsCredentials>, CredentialsError> {
     let path = match env.var("AWS_SHARED_CREDENTIALS_FILE") {
         Some(p) => std::path::PathBuf::from(p),
         None => match env.var("HOME") {
@@ -195,14 +215,14 @@ fn profile(env: &dyn Env) -> Result<Option<AwsCredentials>, String> {
             source: "shared credentials file",
         })),
         (None, None) => Ok(None),
-        _ => Err(format!(
+        _ => Err(CredentialsError::from(format!(
             "profile `{want}` in {} needs both aws_access_key_id and aws_secret_access_key",
             path.display()
-        )),
+        ))),
     }
 }
 
-async fn imds(env: &dyn Env) -> Result<AwsCredentials, String> {
+async fn imds(env: &dyn Env) -> Result<AwsCredentials, CredentialsError> {
     let base = env
         .var("AWS_EC2_METADATA_SERVICE_ENDPOINT")
         .unwrap_or_else(|| "http://169.254.169.254".into());
@@ -228,11 +248,11 @@ async fn imds(env: &dyn Env) -> Result<AwsCredentials, String> {
                 .await
                 .map_err(|e| format!("IMDS: {}", e.without_url()))?;
             if !r.status().is_success() {
-                return Err(format!("IMDS: HTTP {}", r.status()));
+                return Err(CredentialsError::from(format!("IMDS: HTTP {}", r.status())));
             }
             r.text()
                 .await
-                .map_err(|e| format!("IMDS: {}", e.without_url()))
+                .map_err(|e| CredentialsError::from(format!("IMDS: {}", e.without_url())))
         }
     };
     let roles = get(format!("{base}/latest/meta-data/iam/security-credentials/")).await?;

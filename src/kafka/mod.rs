@@ -1,21 +1,24 @@
-//! The Kafka source: one consumer-group member, polled on a dedicated thread.
+//! Every use of the Kafka client (rdkafka): the consumer-group member that feeds the pipeline,
+//! polled on a dedicated thread, and the dead-letter producer ([`dead_letter`]) and logins
+//! ([`auth`]) beside it. Nothing outside this folder (and the commands in `app`) needs to read
+//! Kafka code to understand the pipeline: the source hands records to the pipeline's
+//! [`Supervisor`] and answers its events.
 //!
-//! - Rebalance callbacks run on the polling thread (inside `poll`). On assignment, every sink
-//!   that reads the topic `recover`s its committed position and the partition is assigned at
-//!   that offset (the minimum over sinks; each worker skips what it already has), then one
-//!   worker task per (sink, partition) starts. On revocation, each worker of the revoked
-//!   partitions flushes and commits, and is gone, before the callback returns: a revoked
-//!   partition has no writer left in this process (a commit racing the next owner is still
-//!   safe: the sink's fence decides).
+//! - Rebalance callbacks run on the polling thread (inside `poll`). On assignment the
+//!   supervisor recovers every sink's committed position (concurrently, one deadline),
+//!   `positions` decides where the partition is read from, and the supervisor starts one worker
+//!   per (sink, partition). On revocation the supervisor drains the partition's workers (flush
+//!   and commit) before the callback returns: a revoked partition has no writer left in this
+//!   process (a commit racing the next owner is still safe: the sink's fence decides).
 //! - Records are copied into bounded per-worker queues (backpressure blocks the poll thread,
 //!   librdkafka keeps heartbeating in its own threads).
 //! - Group offsets are committed after sink commits, for lag dashboards only: the sink's commit
 //!   record is the source of truth.
 //!
 //! Parts: `rebalance` (assignment and revocation), `positions` (where a partition is read from,
-//! and what happens when the log and the table disagree), `router` (records to workers, the
-//! partition state, resyncs after a fence), `stall` (partitions that cannot be fetched); this
-//! file holds the client configuration and the poll loop.
+//! and what happens when the log and the table disagree), `router` (polled records to the
+//! supervisor, seeks after a fence), `stall` (partitions that cannot be fetched), `topic_ids`
+//! (KIP-516); this file holds the client configuration and the poll loop.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -28,7 +31,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset as KOffset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -36,16 +39,19 @@ use sinks::TopicPartition;
 
 use crate::config::ValidatedConfig;
 use crate::decode::Record;
-use crate::pipeline::worker::{self, WorkerCtx};
-use crate::pipeline::{BufferBudget, Event, Progress, SinkRuntime, WorkerMsg};
+use crate::error::Error;
+use crate::pipeline::supervisor::{Failure, Limits, Recovered, Supervisor};
+use crate::pipeline::{BufferBudget, Event, Progress, SinkRuntime};
 
+pub mod auth;
+pub mod dead_letter;
 mod positions;
 mod rebalance;
 mod router;
 pub mod stall;
 mod topic_ids;
 
-use router::{resync, PartitionState, Router, WorkerHandle, POLL_BURST, SEND_BATCH};
+use router::{resync, Router, POLL_BURST};
 
 pub use positions::StartAt;
 
@@ -117,7 +123,7 @@ pub fn arena_copy(arena: &mut bytes::BytesMut, data: &[u8]) -> bytes::Bytes {
 /// The consumer context: bridges rebalances to recovery and workers, and signs tokens.
 pub struct LakeContext {
     router: Mutex<Router>,
-    auth: crate::auth::KafkaAuth,
+    auth: crate::kafka::auth::KafkaAuth,
     stalls: Mutex<stall::StallDetector>,
     /// Fetch offsets librdkafka reset (out of range), for the poll loop to resolve.
     resets: Mutex<Vec<(TopicPartition, i64)>>,
@@ -139,7 +145,7 @@ impl ClientContext for LakeContext {
                 self.resets.lock().expect("resets").push(reset);
             }
         }
-        crate::auth::forward_log(&self.auth, level, fac, log_message);
+        crate::kafka::auth::forward_log(&self.auth, level, fac, log_message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -166,7 +172,7 @@ impl ClientContext for LakeContext {
                 if part.hi_offset >= 0 {
                     highs.insert(tp.clone(), part.hi_offset);
                 }
-                if !router.parts.contains_key(&tp) {
+                if !router.sup.holds(&tp) {
                     continue;
                 }
                 let readable_end = match (part.hi_offset, part.ls_offset) {
@@ -228,16 +234,16 @@ pub fn run(
     rt: tokio::runtime::Handle,
     cancel: CancellationToken,
     options: SourceOptions,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     // Topic ids are looked up on a client of their own: on the consumer's connection a lookup
     // queued behind the broker's long-polled Fetch (`fetch.wait.max.ms`, 500 ms), every time.
-    let lookups: BaseConsumer<crate::auth::AuthContext> = client_config(cfg)
+    let lookups: BaseConsumer<crate::kafka::auth::AuthContext> = client_config(cfg)
         .remove("group.id")
-        .create_with_context(crate::auth::AuthContext(
-            crate::auth::KafkaAuth::from_config(cfg),
+        .create_with_context(crate::kafka::auth::AuthContext(
+            crate::kafka::auth::KafkaAuth::from_config(cfg),
         ))
-        .map_err(|e| format!("cannot create the Kafka client for topic ids: {e}"))?;
+        .map_err(|e| Error::kafka("cannot create the Kafka client for topic ids", e))?;
     let identities =
         crate::pipeline::identity::TopicIdentities::new(Box::new(move |topics: &[String]| {
             // Serves a due token refresh (OAUTHBEARER logins) before the request needs it.
@@ -248,19 +254,25 @@ pub fn run(
     identities.report_to(events_tx.clone());
     let budget = Arc::new(BufferBudget::new(cfg.max_buffer_bytes));
     *progress.budget.lock().expect("progress") = Some(budget.clone());
+    let sup = Supervisor::new(
+        rt.clone(),
+        sinks.clone(),
+        events_tx,
+        budget,
+        progress.clone(),
+        Limits {
+            queue_records: cfg.queue_records,
+            drain_timeout: cfg.drain_timeout,
+        },
+        identities,
+    );
     let router = Router {
         rt: rt.clone(),
-        sinks: sinks.clone(),
-        parts: HashMap::new(),
-        events: events_tx,
-        budget,
+        sup,
         progress: progress.clone(),
-        queue: cfg.queue_records,
-        drain_timeout: cfg.drain_timeout,
         options,
         fatal: None,
         start_at: StartAt::from_config(cfg),
-        next_worker: 0,
         pending: Vec::new(),
         pending_records: 0,
         keep_headers: sinks
@@ -269,7 +281,6 @@ pub fn run(
         arena: bytes::BytesMut::new(),
         decode_rows: decode_batch_rows(1),
         topic_ids: HashMap::new(),
-        identities,
         waiting: HashMap::new(),
     };
     // Every start position is explicit (see `positions`), so librdkafka resets only a fetch
@@ -279,11 +290,11 @@ pub fn run(
         .set("auto.offset.reset", "earliest")
         .create_with_context(LakeContext {
             router: Mutex::new(router),
-            auth: crate::auth::KafkaAuth::from_config(cfg),
+            auth: crate::kafka::auth::KafkaAuth::from_config(cfg),
             stalls: Mutex::new(stall::StallDetector::new(cfg.stall_timeout)),
             resets: Mutex::new(Vec::new()),
         })
-        .map_err(|e| format!("cannot create the Kafka consumer: {e}"))?;
+        .map_err(|e| Error::kafka("cannot create the Kafka consumer", e))?;
     let mut subscriptions: Vec<String> = sinks
         .iter()
         .flat_map(|s| s.config.topics.subscriptions())
@@ -293,7 +304,7 @@ pub fn run(
     let subs: Vec<&str> = subscriptions.iter().map(String::as_str).collect();
     consumer
         .subscribe(&subs)
-        .map_err(|e| format!("cannot subscribe to {subs:?}: {e}"))?;
+        .map_err(|e| Error::kafka(format!("cannot subscribe to {subs:?}"), e))?;
     info!(topics = ?subs, group = %cfg.group_id, "consuming");
 
     let mut to_commit: HashMap<TopicPartition, i64> = HashMap::new();
@@ -306,9 +317,7 @@ pub fn run(
             let mut router = consumer.context().router.lock().expect("router");
             match ev {
                 Event::Committed { sink, tp, next } => {
-                    if let Some(state) = router.parts.get_mut(&tp) {
-                        state.committed.insert(sink, next.0);
-                    }
+                    router.sup.committed(sink, &tp, next);
                     note_commit(&mut positions, &mut to_commit, &sinks, sink, tp, next.0);
                 }
                 Event::Resync {
@@ -322,8 +331,8 @@ pub fn run(
                     recorded,
                     current,
                 } => router.topic_recreated(&consumer, &topic, &recorded, &current),
-                Event::Fatal { message } => {
-                    router.fatal.get_or_insert(message);
+                Event::Fatal(e) => {
+                    router.fatal.get_or_insert(e);
                 }
             }
         }
@@ -339,17 +348,17 @@ pub fn run(
                     .lock()
                     .expect("progress")
                     .clone();
-                if !quarantined.is_empty() && (router.parts.is_empty() || router.caught_up()) {
-                    let list: Vec<String> = quarantined
-                        .iter()
-                        .map(|((tp, sink), why)| format!("{tp} (sink {sink}): {why}"))
-                        .collect();
-                    break Err(format!(
-                        "caught up except for quarantined partitions, which were not read: {}",
-                        list.join("; ")
+                if !quarantined.is_empty()
+                    && (router.sup.held().is_empty() || router.sup.caught_up())
+                {
+                    break Err(Error::Quarantined(
+                        quarantined
+                            .iter()
+                            .map(|((tp, sink), why)| format!("{tp} (sink {sink}): {why}"))
+                            .collect(),
                     ));
                 }
-                if router.caught_up() {
+                if router.sup.caught_up() {
                     info!("caught up: every assigned partition is committed up to the end offset it had at start");
                     break Ok(());
                 }
@@ -420,8 +429,8 @@ pub fn run(
         .store(true, std::sync::atomic::Ordering::Relaxed);
     {
         let mut router = consumer.context().router.lock().expect("router");
-        let tps: Vec<TopicPartition> = router.parts.keys().cloned().collect();
-        router.drain(&tps);
+        let tps = router.sup.held();
+        router.sup.drain(&tps);
     }
     while let Ok(ev) = events.try_recv() {
         if let Event::Committed { sink, tp, next } = ev {

@@ -54,9 +54,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, TopicPartitionList};
 use sinks::TopicPartition;
 
-use crate::auth::{AuthContext, KafkaAuth};
 use crate::config::ValidatedConfig;
 use crate::decode::Rejected;
+use crate::error::Error;
+use crate::kafka::auth::{AuthContext, KafkaAuth};
+use crate::pipeline::dead_letters::{DeadLetterTopic, DeadLetterWriter, WriteError, Written};
 
 mod scan;
 
@@ -67,32 +69,8 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 /// `transaction.timeout.ms` (60 s) after which Kafka aborts a dead writer's transaction.
 const SCAN_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Why a dead-letter write failed.
-#[derive(Debug)]
-pub struct WriteError {
-    pub message: String,
-    /// The session was fenced: a newer owner of the source partition opened its own. This
-    /// worker must not open another (it would fence the owner in turn), but re-read from the
-    /// table's position.
-    pub fenced: bool,
-}
-
-impl std::fmt::Display for WriteError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl From<String> for WriteError {
-    fn from(message: String) -> Self {
-        Self {
-            message,
-            fenced: false,
-        }
-    }
-}
-
 /// The dead-letter topic of one sink.
+#[derive(Clone)]
 pub struct DeadLetters {
     pub topic: String,
     /// Client settings shared by every producer and reader (servers, security).
@@ -100,7 +78,7 @@ pub struct DeadLetters {
     auth: KafkaAuth,
     group: String,
     /// `Some` in at-least-once mode: the one shared producer.
-    shared: Option<FutureProducer<AuthContext>>,
+    shared: Option<Arc<FutureProducer<AuthContext>>>,
 }
 
 impl std::fmt::Debug for DeadLetters {
@@ -130,26 +108,15 @@ impl Drop for DeadLetterSession {
     }
 }
 
-/// What one write did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Written {
-    /// Committed to the dead-letter topic now.
-    pub sent: usize,
-    /// Already there, from an earlier owner of the partition: skipped.
-    pub already: usize,
-    /// Where each record sent now landed: (source offset, dead-letter partition, its offset).
-    pub deliveries: Vec<(i64, i32, i64)>,
-}
-
 /// A session being opened in the background; dropping it cancels the opening if it has not
 /// fenced yet, so a worker that stopped never fences a later owner's session.
 pub struct Opening {
-    task: tokio::task::JoinHandle<Result<DeadLetterSession, String>>,
+    task: tokio::task::JoinHandle<Result<DeadLetterSession, Error>>,
     cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::future::Future for Opening {
-    type Output = Result<Result<DeadLetterSession, String>, tokio::task::JoinError>;
+    type Output = Result<Result<DeadLetterSession, Error>, tokio::task::JoinError>;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
@@ -166,7 +133,7 @@ impl Drop for Opening {
 }
 
 impl DeadLetters {
-    pub fn new(cfg: &ValidatedConfig, topic: &str, exactly_once: bool) -> Result<Self, String> {
+    pub fn new(cfg: &ValidatedConfig, topic: &str, exactly_once: bool) -> Result<Self, Error> {
         let mut client = ClientConfig::new();
         client.set("bootstrap.servers", &cfg.bootstrap_servers);
         for (k, v) in &cfg.kafka_properties {
@@ -193,10 +160,12 @@ impl DeadLetters {
             c.set("enable.idempotence", "true")
                 .set("acks", "all")
                 .set("message.timeout.ms", "60000");
-            Some(
+            Some(Arc::new(
                 c.create_with_context(AuthContext(auth.clone()))
-                    .map_err(|e| format!("cannot create the dead-letter producer: {e}"))?,
-            )
+                    .map_err(|e| {
+                        Error::DeadLetters(format!("cannot create the dead-letter producer: {e}"))
+                    })?,
+            ))
         };
         Ok(Self {
             topic: topic.to_string(),
@@ -405,6 +374,54 @@ impl DeadLetters {
             record = record.payload(p);
         }
         record
+    }
+}
+
+impl DeadLetterTopic for DeadLetters {
+    fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    fn writer(&self, sink: &str, tp: &TopicPartition) -> Box<dyn DeadLetterWriter> {
+        Box::new(PartitionWriter {
+            opening: self.exactly_once().then(|| self.open(sink, tp)),
+            topic: self.clone(),
+            sink: sink.to_string(),
+            tp: tp.clone(),
+            session: None,
+        })
+    }
+}
+
+/// The dead-letter writer of one (sink, source partition): its session, opened when the
+/// writer is made (exactly once) and dropped after any error, so the next write opens a new
+/// one, which reads again what is already there.
+struct PartitionWriter {
+    topic: DeadLetters,
+    sink: String,
+    tp: TopicPartition,
+    session: Option<DeadLetterSession>,
+    opening: Option<Opening>,
+}
+
+#[async_trait::async_trait]
+impl DeadLetterWriter for PartitionWriter {
+    async fn write(&mut self, pending: &[Rejected]) -> Result<Written, WriteError> {
+        if let Some(opening) = self.opening.take() {
+            match opening.await {
+                Ok(Ok(s)) => self.session = Some(s),
+                Ok(Err(e)) => tracing::warn!(sink = %self.sink, tp = %self.tp, "{e}; retrying"),
+                Err(e) => tracing::warn!(sink = %self.sink, tp = %self.tp, "internal: {e}"),
+            }
+        }
+        let written = self
+            .topic
+            .write(&mut self.session, &self.sink, &self.tp, pending)
+            .await;
+        if written.is_err() {
+            self.session = None;
+        }
+        written
     }
 }
 

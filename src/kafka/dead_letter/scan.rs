@@ -4,6 +4,7 @@
 //! transactions below it).
 
 use super::*;
+use crate::error::Error;
 
 /// Fences earlier writers of `tp`, then finds the highest source offset they dead-lettered.
 pub(super) fn open_session(
@@ -14,7 +15,7 @@ pub(super) fn open_session(
     sink: &str,
     tp: &TopicPartition,
     cancelled: &std::sync::atomic::AtomicBool,
-) -> Result<DeadLetterSession, String> {
+) -> Result<DeadLetterSession, Error> {
     let reader: BaseConsumer<AuthContext> = client
         .clone()
         .set("group.id", format!("lakesink-dlq-reader.{group}"))
@@ -22,7 +23,7 @@ pub(super) fn open_session(
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
         .create_with_context(AuthContext(auth.clone()))
-        .map_err(|e| format!("cannot create the dead-letter reader: {e}"))?;
+        .map_err(|e| Error::DeadLetters(format!("cannot create the dead-letter reader: {e}")))?;
     // The end to read to is the log end offset, which only a read_uncommitted client reports
     // (a read_committed one reports the last stable offset).
     let ends: BaseConsumer<AuthContext> = client
@@ -30,19 +31,21 @@ pub(super) fn open_session(
         .set("group.id", format!("lakesink-dlq-reader.{group}"))
         .set("isolation.level", "read_uncommitted")
         .create_with_context(AuthContext(auth.clone()))
-        .map_err(|e| format!("cannot create the dead-letter reader: {e}"))?;
-    let metadata = reader
-        .fetch_metadata(Some(topic), TIMEOUT)
-        .map_err(|e| format!("cannot read the metadata of the dead-letter topic `{topic}`: {e}"))?;
+        .map_err(|e| Error::DeadLetters(format!("cannot create the dead-letter reader: {e}")))?;
+    let metadata = reader.fetch_metadata(Some(topic), TIMEOUT).map_err(|e| {
+        Error::DeadLetters(format!(
+            "cannot read the metadata of the dead-letter topic `{topic}`: {e}"
+        ))
+    })?;
     let partitions = metadata
         .topics()
         .first()
         .filter(|t| t.error().is_none())
         .map_or(0, |t| t.partitions().len());
     if partitions == 0 {
-        return Err(format!(
+        return Err(Error::DeadLetters(format!(
             "the dead-letter topic `{topic}` does not exist; create it (any number of partitions)"
-        ));
+        )));
     }
     let partition = dead_letter_partition(sink, tp, partitions);
     let producer: FutureProducer<AuthContext> = client
@@ -51,15 +54,15 @@ pub(super) fn open_session(
         .set("message.timeout.ms", "55000")
         .set("acks", "all")
         .create_with_context(AuthContext(auth))
-        .map_err(|e| format!("cannot create the dead-letter producer: {e}"))?;
+        .map_err(|e| Error::DeadLetters(format!("cannot create the dead-letter producer: {e}")))?;
     if cancelled.load(std::sync::atomic::Ordering::SeqCst) {
         // Its worker stopped: fencing now could only fence a later owner's session.
-        return Err(format!(
+        return Err(Error::DeadLetters(format!(
             "the dead-letter session of {tp} was no longer needed"
-        ));
+        )));
     }
     producer.init_transactions(TIMEOUT).map_err(|e| {
-        format!("cannot start dead-letter transactions on `{topic}` (does the broker support transactions? else set dead_letter_exactly_once = false): {e}")
+        Error::DeadLetters(format!("cannot start dead-letter transactions on `{topic}` (does the broker support transactions? else set dead_letter_exactly_once = false): {e}"))
     })?;
     // Taken after the fence, so everything the fenced writers appended lies below it. Reading
     // only to the last stable offset would be wrong: a transaction open there (a killed
@@ -68,9 +71,9 @@ pub(super) fn open_session(
     let (low, end) = ends
         .fetch_watermarks(topic, partition, TIMEOUT)
         .map_err(|e| {
-            format!(
+            Error::DeadLetters(format!(
                 "cannot read the end of the dead-letter topic `{topic}` partition {partition}: {e}"
-            )
+            ))
         })?;
     drop(ends);
     let scan = last_dead_lettered(&reader, topic, partition, (low, end), group, sink, tp)?;
@@ -119,9 +122,11 @@ fn last_dead_lettered(
     group: &str,
     sink: &str,
     tp: &TopicPartition,
-) -> Result<Scan, String> {
+) -> Result<Scan, Error> {
     let fail = |e: KafkaError| {
-        format!("cannot read the dead-letter topic `{topic}` partition {partition}: {e}")
+        Error::DeadLetters(format!(
+            "cannot read the dead-letter topic `{topic}` partition {partition}: {e}"
+        ))
     };
     let (mut end, mut window) = (high, 1024i64);
     let source_partition = tp.partition.to_string();
@@ -137,12 +142,12 @@ fn last_dead_lettered(
         let mut told = false;
         loop {
             if std::time::Instant::now() > deadline {
-                return Err(format!(
+                return Err(Error::DeadLetters(format!(
                     "timed out reading the dead-letter topic `{topic}` partition {partition} \
                      from offset {start} to {end}: a transaction stays open there (it ends when \
                      its source partition is assigned again, or after the broker's \
                      transaction.timeout.ms)"
-                ));
+                )));
             }
             match reader.poll(Duration::from_millis(200)) {
                 None => continue,

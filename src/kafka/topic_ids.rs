@@ -21,16 +21,23 @@ use std::time::Duration;
 use rdkafka::bindings as rd;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaRespErr;
-use sinks::{AnySink, TopicIdentity, TopicPartition};
+use sinks::{TopicIdentity, TopicPartition};
 use tracing::{debug, info, warn};
 
-use super::positions::{retrying, Failure};
 use super::Router;
+use crate::error::Error;
+use crate::pipeline::retry::{retry, Attempts, Policy};
+use crate::pipeline::supervisor::Failure;
 
 /// How long DescribeTopics may take per attempt.
 pub(super) const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Attempts at DescribeTopics before the assignment fails (and the process restarts).
-const DESCRIBE_ATTEMPTS: u32 = 3;
+/// Retries of DescribeTopics before the partitions are read without the check.
+const DESCRIBE: Policy = Policy {
+    retries: 2,
+    first: Duration::from_secs(1),
+    max: Duration::from_secs(2),
+    jitter: false,
+};
 /// Tables asked at once.
 const ADOPTIONS_AT_ONCE: usize = 32;
 
@@ -44,25 +51,24 @@ impl Router {
     /// Pairs verified before against the same id are not asked again.
     pub(super) fn check_topic_ids(
         &mut self,
-        jobs: &[(TopicPartition, usize, Arc<dyn AnySink>)],
+        jobs: &[(TopicPartition, usize)],
         deadline: tokio::time::Instant,
     ) -> Verdicts {
         use futures::StreamExt;
-        let mut topics: Vec<String> = jobs.iter().map(|(tp, _, _)| tp.topic.to_string()).collect();
+        let mut topics: Vec<String> = jobs.iter().map(|(tp, _)| tp.topic.to_string()).collect();
         topics.sort_unstable();
         topics.dedup();
         if topics.is_empty() || !self.options.topic_ids {
             return Verdicts::new();
         }
-        let mut attempt = 0;
+        let mut attempts = Attempts::new(DESCRIBE);
         let issued = std::time::Instant::now();
         let ids = loop {
-            attempt += 1;
-            match self.identities.describe(&topics) {
+            match self.sup.identities().describe(&topics) {
                 Ok(ids) => break ids,
-                Err(e) if attempt < DESCRIBE_ATTEMPTS => {
-                    debug!("reading topic ids (attempt {attempt}): {e}");
-                    std::thread::sleep(Duration::from_secs(attempt.into()));
+                Err(e) if attempts.left() => {
+                    debug!("reading topic ids (attempt {}): {e}", attempts.made());
+                    attempts.wait_blocking();
                 }
                 Err(e) => {
                     // Not a reason to stop reading: without ids, a recreated topic is still
@@ -83,10 +89,11 @@ impl Router {
             );
         }
         for (topic, id) in &ids {
-            self.identities.expect(topic, id, issued);
+            self.sup.identities().expect(topic, id, issued);
         }
         let mut asks = Vec::new();
-        for (tp, i, sink) in jobs {
+        for (tp, i) in jobs {
+            let sink = &self.sup.sinks()[*i].sink;
             let key = (*i, tp.topic.to_string());
             let Some(id) = ids.get(&*tp.topic) else {
                 continue;
@@ -101,9 +108,15 @@ impl Router {
                 .map(|(key, sink, id)| async move {
                     let r = tokio::time::timeout_at(
                         deadline,
-                        retrying(|| sink.adopt_topic_id(&key.1, &id)),
+                        retry(
+                            Policy::RECOVERY,
+                            || sink.adopt_topic_id(&key.1, &id),
+                            sinks::Error::is_retryable,
+                            |_, _| {},
+                        ),
                     )
-                    .await;
+                    .await
+                    .map(|r| r.map_err(|e| e.error));
                     (key, id, r)
                 })
                 .buffer_unordered(ADOPTIONS_AT_ONCE)
@@ -111,7 +124,7 @@ impl Router {
         );
         let mut verdicts = Verdicts::new();
         for (key, id, answer) in answers {
-            let sink = &self.sinks[key.0].config.name;
+            let sink = &self.sup.sinks()[key.0].config.name;
             match answer {
                 Err(_) => {
                     verdicts.insert(key, Failure::Unready("no answer in time".into()));
@@ -152,13 +165,20 @@ pub(super) fn describe<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topics: &[&str],
     timeout: Duration,
-) -> Result<HashMap<String, String>, String> {
+) -> Result<HashMap<String, String>, Error> {
     if topics.is_empty() {
         return Ok(HashMap::new());
     }
     let names: Vec<CString> = topics
         .iter()
-        .map(|t| CString::new(*t).map_err(|_| format!("topic name {t:?} contains a NUL byte")))
+        .map(|t| {
+            CString::new(*t).map_err(|_| {
+                Error::kafka(
+                    "DescribeTopics",
+                    format!("topic name {t:?} contains a NUL byte"),
+                )
+            })
+        })
         .collect::<Result<_, _>>()?;
     let mut ptrs: Vec<*const std::os::raw::c_char> = names.iter().map(|c| c.as_ptr()).collect();
     let rk = consumer.client().native_ptr();
@@ -197,9 +217,9 @@ pub(super) fn describe<C: rdkafka::consumer::ConsumerContext>(
 
 /// Reads a DescribeTopics result event (not destroyed here).
 #[allow(unsafe_code)]
-unsafe fn read_result(event: *mut rd::rd_kafka_event_t) -> Result<HashMap<String, String>, String> {
+unsafe fn read_result(event: *mut rd::rd_kafka_event_t) -> Result<HashMap<String, String>, Error> {
     if event.is_null() {
-        return Err("no answer to DescribeTopics in time".into());
+        return Err(Error::kafka("DescribeTopics", "no answer in time"));
     }
     let code = rd::rd_kafka_event_error(event);
     if code == RDKafkaRespErr::RD_KAFKA_RESP_ERR__UNSUPPORTED_FEATURE {
@@ -212,11 +232,14 @@ unsafe fn read_result(event: *mut rd::rd_kafka_event_t) -> Result<HashMap<String
         } else {
             CStr::from_ptr(why).to_string_lossy().into_owned()
         };
-        return Err(format!("DescribeTopics failed: {why}"));
+        return Err(Error::kafka("DescribeTopics failed", why));
     }
     let result = rd::rd_kafka_event_DescribeTopics_result(event);
     if result.is_null() {
-        return Err("DescribeTopics answered with another event".into());
+        return Err(Error::kafka(
+            "DescribeTopics",
+            "answered with another event",
+        ));
     }
     let mut count = 0usize;
     let descriptions = rd::rd_kafka_DescribeTopics_result_topics(result, &mut count);

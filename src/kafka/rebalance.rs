@@ -26,17 +26,14 @@ impl ConsumerContext for LakeContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 info!(partitions = ?tps.iter().map(ToString::to_string).collect::<Vec<_>>(), "assigned");
-                let held = router.parts.len()
-                    + tps
-                        .iter()
-                        .filter(|tp| !router.parts.contains_key(tp))
-                        .count();
+                let held =
+                    router.sup.held().len() + tps.iter().filter(|tp| !router.sup.holds(tp)).count();
                 router.decode_rows = decode_batch_rows(held);
                 let (mut started, mut idle) =
                     (TopicPartitionList::new(), TopicPartitionList::new());
                 let mut recovered = router.recover_all(&tps, positions::RECOVERY_DEADLINE);
                 for tp in &tps {
-                    let had = router.parts.contains_key(tp);
+                    let had = router.sup.holds(tp);
                     match router.start_partition(consumer, tp, &mut recovered) {
                         Ok(Some(at)) => {
                             let _ = tpl.set_partition_offset(&tp.topic, tp.partition, at);
@@ -64,20 +61,20 @@ impl ConsumerContext for LakeContext {
                     let _ = consumer.resume(&started);
                 }
                 router.progress.health.assigned.store(
-                    !router.parts.is_empty(),
+                    !router.sup.held().is_empty(),
                     std::sync::atomic::Ordering::Relaxed,
                 );
                 if let Err(e) = r {
                     router
                         .fatal
-                        .get_or_insert(format!("cannot assign partitions: {e}"));
+                        .get_or_insert(Error::kafka("cannot assign partitions", e));
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 info!(partitions = tps.len(), "revoked; draining their writers");
-                router.drain(&tps);
+                router.sup.drain(&tps);
                 router.progress.health.assigned.store(
-                    !router.parts.is_empty(),
+                    !router.sup.held().is_empty(),
                     std::sync::atomic::Ordering::Relaxed,
                 );
                 for tp in &tps {
@@ -104,7 +101,7 @@ impl ConsumerContext for LakeContext {
             }
             other => {
                 warn!("rebalance error: {other:?}");
-                router.drain(&tps);
+                router.sup.drain(&tps);
                 let _ = consumer.unassign();
             }
         }

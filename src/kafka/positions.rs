@@ -67,8 +67,6 @@ impl StartAt {
 }
 
 const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(10);
-/// Recoveries of one assignment run at most this many at a time.
-const RECOVERIES_AT_ONCE: usize = 32;
 /// How long the recoveries of an assignment may take in all (the rebalance callback waits for
 /// them, and `max.poll.interval.ms` is 300 s by default); a table that has not answered by then
 /// leaves its partition waiting.
@@ -77,84 +75,15 @@ pub(super) const RECOVERY_DEADLINE: Duration = Duration::from_secs(30);
 const WAITING_RETRY_EVERY: Duration = Duration::from_secs(10);
 const WAITING_RETRY_WITHIN: Duration = Duration::from_secs(5);
 
-/// What recovery found per (partition, sink index).
-pub(super) type Recovered =
-    HashMap<(TopicPartition, usize), Result<Option<sinks::Offset>, Failure>>;
-
-/// Why a sink cannot start a partition.
-#[derive(Debug, Clone)]
-pub(super) enum Failure {
-    /// The sink could not read its position (or record the topic's id).
-    Sink(Arc<sinks::Error>),
-    /// The table's positions count offsets of an earlier topic of the same name.
-    Recreated { recorded: String, current: String },
-    /// The table did not answer in time, or only with retryable errors: the partition waits
-    /// and its tables are asked again.
-    Unready(String),
-}
-
-/// Retries `op` while its error is retryable, with backoff: about a minute and a half at most.
-pub(super) async fn retrying<T, F, Fut>(mut op: F) -> sinks::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = sinks::Result<T>>,
-{
-    let mut attempt = 0u32;
-    loop {
-        match op().await {
-            Err(e) if e.is_retryable() && attempt < 8 => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-            }
-            other => return other,
-        }
-    }
-}
-
 impl Router {
-    /// Recovers the position of every sink of every partition in `tps`, concurrently (the
-    /// rebalance callback waits for it: one at a time, a large assignment on a slow store would
-    /// outlast `max.poll.interval.ms` and the member would be expelled), after checking each
-    /// table's record of the topic's identity (see `topic_ids`). A retryable error is retried
-    /// with backoff, about a minute and a half at most.
+    /// Recovers the position of every sink of every partition in `tps` (see
+    /// [`Supervisor::recover`]), after checking each table's record of the topic's identity
+    /// (see `topic_ids`), all within `within`.
     pub(super) fn recover_all(&mut self, tps: &[TopicPartition], within: Duration) -> Recovered {
         let deadline = tokio::time::Instant::now() + within;
-        use futures::StreamExt;
-        let mut jobs = Vec::new();
-        for tp in tps.iter().filter(|tp| !self.parts.contains_key(*tp)) {
-            for (i, s) in self.sinks.iter().enumerate() {
-                if s.config.topics.matches(&tp.topic) {
-                    jobs.push((tp.clone(), i, s.sink.clone()));
-                }
-            }
-        }
-        let identities = self.check_topic_ids(&jobs, deadline);
-        self.rt.block_on(
-            futures::stream::iter(jobs)
-                .map(|(tp, i, sink)| {
-                    let verdict = identities.get(&(i, tp.topic.to_string())).cloned();
-                    async move {
-                        let result = match verdict {
-                            Some(failure) => Err(failure),
-                            None => match tokio::time::timeout_at(
-                                deadline,
-                                retrying(|| sink.recover(&tp)),
-                            )
-                            .await
-                            {
-                                Ok(r) => r.map_err(|e| Failure::Sink(Arc::new(e))),
-                                Err(_) => Err(Failure::Unready(format!(
-                                    "no answer within {}s",
-                                    within.as_secs()
-                                ))),
-                            },
-                        };
-                        ((tp, i), result)
-                    }
-                })
-                .buffer_unordered(RECOVERIES_AT_ONCE)
-                .collect::<HashMap<_, _>>(),
-        )
+        let jobs = self.sup.jobs(tps);
+        let failed = self.check_topic_ids(&jobs, deadline);
+        self.sup.recover(jobs, &failed, deadline, within)
     }
 
     /// Starts the workers of `tp` from what [`Self::recover_all`] found; returns where to read
@@ -164,13 +93,14 @@ impl Router {
         consumer: &BaseConsumer<LakeContext>,
         tp: &TopicPartition,
         recovered: &mut Recovered,
-    ) -> Result<Option<KOffset>, String> {
-        if self.parts.contains_key(tp) {
+    ) -> Result<Option<KOffset>, Error> {
+        if self.sup.holds(tp) {
             return Ok(None);
         }
         let mut positions = Vec::new();
         let mut unready = Vec::new();
-        for (i, s) in self.sinks.iter().enumerate() {
+        let sinks = self.sup.sinks().to_vec();
+        for (i, s) in sinks.iter().enumerate() {
             if !s.config.topics.matches(&tp.topic) {
                 continue;
             }
@@ -229,7 +159,10 @@ impl Router {
             Some(
                 consumer
                     .fetch_watermarks(&tp.topic, tp.partition, WATERMARKS_TIMEOUT)
-                    .map_err(|e| format!("cannot read the offsets of {tp}: {e}"))?,
+                    .map_err(|e| Error::Watermarks {
+                        tp: tp.clone(),
+                        reason: e.to_string(),
+                    })?,
             )
         } else {
             None
@@ -256,41 +189,7 @@ impl Router {
                 .insert(tp.clone(), (start.unwrap_or(low), high));
         }
         let end = marks.filter(|_| self.options.until_caught_up).map(|m| m.1);
-        let mut state = PartitionState {
-            workers: Vec::new(),
-            end,
-            committed: BTreeMap::new(),
-            delivered: start,
-        };
-        for (i, pos) in &resolved {
-            let (tx, rx) = mpsc::channel(self.queue.div_ceil(SEND_BATCH).max(2));
-            if let Some(p) = pos {
-                state.committed.insert(*i, *p);
-            }
-            self.next_worker += 1;
-            let id = self.next_worker;
-            let ctx = WorkerCtx {
-                sink_index: *i,
-                id,
-                runtime: self.sinks[*i].clone(),
-                tp: tp.clone(),
-                position: *pos,
-                end_offset: end,
-                events: self.events.clone(),
-                budget: self.budget.clone(),
-                progress: self.progress.clone(),
-                decode_rows: self.decode_rows,
-                identities: self.identities.clone(),
-            };
-            let join = self.rt.spawn(worker::run(ctx, rx));
-            state.workers.push(WorkerHandle {
-                sink: *i,
-                id,
-                tx,
-                join,
-            });
-        }
-        self.parts.insert(tp.clone(), state);
+        self.sup.start(tp, &resolved, end, start, self.decode_rows);
         // The earliest position any sink needs (the others skip what they have), or, when no
         // sink has one, the end of the log `auto.offset.reset` names.
         Ok(Some(start.map_or(self.start_at.logical(), KOffset::Offset)))
@@ -320,7 +219,7 @@ impl Router {
                     info!(%tp, "the tables of {tp} answer again; reading it");
                     if let Err(e) = consumer.seek(&tp.topic, tp.partition, at, WATERMARKS_TIMEOUT) {
                         self.fatal
-                            .get_or_insert(format!("cannot seek {tp} to {at:?}: {e}"));
+                            .get_or_insert(Error::kafka(format!("cannot seek {tp} to {at:?}"), e));
                     }
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition(&tp.topic, tp.partition);
@@ -343,7 +242,7 @@ impl Router {
         tp: &TopicPartition,
         at: i64,
     ) -> bool {
-        if !self.parts.contains_key(tp) {
+        if !self.sup.holds(tp) {
             return true; // not ours any more: its next owner decides
         }
         let (low, high) = match consumer.fetch_watermarks(
@@ -368,21 +267,25 @@ impl Router {
                     the topic (counted in lakesink_skipped_total{{reason=\"retention\"}}); \
                     raise the topic's retention.ms or keep lakesink running");
             let mut rejected = self.progress.rejected.lock().expect("progress");
-            for w in &self.parts[tp].workers {
-                let sink = self.sinks[w.sink].config.name.clone();
+            for i in self.sup.sinks_of(tp) {
+                let sink = self.sup.sinks()[i].config.name.clone();
                 *rejected.entry((sink, "retention", "skip")).or_default() += lost as u64;
             }
         } else {
             // Back in range (the log moved meanwhile): read on where the workers are.
-            let to = self.parts[tp].delivered.unwrap_or(at).max(low);
+            let to = self.sup.delivered(tp).unwrap_or(at).max(low);
             if let Err(e) = consumer.seek(
                 &tp.topic,
                 tp.partition,
                 KOffset::Offset(to),
                 WATERMARKS_TIMEOUT,
             ) {
-                self.fatal
-                    .get_or_insert(format!("cannot seek {tp} to {to}: {e}"));
+                self.fatal.get_or_insert(Error::Seek {
+                    tp: tp.clone(),
+                    offset: sinks::Offset(to),
+                    after_fence: false,
+                    reason: e.to_string(),
+                });
             }
         }
         true
@@ -399,21 +302,20 @@ impl Router {
         current: &str,
     ) {
         let tps: Vec<TopicPartition> = self
-            .parts
-            .keys()
+            .sup
+            .held()
+            .into_iter()
             .filter(|tp| &*tp.topic == topic)
-            .cloned()
             .collect();
         self.topic_ids.retain(|(_, t), _| t != topic);
         for tp in &tps {
-            let sinks: Vec<usize> = self.parts[tp].workers.iter().map(|w| w.sink).collect();
-            for i in sinks {
-                let s = &self.sinks[i];
+            for i in self.sup.sinks_of(tp) {
+                let s = &self.sup.sinks()[i];
                 let why = recreated(&s.config.name, s.sink.location(), tp, recorded, current);
                 error!(sink = %s.config.name, %tp, "{why}");
                 self.progress.quarantine(tp, Some(&s.config.name), why);
             }
-            self.drain(std::slice::from_ref(tp));
+            self.sup.drain(std::slice::from_ref(tp));
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&tp.topic, tp.partition);
             if let Err(e) = consumer.pause(&tpl) {
@@ -432,7 +334,7 @@ impl Router {
     ) {
         error!(%tp, "{why}");
         self.progress.quarantine(tp, None, why);
-        self.drain(std::slice::from_ref(tp));
+        self.sup.drain(std::slice::from_ref(tp));
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&tp.topic, tp.partition);
         if let Err(e) = consumer.pause(&tpl) {

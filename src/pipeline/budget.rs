@@ -1,0 +1,164 @@
+//! The global memory budget for decoded data, and when it makes writers flush.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The global budget for decoded data: buffered in partition writers, plus flushes still being
+/// encoded and staged (their Arrow batches and Parquet output are alive until the stage ends),
+/// plus staged flushes that keep their rows until their commit (a Delta upsert's changes).
+///
+/// Only writers holding at least the average buffer flush for memory, so pressure produces a
+/// few larger files rather than one tiny file per partition. From three quarters of the limit
+/// on, such writers flush a few at a time ([`EARLY_FLUSHES`] being encoded or staged at once),
+/// so encoding keeps pace with decoding; over the limit, all of them flush. Flushing only at the
+/// limit made every partition (all filling at the same rate) flush at once: the encoders queued
+/// dozens of flushes while decoding waited for them, then sat idle while the buffers refilled.
+#[derive(Debug)]
+pub struct BufferBudget {
+    limit: usize,
+    /// Bytes buffered in writers.
+    used: AtomicUsize,
+    /// Bytes of flushes between their start and the end of their stage.
+    in_flight: AtomicUsize,
+    /// Writers holding at least one batch.
+    holders: AtomicUsize,
+    /// Flushes between their start and the end of their stage.
+    flushing: AtomicUsize,
+    /// How many flushes may be in flight before the limit is reached.
+    early_flushes: usize,
+}
+
+/// Flushes in flight (encoding or staging) per core below the limit: enough to keep every
+/// core's encoder busy while another flush uploads.
+const EARLY_FLUSHES: usize = 2;
+
+impl BufferBudget {
+    pub fn new(limit: u64) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        Self {
+            limit: limit as usize,
+            used: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            holders: AtomicUsize::new(0),
+            flushing: AtomicUsize::new(0),
+            early_flushes: EARLY_FLUSHES * cores,
+        }
+    }
+    /// A writer buffered `n` more bytes; `first` when its buffer was empty.
+    pub fn add(&self, n: usize, first: bool) {
+        self.used.fetch_add(n, Ordering::Relaxed);
+        if first {
+            self.holders.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    /// A writer dropped its buffer of `n` bytes (`n > 0`).
+    pub fn release(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+        self.holders.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// A writer starts flushing its buffer of `n` bytes (`n > 0`): buffered becomes in flight.
+    pub fn start_flush(&self, n: usize) {
+        self.release(n);
+        self.in_flight.fetch_add(n, Ordering::Relaxed);
+        self.flushing.fetch_add(1, Ordering::Relaxed);
+    }
+    /// The flush of `n` bytes started by [`Self::start_flush`] is staged (or abandoned).
+    pub fn staged(&self, n: usize) {
+        self.in_flight.fetch_sub(n, Ordering::Relaxed);
+        self.flushing.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// A staged flush keeps `n` bytes of decoded data until its commit ends (`end_flush`).
+    pub fn hold(&self, n: usize) {
+        self.in_flight.fetch_add(n, Ordering::Relaxed);
+    }
+    /// The `n` bytes [`Self::hold`] kept are committed or abandoned.
+    pub fn end_flush(&self, n: usize) {
+        self.in_flight.fetch_sub(n, Ordering::Relaxed);
+    }
+    /// Buffered plus in flight.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed) + self.in_flight.load(Ordering::Relaxed)
+    }
+    pub fn over(&self) -> bool {
+        self.used() > self.limit
+    }
+    /// Whether a writer holding `mine` bytes should flush now: holding at least the average
+    /// buffer, and over the limit, or over three quarters of it with room among the flushes in
+    /// flight.
+    pub fn should_flush(&self, mine: usize) -> bool {
+        let used = self.used();
+        if mine == 0 || used <= self.limit / 4 * 3 {
+            return false;
+        }
+        let holders = self.holders.load(Ordering::Relaxed).max(1);
+        if mine.saturating_mul(holders) < self.used.load(Ordering::Relaxed) {
+            return false;
+        }
+        used > self.limit || self.flushing.load(Ordering::Relaxed) < self.early_flushes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BufferBudget;
+
+    #[test]
+    fn only_large_holders_flush_under_pressure() {
+        let b = BufferBudget::new(100);
+        b.add(10, true);
+        b.add(60, true);
+        assert!(!b.should_flush(60), "under three quarters nobody flushes");
+        b.add(40, true);
+        assert!(b.over());
+        assert!(b.should_flush(60), "the largest holder flushes");
+        assert!(b.should_flush(40), "so does one over the average");
+        assert!(!b.should_flush(10), "small holders keep buffering");
+        b.start_flush(60);
+        assert!(b.over(), "a flush in flight still counts");
+        b.staged(60);
+        assert!(!b.over());
+        b.release(10);
+        b.release(40);
+        assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn below_the_limit_a_few_flushes_at_a_time() {
+        let b = BufferBudget::new(100);
+        for _ in 0..b.early_flushes {
+            b.add(1, true);
+            b.start_flush(1);
+        }
+        b.add(39, true);
+        b.add(40, true);
+        assert!(b.used() > 75 && !b.over());
+        assert!(
+            !b.should_flush(40),
+            "above three quarters, a flush waits for room among those in flight"
+        );
+        b.staged(1);
+        assert!(b.should_flush(40), "room: the largest holder flushes");
+        b.start_flush(40);
+        b.add(45, false);
+        assert!(
+            b.over() && b.should_flush(84),
+            "over the limit, flushes start whatever is in flight"
+        );
+    }
+
+    #[test]
+    fn changes_waiting_for_their_commit_put_the_buffers_under_pressure() {
+        let b = BufferBudget::new(100);
+        b.add(60, true);
+        b.start_flush(60);
+        b.staged(60);
+        // The staged upsert keeps its 60 bytes of changes until the commit.
+        b.hold(60);
+        b.add(50, true);
+        assert!(
+            b.over() && b.should_flush(50),
+            "buffers flush while changes wait"
+        );
+        b.end_flush(60);
+        assert!(!b.over());
+    }
+}
