@@ -21,7 +21,9 @@ use crate::{Error, RegisteredSchema, Result, SchemaId};
 /// How to reach a registry.
 #[derive(Clone)]
 pub struct RegistryConfig {
+    /// The registry's base URL (`https://host:8081`).
     pub url: String,
+    /// Basic-auth user (Confluent Cloud: the API key).
     pub username: Option<String>,
     /// Never printed: `Debug` redacts it.
     pub password: Option<String>,
@@ -31,7 +33,9 @@ pub struct RegistryConfig {
     pub ca_file: Option<std::path::PathBuf>,
     /// PEM files with a client certificate and its private key (mutual TLS).
     pub client_cert_file: Option<std::path::PathBuf>,
+    /// The private key of `client_cert_file`.
     pub client_key_file: Option<std::path::PathBuf>,
+    /// How long one request may take.
     pub timeout: Duration,
     /// Attempts for retryable failures (at least 1).
     pub attempts: u32,
@@ -56,6 +60,7 @@ impl fmt::Debug for RegistryConfig {
 }
 
 impl RegistryConfig {
+    /// The defaults for `url`: no auth, 10 s per request, 3 attempts.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -118,15 +123,21 @@ struct IdBody {
 /// A subject version as `GET /subjects/{s}/versions/{v}` returns it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SubjectVersion {
+    /// The subject.
     pub subject: String,
+    /// The version within the subject.
     pub version: u32,
+    /// The schema's global id.
     pub id: u32,
+    /// The schema text.
     pub schema: String,
+    /// The schemas it imports or names.
     #[serde(default)]
     pub references: Vec<Reference>,
 }
 
 impl RegistryClient {
+    /// A client for `config`; fails only on unreadable TLS files.
     pub fn new(config: RegistryConfig) -> Result<Self> {
         let base = config.url.trim_end_matches('/').to_string();
         let tls = |what: &str, e: String| Error::Tls {

@@ -15,16 +15,24 @@ use serde_json::Value;
 /// Compatibility levels of the Confluent registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
+    /// No check.
     None,
+    /// A new schema reads data of the last one.
     Backward,
+    /// A new schema reads data of every earlier one.
     BackwardTransitive,
+    /// The last schema reads data of a new one.
     Forward,
+    /// Every earlier schema reads data of a new one.
     ForwardTransitive,
+    /// Backward and forward with the last schema.
     Full,
+    /// Backward and forward with every earlier schema.
     FullTransitive,
 }
 
 impl Level {
+    /// Parses a Confluent compatibility level (`BACKWARD`, `FULL_TRANSITIVE`, ...), any case.
     pub fn parse(s: &str) -> Option<Level> {
         Some(match s.to_ascii_uppercase().as_str() {
             "NONE" => Level::None,

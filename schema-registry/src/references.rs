@@ -12,7 +12,9 @@ use serde_json::Value;
 pub struct Reference {
     /// The referenced type's name as the schema uses it (e.g. `com.acme.Address`).
     pub name: String,
+    /// The subject the referenced schema is registered under.
     pub subject: String,
+    /// Its version in that subject (`-1`: the latest).
     pub version: i64,
 }
 

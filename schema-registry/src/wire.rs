@@ -8,15 +8,25 @@ pub const MAGIC: u8 = 0;
 /// Length of the header (magic + id).
 pub const HEADER_LEN: usize = 5;
 
+/// Why a payload is not a Confluent-framed record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum WireError {
+    /// The payload is empty.
     #[error("record is empty (a tombstone?); a Confluent-framed value needs at least 5 bytes")]
     Empty,
+    /// Shorter than the 5-byte header.
     #[error("record has {len} bytes; a Confluent-framed value needs at least 5")]
-    TooShort { len: usize },
+    TooShort {
+        /// The payload's length.
+        len: usize,
+    },
+    /// The first byte is not the magic byte 0.
     #[error("record starts with byte {found:#04x}, not the Confluent magic byte 0x00 (not produced with a schema-registry serializer?)")]
-    BadMagic { found: u8 },
+    BadMagic {
+        /// The first byte.
+        found: u8,
+    },
 }
 
 /// Splits a framed record into its schema id and body.

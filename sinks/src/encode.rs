@@ -13,10 +13,14 @@ use parquet::schema::types::ColumnPath;
 /// Parquet column compression.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Compression {
+    /// No compression.
     None,
+    /// Snappy (the default): fast, and every reader has it.
     #[default]
     Snappy,
+    /// Zstandard: smaller files for a little more CPU.
     Zstd,
+    /// LZ4 (raw).
     Lz4,
 }
 

@@ -3,81 +3,136 @@
 
 use crate::{Offset, TopicPartition};
 
+/// The sinks crate's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Why a sink call failed; [`Error::is_retryable`] says whether trying again can help.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The table's URL cannot be used.
     #[error("invalid table location `{location}`: {reason}")]
-    Location { location: String, reason: String },
+    Location {
+        /// The table's location.
+        location: String,
+        /// Why.
+        reason: String,
+    },
 
+    /// The object store failed (network, permissions, a missing bucket).
     #[error("object store error at `{path}` in table {table}: {source}")]
     Store {
+        /// The table's location.
         table: String,
+        /// The object's path.
         path: String,
+        /// The underlying error.
         #[source]
         source: Box<object_store::Error>,
     },
 
+    /// The flush could not be encoded as Parquet.
     #[error("cannot encode parquet for {tp} offsets {start}..{next}: {source}")]
     Encode {
+        /// The source partition.
         tp: TopicPartition,
+        /// The flush's start position.
         start: Offset,
+        /// One past the flush's last offset.
         next: Offset,
+        /// The underlying error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    /// A `partition_by` entry does not parse.
     #[error("invalid partition_by `{spec}`: {reason}")]
-    PartitionSpec { spec: String, reason: String },
+    PartitionSpec {
+        /// The `partition_by` entry.
+        spec: String,
+        /// Why.
+        reason: String,
+    },
 
+    /// A row's partition value cannot be computed.
     #[error("cannot compute partition `{spec}` for {tp}: {reason}")]
     PartitionValue {
+        /// The `partition_by` entry.
         spec: String,
+        /// The source partition.
         tp: TopicPartition,
+        /// Why.
         reason: String,
     },
 
+    /// A commit marker cannot be read: the table needs repair.
     #[error("corrupt commit marker `{path}` in table {table}: {reason}")]
     CorruptMarker {
+        /// The table's location.
         table: String,
+        /// The object's path.
         path: String,
+        /// Why.
         reason: String,
     },
 
+    /// The commit markers of a partition do not form a chain: the table needs repair.
     #[error("broken commit chain for {tp} in table {table}: {reason}")]
     Chain {
+        /// The table's location.
         table: String,
+        /// The source partition.
         tp: TopicPartition,
+        /// Why.
         reason: String,
     },
 
+    /// A Delta Lake operation failed.
     #[error("Delta table {table}: cannot {op}: {source}")]
     Delta {
+        /// The table's location.
         table: String,
+        /// What was attempted.
         op: &'static str,
+        /// The underlying error.
         #[source]
         source: Box<deltalake::DeltaTableError>,
     },
 
+    /// The flush's columns do not fit the table's.
     #[error("schema of {tp} does not fit table {table}: {reason}")]
     Schema {
+        /// The table's location.
         table: String,
+        /// The source partition.
         tp: TopicPartition,
+        /// Why.
         reason: String,
     },
 
+    /// The warehouse (Databend) failed or refused a statement.
     #[error("{location}: cannot {op}: {reason}")]
     Warehouse {
+        /// The table's location.
         location: String,
+        /// What was attempted.
         op: &'static str,
+        /// Whether the warehouse said a retry can succeed.
         retryable: bool,
+        /// Why.
         reason: String,
     },
 
+    /// The flush's changes cannot be applied by key.
     #[error("cannot upsert {tp}: {reason}")]
-    Upsert { tp: TopicPartition, reason: String },
+    Upsert {
+        /// The source partition.
+        tp: TopicPartition,
+        /// Why.
+        reason: String,
+    },
 
+    /// A background task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Join(String),
 }

@@ -17,6 +17,8 @@
 //!
 //! [`RecordBatch`]: arrow::record_batch::RecordBatch
 
+#![warn(missing_docs)]
+
 pub mod crash;
 pub mod databend;
 pub mod delta;
@@ -41,11 +43,14 @@ pub use error::{Error, Result};
 /// A Kafka partition of a topic (or any partitioned, offset-addressed source).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TopicPartition {
+    /// The topic's name.
     pub topic: Arc<str>,
+    /// The partition's number.
     pub partition: i32,
 }
 
 impl TopicPartition {
+    /// Partition `partition` of `topic`.
     pub fn new(topic: impl Into<Arc<str>>, partition: i32) -> Self {
         Self {
             topic: topic.into(),
@@ -78,9 +83,13 @@ impl fmt::Display for Offset {
 /// commits form a gap-free chain of positions.
 #[derive(Debug, Clone)]
 pub struct Flush {
+    /// The source partition.
     pub tp: TopicPartition,
+    /// The position the flush starts at: the previous commit's `next`.
     pub start: Offset,
+    /// One past the last offset included.
     pub next: Offset,
+    /// The rows, in offset order, all of one schema.
     pub batches: Vec<RecordBatch>,
     /// The source table was truncated just before `batches` (a Debezium `op: "t"`): an upsert
     /// sink empties the table in the same commit, before applying them. Append sinks never see
@@ -89,6 +98,7 @@ pub struct Flush {
 }
 
 impl Flush {
+    /// Rows in all batches.
     pub fn rows(&self) -> usize {
         self.batches.iter().map(|b| b.num_rows()).sum()
     }
@@ -98,20 +108,32 @@ impl Flush {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
     /// This writer's flush is now committed and visible.
-    Committed { next: Offset },
+    Committed {
+        /// Where the writer reads on from.
+        next: Offset,
+    },
     /// An earlier attempt of this same writer already committed this flush (a retried request
     /// whose first response was lost); it is visible and the writer may continue.
-    AlreadyCommitted { next: Offset },
+    AlreadyCommitted {
+        /// Where the writer reads on from.
+        next: Offset,
+    },
     /// Another writer committed a flush at this start position first. This writer must discard
     /// its flush and resume from `next`, the winner's end.
-    Fenced { next: Offset },
+    Fenced {
+        /// Where the writer reads on from.
+        next: Offset,
+    },
 }
 
 /// Summary of one committed flush, for progress reporting.
 #[derive(Debug, Clone, Default)]
 pub struct CommitStats {
+    /// Data files the commit added.
     pub files: usize,
+    /// Rows the commit added or changed.
     pub rows: u64,
+    /// Bytes of data files the commit added.
     pub bytes: u64,
 }
 
@@ -120,12 +142,17 @@ pub struct CommitStats {
 /// sink of the kind that staged it.
 #[derive(Debug, Clone)]
 pub struct Staged<D> {
+    /// The source partition.
     pub tp: TopicPartition,
+    /// The position the flush starts at (the fence key).
     pub start: Offset,
+    /// One past the last offset included.
     pub next: Offset,
+    /// Rows staged.
     pub rows: u64,
     /// The data's columns as `name: type`, recorded in the commit for humans and tools.
     pub columns: Vec<String>,
+    /// What the sink that staged the flush needs to commit it.
     pub data: D,
 }
 

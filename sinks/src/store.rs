@@ -17,7 +17,9 @@ use crate::{Error, Result};
 /// An object store and the table's root inside it.
 #[derive(Debug, Clone)]
 pub struct TableStore {
+    /// The object store the table lives in.
     pub store: Arc<dyn ObjectStore>,
+    /// The table's root inside the store.
     pub root: Path,
     pub(crate) location: String,
 }

@@ -26,24 +26,45 @@ pub const TABLE_VERSION_MISMATCHED: i64 = 2009;
 /// over several tables.
 pub const UNRESOLVABLE_CONFLICT: i64 = 4001;
 
+/// Why a Databend request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The server could not be reached (connection refused, reset, timed out).
     #[error("cannot reach Databend at {url}: {reason}")]
-    Transport { url: String, reason: String },
+    Transport {
+        /// The server's URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server answered with an HTTP error status.
     #[error("Databend at {url} answered HTTP {status}: {body}")]
     Http {
+        /// The server's URL.
         url: String,
+        /// The HTTP status.
         status: u16,
+        /// The response body, shortened.
         body: String,
     },
+    /// The server ran the statement and reported an error.
     #[error("Databend error {code}: {message} (in `{sql}`)")]
     Query {
+        /// The error code.
         code: i64,
+        /// The server's message.
         message: String,
+        /// The statement, shortened.
         sql: String,
     },
+    /// The server's answer could not be understood.
     #[error("unexpected response from Databend at {url}: {reason}")]
-    Protocol { url: String, reason: String },
+    Protocol {
+        /// The server's URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl ClientError {
@@ -67,7 +88,9 @@ impl ClientError {
 /// A column of a result.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ColumnInfo {
+    /// The column's name.
     pub name: String,
+    /// The column's Databend type, as the server writes it.
     #[serde(rename = "type")]
     pub data_type: String,
 }
@@ -75,35 +98,49 @@ pub struct ColumnInfo {
 /// One page of `/v1/query`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct QueryResponse {
+    /// The query's id on the server.
     pub id: String,
+    /// The node that runs the query (Databend Cloud routes follow-up pages to it).
     #[serde(default)]
     pub node_id: Option<String>,
+    /// The session state to send with the next statement (transactions live in it).
     #[serde(default)]
     pub session: Option<Value>,
+    /// The result's columns.
     #[serde(default)]
     pub schema: Vec<ColumnInfo>,
+    /// This page's rows, every value in Databend's text form (`None` is NULL).
     #[serde(default)]
     pub data: Vec<Vec<Option<String>>>,
+    /// `Running`, `Succeeded` or `Failed`.
     #[serde(default)]
     pub state: String,
+    /// Why the query failed, when it did.
     #[serde(default)]
     pub error: Option<QueryError>,
+    /// Where the next page is, while the query runs.
     #[serde(default)]
     pub next_uri: Option<String>,
+    /// Where to acknowledge the finished query.
     #[serde(default)]
     pub final_uri: Option<String>,
 }
 
+/// An error the server reports for a query.
 #[derive(Debug, Clone, Deserialize)]
 pub struct QueryError {
+    /// Databend's error code (see the constants above).
     pub code: i64,
+    /// Databend's message.
     pub message: String,
 }
 
 /// Rows of a finished query (every value as Databend's text form; `None` is NULL).
 #[derive(Debug, Clone, Default)]
 pub struct QueryResult {
+    /// The result's columns.
     pub schema: Vec<ColumnInfo>,
+    /// Every row, every value in Databend's text form (`None` is NULL).
     pub rows: Vec<Vec<Option<String>>>,
 }
 
@@ -138,11 +175,15 @@ impl Session {
 pub struct ClientConfig {
     /// `http(s)://host:port`.
     pub endpoint: Url,
+    /// The SQL user.
     pub user: String,
+    /// The user's password (never logged: `Debug` redacts it).
     pub password: Option<String>,
     /// `X-DATABEND-WAREHOUSE` for Databend Cloud.
     pub warehouse: Option<String>,
+    /// The database statements run in.
     pub database: String,
+    /// How long one HTTP request may take.
     pub timeout: Duration,
 }
 
@@ -158,6 +199,7 @@ impl std::fmt::Debug for ClientConfig {
     }
 }
 
+/// A Databend HTTP client (`/v1/query`): statements, pages, sessions and stage uploads.
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -200,6 +242,7 @@ fn excerpt(sql: &str) -> String {
 }
 
 impl Client {
+    /// A client for `config` (no request is made).
     pub fn new(config: ClientConfig) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
@@ -211,6 +254,7 @@ impl Client {
         Ok(Self { http, config })
     }
 
+    /// What the client connects to.
     pub fn config(&self) -> &ClientConfig {
         &self.config
     }

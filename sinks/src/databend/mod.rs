@@ -63,23 +63,29 @@ pub const TOPICS: &str = "lakesink_topics";
 /// How a Databend sink loads.
 #[derive(Debug, Clone)]
 pub struct DatabendSinkConfig {
+    /// The server, user and database.
     pub client: ClientConfig,
     /// The sink's name: the ledger key, and part of staged file names.
     pub sink: String,
     /// Table name template: `{topic}`, and for Debezium topics `server.db.table`, `{db}` and
     /// `{table}` (the topic's last two dot-separated parts).
     pub table: String,
+    /// Upsert by key instead of appending (`None`: append).
     pub upsert: Option<UpsertConfig>,
+    /// Compression of the staged Parquet files.
     pub compression: Compression,
 }
 
 /// What stage leaves for commit.
 #[derive(Debug, Clone)]
 pub struct DatabendStaged {
+    /// The table the file is loaded into.
     pub table: String,
     /// Path inside the user stage, `lakesink/<sink>/<topic>/<p>/<start>-<next>.parquet`.
     pub file: Option<String>,
+    /// The file's columns, in order, as the load names them.
     pub columns: Vec<String>,
+    /// The staged file's size.
     pub bytes: u64,
     /// Empty the table before loading (a source TRUNCATE; upserts only).
     pub truncate: bool,
@@ -88,6 +94,8 @@ pub struct DatabendStaged {
     pub unchanged: bool,
 }
 
+/// Loads flushes into Databend tables, each load and its ledger row in one transaction (see
+/// the module doc).
 pub struct DatabendSink {
     client: Client,
     config: DatabendSinkConfig,
@@ -113,6 +121,7 @@ impl std::fmt::Debug for DatabendSink {
 }
 
 impl DatabendSink {
+    /// A sink for `config` (no request is made until the first call).
     pub fn new(config: DatabendSinkConfig) -> Result<Self> {
         let location = format!(
             "databend {}{} database {}",
@@ -142,6 +151,7 @@ impl DatabendSink {
         })
     }
 
+    /// Calls `hook` at every crash point (tests inject crashes with it).
     pub fn with_crash_hook(mut self, hook: CrashHook) -> Self {
         self.crash_hook = Some(hook);
         self

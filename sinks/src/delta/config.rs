@@ -8,7 +8,9 @@ pub struct DeltaSinkConfig {
     /// Output partitioning; `day(col)` / `hour(col)` become `day` (date) / `hour` (string)
     /// partition columns of the table.
     pub partition_by: Vec<PartitionSpec>,
+    /// Compression of the data files.
     pub compression: Compression,
+    /// Rows per Parquet row group.
     pub row_group_rows: usize,
     /// Txn app ids are `<prefix>/<topic>/<partition>` (`lakesink/orders/3`): the table's own
     /// identity of a source partition, so renaming the consumer group or running a second

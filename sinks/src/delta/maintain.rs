@@ -9,11 +9,17 @@ use super::*;
 /// What `lakesink maintain` did to one table.
 #[derive(Debug, Clone, Default)]
 pub struct MaintainReport {
+    /// The table's version before (`None`: no table).
     pub version_before: Option<u64>,
+    /// The table's version after.
     pub version_after: Option<u64>,
+    /// Small files rewritten into larger ones.
     pub files_compacted: u64,
+    /// Files the compaction wrote.
     pub files_written: u64,
+    /// Unreferenced files deleted past the retention.
     pub files_vacuumed: usize,
+    /// Whether a checkpoint was written.
     pub checkpoint: bool,
 }
 

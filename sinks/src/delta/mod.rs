@@ -188,6 +188,7 @@ impl DeltaSink {
         }
     }
 
+    /// How the sink writes and commits.
     pub fn config(&self) -> &DeltaSinkConfig {
         &self.config
     }

@@ -25,21 +25,29 @@ const MARKER_VERSION: u32 = 1;
 /// The commit record of one flush: `_lakesink/commits/<topic>/<partition>/<start>.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Marker {
+    /// The marker format's version.
     pub version: u32,
+    /// The writer that committed (its sink name and a per-process id), for humans.
     pub writer: String,
+    /// The source topic.
     pub topic: String,
+    /// The source partition.
     pub partition: i32,
     /// Position this flush starts at (the fence key).
     pub start: i64,
     /// One past the last offset included.
     pub next: i64,
+    /// Rows in the flush's files.
     pub rows: u64,
+    /// The flush's data files, the only ones readers may count.
     pub files: Vec<MarkerFile>,
     /// Arrow schema of the data, as `name: type` strings, for humans and tools.
     pub columns: Vec<String>,
+    /// When the marker was written (ms since the epoch).
     pub committed_at_ms: i64,
 }
 
+/// A data file a marker lists.
 pub type MarkerFile = StagedFile;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +80,7 @@ fn offset_key(o: i64) -> String {
 }
 
 impl ParquetSink {
+    /// A sink writing to `table` (nothing is read or written until the first call).
     pub fn new(table: TableStore, config: ParquetSinkConfig) -> Self {
         Self {
             table,
@@ -93,6 +102,7 @@ impl ParquetSink {
         }
     }
 
+    /// The table's store and root.
     pub fn table(&self) -> &TableStore {
         &self.table
     }

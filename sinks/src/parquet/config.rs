@@ -8,6 +8,7 @@ use crate::partition::PartitionSpec;
 pub struct ParquetSinkConfig {
     /// Output partitioning, in path order.
     pub partition_by: Vec<PartitionSpec>,
+    /// Compression of the data files.
     pub compression: Compression,
     /// Rows per Parquet row group.
     pub row_group_rows: usize,

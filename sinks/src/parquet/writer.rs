@@ -18,7 +18,9 @@ pub struct StagedFile {
     pub staged: String,
     /// Final path, relative to the table root.
     pub path: String,
+    /// Rows in the file.
     pub rows: u64,
+    /// The file's size.
     pub bytes: u64,
 }
 

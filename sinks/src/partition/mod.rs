@@ -36,6 +36,7 @@ pub enum PartitionSpec {
 }
 
 impl PartitionSpec {
+    /// Parses a `partition_by` entry: a column, `day(col)` or `hour(col)`.
     pub fn parse(spec: &str) -> Result<Self> {
         let s = spec.trim();
         let bad = |reason: &str| Error::PartitionSpec {

@@ -35,6 +35,7 @@ pub struct UpsertConfig {
 /// A flush's changes, reduced to the last one per key.
 #[derive(Debug)]
 pub struct Changes {
+    /// The last change per key, in offset order.
     pub rows: RecordBatch,
     /// Rows the reduction dropped (superseded by a later change of the same key).
     pub superseded: usize,
@@ -43,6 +44,7 @@ pub struct Changes {
 }
 
 impl Changes {
+    /// Reduces a flush's batches to the last change per key (see [`UpsertConfig`]).
     pub fn build(
         config: &UpsertConfig,
         schema: &SchemaRef,
