@@ -2,7 +2,7 @@
 //! one start, an empty flush, a zombie behind the owner) against the real services: Parquet and
 //! Delta tables on the S3 (moto), Azure (Azurite) and GCS (fake-gcs-server) servers, and a
 //! Databend table on the Databend test server. Each sink's unit tests run the same scenarios on
-//! local storage.
+//! local storage (Databend's, which has no local mode, on the same test server).
 
 mod common;
 

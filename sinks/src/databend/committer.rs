@@ -194,7 +194,7 @@ impl DatabendSink {
             }
             Ok(None) => {
                 self.run(&mut s, "commit", "COMMIT").await?;
-                self.point("after_commit");
+                self.crash.at("after_commit");
                 if let Some(file) = &d.file {
                     // Best effort: the file is never loaded again (the ledger moved on).
                     let mut cleanup = Session::default();

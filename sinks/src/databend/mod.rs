@@ -37,44 +37,32 @@
 
 pub mod client;
 mod committer;
+mod config;
 mod ledger;
 pub mod sql;
 mod table;
 mod writer;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 
 use tracing::debug;
 
-use crate::crash::CrashHook;
-use crate::encode::Compression;
-use crate::upsert::UpsertConfig;
+use crate::crash::{CrashHook, CrashPoints};
 use crate::{
     CommitOutcome, CommitStats, Error, Flush, Offset, Result, Sink, Staged, TopicPartition,
 };
-use client::{Client, ClientConfig, ClientError, Session};
+use client::{Client, ClientError, Session};
 use sql::ident;
+
+pub use config::DatabendSinkConfig;
 
 /// The ledger table, in the sink's database.
 pub const LEDGER: &str = "lakesink_offsets";
 /// The Kafka topic id (KIP-516) each sink's ledger positions count offsets of, per topic.
 pub const TOPICS: &str = "lakesink_topics";
-
-/// How a Databend sink loads.
-#[derive(Debug, Clone)]
-pub struct DatabendSinkConfig {
-    /// The server, user and database.
-    pub client: ClientConfig,
-    /// The sink's name: the ledger key, and part of staged file names.
-    pub sink: String,
-    /// Table name template: `{topic}`, and for Debezium topics `server.db.table`, `{db}` and
-    /// `{table}` (the topic's last two dot-separated parts).
-    pub table: String,
-    /// Upsert by key instead of appending (`None`: append).
-    pub upsert: Option<UpsertConfig>,
-    /// Compression of the staged Parquet files.
-    pub compression: Compression,
-}
 
 /// What stage leaves for commit.
 #[derive(Debug, Clone)]
@@ -108,15 +96,13 @@ pub struct DatabendSink {
     /// only buys retries. Transactions of other processes (members) still conflict, and the
     /// loser is redone.
     commit_lock: tokio::sync::Mutex<()>,
-    crash_hook: Option<CrashHook>,
+    crash: CrashPoints,
 }
 
 impl std::fmt::Debug for DatabendSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DatabendSink")
-            .field("location", &self.location)
-            .field("config", &self.config)
-            .finish()
+        // The client config redacts the password; the location names server and database.
+        write!(f, "DatabendSink({}, {:?})", self.location, self.config)
     }
 }
 
@@ -147,21 +133,16 @@ impl DatabendSink {
             known: tokio::sync::Mutex::new(HashMap::new()),
             ledger_ready: tokio::sync::OnceCell::new(),
             commit_lock: tokio::sync::Mutex::new(()),
-            crash_hook: None,
+            crash: CrashPoints::default(),
         })
     }
 
     /// Calls `hook` at every crash point (tests inject crashes with it).
     pub fn with_crash_hook(mut self, hook: CrashHook) -> Self {
-        self.crash_hook = Some(hook);
+        self.crash.set(hook);
         self
     }
 
-    fn point(&self, name: &'static str) {
-        if let Some(h) = &self.crash_hook {
-            h(name);
-        }
-    }
 
     fn err(&self, op: &'static str, e: ClientError) -> Error {
         Error::Warehouse {

@@ -141,7 +141,7 @@ impl DatabendSink {
             truncate,
             unchanged: unchanged.is_some(),
         };
-        self.point("after_stage");
+        self.crash.at("after_stage");
         Ok(staged)
     }
 }

@@ -68,7 +68,7 @@ use url::Url;
 
 pub use schema::{conform_batch, delta_schema, merge as merge_schema};
 
-use crate::crash::CrashHook;
+use crate::crash::{CrashHook, CrashPoints};
 use crate::encode::Compression;
 use crate::partition::PartitionSpec;
 use crate::store::redact_url;
@@ -99,7 +99,7 @@ pub struct DeltaSink {
     table: tokio::sync::Mutex<Option<DeltaTable>>,
     /// The latest table schema this process knows (what staging conforms to).
     known_schema: std::sync::Mutex<Option<SchemaRef>>,
-    crash_hook: Option<CrashHook>,
+    crash: CrashPoints,
     /// Appends waiting for the table lock: whoever takes it commits them all in one log entry.
     pending: std::sync::Mutex<Vec<Pending>>,
 }
@@ -171,22 +171,17 @@ impl DeltaSink {
             config,
             table: tokio::sync::Mutex::new(None),
             known_schema: std::sync::Mutex::new(None),
-            crash_hook: None,
+            crash: CrashPoints::default(),
             pending: std::sync::Mutex::new(Vec::new()),
         })
     }
 
     /// Installs a hook called at `after_stage` and `after_commit` (tests only).
     pub fn with_crash_hook(mut self, hook: CrashHook) -> Self {
-        self.crash_hook = Some(hook);
+        self.crash.set(hook);
         self
     }
 
-    fn point(&self, name: &'static str) {
-        if let Some(h) = &self.crash_hook {
-            h(name);
-        }
-    }
 
     /// How the sink writes and commits.
     pub fn config(&self) -> &DeltaSinkConfig {
@@ -319,7 +314,7 @@ impl Sink for DeltaSink {
         .await
         .map_err(|e| Error::Join(e.to_string()))??;
         staged.data.adds = adds;
-        self.point("after_stage");
+        self.crash.at("after_stage");
         Ok(staged)
     }
 
@@ -332,7 +327,7 @@ impl Sink for DeltaSink {
         };
         let outcome = self.commit_queued(staged).await?;
         if matches!(outcome, CommitOutcome::Committed { .. }) {
-            self.point("after_commit");
+            self.crash.at("after_commit");
         }
         Ok((outcome, stats))
     }
@@ -374,7 +369,7 @@ impl DeltaSink {
             config: self.config.clone(),
             table: tokio::sync::Mutex::new(None),
             known_schema: std::sync::Mutex::new(None),
-            crash_hook: None,
+            crash: CrashPoints::default(),
             pending: std::sync::Mutex::new(Vec::new()),
         })
     }

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::config::ParquetSinkConfig;
 use super::writer::{encode, StagedFile};
-use crate::crash::CrashHook;
+use crate::crash::{CrashHook, CrashPoints};
 use crate::store::TableStore;
 use crate::{
     CommitOutcome, CommitStats, Error, Flush, Offset, Result, Sink, Staged, TopicIdentity,
@@ -63,7 +63,7 @@ pub struct ParquetSink {
     config: ParquetSinkConfig,
     /// Commits since the last hint, per partition.
     since_hint: Mutex<HashMap<TopicPartition, u32>>,
-    crash_hook: Option<CrashHook>,
+    crash: CrashPoints,
 }
 
 impl std::fmt::Debug for ParquetSink {
@@ -86,21 +86,16 @@ impl ParquetSink {
             table,
             config,
             since_hint: Mutex::new(HashMap::new()),
-            crash_hook: None,
+            crash: CrashPoints::default(),
         }
     }
 
     /// Installs a hook called at each named point of the commit protocol (tests only).
     pub fn with_crash_hook(mut self, hook: CrashHook) -> Self {
-        self.crash_hook = Some(hook);
+        self.crash.set(hook);
         self
     }
 
-    fn point(&self, name: &'static str) {
-        if let Some(h) = &self.crash_hook {
-            h(name);
-        }
-    }
 
     /// The table's store and root.
     pub fn table(&self) -> &TableStore {
@@ -195,7 +190,7 @@ impl ParquetSink {
     async fn publish(&self, marker: &Marker) -> Result<()> {
         for (i, f) in marker.files.iter().enumerate() {
             if i == 1 {
-                self.point("mid_publish");
+                self.crash.at("mid_publish");
             }
             let staged = self.rel(&f.staged);
             let dest = self.rel(&f.path);
@@ -475,7 +470,7 @@ impl Sink for ParquetSink {
             mode: PutMode::Create,
             ..Default::default()
         };
-        self.point("after_stage");
+        self.crash.at("after_stage");
         match self
             .table
             .store
@@ -483,7 +478,7 @@ impl Sink for ParquetSink {
             .await
         {
             Ok(_) => {
-                self.point("after_marker");
+                self.crash.at("after_marker");
                 self.publish(&marker).await?;
                 self.maybe_hint(tp, &marker).await?;
                 Ok((CommitOutcome::Committed { next: staged.next }, stats))

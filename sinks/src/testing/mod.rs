@@ -1,6 +1,6 @@
 //! The sink contract as scenarios every sink runs (`#[cfg(test)]` in each sink's unit tests on
-//! local storage; `feature = "testing"` for `tests/conformance.rs` on the S3, Azure and GCS
-//! servers and the Databend test server).
+//! local storage, Databend's on its test server; `feature = "testing"` for
+//! `tests/conformance.rs` on the S3, Azure and GCS servers and the Databend test server).
 //!
 //! A scenario takes a factory of writers (`make(i)`: writer `i` of one table; distinct writer
 //! identities where the sink has them) and a partition of its own, and asserts what the
