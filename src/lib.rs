@@ -17,4 +17,3 @@ pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod telemetry;
-pub mod workload;

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use common::databend::{assert_orders_exactly_once, databend_url, ledger, rows};
 use common::fault_proxy::FaultProxy;
 use common::*;
-use lakesink::workload::{order_schema, Order};
+use lakesink::app::workload::{order_schema, Order};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::producer::{FutureProducer, FutureRecord};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use apache_avro::types::Value;
 use common::*;
-use lakesink::workload::{order_schema, Order};
+use lakesink::app::workload::{order_schema, Order};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use schema_registry::wire;

@@ -14,7 +14,7 @@ use common::*;
 use lakesink::config::Config;
 use lakesink::kafka::SourceOptions;
 use lakesink::pipeline::Progress;
-use lakesink::workload::{order_schema, Order, ORDER_SCHEMA};
+use lakesink::app::workload::{order_schema, Order, ORDER_SCHEMA};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};

@@ -27,10 +27,10 @@ async fn produce_batched(
         .set("compression.type", "lz4")
         .create()
         .unwrap();
-    let schema = lakesink::workload::order_schema();
+    let schema = lakesink::app::workload::order_schema();
     let payloads: Vec<(i32, Vec<u8>)> = (0..n)
         .map(|i| {
-            let order = lakesink::workload::Order::generate(i).encode(&schema);
+            let order = lakesink::app::workload::Order::generate(i).encode(&schema);
             ((i % partitions as i64) as i32, wire::frame(id, &order))
         })
         .collect();

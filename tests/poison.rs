@@ -81,8 +81,8 @@ async fn poison_records_go_to_the_dead_letter_topic() {
     create_topic(&dlq, 1).await;
     let (registry_url, client) = registry().await;
     let id = register_orders(&client, &topic).await;
-    let schema = lakesink::workload::order_schema();
-    let good_body = lakesink::workload::Order::generate(7).encode(&schema);
+    let schema = lakesink::app::workload::order_schema();
+    let good_body = lakesink::app::workload::Order::generate(7).encode(&schema);
     let framed = schema_registry::wire::frame(id, &good_body);
     let poisons: Vec<(&str, Vec<u8>)> = vec![
         ("wire-format", b"\x7b\"garbage\": true}".to_vec()),

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::kafka::SourceOptions;
 use crate::pipeline::Progress;
-use crate::workload::{order_schema, Order, ORDER_SCHEMA};
+use crate::app::workload::{order_schema, Order, ORDER_SCHEMA};
 
 pub const TOPIC: &str = "demo.orders";
 

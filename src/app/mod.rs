@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod workload;
 mod inspect;
 
 pub use inspect::{check, status, CheckResult, PartitionStatus};

@@ -407,7 +407,7 @@ mod tests {
     /// and it decodes them as arrow-json does.
     #[test]
     fn order_lines_take_the_single_pass_decoder() {
-        use crate::workload::{Order, ORDER_JSON_SCHEMA};
+        use crate::app::workload::{Order, ORDER_JSON_SCHEMA};
         let cols: toml::Table = toml::from_str(&format!("s = {ORDER_JSON_SCHEMA}")).unwrap();
         let fields: Vec<Field> = cols["s"]
             .as_table()

@@ -97,7 +97,7 @@ pub async fn assert_orders_exactly_once(database: &str, table: &str, produced: &
     assert_eq!(seen.len(), produced.len(), "rows in the table vs produced");
     for (key, id) in produced {
         let r = &seen[key];
-        let expected = lakesink::workload::Order::generate(*id).expected_json();
+        let expected = lakesink::app::workload::Order::generate(*id).expected_json();
         assert_eq!(
             r[2].as_deref().map(|v| v.parse::<i64>().unwrap()),
             expected["id"].as_i64(),

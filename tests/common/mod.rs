@@ -22,7 +22,7 @@ use rdkafka::ClientConfig;
 use schema_registry::{wire, RegistryClient, RegistryConfig, SchemaId};
 use serde_json::Value;
 
-use lakesink::workload::{order_schema, Order, ORDER_SCHEMA};
+use lakesink::app::workload::{order_schema, Order, ORDER_SCHEMA};
 
 pub const AZURITE_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";

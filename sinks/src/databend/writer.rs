@@ -107,7 +107,7 @@ impl DatabendSink {
         let data = {
             let target = target.clone();
             let compression = self.config.compression;
-            crate::encode_blocking(move || encode(&batches, &target, compression))
+            crate::encode::encode_blocking(move || encode(&batches, &target, compression))
                 .await
                 .map_err(|e| Error::Join(e.to_string()))?
                 .map_err(|e| Error::Encode {

@@ -308,7 +308,7 @@ impl Sink for DeltaSink {
         let this = self.clone_for_io();
         let tp = flush.tp.clone();
         let schema2 = schema.clone();
-        let adds = crate::encode_blocking(move || {
+        let adds = crate::encode::encode_blocking(move || {
             handle.block_on(async move { this.write_files(&tp, &schema2, batches).await })
         })
         .await

@@ -373,7 +373,7 @@ impl Sink for ParquetSink {
 
     async fn stage(&self, flush: Flush) -> Result<Staged<Vec<StagedFile>>> {
         let config = self.config.clone();
-        let (flush, encoded) = crate::encode_blocking(move || {
+        let (flush, encoded) = crate::encode::encode_blocking(move || {
             let encoded = encode(&flush, &config);
             (flush, encoded)
         })

@@ -66,8 +66,8 @@ impl CpuSplit {
 
     pub(super) fn report(&self, rows: u64, elapsed: f64) -> String {
         let (tokio, rdkafka, poll, other) = self.by_kind();
-        let encode = sinks::ENCODE_CPU_NS
-            .load(Ordering::Relaxed)
+        let encode = sinks::encode::totals()
+            .cpu_ns
             .saturating_sub(self.encode_start);
         let us = |ns: u64| ns as f64 / 1e3 / rows.max(1) as f64;
         let feed = match (self.feed_start, self.feed_last) {
@@ -163,7 +163,7 @@ pub(super) async fn write_timeline(path: std::path::PathBuf, progress: Arc<Progr
         (
             p.backpressure_ns.load(Ordering::Relaxed),
             p.poll_idle_ns.load(Ordering::Relaxed),
-            sinks::ENCODE_CPU_NS.load(Ordering::Relaxed),
+            sinks::encode::totals().cpu_ns,
         )
     };
     let mut out = String::from("ms records_in rows_committed buffered_mib tokio_ms rdkafka_ms poll_ms other_ms encode_ms backpressure_ms poll_idle_ms\n");
@@ -199,9 +199,13 @@ pub(super) fn process_cpu_seconds(pid: u32) -> Option<f64> {
     Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
 }
 
-/// CPU seconds of the calling thread, to the nanosecond (schedstat).
+/// CPU seconds of the calling thread, to the nanosecond (Linux schedstat; 0 elsewhere).
 pub(super) fn thread_cpu_seconds() -> f64 {
-    sinks::thread_cpu_ns() as f64 / 1e9
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0) as f64
+        / 1e9
 }
 
 /// jemalloc's options as it runs them (the `lakesink` binary's defaults, or

@@ -12,7 +12,7 @@
 //! Workloads (`--format`): `avro` (Confluent-framed, the demo's schema: decimal, timestamp,
 //! date, enum, nullable record, array, map; ~94 bytes), `json` (flat order lines, ~190 bytes,
 //! declared schema) and `debezium` (the same rows in Debezium JSON envelopes, ~330 bytes).
-//! Every record is a pure function of its id (`crate::workload`).
+//! Every record is a pure function of its id (`crate::app::workload`).
 
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::process::{Command, Stdio};
@@ -35,7 +35,7 @@ use super::demo::demo_config;
 use crate::config::Config;
 use crate::kafka::SourceOptions;
 use crate::pipeline::Progress;
-use crate::workload::{order_schema, Order, ORDER_JSON_SCHEMA, ORDER_SCHEMA};
+use crate::app::workload::{order_schema, Order, ORDER_JSON_SCHEMA, ORDER_SCHEMA};
 
 mod feed;
 mod isolate;
@@ -230,7 +230,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 let mut s = split.lock().expect("split");
                 s.start = thread_cpu_table();
                 s.feed_start = process_cpu_seconds(feed_pid);
-                s.encode_start = sinks::ENCODE_CPU_NS.load(Ordering::Relaxed);
+                s.encode_start = sinks::encode::totals().cpu_ns;
             }
             loop {
                 let (table, feed) = (thread_cpu_table(), process_cpu_seconds(feed_pid));
@@ -381,7 +381,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
          until every record was read, {fetch_wait:.2} s for records to be fetched; flushes \
          waited {:.2} s for an encode permit (summed over flushes)",
         progress.backpressure_ns.load(Ordering::Relaxed) as f64 / 1e9,
-        sinks::ENCODE_WAIT_NS.load(Ordering::Relaxed) as f64 / 1e9
+        sinks::encode::totals().wait_ns as f64 / 1e9
     );
     if let Some(rate) = opts.rate {
         let stats = progress.sink("orders");
