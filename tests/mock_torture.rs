@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use lakesink::app::workload::{order_schema, Order, ORDER_SCHEMA};
 use lakesink::config::Config;
 use lakesink::kafka::SourceOptions;
 use lakesink::pipeline::Progress;
-use lakesink::app::workload::{order_schema, Order, ORDER_SCHEMA};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};

@@ -28,9 +28,11 @@ pub mod fence;
 pub mod parquet;
 pub mod partition;
 pub mod schema;
+pub mod section;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod units;
 pub mod upsert;
 
 use std::fmt;
@@ -303,4 +305,3 @@ impl<S: Sink> AnySink for S {
         Sink::location(self)
     }
 }
-

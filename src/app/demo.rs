@@ -14,10 +14,10 @@ use rdkafka::ClientConfig;
 use schema_registry::{wire, RegistryClient, RegistryConfig};
 use tokio_util::sync::CancellationToken;
 
+use crate::app::workload::{order_schema, Order, ORDER_SCHEMA};
 use crate::config::Config;
 use crate::kafka::SourceOptions;
 use crate::pipeline::Progress;
-use crate::app::workload::{order_schema, Order, ORDER_SCHEMA};
 
 pub const TOPIC: &str = "demo.orders";
 

@@ -3,8 +3,8 @@
 
 pub mod bench;
 pub mod demo;
-pub mod workload;
 mod inspect;
+pub mod workload;
 
 pub use inspect::{check, status, CheckResult, PartitionStatus};
 
@@ -127,14 +127,7 @@ pub fn open_sink(
                 .as_ref()
                 .ok_or_else(|| anyhow!("sink `{}`: no databend connection", s.name))?;
             let mut sink = DatabendSink::new(DatabendSinkConfig {
-                client: sinks::databend::client::ClientConfig {
-                    endpoint: d.endpoint.clone(),
-                    user: d.user.clone(),
-                    password: d.password.as_ref().map(|p| p.expose().to_string()),
-                    warehouse: d.warehouse.clone(),
-                    database: d.database.clone(),
-                    timeout: d.timeout,
-                },
+                client: d.clone(),
                 sink: s.name.clone(),
                 table: s.table.clone(),
                 upsert: s.upsert_keys.as_ref().map(|keys| UpsertConfig {
@@ -163,14 +156,11 @@ pub fn open_sink(
 
 /// The Delta sink settings of `s`.
 pub fn delta_config(cfg: &ValidatedConfig, s: &crate::config::ValidatedSink) -> DeltaSinkConfig {
-    DeltaSinkConfig {
+    s.delta.apply(DeltaSinkConfig {
         partition_by: s.partition_by.clone(),
         compression: s.compression,
         app_id_prefix: "lakesink".into(),
         legacy_app_id_prefix: Some(format!("lakesink/{}", cfg.group_id)),
-        table_properties: s.delta.properties.clone(),
-        checkpoint_interval: s.delta.checkpoint_interval,
-        commit_attempts: s.delta.commit_attempts,
         upsert: s.upsert_keys.as_ref().map(|keys| UpsertConfig {
             keys: keys.clone(),
             delete_column: Some("_deleted".into()),
@@ -178,7 +168,7 @@ pub fn delta_config(cfg: &ValidatedConfig, s: &crate::config::ValidatedSink) -> 
         }),
         group_rows: s.flush.max_rows,
         ..Default::default()
-    }
+    })
 }
 
 /// `lakesink maintain`: compaction, vacuum and a checkpoint for every Delta sink (or `only`);

@@ -15,7 +15,6 @@ mod raw;
 mod secret;
 mod sink;
 mod types;
-mod units;
 mod validated;
 
 use std::collections::BTreeMap;
@@ -26,8 +25,8 @@ use serde::Deserialize;
 
 pub use raw::*;
 pub use secret::{is_secret_key, Secret};
+pub use sinks::units::{parse_bytes, parse_duration};
 pub use types::parse_type;
-pub use units::{parse_bytes, parse_duration};
 pub use validated::*;
 
 use sinks::encode::Compression;

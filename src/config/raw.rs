@@ -158,10 +158,10 @@ pub struct SinkConfig {
     pub topics: Option<Vec<String>>,
     #[serde(default)]
     pub topics_regex: Option<String>,
-    #[serde(default = "default_format")]
-    pub format: String,
-    #[serde(default = "default_kind")]
-    pub kind: String,
+    #[serde(default)]
+    pub format: Format,
+    #[serde(default)]
+    pub kind: SinkKind,
     pub table: String,
     /// object_store options (endpoint, region, credentials, allow_http, ...).
     #[serde(default)]
@@ -174,11 +174,12 @@ pub struct SinkConfig {
     pub compression: String,
     #[serde(default)]
     pub metadata: MetadataConfig,
-    #[serde(default = "default_mode")]
-    pub mode: String,
-    /// What to do with a record that cannot be decoded: `fail`, `skip` or `dead-letter`.
     #[serde(default)]
-    pub errors: Option<String>,
+    pub mode: Mode,
+    /// What to do with a record that cannot be decoded: `fail`, `skip` or `dead-letter`
+    /// (default: `dead-letter` with a `dead_letter_topic`, else `fail`).
+    #[serde(default)]
+    pub errors: Option<ErrorPolicy>,
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
     /// Dead letters in Kafka transactions, fenced per source partition (default), or at least
@@ -190,108 +191,22 @@ pub struct SinkConfig {
     pub schema: Option<toml::Table>,
     /// JSON records wrapped in Kafka Connect's `{"schema": ..., "payload": ...}` (`"connect"`).
     #[serde(default)]
-    pub json_envelope: Option<String>,
+    pub json_envelope: JsonEnvelope,
     /// Decode record keys into `_key`: `string`, `json` (with `key_schema`) or `avro`.
     #[serde(default)]
-    pub key_format: Option<String>,
+    pub key_format: Option<KeyEncoding>,
     /// `key_format = "json"`: the key's fields, `name = "type"`.
     #[serde(default)]
     pub key_schema: Option<toml::Table>,
     /// `mode = "upsert"`: the columns that identify a row.
     #[serde(default)]
     pub key: Option<Vec<String>>,
-    /// `kind = "delta"` settings.
+    /// `kind = "delta"` settings, read and checked by the Delta sink.
     #[serde(default)]
-    pub delta: DeltaConfig,
-    /// `kind = "databend"` connection.
+    pub delta: sinks::delta::DeltaSection,
+    /// `kind = "databend"` connection, read and checked by the Databend sink.
     #[serde(default)]
-    pub databend: Option<DatabendConfig>,
-}
-
-/// `[sink.databend]`: where a Databend sink loads.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DatabendConfig {
-    /// `http(s)://[user[:password]@]host:port[/database]`.
-    pub url: Secret,
-    #[serde(default)]
-    pub user: Option<String>,
-    #[serde(default)]
-    pub password: Option<Secret>,
-    #[serde(default)]
-    pub database: Option<String>,
-    /// Databend Cloud warehouse (`X-DATABEND-WAREHOUSE`).
-    #[serde(default)]
-    pub warehouse: Option<String>,
-    #[serde(default = "default_databend_timeout")]
-    pub timeout: String,
-}
-
-fn default_databend_timeout() -> String {
-    "60s".into()
-}
-
-/// `[sink.delta]`: Delta table settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeltaConfig {
-    /// Write a checkpoint every N commits (`delta.checkpointInterval` of created tables).
-    #[serde(default = "default_checkpoint_interval")]
-    pub checkpoint_interval: u64,
-    /// Table properties for tables lakesink creates (e.g. `"delta.logRetentionDuration"`).
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-    /// Commit attempts before a commit that keeps losing races is retried by the pipeline.
-    #[serde(default = "default_commit_attempts")]
-    pub commit_attempts: u32,
-    /// `lakesink maintain`: files older than this, no longer referenced, are vacuumed.
-    #[serde(default = "default_vacuum_retention")]
-    pub vacuum_retention: String,
-    /// `lakesink maintain`: compact files smaller than this into files of about this size.
-    #[serde(default = "default_target_file_size")]
-    pub target_file_size: String,
-}
-
-impl Default for DeltaConfig {
-    fn default() -> Self {
-        Self {
-            checkpoint_interval: default_checkpoint_interval(),
-            properties: BTreeMap::new(),
-            commit_attempts: default_commit_attempts(),
-            vacuum_retention: default_vacuum_retention(),
-            target_file_size: default_target_file_size(),
-        }
-    }
-}
-
-fn default_checkpoint_interval() -> u64 {
-    10
-}
-fn default_commit_attempts() -> u32 {
-    20
-}
-/// The shortest `delta.vacuum_retention`: longer than any flush's stage-to-commit time, with
-/// room for clock skew between the maintaining host and the store.
-pub const MIN_VACUUM_RETENTION: std::time::Duration = std::time::Duration::from_secs(3600);
-
-fn default_vacuum_retention() -> String {
-    "168h".into()
-}
-fn default_target_file_size() -> String {
-    "128MiB".into()
-}
-
-fn default_format() -> String {
-    "avro".into()
-}
-fn default_kind() -> String {
-    "parquet".into()
-}
-fn default_compression() -> String {
-    "snappy".into()
-}
-fn default_mode() -> String {
-    "append".into()
+    pub databend: Option<sinks::databend::DatabendSection>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -355,4 +270,8 @@ impl Default for MetadataConfig {
 
 fn yes() -> bool {
     true
+}
+
+fn default_compression() -> String {
+    "snappy".into()
 }

@@ -58,64 +58,34 @@ pub(super) fn validate_sink(
         }
         _ => return Err(err(key("topics"), "set `topics = [..]` or `topics_regex`")),
     };
-    match s.format.as_str() {
-        "avro" => {
-            if registry.is_none() {
-                return Err(err(
-                    key("format"),
-                    "`avro` needs a [schema_registry] section to resolve schema ids",
-                ));
-            }
+    let needs_registry = match s.format {
+        Format::Avro | Format::DebeziumAvro => Some("schema ids"),
+        Format::Json if s.schema.is_none() && s.json_envelope == JsonEnvelope::None => {
+            Some("the JSON Schemas of Confluent-framed records")
         }
-        "debezium-avro" => {
-            if registry.is_none() {
-                return Err(err(
-                    key("format"),
-                    "`debezium-avro` needs a [schema_registry] section to resolve schema ids",
-                ));
-            }
-        }
-        "json" | "debezium-json"
-            if s.schema.is_none() && s.json_envelope.as_deref() == Some("connect") =>
-        {
-            // The schema each record carries (Kafka Connect's JsonConverter).
-        }
-        "json" if s.schema.is_none() => {
-            if registry.is_none() {
-                return Err(err(
-                    key("schema"),
-                    "`json` needs either the table's columns (schema = { id = \"long\", ... }) or a [schema_registry] with JSON Schemas for Confluent-framed records",
-                ));
-            }
-        }
-        "json" | "debezium-json" => {
-            if s.schema.is_none() {
-                return Err(err(
-                    key("schema"),
-                    "`debezium-json` needs the table's columns (schema = { id = \"long\", name = \"string\", ... }), or json_envelope = \"connect\" to read the schema each record carries (Connect's JsonConverter with schemas.enable=true, Debezium's default)",
-                ));
-            }
-        }
-        other => {
-            return Err(err(
-                key("format"),
-                format!("unknown format `{other}`; use avro, debezium-avro, json or debezium-json"),
-            ))
-        }
-    }
-    let kind = match s.kind.as_str() {
-        "parquet" => SinkKind::Parquet,
-        "delta" => SinkKind::Delta,
-        "databend" => SinkKind::Databend,
-        other => {
-            return Err(err(
-                key("kind"),
-                format!("unknown sink kind `{other}`; use parquet, delta or databend"),
-            ))
-        }
+        _ => None,
     };
+    if let (Some(what), None) = (needs_registry, registry) {
+        return Err(err(
+            key(if s.format == Format::Json { "schema" } else { "format" }),
+            match s.format {
+                Format::Json => "`json` needs either the table's columns (schema = { id = \"long\", ... }) or a [schema_registry] with JSON Schemas for Confluent-framed records".to_string(),
+                f => format!("`{}` needs a [schema_registry] section to resolve {what}", f.name()),
+            },
+        ));
+    }
+    if s.format == Format::DebeziumJson
+        && s.schema.is_none()
+        && s.json_envelope == JsonEnvelope::None
+    {
+        return Err(err(
+            key("schema"),
+            "`debezium-json` needs the table's columns (schema = { id = \"long\", name = \"string\", ... }), or json_envelope = \"connect\" to read the schema each record carries (Connect's JsonConverter with schemas.enable=true, Debezium's default)",
+        ));
+    }
+    let kind = s.kind;
     let databend = match (kind, &s.databend) {
-        (SinkKind::Databend, Some(d)) => Some(validate_databend(d, &key)?),
+        (SinkKind::Databend, Some(d)) => Some(d.validate().map_err(|e| section(&key, "databend", e))?),
         (SinkKind::Databend, None) => {
             return Err(err(
                 key("databend"),
@@ -127,56 +97,28 @@ pub(super) fn validate_sink(
         }
         (_, None) => None,
     };
-    let upsert_keys = match (s.mode.as_str(), &s.key) {
-        ("append", None) => None,
-        ("append", Some(_)) => {
+    let upsert_keys = match (s.mode, &s.key) {
+        (Mode::Append, None) => None,
+        (Mode::Append, Some(_)) => {
             return Err(err(key("key"), "only used with mode = \"upsert\""))
         }
-        ("upsert", _) if kind == SinkKind::Parquet => {
+        (Mode::Upsert, _) if kind == SinkKind::Parquet => {
             return Err(err(
                 key("mode"),
                 "plain Parquet tables cannot update rows; use kind = \"delta\" or \"databend\" for upserts",
             ))
         }
-        ("upsert", Some(k)) if !k.is_empty() && k.iter().all(|c| !c.trim().is_empty()) => {
+        (Mode::Upsert, Some(k)) if !k.is_empty() && k.iter().all(|c| !c.trim().is_empty()) => {
             Some(k.clone())
         }
-        ("upsert", _) => {
+        (Mode::Upsert, _) => {
             return Err(err(
                 key("key"),
                 "mode = \"upsert\" needs the columns that identify a row: key = [\"id\"]",
             ))
         }
-        (other, _) => {
-            return Err(err(
-                key("mode"),
-                format!("unknown mode `{other}`; use append or upsert"),
-            ))
-        }
     };
-    if s.delta.checkpoint_interval == 0 {
-        return Err(err(key("delta.checkpoint_interval"), "must be at least 1"));
-    }
-    if s.delta.commit_attempts == 0 {
-        return Err(err(key("delta.commit_attempts"), "must be at least 1"));
-    }
-    let vacuum_retention = parse_duration(&s.delta.vacuum_retention)
-        .map_err(|e| err(key("delta.vacuum_retention"), e))?;
-    if vacuum_retention < MIN_VACUUM_RETENTION {
-        return Err(err(
-            key("delta.vacuum_retention"),
-            format!(
-                "`{}` is below the floor of 1h: the data files a running writer has \
-                 written but not committed yet are unreferenced too, and would be \
-                 deleted (a clock ahead of the store's counts against it). With every \
-                 writer of the table stopped, `lakesink maintain --retention 0s` applies \
-                 a shorter one once",
-                s.delta.vacuum_retention
-            ),
-        ));
-    }
-    let target_file_size = parse_bytes(&s.delta.target_file_size)
-        .map_err(|e| err(key("delta.target_file_size"), e))?;
+    let delta = s.delta.validate().map_err(|e| section(&key, "delta", e))?;
     if kind == SinkKind::Databend {
         if s.table.trim().is_empty() {
             return Err(err(
@@ -234,22 +176,16 @@ pub(super) fn validate_sink(
         .compression
         .parse()
         .map_err(|e: String| err(key("compression"), e))?;
-    let errors = match (s.errors.as_deref(), &s.dead_letter_topic) {
-        (None, None) | (Some("fail"), _) => ErrorPolicy::Fail,
-        (None, Some(_)) | (Some("dead-letter"), Some(_)) => ErrorPolicy::DeadLetter,
-        (Some("skip"), _) => ErrorPolicy::Skip,
-        (Some("dead-letter"), None) => {
+    let errors = match (s.errors, &s.dead_letter_topic) {
+        (None, None) => ErrorPolicy::Fail,
+        (None, Some(_)) => ErrorPolicy::DeadLetter,
+        (Some(ErrorPolicy::DeadLetter), None) => {
             return Err(err(
                 key("dead_letter_topic"),
                 "required with errors = \"dead-letter\"",
             ))
         }
-        (Some(other), _) => {
-            return Err(err(
-                key("errors"),
-                format!("unknown policy `{other}`; use fail, skip or dead-letter"),
-            ))
-        }
+        (Some(policy), _) => policy,
     };
     if let Some(t) = &s.dead_letter_topic {
         if t.is_empty()
@@ -287,17 +223,19 @@ pub(super) fn validate_sink(
             }
             Ok(std::sync::Arc::new(arrow::datatypes::Schema::new(fields)))
         };
-    let key_format = match (s.key_format.as_deref(), &s.key_schema) {
+    let key_format = match (s.key_format, &s.key_schema) {
         (None, None) => None,
-        (Some("string"), None) => Some(KeyFormat::String),
-        (Some("json"), Some(cols)) => Some(KeyFormat::Json(declared(cols, "key_schema")?)),
-        (Some("json"), None) => {
+        (Some(KeyEncoding::String), None) => Some(KeyFormat::String),
+        (Some(KeyEncoding::Json), Some(cols)) => {
+            Some(KeyFormat::Json(declared(cols, "key_schema")?))
+        }
+        (Some(KeyEncoding::Json), None) => {
             return Err(err(
                 key("key_schema"),
                 "key_format = \"json\" needs the key's fields: key_schema = { id = \"long\" }",
             ))
         }
-        (Some("avro"), None) => {
+        (Some(KeyEncoding::Avro), None) => {
             if registry.is_none() {
                 return Err(err(
                     key("key_format"),
@@ -312,15 +250,9 @@ pub(super) fn validate_sink(
                 "only key_format = \"json\" takes a key_schema",
             ))
         }
-        (Some(other), None) => {
-            return Err(err(
-                key("key_format"),
-                format!("unknown key format `{other}`; use string, json or avro"),
-            ))
-        }
     };
     let json_schema = match &s.schema {
-        Some(cols) if s.format == "json" || s.format == "debezium-json" => {
+        Some(cols) if matches!(s.format, Format::Json | Format::DebeziumJson) => {
             Some(declared(cols, "schema")?)
         }
         Some(_) => {
@@ -343,101 +275,33 @@ pub(super) fn validate_sink(
         errors,
         dead_letter_topic: s.dead_letter_topic.clone(),
         dead_letter_exactly_once: s.dead_letter_exactly_once,
-        format: match s.format.as_str() {
-            "debezium-avro" => Format::DebeziumAvro,
-            "json" => Format::Json,
-            "debezium-json" => Format::DebeziumJson,
-            _ => Format::Avro,
-        },
+        format: s.format,
         json_schema,
         key_format,
         kind,
         upsert_keys,
         databend,
-        delta: ValidatedDelta {
-            checkpoint_interval: s.delta.checkpoint_interval,
-            properties: s.delta.properties.clone(),
-            commit_attempts: s.delta.commit_attempts,
-            vacuum_retention,
-            target_file_size,
-        },
-        connect_envelope: match s.json_envelope.as_deref() {
-            None | Some("none") => false,
-            Some("connect") if s.format.contains("json") => true,
-            Some(other) => {
+        delta,
+        connect_envelope: match s.json_envelope {
+            JsonEnvelope::None => false,
+            JsonEnvelope::Connect if matches!(s.format, Format::Json | Format::DebeziumJson) => {
+                true
+            }
+            JsonEnvelope::Connect => {
                 return Err(err(
                     key("json_envelope"),
-                    format!("`{other}` is not supported; use \"connect\" (JSON formats only) or leave it out"),
+                    "\"connect\" applies to the JSON formats only",
                 ))
             }
         },
     })
 }
 
-fn validate_databend(
-    d: &DatabendConfig,
+/// A sink section's error under the sink's key path (`sink[0].delta.vacuum_retention`).
+fn section(
     key: &dyn Fn(&str) -> String,
-) -> Result<ValidatedDatabend, ConfigError> {
-    let mut url = url::Url::parse(d.url.expose()).map_err(|e| {
-        err(
-            key("databend.url"),
-            format!("not a URL ({e}); write e.g. https://user:${{PASSWORD}}@host:8000/db"),
-        )
-    })?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(err(
-            key("databend.url"),
-            format!(
-                "scheme `{}` is not supported; use http:// or https://",
-                url.scheme()
-            ),
-        ));
-    }
-    let user = d.user.clone().unwrap_or_else(|| {
-        if url.username().is_empty() {
-            "root".into()
-        } else {
-            percent_decode(url.username())
-        }
-    });
-    let password = d
-        .password
-        .clone()
-        .or_else(|| url.password().map(|p| Secret::new(percent_decode(p))));
-    let path_db = url.path().trim_matches('/').to_string();
-    let database = d.database.clone().unwrap_or(if path_db.is_empty() {
-        "default".into()
-    } else {
-        path_db
-    });
-    let _ = url.set_username("");
-    let _ = url.set_password(None);
-    url.set_path("/");
-    let timeout = parse_duration(&d.timeout).map_err(|e| err(key("databend.timeout"), e))?;
-    Ok(ValidatedDatabend {
-        endpoint: url,
-        user,
-        password,
-        database,
-        warehouse: d.warehouse.clone(),
-        timeout,
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    name: &str,
+    e: sinks::section::SectionError,
+) -> ConfigError {
+    err(key(&format!("{name}.{}", e.field)), e.reason)
 }

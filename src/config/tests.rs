@@ -171,7 +171,7 @@ fn databend_connection_is_parsed_without_leaking_the_password() {
     let d = c.sinks[0].databend.as_ref().unwrap();
     assert_eq!(d.endpoint.as_str(), "https://db.example.com:8000/");
     assert_eq!(d.user, "loader");
-    assert_eq!(d.password.as_ref().unwrap().expose(), "s3cr3t-value");
+    assert_eq!(d.password.as_deref(), Some("s3cr3t-value"));
     assert_eq!(d.database, "analytics");
     assert!(!format!("{c:?}").contains("s3cr3t-value"));
     let missing = text.replace(
@@ -182,4 +182,53 @@ fn databend_connection_is_parsed_without_leaking_the_password() {
         .unwrap_err()
         .to_string()
         .contains("sink[0].databend"));
+}
+
+#[test]
+fn an_unknown_choice_names_its_key_and_the_choices() {
+    for (line, key, choices) in [
+        (
+            "format = \"xml\"",
+            "sink[0].format",
+            "`avro`, `debezium-avro`",
+        ),
+        (
+            "kind = \"iceberg\"",
+            "sink[0].kind",
+            "`parquet`, `delta`, `databend`",
+        ),
+        ("mode = \"merge\"", "sink[0].mode", "`append` or `upsert`"),
+        (
+            "errors = \"ignore\"",
+            "sink[0].errors",
+            "`fail`, `skip`, `dead-letter`",
+        ),
+        (
+            "key_format = \"bytes\"",
+            "sink[0].key_format",
+            "`string`, `json`, `avro`",
+        ),
+        (
+            "json_envelope = \"cloudevents\"",
+            "sink[0].json_envelope",
+            "`none` or `connect`",
+        ),
+    ] {
+        let text = BASE.replace(
+            "name = \"orders\"\n",
+            &format!("name = \"orders\"\n{line}\n"),
+        );
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key, key, "{e}");
+        assert!(e.reason.contains("unknown variant"), "{e}");
+        assert!(e.reason.contains(choices), "{e}");
+    }
+    let text = BASE.replace(
+        "name = \"orders\"\n",
+        "name = \"orders\"\nformat = \"json\"\njson_envelope = \"connect\"\nkind = \"delta\"\n",
+    );
+    let v = parse(&text).unwrap();
+    assert_eq!(v.sinks[0].format, Format::Json);
+    assert_eq!(v.sinks[0].kind, SinkKind::Delta);
+    assert!(v.sinks[0].connect_envelope);
 }

@@ -53,8 +53,9 @@ pub struct FlushTriggers {
     pub max_latency: Duration,
 }
 
-/// What happens to a record a sink cannot decode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What happens to a record a sink cannot decode (`errors`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ErrorPolicy {
     /// Stop the sink with an error naming the record (nothing is skipped).
     Fail,
@@ -86,48 +87,31 @@ pub struct ValidatedSink {
     pub key_format: Option<KeyFormat>,
     pub kind: SinkKind,
     /// `kind = "databend"`: the checked connection.
-    pub databend: Option<ValidatedDatabend>,
+    pub databend: Option<sinks::databend::client::ClientConfig>,
     /// `mode = "upsert"`: the key columns.
     pub upsert_keys: Option<Vec<String>>,
-    pub delta: ValidatedDelta,
+    /// `[sink.delta]`, checked (defaults for other kinds).
+    pub delta: sinks::delta::DeltaSettings,
 }
 
-/// Which table format a sink writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which table format a sink writes (`kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SinkKind {
+    #[default]
     Parquet,
     Delta,
     Databend,
 }
 
-/// A checked Databend connection.
-#[derive(Debug, Clone)]
-pub struct ValidatedDatabend {
-    /// `http(s)://host:port`, without credentials.
-    pub endpoint: url::Url,
-    pub user: String,
-    pub password: Option<Secret>,
-    pub database: String,
-    pub warehouse: Option<String>,
-    pub timeout: std::time::Duration,
-}
-
-/// Checked `[sink.delta]` settings.
-#[derive(Debug, Clone)]
-pub struct ValidatedDelta {
-    pub checkpoint_interval: u64,
-    pub properties: BTreeMap<String, String>,
-    pub commit_attempts: u32,
-    pub vacuum_retention: std::time::Duration,
-    pub target_file_size: u64,
-}
-
-/// How record values are encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How record values are encoded (`format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Format {
     /// Schemaless JSON objects decoded into the declared `schema`.
     Json,
     /// Confluent-framed Avro.
+    #[default]
     Avro,
     /// Confluent-framed Avro Debezium envelopes, unwrapped to row images.
     DebeziumAvro,
@@ -196,6 +180,52 @@ impl ValidatedConfig {
         }
         s
     }
+}
+
+impl Format {
+    /// The name as written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Avro => "avro",
+            Format::DebeziumAvro => "debezium-avro",
+            Format::DebeziumJson => "debezium-json",
+        }
+    }
+}
+
+/// How a sink writes rows (`mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Every record is a new row.
+    #[default]
+    Append,
+    /// Rows are replaced or deleted by key.
+    Upsert,
+}
+
+/// What wraps JSON record values (`json_envelope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JsonEnvelope {
+    /// Plain JSON values.
+    #[default]
+    None,
+    /// Kafka Connect's `{"schema": ..., "payload": ...}` (JsonConverter, schemas.enable=true).
+    Connect,
+}
+
+/// How record keys are encoded, as written (`key_format`); checked into [`KeyFormat`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyEncoding {
+    /// UTF-8 text.
+    String,
+    /// JSON objects with a declared `key_schema`.
+    Json,
+    /// Confluent-framed Avro.
+    Avro,
 }
 
 /// How record keys are encoded (`key_format`).

@@ -57,7 +57,7 @@ use crate::{
 use client::{Client, ClientError, Session};
 use sql::ident;
 
-pub use config::DatabendSinkConfig;
+pub use config::{DatabendSection, DatabendSinkConfig};
 
 /// The ledger table, in the sink's database.
 pub const LEDGER: &str = "lakesink_offsets";
@@ -142,7 +142,6 @@ impl DatabendSink {
         self.crash.set(hook);
         self
     }
-
 
     fn err(&self, op: &'static str, e: ClientError) -> Error {
         Error::Warehouse {

@@ -1,6 +1,9 @@
-//! Settings of a Delta sink, already validated by the service's config layer.
+//! Settings of a Delta sink: [`DeltaSinkConfig`], what the sink is built with, and
+//! [`DeltaSection`], the `[sink.delta]` section of the service's config as written, checked here
+//! into [`DeltaSettings`].
 
 use super::*;
+use crate::section::SectionError;
 
 /// How a Delta sink writes and commits.
 #[derive(Debug, Clone)]
@@ -45,6 +48,104 @@ impl Default for DeltaSinkConfig {
             commit_attempts: 20,
             upsert: None,
             group_rows: 100_000,
+        }
+    }
+}
+
+/// `[sink.delta]` as written in the service's config.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeltaSection {
+    /// Write a checkpoint every N commits (`delta.checkpointInterval` of created tables).
+    pub checkpoint_interval: u64,
+    /// Table properties for tables lakesink creates (e.g. `"delta.logRetentionDuration"`).
+    pub properties: BTreeMap<String, String>,
+    /// Commit attempts before a commit that keeps losing races is retried by the pipeline.
+    pub commit_attempts: u32,
+    /// `lakesink maintain`: files older than this, no longer referenced, are vacuumed.
+    pub vacuum_retention: String,
+    /// `lakesink maintain`: compact files smaller than this into files of about this size.
+    pub target_file_size: String,
+}
+
+impl Default for DeltaSection {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval: 10,
+            properties: BTreeMap::new(),
+            commit_attempts: 20,
+            vacuum_retention: "168h".into(),
+            target_file_size: "128MiB".into(),
+        }
+    }
+}
+
+/// The shortest `vacuum_retention`: longer than any flush's stage-to-commit time, with room
+/// for clock skew between the maintaining host and the store.
+pub const MIN_VACUUM_RETENTION: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// `[sink.delta]`, checked.
+#[derive(Debug, Clone)]
+pub struct DeltaSettings {
+    /// A checkpoint every N commits (at least 1).
+    pub checkpoint_interval: u64,
+    /// Table properties for tables lakesink creates.
+    pub properties: BTreeMap<String, String>,
+    /// Commit attempts before the pipeline retries (at least 1).
+    pub commit_attempts: u32,
+    /// `lakesink maintain`'s vacuum retention (at least [`MIN_VACUUM_RETENTION`]).
+    pub vacuum_retention: std::time::Duration,
+    /// `lakesink maintain`'s target file size in bytes.
+    pub target_file_size: u64,
+}
+
+impl DeltaSection {
+    /// Checks the section.
+    pub fn validate(&self) -> std::result::Result<DeltaSettings, SectionError> {
+        if self.checkpoint_interval == 0 {
+            return Err(SectionError::new(
+                "checkpoint_interval",
+                "must be at least 1",
+            ));
+        }
+        if self.commit_attempts == 0 {
+            return Err(SectionError::new("commit_attempts", "must be at least 1"));
+        }
+        let vacuum_retention = crate::units::parse_duration(&self.vacuum_retention)
+            .map_err(|e| SectionError::new("vacuum_retention", e))?;
+        if vacuum_retention < MIN_VACUUM_RETENTION {
+            return Err(SectionError::new(
+                "vacuum_retention",
+                format!(
+                    "`{}` is below the floor of 1h: the data files a running writer has \
+                     written but not committed yet are unreferenced too, and would be \
+                     deleted (a clock ahead of the store's counts against it). With every \
+                     writer of the table stopped, `lakesink maintain --retention 0s` applies \
+                     a shorter one once",
+                    self.vacuum_retention
+                ),
+            ));
+        }
+        let target_file_size = crate::units::parse_bytes(&self.target_file_size)
+            .map_err(|e| SectionError::new("target_file_size", e))?;
+        Ok(DeltaSettings {
+            checkpoint_interval: self.checkpoint_interval,
+            properties: self.properties.clone(),
+            commit_attempts: self.commit_attempts,
+            vacuum_retention,
+            target_file_size,
+        })
+    }
+}
+
+impl DeltaSettings {
+    /// The sink config with these settings applied.
+    pub fn apply(&self, config: DeltaSinkConfig) -> DeltaSinkConfig {
+        DeltaSinkConfig {
+            table_properties: self.properties.clone(),
+            checkpoint_interval: self.checkpoint_interval,
+            commit_attempts: self.commit_attempts,
+            ..config
         }
     }
 }

@@ -50,7 +50,7 @@ pub mod upsert;
 mod writer;
 
 use committer::conflict_backoff;
-pub use config::DeltaSinkConfig;
+pub use config::{DeltaSection, DeltaSettings, DeltaSinkConfig, MIN_VACUUM_RETENTION};
 pub use inspect::{live_files, query};
 pub use maintain::MaintainReport;
 use table::{canonical_options, register_handlers};
@@ -181,7 +181,6 @@ impl DeltaSink {
         self.crash.set(hook);
         self
     }
-
 
     /// How the sink writes and commits.
     pub fn config(&self) -> &DeltaSinkConfig {

@@ -96,7 +96,6 @@ impl ParquetSink {
         self
     }
 
-
     /// The table's store and root.
     pub fn table(&self) -> &TableStore {
         &self.table

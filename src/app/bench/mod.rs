@@ -32,10 +32,10 @@ use std::collections::HashMap;
 use tokio_util::sync::CancellationToken;
 
 use super::demo::demo_config;
+use crate::app::workload::{order_schema, Order, ORDER_JSON_SCHEMA, ORDER_SCHEMA};
 use crate::config::Config;
 use crate::kafka::SourceOptions;
 use crate::pipeline::Progress;
-use crate::app::workload::{order_schema, Order, ORDER_JSON_SCHEMA, ORDER_SCHEMA};
 
 mod feed;
 mod isolate;

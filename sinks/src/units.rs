@@ -1,4 +1,6 @@
-//! Human-friendly units in the config: byte sizes (`128MiB`) and durations (`60s`).
+//! Human-friendly units in the config: byte sizes (`128MiB`) and durations (`60s`), read by
+//! the service's config and by each sink's own section (leaf parsers: their errors are the
+//! message after the key path).
 
 use std::time::Duration;
 
