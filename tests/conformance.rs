@@ -6,9 +6,7 @@
 
 mod common;
 
-use common::databend::client_config;
 use common::*;
-use sinks::databend::{DatabendSink, DatabendSinkConfig};
 use sinks::parquet::{ParquetSink, ParquetSinkConfig};
 use sinks::testing;
 
@@ -52,16 +50,8 @@ async fn delta_keeps_the_sink_contract_on_every_store() {
 #[tokio::test(flavor = "multi_thread")]
 async fn databend_keeps_the_sink_contract() {
     let database = unique("contract").replace('-', "_");
-    testing::all(&unique("contract"), |i| {
-        let s = DatabendSink::new(DatabendSinkConfig {
-            client: client_config(&database),
-            // One sink (the ledger's key) written by two writers, as two members would.
-            sink: "contract".into(),
-            table: "contract".into(),
-            upsert: None,
-            compression: Default::default(),
-        })
-        .unwrap_or_else(|e| panic!("writer {i}: {e}"));
+    testing::all(&unique("contract"), |_| {
+        let s = testing::databend_writer(&database);
         async move { s }
     })
     .await;

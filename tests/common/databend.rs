@@ -3,7 +3,6 @@
 //! reconciliation.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use sinks::databend::client::{Client, ClientConfig as DbConfig, Session};
 
@@ -15,19 +14,7 @@ pub fn databend_url() -> String {
 
 /// The test server's client settings for `database` (the credentials come out of the URL).
 pub fn client_config(database: &str) -> DbConfig {
-    let mut url = url::Url::parse(&databend_url()).unwrap();
-    let user = url.username().to_string();
-    let password = url.password().map(str::to_string);
-    let _ = url.set_username("");
-    let _ = url.set_password(None);
-    DbConfig {
-        endpoint: url,
-        user,
-        password,
-        warehouse: None,
-        database: database.into(),
-        timeout: Duration::from_secs(60),
-    }
+    sinks::testing::databend_server(database)
 }
 
 pub fn client(database: &str) -> Client {

@@ -152,3 +152,36 @@ where
     an_empty_flush_advances(&w0, &tp(3)).await;
     a_zombie_behind_the_owner_is_fenced(&w0, &w1, &tp(4)).await;
 }
+
+/// The Databend test server's connection for `database`, from `LAKESINK_TEST_DATABEND`
+/// (`bash scripts/test.sh` starts the server; so does `scripts/services.sh start DIR`, whose
+/// `DIR/env` exports the variable). Panics, naming the fix, when it is not set.
+pub fn databend_server(database: &str) -> crate::databend::client::ClientConfig {
+    let url = std::env::var("LAKESINK_TEST_DATABEND").expect(
+        "LAKESINK_TEST_DATABEND names the Databend test server: run `bash scripts/test.sh`, or \
+         `bash scripts/services.sh start DIR` and `source DIR/env`",
+    );
+    crate::databend::DatabendSection {
+        url,
+        user: None,
+        password: None,
+        database: Some(database.into()),
+        warehouse: None,
+        timeout: "60s".into(),
+    }
+    .validate()
+    .unwrap_or_else(|e| panic!("LAKESINK_TEST_DATABEND: {e}"))
+}
+
+/// A Databend writer of the contract's table in `database`: every writer shares one sink name
+/// (the ledger's key), as two members of one deployment would.
+pub fn databend_writer(database: &str) -> crate::databend::DatabendSink {
+    crate::databend::DatabendSink::new(crate::databend::DatabendSinkConfig {
+        client: databend_server(database),
+        sink: "contract".into(),
+        table: "contract".into(),
+        upsert: None,
+        compression: Default::default(),
+    })
+    .unwrap_or_else(|e| panic!("a Databend writer: {e}"))
+}
