@@ -27,6 +27,7 @@ pub mod error;
 pub mod fence;
 pub mod parquet;
 pub mod partition;
+pub mod routed;
 pub mod schema;
 pub mod section;
 pub mod store;

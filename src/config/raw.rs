@@ -162,7 +162,13 @@ pub struct SinkConfig {
     pub format: Format,
     #[serde(default)]
     pub kind: SinkKind,
+    /// The table's location (Parquet, Delta) or name (Databend); `{topic}`, and for Debezium
+    /// topics `{server}`, `{db}` and `{table}`, give each topic a table of its own.
     pub table: String,
+    /// A `topics_regex` sink writes every topic it matches into one table on purpose (they
+    /// share one schema); without it, such a sink needs a per-topic `table` template.
+    #[serde(default)]
+    pub shared_table: bool,
     /// object_store options (endpoint, region, credentials, allow_http, ...).
     #[serde(default)]
     pub storage: BTreeMap<String, Secret>,

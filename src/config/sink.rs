@@ -119,6 +119,22 @@ pub(super) fn validate_sink(
         }
     };
     let delta = s.delta.validate().map_err(|e| section(&key, "delta", e))?;
+    let template =
+        sinks::routed::TableTemplate::parse(&s.table).map_err(|e| err(key("table"), e))?;
+    if matches!(topics, TopicSelector::Regex(_)) && !template.is_per_topic() && !s.shared_table {
+        return Err(err(
+            key("table"),
+            "a topics_regex sink would write every topic it matches into this one table; add \
+             {topic} (or {db}/{table} for Debezium topics) to give each topic its own table, or \
+             set shared_table = true if the topics share one schema on purpose",
+        ));
+    }
+    if s.shared_table && template.is_per_topic() {
+        return Err(err(
+            key("shared_table"),
+            "the table template already gives each topic its own table",
+        ));
+    }
     if kind == SinkKind::Databend {
         if s.table.trim().is_empty() {
             return Err(err(

@@ -232,3 +232,31 @@ fn an_unknown_choice_names_its_key_and_the_choices() {
     assert_eq!(v.sinks[0].kind, SinkKind::Delta);
     assert!(v.sinks[0].connect_envelope);
 }
+
+#[test]
+fn per_topic_table_templates_are_checked() {
+    let regex = |table: &str, extra: &str| {
+        BASE.replace(
+            "topics = [\"shop.orders\"]",
+            "topics_regex = \"shop\\\\..*\"",
+        )
+        .replace(
+            "table = \"s3://lake/orders\"",
+            &format!("table = \"{table}\"{extra}"),
+        )
+    };
+    let e = parse(&regex("s3://lake/orders", "")).unwrap_err();
+    assert_eq!(e.key, "sink[0].table", "{e}");
+    assert!(
+        e.reason
+            .contains("every topic it matches into this one table"),
+        "{e}"
+    );
+    parse(&regex("s3://lake/orders", "\nshared_table = true")).unwrap();
+    parse(&regex("s3://lake/cdc/{db}/{table}", "")).unwrap();
+    let e = parse(&regex("s3://lake/{topic}", "\nshared_table = true")).unwrap_err();
+    assert_eq!(e.key, "sink[0].shared_table", "{e}");
+    let e = parse(&regex("s3://lake/{schema}", "")).unwrap_err();
+    assert_eq!(e.key, "sink[0].table", "{e}");
+    assert!(e.reason.contains("unknown placeholder `{schema}`"), "{e}");
+}
