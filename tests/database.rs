@@ -1,6 +1,6 @@
 //! A whole database in one sink (issue "A whole database in one sink"): one `topics_regex`
 //! sink whose `table` is a template writes each topic to its own table, including topics
-//! created while it runs. Against Apache Kafka, the registry and moto (S3); each table is read
+//! created while it runs, and a table named in `[sink.tables]`. Against Apache Kafka, the registry and moto (S3); each table is read
 //! back with python `deltalake` and DuckDB and reconciled record by record.
 
 mod common;
@@ -11,10 +11,16 @@ use common::*;
 
 const PARTITIONS: i32 = 2;
 
-/// The per-topic Delta table of `topic` under the template root `base`.
+/// The per-topic Delta table of `topic` under the template root `base` (customers have a
+/// table named in `[sink.tables]`).
 fn table_of(base: &Store, topic: &str) -> Store {
+    let url = if topic.ends_with(".customers") {
+        format!("{}/crm/customers", base.url)
+    } else {
+        format!("{}/{topic}", base.url)
+    };
     Store {
-        url: format!("{}/{topic}", base.url),
+        url,
         ..base.clone()
     }
 }
@@ -58,6 +64,9 @@ table = "{base}/{{topic}}"
 partition_by = ["day(ts)"]
 storage = {opts}
 flush = {{ max_rows = 200, max_latency = "1s" }}
+
+[sink.tables."{server}.shop.customers"]
+table = "{base}/crm/customers"
 "#,
         kafka = kafka(),
         membership = group_properties(),

@@ -121,14 +121,16 @@ pub fn segment<'a>(value: &'a str, topic: &str) -> std::result::Result<&'a str, 
     }
 }
 
-/// Makes the sink of one resolved table location.
-pub type MakeTable<S> = Box<dyn Fn(&str) -> Result<S> + Send + Sync>;
+/// Makes the sink of one topic's table: `(topic, location)`.
+pub type MakeTable<S> = Box<dyn Fn(&str, &str) -> Result<S> + Send + Sync>;
 
 /// A sink writing each topic to its own table (see the module doc).
 pub struct Routed<S: Sink> {
     template: TableTemplate,
     location: String,
     make: MakeTable<S>,
+    /// Topics whose table is named explicitly instead of by the template.
+    fixed: HashMap<String, String>,
     state: Mutex<Tables<S>>,
 }
 
@@ -155,11 +157,18 @@ impl<S: Sink> Routed<S> {
             template,
             location,
             make,
+            fixed: HashMap::new(),
             state: Mutex::new(Tables {
                 by_topic: HashMap::new(),
                 claimed: HashMap::new(),
             }),
         }
+    }
+
+    /// `topic`'s table is at `location`, not where the template puts it.
+    pub fn with_location(mut self, topic: &str, location: &str) -> Self {
+        self.fixed.insert(topic.into(), location.into());
+        self
     }
 
     /// The tables opened so far, by topic.
@@ -180,13 +189,16 @@ impl<S: Sink> Routed<S> {
         if let Some(t) = s.by_topic.get(topic) {
             return Ok(t.clone());
         }
-        let location = self
-            .template
-            .resolve(topic)
-            .map_err(|reason| Error::Location {
-                location: self.location.clone(),
-                reason,
-            })?;
+        let location = match self.fixed.get(topic) {
+            Some(l) => l.clone(),
+            None => self
+                .template
+                .resolve(topic)
+                .map_err(|reason| Error::Location {
+                    location: self.location.clone(),
+                    reason,
+                })?,
+        };
         let key = location.to_lowercase();
         if let Some(other) = s.claimed.get(&key) {
             return Err(Error::Location {
@@ -199,7 +211,9 @@ impl<S: Sink> Routed<S> {
                 ),
             });
         }
-        let table = Arc::new((self.make)(&location)?);
+        let table = Arc::new((self.make)(topic, &location)?);
+        tracing::info!(template = %self.location, topic, table = %table.location(),
+                       "a table of its own for topic `{topic}`");
         s.claimed.insert(key, topic.to_string());
         s.by_topic.insert(topic.to_string(), table.clone());
         Ok(table)
@@ -250,7 +264,7 @@ impl<S: Sink> Sink for Routed<S> {
                 .unwrap_or_default()
                 .trim_end_matches('/')
                 .to_string();
-            return (self.make)(&format!("{root}/_lakesink_check"))?
+            return (self.make)("", &format!("{root}/_lakesink_check"))?
                 .check()
                 .await;
         }

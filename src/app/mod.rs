@@ -107,19 +107,33 @@ pub fn open_sink(
     Ok(match s.kind {
         SinkKind::Parquet if per_topic => {
             let (s, writer) = (s.clone(), writer.to_string());
-            Arc::new(sinks::routed::Routed::new(
+            let fixed = s.fixed_tables();
+            let mut routed = sinks::routed::Routed::new(
                 template,
                 shown,
-                Box::new(move |location: &str| open_parquet(&s, &writer, location)),
-            ))
+                Box::new(move |topic: &str, location: &str| {
+                    open_parquet(&s.for_topic(topic), &writer, location)
+                }),
+            );
+            for (topic, location) in fixed {
+                routed = routed.with_location(&topic, &location);
+            }
+            Arc::new(routed)
         }
         SinkKind::Delta if per_topic => {
             let (s, cfg) = (s.clone(), cfg.clone());
-            Arc::new(sinks::routed::Routed::new(
+            let fixed = s.fixed_tables();
+            let mut routed = sinks::routed::Routed::new(
                 template,
                 shown,
-                Box::new(move |location: &str| open_delta(&cfg, &s, location)),
-            ))
+                Box::new(move |topic: &str, location: &str| {
+                    open_delta(&cfg, &s.for_topic(topic), location)
+                }),
+            );
+            for (topic, location) in fixed {
+                routed = routed.with_location(&topic, &location);
+            }
+            Arc::new(routed)
         }
         SinkKind::Parquet => Arc::new(
             open_parquet(s, writer, &s.table)

@@ -207,6 +207,10 @@ pub struct SinkConfig {
     /// `mode = "upsert"`: the columns that identify a row.
     #[serde(default)]
     pub key: Option<Vec<String>>,
+    /// Per-table settings of a sink with a per-topic `table` template, by topic:
+    /// `[sink.tables."shop.public.order_lines"]`.
+    #[serde(default)]
+    pub tables: BTreeMap<String, TableOverride>,
     /// `kind = "delta"` settings, read and checked by the Delta sink.
     #[serde(default)]
     pub delta: sinks::delta::DeltaSection,
@@ -280,4 +284,19 @@ fn yes() -> bool {
 
 fn default_compression() -> String {
     "snappy".into()
+}
+
+/// `[sink.tables."<topic>"]`: what differs for one topic's table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableOverride {
+    /// The table's location, instead of the sink's template.
+    #[serde(default)]
+    pub table: Option<String>,
+    /// The table's partitioning, instead of the sink's `partition_by`.
+    #[serde(default)]
+    pub partition_by: Option<Vec<String>>,
+    /// `mode = "upsert"`: the table's key columns, instead of the sink's `key`.
+    #[serde(default)]
+    pub key: Option<Vec<String>>,
 }

@@ -143,36 +143,7 @@ pub(super) fn validate_sink(
             ));
         }
     } else {
-        let url = url::Url::parse(&s.table).map_err(|e| {
-            err(
-                key("table"),
-                format!(
-                    "`{}` is not a URL ({e}); write e.g. s3://bucket/path or file:///abs/dir",
-                    sinks::store::redact_url(&s.table)
-                ),
-            )
-        })?;
-        if ![
-            "file", "s3", "s3a", "az", "azure", "abfs", "abfss", "adl", "gs", "memory",
-        ]
-        .contains(&url.scheme())
-        {
-            return Err(err(
-                key("table"),
-                format!(
-                    "unsupported scheme `{}://`; use file://, s3://, az://, abfss:// or gs://",
-                    url.scheme()
-                ),
-            ));
-        }
-        if url.password().is_some()
-            || !url.username().is_empty() && url.scheme() != "abfss" && url.scheme() != "abfs"
-        {
-            return Err(err(
-                key("table"),
-                "put credentials in the sink's `storage` table, not in the URL",
-            ));
-        }
+        check_table_url(&s.table, &key("table"))?;
     }
     let partition_by = s
         .partition_by
@@ -267,6 +238,72 @@ pub(super) fn validate_sink(
             ))
         }
     };
+    let mut tables = BTreeMap::new();
+    for (topic, t) in &s.tables {
+        let at = |f: &str| key(&format!("tables.\"{topic}\".{f}"));
+        if kind == SinkKind::Databend {
+            return Err(err(
+                key("tables"),
+                "per-table settings are for Parquet and Delta sinks (a Databend sink names its \
+                 tables with its `table` template)",
+            ));
+        }
+        if !template.is_per_topic() {
+            return Err(err(
+                key("tables"),
+                "per-table settings need a per-topic `table` template ({topic}, {db}/{table})",
+            ));
+        }
+        if !topics.matches(topic) {
+            return Err(err(
+                key(&format!("tables.\"{topic}\"")),
+                "this sink does not read that topic (check `topics` / `topics_regex`)",
+            ));
+        }
+        if let Some(table) = &t.table {
+            check_table_url(table, &at("table"))?;
+            if table.contains('{') {
+                return Err(err(
+                    at("table"),
+                    "one table's location takes no placeholders",
+                ));
+            }
+        }
+        let partition_by = match &t.partition_by {
+            None => None,
+            Some(specs) => Some(
+                specs
+                    .iter()
+                    .map(|p| {
+                        PartitionSpec::parse(p).map_err(|e| err(at("partition_by"), e.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        let upsert_keys = match (&t.key, s.mode) {
+            (None, _) => None,
+            (Some(_), Mode::Append) => {
+                return Err(err(at("key"), "only used with mode = \"upsert\""))
+            }
+            (Some(k), Mode::Upsert) if !k.is_empty() && k.iter().all(|c| !c.trim().is_empty()) => {
+                Some(k.clone())
+            }
+            (Some(_), Mode::Upsert) => {
+                return Err(err(
+                    at("key"),
+                    "name the columns that identify a row: key = [\"id\"]",
+                ))
+            }
+        };
+        tables.insert(
+            topic.clone(),
+            TableSettings {
+                table: t.table.clone(),
+                partition_by,
+                upsert_keys,
+            },
+        );
+    }
     let json_schema = match &s.schema {
         Some(cols) if matches!(s.format, Format::Json | Format::DebeziumJson) => {
             Some(declared(cols, "schema")?)
@@ -285,6 +322,7 @@ pub(super) fn validate_sink(
         table: s.table.clone(),
         storage: s.storage.clone(),
         partition_by,
+        tables,
         flush,
         compression,
         metadata: s.metadata,
@@ -320,4 +358,39 @@ fn section(
     e: sinks::section::SectionError,
 ) -> ConfigError {
     err(key(&format!("{name}.{}", e.field)), e.reason)
+}
+
+/// Checks a Parquet or Delta table location (a template's placeholders are allowed).
+fn check_table_url(table: &str, at: &str) -> Result<(), ConfigError> {
+    let url = url::Url::parse(table).map_err(|e| {
+        err(
+            at.to_string(),
+            format!(
+                "`{}` is not a URL ({e}); write e.g. s3://bucket/path or file:///abs/dir",
+                sinks::store::redact_url(table)
+            ),
+        )
+    })?;
+    if ![
+        "file", "s3", "s3a", "az", "azure", "abfs", "abfss", "adl", "gs", "memory",
+    ]
+    .contains(&url.scheme())
+    {
+        return Err(err(
+            at.to_string(),
+            format!(
+                "unsupported scheme `{}://`; use file://, s3://, az://, abfss:// or gs://",
+                url.scheme()
+            ),
+        ));
+    }
+    if url.password().is_some()
+        || !url.username().is_empty() && url.scheme() != "abfss" && url.scheme() != "abfs"
+    {
+        return Err(err(
+            at.to_string(),
+            "put credentials in the sink's `storage` table, not in the URL",
+        ));
+    }
+    Ok(())
 }

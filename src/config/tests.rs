@@ -260,3 +260,49 @@ fn per_topic_table_templates_are_checked() {
     assert_eq!(e.key, "sink[0].table", "{e}");
     assert!(e.reason.contains("unknown placeholder `{schema}`"), "{e}");
 }
+
+#[test]
+fn per_table_settings_are_checked() {
+    let with = |extra: &str| {
+        BASE.replace(
+            "table = \"s3://lake/orders\"",
+            "table = \"s3://lake/{topic}\"\nmode = \"upsert\"\nkind = \"delta\"\nkey = [\"id\"]",
+        ) + extra
+    };
+    let v = parse(&with(
+        "\n[sink.tables.\"shop.orders\"]\ntable = \"s3://lake/sales/orders\"\npartition_by = []\nkey = [\"order_id\", \"line\"]\n",
+    ))
+    .unwrap();
+    let s = &v.sinks[0];
+    let t = s.for_topic("shop.orders");
+    assert!(t.partition_by.is_empty());
+    assert_eq!(
+        t.upsert_keys.as_deref(),
+        Some(&["order_id".to_string(), "line".to_string()][..])
+    );
+    assert_eq!(
+        s.fixed_tables(),
+        [(
+            "shop.orders".to_string(),
+            "s3://lake/sales/orders".to_string()
+        )]
+    );
+    let e = parse(&with("\n[sink.tables.\"shop.other\"]\nkey = [\"id\"]\n")).unwrap_err();
+    assert_eq!(e.key, "sink[0].tables.\"shop.other\"", "{e}");
+    let e = parse(&with(
+        "\n[sink.tables.\"shop.orders\"]\ntable = \"ftp://x/y\"\n",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "sink[0].tables.\"shop.orders\".table", "{e}");
+    let e = parse(&with(
+        "\n[sink.tables.\"shop.orders\"]\npartition_by = [\"week(ts)\"]\n",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "sink[0].tables.\"shop.orders\".partition_by", "{e}");
+    let e = parse(&with("\n[sink.tables.\"shop.orders\"]\nkeys = [\"id\"]\n")).unwrap_err();
+    assert!(e.key.contains("keys"), "an unknown key is named: {e}");
+    // Without a per-topic template there is nothing to set per table.
+    let text = BASE.to_string() + "\n[sink.tables.\"shop.orders\"]\npartition_by = []\n";
+    let e = parse(&text).unwrap_err();
+    assert_eq!(e.key, "sink[0].tables", "{e}");
+}

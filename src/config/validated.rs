@@ -90,6 +90,8 @@ pub struct ValidatedSink {
     pub databend: Option<sinks::databend::client::ClientConfig>,
     /// `mode = "upsert"`: the key columns.
     pub upsert_keys: Option<Vec<String>>,
+    /// Per-topic table settings (`[sink.tables."<topic>"]`), checked.
+    pub tables: BTreeMap<String, TableSettings>,
     /// `[sink.delta]`, checked (defaults for other kinds).
     pub delta: sinks::delta::DeltaSettings,
 }
@@ -236,4 +238,39 @@ pub enum KeyFormat {
     Json(arrow::datatypes::SchemaRef),
     /// Confluent-framed Avro.
     Avro,
+}
+
+/// One topic's table settings that differ from its sink's (`[sink.tables."<topic>"]`).
+#[derive(Debug, Clone, Default)]
+pub struct TableSettings {
+    /// The table's location instead of the template's.
+    pub table: Option<String>,
+    /// The table's partitioning instead of the sink's.
+    pub partition_by: Option<Vec<PartitionSpec>>,
+    /// The table's key columns instead of the sink's (upserts).
+    pub upsert_keys: Option<Vec<String>>,
+}
+
+impl ValidatedSink {
+    /// The sink's settings for `topic`'s table: its `[sink.tables]` entry over the sink's.
+    pub fn for_topic(&self, topic: &str) -> ValidatedSink {
+        let mut s = self.clone();
+        if let Some(t) = self.tables.get(topic) {
+            if let Some(p) = &t.partition_by {
+                s.partition_by = p.clone();
+            }
+            if let Some(k) = &t.upsert_keys {
+                s.upsert_keys = Some(k.clone());
+            }
+        }
+        s
+    }
+
+    /// The topics whose table is named in `[sink.tables]`, and where it is.
+    pub fn fixed_tables(&self) -> Vec<(String, String)> {
+        self.tables
+            .iter()
+            .filter_map(|(topic, t)| Some((topic.clone(), t.table.clone()?)))
+            .collect()
+    }
 }

@@ -10,7 +10,7 @@ fn parquet_router(root: &std::path::Path, template: &str, writer: &str) -> Route
     Routed::new(
         template,
         location,
-        Box::new(move |location: &str| {
+        Box::new(move |_topic: &str, location: &str| {
             Ok(ParquetSink::new(
                 TableStore::open(location, Vec::<(String, String)>::new())?,
                 ParquetSinkConfig {
