@@ -101,6 +101,24 @@ table = "{base}/crm/customers"
     )
     .await;
     let log = proc_.stop();
+    // `status` names each topic's own table, and no lag.
+    let cfg_path = scratch("cfg").join("lakesink.toml");
+    std::fs::write(&cfg_path, &cfg).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lakesink"))
+        .args(["status", "--json", "--config"])
+        .arg(&cfg_path)
+        .envs(env.iter().copied())
+        .env("LAKESINK_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), topics.len() * PARTITIONS as usize, "{rows:?}");
+    for r in &rows {
+        let topic = r["topic"].as_str().unwrap();
+        assert_eq!(r["table"], table_of(&base, topic).url.as_str(), "{r}");
+        assert_eq!(r["lag"], 0, "{r}");
+    }
     for (topic, produced) in topics.iter().zip(&produced) {
         let app_ids: Vec<String> = (0..PARTITIONS)
             .map(|p| format!("lakesink/{topic}/{p}"))

@@ -262,6 +262,12 @@ pub trait Sink: Send + Sync + fmt::Debug + 'static {
 
     /// The table's location, for messages (never contains credentials).
     fn location(&self) -> &str;
+
+    /// Where `topic`'s rows land, for `status` and messages (never contains credentials): the
+    /// table's location, or for a sink with a table per topic, that topic's table.
+    fn table_of(&self, _topic: &str) -> String {
+        self.location().to_string()
+    }
 }
 
 /// Any sink, as the service holds it (`Arc<dyn AnySink>`): [`Sink`] with its staged data
@@ -280,6 +286,8 @@ pub trait AnySink: Send + Sync + fmt::Debug {
     async fn check(&self) -> Result<()>;
     /// See [`Sink::location`].
     fn location(&self) -> &str;
+    /// See [`Sink::table_of`].
+    fn table_of(&self, topic: &str) -> String;
 }
 
 #[async_trait::async_trait]
@@ -304,5 +312,8 @@ impl<S: Sink> AnySink for S {
     }
     fn location(&self) -> &str {
         Sink::location(self)
+    }
+    fn table_of(&self, topic: &str) -> String {
+        Sink::table_of(self, topic)
     }
 }

@@ -277,6 +277,16 @@ impl<S: Sink> Sink for Routed<S> {
     fn location(&self) -> &str {
         &self.location
     }
+
+    fn table_of(&self, topic: &str) -> String {
+        match self.fixed.get(topic) {
+            Some(l) => crate::store::redact_url(l),
+            None => self.template.resolve(topic).map_or_else(
+                |why| format!("{} (no table: {why})", self.location),
+                |l| crate::store::redact_url(&l),
+            ),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -184,6 +184,8 @@ pub struct PartitionStatus {
     /// The broker's end offset (high watermark).
     pub end: i64,
     pub lag: i64,
+    /// Where the topic's rows land (its own table, for a sink with a table per topic).
+    pub table: String,
     /// A partition with lag whose next record could not be fetched: why (see [`probe_reads`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unreadable: Option<String>,
@@ -244,6 +246,7 @@ pub async fn status(cfg: &ValidatedConfig) -> anyhow::Result<Vec<PartitionStatus
                 committed,
                 end: *high,
                 lag: (high - committed.unwrap_or(*low)).max(0),
+                table: s.sink.table_of(topic),
                 unreadable: None,
             });
         }

@@ -270,7 +270,7 @@ pub(crate) async fn run() -> ExitCode {
                 }
                 Ok(rows) => {
                     println!(
-                        "{:<16} {:<32} {:>9} {:>14} {:>14} {:>10}",
+                        "{:<16} {:<32} {:>9} {:>14} {:>14} {:>10}  TABLE",
                         "SINK", "TOPIC", "PARTITION", "COMMITTED", "END", "LAG"
                     );
                     let unreadable: Vec<String> = rows
@@ -286,13 +286,14 @@ pub(crate) async fn run() -> ExitCode {
                         .collect();
                     for r in rows {
                         println!(
-                            "{:<16} {:<32} {:>9} {:>14} {:>14} {:>10}",
+                            "{:<16} {:<32} {:>9} {:>14} {:>14} {:>10}  {}",
                             r.sink,
                             r.topic,
                             r.partition,
                             r.committed.map_or("-".to_string(), |c| c.to_string()),
                             r.end,
-                            r.lag
+                            r.lag,
+                            r.table
                         );
                     }
                     for u in &unreadable {

@@ -225,4 +225,8 @@ impl Sink for DatabendSink {
     fn location(&self) -> &str {
         &self.location
     }
+
+    fn table_of(&self, topic: &str) -> String {
+        format!("{}.{}", self.config.client.database, self.table_for(topic))
+    }
 }
