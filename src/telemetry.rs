@@ -148,6 +148,16 @@ pub fn render(p: &Progress) -> String {
     let _ = writeln!(out, "# HELP lakesink_tombstones_total Null-value records (no row in append tables).\n# TYPE lakesink_tombstones_total counter\nlakesink_tombstones_total {}", p.tombstones.load(Relaxed));
     let _ = writeln!(out, "# HELP lakesink_backpressure_seconds_total Time the Kafka poll thread waited on a full worker queue (a worker behind, usually flushing).\n# TYPE lakesink_backpressure_seconds_total counter\nlakesink_backpressure_seconds_total {}", p.backpressure_ns.load(Relaxed) as f64 / 1e9);
     let _ = writeln!(out, "# HELP lakesink_poll_idle_seconds_total Time the Kafka poll thread waited for records with none fetched (the source, not lakesink, is behind; or nothing is produced).\n# TYPE lakesink_poll_idle_seconds_total counter\nlakesink_poll_idle_seconds_total {}", p.poll_idle_ns.load(Relaxed) as f64 / 1e9);
+    let _ = writeln!(out, "# HELP lakesink_table_info The table each topic's rows land in, per sink (1 per table; a sink with a table per topic adds one as each new topic is read).\n# TYPE lakesink_table_info gauge");
+    for ((sink, topic), table) in p.tables.lock().expect("progress").iter() {
+        let _ = writeln!(
+            out,
+            "lakesink_table_info{{sink=\"{}\",topic=\"{}\",table=\"{}\"}} 1",
+            esc(sink),
+            esc(topic),
+            esc(table)
+        );
+    }
     let _ = writeln!(out, "# HELP lakesink_buffer_bytes Decoded data buffered and not yet flushed.\n# TYPE lakesink_buffer_bytes gauge\nlakesink_buffer_bytes {}", p.buffer_bytes());
     // Lag: the broker's end offset minus the committed position (the minimum over sinks).
     let _ = writeln!(out, "# HELP lakesink_consumer_lag Records between the committed position and the partition's end.\n# TYPE lakesink_consumer_lag gauge");
@@ -263,6 +273,10 @@ mod tests {
     async fn probes_and_metrics_over_http() {
         let p = Arc::new(Progress::default());
         p.sink("orders").rows_written.fetch_add(42, Relaxed);
+        p.tables.lock().unwrap().insert(
+            ("orders".into(), "shop.public.orders".into()),
+            "s3://lake/cdc/public/orders".into(),
+        );
         p.sink("orders")
             .commit_seconds
             .observe(Duration::from_millis(30));
@@ -294,6 +308,12 @@ mod tests {
         );
         assert!(
             m.contains("lakesink_commit_seconds_count{sink=\"orders\"} 1"),
+            "{m}"
+        );
+        assert!(
+            m.contains(
+                "lakesink_table_info{sink=\"orders\",topic=\"shop.public.orders\",table=\"s3://lake/cdc/public/orders\"} 1"
+            ),
             "{m}"
         );
     }

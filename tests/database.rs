@@ -75,7 +75,23 @@ table = "{base}/crm/customers"
     );
     let env = base.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut proc_ = Lakesink::start(&cfg, &env);
+    let cfg_path = scratch("cfg").join("lakesink.toml");
+    std::fs::write(&cfg_path, &cfg).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut proc_ = Lakesink::start_args(
+        &[
+            "run",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "--http-listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+        &env,
+    );
     for (topic, produced) in topics.iter().zip(&produced) {
         let table = table_of(&base, topic);
         wait_delta(
@@ -100,10 +116,22 @@ table = "{base}/crm/customers"
         Duration::from_secs(120),
     )
     .await;
+    // The metrics name each topic's table, the one created mid-run included.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for topic in &topics {
+        let line = format!(
+            "lakesink_table_info{{sink=\"shop\",topic=\"{topic}\",table=\"{}\"}} 1",
+            table_of(&base, topic).url
+        );
+        assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
+    }
     let log = proc_.stop();
     // `status` names each topic's own table, and no lag.
-    let cfg_path = scratch("cfg").join("lakesink.toml");
-    std::fs::write(&cfg_path, &cfg).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_lakesink"))
         .args(["status", "--json", "--config"])
         .arg(&cfg_path)
@@ -111,7 +139,11 @@ table = "{base}/crm/customers"
         .env("LAKESINK_LOG", "warn")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows.len(), topics.len() * PARTITIONS as usize, "{rows:?}");
     for r in &rows {

@@ -33,6 +33,8 @@ pub struct Progress {
     pub rejected: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
     /// Committed position per (sink name, partition).
     pub positions: Mutex<BTreeMap<(String, TopicPartition), i64>>,
+    /// The table each (sink name, topic) read here writes to (`lakesink_table_info`).
+    pub tables: Mutex<BTreeMap<(String, String), String>>,
     /// Per-sink counters and histograms.
     pub sinks: Mutex<BTreeMap<String, Arc<SinkStats>>>,
     /// The broker's end offset per partition (from librdkafka statistics).

@@ -173,6 +173,16 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         .clone()
         .map(|f| KeyDecoder::new(f, w.ctx.tp.clone(), w.ctx.runtime.registry.clone()));
     w.stats = w.ctx.progress.sink(&w.ctx.runtime.config.name);
+    w.ctx
+        .progress
+        .tables
+        .lock()
+        .expect("progress")
+        .entry((
+            w.ctx.runtime.config.name.clone(),
+            w.ctx.tp.topic.to_string(),
+        ))
+        .or_insert_with(|| w.ctx.runtime.sink.table_of(&w.ctx.tp.topic));
     let latency = w.ctx.runtime.config.flush.max_latency;
     loop {
         let deadline = w.first_at.map(|t| t + latency);
