@@ -151,6 +151,27 @@ table = "{base}/crm/customers"
         assert_eq!(r["table"], table_of(&base, topic).url.as_str(), "{r}");
         assert_eq!(r["lag"], 0, "{r}");
     }
+    // `maintain` finds each topic's table through the broker's topics, and compacts it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lakesink"))
+        .args(["maintain", "--config"])
+        .arg(&cfg_path)
+        .envs(env.iter().copied())
+        .env("LAKESINK_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "maintain failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for topic in &topics {
+        let table = table_of(&base, topic).url;
+        assert!(
+            stdout.contains(&format!("ok    shop: {table} compacted")),
+            "{table} not maintained:\n{stdout}"
+        );
+    }
     for (topic, produced) in topics.iter().zip(&produced) {
         let app_ids: Vec<String> = (0..PARTITIONS)
             .map(|p| format!("lakesink/{topic}/{p}"))

@@ -191,6 +191,25 @@ pub struct PartitionStatus {
     pub unreadable: Option<String>,
 }
 
+/// The broker's topics (a metadata request), for commands that find a templated sink's tables.
+pub(super) async fn broker_topics(cfg: &ValidatedConfig) -> anyhow::Result<Vec<String>> {
+    let cfg = cfg.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+        let consumer: BaseConsumer<crate::kafka::auth::AuthContext> = kafka::client_config(&cfg)
+            .create_with_context(crate::kafka::auth::AuthContext(
+                crate::kafka::auth::KafkaAuth::from_config(&cfg),
+            ))
+            .context("cannot create a Kafka client")?;
+        let md = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .context("cannot fetch the broker's metadata")?;
+        let mut topics: Vec<String> = md.topics().iter().map(|t| t.name().to_string()).collect();
+        topics.sort();
+        Ok(topics)
+    })
+    .await?
+}
+
 /// Per sink and partition: the committed position read from the destination, the broker's end
 /// offset and the lag between them.
 pub async fn status(cfg: &ValidatedConfig) -> anyhow::Result<Vec<PartitionStatus>> {

@@ -243,51 +243,71 @@ pub async fn maintain(
             println!("skip  {}: {:?} tables need no maintenance", s.name, s.kind);
             continue;
         }
-        if s.table.contains('{') {
-            println!(
-                "skip  {}: one table per topic ({}); `maintain` does not find them yet: point a \
-                 config with one sink per table at the tables to maintain",
-                s.name,
-                sinks::store::redact_url(&s.table)
-            );
+        let template = sinks::routed::TableTemplate::parse(&s.table)
+            .map_err(|e| anyhow!("sink `{}`: table: {e}", s.name))?;
+        if !template.is_per_topic() {
+            maintain_table(cfg, s, &s.table, retention).await?;
             continue;
         }
-        let sink = DeltaSink::new(
-            &s.table,
-            s.storage
-                .iter()
-                .map(|(k, v)| (k.clone(), v.expose().to_string())),
-            delta_config(cfg, s),
-        )
-        .with_context(|| format!("sink `{}`: cannot open table", s.name))?;
-        let started = std::time::Instant::now();
-        let r = sink
-            .maintain(
-                s.delta.target_file_size,
-                retention.unwrap_or(s.delta.vacuum_retention),
-            )
-            .await
-            .with_context(|| {
-                format!(
-                    "sink `{}`: maintenance of {} failed",
-                    s.name,
-                    sinks::Sink::location(&sink)
-                )
-            })?;
-        println!(
-            "ok    {}: {} compacted {} files into {}, vacuumed {} files, checkpoint at version {} ({:.1}s)",
-            s.name,
-            sinks::Sink::location(&sink),
-            r.files_compacted,
-            r.files_written,
-            r.files_vacuumed,
-            r.version_after.map_or("-".into(), |v| v.to_string()),
-            started.elapsed().as_secs_f64()
-        );
+        // One table per topic: the broker's topics this sink reads say which tables exist.
+        let topics = inspect::broker_topics(cfg).await?;
+        let mut any = false;
+        for topic in topics.iter().filter(|t| s.topics.matches(t)) {
+            let location = match s.tables.get(topic.as_str()).and_then(|t| t.table.clone()) {
+                Some(l) => l,
+                None => match template.resolve(topic) {
+                    Ok(l) => l,
+                    Err(why) => {
+                        println!("skip  {}: {why}", s.name);
+                        continue;
+                    }
+                },
+            };
+            any = true;
+            maintain_table(cfg, &s.for_topic(topic), &location, retention).await?;
+        }
+        if !any {
+            println!("skip  {}: no topic of the broker matches this sink", s.name);
+        }
     }
     if let Some(name) = only.filter(|_| !seen) {
         return Err(anyhow!("no sink named `{name}` in the config"));
     }
+    Ok(())
+}
+
+/// Compacts, vacuums and checkpoints the Delta table at `location` of sink `s`, and prints
+/// what it did (a table not created yet is skipped).
+async fn maintain_table(
+    cfg: &ValidatedConfig,
+    s: &crate::config::ValidatedSink,
+    location: &str,
+    retention: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
+    let sink = DeltaSink::new(location, storage(s), delta_config(cfg, s))
+        .with_context(|| format!("sink `{}`: cannot open table", s.name))?;
+    let shown = sinks::Sink::location(&sink).to_string();
+    let started = std::time::Instant::now();
+    let r = sink
+        .maintain(
+            s.delta.target_file_size,
+            retention.unwrap_or(s.delta.vacuum_retention),
+        )
+        .await
+        .with_context(|| format!("sink `{}`: maintenance of {shown} failed", s.name))?;
+    if r.version_before.is_none() {
+        println!("skip  {}: {shown} has no table yet", s.name);
+        return Ok(());
+    }
+    println!(
+        "ok    {}: {shown} compacted {} files into {}, vacuumed {} files, checkpoint at version {} ({:.1}s)",
+        s.name,
+        r.files_compacted,
+        r.files_written,
+        r.files_vacuumed,
+        r.version_after.map_or("-".into(), |v| v.to_string()),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
