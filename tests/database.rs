@@ -132,19 +132,9 @@ table = "{base}/crm/customers"
     }
     let log = proc_.stop();
     // `status` names each topic's own table, and no lag.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lakesink"))
-        .args(["status", "--json", "--config"])
-        .arg(&cfg_path)
-        .envs(env.iter().copied())
-        .env("LAKESINK_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let cfg_arg = cfg_path.to_str().unwrap();
+    let out = lakesink_cli(&["status", "--json", "--config", cfg_arg], &env);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(rows.len(), topics.len() * PARTITIONS as usize, "{rows:?}");
     for r in &rows {
         let topic = r["topic"].as_str().unwrap();
@@ -152,19 +142,7 @@ table = "{base}/crm/customers"
         assert_eq!(r["lag"], 0, "{r}");
     }
     // `maintain` finds each topic's table through the broker's topics, and compacts it.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lakesink"))
-        .args(["maintain", "--config"])
-        .arg(&cfg_path)
-        .envs(env.iter().copied())
-        .env("LAKESINK_LOG", "warn")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "maintain failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = lakesink_cli(&["maintain", "--config", cfg_arg], &env);
     for topic in &topics {
         let table = table_of(&base, topic).url;
         assert!(

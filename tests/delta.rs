@@ -227,21 +227,15 @@ async fn delta_crash_between_files_and_commit_then_maintain() {
     let dir = scratch("cfg");
     let path = dir.join("maintain.toml");
     std::fs::write(&path, &cfg).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lakesink"))
-        .args([
+    let stdout = lakesink_cli(
+        &[
             "maintain",
             "--config",
             path.to_str().unwrap(),
             "--retention",
             "0s",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "maintain failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &[],
     );
     assert!(stdout.contains("ok    orders"), "{stdout}");
     let maintained = store.read_delta(&ids);

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -174,18 +173,11 @@ async fn metrics_probes_and_status_match_what_landed() {
     );
 
     // `status`: committed offsets per partition and zero lag.
-    let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
-        .args(["status", "--json", "--config"])
-        .arg(&cfg_path)
-        .env("LAKESINK_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = lakesink_cli(
+        &["status", "--json", "--config", cfg_path.to_str().unwrap()],
+        &[],
     );
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
     for r in &rows {
         let p = r["partition"].as_i64().unwrap() as i32;

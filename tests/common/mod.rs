@@ -1063,3 +1063,21 @@ pub async fn dead_letters_with(
     }
     dead
 }
+
+/// Runs the `lakesink` binary with `args` (and `env`) to completion, asserts it succeeded, and
+/// returns its stdout.
+pub fn lakesink_cli(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("LAKESINK_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "lakesink {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
