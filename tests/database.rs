@@ -143,6 +143,11 @@ table = "{base}/crm/customers"
     }
     // `maintain` finds each topic's table through the broker's topics, and compacts it.
     let stdout = lakesink_cli(&["maintain", "--config", cfg_arg], &env);
+    let checked = lakesink_cli(&["check", "--config", cfg_arg], &env);
+    assert!(
+        checked.matches("ok    ").count() == 3 && !checked.contains("FAIL"),
+        "check probes the templated sink's store: {checked}"
+    );
     for topic in &topics {
         let table = table_of(&base, topic).url;
         assert!(
