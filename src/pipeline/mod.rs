@@ -36,7 +36,8 @@
 //!
 //! Stages: [`messages`] (what flows between source, supervisor and workers), [`supervisor`]
 //! (owns the workers; assign, deliver, revoke, resync), [`worker`] (the partition loop; its
-//! `chain` decodes, `commit` drives the in-flight flush, `rejects` the dead letters),
+//! `chain` decodes, `batcher` buffers and says when to flush, `commit` drives the in-flight
+//! flush, `rejects` the dead letters),
 //! [`budget`], [`dead_letters`] (the dead-letter stage's interface), [`identity`] (the
 //! topic-id gate), [`retry`] (the one retry loop), [`progress`] (what is reported).
 

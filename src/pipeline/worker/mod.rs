@@ -19,9 +19,14 @@
 //!   revoked partition has no writer left in this process.
 //!
 //! Undecodable records wait in `dead_pending`; each flush writes them to the dead-letter topic
-//! (one fenced transaction, see `dead_letter`) before its table commit, after the flush before
-//! it has settled.
+//! (one fenced transaction, see `kafka::dead_letter`) before its table commit, after the flush
+//! before it has settled.
+//!
+//! Parts: this file the loop and the record path; `chain` the decode chain; `batcher` the
+//! buffer and its flush triggers; `commit` the flush in flight; `rejects` the error policy and
+//! dead letters.
 
+mod batcher;
 mod chain;
 mod commit;
 mod rejects;
@@ -133,10 +138,6 @@ struct InFlight {
     started: std::time::Instant,
 }
 
-/// Dead letters waiting for a flush are written at most this many (or bytes) at a time.
-const DEAD_PENDING_MAX: usize = 2_000;
-const DEAD_PENDING_MAX_BYTES: usize = 16 << 20;
-
 /// Runs a worker until it is drained or its input closes.
 pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
     let decoder = new_decoder(&ctx);
@@ -230,24 +231,6 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
     }
     w.settle().await;
     w.release();
-}
-
-/// Frees the unused capacity of a batch much shorter than the decoder's batches. The
-/// decoders allocate for a full batch; one cut short (by a schema version flip, a latency
-/// flush or a flush for rows) would otherwise hold, and count in the budget, a full batch's
-/// memory: interleaved Avro versions made one batch per record, about 40 KB each, and 400
-/// rows counted as 16 MB. Full batches are kept as they are (nothing to free).
-fn shrink(batch: RecordBatch, decode_rows: usize) -> RecordBatch {
-    if batch.num_rows().saturating_mul(4) >= decode_rows {
-        return batch;
-    }
-    let (schema, mut columns, rows) = batch.into_parts();
-    for c in &mut columns {
-        arrow::array::Array::shrink_to_fit(c);
-    }
-    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(rows));
-    RecordBatch::try_new_with_options(schema, columns, &options)
-        .expect("the same columns, schema and row count")
 }
 
 /// The in-flight flush's result, when there is one; pending otherwise.
@@ -427,20 +410,7 @@ impl Worker {
             }
         }
         let previous = self.last_offset.replace(offset);
-        let flush = &self.ctx.runtime.config.flush;
-        // Crossing the end offset seen at start flushes once; records past it (produced since,
-        // or a broker whose watermark lags) follow the normal flush rules, never one file each.
-        let caught_up = self
-            .ctx
-            .end_offset
-            .is_some_and(|end| offset + 1 >= end && previous.is_none_or(|last| last + 1 < end));
-        if self.buffered_rows + self.decoder.pending_rows() >= flush.max_rows
-            || self.buffered_bytes as u64 >= flush.max_bytes
-            || self.ctx.budget.should_flush(self.buffered_bytes)
-            || self.dead_pending.len() >= DEAD_PENDING_MAX
-            || self.dead_pending_bytes >= DEAD_PENDING_MAX_BYTES
-            || caught_up
-        {
+        if self.flush_due(offset, previous) {
             self.flush().await;
         }
     }
@@ -458,53 +428,6 @@ impl Worker {
             tp,
             position: sinks::Offset(position),
         });
-    }
-
-    async fn buffer_batch(&mut self, batch: RecordBatch) {
-        let batch = match self.transform(batch).await {
-            Ok(None) => return,
-            Ok(Some(b)) => b,
-            Err(e) => {
-                self.fatal(
-                    "schema",
-                    format!(
-                        "sink `{}` {}: cannot unwrap Debezium envelopes: {e}",
-                        self.sink_name(),
-                        self.ctx.tp
-                    ),
-                );
-                return;
-            }
-        };
-        if let Some(first) = self.buffer.first() {
-            if first.schema() != batch.schema() {
-                // `handle` flushes before a record with another schema, so this cannot happen;
-                // refuse rather than write a file with mixed schemas.
-                self.fatal(
-                    "internal",
-                    format!(
-                        "sink `{}` {}: internal error: a batch with a different schema reached a \
-                     non-empty buffer: {:?} vs {:?}",
-                        self.sink_name(),
-                        self.ctx.tp,
-                        first.schema(),
-                        batch.schema()
-                    ),
-                );
-                return;
-            }
-        }
-        let batch = shrink(batch, self.ctx.decode_rows);
-        let size = batch.get_array_memory_size();
-        if size == 0 {
-            self.buffered_rows += batch.num_rows();
-            self.buffer.push(batch);
-            return;
-        }
-        self.buffered_rows += batch.num_rows();
-        self.ctx.budget.add(size, self.buffered_bytes == 0);
-        self.buffered_bytes += size;
-        self.buffer.push(batch);
     }
 }
 

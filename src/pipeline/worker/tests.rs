@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use sinks::{CommitStats, Flush, Offset, Staged};
 
+use super::batcher::shrink;
 use super::*;
 use crate::config::Config;
 
