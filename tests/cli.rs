@@ -106,19 +106,7 @@ async fn check_reaches_every_dependency_and_names_what_fails() {
 
 /// Runs `lakesink bench` with `args` (warnings only on stderr); its stdout, once it succeeded.
 fn bench(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
-        .arg("bench")
-        .args(args)
-        .env("LAKESINK_LOG", "warn")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "bench {args:?}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    lakesink_cli(&[&["bench"], args].concat(), &[])
 }
 
 /// The line of a bench report that starts with `label`.
