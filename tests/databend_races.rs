@@ -23,6 +23,7 @@ fn writer(database: &str) -> DatabendSink {
         sink: "orders".into(),
         table: "orders".into(),
         upsert: None,
+        tables: Default::default(),
         compression: Default::default(),
     })
     .unwrap()

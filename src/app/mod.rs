@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context as _};
 
 use schema_registry::{RegistryClient, RegistryConfig};
-use sinks::databend::{DatabendSink, DatabendSinkConfig};
+use sinks::databend::{DatabendSink, DatabendSinkConfig, DatabendTable};
 use sinks::delta::{DeltaSink, DeltaSinkConfig};
 use sinks::parquet::{ParquetSink, ParquetSinkConfig};
 use sinks::store::TableStore;
@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::config::{SinkKind, ValidatedConfig};
 use crate::decode::debezium::UNCHANGED_COLUMN;
+use crate::decode::key::KEY_COLUMN;
 use crate::kafka::{self, SourceOptions};
 use crate::pipeline::{Progress, SinkRuntime};
 
@@ -154,9 +155,21 @@ pub fn open_sink(
                 table: s.table.clone(),
                 upsert: s.upsert_keys.as_ref().map(|keys| UpsertConfig {
                     keys: keys.clone(),
+                    keys_from: s.keys_from_message.then(|| KEY_COLUMN.into()),
                     delete_column: Some("_deleted".into()),
                     unchanged_column: Some(UNCHANGED_COLUMN.into()),
                 }),
+                tables: s
+                    .tables
+                    .iter()
+                    .map(|(topic, t)| {
+                        let table = DatabendTable {
+                            table: t.table.clone(),
+                            keys: t.upsert_keys.clone(),
+                        };
+                        (topic.clone(), table)
+                    })
+                    .collect(),
                 compression: s.compression,
             })
             .with_context(|| format!("sink `{}`: cannot connect to Databend", s.name))?;
@@ -218,6 +231,7 @@ pub fn delta_config(cfg: &ValidatedConfig, s: &crate::config::ValidatedSink) -> 
         legacy_app_id_prefix: Some(format!("lakesink/{}", cfg.group_id)),
         upsert: s.upsert_keys.as_ref().map(|keys| UpsertConfig {
             keys: keys.clone(),
+            keys_from: s.keys_from_message.then(|| KEY_COLUMN.into()),
             delete_column: Some("_deleted".into()),
             unchanged_column: Some(UNCHANGED_COLUMN.into()),
         }),

@@ -47,9 +47,16 @@ pub(super) fn validate_sink(
             }
             TopicSelector::Names(t.clone())
         }
-        (None, Some(r)) => TopicSelector::Regex(
-            regex::Regex::new(r).map_err(|e| err(key("topics_regex"), e.to_string()))?,
-        ),
+        (None, Some(r)) => TopicSelector::Regex {
+            re: regex::Regex::new(r).map_err(|e| err(key("topics_regex"), e.to_string()))?,
+            debezium: matches!(s.format, Format::DebeziumJson | Format::DebeziumAvro).then(|| {
+                DebeziumTopics {
+                    unnamed: ["{server}", "{db}", "{table}"]
+                        .iter()
+                        .any(|p| s.table.contains(p)),
+                }
+            }),
+        },
         (Some(_), Some(_)) => {
             return Err(err(
                 key("topics"),
@@ -111,17 +118,23 @@ pub(super) fn validate_sink(
         (Mode::Upsert, Some(k)) if !k.is_empty() && k.iter().all(|c| !c.trim().is_empty()) => {
             Some(k.clone())
         }
-        (Mode::Upsert, _) => {
+        // Without `key`, each table's key columns are its message key's fields.
+        (Mode::Upsert, None) => Some(Vec::new()),
+        (Mode::Upsert, Some(_)) => {
             return Err(err(
                 key("key"),
-                "mode = \"upsert\" needs the columns that identify a row: key = [\"id\"]",
+                "name the columns that identify a row, key = [\"id\"], or leave `key` out to \
+                 take them from the message key",
             ))
         }
     };
+    let keys_from_message = upsert_keys.as_ref().is_some_and(Vec::is_empty);
+    let connect = s.json_envelope == JsonEnvelope::Connect;
     let delta = s.delta.validate().map_err(|e| section(&key, "delta", e))?;
     let template =
         sinks::routed::TableTemplate::parse(&s.table).map_err(|e| err(key("table"), e))?;
-    if matches!(topics, TopicSelector::Regex(_)) && !template.is_per_topic() && !s.shared_table {
+    if matches!(topics, TopicSelector::Regex { .. }) && !template.is_per_topic() && !s.shared_table
+    {
         return Err(err(
             key("table"),
             "a topics_regex sink would write every topic it matches into this one table; add \
@@ -210,44 +223,51 @@ pub(super) fn validate_sink(
             }
             Ok(std::sync::Arc::new(arrow::datatypes::Schema::new(fields)))
         };
-    let key_format = match (s.key_format, &s.key_schema) {
-        (None, None) => None,
-        (Some(KeyEncoding::String), None) => Some(KeyFormat::String),
-        (Some(KeyEncoding::Json), Some(cols)) => {
-            Some(KeyFormat::Json(declared(cols, "key_schema")?))
-        }
-        (Some(KeyEncoding::Json), None) => {
-            return Err(err(
-                key("key_schema"),
-                "key_format = \"json\" needs the key's fields: key_schema = { id = \"long\" }",
-            ))
-        }
-        (Some(KeyEncoding::Avro), None) => {
-            if registry.is_none() {
-                return Err(err(
-                    key("key_format"),
-                    "`avro` keys need a [schema_registry]",
-                ));
+    let key_format =
+        match (s.key_format, &s.key_schema) {
+            // Upserts keyed by the message key read it as Debezium writes it with the value.
+            (None, None) if keys_from_message => {
+                match s.format {
+                    Format::DebeziumAvro => Some(KeyFormat::Avro),
+                    Format::DebeziumJson | Format::Json if connect => Some(KeyFormat::ConnectJson),
+                    _ => return Err(err(
+                        key("key"),
+                        "mode = \"upsert\" needs the columns that identify a row: key = [\"id\"], \
+                     or key_format (the message key's encoding: \"avro\", \"string\", or \"json\" \
+                     with key_schema) to take them from the message key",
+                    )),
+                }
             }
-            Some(KeyFormat::Avro)
-        }
-        (Some(_), Some(_)) | (None, Some(_)) => {
-            return Err(err(
+            (None, None) => None,
+            (Some(KeyEncoding::Json), None) if connect => Some(KeyFormat::ConnectJson),
+            (Some(KeyEncoding::String), None) => Some(KeyFormat::String),
+            (Some(KeyEncoding::Json), Some(cols)) => {
+                Some(KeyFormat::Json(declared(cols, "key_schema")?))
+            }
+            (Some(KeyEncoding::Json), None) => return Err(err(
                 key("key_schema"),
-                "only key_format = \"json\" takes a key_schema",
-            ))
-        }
-    };
+                "key_format = \"json\" needs the key's fields, key_schema = { id = \"long\" }, \
+                 unless keys carry their schema (json_envelope = \"connect\")",
+            )),
+            (Some(KeyEncoding::Avro), None) => {
+                if registry.is_none() {
+                    return Err(err(
+                        key("key_format"),
+                        "`avro` keys need a [schema_registry]",
+                    ));
+                }
+                Some(KeyFormat::Avro)
+            }
+            (Some(_), Some(_)) | (None, Some(_)) => {
+                return Err(err(
+                    key("key_schema"),
+                    "only key_format = \"json\" takes a key_schema",
+                ))
+            }
+        };
     let mut tables = BTreeMap::new();
     for (topic, t) in &s.tables {
         let at = |f: &str| key(&format!("tables.\"{topic}\".{f}"));
-        if kind == SinkKind::Databend {
-            return Err(err(
-                key("tables"),
-                "per-table settings are for Parquet and Delta sinks (a Databend sink names its \
-                 tables with its `table` template)",
-            ));
-        }
         if !template.is_per_topic() {
             return Err(err(
                 key("tables"),
@@ -260,8 +280,20 @@ pub(super) fn validate_sink(
                 "this sink does not read that topic (check `topics` / `topics_regex`)",
             ));
         }
+        if kind == SinkKind::Databend && t.partition_by.is_some() {
+            return Err(err(
+                at("partition_by"),
+                "Databend tables are not partitioned by the sink; only `table` and `key` apply",
+            ));
+        }
         if let Some(table) = &t.table {
-            check_table_url(table, &at("table"))?;
+            match kind {
+                SinkKind::Databend if table.trim().is_empty() => {
+                    return Err(err(at("table"), "the Databend table name is empty"))
+                }
+                SinkKind::Databend => {}
+                _ => check_table_url(table, &at("table"))?,
+            }
             if table.contains('{') {
                 return Err(err(
                     at("table"),
@@ -334,6 +366,7 @@ pub(super) fn validate_sink(
         key_format,
         kind,
         upsert_keys,
+        keys_from_message,
         databend,
         delta,
         connect_envelope: match s.json_envelope {

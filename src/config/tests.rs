@@ -149,6 +149,28 @@ fn delta_and_upsert_settings_are_checked() {
         .unwrap_err()
         .to_string()
         .contains("sink[0].key"));
+    // Keyed by the message key: Debezium's key, read as its value is.
+    let from_key = |format: &str| {
+        parse(&no_key.replace(
+            "kind = \"delta\"\n",
+            &format!("kind = \"delta\"\n{format}\n"),
+        ))
+    };
+    let c = from_key("format = \"debezium-json\"\njson_envelope = \"connect\"").unwrap();
+    assert_eq!(c.sinks[0].upsert_keys, Some(vec![]));
+    assert!(c.sinks[0].keys_from_message);
+    assert!(matches!(
+        c.sinks[0].key_format,
+        Some(KeyFormat::ConnectJson)
+    ));
+    let c = from_key("format = \"debezium-avro\"").unwrap();
+    assert!(matches!(c.sinks[0].key_format, Some(KeyFormat::Avro)));
+    let c = from_key("format = \"avro\"\nkey_format = \"string\"").unwrap();
+    assert!(c.sinks[0].keys_from_message);
+    assert!(matches!(c.sinks[0].key_format, Some(KeyFormat::String)));
+    let e = from_key("format = \"avro\"").unwrap_err().to_string();
+    assert!(e.contains("sink[0].key") && e.contains("key_format"), "{e}");
+    assert!(!parse(&delta).unwrap().sinks[0].keys_from_message);
     let parquet_upsert = no_key.replace("kind = \"delta\"\n", "");
     let e = parse(&parquet_upsert).unwrap_err().to_string();
     assert!(e.contains("sink[0].mode") && e.contains("delta"), "{e}");
@@ -259,6 +281,28 @@ fn per_topic_table_templates_are_checked() {
     let e = parse(&regex("s3://lake/{schema}", "")).unwrap_err();
     assert_eq!(e.key, "sink[0].table", "{e}");
     assert!(e.reason.contains("unknown placeholder `{schema}`"), "{e}");
+
+    // Debezium's own topics are skipped by rule, not quarantined for want of a table name.
+    let dbz = |table: &str| {
+        let text = regex(table, "\nformat = \"debezium-avro\"").replace("shop\\\\..*", ".*");
+        parse(&text).unwrap().sinks[0].topics.clone()
+    };
+    let t = dbz("s3://lake/cdc/{db}/{table}");
+    for (topic, read) in [
+        ("shop.public.orders", true),
+        ("shop", false),
+        ("shop.transaction", false),
+        ("__debezium-heartbeat.shop", false),
+    ] {
+        assert_eq!(t.matches(topic), read, "{topic}");
+        assert_eq!(t.skipped_by_rule(topic).is_some(), !read, "{topic}");
+    }
+    let t = dbz("s3://lake/{topic}");
+    assert!(t.matches("shop.transaction") && !t.matches("__debezium-heartbeat.shop"));
+    assert!(parse(&regex("s3://lake/{topic}", "")).unwrap().sinks[0]
+        .topics
+        .skipped_by_rule("__debezium-heartbeat.shop")
+        .is_none());
 }
 
 #[test]
@@ -296,6 +340,32 @@ fn per_table_settings_are_checked() {
     assert_eq!(e.key, "sink[0].tables.\"shop.orders\".table", "{e}");
     let e = parse(&with(
         "\n[sink.tables.\"shop.orders\"]\npartition_by = [\"week(ts)\"]\n",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "sink[0].tables.\"shop.orders\".partition_by", "{e}");
+    // A Databend sink renames a table or names its key; it partitions nothing.
+    let databend = |extra: &str| {
+        BASE.replace(
+            "table = \"s3://lake/orders\"",
+            "table = \"{table}\"\nmode = \"upsert\"\nkind = \"databend\"\n\
+             databend = { url = \"http://127.0.0.1:8000/db\" }\nformat = \"debezium-avro\"",
+        )
+        .replace("partition_by = [\"day(ts)\"]\n", "")
+            + extra
+    };
+    let v = parse(&databend(
+        "\n[sink.tables.\"shop.orders\"]\ntable = \"sales_orders\"\nkey = [\"order_id\"]\n",
+    ))
+    .unwrap();
+    assert!(v.sinks[0].keys_from_message);
+    let t = &v.sinks[0].tables["shop.orders"];
+    assert_eq!(t.table.as_deref(), Some("sales_orders"));
+    assert_eq!(
+        t.upsert_keys.as_deref(),
+        Some(&["order_id".to_string()][..])
+    );
+    let e = parse(&databend(
+        "\n[sink.tables.\"shop.orders\"]\npartition_by = [\"day(ts)\"]\n",
     ))
     .unwrap_err();
     assert_eq!(e.key, "sink[0].tables.\"shop.orders\".partition_by", "{e}");

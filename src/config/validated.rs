@@ -6,23 +6,65 @@ use super::*;
 #[derive(Debug, Clone)]
 pub enum TopicSelector {
     Names(Vec<String>),
-    Regex(regex::Regex),
+    /// A pattern, less Debezium's own topics when `debezium` says so.
+    Regex {
+        re: regex::Regex,
+        debezium: Option<DebeziumTopics>,
+    },
 }
+
+/// Which of Debezium's own topics (no table's rows) a `topics_regex` sink of a Debezium format
+/// skips by rule: heartbeats always; with a `{server}`/`{db}`/`{table}` template also the topics
+/// not named `<server>.<db>.<table>`: the schema-change topic `<prefix>` and the
+/// transaction-metadata topic `<prefix>.transaction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DebeziumTopics {
+    pub unnamed: bool,
+}
+
+/// The prefix of Debezium's heartbeat topics (`topic.heartbeat.prefix`'s default).
+pub const DEBEZIUM_HEARTBEAT_PREFIX: &str = "__debezium-heartbeat";
 
 impl TopicSelector {
     pub fn matches(&self, topic: &str) -> bool {
         match self {
             TopicSelector::Names(n) => n.iter().any(|t| t == topic),
-            TopicSelector::Regex(r) => r.is_match(topic),
+            TopicSelector::Regex { re, .. } => {
+                re.is_match(topic) && self.skipped_by_rule(topic).is_none()
+            }
         }
+    }
+
+    /// Why a topic the pattern matches is not read (Debezium's own topics), if it is not.
+    pub fn skipped_by_rule(&self, topic: &str) -> Option<&'static str> {
+        let TopicSelector::Regex {
+            re,
+            debezium: Some(rule),
+        } = self
+        else {
+            return None;
+        };
+        if !re.is_match(topic) {
+            return None;
+        }
+        if topic.starts_with(DEBEZIUM_HEARTBEAT_PREFIX) {
+            return Some("a Debezium heartbeat topic");
+        }
+        if rule.unnamed && topic.split('.').count() < 3 {
+            return Some(
+                "not named <server>.<db>.<table>: Debezium's schema-change or \
+                 transaction-metadata topic, whose records are no table's rows",
+            );
+        }
+        None
     }
 
     /// The librdkafka subscription patterns (a regex subscription starts with `^`).
     pub fn subscriptions(&self) -> Vec<String> {
         match self {
             TopicSelector::Names(n) => n.clone(),
-            TopicSelector::Regex(r) => {
-                let s = r.as_str();
+            TopicSelector::Regex { re, .. } => {
+                let s = re.as_str();
                 vec![if s.starts_with('^') {
                     s.to_string()
                 } else {
@@ -88,8 +130,11 @@ pub struct ValidatedSink {
     pub kind: SinkKind,
     /// `kind = "databend"`: the checked connection.
     pub databend: Option<sinks::databend::client::ClientConfig>,
-    /// `mode = "upsert"`: the key columns.
+    /// `mode = "upsert"`: the key columns; empty when they are the message key's fields.
     pub upsert_keys: Option<Vec<String>>,
+    /// Upserts keyed by the message key (no `key`): each flush's keys are the fields of its
+    /// decoded `_key`, which is never stored.
+    pub keys_from_message: bool,
     /// Per-topic table settings (`[sink.tables."<topic>"]`), checked.
     pub tables: BTreeMap<String, TableSettings>,
     /// `[sink.delta]`, checked (defaults for other kinds).
@@ -236,6 +281,8 @@ pub enum KeyFormat {
     String,
     /// JSON objects with the declared `key_schema`.
     Json(arrow::datatypes::SchemaRef),
+    /// JSON in Kafka Connect's envelope, each key decoded with the schema it carries.
+    ConnectJson,
     /// Confluent-framed Avro.
     Avro,
 }

@@ -17,10 +17,14 @@ use arrow::record_batch::RecordBatch;
 use schema_registry::{wire, RegistryClient};
 use sinks::TopicPartition;
 
+use super::connect_json::ConnectJsonDecoder;
 use super::{AvroDecoder, DecodeError, JsonDecoder, Record};
 use crate::config::MetadataConfig;
 
 pub use crate::config::KeyFormat;
+
+/// The column decoded keys land in.
+pub const KEY_COLUMN: &str = "_key";
 
 /// Checks and decodes one partition's keys.
 pub struct KeyDecoder {
@@ -29,6 +33,9 @@ pub struct KeyDecoder {
     registry: RegistryClient,
     /// Parsed Avro key schemas by id, for checking single keys.
     avro_schemas: HashMap<u32, apache_avro::Schema>,
+    /// Every record needs a key (upserts keyed by the message key; keys that carry their own
+    /// schema): a null key is rejected.
+    required: bool,
 }
 
 impl std::fmt::Debug for KeyDecoder {
@@ -59,12 +66,20 @@ fn rec(offset: i64, key: &[u8]) -> Record {
 
 impl KeyDecoder {
     pub fn new(format: KeyFormat, tp: TopicPartition, registry: RegistryClient) -> Self {
+        let required = matches!(format, KeyFormat::ConnectJson);
         Self {
             format,
             tp,
             registry,
             avro_schemas: HashMap::new(),
+            required,
         }
+    }
+
+    /// Rejects records without a key (the key columns of an upsert come from it).
+    pub fn require_keys(mut self) -> Self {
+        self.required = true;
+        self
     }
 
     fn error(&self, offset: i64, reason: String, retryable: bool) -> DecodeError {
@@ -78,9 +93,23 @@ impl KeyDecoder {
         }
     }
 
-    /// Checks that `key` decodes. A null key is valid (a null `_key`).
+    /// Checks that `key` decodes. A null key is valid (a null `_key`) unless keys are required.
     pub async fn check(&mut self, key: Option<&[u8]>, offset: i64) -> Result<(), DecodeError> {
-        let Some(key) = key else { return Ok(()) };
+        let Some(key) = key else {
+            return match self.required {
+                false => Ok(()),
+                true => Err(self.error(
+                    offset,
+                    format!(
+                        "the record has no key, and the table's key columns come from it (an \
+                         upsert without `key`, or keys that carry their schema); name them with \
+                         `key = [..]` or `[sink.tables.\"{}\"]` `key`",
+                        self.tp.topic
+                    ),
+                    false,
+                )),
+            };
+        };
         match &self.format {
             KeyFormat::String => std::str::from_utf8(key)
                 .map(|_| ())
@@ -100,6 +129,21 @@ impl KeyDecoder {
                 match rejected.pop() {
                     Some(r) => Err(self.error(offset, r.error.reason, false)),
                     None => Ok(()),
+                }
+            }
+            KeyFormat::ConnectJson => {
+                let mut d = ConnectJsonDecoder::new(self.tp.clone(), NO_META, 1);
+                let (mut out, mut rejected) = (Vec::new(), Vec::new());
+                if let Err(r) = d.push(rec(offset, key), &mut out, &mut rejected) {
+                    return Err(self.error(offset, r.error.reason, false));
+                }
+                let _ = d.finish(&mut out, &mut rejected);
+                match (rejected.pop(), out.first().map(|b| b.schema())) {
+                    (Some(r), _) => Err(self.error(offset, r.error.reason, false)),
+                    (None, Some(s)) if s.fields().is_empty() => {
+                        Err(self.error(offset, "the key's schema has no fields".into(), false))
+                    }
+                    _ => Ok(()),
                 }
             }
             KeyFormat::Avro => {
@@ -162,6 +206,22 @@ impl KeyDecoder {
                     return Err(r.error.reason.clone());
                 }
                 with_nulls(struct_of(schema, &out)?, keys)
+            }
+            KeyFormat::ConnectJson => {
+                // Every key was checked present (a null one cannot say its schema).
+                let mut d = ConnectJsonDecoder::new(self.tp.clone(), NO_META, keys.len().max(1));
+                let (mut out, mut rejected) = (Vec::new(), Vec::new());
+                for (i, k) in keys.iter().enumerate() {
+                    let k = k.ok_or("a record without a key")?;
+                    d.push(rec(i as i64, k), &mut out, &mut rejected)
+                        .map_err(|r| r.error.reason)?;
+                }
+                d.finish(&mut out, &mut rejected).map_err(|e| e.reason)?;
+                if let Some(r) = rejected.first() {
+                    return Err(r.error.reason.clone());
+                }
+                let schema = out.first().map(|b| b.schema()).ok_or("no keys")?;
+                struct_of(&schema, &out)
             }
             KeyFormat::Avro => {
                 let mut d = AvroDecoder::new(
@@ -272,5 +332,45 @@ mod tests {
         );
         let mixed = BinaryArray::from(vec![Some(&wrapped[..]), Some(&br#"{"id": 8}"#[..])]);
         assert!(d.decode(&mixed).await.unwrap_err().contains("mix"));
+    }
+
+    #[tokio::test]
+    async fn keys_that_carry_their_schema_decode_without_one_declared() {
+        let registry =
+            RegistryClient::new(schema_registry::RegistryConfig::new("http://127.0.0.1:1"))
+                .unwrap();
+        let tp = TopicPartition::new("pg.shop.order_lines", 0);
+        let mut d = KeyDecoder::new(KeyFormat::ConnectJson, tp.clone(), registry.clone());
+        // A composite primary key, as Debezium writes it with JsonConverter.
+        let key = |o: i64, l: i32| {
+            format!(
+                r#"{{"schema":{{"type":"struct","fields":[{{"type":"int64","optional":false,"field":"order_id"}},{{"type":"int32","optional":false,"field":"line_no"}}],"optional":false,"name":"k"}},"payload":{{"order_id":{o},"line_no":{l}}}}}"#
+            )
+        };
+        let (a, b) = (key(7, 1), key(7, 2));
+        d.check(Some(a.as_bytes()), 0).await.unwrap();
+        let col = d
+            .decode(&BinaryArray::from(vec![a.as_bytes(), b.as_bytes()]))
+            .await
+            .unwrap();
+        let s = col.as_struct();
+        assert_eq!(s.column_names(), ["order_id", "line_no"]);
+        assert_eq!(
+            s.column(1)
+                .as_primitive::<arrow::datatypes::Int32Type>()
+                .value(1),
+            2
+        );
+        // A key without its schema cannot name the columns, nor can a missing key.
+        let e = d.check(Some(br#"{"order_id": 7}"#), 3).await.unwrap_err();
+        assert_eq!((e.class, e.offset), ("key", 3));
+        let e = d.check(None, 4).await.unwrap_err();
+        assert!(e.reason.contains("has no key"), "{}", e.reason);
+        assert!(e.reason.contains("pg.shop.order_lines"), "{}", e.reason);
+        // Avro keys may be null unless an upsert takes its key columns from them.
+        let mut avro = KeyDecoder::new(KeyFormat::Avro, tp.clone(), registry.clone());
+        avro.check(None, 5).await.unwrap();
+        let mut avro = KeyDecoder::new(KeyFormat::Avro, tp, registry).require_keys();
+        assert!(avro.check(None, 5).await.is_err());
     }
 }

@@ -164,12 +164,18 @@ impl Supervisor {
     /// Every (partition, sink index) of `tps` (not held yet) that some sink reads.
     pub fn jobs(&self, tps: &[TopicPartition]) -> Vec<(TopicPartition, usize)> {
         let mut jobs = Vec::new();
+        let mut skipped = std::collections::BTreeSet::new();
         for tp in tps.iter().filter(|tp| !self.parts.contains_key(*tp)) {
             for (i, s) in self.sinks.iter().enumerate() {
                 if s.config.topics.matches(&tp.topic) {
                     jobs.push((tp.clone(), i));
+                } else if let Some(why) = s.config.topics.skipped_by_rule(&tp.topic) {
+                    skipped.insert((s.config.name.clone(), tp.topic.to_string(), why));
                 }
             }
+        }
+        for (sink, topic, why) in skipped {
+            info!(sink = %sink, topic = %topic, "topic skipped by rule: {why}");
         }
         jobs
     }

@@ -76,7 +76,7 @@ impl DatabendSink {
                 .await?;
             }
             Some(u) => {
-                let on: Vec<String> = u
+                let on: Vec<String> = d
                     .keys
                     .iter()
                     .map(|k| format!("t.{k} = s.{k}", k = ident(k)))

@@ -19,8 +19,19 @@ pub struct DatabendSinkConfig {
     pub table: String,
     /// Upsert by key instead of appending (`None`: append).
     pub upsert: Option<UpsertConfig>,
+    /// Topics whose table differs from the template's: another name, other key columns.
+    pub tables: std::collections::BTreeMap<String, DatabendTable>,
     /// Compression of the staged Parquet files.
     pub compression: Compression,
+}
+
+/// One topic's table where it differs from the sink's template.
+#[derive(Debug, Clone, Default)]
+pub struct DatabendTable {
+    /// The table's name instead of the template's.
+    pub table: Option<String>,
+    /// Upserts: the key columns instead of the sink's (or the message key's).
+    pub keys: Option<Vec<String>>,
 }
 
 /// `databend = {..}` as written in the service's config: where a Databend sink loads.

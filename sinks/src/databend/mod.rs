@@ -57,7 +57,7 @@ use crate::{
 use client::{Client, ClientError, Session};
 use sql::ident;
 
-pub use config::{DatabendSection, DatabendSinkConfig};
+pub use config::{DatabendSection, DatabendSinkConfig, DatabendTable};
 
 /// The ledger table, in the sink's database.
 pub const LEDGER: &str = "lakesink_offsets";
@@ -80,6 +80,8 @@ pub struct DatabendStaged {
     /// The file's last column, after `columns`, lists per row the columns that keep the
     /// stored value (see `UpsertConfig::unchanged_column`).
     pub unchanged: bool,
+    /// Upserts: the key columns the load merges on (named, or the message key's fields).
+    pub keys: Vec<String>,
 }
 
 /// Loads flushes into Databend tables, each load and its ledger row in one transaction (see
@@ -158,6 +160,9 @@ impl DatabendSink {
 
     /// The table a topic's rows go to.
     pub fn table_for(&self, topic: &str) -> String {
+        if let Some(t) = self.config.tables.get(topic).and_then(|t| t.table.clone()) {
+            return t;
+        }
         let parts: Vec<&str> = topic.split('.').collect();
         let n = parts.len();
         let (db, table) = if n >= 2 {

@@ -40,6 +40,25 @@ impl DatabendSink {
 
     pub(super) async fn stage_flush(&self, flush: Flush) -> Result<Staged<DatabendStaged>> {
         self.ensure_ledger().await?;
+        // The flush's keys (named, or the message key's fields, whose struct is never stored).
+        let (upsert, flush) = match &self.config.upsert {
+            None => (None, flush),
+            Some(u) => {
+                // One table's own key columns win over the sink's (and the message key's).
+                let mut u = u.clone();
+                if let Some(keys) = self
+                    .config
+                    .tables
+                    .get(&*flush.tp.topic)
+                    .and_then(|t| t.keys.clone())
+                {
+                    u.keys = keys;
+                }
+                let (u, batches) =
+                    crate::upsert::message_key::resolve(&u, flush.batches, &flush.tp)?;
+                (Some(u), Flush { batches, ..flush })
+            }
+        };
         let rows = flush.rows() as u64;
         let table = self.table_for(&flush.tp.topic);
         let mut staged = Staged {
@@ -53,8 +72,9 @@ impl DatabendSink {
                 file: None,
                 columns: Vec::new(),
                 bytes: 0,
-                truncate: flush.truncate && self.config.upsert.is_some(),
+                truncate: flush.truncate && upsert.is_some(),
                 unchanged: false,
+                keys: Vec::new(),
             },
         };
         // A truncate with no rows after it still loads an empty file (it creates the table).
@@ -72,9 +92,7 @@ impl DatabendSink {
         }
         let mut target = target.expect("non-empty");
         // The unchanged-values list is loaded as the file's last column, never into the table.
-        let unchanged = self
-            .config
-            .upsert
+        let unchanged = upsert
             .as_ref()
             .and_then(|u| u.unchanged_column.as_ref())
             .and_then(|c| target.index_of(c).ok());
@@ -93,7 +111,7 @@ impl DatabendSink {
                 crate::schema::conform_batch(b, &target).map_err(|r| self.schema_err(&table, r))
             })
             .collect::<Result<Vec<_>>>()?;
-        if let Some(u) = &self.config.upsert {
+        if let Some(u) = &upsert {
             let changes = Changes::build(u, &target, batches, &flush.tp)?;
             let mut rows = changes.rows;
             if unchanged.is_some() {
@@ -102,7 +120,7 @@ impl DatabendSink {
             }
             batches = vec![rows];
         }
-        let truncate = flush.truncate && self.config.upsert.is_some();
+        let truncate = flush.truncate && upsert.is_some();
         self.ensure_table(&table, &table_schema).await?;
         let data = {
             let target = target.clone();
@@ -140,6 +158,7 @@ impl DatabendSink {
             bytes,
             truncate,
             unchanged: unchanged.is_some(),
+            keys: upsert.map(|u| u.keys).unwrap_or_default(),
         };
         self.crash.at("after_stage");
         Ok(staged)

@@ -273,6 +273,15 @@ impl Sink for DeltaSink {
 
     async fn stage(&self, flush: Flush) -> Result<Staged<DeltaStaged>> {
         let rows = flush.rows() as u64;
+        // The flush's keys (named, or the message key's fields, whose struct is never stored).
+        let (upsert, flush) = match &self.config.upsert {
+            None => (None, flush),
+            Some(u) => {
+                let (u, batches) =
+                    crate::upsert::message_key::resolve(u, flush.batches, &flush.tp)?;
+                (Some(u), Flush { batches, ..flush })
+            }
+        };
         let (schema, batches) = self.prepare(&flush)?;
         let columns = schema
             .fields()
@@ -296,7 +305,7 @@ impl Sink for DeltaSink {
         let Some(schema) = schema else {
             return Ok(staged);
         };
-        if let Some(upsert) = &self.config.upsert {
+        if let Some(upsert) = &upsert {
             let mut changes = crate::upsert::Changes::build(upsert, &schema, batches, &flush.tp)?;
             changes.truncate = flush.truncate;
             staged.data.changes = Some(Arc::new(changes));

@@ -297,6 +297,7 @@ async fn upserts_keep_the_last_change_and_apply_deletes() {
     let config = DeltaSinkConfig {
         upsert: Some(UpsertConfig {
             keys: vec!["id".into()],
+            keys_from: None,
             delete_column: Some("_deleted".into()),
             unchanged_column: Some("_unchanged".into()),
         }),
@@ -459,6 +460,7 @@ async fn waiting_upserts_merge_as_one_group_unless_their_keys_meet() {
     let config = DeltaSinkConfig {
         upsert: Some(UpsertConfig {
             keys: vec!["id".into()],
+            keys_from: None,
             delete_column: None,
             unchanged_column: None,
         }),

@@ -15,6 +15,7 @@ pub(super) fn upsert_config() -> DeltaSinkConfig {
     DeltaSinkConfig {
         upsert: Some(UpsertConfig {
             keys: vec!["id".into()],
+            keys_from: None,
             delete_column: Some("_deleted".into()),
             unchanged_column: Some("_unchanged".into()),
         }),
@@ -373,6 +374,7 @@ async fn concurrent_upserts_on_a_camel_case_key_both_land() {
     let config = || DeltaSinkConfig {
         upsert: Some(UpsertConfig {
             keys: vec!["orderId".into()],
+            keys_from: None,
             delete_column: Some("_deleted".into()),
             unchanged_column: None,
         }),
@@ -467,6 +469,7 @@ async fn concurrent_upserts_on_a_camel_case_key_both_land() {
 fn the_read_predicate_of_a_camel_case_key_parses_back() {
     let config = UpsertConfig {
         keys: vec!["orderId".into()],
+        keys_from: None,
         delete_column: None,
         unchanged_column: None,
     };

@@ -156,9 +156,10 @@ pub(super) async fn commit(
     schema: Option<&SchemaRef>,
     changes: &Changes,
 ) -> Result<CommitOutcome> {
-    let Some(config) = sink.config.upsert.as_ref() else {
+    if sink.config.upsert.is_none() {
         return Err(Error::Join("upsert changes for an append sink".into()));
-    };
+    }
+    let config = &changes.config;
     let tp = &staged.tp;
     let app_id = sink.app_id(tp);
     let mut attempt: u32 = 0;
@@ -211,12 +212,12 @@ pub(super) async fn commit_group(
     slot: &mut Option<DeltaTable>,
     group: Vec<Pending>,
 ) {
-    let Some(config) = sink.config.upsert.as_ref() else {
+    if sink.config.upsert.is_none() {
         for p in group {
             let _ = p.reply.send(GroupReply::Alone);
         }
         return;
-    };
+    }
     let mut members = group;
     let mut attempt: u32 = 0;
     let failed = loop {
@@ -241,12 +242,10 @@ pub(super) async fn commit_group(
             }
             let fits = carried.is_empty()
                 || (rows + changes.rows.num_rows() <= sink.config.group_rows
-                    && carried[0]
-                        .staged
-                        .data
-                        .changes
-                        .as_ref()
-                        .is_some_and(|c| c.rows.schema() == changes.rows.schema()));
+                    && carried[0].staged.data.changes.as_ref().is_some_and(|c| {
+                        c.rows.schema() == changes.rows.schema()
+                            && c.config.keys == changes.config.keys
+                    }));
             if fits {
                 rows += changes.rows.num_rows();
                 carried.push(p);
@@ -270,6 +269,14 @@ pub(super) async fn commit_group(
             .filter_map(|p| p.staged.data.changes.as_ref())
             .map(|c| c.rows.clone())
             .collect();
+        let config = carried[0]
+            .staged
+            .data
+            .changes
+            .as_ref()
+            .map(|c| c.config.clone())
+            .expect("carried flushes have changes");
+        let config = &config;
         if !keys_distinct(config, &batches) {
             debug!(table = %sink.location, flushes = carried.len(),
                 "a key changed in more than one partition: merging them one at a time");

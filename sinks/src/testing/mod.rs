@@ -181,6 +181,7 @@ pub fn databend_writer(database: &str) -> crate::databend::DatabendSink {
         sink: "contract".into(),
         table: "contract".into(),
         upsert: None,
+        tables: Default::default(),
         compression: Default::default(),
     })
     .unwrap_or_else(|e| panic!("a Databend writer: {e}"))

@@ -9,6 +9,7 @@
 //! - A column the last change did not carry (named in its unchanged list) takes the value of the
 //!   latest earlier change of the key in the flush that carried one ([`unchanged`]).
 
+pub mod message_key;
 pub mod unchanged;
 
 use std::collections::HashMap;
@@ -23,8 +24,11 @@ use crate::{Error, Result, TopicPartition};
 /// Which rows are the same entity, and which ones delete it.
 #[derive(Debug, Clone)]
 pub struct UpsertConfig {
-    /// Key columns (top-level).
+    /// Key columns (top-level). Empty with `keys_from`: taken per flush from the message key.
     pub keys: Vec<String>,
+    /// The decoded message-key column whose fields are the key columns when `keys` is empty
+    /// (`_key`; see [`message_key`]).
+    pub keys_from: Option<String>,
     /// A boolean column that marks deletes (Debezium's `_deleted`); rows without it upsert.
     pub delete_column: Option<String>,
     /// A list-of-names column naming, per row, the columns whose stored value the change
@@ -41,6 +45,8 @@ pub struct Changes {
     pub superseded: usize,
     /// The table is emptied before `rows` are applied (see [`crate::Flush::truncate`]).
     pub truncate: bool,
+    /// The keys and columns `rows` are applied with (named keys, resolved for this flush).
+    pub config: UpsertConfig,
 }
 
 impl Changes {
@@ -145,6 +151,7 @@ impl Changes {
             rows,
             superseded,
             truncate: false,
+            config: config.clone(),
         })
     }
 }
@@ -176,6 +183,7 @@ mod tests {
     fn build(batches: Vec<RecordBatch>) -> Changes {
         let config = UpsertConfig {
             keys: vec!["id".into()],
+            keys_from: None,
             delete_column: None,
             unchanged_column: None,
         };
@@ -222,6 +230,7 @@ mod tests {
     fn a_null_key_fails_the_flush_naming_the_column() {
         let config = UpsertConfig {
             keys: vec!["name".into()],
+            keys_from: None,
             delete_column: None,
             unchanged_column: None,
         };

@@ -61,7 +61,7 @@ impl Worker {
             columns.remove(raw);
         }
         fields.push(Arc::new(arrow::datatypes::Field::new(
-            "_key",
+            crate::decode::key::KEY_COLUMN,
             decoded.data_type().clone(),
             true,
         )));

@@ -166,13 +166,13 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
     if let Some(dlq) = &w.ctx.runtime.dead_letters {
         w.dead_writer = Some(dlq.writer(&w.ctx.runtime.config.name, &w.ctx.tp));
     }
-    w.keys = w
-        .ctx
-        .runtime
-        .config
-        .key_format
-        .clone()
-        .map(|f| KeyDecoder::new(f, w.ctx.tp.clone(), w.ctx.runtime.registry.clone()));
+    w.keys = w.ctx.runtime.config.key_format.clone().map(|f| {
+        let d = KeyDecoder::new(f, w.ctx.tp.clone(), w.ctx.runtime.registry.clone());
+        match w.ctx.runtime.config.keys_from_message {
+            true => d.require_keys(),
+            false => d,
+        }
+    });
     w.stats = w.ctx.progress.sink(&w.ctx.runtime.config.name);
     w.ctx
         .progress
