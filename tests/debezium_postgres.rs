@@ -14,111 +14,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::databend::rows as databend_rows;
+use common::debezium::{assert_connector_running, sql, start_connector};
 use common::*;
 use serde_json::{json, Value};
-
-fn pg_port() -> String {
-    need("LAKESINK_TEST_PG_PORT")
-}
-
-/// Runs SQL with psql; returns stdout (unaligned, tuples only).
-fn sql(statements: &str) -> String {
-    let out = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg_port(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-        ])
-        .args(["-v", "ON_ERROR_STOP=1", "-At", "-c", statements])
-        .output()
-        .expect("run psql");
-    assert!(
-        out.status.success(),
-        "psql: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Registers a Debezium PostgreSQL connector for `schema` through Connect's REST API.
-async fn start_connector(name: &str, prefix: &str, schema: &str) {
-    let body = json!({
-        "name": name,
-        "config": {
-            "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
-            "tasks.max": "1",
-            "plugin.name": "pgoutput",
-            "database.hostname": "127.0.0.1",
-            "database.port": pg_port(),
-            "database.user": "postgres",
-            "database.password": "unused",
-            "database.dbname": "postgres",
-            "topic.prefix": prefix,
-            "schema.include.list": schema,
-            "slot.name": name.replace('-', "_"),
-            "publication.name": format!("{}_pub", name.replace('-', "_")),
-            "publication.autocreate.mode": "filtered",
-            "snapshot.mode": "initial",
-            // Truncates are sent (Debezium skips them by default), with the transaction block.
-            "skipped.operations": "none",
-            // The slot goes with the connector: PostgreSQL has a fixed number of them.
-            "slot.drop.on.stop": "true",
-            "provide.transaction.metadata": "true",
-        }
-    });
-    let r = reqwest::Client::new()
-        .post(format!("{}/connectors", need("LAKESINK_TEST_CONNECT")))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    assert!(status.is_success(), "{status}: {}", r.text().await.unwrap());
-}
-
-/// Deletes its connector (and so, with `slot.drop.on.stop`, its replication slot) when the
-/// test ends, however it ends.
-struct Connector(String);
-
-impl Drop for Connector {
-    fn drop(&mut self) {
-        let _ = Command::new("curl")
-            .args(["-sf", "-X", "DELETE"])
-            .arg(format!(
-                "{}/connectors/{}",
-                need("LAKESINK_TEST_CONNECT"),
-                self.0
-            ))
-            .output();
-    }
-}
-
-/// Fails the test with Connect's own words when the connector or its task failed.
-async fn assert_connector_running(name: &str) {
-    let status: Value = reqwest::Client::new()
-        .get(format!(
-            "{}/connectors/{name}/status",
-            need("LAKESINK_TEST_CONNECT")
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let failed = status["connector"]["state"] == "FAILED"
-        || status["tasks"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|t| t["state"] == "FAILED");
-    assert!(!failed, "the Debezium connector failed: {status:#}");
-}
 
 /// A row as text per column, in the canonical forms of `tests/py/canonical_delta.py`.
 type Rows = BTreeMap<i64, BTreeMap<String, Option<String>>>;
@@ -367,8 +265,7 @@ async fn postgres_changes_through_debezium_equal_the_source_table_in_delta_and_d
         rows_sql(&table, 1, 50, "snapshot")
     ));
     let connector = unique("dbz");
-    start_connector(&connector, &prefix, &schema).await;
-    let _connector = Connector(connector.clone());
+    let _connector = start_connector(&connector, &prefix, &schema, json!({})).await;
     let topic = format!("{prefix}.{schema}.customers");
 
     let store = Store::local("customers");

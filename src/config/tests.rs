@@ -376,3 +376,16 @@ fn per_table_settings_are_checked() {
     let e = parse(&text).unwrap_err();
     assert_eq!(e.key, "sink[0].tables", "{e}");
 }
+
+#[test]
+fn the_readme_database_cdc_config_is_valid() {
+    let readme = include_str!("../../README.md");
+    let section = &readme[readme.find("## Database CDC").expect("the section")..];
+    let start = section.find("```toml\n").expect("its config") + "```toml\n".len();
+    let text = &section[start..start + section[start..].find("```").unwrap()];
+    let c = Config::from_toml_with_env(text, |_| Some("secret".into()))
+        .and_then(|c| c.validate())
+        .unwrap_or_else(|e| panic!("README's Database CDC config: {e}"));
+    assert_eq!(c.sinks.len(), 2);
+    assert!(c.sinks.iter().all(|s| s.keys_from_message));
+}

@@ -34,8 +34,11 @@ pub struct KeyDecoder {
     /// Parsed Avro key schemas by id, for checking single keys.
     avro_schemas: HashMap<u32, apache_avro::Schema>,
     /// Every record needs a key (upserts keyed by the message key; keys that carry their own
-    /// schema): a null key is rejected.
+    /// schema): a null key is rejected, unless it is a Debezium truncate (which has none).
     required: bool,
+    /// Values are JSON, so a keyless truncate can be told from a keyless row; with Avro values
+    /// a null key passes, and the flush that meets it as a row fails naming the topic.
+    json_values: bool,
 }
 
 impl std::fmt::Debug for KeyDecoder {
@@ -73,12 +76,15 @@ impl KeyDecoder {
             registry,
             avro_schemas: HashMap::new(),
             required,
+            json_values: true,
         }
     }
 
-    /// Rejects records without a key (the key columns of an upsert come from it).
-    pub fn require_keys(mut self) -> Self {
+    /// Rejects records without a key (the key columns of an upsert come from it); with
+    /// `json_values`, Debezium truncates (keyless by nature) are told apart and kept.
+    pub fn require_keys(mut self, json_values: bool) -> Self {
         self.required = true;
+        self.json_values = json_values;
         self
     }
 
@@ -93,11 +99,19 @@ impl KeyDecoder {
         }
     }
 
-    /// Checks that `key` decodes. A null key is valid (a null `_key`) unless keys are required.
-    pub async fn check(&mut self, key: Option<&[u8]>, offset: i64) -> Result<(), DecodeError> {
+    /// Checks that `key` (of a record whose value is `value`) decodes. A null key is valid (a
+    /// null `_key`) unless keys are required.
+    pub async fn check(
+        &mut self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        offset: i64,
+    ) -> Result<(), DecodeError> {
         let Some(key) = key else {
+            let truncate = || value.is_some_and(is_debezium_truncate);
             return match self.required {
                 false => Ok(()),
+                true if !self.json_values || truncate() => Ok(()),
                 true => Err(self.error(
                     offset,
                     format!(
@@ -262,6 +276,19 @@ impl KeyDecoder {
     }
 }
 
+/// Whether a JSON value is a Debezium truncate (`op: "t"`, bare or in Connect's envelope).
+fn is_debezium_truncate(value: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(super::json::body(value)) else {
+        return false;
+    };
+    let op = v
+        .get("payload")
+        .filter(|p| p.is_object())
+        .unwrap_or(&v)
+        .get("op");
+    op.and_then(|o| o.as_str()) == Some("t")
+}
+
 /// Whether a JSON key is Kafka Connect's `{"schema": ..., "payload": ...}` (schema first, as
 /// JsonConverter writes it).
 fn in_connect_envelope(key: &[u8]) -> bool {
@@ -311,7 +338,7 @@ mod tests {
         );
         // As Debezium writes them with JsonConverter (schemas.enable=true).
         let wrapped = br#"{"schema":{"type":"struct","fields":[{"type":"int64","optional":false,"field":"id"}],"optional":false,"name":"pg.shop.t.Key"},"payload":{"id":7}}"#;
-        d.check(Some(wrapped), 0).await.unwrap();
+        d.check(Some(wrapped), None, 0).await.unwrap();
         let keys = BinaryArray::from(vec![Some(&wrapped[..]), None, Some(&wrapped[..])]);
         let col = d.decode(&keys).await.unwrap();
         let ids = col
@@ -348,7 +375,7 @@ mod tests {
             )
         };
         let (a, b) = (key(7, 1), key(7, 2));
-        d.check(Some(a.as_bytes()), 0).await.unwrap();
+        d.check(Some(a.as_bytes()), None, 0).await.unwrap();
         let col = d
             .decode(&BinaryArray::from(vec![a.as_bytes(), b.as_bytes()]))
             .await
@@ -362,15 +389,28 @@ mod tests {
             2
         );
         // A key without its schema cannot name the columns, nor can a missing key.
-        let e = d.check(Some(br#"{"order_id": 7}"#), 3).await.unwrap_err();
+        let e = d
+            .check(Some(br#"{"order_id": 7}"#), None, 3)
+            .await
+            .unwrap_err();
         assert_eq!((e.class, e.offset), ("key", 3));
-        let e = d.check(None, 4).await.unwrap_err();
+        let row = br#"{"schema":{},"payload":{"op":"c","after":{"op":"t"}}}"#;
+        let e = d.check(None, Some(row), 4).await.unwrap_err();
         assert!(e.reason.contains("has no key"), "{}", e.reason);
         assert!(e.reason.contains("pg.shop.order_lines"), "{}", e.reason);
+        // A truncate has no key by nature.
+        let truncate = br#"{"schema":{},"payload":{"op":"t","after":null}}"#;
+        d.check(None, Some(truncate), 5).await.unwrap();
         // Avro keys may be null unless an upsert takes its key columns from them.
         let mut avro = KeyDecoder::new(KeyFormat::Avro, tp.clone(), registry.clone());
-        avro.check(None, 5).await.unwrap();
-        let mut avro = KeyDecoder::new(KeyFormat::Avro, tp, registry).require_keys();
-        assert!(avro.check(None, 5).await.is_err());
+        avro.check(None, None, 5).await.unwrap();
+        let mut keyed = KeyDecoder::new(KeyFormat::Avro, tp.clone(), registry.clone());
+        keyed = keyed.require_keys(true);
+        assert!(keyed.check(None, Some(row), 5).await.is_err());
+        // Avro values cannot be told apart here: the flush checks them.
+        let mut avro = KeyDecoder::new(KeyFormat::Avro, tp, registry).require_keys(false);
+        avro.check(None, Some(b"\0\0\0\0\x01\x02"), 5)
+            .await
+            .unwrap();
     }
 }

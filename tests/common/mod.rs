@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod databend;
+pub mod debezium;
 pub mod fault_proxy;
 
 use std::collections::BTreeMap;

@@ -168,8 +168,13 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
     }
     w.keys = w.ctx.runtime.config.key_format.clone().map(|f| {
         let d = KeyDecoder::new(f, w.ctx.tp.clone(), w.ctx.runtime.registry.clone());
-        match w.ctx.runtime.config.keys_from_message {
-            true => d.require_keys(),
+        let config = &w.ctx.runtime.config;
+        let json_values = matches!(
+            config.format,
+            crate::config::Format::Json | crate::config::Format::DebeziumJson
+        );
+        match config.keys_from_message {
+            true => d.require_keys(json_values),
             false => d,
         }
     });
@@ -329,7 +334,10 @@ impl Worker {
             if let Some(keys) = self.keys.as_mut() {
                 let mut attempts = Attempts::new(Policy::WORKER);
                 let checked = loop {
-                    match keys.check(rec.key.as_deref(), offset).await {
+                    match keys
+                        .check(rec.key.as_deref(), rec.payload.as_deref(), offset)
+                        .await
+                    {
                         Err(e) if e.retryable && attempts.left() => {
                             self.stats.retries.inc("registry");
                             attempts.wait().await;
