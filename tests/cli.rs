@@ -213,7 +213,9 @@ fn bench_upsert_reads_back_one_row_per_order() {
             "2",
         ]);
         assert!(
-            stdout.contains("check:     1000 rows, one per order, each its last change"),
+            stdout.contains(
+                "check:     1000 rows in 1 table(s), one per order, each its last change"
+            ),
             "{format}: {stdout}"
         );
         let output = report_line(&stdout, "output:");
@@ -227,6 +229,35 @@ fn bench_upsert_reads_back_one_row_per_order() {
             "{output}"
         );
     }
+}
+
+/// `bench --tables N --one-sink` upserts a database of N tables through one `topics_regex`
+/// sink with a table template, and reads every table back.
+#[test]
+fn bench_one_sink_upserts_many_tables() {
+    let stdout = bench(&[
+        "--kind",
+        "delta",
+        "--mode",
+        "upsert",
+        "--format",
+        "debezium",
+        "--records",
+        "3000",
+        "--partitions",
+        "1",
+        "--tables",
+        "7",
+        "--one-sink",
+    ]);
+    assert!(
+        stdout.contains("check:     1000 rows in 7 table(s), one per order, each its last change"),
+        "{stdout}"
+    );
+    assert!(
+        report_line(&stdout, "lakesink bench:").contains("7 topic(s)"),
+        "{stdout}"
+    );
 }
 
 /// With `LAKESINK_LOG` unset, a Delta run logs lakesink's own events at info, none of the

@@ -113,6 +113,10 @@ enum Command {
         /// Spread the records over this many topics, each sunk into its own table.
         #[arg(long, default_value_t = 1)]
         tables: u32,
+        /// With --tables: one topics_regex sink with a table template for all the topics (a
+        /// whole database in one sink) instead of one sink per topic.
+        #[arg(long)]
+        one_sink: bool,
         /// Extra [pipeline] settings for the run (TOML), e.g. 'queue_records = 256'.
         #[arg(long)]
         pipeline: Option<String>,
@@ -341,11 +345,13 @@ pub(crate) async fn run() -> ExitCode {
             mode,
             databend,
             tables,
+            one_sink,
             pipeline,
             isolate: false,
         } => {
             lakesink::app::bench::run(lakesink::app::bench::Options {
                 tables,
+                one_sink,
                 pipeline,
                 records,
                 partitions,

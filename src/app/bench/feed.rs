@@ -104,7 +104,12 @@ pub fn feed(f: Feed) -> anyhow::Result<()> {
         }
         let value = payload(format, id, &schema, schema_id);
         let key = Order::generate(id).order_id;
-        let topic = &topics[(id % n_topics) as usize];
+        // Keyed: the three changes of an order go to one topic (one table), as a table's
+        // changes do.
+        let topic = match keyed {
+            true => &topics[((id / 3) % n_topics) as usize],
+            false => &topics[(id % n_topics) as usize],
+        };
         let p = if keyed {
             // The three changes of an order (`o-{id / 3}`) land in one partition.
             ((id / 3 / n_topics) % partitions as i64) as i32

@@ -157,6 +157,7 @@ pub(super) async fn measure_alone(records: u64, format: &str) -> anyhow::Result<
         rate: None,
         max_latency: "1s".into(),
         tables: 1,
+        one_sink: false,
         pipeline: None,
     };
     let text = sink_config(

@@ -68,6 +68,9 @@ pub struct Options {
     pub max_latency: String,
     /// Topics, each sunk into its own table (`orders` with one, `orders_00`.. with more).
     pub tables: u32,
+    /// With several tables: one `topics_regex` sink whose table template gives each topic its
+    /// own table (a whole database in one sink), instead of one sink per topic.
+    pub one_sink: bool,
     /// Extra `[pipeline]` settings (TOML lines), e.g. `max_buffer_bytes = "32MiB"`.
     pub pipeline: Option<String>,
 }
@@ -161,16 +164,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let table = dir.path().join("orders");
     // A fresh database per run: the ledger and the table start empty.
     let database = format!("lakesink_bench_{stamp}");
-    let text = per_table(
-        &sink_config(
-            demo_config(&report.bootstrap, &registry_url, &table, "lakesink-bench")
-                .replace("demo.orders", &topic),
-            &opts,
-            &database,
-        )?,
-        &topic,
-        &all_topics,
-    );
+    let sink = sink_config(
+        demo_config(&report.bootstrap, &registry_url, &table, "lakesink-bench")
+            .replace("demo.orders", &topic),
+        &opts,
+        &database,
+    )?;
+    let text = match opts.one_sink && all_topics.len() > 1 {
+        true => one_sink(&sink, &topic),
+        false => per_table(&sink, &topic, &all_topics),
+    };
     let text = match &opts.pipeline {
         Some(extra) => text.replacen("[[sink]]", &format!("[pipeline]\n{extra}\n\n[[sink]]"), 1),
         None => text,
@@ -433,8 +436,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             spent / floor
         );
     }
-    if kind == "delta" && mode == "upsert" && all_topics.len() == 1 {
-        check_upserted(&table, records).await?;
+    if kind == "delta" && mode == "upsert" {
+        let tables: Vec<std::path::PathBuf> = match all_topics.len() {
+            1 => vec![table.clone()],
+            _ => std::fs::read_dir(dir.path())?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join("_delta_log").is_dir())
+                .collect(),
+        };
+        check_upserted(&tables, records).await?;
     }
     Ok(())
 }

@@ -47,6 +47,28 @@ pub(super) fn per_table(text: &str, topic: &str, topics: &[String]) -> String {
     out
 }
 
+/// The config's one `[[sink]]` made to read every topic of the run through one `topics_regex`
+/// sink whose `{table}` template gives each topic its own table (a whole database in one sink).
+pub(super) fn one_sink(text: &str, topic: &str) -> String {
+    let table_line = text
+        .lines()
+        .find(|l| l.starts_with("table = "))
+        .expect("a table line");
+    let at = table_line
+        .rfind("orders")
+        .expect("the table is named orders");
+    let templated = format!(
+        "{}{{table}}{}",
+        &table_line[..at],
+        &table_line[at + "orders".len()..]
+    );
+    text.replace(
+        &format!("topics = [\"{topic}\"]"),
+        &format!("topics_regex = '^{}\\.t[0-9]+$'", regex::escape(topic)),
+    )
+    .replace(table_line, &templated)
+}
+
 /// The workload's value for order `id` in `format`.
 pub(super) fn payload(
     format: &str,
@@ -147,25 +169,33 @@ pub(super) fn sink_config(base: String, opts: &Options, database: &str) -> anyho
     Ok(text)
 }
 
-/// Reads back the upserted table: one row per order (`order_id = "o-{id / 3}"`), each the order's
-/// last change (the largest `id`).
-pub(super) async fn check_upserted(table: &std::path::Path, records: u64) -> anyhow::Result<()> {
-    let url = url::Url::from_directory_path(table)
-        .map_err(|()| anyhow::anyhow!("{} is not an absolute path", table.display()))?;
-    let out = sinks::delta::query(
-        url.as_str(),
-        "SELECT count(*), count(DISTINCT order_id), sum(id) FROM t",
-    )
-    .await
-    .context("reading back the upserted table")?;
-    let value = |c: usize| -> anyhow::Result<i64> {
-        let v = arrow::compute::cast(out[0].column(c), &arrow::datatypes::DataType::Int64)?;
-        Ok(v.as_any()
-            .downcast_ref::<arrow::array::Int64Array>()
-            .context("an Int64 column")?
-            .value(0))
-    };
-    let (rows, orders, ids) = (value(0)?, value(1)?, value(2)?);
+/// Reads back the upserted tables: one row per order (`order_id = "o-{id / 3}"`, each order in
+/// one table), each the order's last change (the largest `id`).
+pub(super) async fn check_upserted(
+    tables: &[std::path::PathBuf],
+    records: u64,
+) -> anyhow::Result<()> {
+    let (mut rows, mut orders, mut ids) = (0, 0, 0);
+    for table in tables {
+        let url = url::Url::from_directory_path(table)
+            .map_err(|()| anyhow::anyhow!("{} is not an absolute path", table.display()))?;
+        let out = sinks::delta::query(
+            url.as_str(),
+            "SELECT count(*), count(DISTINCT order_id), sum(id) FROM t",
+        )
+        .await
+        .context("reading back the upserted table")?;
+        let value = |c: usize| -> anyhow::Result<i64> {
+            let v = arrow::compute::cast(out[0].column(c), &arrow::datatypes::DataType::Int64)?;
+            Ok(v.as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .context("an Int64 column")?
+                .value(0))
+        };
+        rows += value(0)?;
+        orders += value(1)?;
+        ids += value(2)?;
+    }
     let want_orders = records.div_ceil(3) as i64;
     let want_ids: i64 = (0..want_orders)
         .map(|k| (3 * k + 2).min(records as i64 - 1))
@@ -175,6 +205,9 @@ pub(super) async fn check_upserted(table: &std::path::Path, records: u64) -> any
         "the upserted table has {rows} rows of {orders} orders with ids summing to {ids}; \
          expected {want_orders} rows, one per order, summing to {want_ids}"
     );
-    println!("  check:     {rows} rows, one per order, each its last change (read back)");
+    println!(
+        "  check:     {rows} rows in {} table(s), one per order, each its last change (read back)",
+        tables.len()
+    );
     Ok(())
 }
