@@ -225,7 +225,7 @@ fn bench_upsert_reads_back_one_row_per_order() {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("{output}"));
         assert!(
-            files > 0 && output.contains("in the table at the end"),
+            files > 0 && output.contains("in the tables at the end"),
             "{output}"
         );
     }

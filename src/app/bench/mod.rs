@@ -352,15 +352,28 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         progress.bytes_committed.load(Ordering::Relaxed),
     );
     let mut what = "";
-    if kind == "delta" && mode == "upsert" && all_topics.len() == 1 {
+    // The Delta tables of the run.
+    let tables: Vec<std::path::PathBuf> = match all_topics.len() {
+        1 => vec![table.clone()],
+        _ => std::fs::read_dir(dir.path())?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join("_delta_log").is_dir())
+            .collect(),
+    };
+    if kind == "delta" && mode == "upsert" {
         // An upsert's files are written by its commit, which replaces files: count what the
-        // table references at the end.
-        let url = url::Url::from_directory_path(&table)
-            .map_err(|()| anyhow::anyhow!("{} is not an absolute path", table.display()))?;
-        let (n, b) = sinks::delta::live_files(url.as_str())
-            .await
-            .context("listing the upserted table's files")?;
-        (files, out_bytes, what) = (n as u64, b, " in the table at the end");
+        // tables reference at the end.
+        (files, out_bytes, what) = (0, 0, " in the tables at the end");
+        for t in &tables {
+            let url = url::Url::from_directory_path(t)
+                .map_err(|()| anyhow::anyhow!("{} is not an absolute path", t.display()))?;
+            let (n, b) = sinks::delta::live_files(url.as_str())
+                .await
+                .context("listing the upserted table's files")?;
+            files += n as u64;
+            out_bytes += b;
+        }
     }
     let log_entries = match kind.as_str() {
         "delta" => format!(" in {} Delta log entries", delta_log_entries(dir.path())),
@@ -437,14 +450,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         );
     }
     if kind == "delta" && mode == "upsert" {
-        let tables: Vec<std::path::PathBuf> = match all_topics.len() {
-            1 => vec![table.clone()],
-            _ => std::fs::read_dir(dir.path())?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.join("_delta_log").is_dir())
-                .collect(),
-        };
         check_upserted(&tables, records).await?;
     }
     Ok(())
