@@ -5,27 +5,47 @@
 //! histograms are observed once per flush and commit.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-/// Upper bounds (seconds) of the latency histogram buckets.
-const BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Upper bounds (seconds) of the flush and commit histograms: from a local commit (milliseconds)
+/// to a contended object-store commit retried with backoff (tens of seconds).
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
 
-/// A latency histogram with fixed buckets.
-#[derive(Debug, Default)]
+/// Upper bounds (seconds) of the freshness histogram: at least `flush.max_latency` (60 s by
+/// default, 1 s in latency-tuned sinks) and up to an hour of falling behind.
+pub const FRESHNESS_BUCKETS: &[f64] = &[
+    0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0, 900.0,
+    1800.0, 3600.0,
+];
+
+/// A histogram over fixed buckets (upper bounds in seconds), chosen per metric.
+#[derive(Debug)]
 pub struct Histogram {
-    counts: [AtomicU64; 11],
+    bounds: &'static [f64],
+    /// One count per bound, then the `+Inf` bucket.
+    counts: Vec<AtomicU64>,
     sum_micros: AtomicU64,
 }
 
 impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
     pub fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
-        let i = BUCKETS
+        let i = self
+            .bounds
             .iter()
             .position(|b| s <= *b)
-            .unwrap_or(BUCKETS.len());
+            .unwrap_or(self.bounds.len());
         self.counts[i].fetch_add(1, Relaxed);
         self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
     }
@@ -37,21 +57,17 @@ impl Histogram {
         (n, mean)
     }
 
-    /// Writes the histogram in the Prometheus text format.
-    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            cumulative += self.counts[i].load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {cumulative}");
-        }
-        cumulative += self.counts[BUCKETS.len()].load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(
-            out,
-            "{name}_sum{{{labels}}} {}",
-            self.sum_micros.load(Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    /// (sum in seconds, count, per bucket (upper bound, observations in it), `+Inf` last).
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let buckets: Vec<(f64, u64)> = self
+            .bounds
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(self.counts.iter().map(|c| c.load(Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        (self.sum_micros.load(Relaxed) as f64 / 1e6, count, buckets)
     }
 }
 
@@ -70,7 +86,7 @@ impl Labeled {
 }
 
 /// Counters of one sink.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SinkStats {
     pub records_in: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -79,6 +95,8 @@ pub struct SinkStats {
     pub files_written: AtomicU64,
     pub commits: AtomicU64,
     pub fenced: AtomicU64,
+    /// The sink's `flush.max_latency`, for alerts on freshness relative to it.
+    pub max_latency_ms: AtomicU64,
     /// Retried operations, by operation (`stage`, `commit`, `registry`, `dead-letter`).
     pub retries: Labeled,
     /// Fatal errors that stopped a partition writer, by class (`decode`, `storage`,
@@ -89,6 +107,26 @@ pub struct SinkStats {
     /// Per commit: from the Kafka timestamp of the oldest record it covers to the commit, i.e.
     /// how stale the table can be (the worst record's produce-to-queryable latency).
     pub freshness_seconds: Histogram,
+}
+
+impl Default for SinkStats {
+    fn default() -> Self {
+        Self {
+            records_in: AtomicU64::default(),
+            bytes_in: AtomicU64::default(),
+            rows_written: AtomicU64::default(),
+            bytes_written: AtomicU64::default(),
+            files_written: AtomicU64::default(),
+            commits: AtomicU64::default(),
+            fenced: AtomicU64::default(),
+            max_latency_ms: AtomicU64::default(),
+            retries: Labeled::default(),
+            errors: Labeled::default(),
+            flush_seconds: Histogram::new(LATENCY_BUCKETS),
+            commit_seconds: Histogram::new(LATENCY_BUCKETS),
+            freshness_seconds: Histogram::new(FRESHNESS_BUCKETS),
+        }
+    }
 }
 
 /// Process state for the probes.

@@ -1,9 +1,11 @@
 //! The deployment files match the binary: they parse, the image's entrypoint, port, probe paths
-//! and config keys are the ones `lakesink` accepts, and the sample configs pass `lakesink check`
-//! against locally started services.
+//! and config keys are the ones `lakesink` accepts, the sample configs pass `lakesink check`
+//! against locally started services, and the Grafana dashboard and Prometheus alert rules are
+//! valid PromQL over metrics the binary exports.
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -184,4 +186,132 @@ async fn compose_services_run_with_their_arguments_and_config() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(stdout.matches("ok    ").count(), 3, "{stdout}");
+}
+
+/// The series `/metrics` offers, as `render` (what the binary serves) writes them: counters with
+/// `_total`, histograms as `_bucket`, `_sum` and `_count`.
+fn exported_series() -> BTreeSet<String> {
+    let p = std::sync::Arc::new(lakesink::pipeline::Progress::default());
+    let (_, text) = lakesink::telemetry::render(&p, false);
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        let mut w = line.split_whitespace();
+        if (w.next(), w.next()) != (Some("#"), Some("TYPE")) {
+            continue;
+        }
+        let (name, kind) = (w.next().unwrap(), w.next().unwrap());
+        match kind {
+            "histogram" => {
+                names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")))
+            }
+            _ => {
+                names.insert(name.to_string());
+            }
+        }
+    }
+    names
+}
+
+/// Parses `expr` as PromQL (Grafana's `$__rate_interval` as a duration) and returns the
+/// lakesink metrics it queries, each checked to be exported.
+fn checked_promql(what: &str, expr: &str, exported: &BTreeSet<String>) -> Vec<String> {
+    let expr = expr.replace("$__rate_interval", "5m");
+    promql_parser::parser::parse(&expr)
+        .unwrap_or_else(|e| panic!("{what}: not valid PromQL ({e}):\n{expr}"));
+    let names: Vec<String> = regex::Regex::new(r"\blakesink_[a-z0-9_]+")
+        .unwrap()
+        .find_iter(&expr)
+        .map(|m| m.as_str().to_string())
+        .collect();
+    assert!(
+        !names.is_empty(),
+        "{what} queries no lakesink metric: {expr}"
+    );
+    for n in &names {
+        assert!(
+            exported.contains(n),
+            "{what} queries `{n}`, which lakesink does not export (it does: {exported:?})"
+        );
+    }
+    names
+}
+
+#[test]
+fn alert_rules_and_dashboard_query_what_the_binary_exports() {
+    let exported = exported_series();
+    assert!(
+        exported.contains("lakesink_freshness_seconds_bucket"),
+        "{exported:?}"
+    );
+    let rules = &yaml()["prometheus"]["alerts.yaml"]["groups"];
+    let mut alerts = BTreeSet::new();
+    for group in rules.as_array().expect("rule groups") {
+        for rule in group["rules"].as_array().expect("rules") {
+            let name = rule["alert"].as_str().expect("an alert name");
+            checked_promql(name, rule["expr"].as_str().expect("expr"), &exported);
+            assert!(
+                rule["labels"]["severity"].is_string(),
+                "{name}: no severity"
+            );
+            assert!(
+                rule["annotations"]["summary"].is_string(),
+                "{name}: no summary"
+            );
+            assert!(rule["annotations"]["description"].is_string(), "{name}");
+            alerts.insert(name.to_string());
+        }
+    }
+    for wanted in [
+        "LakesinkLagGrowing",
+        "LakesinkFreshnessHigh",
+        "LakesinkDeadLetters",
+        "LakesinkPartitionQuarantined",
+        "LakesinkNotReady",
+    ] {
+        assert!(alerts.contains(wanted), "no {wanted} alert: {alerts:?}");
+    }
+
+    let text = std::fs::read_to_string(deploy().join("grafana/lakesink.json")).unwrap();
+    let dash: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut queried = BTreeSet::new();
+    for panel in dash["panels"].as_array().expect("panels") {
+        let title = panel["title"].as_str().expect("a panel title");
+        assert_eq!(panel["datasource"]["type"], "prometheus", "{title}");
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title} has no query");
+        for t in targets {
+            queried.extend(checked_promql(
+                title,
+                t["expr"].as_str().unwrap(),
+                &exported,
+            ));
+        }
+    }
+    for v in dash["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = v["definition"].as_str() {
+            let metric = q
+                .trim_start_matches("label_values(")
+                .split(',')
+                .next()
+                .unwrap();
+            assert!(exported.contains(metric), "variable {}: {q}", v["name"]);
+        }
+    }
+    // What an operator watches: lag, throughput, freshness, commits, fences, dead letters,
+    // buffer, errors.
+    for wanted in [
+        "lakesink_consumer_lag",
+        "lakesink_records_consumed_total",
+        "lakesink_freshness_seconds_bucket",
+        "lakesink_commits_total",
+        "lakesink_fenced_total",
+        "lakesink_dead_letters_total",
+        "lakesink_buffer_bytes",
+        "lakesink_errors_total",
+    ] {
+        assert!(
+            queried.contains(wanted),
+            "the dashboard has no panel on {wanted}"
+        );
+    }
 }

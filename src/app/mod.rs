@@ -391,6 +391,13 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let sinks = build_sinks(&cfg)?;
     refuse_unsafe_stores(&sinks).await?;
+    for s in &cfg.sinks {
+        let max_latency = s.flush.max_latency.as_millis() as u64;
+        progress
+            .sink(&s.name)
+            .max_latency_ms
+            .store(max_latency, std::sync::atomic::Ordering::Relaxed);
+    }
     info!(
         version = env!("CARGO_PKG_VERSION"),
         group = %cfg.group_id,
