@@ -34,10 +34,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating Python venv in $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import moto, pyarrow, duckdb, boto3, azure.storage.blob, flask_cors, confluent_kafka, fastavro, yaml, deltalake, importlib.util; assert importlib.util.find_spec("databend")' 2>/dev/null; then
-  log "installing Python test tools (moto, pyarrow, duckdb, boto3, azure-storage-blob, deltalake, databend)"
-  "$VENV/bin/pip" install -q --disable-pip-version-check \
-    'moto[server]==5.2.5' 'pyarrow>=17' 'duckdb>=1.1' boto3 azure-storage-blob 'confluent-kafka[avro,schemaregistry]' pyyaml 'deltalake>=1.1' 'databend==1.2.453'
+# Exactly the pinned and hashed set (scripts/requirements-test.txt); installed again whenever
+# that file changes. A failed install fails the start.
+REQUIREMENTS=$ROOT/scripts/requirements-test.txt
+STAMP=$VENV/.lakesink-requirements
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)" ]; then
+  log "installing the Python test tools (scripts/requirements-test.txt: moto, pyarrow, duckdb, boto3, azure-storage-blob, confluent-kafka, deltalake, databend, pinned with hashes)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --require-hashes -r "$REQUIREMENTS"
+  sha256sum "$REQUIREMENTS" | cut -d' ' -f1 >"$STAMP"
 fi
 if [ ! -x "$NODE_DIR/node_modules/.bin/azurite-blob" ]; then
   log "installing Azurite into $NODE_DIR"

@@ -45,12 +45,19 @@ log "installing and starting the services (log: $RUN/services.log)"
 bash "$ROOT/scripts/services.sh" start "$RUN" >"$RUN/services.log" 2>&1 &
 SERVICES_PID=$!
 
-if ! cargo nextest --version >/dev/null 2>&1; then
-  log "installing cargo-nextest"
+# The test runner, pinned: each test runs in its own process (tests that set the process
+# environment rely on it). A failed install fails the run; there is no fallback runner.
+NEXTEST_VERSION=0.9.151
+if [ "$(cargo nextest --version 2>/dev/null | sed -n 's/^cargo-nextest \([^ ]*\).*/\1/p')" != "$NEXTEST_VERSION" ]; then
+  log "installing cargo-nextest $NEXTEST_VERSION"
   # A debug build without its self-update feature: a third of the release build's time on a
   # cold machine, and a test runner needs no optimisation.
-  cargo install --locked --debug cargo-nextest --no-default-features --features default-no-update \
-    >/dev/null 2>&1 || true
+  if ! cargo install --locked --debug "cargo-nextest@$NEXTEST_VERSION" --no-default-features \
+    --features default-no-update >"$RUN/nextest-install.log" 2>&1; then
+    cat "$RUN/nextest-install.log" >&2
+    echo "cargo-nextest $NEXTEST_VERSION did not install (its log is above)" >&2
+    exit 1
+  fi
 fi
 
 # ---- checks and tests ----------------------------------------------------------------------
@@ -60,11 +67,7 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 log "building the tests"
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-run "$@"
-else
-  cargo test --workspace --no-run "$@"
-fi
+cargo nextest run --workspace --no-run "$@"
 log "waiting for the services"
 if ! wait "$SERVICES_PID"; then
   SERVICES_PID=
@@ -78,17 +81,13 @@ tail -n 20 "$RUN/services.log" >&2
 source "$RUN/env"
 
 log "tests"
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast --test-threads 4 -E 'not binary(chaos)' "$@"
-  # The chaos harness (short mode, 45 s per target) runs alone: three lakesink processes, a
-  # producer and fault proxies on 2 cores. LAKESINK_CHAOS=0 skips it. A failed target fails the
-  # run: no retries.
-  if [ "${LAKESINK_CHAOS:-1}" != 0 ]; then
-    log "chaos harness (short mode)"
-    cargo nextest run --no-fail-fast --test chaos --test-threads 1 \
-      --success-output final --failure-output immediate-final "$@"
-  fi
-else
-  cargo test --workspace --no-fail-fast "$@"
+cargo nextest run --workspace --no-fail-fast --test-threads 4 -E 'not binary(chaos)' "$@"
+# The chaos harness (short mode, 45 s per target) runs alone: three lakesink processes, a
+# producer and fault proxies on 2 cores. LAKESINK_CHAOS=0 skips it. A failed target fails the
+# run: no retries.
+if [ "${LAKESINK_CHAOS:-1}" != 0 ]; then
+  log "chaos harness (short mode)"
+  cargo nextest run --no-fail-fast --test chaos --test-threads 1 \
+    --success-output final --failure-output immediate-final "$@"
 fi
 log "all tests passed"

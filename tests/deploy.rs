@@ -315,3 +315,85 @@ fn alert_rules_and_dashboard_query_what_the_binary_exports() {
         );
     }
 }
+
+/// The build says what it needs: `rust-version` is what the locked dependencies require (the
+/// highest of theirs), the image builds with that toolchain and `--locked`, and every Python
+/// test tool is pinned with its hash.
+#[test]
+fn the_build_states_what_it_needs() {
+    let root = repo_root();
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let ours = regex::Regex::new(r#"(?m)^rust-version = "([0-9.]+)""#)
+        .unwrap()
+        .captures(&manifest)
+        .expect("a rust-version")[1]
+        .to_string();
+    let version = |v: &str| -> Vec<u32> {
+        let mut v: Vec<u32> = v.split('.').map(|x| x.parse().unwrap()).collect();
+        v.resize(3, 0);
+        v
+    };
+    // The locked registry packages, read where cargo unpacked them.
+    let lock = std::fs::read_to_string(root.join("Cargo.lock")).unwrap();
+    let registry = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"))
+        .join("registry/src");
+    let unpacked: Vec<PathBuf> = std::fs::read_dir(&registry)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let package = regex::Regex::new(
+        r#"\[\[package\]\]\nname = "([^"]+)"\nversion = "([^"]+)"\nsource = "registry"#,
+    )
+    .unwrap();
+    let wanted = regex::Regex::new(r#"(?m)^rust-version = "([0-9.]+)""#).unwrap();
+    let (mut read, mut highest) = (0, (vec![0], String::new()));
+    for c in package.captures_iter(&lock) {
+        let Some(toml) = unpacked
+            .iter()
+            .map(|d| d.join(format!("{}-{}/Cargo.toml", &c[1], &c[2])))
+            .find(|p| p.exists())
+        else {
+            continue;
+        };
+        read += 1;
+        if let Some(m) = wanted.captures(&std::fs::read_to_string(toml).unwrap()) {
+            let v = version(&m[1]);
+            if v > highest.0 {
+                highest = (v, format!("{} {} needs {}", &c[1], &c[2], &m[1]));
+            }
+        }
+    }
+    assert!(
+        read > 100,
+        "the dependencies are unpacked under {registry:?}"
+    );
+    assert!(
+        version(&ours) >= highest.0,
+        "rust-version = {ours}, but {}",
+        highest.1
+    );
+    let docker = std::fs::read_to_string(deploy().join("Dockerfile")).unwrap();
+    assert!(
+        docker.contains(&format!("FROM rust:{ours}-")),
+        "the image builds with Rust {ours}"
+    );
+    assert!(
+        docker.contains("cargo build --locked"),
+        "the image builds --locked"
+    );
+    let reqs = std::fs::read_to_string(root.join("scripts/requirements-test.txt")).unwrap();
+    let pins: Vec<&str> = reqs.lines().filter(|l| l.contains("==")).collect();
+    assert!(pins.len() > 20, "{reqs}");
+    for block in reqs.split("==").skip(1) {
+        let hashed = block
+            .split_once('\n')
+            .map(|(_, rest)| rest.trim_start().starts_with("--hash=sha256:"))
+            .unwrap_or(false);
+        assert!(
+            hashed,
+            "a pin without its hash: {}",
+            &block[..block.len().min(80)]
+        );
+    }
+}
