@@ -54,7 +54,7 @@ pub fn produce_orders(
                 .payload(payload.as_slice()),
         )?;
         sent += 1;
-        if sent % 10_000 == 0 {
+        if sent.is_multiple_of(10_000) {
             producer.poll(Duration::ZERO);
             on_progress(sent);
         }
@@ -62,7 +62,7 @@ pub fn produce_orders(
     producer
         .flush(Duration::from_secs(60))
         .context("cannot flush the demo producer")?;
-    if sent % 10_000 != 0 {
+    if !sent.is_multiple_of(10_000) {
         on_progress(sent);
     }
     Ok(())
