@@ -93,7 +93,7 @@ fn subject_not_found(s: &str) -> ApiError {
 impl Registry {
     fn open(dir: Option<PathBuf>) -> std::io::Result<Self> {
         let file = dir.map(|d| d.join("registry.json"));
-        let data = match &file {
+        let mut data: Data = match &file {
             Some(f) if f.exists() => serde_json::from_slice(&std::fs::read(f)?)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?,
             Some(f) => {
@@ -104,6 +104,12 @@ impl Registry {
             }
             None => Data::default(),
         };
+        // Compared in today's normalized form, whatever form an older version stored.
+        for s in data.schemas.values_mut() {
+            if let Ok(c) = canonical(&s.schema_type, &s.schema) {
+                s.canonical = c;
+            }
+        }
         Ok(Self {
             data: Mutex::new(data),
             file,
@@ -142,8 +148,32 @@ fn canonical(schema_type: &str, schema: &str) -> Result<String, ApiError> {
                 "Invalid schema: an Avro schema needs a `type`".into(),
             ));
         }
+        return Ok(normalized(&v).to_string());
     }
     Ok(v.to_string())
+}
+
+/// The form two Avro schemas are compared in (to find one already registered): object keys
+/// sorted at every level, whitespace gone, and `{"type": "int"}` written `"int"`, so schemas that
+/// differ only in layout are the same schema, while defaults, docs, aliases and every other
+/// attribute still tell schemas apart.
+fn normalized(v: &Value) -> Value {
+    match v {
+        Value::Object(o) => {
+            if let (1, Some(Value::String(t))) = (o.len(), o.get("type")) {
+                return Value::String(t.clone());
+            }
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort();
+            Value::Object(
+                keys.into_iter()
+                    .map(|k| (k.clone(), normalized(&o[k])))
+                    .collect(),
+            )
+        }
+        Value::Array(a) => Value::Array(a.iter().map(normalized).collect()),
+        other => other.clone(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -274,6 +304,18 @@ async fn register(
                     "Invalid schema: reference `{}` points to subject `{}` version {}, which does not exist",
                     r.name, r.subject, r.version
                 ),
+            ));
+        }
+    }
+    if schema_type == "AVRO" {
+        // A schema is stored only if Avro can parse it, with its references inlined (Confluent
+        // answers 42201 for one it cannot parse).
+        let full = resolved(&data, &canon, &body.references);
+        if let Err(e) = apache_avro::Schema::parse(&full) {
+            return Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                42201,
+                format!("Invalid schema: {e}"),
             ));
         }
     }

@@ -175,3 +175,39 @@ async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> 
     out.extend(joined);
     out
 }
+
+#[tokio::test]
+async fn invalid_avro_is_refused_and_renamed_records_are_incompatible() {
+    let (addr, _task) = spawn("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+    let client = RegistryClient::new(RegistryConfig::new(format!("http://{addr}"))).unwrap();
+    for (bad, why) in [
+        (
+            r#"{"type":"record","name":"E","fields":[{"name":"x","type":"strng"}]}"#,
+            "an unknown type",
+        ),
+        (
+            r#"{"type":"enum","name":"S","symbols":["A","A"]}"#,
+            "a repeated enum symbol",
+        ),
+        (
+            r#"{"type":"record","name":"E","fields":[{"name":"x","type":"long","default":"seven"}]}"#,
+            "a default of the wrong type",
+        ),
+        (r#"{"type":"fixed","name":"F"}"#, "a fixed without size"),
+    ] {
+        let e = client.register("bad-value", bad).await.unwrap_err();
+        assert!(e.to_string().contains("42201"), "{why}: {e}");
+    }
+    // The same schema with its keys in another order is the same schema.
+    let id = client.register("t-value", S1).await.unwrap();
+    let reordered = r#"{"fields":[{"type":"long","name":"x"}],"name":"E","type":"record"}"#;
+    assert_eq!(client.register("t-value", reordered).await.unwrap(), id);
+    // A record renamed without an alias cannot read what the old name wrote.
+    let renamed = r#"{"type":"record","name":"F","fields":[{"name":"x","type":"long"}]}"#;
+    let e = client.register("t-value", renamed).await.unwrap_err();
+    assert!(e.to_string().contains("incompatible"), "{e}");
+    assert!(e.to_string().contains("`E` is not the reader's `F`"), "{e}");
+    let aliased =
+        r#"{"type":"record","name":"F","aliases":["E"],"fields":[{"name":"x","type":"long"}]}"#;
+    client.register("t-value", aliased).await.unwrap();
+}
