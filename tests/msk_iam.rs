@@ -1,6 +1,7 @@
 //! Amazon MSK IAM: the SigV4 token signer against vectors computed by botocore (what AWS's own
-//! signer libraries use), the AWS credential chain against fake STS and instance-metadata
-//! servers, and librdkafka's token refresh with a short-lived token.
+//! signer libraries use), the AWS SDK's credential chain against fake STS, container (EKS Pod
+//! Identity) and instance-metadata servers, and librdkafka's token refresh with a short-lived
+//! token.
 
 mod common;
 
@@ -15,16 +16,8 @@ use base64::Engine;
 use chrono::{TimeZone, Utc};
 use common::*;
 use lakesink::config::Secret;
-use lakesink::kafka::auth::aws::{self, AwsCredentials, Env};
+use lakesink::kafka::auth::aws::{self, AwsCredentials};
 use lakesink::kafka::auth::{msk_iam, AuthContext, KafkaAuth};
-
-struct MapEnv(HashMap<&'static str, String>);
-
-impl Env for MapEnv {
-    fn var(&self, key: &str) -> Option<String> {
-        self.0.get(key).cloned()
-    }
-}
 
 fn creds(token: Option<&str>) -> AwsCredentials {
     AwsCredentials {
@@ -32,7 +25,6 @@ fn creds(token: Option<&str>) -> AwsCredentials {
         secret_access_key: Secret::new("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"),
         session_token: token.map(Secret::new),
         expires_at: None,
-        source: "test",
     }
 }
 
@@ -91,57 +83,100 @@ fn token_is_unpadded_base64url_of_the_url_with_a_user_agent() {
     assert_eq!(t.expires_at_ms, now.timestamp_millis() + 900_000);
 }
 
+/// Sets the process environment to exactly `vars` among the AWS variables (and HOME), for the
+/// chain built next. nextest runs every test in its own process, so this environment is the
+/// test's alone.
+fn aws_env(home: &std::path::Path, vars: &[(&str, String)]) {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AWS_") {
+            std::env::remove_var(k);
+        }
+    }
+    std::env::set_var("HOME", home);
+    for (k, v) in vars {
+        std::env::set_var(k, v);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn credential_chain_env_profile_web_identity_and_imds() {
+async fn the_sdk_credential_chain_env_profile_web_identity_pod_identity_and_imds() {
     let dir = scratch("aws");
+    let home = dir.join("nohome");
+    let no_imds = ("AWS_EC2_METADATA_DISABLED", "true".to_string());
     // Environment variables win.
-    let env = MapEnv(HashMap::from([
-        ("AWS_ACCESS_KEY_ID", "AKIAENV".to_string()),
-        ("AWS_SECRET_ACCESS_KEY", "env-secret".to_string()),
-        ("AWS_SESSION_TOKEN", "env-token".to_string()),
-    ]));
-    let c = aws::resolve(&env, "eu-west-1").await.unwrap();
-    assert_eq!(
-        (c.access_key_id.as_str(), c.source),
-        ("AKIAENV", "environment")
+    aws_env(
+        &home,
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKIAENV".into()),
+            ("AWS_SECRET_ACCESS_KEY", "env-secret".into()),
+            ("AWS_SESSION_TOKEN", "env-token".into()),
+            no_imds.clone(),
+        ],
     );
+    let c = aws::CredentialChain::new("eu-west-1")
+        .await
+        .credentials()
+        .await
+        .unwrap();
+    assert_eq!(c.access_key_id, "AKIAENV");
     assert_eq!(c.session_token.unwrap().expose(), "env-token");
 
     // A named profile in the shared credentials file.
     let file = dir.join("credentials");
     std::fs::write(&file, "[default]\naws_access_key_id = AKIADEF\naws_secret_access_key = d\n\n[prod]\naws_access_key_id = AKIAPROD\naws_secret_access_key = p\n").unwrap();
-    let env = MapEnv(HashMap::from([
-        ("AWS_SHARED_CREDENTIALS_FILE", file.display().to_string()),
-        ("AWS_PROFILE", "prod".to_string()),
-        ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
-    ]));
-    let c = aws::resolve(&env, "eu-west-1").await.unwrap();
+    aws_env(
+        &home,
+        &[
+            ("AWS_SHARED_CREDENTIALS_FILE", file.display().to_string()),
+            ("AWS_CONFIG_FILE", dir.join("none").display().to_string()),
+            ("AWS_PROFILE", "prod".into()),
+            no_imds.clone(),
+        ],
+    );
+    let c = aws::CredentialChain::new("eu-west-1")
+        .await
+        .credentials()
+        .await
+        .unwrap();
     assert_eq!(
         (c.access_key_id.as_str(), c.secret_access_key.expose()),
         ("AKIAPROD", "p")
     );
 
-    // Fake STS and IMDS.
+    // Fake STS (the SDK posts a form), EKS Pod Identity / ECS container credentials, and IMDS.
     let app = Router::new()
         .route(
             "/",
-            get(|q: axum::extract::Query<HashMap<String, String>>| async move {
-                assert_eq!(q.get("Action").map(String::as_str), Some("AssumeRoleWithWebIdentity"));
-                assert_eq!(q.get("WebIdentityToken").map(String::as_str), Some("jwt-from-eks"));
-                assert_eq!(q.get("RoleArn").map(String::as_str), Some("arn:aws:iam::123:role/lakesink"));
-                "<AssumeRoleWithWebIdentityResponse><AssumeRoleWithWebIdentityResult><Credentials>\
+            axum::routing::post(|body: String| async move {
+                let form: HashMap<String, String> =
+                    url::form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+                assert_eq!(form.get("Action").map(String::as_str), Some("AssumeRoleWithWebIdentity"));
+                assert_eq!(form.get("WebIdentityToken").map(String::as_str), Some("jwt-from-eks"));
+                assert_eq!(form.get("RoleArn").map(String::as_str), Some("arn:aws:iam::123:role/lakesink"));
+                "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+                 <AssumeRoleWithWebIdentityResult><Credentials>\
                  <AccessKeyId>ASIAWEB</AccessKeyId><SecretAccessKey>web-secret</SecretAccessKey>\
                  <SessionToken>web-token</SessionToken><Expiration>2030-01-01T00:00:00Z</Expiration>\
                  </Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>"
             }),
         )
-        .route("/latest/api/token", put(|| async { "imds-session" }))
-        .route("/latest/meta-data/iam/security-credentials/", get(|| async { "node-role\n" }))
+        .route(
+            "/pod-identity",
+            get(|h: axum::http::HeaderMap| async move {
+                assert_eq!(h.get("authorization").unwrap(), "pod-token");
+                r#"{"AccessKeyId":"ASIAPOD","SecretAccessKey":"pod-secret","Token":"pod-session","Expiration":"2030-01-01T00:00:00Z"}"#
+            }),
+        )
+        .route(
+            "/latest/api/token",
+            put(|| async { ([("x-aws-ec2-metadata-token-ttl-seconds", "21600")], "imds-session") }),
+        )
+        .route("/latest/meta-data/iam/security-credentials/", get(|| async { "node-role" }))
         .route(
             "/latest/meta-data/iam/security-credentials/node-role",
             get(|h: axum::http::HeaderMap| async move {
                 assert_eq!(h.get("x-aws-ec2-metadata-token").unwrap(), "imds-session");
-                r#"{"AccessKeyId":"ASIAIMDS","SecretAccessKey":"imds-secret","Token":"imds-token","Expiration":"2030-01-01T00:00:00Z"}"#
+                r#"{"Code":"Success","Type":"AWS-HMAC","AccessKeyId":"ASIAIMDS","SecretAccessKey":"imds-secret","Token":"imds-token","Expiration":"2030-01-01T00:00:00Z"}"#
             }),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -149,37 +184,77 @@ async fn credential_chain_env_profile_web_identity_and_imds() {
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let jwt = dir.join("token");
-    std::fs::write(&jwt, "jwt-from-eks\n").unwrap();
-    let env = MapEnv(HashMap::from([
-        ("AWS_WEB_IDENTITY_TOKEN_FILE", jwt.display().to_string()),
-        ("AWS_ROLE_ARN", "arn:aws:iam::123:role/lakesink".to_string()),
-        ("AWS_ENDPOINT_URL_STS", base.clone()),
-    ]));
-    let c = aws::resolve(&env, "eu-west-1").await.unwrap();
-    assert_eq!(
-        (c.access_key_id.as_str(), c.source),
-        ("ASIAWEB", "web identity")
+    std::fs::write(&jwt, "jwt-from-eks").unwrap();
+    aws_env(
+        &home,
+        &[
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", jwt.display().to_string()),
+            ("AWS_ROLE_ARN", "arn:aws:iam::123:role/lakesink".into()),
+            ("AWS_ENDPOINT_URL_STS", base.clone()),
+            no_imds.clone(),
+        ],
     );
+    let c = aws::CredentialChain::new("eu-west-1")
+        .await
+        .credentials()
+        .await
+        .unwrap();
+    assert_eq!(c.access_key_id, "ASIAWEB");
     assert_eq!(c.session_token.unwrap().expose(), "web-token");
     assert!(c.expires_at.is_some());
 
-    let env = MapEnv(HashMap::from([
-        ("HOME", dir.join("nohome").display().to_string()),
-        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", base.clone()),
-    ]));
-    let c = aws::resolve(&env, "eu-west-1").await.unwrap();
-    assert_eq!(
-        (c.access_key_id.as_str(), c.source),
-        ("ASIAIMDS", "instance metadata")
+    // EKS Pod Identity (and ECS task roles): the container credentials endpoint.
+    aws_env(
+        &home,
+        &[
+            (
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                format!("{base}/pod-identity"),
+            ),
+            ("AWS_CONTAINER_AUTHORIZATION_TOKEN", "pod-token".into()),
+            no_imds.clone(),
+        ],
     );
+    let c = aws::CredentialChain::new("eu-west-1")
+        .await
+        .credentials()
+        .await
+        .unwrap();
+    assert_eq!(c.access_key_id, "ASIAPOD");
+
+    aws_env(
+        &home,
+        &[("AWS_EC2_METADATA_SERVICE_ENDPOINT", base.clone())],
+    );
+    let chain = aws::CredentialChain::new("eu-west-1").await;
+    let c = chain.credentials().await.unwrap();
+    assert_eq!(c.access_key_id, "ASIAIMDS");
+    // Kept until shortly before they expire: no second walk of the chain.
+    aws_env(&home, std::slice::from_ref(&no_imds));
+    assert_eq!(chain.credentials().await.unwrap().access_key_id, "ASIAIMDS");
 
     // Nothing configured: a clear error, no secret in it.
-    let env = MapEnv(HashMap::from([
-        ("HOME", dir.join("nohome").display().to_string()),
-        ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
-    ]));
-    let e = aws::resolve(&env, "eu-west-1").await.unwrap_err();
+    let e = aws::CredentialChain::new("eu-west-1")
+        .await
+        .credentials()
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("no AWS credentials"), "{e}");
+    assert!(!e.to_string().contains("secret"), "{e}");
+    // A failing source says why in words, not with the response it got.
+    let app = Router::new().route("/latest/api/token", put(|| async { "no ttl header" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bad = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    aws_env(&home, &[("AWS_EC2_METADATA_SERVICE_ENDPOINT", bad)]);
+    let e = aws::CredentialChain::new("eu-west-1")
+        .await
+        .credentials()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("TTL"), "{e}");
+    assert!(!e.contains("no ttl header") && !e.contains("body"), "{e}");
 }
 
 /// librdkafka asks for a new token before the announced lifetime ends, from the poll loop;

@@ -1,6 +1,6 @@
 //! Authentication to managed Kafka services that needs code rather than configuration:
-//! Amazon MSK IAM (SASL/OAUTHBEARER with a token signed with AWS SigV4 from the standard AWS
-//! credential chain). SASL PLAIN / SCRAM (Confluent Cloud, Event Hubs, MSK SCRAM) and TLS are
+//! Amazon MSK IAM (SASL/OAUTHBEARER with a token signed with AWS SigV4 from the AWS SDK's
+//! default credential chain, see [`aws`]). SASL PLAIN / SCRAM (Confluent Cloud, Event Hubs, MSK SCRAM) and TLS are
 //! plain librdkafka configuration (`[kafka] security`, `properties`).
 
 pub mod aws;
@@ -61,10 +61,7 @@ impl KafkaAuth {
         let region = self.msk_iam_region.as_deref().ok_or(
             "OAUTHBEARER without a token source: set security.mechanism = \"AWS_MSK_IAM\" and security.region",
         )?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let creds = rt.block_on(aws::resolve(&aws::ProcessEnv, region))?;
+        let creds = aws::CredentialChain::shared(region).credentials_blocking()?;
         let now = chrono::Utc::now();
         let mut t = msk_iam::token(region, &creds, now);
         if let Some(l) = self.lifetime {
@@ -73,7 +70,7 @@ impl KafkaAuth {
                 .min(now.timestamp_millis() + l.as_millis() as i64);
         }
         self.tokens.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(source = creds.source, region, "signed a new MSK IAM token");
+        tracing::debug!(region, "signed a new MSK IAM token");
         Ok(OAuthToken {
             token: t.token,
             principal_name: creds.access_key_id,
