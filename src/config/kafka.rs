@@ -18,6 +18,12 @@ const FORCED: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// Why OAUTHBEARER other than MSK IAM is refused (see the README's managed Kafka section).
+const OIDC_UNSUPPORTED: &str = "OAUTHBEARER logins other than MSK IAM (OIDC client credentials: \
+     Confluent Cloud OAuth, Microsoft Entra ID for Event Hubs) are not supported yet; use an API \
+     key (Confluent Cloud: mechanism = \"PLAIN\") or a connection string (Event Hubs), or \
+     mechanism = \"AWS_MSK_IAM\" for MSK";
+
 /// `[kafka]`: every librdkafka property lakesink sets (safety settings included), and the
 /// region MSK IAM tokens are signed for when that login is used.
 pub(super) fn validate_kafka(
@@ -92,6 +98,8 @@ pub(super) fn validate_kafka(
                 }
                 msk_iam_region = sec.region.clone();
                 "OAUTHBEARER".to_string()
+            } else if m.eq_ignore_ascii_case("OAUTHBEARER") {
+                return Err(err("kafka.security.mechanism", OIDC_UNSUPPORTED));
             } else {
                 m.clone()
             };
@@ -108,6 +116,17 @@ pub(super) fn validate_kafka(
                 "kafka.security.mechanism",
                 "required with a SASL protocol (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER)",
             ));
+        }
+    }
+    // lakesink supplies OAUTHBEARER tokens itself (MSK IAM), which replaces librdkafka's own
+    // OIDC client: set that way, a client would start and then fail every login.
+    for key in props.keys() {
+        let oauth = key.starts_with("sasl.oauthbearer.")
+            || (key == "sasl.mechanism"
+                && props[key].expose().eq_ignore_ascii_case("OAUTHBEARER")
+                && msk_iam_region.is_none());
+        if oauth {
+            return Err(err(format!("kafka.properties.\"{key}\""), OIDC_UNSUPPORTED));
         }
     }
     for (name, value, _) in FORCED {

@@ -389,3 +389,30 @@ fn the_readme_database_cdc_config_is_valid() {
     assert_eq!(c.sinks.len(), 2);
     assert!(c.sinks.iter().all(|s| s.keys_from_message));
 }
+
+#[test]
+fn oauthbearer_other_than_msk_iam_is_refused_at_start() {
+    // lakesink's own token callback (MSK IAM) would replace librdkafka's OIDC client: such a
+    // config would start and then fail every login, so it fails here, naming the key.
+    let with = |kafka: &str| {
+        BASE.replace(
+            "group_id = \"g\"\n",
+            &format!("group_id = \"g\"\n{kafka}\n"),
+        )
+    };
+    let e = parse(&with(
+        "security = { protocol = \"SASL_SSL\", mechanism = \"OAUTHBEARER\" }",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "kafka.security.mechanism", "{e}");
+    assert!(e.reason.contains("not supported yet"), "{e}");
+    let e = parse(&with(
+        "properties = { \"sasl.mechanism\" = \"OAUTHBEARER\", \"sasl.oauthbearer.method\" = \"oidc\" }",
+    ))
+    .unwrap_err();
+    assert!(e.key.starts_with("kafka.properties."), "{e}");
+    parse(&with(
+        "security = { protocol = \"SASL_SSL\", mechanism = \"AWS_MSK_IAM\", region = \"eu-west-1\" }",
+    ))
+    .unwrap();
+}
