@@ -11,6 +11,17 @@ pub fn topics(topic: &str, tables: u32) -> Vec<String> {
     }
 }
 
+/// `section` with its table (named `orders`, last in its `table = ` line) renamed to `name`.
+fn rename_table(section: &str, name: &str) -> String {
+    let line = section
+        .lines()
+        .find(|l| l.starts_with("table = "))
+        .expect("a table line");
+    let at = line.rfind("orders").expect("the table is named orders");
+    let renamed = format!("{}{name}{}", &line[..at], &line[at + "orders".len()..]);
+    section.replace(line, &renamed)
+}
+
 /// Repeats the config's one `[[sink]]` section for every topic, each with its own name and
 /// table (`orders_00`, ...).
 pub(super) fn per_table(text: &str, topic: &str, topics: &[String]) -> String {
@@ -21,26 +32,14 @@ pub(super) fn per_table(text: &str, topic: &str, topics: &[String]) -> String {
     let (head, section) = text.split_at(at);
     let mut out = head.to_string();
     for (i, t) in topics.iter().enumerate() {
-        let table_line = section
-            .lines()
-            .find(|l| l.starts_with("table = "))
-            .expect("a table line");
-        let at = table_line
-            .rfind("orders")
-            .expect("the table is named orders");
-        let renamed = format!(
-            "{}orders_{i:02}{}",
-            &table_line[..at],
-            &table_line[at + "orders".len()..]
-        );
+        let renamed = rename_table(section, &format!("orders_{i:02}"));
         out.push_str(
-            &section
+            &renamed
                 .replace("name = \"orders\"", &format!("name = \"orders_{i:02}\""))
                 .replace(
                     &format!("topics = [\"{topic}\"]"),
                     &format!("topics = [\"{t}\"]"),
-                )
-                .replace(table_line, &renamed),
+                ),
         );
         out.push('\n');
     }
@@ -50,23 +49,10 @@ pub(super) fn per_table(text: &str, topic: &str, topics: &[String]) -> String {
 /// The config's one `[[sink]]` made to read every topic of the run through one `topics_regex`
 /// sink whose `{table}` template gives each topic its own table (a whole database in one sink).
 pub(super) fn one_sink(text: &str, topic: &str) -> String {
-    let table_line = text
-        .lines()
-        .find(|l| l.starts_with("table = "))
-        .expect("a table line");
-    let at = table_line
-        .rfind("orders")
-        .expect("the table is named orders");
-    let templated = format!(
-        "{}{{table}}{}",
-        &table_line[..at],
-        &table_line[at + "orders".len()..]
-    );
-    text.replace(
+    rename_table(text, "{table}").replace(
         &format!("topics = [\"{topic}\"]"),
         &format!("topics_regex = '^{}\\.t[0-9]+$'", regex::escape(topic)),
     )
-    .replace(table_line, &templated)
 }
 
 /// The workload's value for order `id` in `format`.
