@@ -1,6 +1,7 @@
 //! The commands: building the service from a validated config, running it with signal-driven
 //! shutdown, checking every dependency, and the embedded demo and benchmark.
 
+pub mod bars;
 pub mod bench;
 pub mod demo;
 mod inspect;
@@ -410,9 +411,11 @@ pub async fn run(
             .with_context(|| format!("cannot listen on {addr} for /metrics and the probes"))?;
         info!("serving /metrics, /healthz and /readyz on http://{bound}");
     }
+    let reported = CancellationToken::new();
     let reporter = options.until_caught_up.then(|| {
         let progress = progress.clone();
-        tokio::spawn(async move { report_catch_up(progress).await })
+        let stop = reported.clone();
+        tokio::spawn(async move { report_catch_up(progress, stop).await })
     });
     let rt = tokio::runtime::Handle::current();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -427,33 +430,43 @@ pub async fn run(
     let result = done_rx
         .await
         .map_err(|_| anyhow!("the source thread panicked"))?;
+    reported.cancel();
     if let Some(r) = reporter {
-        r.abort();
+        let _ = r.await;
     }
     result.map_err(|e| anyhow!(e))
 }
 
 /// Catch-up progress: a bar with records/s, records left and an ETA on a terminal; a log line
-/// every 10 s otherwise.
-async fn report_catch_up(progress: Arc<Progress>) {
-    use std::io::IsTerminal;
-    let terminal = std::io::stderr().is_terminal();
-    let bar = terminal.then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "catch-up [{bar:40}] {pos}/{len} records ({per_sec}, {msg}, eta {eta})",
-            )
-            .expect("template")
-            .progress_chars("=> "),
-        );
-        b
-    });
+/// every 10 s otherwise. Ends when caught up, or when `stop` fires (with the bar drawn at the
+/// last position, not left where the previous tick saw it).
+async fn report_catch_up(progress: Arc<Progress>, stop: CancellationToken) {
+    let bar = bars::bar(
+        0,
+        "catch-up [{bar:40}] {pos}/{len} records ({per_sec}, {msg}, eta {eta})",
+    );
+    if let Some(b) = &bar {
+        // Drawn from the start: joining the group and recovering positions take seconds.
+        b.set_message("joining the consumer group");
+        b.enable_steady_tick(Duration::from_millis(200));
+    }
     let started = std::time::Instant::now();
     let mut last_line = started;
     loop {
-        tokio::time::sleep(Duration::from_millis(if terminal { 200 } else { 1000 })).await;
+        let tick = Duration::from_millis(if bar.is_some() { 200 } else { 1000 });
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(tick) => false,
+            _ = stop.cancelled() => true,
+        };
         let (done, total) = progress.catch_up_progress();
+        if stopping {
+            if let Some(b) = &bar {
+                b.set_position(done);
+                b.set_message(format!("{} left", total.saturating_sub(done)));
+                b.finish();
+            }
+            return;
+        }
         if total == 0 {
             continue;
         }

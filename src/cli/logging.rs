@@ -48,6 +48,31 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for QuietDoubleClose {
     }
 }
 
+/// One log line on stderr, written whole once formatted, with the demo's progress bars
+/// cleared around it (a line written while a bar is drawn would land in the middle of it).
+struct LineOut(Vec<u8>);
+
+impl std::io::Write for LineOut {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineOut {
+    fn drop(&mut self) {
+        if !self.0.is_empty() {
+            lakesink::app::bars::suspend_bars(|| {
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), &self.0);
+            });
+        }
+    }
+}
+
 /// Installs the global subscriber.
 pub(super) fn init(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LAKESINK_LOG")
@@ -65,7 +90,7 @@ pub(super) fn init(format: LogFormat) {
                         std::io::IsTerminal::is_terminal(&std::io::stderr())
                             && std::env::var_os("NO_COLOR").is_none(),
                     )
-                    .with_writer(std::io::stderr),
+                    .with_writer(|| LineOut(Vec::new())),
             )
             .init(),
         LogFormat::Json => logs

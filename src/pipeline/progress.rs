@@ -16,6 +16,9 @@ pub struct Progress {
     /// The largest freshness lag of any commit (ms from the oldest record's Kafka timestamp to
     /// its commit), for the benchmark's latency mode.
     pub max_freshness_ms: AtomicU64,
+    /// When the first record reached a worker (after the group join and the position
+    /// recovery): the demo's and the benchmark's throughput clock starts here.
+    pub first_record: std::sync::OnceLock<std::time::Instant>,
     pub records_in: AtomicU64,
     pub bytes_in: AtomicU64,
     pub rows_committed: AtomicU64,

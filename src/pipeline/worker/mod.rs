@@ -293,6 +293,10 @@ impl Worker {
         use std::sync::atomic::Ordering::Relaxed;
         let (n, bytes) = std::mem::take(&mut self.counted_in);
         if n > 0 {
+            self.ctx
+                .progress
+                .first_record
+                .get_or_init(std::time::Instant::now);
             self.ctx.progress.records_in.fetch_add(n, Relaxed);
             self.ctx.progress.bytes_in.fetch_add(bytes, Relaxed);
             self.stats.records_in.fetch_add(n, Relaxed);
