@@ -14,7 +14,8 @@
 #              Confluent Cloud and Event Hubs and SCRAM-SHA-512 users as on MSK; ACLs enforced:
 #              cc-key/cc-secret (PLAIN) and msk-user/msk-secret (SCRAM-SHA-512) may use topics,
 #              groups and transactional ids starting with "sasl-", except that cc-key may not
-#              read topics starting with "sasl-denied-" (describe only); noacl/noacl-secret
+#              read topics starting with "sasl-denied-" (describe only) nor create topics
+#              starting with "sasl-nocreate-"; noacl/noacl-secret
 #              (PLAIN) may log in and nothing else
 #   CONTROLLER the KRaft quorum
 # Transactions work on one node (transaction.state.log.replication.factor=1, min.isr=1).
@@ -166,6 +167,10 @@ while True:
   # A topic cc-key may describe but not read: a partition that is assigned and never fetched.
   java_run org.apache.kafka.tools.AclCommand --bootstrap-server "127.0.0.1:$plain" --add \
     --deny-principal User:cc-key --operation Read --topic sasl-denied- \
+    --resource-pattern-type prefixed >>"$DIR/acls.log" 2>&1 || { cat "$DIR/acls.log" >&2; exit 1; }
+  # Topics cc-key may use but not create: a dead-letter topic lakesink cannot create.
+  java_run org.apache.kafka.tools.AclCommand --bootstrap-server "127.0.0.1:$plain" --add \
+    --deny-principal User:cc-key --operation Create --topic sasl-nocreate- \
     --resource-pattern-type prefixed >>"$DIR/acls.log" 2>&1 || { cat "$DIR/acls.log" >&2; exit 1; }
 
   cat >"$DIR/env" <<EOF

@@ -288,3 +288,40 @@ async fn a_partition_that_cannot_be_read_shows_in_readiness_metrics_and_status()
         "status:\n{text}"
     );
 }
+
+/// A dead-letter topic the principal may use but not create (cc-key has a DENY on Create for
+/// `sasl-nocreate-*`): `check` fails naming the ACL, and the service does not start (exit 1,
+/// the same words) instead of stopping at the first poison record.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_topic_the_principal_may_not_create_names_the_acl() {
+    let topic = unique("sasl-orders");
+    create_topic(&topic, 1).await;
+    let (registry_url, _client) = registry().await;
+    let store = Store::local("orders");
+    let dlq = unique("sasl-nocreate-dlq");
+    let cfg = sasl_config(
+        ("cc-key", "cc-secret", "PLAIN"),
+        Some(&ca()),
+        &topic,
+        &unique("sasl-g"),
+        &registry_url,
+        &store,
+    ) + &format!("dead_letter_topic = \"{dlq}\"\n");
+    let want = format!("grant it `Create` on topic `{dlq}`");
+    let (code, out) = check(&cfg);
+    assert_eq!(code, 1, "check should fail:\n{out}");
+    assert!(out.contains(&want), "{out}");
+
+    let path = scratch("logins").join("run.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_lakesink"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("LAKESINK_LOG", "error")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{out}");
+    assert!(out.contains(&want), "{out}");
+    assert!(!out.contains("cc-secret"), "the password leaked: {out}");
+}

@@ -31,16 +31,30 @@ pub async fn check(cfg: &ValidatedConfig) -> Vec<CheckResult> {
             .await
             .unwrap_or_else(|e| Err(e.to_string()))
     };
-    out.push(match kafka {
+    out.push(match &kafka {
         Ok(s) => CheckResult {
             what: format!("kafka {} ({s})", cfg.bootstrap_servers),
             error: None,
         },
         Err(e) => CheckResult {
             what: format!("kafka {}", cfg.bootstrap_servers),
-            error: Some(e),
+            error: Some(e.clone()),
         },
     });
+    // Dead-letter topics: found, or the broker asked whether lakesink may create them.
+    if kafka.is_ok() {
+        match crate::kafka::dead_letter::ensure_topics(cfg, true).await {
+            Ok(lines) => out.extend(
+                lines
+                    .into_iter()
+                    .map(|what| CheckResult { what, error: None }),
+            ),
+            Err(e) => out.push(CheckResult {
+                what: "dead-letter topics".into(),
+                error: Some(e.to_string()),
+            }),
+        }
+    }
     if let Some(r) = &cfg.registry {
         let res = match registry_client(cfg) {
             Ok(c) => c.check().await.map_err(|e| e.to_string()),

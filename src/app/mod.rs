@@ -392,6 +392,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let sinks = build_sinks(&cfg)?;
     refuse_unsafe_stores(&sinks).await?;
+    kafka::dead_letter::ensure_topics(&cfg, false).await?;
     for s in &cfg.sinks {
         let max_latency = s.flush.max_latency.as_millis() as u64;
         progress

@@ -192,6 +192,13 @@ pub struct SinkConfig {
     /// once for brokers without transactions.
     #[serde(default = "yes")]
     pub dead_letter_exactly_once: bool,
+    /// Partitions of the dead-letter topic when lakesink creates it (default: the broker's).
+    #[serde(default)]
+    pub dead_letter_partitions: Option<i32>,
+    /// Replication factor of the dead-letter topic when lakesink creates it (default: the
+    /// broker's).
+    #[serde(default)]
+    pub dead_letter_replication_factor: Option<i32>,
     /// `format = "json"` / `"debezium-json"`: the table's columns, `name = "type"`, in order.
     #[serde(default)]
     pub schema: Option<toml::Table>,

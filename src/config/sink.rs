@@ -205,6 +205,23 @@ pub(super) fn validate_sink(
             ));
         }
     }
+    for (name, v) in [
+        ("dead_letter_partitions", s.dead_letter_partitions),
+        (
+            "dead_letter_replication_factor",
+            s.dead_letter_replication_factor,
+        ),
+    ] {
+        match v {
+            Some(n) if n < 1 => {
+                return Err(err(key(name), format!("{n} is not a positive number")))
+            }
+            Some(_) if s.dead_letter_topic.is_none() => {
+                return Err(err(key(name), "needs a dead_letter_topic"))
+            }
+            _ => {}
+        }
+    }
     let declared =
         |cols: &toml::Table, what: &str| -> Result<arrow::datatypes::SchemaRef, ConfigError> {
             let mut fields = Vec::with_capacity(cols.len());
@@ -361,6 +378,8 @@ pub(super) fn validate_sink(
         errors,
         dead_letter_topic: s.dead_letter_topic.clone(),
         dead_letter_exactly_once: s.dead_letter_exactly_once,
+        dead_letter_partitions: s.dead_letter_partitions,
+        dead_letter_replication_factor: s.dead_letter_replication_factor,
         format: s.format,
         json_schema,
         key_format,

@@ -120,6 +120,10 @@ pub struct ValidatedSink {
     pub errors: ErrorPolicy,
     pub dead_letter_topic: Option<String>,
     pub dead_letter_exactly_once: bool,
+    /// Partitions and replication factor of the dead-letter topic if lakesink creates it
+    /// (`None`: the broker's default).
+    pub dead_letter_partitions: Option<i32>,
+    pub dead_letter_replication_factor: Option<i32>,
     pub format: Format,
     /// The declared table schema of `format = "json"` / `"debezium-json"`.
     pub json_schema: Option<arrow::datatypes::SchemaRef>,

@@ -61,8 +61,10 @@ use crate::kafka::auth::{AuthContext, KafkaAuth};
 use crate::pipeline::dead_letters::{DeadLetterTopic, DeadLetterWriter, WriteError, Written};
 
 mod scan;
+mod topic;
 
 use scan::open_session;
+pub use topic::ensure_topics;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the tail read waits for open transactions below the end: longer than the
@@ -132,26 +134,32 @@ impl Drop for Opening {
     }
 }
 
+/// The settings every dead-letter client shares (servers, security): the consumer's, less
+/// consumer-only ones (a producer would warn about them).
+fn client_config(cfg: &ValidatedConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &cfg.bootstrap_servers);
+    for (k, v) in &cfg.kafka_properties {
+        if k.starts_with("enable.auto")
+            || k == "auto.offset.reset"
+            || k.starts_with("session.")
+            || k.starts_with("heartbeat.")
+            || k.starts_with("partition.assignment")
+            || k.starts_with("max.poll")
+            || k.starts_with("fetch.")
+            || k.starts_with("isolation")
+            || k.starts_with("group.")
+        {
+            continue;
+        }
+        client.set(k, v.expose());
+    }
+    client
+}
+
 impl DeadLetters {
     pub fn new(cfg: &ValidatedConfig, topic: &str, exactly_once: bool) -> Result<Self, Error> {
-        let mut client = ClientConfig::new();
-        client.set("bootstrap.servers", &cfg.bootstrap_servers);
-        for (k, v) in &cfg.kafka_properties {
-            // Consumer-only settings would make the producer warn; pass the rest (security).
-            if k.starts_with("enable.auto")
-                || k == "auto.offset.reset"
-                || k.starts_with("session.")
-                || k.starts_with("heartbeat.")
-                || k.starts_with("partition.assignment")
-                || k.starts_with("max.poll")
-                || k.starts_with("fetch.")
-                || k.starts_with("isolation")
-                || k.starts_with("group.")
-            {
-                continue;
-            }
-            client.set(k, v.expose());
-        }
+        let client = client_config(cfg);
         let auth = KafkaAuth::from_config(cfg);
         let shared = if exactly_once {
             None
