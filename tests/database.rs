@@ -140,6 +140,8 @@ table = "{base}/crm/customers"
         let topic = r["topic"].as_str().unwrap();
         assert_eq!(r["table"], table_of(&base, topic).url.as_str(), "{r}");
         assert_eq!(r["lag"], 0, "{r}");
+        // Delta: the time of the commit that carries the partition's txn.
+        assert!(r["last_commit"].as_str().is_some(), "{r}");
     }
     // `maintain` finds each topic's table through the broker's topics, and compacts it.
     let stdout = lakesink_cli(&["maintain", "--config", cfg_arg], &env);

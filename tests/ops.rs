@@ -184,6 +184,10 @@ async fn metrics_probes_and_status_match_what_landed() {
         assert_eq!(r["committed"], per_partition[&p], "{r}");
         assert_eq!(r["end"], per_partition[&p], "{r}");
         assert_eq!(r["lag"], 0, "{r}");
+        let at = chrono::DateTime::parse_from_rfc3339(r["last_commit"].as_str().unwrap());
+        let age = chrono::Utc::now().signed_duration_since(at.unwrap());
+        assert!((0..300).contains(&age.num_seconds()), "{r}");
+        assert!(r.get("quarantined").is_none(), "{r}");
     }
     let log = proc_.stop();
     // JSON logs: every line is a JSON object.

@@ -5,6 +5,17 @@ mod common;
 
 use common::*;
 
+/// `lakesink status --json` for `cfg`: one object per (sink, partition).
+fn status_of(cfg: &str) -> Vec<serde_json::Value> {
+    let path = scratch("status").join("lakesink.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let out = lakesink_cli(
+        &["status", "--json", "--config", path.to_str().unwrap()],
+        &[],
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
 /// F5: the Delta commit identity does not contain the consumer group. A run under group
 /// `blue`, then one under group `green` (a rename, or a blue/green deployment) over the same
 /// topic and table: every record once, not twice.
@@ -68,6 +79,17 @@ async fn a_recreated_topic_stops_its_partition_instead_of_skipping() {
         committed_rows(&store, &topic).await,
         1000,
         "nothing written"
+    );
+    // `status` says so before any member is asked: the position is beyond the log's end.
+    let rows = status_of(&cfg);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["committed"], 1000, "{rows:?}");
+    assert_eq!(rows[0]["end"], 300, "{rows:?}");
+    assert!(
+        rows[0]["quarantined"]
+            .as_str()
+            .is_some_and(|q| q.contains("beyond the end of its log (300)")),
+        "{rows:?}"
     );
 }
 
@@ -356,5 +378,25 @@ async fn a_hole_in_one_partitions_chain_stops_only_that_partition() {
     assert!(
         reader.committed(&p0).await.is_err(),
         "partition 0 still has its hole"
+    );
+    // `status`: partition 0 quarantined with the table's reason, partition 1 committed to
+    // its end, with the time of its last commit.
+    let rows = status_of(&cfg);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(
+        rows[0]["quarantined"]
+            .as_str()
+            .is_some_and(|q| q.contains("are in no commit")),
+        "{rows:?}"
+    );
+    assert_eq!(rows[1]["committed"], 400, "{rows:?}");
+    assert_eq!(rows[1]["lag"], 0, "{rows:?}");
+    assert!(rows[1].get("quarantined").is_none(), "{rows:?}");
+    let at = rows[1]["last_commit"].as_str().expect("a last commit time");
+    let at = chrono::DateTime::parse_from_rfc3339(at).unwrap();
+    let age = chrono::Utc::now().signed_duration_since(at);
+    assert!(
+        (0..120).contains(&age.num_seconds()),
+        "last commit {at} is {age} old"
     );
 }

@@ -222,6 +222,16 @@ pub enum TopicIdentity {
     Other(String),
 }
 
+/// A partition's committed position and when the commit that made it was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastCommit {
+    /// The next offset to read.
+    pub next: Offset,
+    /// When it was committed, in ms since the Unix epoch (`None` where the table does not
+    /// say, or the commit is older than what is searched for it).
+    pub at_ms: Option<i64>,
+}
+
 /// A destination table with an exactly-once commit protocol.
 ///
 /// Implementations must be safe to call from several writers (processes) at once: `commit` is
@@ -238,6 +248,15 @@ pub trait Sink: Send + Sync + fmt::Debug + 'static {
 
     /// The committed position of `tp`, read only (for status and lag; repairs nothing).
     async fn committed(&self, tp: &TopicPartition) -> Result<Option<Offset>>;
+
+    /// [`Sink::committed`] with the time of the commit that made it, where the table records
+    /// one (read only, for `status`).
+    async fn last_commit(&self, tp: &TopicPartition) -> Result<Option<LastCommit>> {
+        Ok(self
+            .committed(tp)
+            .await?
+            .map(|next| LastCommit { next, at_ms: None }))
+    }
 
     /// Encodes and writes a flush where readers cannot see it. Retrying is safe.
     async fn stage(&self, flush: Flush) -> Result<Staged<Self::Data>>;
@@ -278,6 +297,8 @@ pub trait AnySink: Send + Sync + fmt::Debug {
     async fn recover(&self, tp: &TopicPartition) -> Result<Option<Offset>>;
     /// See [`Sink::committed`].
     async fn committed(&self, tp: &TopicPartition) -> Result<Option<Offset>>;
+    /// See [`Sink::last_commit`].
+    async fn last_commit(&self, tp: &TopicPartition) -> Result<Option<LastCommit>>;
     /// See [`Sink::stage`].
     async fn stage(self: Arc<Self>, flush: Flush) -> Result<StagedFlush>;
     /// See [`Sink::adopt_topic_id`].
@@ -297,6 +318,9 @@ impl<S: Sink> AnySink for S {
     }
     async fn committed(&self, tp: &TopicPartition) -> Result<Option<Offset>> {
         Sink::committed(self, tp).await
+    }
+    async fn last_commit(&self, tp: &TopicPartition) -> Result<Option<LastCommit>> {
+        Sink::last_commit(self, tp).await
     }
     async fn stage(self: Arc<Self>, flush: Flush) -> Result<StagedFlush> {
         let staged = Sink::stage(&*self, flush).await?;

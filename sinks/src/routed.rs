@@ -232,6 +232,10 @@ impl<S: Sink> Sink for Routed<S> {
         self.table(&tp.topic)?.committed(tp).await
     }
 
+    async fn last_commit(&self, tp: &TopicPartition) -> Result<Option<crate::LastCommit>> {
+        self.table(&tp.topic)?.last_commit(tp).await
+    }
+
     async fn stage(&self, flush: Flush) -> Result<Staged<S::Data>> {
         let table = self.table(&flush.tp.topic)?;
         table.stage(flush).await

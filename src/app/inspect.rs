@@ -198,8 +198,15 @@ pub struct PartitionStatus {
     /// The broker's end offset (high watermark).
     pub end: i64,
     pub lag: i64,
+    /// When the last commit was written (RFC 3339, UTC), where the table records it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_commit: Option<String>,
     /// Where the topic's rows land (its own table, for a sink with a table per topic).
     pub table: String,
+    /// Why a member would not consume this partition for this sink (its position cannot be
+    /// read, or is beyond the end of the log), as `/readyz` would say once it is assigned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<String>,
     /// A partition with lag whose next record could not be fetched: why (see [`probe_reads`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unreadable: Option<String>,
@@ -264,14 +271,23 @@ pub async fn status(cfg: &ValidatedConfig) -> anyhow::Result<Vec<PartitionStatus
                 continue;
             }
             let tp = sinks::TopicPartition::new(topic.as_str(), *partition);
-            let committed = s
-                .sink
-                .committed(&tp)
-                .await
-                .with_context(|| {
-                    format!("sink `{}`: cannot read the position of {tp}", s.config.name)
-                })?
-                .map(|o| o.0);
+            let (last, quarantined) = match s.sink.last_commit(&tp).await {
+                Ok(l) => (l, None),
+                Err(e) => (
+                    None,
+                    Some(format!(
+                        "sink `{}` cannot read its position for {tp} from {}: {e}",
+                        s.config.name,
+                        s.sink.table_of(topic)
+                    )),
+                ),
+            };
+            let committed = last.map(|l| l.next.0);
+            let quarantined = quarantined.or_else(|| {
+                committed
+                    .filter(|c| c > high)
+                    .map(|c| crate::kafka::positions::beyond_end(&tp, c, *high))
+            });
             out.push(PartitionStatus {
                 sink: s.config.name.clone(),
                 topic: topic.clone(),
@@ -279,7 +295,12 @@ pub async fn status(cfg: &ValidatedConfig) -> anyhow::Result<Vec<PartitionStatus
                 committed,
                 end: *high,
                 lag: (high - committed.unwrap_or(*low)).max(0),
+                last_commit: last.and_then(|l| l.at_ms).and_then(|ms| {
+                    chrono::DateTime::from_timestamp_millis(ms)
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                }),
                 table: s.sink.table_of(topic),
+                quarantined,
                 unreadable: None,
             });
         }
@@ -287,7 +308,7 @@ pub async fn status(cfg: &ValidatedConfig) -> anyhow::Result<Vec<PartitionStatus
     // Partitions with lag: can their next record be fetched at all?
     let lagging: Vec<(String, i32, i64)> = out
         .iter()
-        .filter(|r| r.lag > 0)
+        .filter(|r| r.lag > 0 && r.quarantined.is_none())
         .map(|r| (r.topic.clone(), r.partition, r.end - r.lag))
         .collect();
     if !lagging.is_empty() {

@@ -45,7 +45,7 @@ use crate::pipeline::{BufferBudget, Event, Progress, SinkRuntime};
 
 pub mod auth;
 pub mod dead_letter;
-mod positions;
+pub(crate) mod positions;
 mod rebalance;
 mod router;
 pub mod stall;

@@ -344,7 +344,7 @@ impl Router {
 }
 
 /// Why a partition whose position is beyond its log's end is not consumed, and what to do.
-fn beyond_end(tp: &TopicPartition, at: i64, high: i64) -> String {
+pub(crate) fn beyond_end(tp: &TopicPartition, at: i64, high: i64) -> String {
     format!(
         "the position {at} of {tp} is beyond the end of its log ({high}): the topic was deleted \
          and created again, or truncated. lakesink does not consume it rather than skip records \

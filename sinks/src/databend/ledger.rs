@@ -47,12 +47,21 @@ impl DatabendSink {
         session: &mut Session,
         tp: &TopicPartition,
     ) -> Result<Option<Offset>> {
+        Ok(self.ledger_last_commit(session, tp).await?.map(|c| c.next))
+    }
+
+    /// `tp`'s ledger row: its next offset and when it was last moved (`updated_at`).
+    pub(super) async fn ledger_last_commit(
+        &self,
+        session: &mut Session,
+        tp: &TopicPartition,
+    ) -> Result<Option<crate::LastCommit>> {
         let r = self
             .run(
                 session,
                 "read the offset ledger",
                 &format!(
-                    "SELECT next_offset FROM {}.{} WHERE sink = {} AND topic = {} AND \"partition\" = {}",
+                    "SELECT next_offset, to_int64(updated_at) FROM {}.{} WHERE sink = {} AND topic = {} AND \"partition\" = {}",
                     self.db(),
                     ident(LEDGER),
                     literal(&self.config.sink),
@@ -65,14 +74,23 @@ impl DatabendSink {
             [] => Ok(None),
             [row] => {
                 let v = row.first().cloned().flatten().unwrap_or_default();
-                v.parse::<i64>()
-                    .map(|o| Some(Offset(o)))
-                    .map_err(|_| Error::Warehouse {
-                        location: self.location.clone(),
-                        op: "read the offset ledger",
-                        retryable: false,
-                        reason: format!("next_offset `{v}` for {tp} is not a number"),
-                    })
+                let next = v.parse::<i64>().map_err(|_| Error::Warehouse {
+                    location: self.location.clone(),
+                    op: "read the offset ledger",
+                    retryable: false,
+                    reason: format!("next_offset `{v}` for {tp} is not a number"),
+                })?;
+                // Microseconds since the epoch (a TIMESTAMP as an integer).
+                let at_ms = row
+                    .get(1)
+                    .cloned()
+                    .flatten()
+                    .and_then(|us| us.parse::<i64>().ok())
+                    .map(|us| us / 1000);
+                Ok(Some(crate::LastCommit {
+                    next: Offset(next),
+                    at_ms,
+                }))
             }
             rows => Err(Error::Warehouse {
                 location: self.location.clone(),

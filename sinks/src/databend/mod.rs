@@ -205,6 +205,12 @@ impl Sink for DatabendSink {
         self.ledger_position(&mut s, tp).await
     }
 
+    async fn last_commit(&self, tp: &TopicPartition) -> Result<Option<crate::LastCommit>> {
+        self.ensure_ledger().await?;
+        let mut s = Session::default();
+        self.ledger_last_commit(&mut s, tp).await
+    }
+
     async fn stage(&self, flush: Flush) -> Result<Staged<DatabendStaged>> {
         self.stage_flush(flush).await
     }

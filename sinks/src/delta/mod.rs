@@ -271,6 +271,21 @@ impl Sink for DeltaSink {
         self.txn_position(table, tp).await
     }
 
+    async fn last_commit(&self, tp: &TopicPartition) -> Result<Option<crate::LastCommit>> {
+        let mut slot = self.table.lock().await;
+        if !self.refresh(&mut slot).await? {
+            return Ok(None);
+        }
+        let table = slot.as_ref().expect("table loaded");
+        let Some(next) = self.txn_position(table, tp).await? else {
+            return Ok(None);
+        };
+        Ok(Some(crate::LastCommit {
+            next,
+            at_ms: self.txn_time(table, tp).await?,
+        }))
+    }
+
     async fn stage(&self, flush: Flush) -> Result<Staged<DeltaStaged>> {
         let rows = flush.rows() as u64;
         // The flush's keys (named, or the message key's fields, whose struct is never stored).

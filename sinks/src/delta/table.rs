@@ -113,6 +113,56 @@ impl DeltaSink {
     }
 }
 
+/// How many of the newest commits [`DeltaSink::txn_time`] reads for a partition's last txn.
+const TXN_TIME_LOOK_BACK: u64 = 200;
+
+impl DeltaSink {
+    /// When `tp`'s last commit was written (ms since the epoch): the `commitInfo.timestamp`
+    /// of the newest of the last [`TXN_TIME_LOOK_BACK`] commits whose txn action carries its
+    /// app id (or the legacy one). `None` for a partition last committed before those.
+    pub(super) async fn txn_time(
+        &self,
+        table: &DeltaTable,
+        tp: &TopicPartition,
+    ) -> Result<Option<i64>> {
+        let Some(latest) = table.version() else {
+            return Ok(None);
+        };
+        let mut ids = vec![self.app_id(tp)];
+        if let Some(legacy) = &self.config.legacy_app_id_prefix {
+            ids.push(format!("{legacy}/{}/{}", tp.topic, tp.partition));
+        }
+        let log = table.log_store();
+        let oldest = (latest + 1).saturating_sub(TXN_TIME_LOOK_BACK);
+        for version in (oldest..=latest).rev() {
+            let Some(bytes) = log
+                .read_commit_entry(version)
+                .await
+                .map_err(|e| self.err("read the log", e))?
+            else {
+                continue;
+            };
+            let (mut ours, mut at) = (false, None);
+            for line in bytes.split(|b| *b == b'\n') {
+                let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+                    continue;
+                };
+                if let Some(txn) = action.get("txn") {
+                    let app = txn.get("appId").and_then(|a| a.as_str());
+                    ours |= app.is_some_and(|a| ids.iter().any(|id| id == a));
+                }
+                if let Some(ts) = action.pointer("/commitInfo/timestamp") {
+                    at = ts.as_i64();
+                }
+            }
+            if ours {
+                return Ok(at);
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// Registers the object stores deltalake needs for `s3://`, `az://`/`abfss://` and `gs://`.
 pub(super) fn register_handlers() {
     static ONCE: std::sync::Once = std::sync::Once::new();

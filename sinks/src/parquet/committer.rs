@@ -266,6 +266,15 @@ impl ParquetSink {
     /// Follows the marker chain of `tp` to its end. With `repair`, republishes markers whose
     /// staged files are still there and moves the recovery hint; without, only reads.
     async fn walk_chain(&self, tp: &TopicPartition, repair: bool) -> Result<Option<Offset>> {
+        Ok(self.walk(tp, repair).await?.0)
+    }
+
+    /// [`Self::walk_chain`], with the last marker found after the hint (if any) and the hint.
+    async fn walk(
+        &self,
+        tp: &TopicPartition,
+        repair: bool,
+    ) -> Result<(Option<Offset>, Option<Marker>, Option<Hint>)> {
         let hint: Option<Hint> = self.read_json(&self.hint_path(tp)).await?;
         let markers = self
             .markers_after(tp, hint.as_ref().map(|h| h.marker_start))
@@ -328,7 +337,7 @@ impl ParquetSink {
         if let (Some(m), true) = (&last, repair) {
             self.write_hint(tp, m).await?;
         }
-        Ok(expected.map(Offset))
+        Ok((expected.map(Offset), last, hint))
     }
 
     /// Deletes staged files of a lost flush that the winning marker does not reference.
@@ -356,6 +365,26 @@ impl Sink for ParquetSink {
 
     async fn committed(&self, tp: &TopicPartition) -> Result<Option<Offset>> {
         self.walk_chain(tp, false).await
+    }
+
+    async fn last_commit(&self, tp: &TopicPartition) -> Result<Option<crate::LastCommit>> {
+        let (next, last, hint) = self.walk(tp, false).await?;
+        let Some(next) = next else {
+            return Ok(None);
+        };
+        let last = match (last, hint) {
+            (Some(m), _) => Some(m),
+            // Nothing after the hint: the hinted marker is the last one.
+            (None, Some(h)) => {
+                self.read_json::<Marker>(&self.marker_path(tp, h.marker_start))
+                    .await?
+            }
+            (None, None) => None,
+        };
+        Ok(Some(crate::LastCommit {
+            next,
+            at_ms: last.map(|m| m.committed_at_ms).filter(|ms| *ms > 0),
+        }))
     }
 
     async fn adopt_topic_id(&self, topic: &str, topic_id: &str) -> Result<TopicIdentity> {

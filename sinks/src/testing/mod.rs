@@ -54,6 +54,13 @@ pub fn flush(tp: &TopicPartition, start: i64, next: i64, rows: bool) -> Flush {
     }
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_millis() as i64
+}
+
 async fn commit<S: Sink>(sink: &S, f: Flush) -> CommitOutcome {
     let staged = sink.stage(f).await.expect("stage");
     sink.commit(&staged).await.expect("commit").0
@@ -62,9 +69,25 @@ async fn commit<S: Sink>(sink: &S, f: Flush) -> CommitOutcome {
 /// A committed flush is the position `recover` and `committed` report.
 pub async fn commit_then_recover<S: Sink>(sink: &S, tp: &TopicPartition) {
     assert_eq!(sink.committed(tp).await.expect("committed"), None);
+    assert_eq!(sink.last_commit(tp).await.expect("last commit"), None);
+    let before = now_ms();
     assert_eq!(
         commit(sink, flush(tp, 0, 10, true)).await,
         CommitOutcome::Committed { next: Offset(10) }
+    );
+    // The commit's time, as the table records it (clocks of one machine: 5 s of slack for
+    // second-granular stores).
+    let last = sink
+        .last_commit(tp)
+        .await
+        .expect("last commit")
+        .expect("a commit");
+    assert_eq!(last.next, Offset(10));
+    let at = last.at_ms.expect("the table records when it was committed");
+    assert!(
+        (before - 5_000..=now_ms() + 5_000).contains(&at),
+        "committed at {at}, between {before} and {}",
+        now_ms()
     );
     assert_eq!(sink.recover(tp).await.expect("recover"), Some(Offset(10)));
     assert_eq!(
