@@ -55,6 +55,66 @@ fn bad_table_url_is_rejected_with_its_key() {
         check(&GOOD.replace("file:///tmp/lakesink-cli-test/orders", "lake/orders"));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("`sink[0].table`"), "{err}");
+    // What the user typed, not a placeholder, and how to write it.
+    assert!(err.contains("`lake/orders` has no scheme"), "{err}");
+    assert!(err.contains("file:///abs/dir"), "{err}");
+    // Two slashes make `tmp` a host: a config error (2), not a runtime failure (1).
+    let (code, _, err) = check(&GOOD.replace(
+        "file:///tmp/lakesink-cli-test/orders",
+        "file://tmp/lakesink-cli-test/orders",
+    ));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("`sink[0].table`") && err.contains("file:///tmp/lakesink-cli-test/orders"),
+        "{err}"
+    );
+}
+
+#[test]
+fn librdkafka_property_typos_and_bad_values_are_config_errors() {
+    for (props, want) in [
+        (
+            r#"{ "fetch.wait.max.msx" = "100" }"#,
+            r#"`kafka.properties."fetch.wait.max.msx"`: librdkafka has no such property"#,
+        ),
+        (
+            r#"{ "fetch.wait.max.ms" = "soon" }"#,
+            r#"`kafka.properties."fetch.wait.max.ms"`: librdkafka refuses it"#,
+        ),
+    ] {
+        let (code, _, err) = check(&GOOD.replace(
+            "group_id = \"g\"",
+            &format!("group_id = \"g\"\nproperties = {props}"),
+        ));
+        assert_eq!(code, 2, "{props}: {err}");
+        assert!(err.contains(want), "{props}: {err}");
+    }
+}
+
+/// With the broker unreachable, librdkafka reports "brokers are down" on every reconnect
+/// attempt (about 20 a second): lakesink logs it once, then at most once per 30 s.
+#[test]
+fn an_unreachable_broker_is_logged_once_not_twenty_times_a_second() {
+    let dir = scratch("cli");
+    let path = dir.join("down.toml");
+    std::fs::write(&path, GOOD).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lakesink"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("LAKESINK_LOG")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let down = log.matches("brokers are down").count();
+    assert!(
+        (1..=2).contains(&down),
+        "`brokers are down` logged {down} times in 4 s:\n{log}"
+    );
 }
 
 #[test]
@@ -86,6 +146,22 @@ async fn check_reaches_every_dependency_and_names_what_fails() {
     .unwrap();
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(out.matches("ok    ").count(), 3, "{out}");
+    // At the default log level, `check` prints its results, not the whole config nor the
+    // clients' statistics.
+    let path = scratch("cli").join("quiet.toml");
+    std::fs::write(&path, &good).unwrap();
+    let quiet = Command::new(env!("CARGO_BIN_EXE_lakesink"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env_remove("LAKESINK_LOG")
+        .output()
+        .unwrap();
+    let logged = String::from_utf8_lossy(&quiet.stderr);
+    assert!(quiet.status.success(), "{logged}");
+    assert!(
+        !logged.contains("group=g") && !logged.contains("Client stats"),
+        "check logged its config or statistics:\n{logged}"
+    );
 
     // The registry is down and a topic is missing: both are named, and secrets are not printed.
     let bad = good

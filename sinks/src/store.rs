@@ -229,7 +229,23 @@ pub fn redact_url(raw: &str) -> String {
             }
             s
         }
-        Err(_) => "<unparseable url>".to_string(),
+        // Not a URL (a path without a scheme, a typo): the text as typed, less anything that
+        // may be a credential (a `user:password@` part, a query string).
+        Err(_) => {
+            let mut s = raw.split(['?', '#']).next().unwrap_or("").to_string();
+            let mut had_secret = s.len() != raw.len();
+            if let Some(at) = s.rfind('@') {
+                let start = s.find("://").map_or(0, |i| i + 3);
+                if at >= start {
+                    s.replace_range(start..=at, "");
+                    had_secret = true;
+                }
+            }
+            if had_secret {
+                s.push_str(" (credentials redacted)");
+            }
+            s
+        }
     }
 }
 
@@ -250,6 +266,16 @@ mod tests {
         assert!(!r.contains("hunter2"), "{r}");
         assert!(!r.contains("abc"), "{r}");
         assert!(r.starts_with("s3://bucket/t"), "{r}");
+    }
+
+    #[test]
+    fn text_that_is_not_a_url_is_shown_as_typed_less_credentials() {
+        assert_eq!(redact_url("lake/orders"), "lake/orders");
+        let r = redact_url("s3//user:hunter2@bucket/t");
+        assert!(!r.contains("hunter2"), "{r}");
+        assert!(r.contains("bucket/t"), "{r}");
+        let r = redact_url("lake/t?sig=abc");
+        assert_eq!(r, "lake/t (credentials redacted)");
     }
 
     #[test]

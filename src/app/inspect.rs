@@ -89,7 +89,7 @@ pub async fn check(cfg: &ValidatedConfig) -> Vec<CheckResult> {
 /// an untrusted certificate) and the key to fix.
 fn check_kafka(cfg: &ValidatedConfig) -> Result<String, String> {
     let auth = crate::kafka::auth::KafkaAuth::from_config(cfg);
-    let consumer: BaseConsumer<crate::kafka::auth::AuthContext> = kafka::client_config(cfg)
+    let consumer: BaseConsumer<crate::kafka::auth::AuthContext> = one_shot_client(cfg)
         .create_with_context(crate::kafka::auth::AuthContext(auth.clone()))
         .map_err(|e| format!("cannot create a consumer: {e}"))?;
     // librdkafka queues its log lines (rust-rdkafka sets `log.queue`), and the cause of a failed
@@ -216,7 +216,7 @@ pub struct PartitionStatus {
 pub(super) async fn broker_topics(cfg: &ValidatedConfig) -> anyhow::Result<Vec<String>> {
     let cfg = cfg.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
-        let consumer: BaseConsumer<crate::kafka::auth::AuthContext> = kafka::client_config(&cfg)
+        let consumer: BaseConsumer<crate::kafka::auth::AuthContext> = one_shot_client(&cfg)
             .create_with_context(crate::kafka::auth::AuthContext(
                 crate::kafka::auth::KafkaAuth::from_config(&cfg),
             ))
@@ -239,7 +239,7 @@ pub async fn status(cfg: &ValidatedConfig) -> anyhow::Result<Vec<PartitionStatus
     let partitions =
         tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, i32, i64, i64)>> {
             let consumer: BaseConsumer<crate::kafka::auth::AuthContext> =
-                kafka::client_config(&kafka_cfg)
+                one_shot_client(&kafka_cfg)
                     .create_with_context(crate::kafka::auth::AuthContext(
                         crate::kafka::auth::KafkaAuth::from_config(&kafka_cfg),
                     ))
@@ -334,7 +334,7 @@ fn probe_reads(
     parts: &[(String, i32, i64)],
 ) -> BTreeMap<(String, i32), String> {
     let auth = crate::kafka::auth::KafkaAuth::from_config(cfg);
-    let mut client = kafka::client_config(cfg);
+    let mut client = one_shot_client(cfg);
     client
         .set(
             "group.id",
@@ -388,4 +388,12 @@ fn probe_reads(
         }
     }
     missing
+}
+
+/// The consumer settings for a one-shot command's client: the service's, without the
+/// statistics it asks for every 5 s (for the lag metric).
+fn one_shot_client(cfg: &ValidatedConfig) -> rdkafka::ClientConfig {
+    let mut c = kafka::client_config(cfg);
+    c.remove("statistics.interval.ms");
+    c
 }

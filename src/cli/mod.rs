@@ -173,10 +173,16 @@ enum RegistryCommand {
     },
 }
 
-fn load(path: &std::path::Path) -> Result<ValidatedConfig, ExitCode> {
+/// Loads and validates the config (exit code 2 when invalid). The service logs what it
+/// runs with at INFO; the one-shot commands (`check`, `status`, `maintain`) at DEBUG.
+fn load(path: &std::path::Path, service: bool) -> Result<ValidatedConfig, ExitCode> {
     match Config::load(path).and_then(Config::validate) {
-        Ok(c) => {
+        Ok(c) if service => {
             tracing::info!("config {}:\n{}", path.display(), c.redacted());
+            Ok(c)
+        }
+        Ok(c) => {
+            tracing::debug!("config {}:\n{}", path.display(), c.redacted());
             Ok(c)
         }
         Err(e) => {
@@ -198,7 +204,7 @@ pub(crate) async fn run() -> ExitCode {
         } => {
             let cancel = CancellationToken::new();
             lakesink::app::cancel_on_signals(cancel.clone());
-            let mut cfg = match load(&config) {
+            let mut cfg = match load(&config, true) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -221,7 +227,7 @@ pub(crate) async fn run() -> ExitCode {
             sink,
             retention,
         } => {
-            let cfg = match load(&config) {
+            let cfg = match load(&config, false) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -239,7 +245,7 @@ pub(crate) async fn run() -> ExitCode {
             lakesink::app::maintain(&cfg, sink.as_deref(), retention).await
         }
         Command::Check { config } => {
-            let cfg = match load(&config) {
+            let cfg = match load(&config, false) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -260,7 +266,7 @@ pub(crate) async fn run() -> ExitCode {
             Ok(())
         }
         Command::Status { config, json } => {
-            let cfg = match load(&config) {
+            let cfg = match load(&config, false) {
                 Ok(c) => c,
                 Err(code) => return code,
             };

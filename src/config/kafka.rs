@@ -24,6 +24,40 @@ const OIDC_UNSUPPORTED: &str = "OAUTHBEARER logins other than MSK IAM (OIDC clie
      key (Confluent Cloud: mechanism = \"PLAIN\") or a connection string (Event Hubs), or \
      mechanism = \"AWS_MSK_IAM\" for MSK";
 
+/// Whether librdkafka knows property `name` and takes `value` for it (as it checks each one
+/// when a client is created): a typo fails at start-up naming the key, not as a runtime error.
+/// librdkafka's message is passed on except for values that may be secrets.
+fn librdkafka_accepts(name: &str, value: &str) -> Result<(), String> {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaConfRes;
+    match rdkafka::ClientConfig::new()
+        .set(name, value)
+        .create_native_config()
+    {
+        Ok(_) => Ok(()),
+        Err(KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, ..)) => {
+            Err("librdkafka has no such property; see the list in \
+             https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md"
+                .into())
+        }
+        Err(KafkaError::ClientConfig(_, _, _, _)) if may_be_secret(name) => {
+            Err("librdkafka refuses this value".into())
+        }
+        Err(KafkaError::ClientConfig(_, desc, _, _)) => {
+            Err(format!("librdkafka refuses it: {desc}"))
+        }
+        Err(_) => Err("librdkafka refuses it".into()),
+    }
+}
+
+/// Properties whose value is (or may contain) a secret: never echoed.
+pub(super) fn may_be_secret(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    ["password", "secret", "jaas", "key", "token", "credential"]
+        .iter()
+        .any(|w| n.contains(w))
+}
+
 /// `[kafka]`: every librdkafka property lakesink sets (safety settings included), and the
 /// region MSK IAM tokens are signed for when that login is used.
 pub(super) fn validate_kafka(
@@ -50,7 +84,9 @@ pub(super) fn validate_kafka(
             "group.id" => return Err(err(key, "set `kafka.group_id` instead")),
             _ => {}
         }
-        props.insert(name.clone(), Secret::new(value.to_string()));
+        let value = value.to_string();
+        librdkafka_accepts(name, &value).map_err(|why| err(key, why))?;
+        props.insert(name.clone(), Secret::new(value));
     }
     // KIP-848's protocol takes membership timing from the broker; librdkafka refuses these.
     if k.properties

@@ -415,14 +415,36 @@ fn section(
 /// Checks a Parquet or Delta table location (a template's placeholders are allowed).
 fn check_table_url(table: &str, at: &str) -> Result<(), ConfigError> {
     let url = url::Url::parse(table).map_err(|e| {
+        let shown = sinks::store::redact_url(table);
         err(
             at.to_string(),
-            format!(
-                "`{}` is not a URL ({e}); write e.g. s3://bucket/path or file:///abs/dir",
-                sinks::store::redact_url(table)
-            ),
+            match e {
+                url::ParseError::RelativeUrlWithoutBase => format!(
+                    "`{shown}` has no scheme: write file:///abs/dir for a local directory (an \
+                     absolute path), or s3://bucket/path, az://container/path, \
+                     abfss://container@account.dfs.core.windows.net/path, gs://bucket/path"
+                ),
+                e => format!(
+                    "`{shown}` is not a URL ({e}); write e.g. s3://bucket/path or file:///abs/dir"
+                ),
+            },
         )
     })?;
+    if url.scheme() == "file" {
+        if let Some(host) = url
+            .host_str()
+            .filter(|h| !h.is_empty() && *h != "localhost")
+        {
+            return Err(err(
+                at.to_string(),
+                format!(
+                    "`{table}` names the host `{host}`, not a directory: a local path needs \
+                     three slashes, file:///{host}{}",
+                    url.path()
+                ),
+            ));
+        }
+    }
     if ![
         "file", "s3", "s3a", "az", "azure", "abfs", "abfss", "adl", "gs", "memory",
     ]

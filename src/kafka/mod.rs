@@ -47,6 +47,7 @@ pub mod auth;
 pub mod dead_letter;
 pub(crate) mod positions;
 mod rebalance;
+pub mod repeats;
 mod router;
 pub mod stall;
 mod topic_ids;
@@ -152,7 +153,9 @@ impl ClientContext for LakeContext {
         self.auth.record_error(&error, reason);
         let progress = self.router.lock().expect("router").progress.clone();
         progress.note_consumer_error(format!("{error}: {reason}"));
-        warn!(target: "librdkafka", error = %error, "{reason}");
+        if let Some(held) = repeats::admit(reason) {
+            warn!(target: "librdkafka", error = %error, "{reason}{}", repeats::suffix(held));
+        }
     }
 
     fn stats(&self, statistics: rdkafka::Statistics) {

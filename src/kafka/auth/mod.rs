@@ -129,8 +129,15 @@ impl ClientContext for AuthContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         self.0.record_error(&error, reason);
-        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+        if let Some(held) = super::repeats::admit(reason) {
+            let more = super::repeats::suffix(held);
+            tracing::warn!(target: "librdkafka", error = %error, "{reason}{more}");
+        }
     }
+
+    /// No statistics: these clients (`check`, `status`, the dead-letter producers) have no
+    /// use for them, and rust-rdkafka's default logs each 4 KB report at INFO.
+    fn stats_raw(&self, _statistics: &[u8]) {}
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
         forward_log(&self.0, level, fac, log_message);
