@@ -310,3 +310,66 @@ async fn until_caught_up_exits_when_done() {
     assert_eq!(committed_rows(&store, &topic).await, 200);
     assert!(proc_.log().contains("caught up"), "{}", proc_.log());
 }
+
+/// A restart onto tables that are up to date: until this member commits anything, the lag
+/// metric counts from the tables' positions (0), not from offset 0 (every record of the log,
+/// which would fire a lag alert on every deployment).
+#[tokio::test(flavor = "multi_thread")]
+async fn lag_after_a_restart_counts_from_the_tables_positions() {
+    let store = Store::local("orders");
+    let topic = unique("lag-restart");
+    create_topic(&topic, 2).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    produce(&topic, id, 0..600, 2).await;
+    let cfg = config(&topic, &unique("g"), &registry_url, &store, "");
+    catch_up(&cfg, &[]);
+    assert_eq!(committed_rows(&store, &topic).await, 600);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = scratch("lag").join("lakesink.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let mut proc_ = Lakesink::start_args(
+        &[
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+            "--http-listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+        &[],
+    );
+    // The lag gauge appears with the first client statistics (every 5 s).
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let start = Instant::now();
+    let text = loop {
+        if let Ok(r) = reqwest::get(&url).await {
+            let text = r.text().await.unwrap();
+            if (0..2).all(|p| {
+                text.contains(&format!(
+                    "lakesink_consumer_lag{{topic=\"{topic}\",partition=\"{p}\"}}"
+                ))
+            }) {
+                break text;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no lag gauge: {}",
+            proc_.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    proc_.stop();
+    for p in 0..2 {
+        let lag = metric(
+            &text,
+            &format!("lakesink_consumer_lag{{topic=\"{topic}\",partition=\"{p}\"}}"),
+        );
+        assert_eq!(lag, Some(0.0), "partition {p}:\n{text}");
+    }
+}

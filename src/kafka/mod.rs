@@ -166,6 +166,7 @@ impl ClientContext for LakeContext {
         let now = Instant::now();
         let mut stalls = self.stalls.lock().expect("stalls");
         let mut highs = progress.high_watermarks.lock().expect("progress");
+        let mut lows = progress.low_watermarks.lock().expect("progress");
         for (topic, t) in &statistics.topics {
             for (p, part) in &t.partitions {
                 if *p < 0 || !part.desired {
@@ -174,6 +175,9 @@ impl ClientContext for LakeContext {
                 let tp = TopicPartition::new(topic.as_str(), *p);
                 if part.hi_offset >= 0 {
                     highs.insert(tp.clone(), part.hi_offset);
+                }
+                if part.lo_offset >= 0 {
+                    lows.insert(tp.clone(), part.lo_offset);
                 }
                 if !router.sup.holds(&tp) {
                     continue;

@@ -179,6 +179,16 @@ impl Router {
             .iter()
             .map(|(i, p)| (*i, p.or(marks.map(|m| self.start_at.resolve(m)))))
             .collect();
+        // The tables' positions are the committed positions until this member commits (the
+        // lag metric counts from them, not from 0).
+        {
+            let mut committed = self.progress.positions.lock().expect("progress");
+            for (i, p) in &positions {
+                if let Some(p) = p {
+                    committed.insert((sinks[*i].config.name.clone(), tp.clone()), *p);
+                }
+            }
+        }
         let start = resolved.iter().map(|(_, p)| *p).collect::<Option<Vec<_>>>();
         let start = start.and_then(|all| all.into_iter().min());
         if let (true, Some((low, high))) = (self.options.until_caught_up, marks) {

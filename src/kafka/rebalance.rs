@@ -81,10 +81,12 @@ impl ConsumerContext for LakeContext {
                     router.waiting.remove(tp);
                 }
                 let mut highs = router.progress.high_watermarks.lock().expect("progress");
+                let mut lows = router.progress.low_watermarks.lock().expect("progress");
                 let mut stalls = self.stalls.lock().expect("stalls");
                 for tp in &tps {
                     router.progress.release_quarantine(tp);
                     highs.remove(tp);
+                    lows.remove(tp);
                     if stalls.forget(tp) {
                         router.progress.set_stalled(tp, None);
                     }

@@ -42,6 +42,9 @@ pub struct Progress {
     pub sinks: Mutex<BTreeMap<String, Arc<SinkStats>>>,
     /// The broker's end offset per partition (from librdkafka statistics).
     pub high_watermarks: Mutex<BTreeMap<TopicPartition, i64>>,
+    /// The log start offset per partition (from librdkafka statistics): where the lag of a
+    /// partition no table has a position for counts from.
+    pub low_watermarks: Mutex<BTreeMap<TopicPartition, i64>>,
     /// The global buffer budget, once the source has started.
     pub budget: Mutex<Option<Arc<BufferBudget>>>,
     pub health: Health,

@@ -265,6 +265,7 @@ impl Collector for Exposition {
         )?;
         // Lag: the broker's end offset minus the committed position (the minimum over sinks).
         let highs = p.high_watermarks.lock().expect("progress").clone();
+        let lows = p.low_watermarks.lock().expect("progress").clone();
         let mut committed: BTreeMap<_, i64> = BTreeMap::new();
         for ((_, tp), pos) in p.committed_positions() {
             let e = committed.entry(tp).or_insert(pos);
@@ -279,9 +280,15 @@ impl Collector for Exposition {
         gauge(
             e,
             "lakesink_consumer_lag",
-            "Records between the committed position and the partition's end.",
+            "Records between the committed position (the table's, recovered at assignment, then \
+             this member's commits; the log start where no table has one) and the partition's \
+             end.",
             highs.iter().map(|(tp, high)| {
-                let pos = committed.get(tp).copied().unwrap_or(0);
+                let pos = committed
+                    .get(tp)
+                    .or_else(|| lows.get(tp))
+                    .copied()
+                    .unwrap_or(0);
                 (partition(tp), (high - pos).max(0))
             }),
         )?;
