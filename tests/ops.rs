@@ -333,7 +333,7 @@ async fn lag_after_a_restart_counts_from_the_tables_positions() {
         .port();
     let path = scratch("lag").join("lakesink.toml");
     std::fs::write(&path, &cfg).unwrap();
-    let mut proc_ = Lakesink::start_args(
+    let proc_ = Lakesink::start_args(
         &[
             "run",
             "--config",
