@@ -79,7 +79,7 @@ async fn a_missing_dead_letter_topic_is_created_at_start_up() {
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains(&format!(
-            "ok    dead-letter topic `{dlq}`: missing; lakesink creates it at start-up (3 partitions"
+            "ok    dead-letter topic `{dlq}`: missing; lakesink creates it at start-up (partitions: 3,"
         )),
         "{out}"
     );

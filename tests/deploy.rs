@@ -185,7 +185,12 @@ async fn compose_services_run_with_their_arguments_and_config() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(stdout.matches("ok    ").count(), 3, "{stdout}");
+    // Kafka, the dead-letter topic (created at start-up), the registry, the table.
+    assert_eq!(stdout.matches("ok    ").count(), 4, "{stdout}");
+    assert!(
+        stdout.contains("ok    dead-letter topic `lakesink.dlq`"),
+        "{stdout}"
+    );
 }
 
 /// The series `/metrics` offers, as `render` (what the binary serves) writes them: counters with

@@ -173,6 +173,22 @@ async fn a_failed_login_or_a_missing_acl_is_named_with_the_fix() {
             ],
         ),
     ];
+    // `status` names the cause too, not a bare transport failure.
+    let path = scratch("logins").join("status.toml");
+    std::fs::write(&path, &cases[0].1).unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_lakesink"))
+        .args(["status", "--config"])
+        .arg(&path)
+        .env("LAKESINK_LOG", "off")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("Invalid username or password") && out.contains("kafka.security.username"),
+        "{out}"
+    );
+    assert!(!out.contains("cc-secret"), "{out}");
     for (what, cfg, want) in cases {
         let (code, out) = check(&cfg);
         assert_eq!(code, 1, "{what}: check should fail:\n{out}");

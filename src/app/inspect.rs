@@ -92,22 +92,7 @@ fn check_kafka(cfg: &ValidatedConfig) -> Result<String, String> {
     let consumer: BaseConsumer<crate::kafka::auth::AuthContext> = one_shot_client(cfg)
         .create_with_context(crate::kafka::auth::AuthContext(auth.clone()))
         .map_err(|e| format!("cannot create a consumer: {e}"))?;
-    // librdkafka queues its log lines (rust-rdkafka sets `log.queue`), and the cause of a failed
-    // request (a rejected login, a failed handshake) is one of them: serve the queue a moment.
-    let cause = |e: rdkafka::error::KafkaError| {
-        let mut c = auth.explain_last_error();
-        for _ in 0..20 {
-            if c.is_some() {
-                break;
-            }
-            let _ = consumer.poll(Duration::from_millis(100));
-            c = auth.explain_last_error();
-        }
-        match c {
-            Some(c) => format!("{e}: {c}"),
-            None => e.to_string(),
-        }
-    };
+    let cause = |e: rdkafka::error::KafkaError| with_cause(&consumer, &auth, e);
     let md = consumer
         .fetch_metadata(None, Duration::from_secs(10))
         .map_err(|e| format!("cannot fetch metadata: {}", cause(e)))?;
@@ -216,14 +201,18 @@ pub struct PartitionStatus {
 pub(super) async fn broker_topics(cfg: &ValidatedConfig) -> anyhow::Result<Vec<String>> {
     let cfg = cfg.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+        let auth = crate::kafka::auth::KafkaAuth::from_config(&cfg);
         let consumer: BaseConsumer<crate::kafka::auth::AuthContext> = one_shot_client(&cfg)
-            .create_with_context(crate::kafka::auth::AuthContext(
-                crate::kafka::auth::KafkaAuth::from_config(&cfg),
-            ))
+            .create_with_context(crate::kafka::auth::AuthContext(auth.clone()))
             .context("cannot create a Kafka client")?;
         let md = consumer
             .fetch_metadata(None, Duration::from_secs(10))
-            .context("cannot fetch the broker's metadata")?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot fetch the broker's metadata: {}",
+                    with_cause(&consumer, &auth, e)
+                )
+            })?;
         let mut topics: Vec<String> = md.topics().iter().map(|t| t.name().to_string()).collect();
         topics.sort();
         Ok(topics)
@@ -238,15 +227,19 @@ pub async fn status(cfg: &ValidatedConfig) -> anyhow::Result<Vec<PartitionStatus
     let kafka_cfg = cfg.clone();
     let partitions =
         tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, i32, i64, i64)>> {
+            let auth = crate::kafka::auth::KafkaAuth::from_config(&kafka_cfg);
             let consumer: BaseConsumer<crate::kafka::auth::AuthContext> =
                 one_shot_client(&kafka_cfg)
-                    .create_with_context(crate::kafka::auth::AuthContext(
-                        crate::kafka::auth::KafkaAuth::from_config(&kafka_cfg),
-                    ))
+                    .create_with_context(crate::kafka::auth::AuthContext(auth.clone()))
                     .context("cannot create a Kafka client")?;
             let md = consumer
                 .fetch_metadata(None, Duration::from_secs(10))
-                .context("cannot fetch the broker's metadata")?;
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot fetch the broker's metadata: {}",
+                        with_cause(&consumer, &auth, e)
+                    )
+                })?;
             let mut out = Vec::new();
             for t in md.topics() {
                 if !kafka_cfg.sinks.iter().any(|s| s.topics.matches(t.name())) {
@@ -396,4 +389,26 @@ fn one_shot_client(cfg: &ValidatedConfig) -> rdkafka::ClientConfig {
     let mut c = kafka::client_config(cfg);
     c.remove("statistics.interval.ms");
     c
+}
+
+/// `e` with the cause of a failed request of `consumer` (a rejected login, a failed TLS
+/// handshake) and what to do about it. librdkafka queues its log lines (rust-rdkafka sets
+/// `log.queue`) and the cause is one of them: the queue is served a moment for it.
+fn with_cause(
+    consumer: &BaseConsumer<crate::kafka::auth::AuthContext>,
+    auth: &crate::kafka::auth::KafkaAuth,
+    e: rdkafka::error::KafkaError,
+) -> String {
+    let mut c = auth.explain_last_error();
+    for _ in 0..20 {
+        if c.is_some() {
+            break;
+        }
+        let _ = consumer.poll(Duration::from_millis(100));
+        c = auth.explain_last_error();
+    }
+    match c {
+        Some(c) => format!("{e}: {c}"),
+        None => e.to_string(),
+    }
 }

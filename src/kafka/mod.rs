@@ -20,7 +20,7 @@
 //! supervisor, seeks after a fence), `stall` (partitions that cannot be fetched), `topic_ids`
 //! (KIP-516); this file holds the client configuration and the poll loop.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -179,7 +179,8 @@ impl ClientContext for LakeContext {
                 if part.lo_offset >= 0 {
                     lows.insert(tp.clone(), part.lo_offset);
                 }
-                if !router.sup.holds(&tp) {
+                if !router.sup.holds(&tp) || router.backpressured.contains(&tp) {
+                    // Paused by lakesink while its writers catch up: not a stall.
                     continue;
                 }
                 let readable_end = match (part.hi_offset, part.ls_offset) {
@@ -289,6 +290,8 @@ pub fn run(
         decode_rows: decode_batch_rows(1),
         topic_ids: HashMap::new(),
         waiting: HashMap::new(),
+        to_pause: Vec::new(),
+        backpressured: HashSet::new(),
     };
     // Every start position is explicit (see `positions`), so librdkafka resets only a fetch
     // offset found out of range, always to the log start, and says so in a warning that
@@ -414,6 +417,7 @@ pub fn run(
         }
         let mut router = consumer.context().router.lock().expect("router");
         router.dispatch_pending();
+        router.relieve(&consumer);
         router.retry_waiting(&consumer);
         // Fetch offsets librdkafka found out of range (see `positions`): resolved against the
         // log's watermarks; one that cannot be checked now is checked after the next burst.

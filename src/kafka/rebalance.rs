@@ -73,6 +73,7 @@ impl ConsumerContext for LakeContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 info!(partitions = tps.len(), "revoked; draining their writers");
                 router.sup.drain(&tps);
+                router.forget_backpressure(consumer, &tps);
                 router.progress.health.assigned.store(
                     !router.sup.held().is_empty(),
                     std::sync::atomic::Ordering::Relaxed,

@@ -4,12 +4,14 @@
 //!
 //! Invariants: every worker of a partition receives the same records in offset order, batched
 //! ([`SEND_BATCH`]); a full worker queue blocks the poll thread (backpressure) rather than
-//! dropping anything; the shared fetch position is never moved forward for one sink
-//! ([`resync`]).
+//! dropping anything, for at most the supervisor's `PAUSE_AFTER`: then the partition is
+//! paused until its worker has taken what is held for it ([`Router::relieve`]), so the poll
+//! thread keeps polling (the member stays in its group; a shutdown is heard); the shared fetch
+//! position is never moved forward for one sink ([`resync`]).
 
 use super::*;
 use crate::pipeline::retry::{Attempts, Policy};
-use crate::pipeline::supervisor::{Resync, Supervisor, SEND_BATCH};
+use crate::pipeline::supervisor::{Resync, Supervisor, PAUSE_AFTER, SEND_BATCH};
 
 pub(super) struct Router {
     pub(super) rt: tokio::runtime::Handle,
@@ -39,6 +41,10 @@ pub(super) struct Router {
     pub(super) topic_ids: HashMap<(usize, String), String>,
     /// Assigned partitions waiting for a table to answer, with when to ask again.
     pub(super) waiting: HashMap<TopicPartition, Instant>,
+    /// Partitions with records held for a worker that did not take them: to pause.
+    pub(super) to_pause: Vec<TopicPartition>,
+    /// Partitions paused until their workers take what is held for them.
+    pub(super) backpressured: HashSet<TopicPartition>,
 }
 
 /// Records of one partition polled in the current burst.
@@ -117,7 +123,54 @@ impl Router {
 
     /// Sends `recs` to the workers of `tp`; blocks while a worker's queue is full.
     pub(super) fn send(&mut self, tp: &TopicPartition, recs: Vec<Record>) {
-        self.sup.send(tp, recs);
+        if self.sup.send(tp, recs) && !self.backpressured.contains(tp) {
+            self.to_pause.push(tp.clone());
+        }
+    }
+
+    /// Pauses the partitions whose workers stopped taking records, hands on what is held as
+    /// the workers take it, and resumes the partitions whose workers have taken it all.
+    pub(super) fn relieve(&mut self, consumer: &BaseConsumer<LakeContext>) {
+        for tp in std::mem::take(&mut self.to_pause) {
+            if !self.backpressured.insert(tp.clone()) {
+                continue;
+            }
+            warn!(%tp, "the writers of {tp} have taken no records for {}s (a flush waiting for \
+                   its table, or the schema registry being retried); {tp} is paused until they \
+                   do, and the consumer keeps polling", PAUSE_AFTER.as_secs());
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&tp.topic, tp.partition);
+            if let Err(e) = consumer.pause(&tpl) {
+                warn!(%tp, "cannot pause {tp}: {e}");
+            }
+        }
+        for tp in self.sup.deliver_held() {
+            if self.backpressured.remove(&tp) {
+                info!(%tp, "the writers of {tp} take records again; resuming it");
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&tp.topic, tp.partition);
+                if let Err(e) = consumer.resume(&tpl) {
+                    warn!(%tp, "cannot resume {tp}: {e}");
+                }
+            }
+        }
+    }
+
+    /// Forgets `tps` (revoked) as paused for backpressure, resuming them so that a later
+    /// assignment of them starts unpaused.
+    pub(super) fn forget_backpressure(
+        &mut self,
+        consumer: &BaseConsumer<LakeContext>,
+        tps: &[TopicPartition],
+    ) {
+        self.to_pause.retain(|tp| !tps.contains(tp));
+        for tp in tps {
+            if self.backpressured.remove(tp) {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&tp.topic, tp.partition);
+                let _ = consumer.resume(&tpl);
+            }
+        }
     }
 }
 

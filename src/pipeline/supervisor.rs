@@ -6,6 +6,11 @@
 //!   (the source reads the log's ends and decides what a position beyond them means).
 //! - **deliver** = [`Supervisor::send`]: every worker of a partition receives the same records
 //!   in offset order; a full worker queue blocks the caller (backpressure), nothing is dropped.
+//!   A worker whose queue stays full for [`PAUSE_AFTER`] (a flush that waits on its table, a
+//!   registry outage being retried) does not hold the poll thread: what it has not taken waits
+//!   in its handle's `held` queue, in order, the source pauses the partition (so the consumer
+//!   keeps polling and stays in its group, and a shutdown is heard), and
+//!   [`Supervisor::deliver_held`] hands it on as the worker takes it, then says to resume.
 //! - **revoke** = [`Supervisor::drain`]: each worker flushes and commits what it holds, within the
 //!   drain timeout, and is gone before the call returns: a revoked partition has no writer left
 //!   in this process (a commit racing the next owner is still safe: the sink's fence decides).
@@ -15,7 +20,7 @@
 //! The supervisor never talks to Kafka: the source (`kafka`) calls it from its poll thread,
 //! which is why its calls block.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +36,9 @@ use super::{BufferBudget, Event, Progress, SinkRuntime, WorkerMsg};
 
 /// Records per message to a worker: one channel message and one wake-up per batch.
 pub const SEND_BATCH: usize = 256;
+
+/// How long a send waits on a full worker queue before the partition is paused instead.
+pub const PAUSE_AFTER: Duration = Duration::from_secs(2);
 
 /// Sink recoveries run at once during an assignment.
 const RECOVERIES_AT_ONCE: usize = 32;
@@ -64,6 +72,9 @@ struct WorkerHandle {
     id: u64,
     tx: mpsc::Sender<WorkerMsg>,
     join: tokio::task::JoinHandle<()>,
+    /// Messages the worker's queue had no room for, in order: everything sent to the worker
+    /// goes behind them until they are delivered.
+    held: VecDeque<WorkerMsg>,
 }
 
 struct PartitionState {
@@ -268,73 +279,135 @@ impl Supervisor {
                 id,
                 tx,
                 join,
+                held: VecDeque::new(),
             });
         }
         self.parts.insert(tp.clone(), state);
     }
 
     /// Sends `recs` to every worker of `tp` (none if it is no longer held). Blocks while a
-    /// worker's queue is full: backpressure.
-    pub fn send(&mut self, tp: &TopicPartition, recs: Vec<crate::decode::Record>) {
+    /// worker's queue is full, for at most [`PAUSE_AFTER`]: then the rest waits in the worker's
+    /// `held` queue. Returns whether anything of `tp` is held (the source pauses `tp`).
+    pub fn send(&mut self, tp: &TopicPartition, recs: Vec<crate::decode::Record>) -> bool {
         let Some(state) = self.parts.get_mut(tp) else {
-            return;
+            return false;
         };
         if let Some(last) = recs.last() {
             state.delivered = Some(last.offset + 1);
         }
         let n = state.workers.len();
         let mut recs = Some(recs);
-        for (i, w) in state.workers.iter().enumerate() {
+        let mut held = false;
+        for (i, w) in state.workers.iter_mut().enumerate() {
             let batch = if i + 1 == n {
                 recs.take().expect("records")
             } else {
                 recs.clone().expect("records")
             };
-            match w.tx.try_send(WorkerMsg::Records(batch)) {
+            let msg = WorkerMsg::Records(batch);
+            if !w.held.is_empty() {
+                w.held.push_back(msg);
+                held = true;
+                continue;
+            }
+            match w.tx.try_send(msg) {
                 Err(mpsc::error::TrySendError::Full(msg)) => {
                     let blocked = std::time::Instant::now();
-                    let _ = w.tx.blocking_send(msg);
+                    let tx = w.tx.clone();
+                    let permit = self.rt.block_on(async move {
+                        tokio::time::timeout(PAUSE_AFTER, tx.reserve_owned()).await
+                    });
                     self.progress.backpressure_ns.fetch_add(
                         blocked.elapsed().as_nanos() as u64,
                         std::sync::atomic::Ordering::Relaxed,
                     );
+                    match permit {
+                        Ok(Ok(permit)) => {
+                            permit.send(msg);
+                        }
+                        // The worker is gone: nothing to deliver.
+                        Ok(Err(_)) => {}
+                        Err(_) => {
+                            w.held.push_back(msg);
+                            held = true;
+                        }
+                    }
                 }
                 Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
+        held
     }
 
-    /// Flushes, commits and stops the workers of `tps`, within the drain timeout.
+    /// Hands held messages on as far as the workers' queues take them, without blocking.
+    /// Returns the partitions that had messages held and have none now (to resume).
+    pub fn deliver_held(&mut self) -> Vec<TopicPartition> {
+        let mut done = Vec::new();
+        for (tp, state) in &mut self.parts {
+            let mut had = false;
+            for w in &mut state.workers {
+                had |= !w.held.is_empty();
+                while let Some(msg) = w.held.pop_front() {
+                    match w.tx.try_send(msg) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(msg)) => {
+                            w.held.push_front(msg);
+                            break;
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => w.held.clear(),
+                    }
+                }
+            }
+            if had && state.workers.iter().all(|w| w.held.is_empty()) {
+                done.push(tp.clone());
+            }
+        }
+        done
+    }
+
+    /// Flushes, commits and stops the workers of `tps`, within the drain timeout: each worker
+    /// is sent what is held for it, then the drain request, then waited for; one that has not
+    /// taken them or answered by the deadline (stuck retrying its table or the registry) is
+    /// aborted, and what it had not committed is read again by the partition's next owner.
     pub fn drain(&mut self, tps: &[TopicPartition]) {
-        let mut acks = Vec::new();
+        let until = tokio::time::Instant::now() + self.limits.drain_timeout;
+        let mut drains = Vec::new();
         for tp in tps {
             if let Some(state) = self.parts.remove(tp) {
                 for w in state.workers {
                     let (ack_tx, ack_rx) = oneshot::channel();
-                    let tx = w.tx.clone();
-                    acks.push((ack_rx, w.join, tp.clone(), w.sink));
-                    let _ = self
-                        .rt
-                        .block_on(async move { tx.send(WorkerMsg::Drain(ack_tx)).await });
+                    let WorkerHandle {
+                        sink,
+                        tx,
+                        join,
+                        held,
+                        ..
+                    } = w;
+                    let tp = tp.clone();
+                    drains.push(async move {
+                        let finished = tokio::time::timeout_at(until, async move {
+                            for msg in held {
+                                tx.send(msg).await.ok()?;
+                            }
+                            tx.send(WorkerMsg::Drain(ack_tx)).await.ok()?;
+                            ack_rx.await.ok()
+                        })
+                        .await;
+                        match finished {
+                            Ok(_) => {
+                                let _ = join.await;
+                            }
+                            Err(_) => {
+                                warn!(%tp, sink, "writer did not finish within the drain timeout; \
+                                       abandoning its uncommitted data (it is read again by the next owner)");
+                                join.abort();
+                            }
+                        }
+                    });
                 }
             }
         }
-        let deadline = self.limits.drain_timeout;
-        self.rt.block_on(async move {
-            let until = tokio::time::Instant::now() + deadline;
-            for (ack, join, tp, sink) in acks {
-                match tokio::time::timeout_at(until, ack).await {
-                    Ok(_) => {
-                        let _ = join.await;
-                    }
-                    Err(_) => {
-                        warn!(%tp, sink, "writer did not finish within the drain timeout; \
-                               abandoning its uncommitted data (it is read again by the next owner)");
-                        join.abort();
-                    }
-                }
-            }
-        });
+        self.rt.block_on(futures::future::join_all(drains));
     }
 
     /// A worker of `sink` committed `tp` up to `next`.
@@ -401,7 +474,12 @@ impl Supervisor {
         if state.delivered.is_some_and(|d| position.0 < d) {
             state.delivered = Some(position.0);
         }
-        for w in state.workers.iter().filter(|w| w.id == worker) {
+        for w in state.workers.iter_mut().filter(|w| w.id == worker) {
+            if !w.held.is_empty() {
+                // Behind what is held for it (from before the seek, which it ignores).
+                w.held.push_back(WorkerMsg::Seeked { position });
+                continue;
+            }
             // Blocking: the worker drains its queue while resyncing.
             let _ = w.tx.blocking_send(WorkerMsg::Seeked { position });
         }

@@ -157,7 +157,7 @@ async fn create(
         .operation_timeout(Some(TIMEOUT))
         .validate_only(validate_only);
     let done = format!(
-        "dead-letter topic `{topic}`: {} ({} partitions, replication factor {})",
+        "dead-letter topic `{topic}`: {} (partitions: {}, replication factor: {})",
         if validate_only {
             "missing; lakesink creates it at start-up"
         } else {
