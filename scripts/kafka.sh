@@ -16,7 +16,10 @@
 #              groups and transactional ids starting with "sasl-", except that cc-key may not
 #              read topics starting with "sasl-denied-" (describe only) nor create topics
 #              starting with "sasl-nocreate-"; noacl/noacl-secret
-#              (PLAIN) may log in and nothing else
+#              (PLAIN) may log in and nothing else; OAUTHBEARER with OIDC as on Confluent
+#              Cloud OAuth and Event Hubs with Entra ID: tokens from scripts/oidc_idp.py
+#              (client lakesink-oidc/oidc-secret, at $LAKESINK_TEST_OIDC/token), validated by
+#              the broker against its JWKS; lakesink-oidc has cc-key's "sasl-" ACLs
 #   CONTROLLER the KRaft quorum
 # Transactions work on one node (transaction.state.log.replication.factor=1, min.isr=1).
 set -euo pipefail
@@ -25,6 +28,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${LAKESINK_CACHE:-$HOME/.cache/lakesink}
 VERSION=4.4.0
 LIBS=$CACHE/kafka-$VERSION/libs
+# The Python of the test venv (scripts/services.sh creates it first): the OIDC provider signs
+# with `cryptography`.
+PYTHON=${LAKESINK_PYTHON:-$CACHE/venv/bin/python}
 CMD=${1:?usage: kafka.sh install|start|kill|restart|stop [DIR]}
 DIR=${2:-}
 
@@ -59,7 +65,11 @@ launch() {
   from=1
   if [ -f "$DIR/kafka.log" ]; then from=$(($(wc -l <"$DIR/kafka.log") + 1)); fi
   # The broker's own JVM: a larger heap than the tools, G1, and its output in DIR/kafka.log.
+  # Kafka 4 fetches OAuth URLs (the JWKS the broker validates OIDC tokens with) only when listed.
+  local idp
+  idp=$(sed -n 's/^OIDC_PORT=//p' "$DIR/ports")
   nohup java -Xms256m -Xmx1g -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -Dorg.apache.kafka.sasl.oauthbearer.allowed.urls="http://127.0.0.1:$idp/jwks" \
     -Dlog4j2.configurationFile="$DIR/log4j2.yaml" -cp "$LIBS/*" kafka.Kafka "$DIR/server.properties" \
     >>"$DIR/kafka.log" 2>&1 &
   echo $! >"$DIR/pid"
@@ -79,6 +89,10 @@ launch() {
   echo "Kafka did not start within 120 s; its log:" >&2; tail -50 "$DIR/kafka.log" >&2; exit 1
 }
 
+stop_idp() {
+  if [ -f "$DIR/idp.pid" ]; then kill "$(cat "$DIR/idp.pid")" 2>/dev/null || true; rm -f "$DIR/idp.pid"; fi
+}
+
 stop_broker() { # signal
   if [ -f "$DIR/pid" ]; then
     local pid
@@ -94,9 +108,21 @@ start() {
   install
   mkdir -p "$DIR"
   DIR=$(cd "$DIR" && pwd)
-  local plain sasl ctrl
-  plain=$(free_port); sasl=$(free_port); ctrl=$(free_port)
-  printf 'PLAINTEXT_PORT=%s\nSASL_SSL_PORT=%s\nCONTROLLER_PORT=%s\n' "$plain" "$sasl" "$ctrl" >"$DIR/ports"
+  local plain sasl ctrl idp
+  plain=$(free_port); sasl=$(free_port); ctrl=$(free_port); idp=$(free_port)
+  printf 'PLAINTEXT_PORT=%s\nSASL_SSL_PORT=%s\nCONTROLLER_PORT=%s\nOIDC_PORT=%s\n' \
+    "$plain" "$sasl" "$ctrl" "$idp" >"$DIR/ports"
+
+  # The OIDC identity provider (scripts/oidc_idp.py): client credentials in, RS256 JWTs out,
+  # and the JWKS the broker validates them with. Up before the broker, which reads the JWKS.
+  stop_idp
+  nohup "$PYTHON" "$ROOT/scripts/oidc_idp.py" "$idp" '{"lakesink-oidc": "oidc-secret"}' \
+    >"$DIR/idp.log" 2>&1 &
+  echo $! >"$DIR/idp.pid"
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$idp") 2>/dev/null; then break; fi
+    sleep 0.1
+  done
 
   # A test CA and a broker certificate for localhost / 127.0.0.1, as PEM (key in PKCS#8).
   openssl req -x509 -newkey rsa:2048 -nodes -keyout "$DIR/ca.key" -out "$DIR/ca.pem" -days 30 \
@@ -120,7 +146,12 @@ advertised.listeners=PLAINTEXT://127.0.0.1:$plain,SASL_SSL://127.0.0.1:$sasl
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT
-sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-512
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-512,OAUTHBEARER
+listener.name.sasl_ssl.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required ;
+listener.name.sasl_ssl.oauthbearer.sasl.server.callback.handler.class=org.apache.kafka.common.security.oauthbearer.OAuthBearerValidatorCallbackHandler
+sasl.oauthbearer.jwks.endpoint.url=http://127.0.0.1:$idp/jwks
+sasl.oauthbearer.expected.audience=kafka
+sasl.oauthbearer.expected.issuer=http://127.0.0.1:$idp
 listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_cc-key="cc-secret" user_noacl="noacl-secret";
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.ssl.keystore.type=PEM
@@ -161,7 +192,8 @@ while True:
 
   # ACLs for the SASL users (as the plaintext super user).
   java_run org.apache.kafka.tools.AclCommand --bootstrap-server "127.0.0.1:$plain" --add \
-    --allow-principal User:cc-key --allow-principal User:msk-user --operation All \
+    --allow-principal User:cc-key --allow-principal User:msk-user \
+    --allow-principal User:lakesink-oidc --operation All \
     --topic sasl- --group sasl- --transactional-id sasl- --resource-pattern-type prefixed \
     >"$DIR/acls.log" 2>&1 || { cat "$DIR/acls.log" >&2; exit 1; }
   # A topic cc-key may describe but not read: a partition that is assigned and never fetched.
@@ -178,6 +210,7 @@ export LAKESINK_TEST_KAFKA=127.0.0.1:$plain
 export LAKESINK_TEST_KAFKA_SASL_SSL=127.0.0.1:$sasl
 export LAKESINK_TEST_KAFKA_CA=$DIR/ca.pem
 export LAKESINK_TEST_KAFKA_DIR=$DIR
+export LAKESINK_TEST_OIDC=http://127.0.0.1:$idp
 EOF
   log "Apache Kafka $VERSION on 127.0.0.1:$plain (PLAINTEXT), 127.0.0.1:$sasl (SASL_SSL)"
 }
@@ -187,6 +220,6 @@ case "$CMD" in
   start) start ;;
   kill) DIR=$(cd "${DIR:?DIR}" && pwd); stop_broker 9 ;;
   restart) DIR=$(cd "${DIR:?DIR}" && pwd); stop_broker 9; launch ;;
-  stop) DIR=$(cd "${DIR:?DIR}" && pwd); stop_broker TERM ;;
+  stop) DIR=$(cd "${DIR:?DIR}" && pwd); stop_broker TERM; stop_idp ;;
   *) echo "usage: kafka.sh install|start|kill|restart|stop [DIR]" >&2; exit 2 ;;
 esac

@@ -26,6 +26,10 @@ if ! command -v curl >/dev/null 2>&1; then
   log "installing curl (scripts/debezium.sh and the Debezium test talk to Kafka Connect's REST API)"
   apt-get install -y -qq curl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq curl; }
 fi
+if ! command -v cmake >/dev/null 2>&1; then
+  log "installing cmake (librdkafka's build, with libcurl for OAuth/OIDC logins)"
+  apt-get install -y -qq cmake >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq cmake; }
+fi
 if ! command -v make >/dev/null 2>&1; then
   log "installing make (jemalloc's C build, the binary's allocator)"
   apt-get install -y -qq make >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq make; }

@@ -341,3 +341,83 @@ async fn a_dead_letter_topic_the_principal_may_not_create_names_the_acl() {
     assert!(out.contains(&want), "{out}");
     assert!(!out.contains("cc-secret"), "the password leaked: {out}");
 }
+
+/// `sasl_config`'s login replaced by OAUTHBEARER with OIDC client credentials against the
+/// test identity provider (scripts/oidc_idp.py), with a scope and Confluent Cloud's SASL
+/// extensions (the broker accepts any extensions, as Confluent Cloud requires its own).
+fn oidc_config(secret: &str, topic: &str, group: &str, registry: &str, store: &Store) -> String {
+    let idp = need("LAKESINK_TEST_OIDC");
+    let base = sasl_config(
+        ("x", "x", "PLAIN"),
+        Some(&ca()),
+        topic,
+        group,
+        registry,
+        store,
+    );
+    let security = base
+        .lines()
+        .find(|l| l.starts_with("security = "))
+        .unwrap()
+        .to_string();
+    base.replace(
+        &security,
+        &format!(
+            "security = {{ protocol = \"SASL_SSL\", mechanism = \"OAUTHBEARER\", oidc = {{ \
+             token_endpoint = \"{idp}/token\", client_id = \"lakesink-oidc\", client_secret = \
+             \"{secret}\", scope = \"kafka\", extensions = {{ logicalCluster = \"lkc-test\", \
+             identityPoolId = \"pool-test\" }} }} }}"
+        ),
+    )
+}
+
+/// OAUTHBEARER with OIDC (Confluent Cloud OAuth, Event Hubs with Entra ID): librdkafka's OIDC
+/// client fetches a token from the identity provider with the client credentials, the broker
+/// validates it against the provider's JWKS, and the principal (the token's `sub`) consumes
+/// under its ACLs, exactly once. A wrong secret fails `check` naming the cause, without the
+/// secret.
+#[tokio::test(flavor = "multi_thread")]
+async fn oauthbearer_with_oidc_client_credentials() {
+    let idp = need("LAKESINK_TEST_OIDC");
+    let issued = || async {
+        let stats: serde_json::Value = reqwest::get(format!("{idp}/stats"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        stats["issued"]["lakesink-oidc"].as_u64().unwrap_or(0)
+    };
+    let before = issued().await;
+    let topic = unique("sasl-orders");
+    let group = unique("sasl-g");
+    create_topic(&topic, 2).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    let produced = produce(&topic, id, 0..600, 2).await;
+    let store = Store::local("orders");
+    let cfg = oidc_config("oidc-secret", &topic, &group, &registry_url, &store);
+    let (code, out) = check(&cfg);
+    assert_eq!(code, 0, "check with OIDC:\n{out}");
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    wait_rows(&store, &topic, 600, &mut proc_, Duration::from_secs(120)).await;
+    let log = proc_.stop();
+    assert!(
+        !log.contains("oidc-secret"),
+        "the secret leaked into the log"
+    );
+    assert_exactly_once(&store.read(), &produced);
+    assert!(
+        issued().await > before,
+        "no token was fetched from the provider"
+    );
+
+    let bad = oidc_config("not-the-secret", &topic, &group, &registry_url, &store);
+    let (code, out) = check(&bad);
+    assert_eq!(code, 1, "check with a wrong client secret:\n{out}");
+    assert!(
+        out.contains("OAUTHBEARER") || out.contains("token"),
+        "{out}"
+    );
+    assert!(!out.contains("not-the-secret"), "the secret leaked: {out}");
+}

@@ -18,11 +18,10 @@ const FORCED: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// Why OAUTHBEARER other than MSK IAM is refused (see the README's managed Kafka section).
-const OIDC_UNSUPPORTED: &str = "OAUTHBEARER logins other than MSK IAM (OIDC client credentials: \
-     Confluent Cloud OAuth, Microsoft Entra ID for Event Hubs) are not supported yet; use an API \
-     key (Confluent Cloud: mechanism = \"PLAIN\") or a connection string (Event Hubs), or \
-     mechanism = \"AWS_MSK_IAM\" for MSK";
+/// Why OAUTHBEARER without a token source is refused (see the README's managed Kafka table).
+const NO_TOKEN_SOURCE: &str = "OAUTHBEARER needs a token source: an OIDC provider \
+     (security.oidc = { token_endpoint, client_id, client_secret, scope, extensions }: Confluent \
+     Cloud OAuth, Microsoft Entra ID for Event Hubs), or mechanism = \"AWS_MSK_IAM\" for MSK";
 
 /// Whether librdkafka knows property `name` and takes `value` for it (as it checks each one
 /// when a client is created): a typo fails at start-up naming the key, not as a runtime error.
@@ -40,7 +39,7 @@ fn librdkafka_accepts(name: &str, value: &str) -> Result<(), String> {
              https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md"
                 .into())
         }
-        Err(KafkaError::ClientConfig(_, _, _, _)) if may_be_secret(name) => {
+        Err(KafkaError::ClientConfig(_, _, _, _)) if is_secret_key(name) => {
             Err("librdkafka refuses this value".into())
         }
         Err(KafkaError::ClientConfig(_, desc, _, _)) => {
@@ -50,12 +49,63 @@ fn librdkafka_accepts(name: &str, value: &str) -> Result<(), String> {
     }
 }
 
-/// Properties whose value is (or may contain) a secret: never echoed.
-pub(super) fn may_be_secret(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    ["password", "secret", "jaas", "key", "token", "credential"]
-        .iter()
-        .any(|w| n.contains(w))
+/// librdkafka's OIDC client settings for `security.oidc`.
+fn oidc_properties(
+    oidc: &OidcConfig,
+    props: &mut BTreeMap<String, Secret>,
+) -> Result<(), ConfigError> {
+    let url = url::Url::parse(&oidc.token_endpoint).map_err(|e| {
+        err(
+            "kafka.security.oidc.token_endpoint",
+            format!(
+                "`{}` is not a URL ({e})",
+                sinks::store::redact_url(&oidc.token_endpoint)
+            ),
+        )
+    })?;
+    if !matches!(url.scheme(), "https" | "http") {
+        return Err(err(
+            "kafka.security.oidc.token_endpoint",
+            "must be an https:// URL",
+        ));
+    }
+    if oidc.client_id.trim().is_empty() {
+        return Err(err("kafka.security.oidc.client_id", "must not be empty"));
+    }
+    for (k, v) in &oidc.extensions {
+        let bad = |c: char| c == ',' || c == '=';
+        if k.is_empty() || k.contains(bad) || v.contains(bad) {
+            return Err(err(
+                format!("kafka.security.oidc.extensions.{k}"),
+                "names and values may not be empty or contain `,` or `=`",
+            ));
+        }
+    }
+    let mut set = |k: &str, v: Secret| {
+        props.insert(k.to_string(), v);
+    };
+    set("sasl.oauthbearer.method", Secret::new("oidc"));
+    set(
+        "sasl.oauthbearer.token.endpoint.url",
+        Secret::new(oidc.token_endpoint.clone()),
+    );
+    set(
+        "sasl.oauthbearer.client.id",
+        Secret::new(oidc.client_id.clone()),
+    );
+    set("sasl.oauthbearer.client.secret", oidc.client_secret.clone());
+    if let Some(scope) = &oidc.scope {
+        set("sasl.oauthbearer.scope", Secret::new(scope.clone()));
+    }
+    if !oidc.extensions.is_empty() {
+        let ext: Vec<String> = oidc
+            .extensions
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        set("sasl.oauthbearer.extensions", Secret::new(ext.join(",")));
+    }
+    Ok(())
 }
 
 /// `[kafka]`: every librdkafka property lakesink sets (safety settings included), and the
@@ -135,11 +185,26 @@ pub(super) fn validate_kafka(
                 msk_iam_region = sec.region.clone();
                 "OAUTHBEARER".to_string()
             } else if m.eq_ignore_ascii_case("OAUTHBEARER") {
-                return Err(err("kafka.security.mechanism", OIDC_UNSUPPORTED));
+                let Some(oidc) = &sec.oidc else {
+                    return Err(err("kafka.security.oidc", NO_TOKEN_SOURCE));
+                };
+                oidc_properties(oidc, &mut props)?;
+                "OAUTHBEARER".to_string()
             } else {
                 m.clone()
             };
             props.insert("sasl.mechanism".into(), Secret::new(librdkafka));
+        }
+        if sec.oidc.is_some()
+            && !sec
+                .mechanism
+                .as_deref()
+                .is_some_and(|m| m.eq_ignore_ascii_case("OAUTHBEARER"))
+        {
+            return Err(err(
+                "kafka.security.oidc",
+                "only with mechanism = \"OAUTHBEARER\"",
+            ));
         }
         if let Some(u) = &sec.username {
             props.insert("sasl.username".into(), Secret::new(u.clone()));
@@ -154,15 +219,31 @@ pub(super) fn validate_kafka(
             ));
         }
     }
-    // lakesink supplies OAUTHBEARER tokens itself (MSK IAM), which replaces librdkafka's own
-    // OIDC client: set that way, a client would start and then fail every login.
-    for key in props.keys() {
-        let oauth = key.starts_with("sasl.oauthbearer.")
-            || (key == "sasl.mechanism"
-                && props[key].expose().eq_ignore_ascii_case("OAUTHBEARER")
-                && msk_iam_region.is_none());
-        if oauth {
-            return Err(err(format!("kafka.properties.\"{key}\""), OIDC_UNSUPPORTED));
+    // OAUTHBEARER through raw properties: librdkafka's OIDC client (`sasl.oauthbearer.method =
+    // "oidc"`) is a token source; anything else would start and fail every login.
+    let oauthbearer = props
+        .get("sasl.mechanism")
+        .is_some_and(|m| m.expose().eq_ignore_ascii_case("OAUTHBEARER"));
+    let oidc = props
+        .get("sasl.oauthbearer.method")
+        .is_some_and(|m| m.expose().eq_ignore_ascii_case("oidc"));
+    if oauthbearer && msk_iam_region.is_none() && !oidc {
+        return Err(err("kafka.security.oidc", NO_TOKEN_SOURCE));
+    }
+    if msk_iam_region.is_some() {
+        if let Some(key) = props.keys().find(|k| k.starts_with("sasl.oauthbearer.")) {
+            return Err(err(
+                format!("kafka.properties.\"{key}\""),
+                "not with AWS_MSK_IAM, whose tokens lakesink signs itself",
+            ));
+        }
+    }
+    // What `security` adds, checked like `properties` (an OIDC login needs a librdkafka built
+    // with libcurl, which this build is).
+    for (name, value) in &props {
+        if !k.properties.contains_key(name) {
+            librdkafka_accepts(name, value.expose())
+                .map_err(|why| err("kafka.security", format!("`{name}`: {why}")))?;
         }
     }
     for (name, value, _) in FORCED {

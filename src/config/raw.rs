@@ -64,6 +64,27 @@ pub struct SecurityConfig {
     /// AWS region of the MSK cluster (`mechanism = "AWS_MSK_IAM"`).
     #[serde(default)]
     pub region: Option<String>,
+    /// `mechanism = "OAUTHBEARER"`: tokens from an OAuth 2.0 / OIDC provider with the
+    /// client-credentials grant (Confluent Cloud OAuth, Microsoft Entra ID for Event Hubs).
+    #[serde(default)]
+    pub oidc: Option<OidcConfig>,
+}
+
+/// OAuth 2.0 client credentials, fetched and refreshed by librdkafka's OIDC client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The provider's token endpoint (`https://.../token`).
+    pub token_endpoint: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// Scope to ask for (Event Hubs: `https://<namespace>.servicebus.windows.net/.default`).
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// SASL extensions sent with the token (Confluent Cloud: `logicalCluster`,
+    /// `identityPoolId`).
+    #[serde(default)]
+    pub extensions: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -391,28 +391,83 @@ fn the_readme_database_cdc_config_is_valid() {
 }
 
 #[test]
-fn oauthbearer_other_than_msk_iam_is_refused_at_start() {
-    // lakesink's own token callback (MSK IAM) would replace librdkafka's OIDC client: such a
-    // config would start and then fail every login, so it fails here, naming the key.
+fn oauthbearer_needs_a_token_source() {
     let with = |kafka: &str| {
         BASE.replace(
             "group_id = \"g\"\n",
             &format!("group_id = \"g\"\n{kafka}\n"),
         )
     };
+    // No token source: it would start and then fail every login.
     let e = parse(&with(
         "security = { protocol = \"SASL_SSL\", mechanism = \"OAUTHBEARER\" }",
     ))
     .unwrap_err();
-    assert_eq!(e.key, "kafka.security.mechanism", "{e}");
-    assert!(e.reason.contains("not supported yet"), "{e}");
+    assert_eq!(e.key, "kafka.security.oidc", "{e}");
+    assert!(e.reason.contains("token_endpoint"), "{e}");
     let e = parse(&with(
-        "properties = { \"sasl.mechanism\" = \"OAUTHBEARER\", \"sasl.oauthbearer.method\" = \"oidc\" }",
+        "properties = { \"sasl.mechanism\" = \"OAUTHBEARER\" }",
     ))
     .unwrap_err();
-    assert!(e.key.starts_with("kafka.properties."), "{e}");
+    assert_eq!(e.key, "kafka.security.oidc", "{e}");
+    // OIDC client credentials become librdkafka's OIDC settings; the secret stays secret.
+    let c = parse(&with(
+        "security = { protocol = \"SASL_SSL\", mechanism = \"OAUTHBEARER\", oidc = { \
+         token_endpoint = \"https://idp.example/oauth2/token\", client_id = \"lakesink\", \
+         client_secret = \"s3cr3t\", scope = \"kafka\", extensions = { logicalCluster = \
+         \"lkc-1\", identityPoolId = \"pool-2\" } } }",
+    ))
+    .unwrap();
+    let get = |k: &str| c.kafka_properties.get(k).map(|v| v.expose().to_string());
+    assert_eq!(get("sasl.mechanism").as_deref(), Some("OAUTHBEARER"));
+    assert_eq!(get("sasl.oauthbearer.method").as_deref(), Some("oidc"));
+    assert_eq!(
+        get("sasl.oauthbearer.client.secret").as_deref(),
+        Some("s3cr3t")
+    );
+    assert_eq!(
+        get("sasl.oauthbearer.extensions").as_deref(),
+        Some("identityPoolId=pool-2,logicalCluster=lkc-1")
+    );
+    assert!(!c.redacted().contains("s3cr3t"), "{}", c.redacted());
+    // Raw librdkafka OIDC properties are a token source too.
+    parse(&with(
+        "properties = { \"sasl.mechanism\" = \"OAUTHBEARER\", \"sasl.oauthbearer.method\" = \"oidc\" }",
+    ))
+    .unwrap();
+    let e = parse(&with(
+        "security = { protocol = \"SASL_SSL\", mechanism = \"OAUTHBEARER\", oidc = { \
+         token_endpoint = \"idp/token\", client_id = \"c\", client_secret = \"s\" } }",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "kafka.security.oidc.token_endpoint", "{e}");
     parse(&with(
         "security = { protocol = \"SASL_SSL\", mechanism = \"AWS_MSK_IAM\", region = \"eu-west-1\" }",
     ))
     .unwrap();
+}
+
+#[test]
+fn every_managed_kafka_login_in_the_readme_is_valid() {
+    let readme = include_str!("../../README.md");
+    let at = readme
+        .find("# Confluent Cloud: API key and secret.")
+        .expect("the managed Kafka examples");
+    let block = &readme[at..at + readme[at..].find("```").unwrap()];
+    let logins: Vec<&str> = block.split("\n[kafka]\n").skip(1).collect();
+    assert!(logins.len() >= 6, "{logins:?}");
+    for login in logins {
+        let kafka: String = login
+            .lines()
+            .take_while(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let text = BASE.replace(
+            "[kafka]\nbootstrap_servers = \"127.0.0.1:9092\"\ngroup_id = \"g\"\n",
+            &format!("[kafka]\n{kafka}\n"),
+        );
+        Config::from_toml_with_env(&text, |_| Some("secret".into()))
+            .and_then(|c| c.validate())
+            .unwrap_or_else(|e| panic!("README's login\n{kafka}\n: {e}"));
+    }
 }
