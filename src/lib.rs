@@ -10,6 +10,7 @@
 //! `schema-registry`.
 
 pub mod app;
+pub mod aws;
 pub mod config;
 pub mod decode;
 pub mod error;

@@ -15,8 +15,8 @@ use axum::Router;
 use base64::Engine;
 use chrono::{TimeZone, Utc};
 use common::*;
+use lakesink::aws::{self, AwsCredentials};
 use lakesink::config::Secret;
-use lakesink::kafka::auth::aws::{self, AwsCredentials};
 use lakesink::kafka::auth::{msk_iam, AuthContext, KafkaAuth};
 
 fn creds(token: Option<&str>) -> AwsCredentials {

@@ -14,6 +14,11 @@ use url::Url;
 
 use crate::{Error, Result};
 
+/// AWS credentials for S3 tables from outside object_store (the service passes the AWS SDK's
+/// default chain).
+pub type AwsCredentialProvider =
+    Arc<dyn object_store::CredentialProvider<Credential = object_store::aws::AwsCredential>>;
+
 /// An object store and the table's root inside it.
 #[derive(Debug, Clone)]
 pub struct TableStore {
@@ -28,6 +33,20 @@ impl TableStore {
     /// Opens `location` with `options` (object_store configuration keys such as `endpoint`,
     /// `region`, `access_key_id`, `allow_http`, `azure_storage_account_name`, ...).
     pub fn open<I, K, V>(location: &str, options: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: Into<String>,
+    {
+        Self::open_with(location, options, None)
+    }
+
+    /// [`TableStore::open`], with `aws` signing an S3 table's requests (when given).
+    pub fn open_with<I, K, V>(
+        location: &str,
+        options: I,
+        aws: Option<AwsCredentialProvider>,
+    ) -> Result<Self>
     where
         I: IntoIterator<Item = (K, V)>,
         K: AsRef<str>,
@@ -64,6 +83,22 @@ impl TableStore {
                 (Arc::new(fs), Path::default())
             }
             ObjectStoreScheme::Memory => (Arc::new(InMemory::new()), Path::default()),
+            ObjectStoreScheme::AmazonS3 if aws.is_some() => {
+                let mut b = object_store::aws::AmazonS3Builder::new().with_url(url.as_str());
+                for (k, v) in options {
+                    let key: object_store::aws::AmazonS3ConfigKey =
+                        k.as_ref().parse().map_err(|e: object_store::Error| {
+                            bad(format!("storage option `{}`: {e}", k.as_ref()))
+                        })?;
+                    b = b.with_config(key, v);
+                }
+                let store = b
+                    .with_credentials(aws.expect("checked"))
+                    .build()
+                    .map_err(|e| bad(e.to_string()))?;
+                let root = Path::from_url_path(url.path()).map_err(|e| bad(e.to_string()))?;
+                (Arc::new(store), root)
+            }
             ObjectStoreScheme::AmazonS3
             | ObjectStoreScheme::MicrosoftAzure
             | ObjectStoreScheme::GoogleCloudStorage => {

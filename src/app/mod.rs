@@ -189,14 +189,31 @@ fn storage(s: &crate::config::ValidatedSink) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A Delta table's storage options: an S3 table without keys signs with the AWS SDK's default
+/// chain, which deltalake otherwise only loads for AWS's own endpoints (not for a custom
+/// `endpoint`: MinIO, R2, moto).
+fn delta_storage(s: &crate::config::ValidatedSink, location: &str) -> Vec<(String, String)> {
+    let mut storage = storage(s);
+    if location.starts_with("s3") && crate::aws::s3::provider_for(&storage).is_some() {
+        storage.push(("AWS_FORCE_CREDENTIAL_LOAD".into(), "true".into()));
+    }
+    storage
+}
+
 /// The Parquet table at `location` (the sink's table, or one topic's under a template).
 fn open_parquet(
     s: &crate::config::ValidatedSink,
     writer: &str,
     location: &str,
 ) -> sinks::Result<ParquetSink> {
+    let storage = storage(s);
+    // S3 without keys: the AWS SDK's default chain, as MSK IAM and deltalake use.
+    let aws = location
+        .starts_with("s3")
+        .then(|| crate::aws::s3::provider_for(&storage))
+        .flatten();
     let mut sink = ParquetSink::new(
-        TableStore::open(location, storage(s))?,
+        TableStore::open_with(location, storage, aws)?,
         ParquetSinkConfig {
             partition_by: s.partition_by.clone(),
             compression: s.compression,
@@ -216,7 +233,7 @@ fn open_delta(
     s: &crate::config::ValidatedSink,
     location: &str,
 ) -> sinks::Result<DeltaSink> {
-    let mut sink = DeltaSink::new(location, storage(s), delta_config(cfg, s))?;
+    let mut sink = DeltaSink::new(location, delta_storage(s, location), delta_config(cfg, s))?;
     if let Some(hook) = crash_hook_from_env(&s.name) {
         sink = sink.with_crash_hook(hook);
     }
@@ -299,7 +316,7 @@ async fn maintain_table(
     location: &str,
     retention: Option<std::time::Duration>,
 ) -> anyhow::Result<()> {
-    let sink = DeltaSink::new(location, storage(s), delta_config(cfg, s))
+    let sink = DeltaSink::new(location, delta_storage(s, location), delta_config(cfg, s))
         .with_context(|| format!("sink `{}`: cannot open table", s.name))?;
     let shown = sinks::Sink::location(&sink).to_string();
     let started = std::time::Instant::now();

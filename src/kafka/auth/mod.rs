@@ -1,9 +1,9 @@
 //! Authentication to managed Kafka services that needs code rather than configuration:
 //! Amazon MSK IAM (SASL/OAUTHBEARER with a token signed with AWS SigV4 from the AWS SDK's
-//! default credential chain, see [`aws`]). SASL PLAIN / SCRAM (Confluent Cloud, Event Hubs, MSK SCRAM) and TLS are
-//! plain librdkafka configuration (`[kafka] security`, `properties`).
+//! default credential chain, see [`crate::aws`]). SASL PLAIN / SCRAM (Confluent Cloud, Event
+//! Hubs, MSK SCRAM), OAuth/OIDC (librdkafka's own client) and TLS are plain librdkafka
+//! configuration (`[kafka] security`, `properties`).
 
-pub mod aws;
 pub mod msk_iam;
 
 use std::error::Error;
@@ -61,7 +61,7 @@ impl KafkaAuth {
         let region = self.msk_iam_region.as_deref().ok_or(
             "OAUTHBEARER without a token source: set security.mechanism = \"AWS_MSK_IAM\" and security.region",
         )?;
-        let creds = aws::CredentialChain::shared(region).credentials_blocking()?;
+        let creds = crate::aws::CredentialChain::shared(region).credentials_blocking()?;
         let now = chrono::Utc::now();
         let mut t = msk_iam::token(region, &creds, now);
         if let Some(l) = self.lifetime {

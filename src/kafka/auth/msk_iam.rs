@@ -8,31 +8,18 @@
 //! thread, so tokens are refreshed in the background before they expire.
 
 use chrono::{DateTime, Utc};
-use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
 
-use super::aws::AwsCredentials;
+use crate::aws::AwsCredentials;
 
 /// Token lifetime, as the AWS signers use.
 pub const EXPIRES_SECONDS: i64 = 900;
 const SERVICE: &str = "kafka-cluster";
-const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 /// A signed token and when it expires.
 #[derive(Debug, Clone)]
 pub struct Token {
     pub token: String,
     pub expires_at_ms: i64,
-}
-
-fn hmac(key: &[u8], data: &str) -> Vec<u8> {
-    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("hmac takes any key length");
-    m.update(data.as_bytes());
-    m.finalize().into_bytes().to_vec()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// AWS URI encoding: unreserved characters stay, everything else is `%XX`.
@@ -48,54 +35,55 @@ fn encode(s: &str) -> String {
     out
 }
 
-/// The presigned URL (without the user agent), signed at `now`.
+/// The presigned URL (without the user agent), signed at `now` with SigV4 (`aws-sigv4`, the
+/// AWS SDK's signer): a `GET` of `https://kafka.<region>.amazonaws.com/?Action=...` signed in
+/// its query parameters for [`EXPIRES_SECONDS`], as botocore's presigner does.
 pub fn presigned_url(region: &str, creds: &AwsCredentials, now: DateTime<Utc>) -> String {
-    let host = format!("kafka.{region}.amazonaws.com");
-    let datetime = now.format("%Y%m%dT%H%M%SZ").to_string();
-    let date = now.format("%Y%m%d").to_string();
-    let scope = format!("{date}/{region}/{SERVICE}/aws4_request");
-    let mut params: Vec<(&str, String)> = vec![
-        ("Action", "kafka-cluster:Connect".into()),
-        ("X-Amz-Algorithm", "AWS4-HMAC-SHA256".into()),
-        (
-            "X-Amz-Credential",
-            format!("{}/{scope}", creds.access_key_id),
-        ),
-        ("X-Amz-Date", datetime.clone()),
-        ("X-Amz-Expires", EXPIRES_SECONDS.to_string()),
-        ("X-Amz-SignedHeaders", "host".into()),
-    ];
-    if let Some(t) = &creds.session_token {
-        params.push(("X-Amz-Security-Token", t.expose().to_string()));
-    }
-    // The URL keeps the operation parameter first, then the auth parameters (as botocore);
-    // the canonical form sorts them.
-    let url_query: Vec<String> = params
-        .iter()
-        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-        .collect();
-    let mut sorted = url_query.clone();
-    sorted.sort();
-    let canonical_request = format!(
-        "GET\n/\n{}\nhost:{host}\n\nhost\n{EMPTY_SHA256}",
-        sorted.join("&")
-    );
-    let string_to_sign = format!(
-        "AWS4-HMAC-SHA256\n{datetime}\n{scope}\n{}",
-        hex(&Sha256::digest(canonical_request.as_bytes()))
-    );
-    let k_date = hmac(
-        format!("AWS4{}", creds.secret_access_key.expose()).as_bytes(),
-        &date,
-    );
-    let k_region = hmac(&k_date, region);
-    let k_service = hmac(&k_region, SERVICE);
-    let k_signing = hmac(&k_service, "aws4_request");
-    let signature = hex(&hmac(&k_signing, &string_to_sign));
-    format!(
-        "https://{host}/?{}&X-Amz-Signature={signature}",
-        url_query.join("&")
+    use aws_sigv4::http_request::{
+        sign, SignableBody, SignableRequest, SignatureLocation, SigningSettings,
+    };
+    let url = format!("https://kafka.{region}.amazonaws.com/?Action=kafka-cluster%3AConnect");
+    let identity = aws_credential_types::Credentials::new(
+        &creds.access_key_id,
+        creds.secret_access_key.expose(),
+        creds.session_token.as_ref().map(|t| t.expose().to_string()),
+        None,
+        "lakesink",
     )
+    .into();
+    let mut settings = SigningSettings::default();
+    settings.signature_location = SignatureLocation::QueryParams;
+    settings.expires_in = Some(std::time::Duration::from_secs(EXPIRES_SECONDS as u64));
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name(SERVICE)
+        .time(now.into())
+        .settings(settings)
+        .build()
+        .expect("every signing parameter is set")
+        .into();
+    let request = SignableRequest::new(
+        "GET",
+        url.as_str(),
+        std::iter::empty(),
+        SignableBody::Bytes(&[]),
+    )
+    .expect("a valid URL");
+    let (instructions, _) = sign(request, &params)
+        .expect("SigV4 signs a request with static credentials")
+        .into_parts();
+    // The signature last, as botocore (and AWS's MSK IAM signers) write it.
+    let mut params: Vec<_> = instructions.params().iter().collect();
+    params.sort_by_key(|(k, _)| *k == "X-Amz-Signature");
+    let mut out = url;
+    for (k, v) in params {
+        out.push('&');
+        out.push_str(&encode(k));
+        out.push('=');
+        out.push_str(&encode(v));
+    }
+    out
 }
 
 /// The OAUTHBEARER token for `region`, signed at `now`.

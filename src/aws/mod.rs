@@ -1,5 +1,5 @@
-//! AWS credentials for MSK IAM from the AWS SDK's default credential chain (`aws-config`), the
-//! one the AWS SDKs and CLI use, in their order: environment variables; the shared config and
+//! AWS credentials for MSK IAM and for S3 tables, from the AWS SDK's default credential chain
+//! (`aws-config`), the one the AWS SDKs and CLI use, in their order: environment variables; the shared config and
 //! credentials files (`AWS_PROFILE`, static keys, `credential_process`, SSO, assume-role
 //! profiles); web identity (IRSA on EKS: `AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN`);
 //! container credentials (ECS task roles and EKS Pod Identity:
@@ -7,6 +7,10 @@
 //! `AWS_CONTAINER_AUTHORIZATION_TOKEN[_FILE]`); then the EC2 instance metadata service (IMDSv2).
 //! Endpoints follow the SDK's settings (`AWS_ENDPOINT_URL_STS`,
 //! `AWS_EC2_METADATA_SERVICE_ENDPOINT`; the tests use them).
+//!
+//! S3 Parquet tables take it through [`s3::ChainForObjectStore`]; S3 Delta tables through
+//! deltalake's own use of the same SDK chain (`DefaultCredentialsChain`). A `storage` table with
+//! keys (`access_key_id`, `secret_access_key`) uses those instead.
 //!
 //! Invariants: one chain per process and region, built once; credentials are kept until five
 //! minutes before they expire (static ones are looked up again every 15 minutes, so a rotated
@@ -22,6 +26,8 @@ use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvid
 use chrono::{DateTime, Utc};
 
 use crate::config::Secret;
+
+pub mod s3;
 
 /// Credentials for signing.
 #[derive(Debug, Clone)]
@@ -58,7 +64,7 @@ impl std::fmt::Debug for CredentialChain {
 
 /// The runtime that drives the chain's requests (STS, SSO, container and instance metadata):
 /// one per process, so the SDK's connection pools outlive each token refresh.
-fn runtime() -> &'static tokio::runtime::Runtime {
+pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -86,14 +92,20 @@ impl CredentialChain {
         }
     }
 
-    /// The process's chain for `region`, built at first use.
+    /// The process's chain for `region`, built at first use. Blocks: for threads outside any
+    /// runtime (librdkafka's).
     pub fn shared(region: &str) -> Arc<CredentialChain> {
+        runtime().block_on(Self::shared_async(region))
+    }
+
+    /// [`CredentialChain::shared`] for async callers.
+    pub async fn shared_async(region: &str) -> Arc<CredentialChain> {
         static CHAINS: OnceLock<Mutex<HashMap<String, Arc<CredentialChain>>>> = OnceLock::new();
         let chains = CHAINS.get_or_init(Mutex::default);
         if let Some(c) = chains.lock().expect("chains").get(region) {
             return c.clone();
         }
-        let chain = Arc::new(runtime().block_on(CredentialChain::new(region)));
+        let chain = Arc::new(CredentialChain::new(region).await);
         chains
             .lock()
             .expect("chains")
@@ -136,7 +148,7 @@ impl CredentialChain {
                 cause = c.source();
             }
             CredentialsError(format!(
-                "no AWS credentials for MSK IAM: {why} (the default chain looks at the \
+                "no AWS credentials: {why} (the default chain looks at the \
                  environment, the shared config and credentials files, web identity, ECS or EKS \
                  Pod Identity container credentials, then the instance metadata service)"
             ))
