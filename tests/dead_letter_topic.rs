@@ -12,21 +12,6 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
-fn run_check(cfg: &str) -> (i32, String) {
-    let path = scratch("dlq-topic").join("lakesink.toml");
-    std::fs::write(&path, cfg).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lakesink"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .env("LAKESINK_LOG", "error")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
 /// The partition count of `topic`, `None` when the broker does not know it.
 fn partitions(topic: &str) -> Option<usize> {
     let c: BaseConsumer = ClientConfig::new()
@@ -75,7 +60,7 @@ async fn a_missing_dead_letter_topic_is_created_at_start_up() {
         &format!("dead_letter_topic = \"{dlq}\"\ndead_letter_partitions = 3"),
     );
     // `check` says it is missing and may be created, and creates nothing.
-    let (code, out) = run_check(&cfg);
+    let (code, out) = lakesink_check(&cfg);
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains(&format!(
@@ -121,7 +106,7 @@ async fn a_missing_dead_letter_topic_is_created_at_start_up() {
     assert_eq!(offsets, vec![poison_at]);
 
     // Once it exists, `check` reports its partitions.
-    let (code, out) = run_check(&cfg);
+    let (code, out) = lakesink_check(&cfg);
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains(&format!("ok    dead-letter topic `{dlq}`: 3 partitions")),
@@ -143,7 +128,7 @@ async fn invalid_dead_letter_topic_settings_fail_at_start_up() {
         ),
     ] {
         let cfg = config("t", "g", "http://127.0.0.1:9", &store, extra);
-        let (code, out) = run_check(&cfg);
+        let (code, out) = lakesink_check(&cfg);
         assert_eq!(code, 2, "{extra}: {out}");
         assert!(out.contains(want), "{extra}: {out}");
     }

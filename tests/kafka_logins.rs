@@ -60,18 +60,7 @@ flush = {{ max_rows = 400, max_latency = "1s" }}
 }
 
 fn check(config_text: &str) -> (i32, String) {
-    let path = scratch("logins").join("lakesink.toml");
-    std::fs::write(&path, config_text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .env("LAKESINK_LOG", "error")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
+    lakesink_check(config_text)
 }
 
 async fn consume_as(user: &str, password: &str, mechanism: &str) {

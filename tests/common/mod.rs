@@ -1082,3 +1082,20 @@ pub fn lakesink_cli(args: &[&str], env: &[(&str, &str)]) -> String {
     );
     stdout
 }
+
+/// `lakesink check` on `config_text` (errors only in the log): its exit code, and its stdout
+/// and stderr together.
+pub fn lakesink_check(config_text: &str) -> (i32, String) {
+    let path = scratch("check").join("lakesink.toml");
+    std::fs::write(&path, config_text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("LAKESINK_LOG", "error")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
