@@ -136,6 +136,22 @@ fn delta_and_upsert_settings_are_checked() {
     assert_eq!(c.sinks[0].upsert_keys, Some(vec!["id".to_string()]));
     assert_eq!(c.sinks[0].delta.checkpoint_interval, 3);
     assert_eq!(c.sinks[0].delta.vacuum_retention.as_secs(), 86_400);
+    assert_eq!(c.sinks[0].delta.profile, sinks::delta::ReaderProfile::Delta);
+    let fabric = parse(&delta.replace(
+        "checkpoint_interval = 3",
+        "checkpoint_interval = 3, profile = \"fabric\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        fabric.sinks[0].delta.profile,
+        sinks::delta::ReaderProfile::Fabric
+    );
+    let e = parse(&delta.replace(
+        "checkpoint_interval = 3",
+        "checkpoint_interval = 3, profile = \"excel\"",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "sink[0].delta.profile", "{e}");
     let e = parse(&delta.replace("vacuum_retention = \"24h\"", "vacuum_retention = \"10m\""))
         .unwrap_err()
         .to_string();

@@ -33,7 +33,28 @@ pub struct DeltaSinkConfig {
     /// Upserts: the most change rows one grouped MERGE carries (the flush size, so a group
     /// never joins more than one full flush would).
     pub group_rows: usize,
+    /// The readers the table is written for.
+    pub profile: ReaderProfile,
 }
+
+/// Which readers a table is written for (`[sink.delta] profile`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReaderProfile {
+    /// Every type as Delta has it: wall-clock times (Avro `local-timestamp-*`, Debezium
+    /// `Timestamp` / `MicroTimestamp`) as `timestamp_ntz`, which needs the `timestampNtz` table
+    /// feature (reader version 3, writer version 7). Spark 3.4+, DuckDB, python deltalake and
+    /// Databend read it.
+    #[default]
+    Delta,
+    /// What Power BI and Microsoft Fabric (SQL analytics endpoint, Direct Lake) read: no
+    /// `timestamp_ntz` (a wall-clock time is stored as a `timestamp` whose UTC reading is the
+    /// wall-clock reading), so tables stay at protocol 1/2 with no table features, and row
+    /// groups of up to 8M rows (as many as a flush or a compaction writes into one file).
+    Fabric,
+}
+
+/// Row groups of the Fabric profile: Direct Lake reads best from row groups of millions of rows.
+pub const FABRIC_ROW_GROUP_ROWS: usize = 8 << 20;
 
 impl Default for DeltaSinkConfig {
     fn default() -> Self {
@@ -48,6 +69,7 @@ impl Default for DeltaSinkConfig {
             commit_attempts: 20,
             upsert: None,
             group_rows: 100_000,
+            profile: ReaderProfile::Delta,
         }
     }
 }
@@ -66,6 +88,9 @@ pub struct DeltaSection {
     pub vacuum_retention: String,
     /// `lakesink maintain`: compact files smaller than this into files of about this size.
     pub target_file_size: String,
+    /// The readers the table is written for: `delta` (default) or `fabric` (Power BI and
+    /// Microsoft Fabric: no `timestamp_ntz`, protocol 1/2, large row groups).
+    pub profile: String,
 }
 
 impl Default for DeltaSection {
@@ -76,6 +101,7 @@ impl Default for DeltaSection {
             commit_attempts: 20,
             vacuum_retention: "168h".into(),
             target_file_size: "128MiB".into(),
+            profile: "delta".into(),
         }
     }
 }
@@ -97,6 +123,8 @@ pub struct DeltaSettings {
     pub vacuum_retention: std::time::Duration,
     /// `lakesink maintain`'s target file size in bytes.
     pub target_file_size: u64,
+    /// The readers the table is written for.
+    pub profile: ReaderProfile,
 }
 
 impl DeltaSection {
@@ -128,12 +156,26 @@ impl DeltaSection {
         }
         let target_file_size = crate::units::parse_bytes(&self.target_file_size)
             .map_err(|e| SectionError::new("target_file_size", e))?;
+        let profile = match self.profile.to_ascii_lowercase().as_str() {
+            "delta" => ReaderProfile::Delta,
+            "fabric" | "powerbi" | "power-bi" => ReaderProfile::Fabric,
+            other => {
+                return Err(SectionError::new(
+                    "profile",
+                    format!(
+                        "`{other}` is not a reader profile: `delta` (every Delta type) or \
+                         `fabric` (what Power BI and Microsoft Fabric read)"
+                    ),
+                ))
+            }
+        };
         Ok(DeltaSettings {
             checkpoint_interval: self.checkpoint_interval,
             properties: self.properties.clone(),
             commit_attempts: self.commit_attempts,
             vacuum_retention,
             target_file_size,
+            profile,
         })
     }
 }
@@ -145,6 +187,11 @@ impl DeltaSettings {
             table_properties: self.properties.clone(),
             checkpoint_interval: self.checkpoint_interval,
             commit_attempts: self.commit_attempts,
+            profile: self.profile,
+            row_group_rows: match self.profile {
+                ReaderProfile::Fabric => FABRIC_ROW_GROUP_ROWS.max(config.row_group_rows),
+                ReaderProfile::Delta => config.row_group_rows,
+            },
             ..config
         }
     }

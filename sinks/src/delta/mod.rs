@@ -50,7 +50,10 @@ pub mod upsert;
 mod writer;
 
 use committer::conflict_backoff;
-pub use config::{DeltaSection, DeltaSettings, DeltaSinkConfig, MIN_VACUUM_RETENTION};
+pub use config::{
+    DeltaSection, DeltaSettings, DeltaSinkConfig, ReaderProfile, FABRIC_ROW_GROUP_ROWS,
+    MIN_VACUUM_RETENTION,
+};
 pub use inspect::{live_files, query};
 pub use maintain::MaintainReport;
 use table::{canonical_options, register_handlers};
@@ -66,7 +69,7 @@ use deltalake::{DeltaTable, DeltaTableError};
 use indexmap::IndexMap;
 use url::Url;
 
-pub use schema::{conform_batch, delta_schema, merge as merge_schema};
+pub use schema::{conform_batch, delta_schema, delta_schema_for, merge as merge_schema};
 
 use crate::crash::{CrashHook, CrashPoints};
 use crate::encode::Compression;

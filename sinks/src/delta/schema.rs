@@ -10,14 +10,20 @@ use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef, TimeUnit};
 use deltalake::kernel::engine::arrow_conversion::{TryIntoArrow, TryIntoKernel};
 use deltalake::kernel::StructType;
 
+use super::ReaderProfile;
+
 pub use crate::schema::{conform_batch, merge};
 
 /// Delta's form of an Arrow type: microsecond UTC timestamps, times of day as microseconds
 /// (`long`, Delta has no TIME type), unsigned integers widened to the next signed type, and
-/// large/view variants folded into their plain types.
-pub(super) fn delta_type(dt: &DataType) -> DataType {
+/// large/view variants folded into their plain types. Wall-clock timestamps stay
+/// `timestamp_ntz`, except for [`ReaderProfile::Fabric`]: a UTC `timestamp` of the same reading.
+pub(super) fn delta_type(dt: &DataType, profile: ReaderProfile) -> DataType {
     match dt {
         DataType::Timestamp(_, Some(_)) => {
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+        }
+        DataType::Timestamp(_, None) if profile == ReaderProfile::Fabric => {
             DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
         }
         DataType::Timestamp(_, None) => DataType::Timestamp(TimeUnit::Microsecond, None),
@@ -32,21 +38,23 @@ pub(super) fn delta_type(dt: &DataType) -> DataType {
         DataType::LargeBinary | DataType::BinaryView | DataType::FixedSizeBinary(_) => {
             DataType::Binary
         }
-        DataType::Dictionary(_, v) => delta_type(v),
+        DataType::Dictionary(_, v) => delta_type(v, profile),
         DataType::Decimal256(p, s) if *p <= 38 => DataType::Decimal128(*p, *s),
         DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
-            DataType::List(delta_field(f))
+            DataType::List(delta_field(f, profile))
         }
-        DataType::Struct(fields) => DataType::Struct(fields.iter().map(delta_field).collect()),
-        DataType::Map(entries, sorted) => DataType::Map(delta_field(entries), *sorted),
+        DataType::Struct(fields) => {
+            DataType::Struct(fields.iter().map(|f| delta_field(f, profile)).collect())
+        }
+        DataType::Map(entries, sorted) => DataType::Map(delta_field(entries, profile), *sorted),
         other => other.clone(),
     }
 }
 
-fn delta_field(f: &FieldRef) -> FieldRef {
+fn delta_field(f: &FieldRef, profile: ReaderProfile) -> FieldRef {
     Arc::new(Field::new(
         f.name(),
-        delta_type(f.data_type()),
+        delta_type(f.data_type(), profile),
         f.is_nullable(),
     ))
 }
@@ -55,7 +63,18 @@ fn delta_field(f: &FieldRef) -> FieldRef {
 /// through the kernel's schema so nested names (`element`, `key_value`) match what the table
 /// reports back.
 pub fn delta_schema(schema: &Schema) -> Result<SchemaRef, String> {
-    let mapped = Schema::new(schema.fields().iter().map(delta_field).collect::<Vec<_>>());
+    delta_schema_for(schema, ReaderProfile::Delta)
+}
+
+/// [`delta_schema`] for the readers of `profile`.
+pub fn delta_schema_for(schema: &Schema, profile: ReaderProfile) -> Result<SchemaRef, String> {
+    let mapped = Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| delta_field(f, profile))
+            .collect::<Vec<_>>(),
+    );
     let kernel: StructType = (&mapped)
         .try_into_kernel()
         .map_err(|e| format!("Delta cannot store this schema: {e}"))?;

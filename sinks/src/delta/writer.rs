@@ -12,7 +12,7 @@ use deltalake::kernel::Add;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use indexmap::IndexMap;
 
-pub(super) use schema::{conform_batch, delta_schema};
+pub(super) use schema::conform_batch;
 
 use crate::partition::{self, PartitionSpec};
 use crate::{Error, Flush, Result, TopicPartition};
@@ -34,7 +34,8 @@ impl DeltaSink {
         let known = self.known_schema.lock().expect("poisoned").clone();
         let mut target: Option<SchemaRef> = known;
         for b in &batches {
-            let data = delta_schema(&b.schema()).map_err(|r| self.schema_err(&flush.tp, r))?;
+            let data = schema::delta_schema_for(&b.schema(), self.config.profile)
+                .map_err(|r| self.schema_err(&flush.tp, r))?;
             target = Some(match target {
                 None => data,
                 Some(t) => schema::merge(&t, &data).map_err(|r| self.schema_err(&flush.tp, r))?,
