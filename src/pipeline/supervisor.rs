@@ -20,7 +20,7 @@
 //! The supervisor never talks to Kafka: the source (`kafka`) calls it from its poll thread,
 //! which is why its calls block.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -112,6 +112,9 @@ pub struct Supervisor {
     identities: Arc<TopicIdentities>,
     /// The id of the next worker started ([`WorkerCtx::id`]).
     next_worker: u64,
+    /// Partitions with messages held for a worker ([`Supervisor::deliver_held`] looks at these
+    /// only: it runs after every poll burst).
+    backlogged: HashSet<TopicPartition>,
 }
 
 impl Supervisor {
@@ -134,6 +137,7 @@ impl Supervisor {
             limits,
             identities,
             next_worker: 0,
+            backlogged: HashSet::new(),
         }
     }
 
@@ -336,17 +340,24 @@ impl Supervisor {
                 Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
+        if held {
+            self.backlogged.insert(tp.clone());
+        }
         held
     }
 
     /// Hands held messages on as far as the workers' queues take them, without blocking.
     /// Returns the partitions that had messages held and have none now (to resume).
     pub fn deliver_held(&mut self) -> Vec<TopicPartition> {
+        if self.backlogged.is_empty() {
+            return Vec::new();
+        }
         let mut done = Vec::new();
-        for (tp, state) in &mut self.parts {
-            let mut had = false;
+        for tp in std::mem::take(&mut self.backlogged) {
+            let Some(state) = self.parts.get_mut(&tp) else {
+                continue; // drained meanwhile
+            };
             for w in &mut state.workers {
-                had |= !w.held.is_empty();
                 while let Some(msg) = w.held.pop_front() {
                     match w.tx.try_send(msg) {
                         Ok(()) => {}
@@ -358,8 +369,10 @@ impl Supervisor {
                     }
                 }
             }
-            if had && state.workers.iter().all(|w| w.held.is_empty()) {
-                done.push(tp.clone());
+            if state.workers.iter().all(|w| w.held.is_empty()) {
+                done.push(tp);
+            } else {
+                self.backlogged.insert(tp);
             }
         }
         done
@@ -373,6 +386,7 @@ impl Supervisor {
         let until = tokio::time::Instant::now() + self.limits.drain_timeout;
         let mut drains = Vec::new();
         for tp in tps {
+            self.backlogged.remove(tp);
             if let Some(state) = self.parts.remove(tp) {
                 for w in state.workers {
                     let (ack_tx, ack_rx) = oneshot::channel();
@@ -476,6 +490,7 @@ impl Supervisor {
         }
         for w in state.workers.iter_mut().filter(|w| w.id == worker) {
             if !w.held.is_empty() {
+                // (`tp` is in `backlogged` already: it has messages held.)
                 // Behind what is held for it (from before the seek, which it ignores).
                 w.held.push_back(WorkerMsg::Seeked { position });
                 continue;
