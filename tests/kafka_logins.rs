@@ -218,24 +218,7 @@ async fn a_partition_that_cannot_be_read_shows_in_readiness_metrics_and_status()
         &registry_url,
         &store,
     ) + "\n[pipeline]\nstall_timeout = \"6s\"\n";
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let path = scratch("stall").join("lakesink.toml");
-    std::fs::write(&path, &cfg).unwrap();
-    let proc_ = Lakesink::start_args(
-        &[
-            "run",
-            "--config",
-            path.to_str().unwrap(),
-            "--http-listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[],
-    );
-    let base = format!("http://127.0.0.1:{port}");
+    let (proc_, base) = Lakesink::start_serving(&cfg, &[]);
     let http = reqwest::Client::new();
     let start = std::time::Instant::now();
     let (code, body) = loop {
@@ -280,6 +263,8 @@ async fn a_partition_that_cannot_be_read_shows_in_readiness_metrics_and_status()
     );
 
     // `status` probes every partition with lag and names the one it cannot read.
+    let path = scratch("stall").join("lakesink.toml");
+    std::fs::write(&path, &cfg).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
         .args(["status", "--config"])
         .arg(&path)

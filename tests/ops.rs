@@ -326,25 +326,9 @@ async fn lag_after_a_restart_counts_from_the_tables_positions() {
     catch_up(&cfg, &[]);
     assert_eq!(committed_rows(&store, &topic).await, 600);
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let path = scratch("lag").join("lakesink.toml");
-    std::fs::write(&path, &cfg).unwrap();
-    let proc_ = Lakesink::start_args(
-        &[
-            "run",
-            "--config",
-            path.to_str().unwrap(),
-            "--http-listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[],
-    );
+    let (proc_, base) = Lakesink::start_serving(&cfg, &[]);
     // The lag gauge appears with the first client statistics (every 5 s).
-    let url = format!("http://127.0.0.1:{port}/metrics");
+    let url = format!("{base}/metrics");
     let start = Instant::now();
     let text = loop {
         if let Ok(r) = reqwest::get(&url).await {

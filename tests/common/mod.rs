@@ -702,6 +702,30 @@ impl Lakesink {
         Self::start_args(&["run", "--config", path.to_str().unwrap()], extra_env)
     }
 
+    /// Starts `lakesink run` on `config_text` serving `/metrics` and the probes on a free
+    /// port: the process and that server's base URL (`http://127.0.0.1:PORT`).
+    pub fn start_serving(config_text: &str, extra_env: &[(&str, &str)]) -> (Lakesink, String) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let path = scratch("cfg").join("lakesink.toml");
+        std::fs::write(&path, config_text).unwrap();
+        let listen = format!("127.0.0.1:{port}");
+        let args = [
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+            "--http-listen",
+            &listen,
+        ];
+        (
+            Self::start_args(&args, extra_env),
+            format!("http://{listen}"),
+        )
+    }
+
     /// Starts `lakesink` with explicit arguments.
     pub fn start_args(args: &[&str], extra_env: &[(&str, &str)]) -> Lakesink {
         // LAKESINK_TEST_BIN: a copy of the binary, for long runs that must not see a rebuild.
