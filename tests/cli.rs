@@ -428,3 +428,38 @@ fn default_log_keeps_delta_internals_out() {
     // stderr is a pipe here, as in a log file or a container: no colour escapes.
     assert!(!stderr.contains('\u{1b}'), "colour escapes in:\n{stderr}");
 }
+
+#[test]
+fn bench_steady_upsert_reports_the_cost_per_change_on_a_built_table() {
+    let out = bench(&[
+        "--steady-upsert",
+        "--table-rows",
+        "20000",
+        "--records",
+        "1500",
+        "--flush-rows",
+        "500",
+    ]);
+    assert!(
+        out.contains("a local Delta table of 20000 rows in 4 files"),
+        "{out}"
+    );
+    let per_change = report_line(&out, "per change:");
+    assert!(
+        per_change.contains("µs CPU") && per_change.contains("bytes written"),
+        "{out}"
+    );
+    // Random keys touch every file: each of the 3 flushes rewrites files (copy-on-write).
+    let per_flush = report_line(&out, "per flush:");
+    let rewritten: f64 = per_flush
+        .split("per flush:")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1.0..=4.0).contains(&rewritten), "{out}");
+    assert!(out.contains("read back:  20000 rows, one per key"), "{out}");
+}

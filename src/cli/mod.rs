@@ -124,6 +124,16 @@ enum Command {
         /// (records/s per core; avro or json).
         #[arg(long)]
         isolate: bool,
+        /// Measure upserts on a table that is already large, at the Delta sink: --records
+        /// changes of random keys, in flushes of --flush-rows, onto a table of --table-rows.
+        #[arg(long)]
+        steady_upsert: bool,
+        /// With --steady-upsert: rows in the table before the changes.
+        #[arg(long, default_value_t = 5_000_000)]
+        table_rows: u64,
+        /// With --steady-upsert: changes per flush (one MERGE commit each).
+        #[arg(long, default_value_t = 500)]
+        flush_rows: u64,
     },
     /// The benchmark's feed process (internal): hosts the cluster, produces, times a plain
     /// consumer, serves until stdin closes.
@@ -307,6 +317,13 @@ pub(crate) async fn run() -> ExitCode {
         Command::Demo { records, dir } => lakesink::app::demo::run(records, dir).await,
         Command::Bench {
             records,
+            steady_upsert: true,
+            table_rows,
+            flush_rows,
+            ..
+        } => lakesink::app::bench::steady_upsert(table_rows, records, flush_rows).await,
+        Command::Bench {
+            records,
             format,
             isolate: true,
             ..
@@ -325,6 +342,7 @@ pub(crate) async fn run() -> ExitCode {
             one_sink,
             pipeline,
             isolate: false,
+            ..
         } => {
             lakesink::app::bench::run(lakesink::app::bench::Options {
                 tables,

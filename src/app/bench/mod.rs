@@ -40,11 +40,13 @@ use crate::pipeline::Progress;
 mod feed;
 mod isolate;
 mod measure;
+mod steady;
 mod workload;
 
 pub use feed::*;
 pub use isolate::*;
 pub use measure::*;
+pub use steady::steady_upsert;
 pub use workload::*;
 
 /// What `lakesink bench` runs.

@@ -1,0 +1,253 @@
+//! `lakesink bench --steady-upsert`: what an upsert costs on a table that is already large, at
+//! the Delta sink (no Kafka). A local table of `table_rows` rows (keys `0..table_rows`, written
+//! in files of up to 1M rows, at least four) takes `changes` updates of random existing keys in flushes of
+//! `flush_rows`, each flush one MERGE commit, as a CDC stream of a large table in steady
+//! state. Reported: CPU and wall time per change, bytes written per change and files rewritten
+//! per flush, from the Delta log of the upsert commits; the table is then read back (it still
+//! holds `table_rows` rows, and the last value of each changed key).
+//!
+//! Copy-on-write upserts rewrite every file that holds a changed key, so with random keys these
+//! figures grow with the table, not with the change: the baseline the merge-on-read upserts of
+//! "Tables at production size" are measured against.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use arrow::array::{Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use sinks::delta::{DeltaSink, DeltaSinkConfig};
+use sinks::upsert::UpsertConfig;
+use sinks::{Flush, Offset, Sink, TopicPartition};
+
+use super::cpu_seconds;
+
+/// Rows per file of the built table: at most 1M (a compacted table's files), and at least 4
+/// files, so that even a small run rewrites several.
+fn load_rows(table_rows: u64) -> u64 {
+    table_rows.div_ceil(4).clamp(1, 1 << 20)
+}
+
+fn batch(ids: &[i64], version: i64) -> anyhow::Result<RecordBatch> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("customer", DataType::Utf8, false),
+        Field::new("amount", DataType::Int64, false),
+        Field::new("version", DataType::Int64, false),
+    ]));
+    Ok(RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(Int64Array::from(ids.to_vec())),
+            Arc::new(StringArray::from_iter_values(
+                ids.iter().map(|i| format!("customer-{:05}", i % 50_000)),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                ids.iter().map(|i| (i * 7919) % 100_000),
+            )),
+            Arc::new(Int64Array::from(vec![version; ids.len()])),
+        ],
+    )?)
+}
+
+async fn commit<S: Sink>(
+    sink: &S,
+    tp: &TopicPartition,
+    start: i64,
+    b: RecordBatch,
+) -> anyhow::Result<()> {
+    let next = start + b.num_rows() as i64;
+    let staged = sink
+        .stage(Flush {
+            tp: tp.clone(),
+            start: Offset(start),
+            next: Offset(next),
+            batches: vec![b],
+            truncate: false,
+        })
+        .await?;
+    sink.commit(&staged).await?;
+    Ok(())
+}
+
+/// Bytes added and files removed per commit, for the log versions after `after`.
+fn log_figures(table: &std::path::Path, after: u64) -> anyhow::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(table.join("_delta_log"))? {
+        let path = entry?.path();
+        let Some(version) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if version <= after {
+            continue;
+        }
+        let (mut added, mut removed) = (0u64, 0u64);
+        for line in std::fs::read_to_string(&path)?.lines() {
+            let action: serde_json::Value = serde_json::from_str(line)?;
+            if let Some(size) = action.pointer("/add/size").and_then(|s| s.as_u64()) {
+                added += size;
+            }
+            if action.get("remove").is_some() {
+                removed += 1;
+            }
+        }
+        out.push((added, removed));
+    }
+    Ok(out)
+}
+
+/// Runs the benchmark; prints its report.
+pub async fn steady_upsert(table_rows: u64, changes: u64, flush_rows: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        table_rows > 0 && changes > 0 && flush_rows > 0,
+        "sizes must be positive"
+    );
+    let dir = tempfile::tempdir()?;
+    let table = dir.path().join("orders");
+    std::fs::create_dir_all(&table)?;
+    let url = url::Url::from_directory_path(&table)
+        .map_err(|()| anyhow::anyhow!("{} is not an absolute path", table.display()))?;
+    let loader = DeltaSink::new(
+        url.as_str(),
+        Vec::<(String, String)>::new(),
+        DeltaSinkConfig::default(),
+    )?;
+    eprintln!("bench: building a Delta table of {table_rows} rows ...");
+    let load = TopicPartition::new("load", 0);
+    let mut at = 0u64;
+    while at < table_rows {
+        let end = (at + load_rows(table_rows)).min(table_rows);
+        let ids: Vec<i64> = (at as i64..end as i64).collect();
+        commit(&loader, &load, at as i64, batch(&ids, 0)?).await?;
+        at = end;
+    }
+    let (files, bytes) = sinks::delta::live_files(url.as_str()).await?;
+    let loaded_version = log_figures(&table, 0)?.len() as u64;
+
+    let upserter = DeltaSink::new(
+        url.as_str(),
+        Vec::<(String, String)>::new(),
+        DeltaSinkConfig {
+            upsert: Some(UpsertConfig {
+                keys: vec!["id".into()],
+                keys_from: None,
+                delete_column: None,
+                unchanged_column: None,
+            }),
+            group_rows: flush_rows as usize,
+            ..Default::default()
+        },
+    )?;
+    eprintln!("bench: {changes} changes of random keys in flushes of {flush_rows} ...");
+    let tp = TopicPartition::new("changes", 0);
+    // xorshift: the same keys every run.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut last: HashMap<i64, i64> = HashMap::new();
+    let (cpu0, started) = (cpu_seconds().unwrap_or(0.0), Instant::now());
+    let mut done = 0u64;
+    while done < changes {
+        let n = flush_rows.min(changes - done);
+        let ids: Vec<i64> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % table_rows) as i64
+            })
+            .collect();
+        let version = (done / flush_rows + 1) as i64;
+        for id in &ids {
+            last.insert(*id, version);
+        }
+        commit(&upserter, &tp, done as i64, batch(&ids, version)?).await?;
+        done += n;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds().unwrap_or(0.0) - cpu0;
+    let commits = log_figures(&table, loaded_version)?;
+    let written: u64 = commits.iter().map(|(a, _)| a).sum();
+    let rewritten: Vec<u64> = commits.iter().map(|(_, r)| *r).collect();
+
+    // Read back: every row is still there once, and each changed key holds its last version.
+    let location = url.as_str();
+    let count = sinks::delta::query(
+        location,
+        "SELECT count(*) AS n, count(DISTINCT id) AS k FROM t",
+    )
+    .await
+    .context("reading the table back")?;
+    let n = count[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .map(|a| a.value(0));
+    let k = count[0]
+        .column(1)
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .map(|a| a.value(0));
+    anyhow::ensure!(
+        n == Some(table_rows as i64) && k == Some(table_rows as i64),
+        "the table holds {n:?} rows of {k:?} keys after the upserts, not {table_rows}"
+    );
+    let sample: Vec<(i64, i64)> = last.iter().take(50).map(|(k, v)| (*k, *v)).collect();
+    let ids: Vec<String> = sample.iter().map(|(k, _)| k.to_string()).collect();
+    let got = sinks::delta::query(
+        location,
+        &format!("SELECT id, version FROM t WHERE id IN ({})", ids.join(",")),
+    )
+    .await?;
+    let mut seen: HashMap<i64, i64> = HashMap::new();
+    for b in &got {
+        let id = b
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .context("id")?;
+        let v = b
+            .column(1)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .context("version")?;
+        for i in 0..b.num_rows() {
+            seen.insert(id.value(i), v.value(i));
+        }
+    }
+    for (key, version) in &sample {
+        anyhow::ensure!(
+            seen.get(key) == Some(version),
+            "key {key} holds version {:?}, not its last change {version}",
+            seen.get(key)
+        );
+    }
+
+    let flushes = rewritten.len().max(1) as f64;
+    println!(
+        "lakesink bench --steady-upsert: a local Delta table of {table_rows} rows in {files} files \
+         ({:.1} MB); {changes} changes of random keys in {} flushes of {flush_rows}",
+        bytes as f64 / 1e6,
+        rewritten.len()
+    );
+    println!(
+        "  per change: {:.1} µs CPU, {:.1} µs wall, {:.0} bytes written ({:.1} MB in all)",
+        cpu * 1e6 / changes as f64,
+        wall * 1e6 / changes as f64,
+        written as f64 / changes as f64,
+        written as f64 / 1e6
+    );
+    println!(
+        "  per flush:  {:.1} files rewritten on average (at most {}), {:.1} MB written, {:.3} s",
+        rewritten.iter().sum::<u64>() as f64 / flushes,
+        rewritten.iter().max().copied().unwrap_or(0),
+        written as f64 / 1e6 / flushes,
+        wall / flushes
+    );
+    println!("  read back:  {table_rows} rows, one per key; the last change of 50 keys checked");
+    Ok(())
+}
