@@ -463,3 +463,32 @@ fn bench_steady_upsert_reports_the_cost_per_change_on_a_built_table() {
     assert!((1.0..=4.0).contains(&rewritten), "{out}");
     assert!(out.contains("read back:  20000 rows, one per key"), "{out}");
 }
+
+/// Latency mode reports freshness and how many files a table partition gets per hour at that
+/// rate (each Kafka partition commits its own file per flush).
+#[test]
+fn bench_latency_mode_reports_freshness_and_files_per_hour() {
+    let out = bench(&[
+        "--records",
+        "3000",
+        "--rate",
+        "1500",
+        "--max-latency",
+        "500ms",
+        "--partitions",
+        "2",
+    ]);
+    assert!(
+        report_line(&out, "latency:").contains("records/s with max_latency = 500ms"),
+        "{out}"
+    );
+    let files = report_line(&out, "files:");
+    let per_hour: f64 = files
+        .split(" files per table partition per hour")
+        .next()
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(per_hour > 0.0, "{out}");
+    assert!(files.contains("from 2 Kafka partitions"), "{out}");
+}

@@ -410,6 +410,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             mean,
             progress.max_freshness_ms.load(Ordering::Relaxed) as f64 / 1000.0
         );
+        // Files a table gets in steady streaming: each Kafka partition commits its own file
+        // per table partition per flush.
+        let written = table_partitions(&tables)?;
+        println!(
+            "  files:     {files} files committed in {elapsed:.1} s into {written} table \
+             partition(s) from {partitions} Kafka partitions: {:.0} files per table partition \
+             per hour at {rate} records/s",
+            files as f64 / written.max(1) as f64 * 3600.0 / elapsed
+        );
         return Ok(());
     }
     let bs = report.baseline_secs;
@@ -455,6 +464,34 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         check_upserted(&tables, records).await?;
     }
     Ok(())
+}
+
+/// The table partitions (directories holding data files, outside `_`-prefixed metadata and
+/// staging directories) of `tables`.
+fn table_partitions(tables: &[std::path::PathBuf]) -> anyhow::Result<usize> {
+    fn walk(
+        dir: &std::path::Path,
+        out: &mut std::collections::HashSet<std::path::PathBuf>,
+    ) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with('_') {
+                continue;
+            }
+            if entry.file_type()?.is_dir() {
+                walk(&entry.path(), out)?;
+            } else if name.to_string_lossy().ends_with(".parquet") {
+                out.insert(dir.to_path_buf());
+            }
+        }
+        Ok(())
+    }
+    let mut dirs = std::collections::HashSet::new();
+    for t in tables {
+        walk(t, &mut dirs)?;
+    }
+    Ok(dirs.len())
 }
 
 #[cfg(test)]
