@@ -56,8 +56,8 @@ enum Target {
     /// The orders table, and optionally a Delta table of the same topic (a second sink reading
     /// it: a fence or a resync in one must never cost the other a record).
     Parquet(Store, Option<Store>),
-    /// The orders table and the customers (upsert) table.
-    Delta(Store, Store),
+    /// The orders table and the customers (upsert) table, and `[sink.delta]` settings of both.
+    Delta(Store, Store, &'static str),
     /// A database on the Databend test server.
     Databend(String),
 }
@@ -70,7 +70,7 @@ impl Target {
                 s.url.split("://").next().unwrap(),
                 if copy.is_some() { "+delta-sink" } else { "" }
             ),
-            Target::Delta(s, _) => format!("delta/{}", s.url.split("://").next().unwrap()),
+            Target::Delta(s, _, _) => format!("delta/{}", s.url.split("://").next().unwrap()),
             Target::Databend(_) => "databend".into(),
         }
     }
@@ -82,7 +82,9 @@ impl Target {
     /// The service the destination fault proxy fronts.
     fn upstream(&self) -> SocketAddr {
         match self {
-            Target::Parquet(s, _) | Target::Delta(s, _) => addr_of(s.endpoint.as_deref().unwrap()),
+            Target::Parquet(s, _) | Target::Delta(s, _, _) => {
+                addr_of(s.endpoint.as_deref().unwrap())
+            }
             Target::Databend(_) => addr_of(&databend_url()),
         }
     }
@@ -161,17 +163,17 @@ impl Target {
                 }
                 out
             }
-            Target::Delta(orders, customers) => {
+            Target::Delta(orders, customers, delta) => {
                 let (o, c) = (through(orders), through(customers));
                 common("orders", &run.orders, 500)
                     + &format!(
-                        "kind = \"delta\"\ntable = \"{}\"\nstorage = {}\npartition_by = [\"day(ts)\"]\n",
+                        "kind = \"delta\"\ntable = \"{}\"\nstorage = {}\npartition_by = [\"day(ts)\"]\n{delta}\n",
                         o.url,
                         o.toml_options()
                     )
                     + &common("customers", run.customers.as_ref().unwrap(), 200)
                     + &format!(
-                        "kind = \"delta\"\ntable = \"{}\"\nstorage = {}\n{upsert}",
+                        "kind = \"delta\"\ntable = \"{}\"\nstorage = {}\n{upsert}{delta}\n",
                         c.url,
                         c.toml_options()
                     )
@@ -219,7 +221,7 @@ impl Target {
                     }
                 }
             }
-            Target::Delta(orders, customers) => {
+            Target::Delta(orders, customers, _) => {
                 let store = if sink == "orders" { orders } else { customers };
                 let reader = store.delta_sink(group);
                 for p in 0..PARTITIONS {
@@ -242,7 +244,7 @@ impl Target {
         logs: &str,
     ) -> BTreeMap<(i32, i64), Value> {
         let coupons: Vec<(i32, i64, Option<String>)> = match self {
-            Target::Parquet(store, _) | Target::Delta(store, _) => {
+            Target::Parquet(store, _) | Target::Delta(store, _, _) => {
                 let table = match self {
                     Target::Parquet(..) => store.read(),
                     _ => store.read_delta(&[]),
@@ -303,7 +305,7 @@ impl Target {
     async fn customers(&self) -> BTreeMap<i64, String> {
         match self {
             Target::Parquet(..) => BTreeMap::new(),
-            Target::Delta(_, store) => {
+            Target::Delta(_, store, _) => {
                 let table = store.read_delta(&[]);
                 table["rows"]
                     .as_array()
@@ -693,7 +695,7 @@ drain_timeout = "{drain_timeout}"
         sinks = target.sinks(&run, &dest_proxy),
     );
     let env = match &target {
-        Target::Parquet(s, _) | Target::Delta(s, _) => s.env(),
+        Target::Parquet(s, _) | Target::Delta(s, _, _) => s.env(),
         Target::Databend(_) => Vec::new(),
     };
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -976,7 +978,7 @@ async fn chaos_parquet_on_gcs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_delta_on_moto() {
     chaos(
-        Target::Delta(Store::s3("orders"), Store::s3("customers")),
+        Target::Delta(Store::s3("orders"), Store::s3("customers"), ""),
         "classic",
         "10s",
     )
@@ -985,8 +987,14 @@ async fn chaos_delta_on_moto() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_delta_on_moto_kip848() {
+    // Upserts by deletion vectors, and compaction in the background (kills land in
+    // merge-on-read commits, purges and compactions too).
     chaos(
-        Target::Delta(Store::s3("orders"), Store::s3("customers")),
+        Target::Delta(
+            Store::s3("orders"),
+            Store::s3("customers"),
+            "delta = { upsert = \"deletion-vectors\", auto_compact = true, compact_min_files = 4 }",
+        ),
         "consumer",
         // Drains shorter than a flush under load: flush tasks outlive their workers.
         "1s",

@@ -434,24 +434,29 @@ fn bench_steady_upsert_reports_the_cost_per_change_on_a_built_table() {
     let out = bench(&[
         "--steady-upsert",
         "--table-rows",
-        "20000",
+        "4000,20000",
         "--records",
         "1500",
         "--flush-rows",
         "500",
     ]);
-    assert!(
-        out.contains("a local Delta table of 20000 rows in 4 files"),
-        "{out}"
-    );
+    for strategy in ["CopyOnWrite", "DeletionVectors"] {
+        assert!(
+            out.contains(&format!(
+                "--steady-upsert ({strategy}): a local Delta table of 20000 rows in 4 files"
+            )),
+            "{out}"
+        );
+    }
     let per_change = report_line(&out, "per change:");
     assert!(
         per_change.contains("µs CPU") && per_change.contains("bytes written"),
         "{out}"
     );
-    // Random keys touch every file: each of the 3 flushes rewrites files (copy-on-write).
+    // Random keys touch every file: each of the 3 flushes rewrites files (copy-on-write) or
+    // marks rows in them (deletion vectors).
     let per_flush = report_line(&out, "per flush:");
-    let rewritten: f64 = per_flush
+    let touched: f64 = per_flush
         .split("per flush:")
         .nth(1)
         .unwrap()
@@ -460,8 +465,25 @@ fn bench_steady_upsert_reports_the_cost_per_change_on_a_built_table() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((1.0..=4.0).contains(&rewritten), "{out}");
+    assert!((1.0..=4.0).contains(&touched), "{out}");
     assert!(out.contains("read back:  20000 rows, one per key"), "{out}");
+    // The summary: one line per run; deletion vectors write a fraction of what copy-on-write
+    // rewrites on the larger table.
+    let amplification = |strategy: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.contains("20000 rows,") && l.contains(strategy))
+            .unwrap_or_else(|| panic!("no summary line for {strategy}: {out}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let (cow, dv) = (
+        amplification("CopyOnWrite"),
+        amplification("DeletionVectors"),
+    );
+    assert!(
+        dv * 10.0 < cow,
+        "copy-on-write {cow}, deletion vectors {dv}: {out}"
+    );
 }
 
 /// Latency mode reports freshness and how many files a table partition gets per hour at that

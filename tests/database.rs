@@ -153,7 +153,7 @@ table = "{base}/crm/customers"
     for topic in &topics {
         let table = table_of(&base, topic).url;
         assert!(
-            stdout.contains(&format!("ok    shop: {table} compacted")),
+            stdout.contains(&format!("ok    shop: {table} purged")),
             "{table} not maintained:\n{stdout}"
         );
     }

@@ -51,6 +51,7 @@ fn flush(writer: i64, partition: i32, start: i64, next: i64) -> Flush {
         next: Offset(next),
         batches: vec![batch],
         truncate: false,
+        tick: None,
     }
 }
 

@@ -111,6 +111,77 @@ async fn delta_on_abfss_emulator_exactly_once() {
 
 /// A compatible schema version arrives mid-stream: the table gains the nullable column in the
 /// commit that first carries it; earlier rows read null; python deltalake reads both.
+/// Latency flushes of all partitions are cut at one tick and share their files
+/// (`delta.shared_files`): 8 partitions streaming at once add a file per tick to the table, not
+/// one per partition, and every record lands exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn latency_flushes_of_all_partitions_share_one_file_per_tick() {
+    const P: i32 = 8;
+    let store = Store::local("shared_files");
+    let topic = unique("orders");
+    create_topic(&topic, P).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    let mut produced = produce(&topic, id, 0..80, P).await;
+    let group = unique("g");
+    // One table partition; flushes cut only by the latency tick (and the catch-up at start).
+    let cfg = config_with(
+        &topic,
+        &group,
+        &registry_url,
+        &store,
+        "[]",
+        &delta_sink_config(""),
+    )
+    .replace(
+        r#"max_rows = 400, max_latency = "1s""#,
+        r#"max_rows = 100000, max_latency = "2s""#,
+    );
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    let reader = store.delta_sink(&group);
+    wait_delta(
+        &reader,
+        &topic,
+        &produced,
+        &mut proc_,
+        Duration::from_secs(120),
+    )
+    .await;
+    let before = store.read_delta(&[])["files"].as_u64().unwrap();
+    // Streaming: 800 records over all partitions, produced within a tick or two.
+    produced.extend(produce(&topic, id, 80..880, P).await);
+    wait_delta(
+        &reader,
+        &topic,
+        &produced,
+        &mut proc_,
+        Duration::from_secs(120),
+    )
+    .await;
+    proc_.stop();
+    let table = store.read_delta(&app_ids(&topic, P));
+    // Every produced (partition, offset) once (the table is not partitioned by day, which
+    // `assert_exactly_once` also checks).
+    let landed: Vec<(i64, i64)> = table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["p"].as_i64().unwrap(), r["o"].as_i64().unwrap()))
+        .collect();
+    let unique: std::collections::BTreeSet<(i64, i64)> = landed.iter().copied().collect();
+    assert_eq!(landed.len(), unique.len(), "a record landed twice");
+    let sent: std::collections::BTreeSet<(i64, i64)> =
+        produced.keys().map(|(p, o)| (i64::from(*p), *o)).collect();
+    assert_eq!(unique, sent);
+    assert_txns(&table, &topic, &produced);
+    let added = table["files"].as_u64().unwrap() - before;
+    assert!(
+        (1..=3).contains(&added),
+        "{added} files for 8 partitions' streaming flushes (one per partition per tick would \
+         be at least 8)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn delta_gains_a_column_mid_stream() {
     let store = Store::local("evolve_delta");
@@ -315,6 +386,7 @@ fn flush(p: i32, start: i64, next: i64) -> Flush {
         next: Offset(next),
         batches: vec![id_batch(start..next)],
         truncate: false,
+        tick: None,
     }
 }
 

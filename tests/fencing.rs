@@ -37,6 +37,7 @@ fn flush(writer: &str, start: i64, next: i64) -> Flush {
         next: Offset(next),
         batches: vec![batch],
         truncate: false,
+        tick: None,
     }
 }
 

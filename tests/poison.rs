@@ -240,11 +240,12 @@ async fn crash_before_the_table_commit(foreign_open_transaction: bool) {
     proxied.options.insert("endpoint".into(), proxy.url());
     let group = unique("g");
     let extra = format!("dead_letter_topic = \"{dlq}\"");
-    // One flush for everything produced below, so the first member dead-letters all of it.
+    // One flush for everything produced below (within a latency tick of 8 s: see
+    // `just_after_latency_tick`), so the first member dead-letters all of it.
     let config = |store: &Store| {
         config(&topic, &group, &registry_url, store, &extra).replace(
             "max_rows = 400, max_latency = \"1s\"",
-            "max_rows = 100000, max_latency = \"4s\"",
+            "max_rows = 100000, max_latency = \"8s\"",
         )
     };
     let first = Lakesink::start(&config(&proxied), &[]);
@@ -268,6 +269,7 @@ async fn crash_before_the_table_commit(foreign_open_transaction: bool) {
         .unwrap();
     let mut produced = Produced::new();
     let mut poison = std::collections::BTreeSet::new();
+    just_after_latency_tick(Duration::from_secs(8)).await;
     for round in 0..4 {
         produced.extend(produce(&topic, id, round * 50..round * 50 + 50, 2).await);
         for partition in 0..2 {

@@ -141,6 +141,7 @@ queue_records = 512
             next: Offset(8000),
             batches: vec![batch],
             truncate: false,
+            tick: None,
         })
         .await
         .unwrap();

@@ -98,6 +98,22 @@ pub struct Flush {
     /// sink empties the table in the same commit, before applying them. Append sinks never see
     /// it set.
     pub truncate: bool,
+    /// Set when the flush was cut by the latency tick all partitions of the sink share (see
+    /// [`Tick`]); `None` for a flush cut by size, a drain or catching up.
+    pub tick: Option<Tick>,
+}
+
+/// The moment a latency flush was cut. Workers cut their latency flushes on one wall-clock grid
+/// (multiples of `max_latency` since the epoch), so the flushes of all partitions of a table that
+/// hold rows are cut at the same moment, in this process and in the other members. A sink may
+/// hold such a flush's commit until `gather_until` for the flushes of other partitions cut at
+/// the same tick, to write their rows into shared files and commit them together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tick {
+    /// The tick, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Until when the commit may wait for other partitions' flushes of the same tick.
+    pub gather_until: std::time::Instant,
 }
 
 impl Flush {

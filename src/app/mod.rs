@@ -332,8 +332,9 @@ async fn maintain_table(
         return Ok(());
     }
     println!(
-        "ok    {}: {shown} compacted {} files into {}, vacuumed {} files, checkpoint at version {} ({:.1}s)",
+        "ok    {}: {shown} purged deletion vectors of {} files, compacted {} files into {}, vacuumed {} files, checkpoint at version {} ({:.1}s)",
         s.name,
+        r.files_purged,
         r.files_compacted,
         r.files_written,
         r.files_vacuumed,

@@ -120,6 +120,9 @@ enum Command {
         /// Extra [pipeline] settings for the run (TOML), e.g. 'queue_records = 256'.
         #[arg(long)]
         pipeline: Option<String>,
+        /// Extra settings of every sink (TOML), e.g. 'delta = { shared_files = false }'.
+        #[arg(long)]
+        sink: Option<String>,
         /// Measure only the decoder and the Parquet encoder, on one thread, from memory
         /// (records/s per core; avro or json).
         #[arg(long)]
@@ -128,9 +131,18 @@ enum Command {
         /// changes of random keys, in flushes of --flush-rows, onto a table of --table-rows.
         #[arg(long)]
         steady_upsert: bool,
-        /// With --steady-upsert: rows in the table before the changes.
-        #[arg(long, default_value_t = 5_000_000)]
-        table_rows: u64,
+        /// With --steady-upsert: rows in the table before the changes; a comma-separated list
+        /// runs each size in turn (e.g. 50000,5000000).
+        #[arg(long, value_delimiter = ',', default_value = "5000000")]
+        table_rows: Vec<u64>,
+        /// With --steady-upsert: how upserts replace rows, `copy-on-write` and/or
+        /// `deletion-vectors` (comma-separated: each in turn).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "copy-on-write,deletion-vectors"
+        )]
+        upsert: Vec<String>,
         /// With --steady-upsert: changes per flush (one MERGE commit each).
         #[arg(long, default_value_t = 500)]
         flush_rows: u64,
@@ -320,8 +332,24 @@ pub(crate) async fn run() -> ExitCode {
             steady_upsert: true,
             table_rows,
             flush_rows,
+            upsert,
             ..
-        } => lakesink::app::bench::steady_upsert(table_rows, records, flush_rows).await,
+        } => {
+            let mut strategies = Vec::new();
+            for name in &upsert {
+                strategies.push(match name.as_str() {
+                    "copy-on-write" => sinks::delta::UpsertStrategy::CopyOnWrite,
+                    "deletion-vectors" => sinks::delta::UpsertStrategy::DeletionVectors,
+                    other => {
+                        eprintln!(
+                            "error: --upsert: `{other}` is not `copy-on-write` or `deletion-vectors`"
+                        );
+                        return ExitCode::from(2);
+                    }
+                });
+            }
+            lakesink::app::bench::steady_upsert(&table_rows, records, flush_rows, &strategies).await
+        }
         Command::Bench {
             records,
             format,
@@ -341,6 +369,7 @@ pub(crate) async fn run() -> ExitCode {
             tables,
             one_sink,
             pipeline,
+            sink,
             isolate: false,
             ..
         } => {
@@ -348,6 +377,7 @@ pub(crate) async fn run() -> ExitCode {
                 tables,
                 one_sink,
                 pipeline,
+                sink,
                 records,
                 partitions,
                 format,

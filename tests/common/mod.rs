@@ -688,6 +688,19 @@ flush = {{ max_rows = 400, max_latency = "1s" }}
     )
 }
 
+/// Sleeps until just after the next latency tick of `max_latency`: workers cut their latency
+/// flushes on one wall-clock grid (multiples of `max_latency` since the epoch), so records
+/// produced in the following `max_latency` minus a margin are all cut at the same tick.
+pub async fn just_after_latency_tick(max_latency: Duration) {
+    let period = max_latency.as_millis() as u64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let next = (now / period + 1) * period;
+    tokio::time::sleep(Duration::from_millis(next - now + 100)).await;
+}
+
 /// A running `lakesink` process whose stderr is captured.
 pub struct Lakesink {
     pub child: Child,

@@ -1,5 +1,5 @@
 """Reads a Delta table with independent readers (python `deltalake` and DuckDB over its pyarrow
-dataset) and prints JSON.
+dataset; over its DataFusion scan for a table with deletion vectors) and prints JSON.
 
 Usage: read_delta.py URL [--s3-endpoint URL] [--azure-endpoint URL] [--gcs-account FILE] [--app-id ID ...]
                          [--azurite-url URL] [--key COL]
@@ -71,8 +71,15 @@ def main():
     a = ap.parse_args()
     url = a.url[len("file://"):] if a.url.startswith("file://") else a.url
     dt = DeltaTable(url, storage_options=options(a))
-    dataset = dt.to_pyarrow_dataset()
-    table = dataset.to_table()
+    protocol = dt.protocol()
+    if "deletionVectors" in (protocol.reader_features or []):
+        # deltalake's pyarrow dataset refuses tables with deletion vectors; its DataFusion scan
+        # applies them (and DuckDB reads that scan's rows).
+        table = pa.RecordBatchReader.from_stream(dt.scan()).read_all()
+        dataset = table
+    else:
+        dataset = dt.to_pyarrow_dataset()
+        table = dataset.to_table()
     raw = table.to_pylist()
     orders = "_kafka_partition" in table.column_names and "order_id" in table.column_names
     rows = [order_row(r) if orders else {k: plain(v) for k, v in r.items()} for r in raw]

@@ -33,6 +33,7 @@ impl DeltaSink {
                     .await;
             }
         }
+        self.maybe_compact(&state);
         *self.known_schema.lock().expect("poisoned") = Some(state.snapshot().arrow_schema());
         if let Some(table) = slot.as_mut() {
             table.state = Some(state);
@@ -88,7 +89,7 @@ impl DeltaSink {
     pub(super) async fn commit_queued(
         &self,
         staged: &Staged<DeltaStaged>,
-    ) -> Result<CommitOutcome> {
+    ) -> Result<(CommitOutcome, Option<Written>)> {
         static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (reply, mut answer) = tokio::sync::oneshot::channel();
@@ -97,16 +98,34 @@ impl DeltaSink {
             staged: staged.clone(),
             reply,
         });
+        // A flush cut at a latency tick waits for the other partitions' flushes of that tick
+        // (cut at the same moment), unless a leader takes it meanwhile.
+        if let Some(until) = staged.data.gather_until {
+            tokio::select! {
+                biased;
+                got = &mut answer => {
+                    if let Ok(GroupReply::Done(outcome, written)) = got {
+                        return Ok((outcome, written));
+                    }
+                    let mut slot = self.table.lock().await;
+                    return self.commit_alone(&mut slot, staged).await;
+                }
+                _ = tokio::time::sleep_until(until.into()) => {}
+            }
+        }
         let mut slot = tokio::select! {
             biased;
             got = &mut answer => match got {
-                Ok(GroupReply::Done(outcome)) => return Ok(outcome),
-                Ok(GroupReply::Alone) | Err(_) => self.table.lock().await,
+                Ok(GroupReply::Done(outcome, written)) => return Ok((outcome, written)),
+                Ok(GroupReply::Alone) | Err(_) => {
+                    let mut slot = self.table.lock().await;
+                    return self.commit_alone(&mut slot, staged).await;
+                }
             },
             slot = self.table.lock() => slot,
         };
         match answer.try_recv() {
-            Ok(GroupReply::Done(outcome)) => return Ok(outcome),
+            Ok(GroupReply::Done(outcome, written)) => return Ok((outcome, written)),
             Ok(GroupReply::Alone) | Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
                 return self.commit_alone(&mut slot, staged).await;
             }
@@ -143,7 +162,7 @@ impl DeltaSink {
             }
         }
         match answer.try_recv() {
-            Ok(GroupReply::Done(outcome)) => Ok(outcome),
+            Ok(GroupReply::Done(outcome, written)) => Ok((outcome, written)),
             _ => self.commit_alone(&mut slot, staged).await,
         }
     }
@@ -152,16 +171,34 @@ impl DeltaSink {
         &self,
         slot: &mut Option<DeltaTable>,
         staged: &Staged<DeltaStaged>,
-    ) -> Result<CommitOutcome> {
+    ) -> Result<(CommitOutcome, Option<Written>)> {
         let delta = &staged.data;
         if let Some(changes) = &delta.changes {
-            return upsert::commit(self, slot, staged, delta.schema.as_ref(), changes).await;
+            let outcome =
+                upsert::commit(self, slot, staged, delta.schema.as_ref(), changes).await?;
+            return Ok((outcome, None));
         }
-        let actions: Vec<Action> = delta.adds.iter().cloned().map(Action::Add).collect();
-        self.commit_actions(slot, staged, delta.schema.as_ref(), actions, || {
-            self.append_operation()
-        })
-        .await
+        let (adds, written) = if delta.deferred.is_empty() {
+            (delta.adds.clone(), None)
+        } else {
+            // Rows deferred to a group that did not form: into files of this flush's own.
+            let schema = delta.deferred[0].schema();
+            let adds = self
+                .write_blocking(&staged.tp, &schema, delta.deferred.clone())
+                .await?;
+            let written = Written {
+                files: adds.len(),
+                bytes: adds.iter().map(|a| a.size.max(0) as u64).sum(),
+            };
+            (adds, Some(written))
+        };
+        let actions: Vec<Action> = adds.into_iter().map(Action::Add).collect();
+        let outcome = self
+            .commit_actions(slot, staged, delta.schema.as_ref(), actions, || {
+                self.append_operation()
+            })
+            .await?;
+        Ok((outcome, written))
     }
 
     /// Runs one commit attempt loop for `staged`'s actions, fenced on the partition's txn.

@@ -35,6 +35,27 @@ pub struct DeltaSinkConfig {
     pub group_rows: usize,
     /// The readers the table is written for.
     pub profile: ReaderProfile,
+    /// Flushes cut at one latency tick write their rows into shared files (one per table
+    /// partition for all the Kafka partitions committing together) instead of one set of files
+    /// each. Appends only.
+    pub shared_files: bool,
+    /// Compaction in the background after commits (`None`: only `lakesink maintain`).
+    pub auto_compact: Option<AutoCompact>,
+    /// How upserts replace rows (`[sink.delta] upsert`).
+    pub upsert_strategy: UpsertStrategy,
+}
+
+/// How an upsert replaces the rows it changes (`[sink.delta] upsert`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpsertStrategy {
+    /// Rewrite every data file that holds a changed key without those rows: any Delta reader
+    /// reads the table, and a flush costs what the files it touches weigh.
+    #[default]
+    CopyOnWrite,
+    /// Merge on read: mark the replaced rows in deletion vectors and write only the changes, so
+    /// a flush costs what it changes. Needs the `deletionVectors` table feature (reader 3,
+    /// writer 7), which lakesink adds to the table; readers must apply deletion vectors.
+    DeletionVectors,
 }
 
 /// Which readers a table is written for (`[sink.delta] profile`).
@@ -70,6 +91,9 @@ impl Default for DeltaSinkConfig {
             upsert: None,
             group_rows: 100_000,
             profile: ReaderProfile::Delta,
+            shared_files: true,
+            auto_compact: None,
+            upsert_strategy: UpsertStrategy::CopyOnWrite,
         }
     }
 }
@@ -91,6 +115,16 @@ pub struct DeltaSection {
     /// The readers the table is written for: `delta` (default) or `fabric` (Power BI and
     /// Microsoft Fabric: no `timestamp_ntz`, protocol 1/2, large row groups).
     pub profile: String,
+    /// Appends: the flushes of all Kafka partitions cut at one latency tick share their data
+    /// files (one per table partition per tick) instead of writing one set each.
+    pub shared_files: bool,
+    /// Compact small files in the background while the sink runs.
+    pub auto_compact: bool,
+    /// `auto_compact`: a table partition with this many files smaller than `target_file_size`
+    /// is compacted.
+    pub compact_min_files: usize,
+    /// `mode = "upsert"`: `copy-on-write` (default) or `deletion-vectors` (merge on read).
+    pub upsert: String,
 }
 
 impl Default for DeltaSection {
@@ -102,6 +136,10 @@ impl Default for DeltaSection {
             vacuum_retention: "168h".into(),
             target_file_size: "128MiB".into(),
             profile: "delta".into(),
+            shared_files: true,
+            auto_compact: false,
+            compact_min_files: 16,
+            upsert: "copy-on-write".into(),
         }
     }
 }
@@ -125,6 +163,12 @@ pub struct DeltaSettings {
     pub target_file_size: u64,
     /// The readers the table is written for.
     pub profile: ReaderProfile,
+    /// Appends: flushes of one latency tick share their data files.
+    pub shared_files: bool,
+    /// Background compaction, when on.
+    pub auto_compact: Option<AutoCompact>,
+    /// How upserts replace rows.
+    pub upsert_strategy: UpsertStrategy,
 }
 
 impl DeltaSection {
@@ -156,6 +200,12 @@ impl DeltaSection {
         }
         let target_file_size = crate::units::parse_bytes(&self.target_file_size)
             .map_err(|e| SectionError::new("target_file_size", e))?;
+        if self.compact_min_files < 2 {
+            return Err(SectionError::new(
+                "compact_min_files",
+                "must be at least 2 (compaction merges files)",
+            ));
+        }
         let profile = match self.profile.to_ascii_lowercase().as_str() {
             "delta" => ReaderProfile::Delta,
             "fabric" | "powerbi" | "power-bi" => ReaderProfile::Fabric,
@@ -169,6 +219,20 @@ impl DeltaSection {
                 ))
             }
         };
+        let upsert_strategy = match self.upsert.to_ascii_lowercase().as_str() {
+            "copy-on-write" | "cow" => UpsertStrategy::CopyOnWrite,
+            "deletion-vectors" | "merge-on-read" => UpsertStrategy::DeletionVectors,
+            other => {
+                return Err(SectionError::new(
+                    "upsert",
+                    format!(
+                        "`{other}` is not an upsert strategy: `copy-on-write` (rewrite the files \
+                         that hold a changed key; every reader) or `deletion-vectors` (mark \
+                         replaced rows; readers of the deletionVectors feature)"
+                    ),
+                ))
+            }
+        };
         Ok(DeltaSettings {
             checkpoint_interval: self.checkpoint_interval,
             properties: self.properties.clone(),
@@ -176,6 +240,13 @@ impl DeltaSection {
             vacuum_retention,
             target_file_size,
             profile,
+            shared_files: self.shared_files,
+            auto_compact: self.auto_compact.then_some(AutoCompact {
+                min_files: self.compact_min_files,
+                target_file_size,
+                vacuum_retention,
+            }),
+            upsert_strategy,
         })
     }
 }
@@ -188,6 +259,9 @@ impl DeltaSettings {
             checkpoint_interval: self.checkpoint_interval,
             commit_attempts: self.commit_attempts,
             profile: self.profile,
+            shared_files: self.shared_files,
+            auto_compact: self.auto_compact,
+            upsert_strategy: self.upsert_strategy,
             row_group_rows: match self.profile {
                 ReaderProfile::Fabric => FABRIC_ROW_GROUP_ROWS.max(config.row_group_rows),
                 ReaderProfile::Delta => config.row_group_rows,

@@ -1,5 +1,11 @@
 //! Group commit of appends: the flushes of other partitions waiting at the same moment share one
 //! log entry, each fenced on its own txn first.
+//!
+//! Flushes cut at a latency tick arrive with their rows unwritten ([`DeltaStaged::deferred`]):
+//! the group writes the rows of all of them into one set of files, one per table partition, so
+//! the files a table gets per tick do not grow with the number of Kafka partitions. Those files
+//! hold exactly the carried members' rows: when a retry carries fewer members (one was fenced
+//! meanwhile), the files are written again without it, and the first set stays unreferenced.
 
 use std::sync::Arc;
 
@@ -19,6 +25,8 @@ impl DeltaSink {
     pub(super) async fn commit_group(&self, slot: &mut Option<DeltaTable>, group: Vec<Pending>) {
         let mut members = group;
         let mut attempt: u32 = 0;
+        // The shared files written for the deferred members carried (by id), if any yet.
+        let mut shared: Option<(Vec<u64>, Vec<deltalake::kernel::Add>)> = None;
         let failed = loop {
             attempt += 1;
             match self.refresh(slot).await {
@@ -64,6 +72,30 @@ impl DeltaSink {
                     describe_new_columns(&current, &merged));
                 all.push(Action::Metadata(metadata));
             }
+            let deferred: Vec<u64> = carried
+                .iter()
+                .filter(|p| !p.staged.data.deferred.is_empty())
+                .map(|p| p.id)
+                .collect();
+            if deferred.is_empty() {
+                shared = None;
+            } else if shared.as_ref().is_none_or(|(ids, _)| *ids != deferred) {
+                match self.write_shared(&carried, &merged).await {
+                    Ok(adds) => shared = Some((deferred, adds)),
+                    Err(e) => {
+                        warn!(table = %self.location, flushes = carried.len(),
+                            "could not write the group's shared files, committing alone: {e}");
+                        break carried;
+                    }
+                }
+            }
+            let written = shared.as_ref().map(|(_, adds)| Written {
+                files: adds.len(),
+                bytes: adds.iter().map(|a| a.size.max(0) as u64).sum(),
+            });
+            if let Some((_, adds)) = &shared {
+                all.extend(adds.iter().cloned().map(Action::Add));
+            }
             let mut properties = CommitProperties::default()
                 .with_max_retries(self.config.commit_attempts as usize)
                 .with_cleanup_expired_logs(Some(false));
@@ -84,11 +116,18 @@ impl DeltaSink {
                     debug!(table = %self.location, version = done.version(),
                         flushes = carried.len(), "committed a group");
                     self.after_commit(slot, done).await;
+                    let mut written = written;
                     for p in carried {
                         let next = p.staged.next;
+                        // The shared files are counted once, with the first deferred member.
+                        let mine = if p.staged.data.deferred.is_empty() {
+                            None
+                        } else {
+                            written.take().or(Some(Written::default()))
+                        };
                         let _ = p
                             .reply
-                            .send(GroupReply::Done(CommitOutcome::Committed { next }));
+                            .send(GroupReply::Done(CommitOutcome::Committed { next }, mine));
                     }
                     return;
                 }
@@ -123,7 +162,7 @@ impl DeltaSink {
             match self.txn_position(table, &p.staged.tp).await {
                 Ok(recorded) => match crate::fence::decide(recorded, start, next) {
                     Some(outcome) => {
-                        let _ = p.reply.send(GroupReply::Done(outcome));
+                        let _ = p.reply.send(GroupReply::Done(outcome, None));
                     }
                     None => carried.push(p),
                 },
@@ -131,5 +170,30 @@ impl DeltaSink {
             }
         }
         (carried, unread)
+    }
+
+    /// Writes the deferred rows of `carried` into shared files, one per table partition (rolled
+    /// at the writer's target size), conformed to `schema` (the commit's table schema).
+    async fn write_shared(
+        &self,
+        carried: &[Pending],
+        schema: &SchemaRef,
+    ) -> crate::Result<Vec<deltalake::kernel::Add>> {
+        let mut batches = Vec::new();
+        let mut first = None;
+        for p in carried
+            .iter()
+            .filter(|p| !p.staged.data.deferred.is_empty())
+        {
+            first.get_or_insert(&p.staged.tp);
+            for b in &p.staged.data.deferred {
+                batches.push(
+                    schema::conform_batch(b, schema)
+                        .map_err(|r| self.schema_err(&p.staged.tp, r))?,
+                );
+            }
+        }
+        let tp = first.expect("called with deferred members").clone();
+        self.write_blocking(&tp, schema, batches).await
     }
 }

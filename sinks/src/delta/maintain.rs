@@ -1,4 +1,5 @@
-//! `lakesink maintain` for Delta tables: compaction, checkpoint and vacuum on demand.
+//! `lakesink maintain` for Delta tables: purging deletion vectors, compaction, checkpoint and
+//! vacuum on demand.
 
 use std::time::Duration;
 
@@ -13,6 +14,8 @@ pub struct MaintainReport {
     pub version_before: Option<u64>,
     /// The table's version after.
     pub version_after: Option<u64>,
+    /// Files whose deletion vectors were purged (rewritten without their deleted rows).
+    pub files_purged: usize,
     /// Small files rewritten into larger ones.
     pub files_compacted: u64,
     /// Files the compaction wrote.
@@ -24,7 +27,8 @@ pub struct MaintainReport {
 }
 
 impl DeltaSink {
-    /// Compacts small files (OPTIMIZE, bin-packing towards `target_file_size`), removes data
+    /// Purges deletion vectors that mark a fifth of their file (see `purge`), compacts small
+    /// files (OPTIMIZE, bin-packing towards `target_file_size`), removes data
     /// files unreferenced for longer than `retention` (VACUUM FULL: tombstoned files and orphans
     /// of crashed flushes), and writes a checkpoint. Safe while writers run: compaction only
     /// rewrites data, never txn positions, and conflicts like any other commit.
@@ -38,30 +42,9 @@ impl DeltaSink {
             return Ok(MaintainReport::default());
         }
         let table = slot.take().expect("table loaded");
-        let mut report = MaintainReport {
-            version_before: table.version(),
-            ..Default::default()
-        };
-        let (table, metrics) = table
-            .optimize()
-            .with_target_size(std::num::NonZeroU64::new(target_file_size.max(1)).expect("non-zero"))
-            .with_writer_properties(crate::encode::writer_properties(
-                self.config.compression,
-                self.config.row_group_rows,
-            ))
-            .await
-            .map_err(|e| self.err("compact", e))?;
-        report.files_compacted = metrics.num_files_removed;
-        report.files_written = metrics.num_files_added;
-        let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
-        let (table, vacuum) = table
-            .vacuum()
-            .with_retention_period(retention)
-            .with_enforce_retention_duration(false)
-            .with_mode(deltalake::operations::vacuum::VacuumMode::Full)
-            .await
-            .map_err(|e| self.err("vacuum", e))?;
-        report.files_vacuumed = vacuum.files_deleted.len();
+        let (table, mut report) = self
+            .compact_table(table, target_file_size, Some(retention), None)
+            .await?;
         deltalake::checkpoints::create_checkpoint(&table, None)
             .await
             .map_err(|e| self.err("checkpoint", e))?;
@@ -69,5 +52,54 @@ impl DeltaSink {
         report.version_after = table.version();
         *slot = Some(table);
         Ok(report)
+    }
+}
+
+impl DeltaSink {
+    /// What `maintain` and background compaction do to `table`: purge deletion vectors that
+    /// mark a fifth of their file, compact small files towards `target_file_size` (with at most
+    /// `tasks` rewrites at once; `None`: one per core), and with a `vacuum` retention remove
+    /// data files unreferenced for longer (VACUUM FULL: tombstoned files and orphans of crashed
+    /// flushes).
+    pub(super) async fn compact_table(
+        &self,
+        table: DeltaTable,
+        target_file_size: u64,
+        vacuum: Option<Duration>,
+        tasks: Option<usize>,
+    ) -> Result<(DeltaTable, MaintainReport)> {
+        let mut report = MaintainReport {
+            version_before: table.version(),
+            ..Default::default()
+        };
+        let (table, purged) = self.purge(&table).await.map_err(|e| self.err("purge", e))?;
+        report.files_purged = purged;
+        let mut optimize = table
+            .optimize()
+            .with_target_size(std::num::NonZeroU64::new(target_file_size.max(1)).expect("non-zero"))
+            .with_writer_properties(crate::encode::writer_properties(
+                self.config.compression,
+                self.config.row_group_rows,
+            ));
+        if let Some(tasks) = tasks {
+            optimize = optimize.with_max_concurrent_tasks(tasks);
+        }
+        let (mut table, metrics) = optimize.await.map_err(|e| self.err("compact", e))?;
+        report.files_compacted = metrics.num_files_removed;
+        report.files_written = metrics.num_files_added;
+        if let Some(retention) = vacuum {
+            let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+            let (vacuumed, done) = table
+                .vacuum()
+                .with_retention_period(retention)
+                .with_enforce_retention_duration(false)
+                .with_mode(deltalake::operations::vacuum::VacuumMode::Full)
+                .await
+                .map_err(|e| self.err("vacuum", e))?;
+            report.files_vacuumed = done.files_deleted.len();
+            table = vacuumed;
+        }
+        report.version_after = table.version();
+        Ok((table, report))
     }
 }

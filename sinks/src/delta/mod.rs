@@ -37,11 +37,15 @@
 //!   checkpoint, as the Delta protocol describes, not after every commit.
 
 mod committer;
+mod compact;
 mod config;
+mod dv;
 mod group;
 mod inspect;
 mod maintain;
+mod mor;
 mod probe;
+mod purge;
 mod rewrite;
 mod schema;
 mod table;
@@ -50,9 +54,10 @@ pub mod upsert;
 mod writer;
 
 use committer::conflict_backoff;
+pub use compact::AutoCompact;
 pub use config::{
-    DeltaSection, DeltaSettings, DeltaSinkConfig, ReaderProfile, FABRIC_ROW_GROUP_ROWS,
-    MIN_VACUUM_RETENTION,
+    DeltaSection, DeltaSettings, DeltaSinkConfig, ReaderProfile, UpsertStrategy,
+    FABRIC_ROW_GROUP_ROWS, MIN_VACUUM_RETENTION,
 };
 pub use inspect::{live_files, query};
 pub use maintain::MaintainReport;
@@ -89,6 +94,20 @@ pub struct DeltaStaged {
     /// Upsert mode: the batch's rows, deduplicated to the last change per key, applied by a
     /// MERGE at commit time.
     pub changes: Option<Arc<crate::upsert::Changes>>,
+    /// Append mode, a flush cut at a latency tick: its rows in the table's form (conformed to
+    /// `schema`), not yet written. The commit writes them into the files it shares with the
+    /// other partitions' flushes of the same tick (one file per table partition for all of
+    /// them), or into files of their own when it commits alone.
+    pub deferred: Vec<arrow::array::RecordBatch>,
+    /// Until when the commit waits for other partitions' flushes cut at the same tick.
+    pub gather_until: Option<std::time::Instant>,
+}
+
+/// Data files a commit wrote itself (flushes whose rows were deferred to the commit).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Written {
+    pub files: usize,
+    pub bytes: u64,
 }
 
 /// A Delta table written with the txn-action protocol described in the module docs.
@@ -105,6 +124,8 @@ pub struct DeltaSink {
     crash: CrashPoints,
     /// Appends waiting for the table lock: whoever takes it commits them all in one log entry.
     pending: std::sync::Mutex<Vec<Pending>>,
+    /// The table's background compaction in this process (`auto_compact`).
+    compactor: compact::SharedCompactor,
 }
 
 /// One append waiting to be committed with others (group commit).
@@ -116,8 +137,9 @@ pub(super) struct Pending {
 
 /// What the writer that led a group commit tells a member.
 pub(super) enum GroupReply {
-    /// Decided for this member: committed with the group, or already committed / fenced.
-    Done(CommitOutcome),
+    /// Decided for this member: committed with the group, or already committed / fenced; and
+    /// the shared files the group wrote, counted once, with its first deferred member.
+    Done(CommitOutcome, Option<Written>),
     /// The group could not commit (an error, or a flush the group cannot carry): commit alone,
     /// which reports this flush's own error, if any.
     Alone,
@@ -176,6 +198,7 @@ impl DeltaSink {
             known_schema: std::sync::Mutex::new(None),
             crash: CrashPoints::default(),
             pending: std::sync::Mutex::new(Vec::new()),
+            compactor: Default::default(),
         })
     }
 
@@ -253,11 +276,18 @@ impl Sink for DeltaSink {
     type Data = DeltaStaged;
 
     fn retained_bytes(&self, staged: &Staged<DeltaStaged>) -> usize {
-        staged
+        let deferred: usize = staged
             .data
-            .changes
-            .as_ref()
-            .map_or(0, |c| c.rows.get_array_memory_size())
+            .deferred
+            .iter()
+            .map(|b| b.get_array_memory_size())
+            .sum();
+        deferred
+            + staged
+                .data
+                .changes
+                .as_ref()
+                .map_or(0, |c| c.rows.get_array_memory_size())
     }
 
     async fn recover(&self, tp: &TopicPartition) -> Result<Option<Offset>> {
@@ -318,6 +348,8 @@ impl Sink for DeltaSink {
                 // The table's schema: without the upsert's unchanged-values column.
                 schema: schema.as_ref().map(|s| self.table_schema(s)),
                 changes: None,
+                deferred: Vec::new(),
+                gather_until: flush.tick.map(|t| t.gather_until),
             },
         };
         let Some(schema) = schema else {
@@ -329,16 +361,13 @@ impl Sink for DeltaSink {
             staged.data.changes = Some(Arc::new(changes));
             return Ok(staged);
         }
-        // Parquet encoding is CPU-bound: keep it off the async worker threads.
-        let handle = tokio::runtime::Handle::current();
-        let this = self.clone_for_io();
-        let tp = flush.tp.clone();
-        let schema2 = schema.clone();
-        let adds = crate::encode::encode_blocking(move || {
-            handle.block_on(async move { this.write_files(&tp, &schema2, batches).await })
-        })
-        .await
-        .map_err(|e| Error::Join(e.to_string()))??;
+        if flush.tick.is_some() && self.config.shared_files {
+            // Written at commit time, together with the other partitions of the same tick.
+            staged.data.deferred = batches;
+            self.crash.at("after_stage");
+            return Ok(staged);
+        }
+        let adds = self.write_blocking(&flush.tp, &schema, batches).await?;
         staged.data.adds = adds;
         self.crash.at("after_stage");
         Ok(staged)
@@ -346,12 +375,15 @@ impl Sink for DeltaSink {
 
     async fn commit(&self, staged: &Staged<DeltaStaged>) -> Result<(CommitOutcome, CommitStats)> {
         let delta = &staged.data;
+        let (outcome, written) = self.commit_queued(staged).await?;
         let stats = CommitStats {
-            files: delta.adds.len(),
+            files: written.map_or(delta.adds.len(), |w| w.files),
             rows: staged.rows,
-            bytes: delta.adds.iter().map(|a| a.size.max(0) as u64).sum(),
+            bytes: written.map_or_else(
+                || delta.adds.iter().map(|a| a.size.max(0) as u64).sum(),
+                |w| w.bytes,
+            ),
         };
-        let outcome = self.commit_queued(staged).await?;
         if matches!(outcome, CommitOutcome::Committed { .. }) {
             self.crash.at("after_commit");
         }
@@ -397,6 +429,7 @@ impl DeltaSink {
             known_schema: std::sync::Mutex::new(None),
             crash: CrashPoints::default(),
             pending: std::sync::Mutex::new(Vec::new()),
+            compactor: Default::default(),
         })
     }
 }
@@ -404,6 +437,12 @@ impl DeltaSink {
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_compact;
+#[cfg(test)]
+mod tests_mor;
+#[cfg(test)]
 mod tests_rewrite;
+#[cfg(test)]
+mod tests_shared;
 #[cfg(test)]
 mod tests_upsert;

@@ -1,5 +1,7 @@
-//! Reading a data file for an upsert's rewrite (see `rewrite`): its footer, the key columns of
-//! the row groups its statistics do not rule out, and whether it holds a changed key.
+//! Reading a data file for an upsert (see `rewrite` and `mor`): its footer, the key columns of
+//! the row groups its statistics do not rule out, and whether it holds a changed key (for a
+//! rewrite) or which of its rows do (for deletion vectors: their indexes in the file, counted
+//! over every row group, the ones skipped included).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -111,8 +113,79 @@ pub(super) async fn probe(
     keys: &Keys,
     index: &HashMap<Row<'_>, bool>,
 ) -> Result<Probe, DeltaTableError> {
-    if !keys.admitted_by_log_stats(file) {
+    let Some(mut scan) = key_scan(store, file, keys).await? else {
         return Ok(Probe::Pruned);
+    };
+    let Some(stream) = scan.stream.as_mut() else {
+        return Ok(Probe::Clean);
+    };
+    let path = file.object_store_path();
+    while let Some(batch) = stream.next().await {
+        let rows = keys.rows_of(&batch.map_err(read_error(&path))?)?;
+        if rows.iter().any(|r| index.contains_key(&r)) {
+            return Ok(Probe::Dirty(n));
+        }
+    }
+    Ok(Probe::Clean)
+}
+
+/// The rows of `file` (their indexes in the file) whose key is among the changes, each with
+/// whether its change deletes it; `None` when the file's statistics rule every change out.
+pub(super) async fn matching_rows(
+    store: &Arc<dyn ObjectStore>,
+    file: &LogicalFileView,
+    keys: &Keys,
+    index: &HashMap<Row<'_>, bool>,
+) -> Result<Option<Vec<(u64, bool)>>, DeltaTableError> {
+    let Some(mut scan) = key_scan(store, file, keys).await? else {
+        return Ok(None);
+    };
+    let mut matched = Vec::new();
+    let Some(stream) = scan.stream.as_mut() else {
+        return Ok(Some(matched));
+    };
+    let path = file.object_store_path();
+    // Rows stream in file order through the admitted row groups: the n-th row streamed is
+    // the n-th row of those groups' ranges.
+    let mut ranges = scan.ranges.iter().copied();
+    let (mut at, mut left) = ranges.next().unwrap_or((0, 0));
+    while let Some(batch) = stream.next().await {
+        let rows = keys.rows_of(&batch.map_err(read_error(&path))?)?;
+        for r in rows.iter() {
+            while left == 0 {
+                (at, left) = ranges.next().ok_or_else(|| {
+                    DeltaTableError::Generic(format!(
+                        "reading data file {path}: more rows than its row groups hold"
+                    ))
+                })?;
+            }
+            if let Some(deletes) = index.get(&r) {
+                matched.push((at, *deletes));
+            }
+            at += 1;
+            left -= 1;
+        }
+    }
+    Ok(Some(matched))
+}
+
+/// A stream of the key columns of a file's row groups that its statistics do not rule out.
+pub(super) struct KeyScan {
+    /// `None`: the file has no key column (written before the key existed): no row matches.
+    stream: Option<parquet::arrow::async_reader::ParquetRecordBatchStream<FileReader>>,
+    /// The admitted row groups as (first row in the file, rows), in file order.
+    ranges: Vec<(u64, u64)>,
+}
+
+/// Opens `file`'s key columns for the row groups whose statistics admit a change; `None` when
+/// the log's or the footer's statistics rule every change out.
+async fn key_scan(
+    store: &Arc<dyn ObjectStore>,
+    file: &LogicalFileView,
+    keys: &Keys,
+) -> Result<Option<KeyScan>, DeltaTableError> {
+    if !keys.admitted_by_log_stats(file) {
+        return Ok(None);
     }
     let builder = reader(store, file).await?;
     let arrow_schema = builder.schema().clone();
@@ -136,9 +209,19 @@ pub(super) async fn probe(
             }
         }
     }
-    let groups: Vec<usize> = (0..admitted.len()).filter(|&g| admitted[g]).collect();
+    let mut ranges = Vec::new();
+    let mut first = 0u64;
+    let mut groups = Vec::new();
+    for (g, rg) in row_groups.iter().enumerate() {
+        let rows = rg.num_rows().max(0) as u64;
+        if admitted[g] {
+            groups.push(g);
+            ranges.push((first, rows));
+        }
+        first += rows;
+    }
     if groups.is_empty() {
-        return Ok(Probe::Pruned);
+        return Ok(None);
     }
     let Ok(roots) = keys
         .columns
@@ -147,21 +230,21 @@ pub(super) async fn probe(
         .collect::<Result<Vec<usize>, _>>()
     else {
         // Written before a key column existed: its keys are null there, and no change's is.
-        return Ok(Probe::Clean);
+        return Ok(Some(KeyScan {
+            stream: None,
+            ranges,
+        }));
     };
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
     let path = file.object_store_path();
-    let mut stream = builder
+    let stream = builder
         .with_projection(mask)
         .with_row_groups(groups)
         .with_batch_size(BATCH_ROWS)
         .build()
         .map_err(read_error(&path))?;
-    while let Some(batch) = stream.next().await {
-        let rows = keys.rows_of(&batch.map_err(read_error(&path))?)?;
-        if rows.iter().any(|r| index.contains_key(&r)) {
-            return Ok(Probe::Dirty(n));
-        }
-    }
-    Ok(Probe::Clean)
+    Ok(Some(KeyScan {
+        stream: Some(stream),
+        ranges,
+    }))
 }

@@ -272,27 +272,7 @@ pub(super) async fn upsert(
             .collect::<Vec<_>>(),
     ));
     let keys = Keys::new(config, batches)?;
-    let deleted: Vec<Option<BooleanArray>> = batches
-        .iter()
-        .map(|b| {
-            config
-                .delete_column
-                .as_ref()
-                .and_then(|c| b.column_by_name(c))
-                .and_then(|c| c.as_any().downcast_ref::<BooleanArray>())
-                .map(|d| {
-                    // A null delete flag upserts, as in the MERGE (`_deleted = true` deletes).
-                    BooleanArray::from_iter(d.iter().map(|v| Some(v == Some(true))))
-                })
-        })
-        .collect();
-    let mut index: HashMap<Row<'_>, bool> =
-        HashMap::with_capacity(batches.iter().map(RecordBatch::num_rows).sum());
-    for (rows, deleted) in keys.rows.iter().zip(&deleted) {
-        for (i, row) in rows.iter().enumerate() {
-            index.insert(row, deleted.as_ref().is_some_and(|d| d.value(i)));
-        }
-    }
+    let (index, deleted) = change_index(config, batches, &keys);
 
     let store = table.log_store().object_store(None);
     let mut metrics = MergeMetrics {
@@ -411,21 +391,43 @@ pub(super) async fn upsert(
     metrics.num_target_files_added = adds.len();
     metrics.num_target_files_removed = dirty.len();
 
-    let mut actions = Vec::with_capacity(dirty.len() + adds.len() + 1);
-    if !Arc::ptr_eq(&merged, &current) {
-        let kernel = schema::kernel_schema(&merged).map_err(DeltaTableError::Generic)?;
+    let mut actions: Vec<Action> = dirty
+        .iter()
+        .map(|&n| Action::Remove(files[n].remove_action(true)))
+        .collect();
+    actions.extend(adds.into_iter().map(Action::Add));
+    let operation = match truncate {
+        true => DeltaOperation::Delete { predicate: None },
+        false => operation(config, &keys, index.values().any(|d| *d)),
+    };
+    let table = commit_upsert(sink, table, (&current, &merged), actions, txns, operation).await?;
+    metrics.execution_time_ms = started.elapsed().as_millis() as u64;
+    Ok(Outcome::Done(table, metrics))
+}
+
+/// Commits an upsert's `actions` on `table`'s loaded state, after a metaData action when the
+/// schema grew (`schemas`: the table's, and the one the changes need), with the `txns`
+/// (appId, version); returns the table after the commit.
+pub(super) async fn commit_upsert(
+    sink: &DeltaSink,
+    table: &DeltaTable,
+    schemas: (&SchemaRef, &SchemaRef),
+    actions: Vec<Action>,
+    txns: &[(String, i64)],
+    operation: DeltaOperation,
+) -> Result<DeltaTable, DeltaTableError> {
+    let (current, merged) = schemas;
+    let state = table.snapshot()?;
+    let mut all = Vec::with_capacity(actions.len() + 1);
+    if !Arc::ptr_eq(merged, current) {
+        let kernel = schema::kernel_schema(merged).map_err(DeltaTableError::Generic)?;
         info!(table = %sink.location, "evolving the table schema: {}",
-            super::describe_new_columns(&current, &merged));
-        actions.push(Action::Metadata(
+            super::describe_new_columns(current, merged));
+        all.push(Action::Metadata(
             state.metadata().clone().with_schema(&kernel)?,
         ));
     }
-    actions.extend(
-        dirty
-            .iter()
-            .map(|&n| Action::Remove(files[n].remove_action(true))),
-    );
-    actions.extend(adds.into_iter().map(Action::Add));
+    all.extend(actions);
     let mut properties = CommitProperties::default()
         .with_max_retries(sink.config.commit_attempts as usize)
         .with_cleanup_expired_logs(Some(false));
@@ -433,20 +435,43 @@ pub(super) async fn upsert(
         properties = properties.with_application_transaction(Transaction::new(app_id, *version));
     }
     let done = CommitBuilder::from(properties)
-        .with_actions(actions)
-        .build(
-            Some(state),
-            table.log_store(),
-            match truncate {
-                true => DeltaOperation::Delete { predicate: None },
-                false => operation(config, &keys, index.values().any(|d| *d)),
-            },
-        )
+        .with_actions(all)
+        .build(Some(state), table.log_store(), operation)
         .await?;
-    metrics.execution_time_ms = started.elapsed().as_millis() as u64;
     let mut table = table.clone();
     table.state = Some(done.snapshot);
-    Ok(Outcome::Done(table, metrics))
+    Ok(table)
+}
+
+/// The changes' keys, each with whether the change deletes it, and per batch the rows that
+/// delete (`None`: a batch without a delete column).
+pub(super) fn change_index<'k>(
+    config: &UpsertConfig,
+    batches: &[RecordBatch],
+    keys: &'k Keys,
+) -> (HashMap<Row<'k>, bool>, Vec<Option<BooleanArray>>) {
+    let deleted: Vec<Option<BooleanArray>> = batches
+        .iter()
+        .map(|b| {
+            config
+                .delete_column
+                .as_ref()
+                .and_then(|c| b.column_by_name(c))
+                .and_then(|c| c.as_any().downcast_ref::<BooleanArray>())
+                .map(|d| {
+                    // A null delete flag upserts, as in the MERGE (`_deleted = true` deletes).
+                    BooleanArray::from_iter(d.iter().map(|v| Some(v == Some(true))))
+                })
+        })
+        .collect();
+    let mut index: HashMap<Row<'k>, bool> =
+        HashMap::with_capacity(batches.iter().map(RecordBatch::num_rows).sum());
+    for (rows, deleted) in keys.rows.iter().zip(&deleted) {
+        for (i, row) in rows.iter().enumerate() {
+            index.insert(row, deleted.as_ref().is_some_and(|d| d.value(i)));
+        }
+    }
+    (index, deleted)
 }
 
 /// One partition's share of an upsert: the files it rewrites and the changes it writes.
@@ -513,7 +538,7 @@ async fn rewrite_file(
 }
 
 /// `file`'s partition values, in the table's partition column order.
-fn partition_values(
+pub(super) fn partition_values(
     file: &LogicalFileView,
     columns: &[String],
 ) -> Result<PartitionValues, DeltaTableError> {
@@ -542,7 +567,10 @@ fn partition_values(
     Ok(values)
 }
 
-fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, DeltaTableError> {
+pub(super) fn conform(
+    batch: &RecordBatch,
+    schema: &SchemaRef,
+) -> Result<RecordBatch, DeltaTableError> {
     schema::conform_batch(batch, schema).map_err(DeltaTableError::Generic)
 }
 

@@ -62,6 +62,14 @@ impl DeltaSink {
         properties
             .entry("delta.checkpointInterval".into())
             .or_insert_with(|| self.config.checkpoint_interval.to_string());
+        if self.config.upsert.is_some()
+            && self.config.upsert_strategy == UpsertStrategy::DeletionVectors
+        {
+            // Protocol 3/7 with the deletionVectors feature from the first version.
+            properties
+                .entry("delta.enableDeletionVectors".into())
+                .or_insert_with(|| "true".into());
+        }
         let partition_columns: Vec<String> = self.partition_columns();
         let created = CreateBuilder::new()
             .with_location(self.url.as_str())

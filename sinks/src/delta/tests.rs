@@ -44,6 +44,7 @@ pub(super) fn flush(p: i32, start: i64, next: i64, batches: Vec<RecordBatch>) ->
         next: Offset(next),
         batches,
         truncate: false,
+        tick: None,
     }
 }
 

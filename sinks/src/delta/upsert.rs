@@ -27,7 +27,7 @@ use deltalake::delta_datafusion::DeltaSessionContext;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
 use deltalake::{DeltaTable, DeltaTableError};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{DeltaSink, GroupReply, Pending};
 use crate::{CommitOutcome, Error, Result, Staged, TopicPartition};
@@ -54,6 +54,13 @@ pub(super) fn merge_session() -> std::result::Result<std::sync::Arc<SessionState
     ))
 }
 
+/// Whether upserts into `table` go by merge on read: the sink asks for it, or the table has the
+/// `deletionVectors` feature already.
+fn wants_deletion_vectors(sink: &DeltaSink, table: &DeltaTable) -> bool {
+    sink.config.upsert_strategy == super::UpsertStrategy::DeletionVectors
+        || super::mor::has_deletion_vectors(table)
+}
+
 /// One MERGE of `batches` (at most one change per key, all of one schema) into `table`, recording `txns`
 /// (appId, version) in its commit: by copy-on-write of the files that hold a changed key (see
 /// [`super::rewrite`]), or by deltalake's MERGE for the tables that cannot go that way.
@@ -72,6 +79,27 @@ async fn merge(
     for b in batches {
         filled.push(super::unchanged::fill_from_table(config, table, b.clone()).await?);
     }
+    // Merge on read where the sink asks for it or the table already has deletion vectors (a
+    // copy-on-write of a file with one would bring its deleted rows back). A truncate removes
+    // every file whole, which copy-on-write does.
+    let table = &if !truncate && wants_deletion_vectors(sink, table) {
+        let table = if super::mor::has_deletion_vectors(table) {
+            table.clone()
+        } else {
+            info!(table = %sink.location,
+                "adding the deletionVectors feature to the table (upsert = \"deletion-vectors\")");
+            super::mor::enable(table).await?
+        };
+        match super::mor::upsert(sink, config, &table, &filled, tps, txns).await? {
+            super::rewrite::Outcome::Done(table, metrics) => return Ok((table, metrics)),
+            super::rewrite::Outcome::Unsupported(why) => {
+                debug!(table = %sink.location, "upsert by deltalake's MERGE: {why}");
+                table
+            }
+        }
+    } else {
+        table.clone()
+    };
     match super::rewrite::upsert(sink, config, table, &filled, tps, txns, truncate).await? {
         super::rewrite::Outcome::Done(table, metrics) => return Ok((table, metrics)),
         super::rewrite::Outcome::Unsupported(why) if truncate => {
@@ -295,7 +323,7 @@ pub(super) async fn commit_group(
                     let next = p.staged.next;
                     let _ = p
                         .reply
-                        .send(GroupReply::Done(CommitOutcome::Committed { next }));
+                        .send(GroupReply::Done(CommitOutcome::Committed { next }, None));
                 }
                 return;
             }

@@ -69,6 +69,25 @@ impl DeltaSink {
         }
     }
 
+    /// [`Self::write_files`] on a blocking thread holding an encode permit: Parquet encoding is
+    /// CPU-bound, and the async worker threads must stay free.
+    pub(super) async fn write_blocking(
+        &self,
+        tp: &TopicPartition,
+        schema: &SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> Result<Vec<Add>> {
+        let handle = tokio::runtime::Handle::current();
+        let this = self.clone_for_io();
+        let tp = tp.clone();
+        let schema = schema.clone();
+        crate::encode::encode_blocking(move || {
+            handle.block_on(async move { this.write_files(&tp, &schema, batches).await })
+        })
+        .await
+        .map_err(|e| Error::Join(e.to_string()))?
+    }
+
     /// Writes `batches` (conformed to `schema`) as data files, one per output partition.
     pub(super) async fn write_files(
         &self,

@@ -46,6 +46,7 @@ pub(super) fn flush(start: i64, next: i64) -> Flush {
         next: Offset(next),
         batches: vec![batch],
         truncate: false,
+        tick: None,
     }
 }
 

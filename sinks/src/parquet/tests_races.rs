@@ -102,6 +102,7 @@ fn tagged(writer: &str, start: i64, next: i64) -> Flush {
         next: Offset(next),
         batches: vec![batch],
         truncate: false,
+        tick: None,
     }
 }
 

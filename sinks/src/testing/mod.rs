@@ -51,6 +51,7 @@ pub fn flush(tp: &TopicPartition, start: i64, next: i64, rows: bool) -> Flush {
         next: Offset(next),
         batches: if rows { vec![batch] } else { Vec::new() },
         truncate: false,
+        tick: None,
     }
 }
 

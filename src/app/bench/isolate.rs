@@ -159,6 +159,7 @@ pub(super) async fn measure_alone(records: u64, format: &str) -> anyhow::Result<
         tables: 1,
         one_sink: false,
         pipeline: None,
+        sink: None,
     };
     let text = sink_config(
         demo_config(

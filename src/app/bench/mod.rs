@@ -75,6 +75,8 @@ pub struct Options {
     pub one_sink: bool,
     /// Extra `[pipeline]` settings (TOML lines), e.g. `max_buffer_bytes = "32MiB"`.
     pub pipeline: Option<String>,
+    /// Extra settings of every sink (TOML lines), e.g. `delta = { shared_files = false }`.
+    pub sink: Option<String>,
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -175,6 +177,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let text = match opts.one_sink && all_topics.len() > 1 {
         true => one_sink(&sink, &topic),
         false => per_table(&sink, &topic, &all_topics),
+    };
+    let text = match &opts.sink {
+        Some(extra) => text.replace("[[sink]]", &format!("[[sink]]\n{extra}")),
+        None => text,
     };
     let text = match &opts.pipeline {
         Some(extra) => text.replacen("[[sink]]", &format!("[pipeline]\n{extra}\n\n[[sink]]"), 1),
@@ -410,8 +416,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             mean,
             progress.max_freshness_ms.load(Ordering::Relaxed) as f64 / 1000.0
         );
-        // Files a table gets in steady streaming: each Kafka partition commits its own file
-        // per table partition per flush.
+        // Files a table gets in steady streaming: a Parquet table one per Kafka partition per
+        // table partition per flush; a Delta table one per table partition per latency tick
+        // (`delta.shared_files`).
         let written = table_partitions(&tables)?;
         println!(
             "  files:     {files} files committed in {elapsed:.1} s into {written} table \

@@ -6,9 +6,12 @@
 //! per flush, from the Delta log of the upsert commits; the table is then read back (it still
 //! holds `table_rows` rows, and the last value of each changed key).
 //!
-//! Copy-on-write upserts rewrite every file that holds a changed key, so with random keys these
-//! figures grow with the table, not with the change: the baseline the merge-on-read upserts of
-//! "Tables at production size" are measured against.
+//! Every table size and upsert strategy given runs in turn in the same process, on a table of
+//! its own, and a summary gives each run's CPU per change relative to the smallest table's of
+//! the same strategy: copy-on-write upserts rewrite every file that holds a changed key, so with
+//! random keys their cost grows with the table; deletion vectors mark rows instead, so theirs
+//! should follow the change. Write amplification is the bytes written (data files, deletion
+//! vectors) over the raw bytes of the changed rows.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use arrow::array::{Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use sinks::delta::{DeltaSink, DeltaSinkConfig};
+use sinks::delta::{DeltaSink, DeltaSinkConfig, UpsertStrategy};
 use sinks::upsert::UpsertConfig;
 use sinks::{Flush, Offset, Sink, TopicPartition};
 
@@ -65,13 +68,15 @@ async fn commit<S: Sink>(
             next: Offset(next),
             batches: vec![b],
             truncate: false,
+            tick: None,
         })
         .await?;
     sink.commit(&staged).await?;
     Ok(())
 }
 
-/// Bytes added and files removed per commit, for the log versions after `after`.
+/// Bytes added (data files) and files removed (rewritten, or given a new deletion vector) per
+/// commit, for the log versions after `after`.
 fn log_figures(table: &std::path::Path, after: u64) -> anyhow::Result<Vec<(u64, u64)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(table.join("_delta_log"))? {
@@ -87,23 +92,99 @@ fn log_figures(table: &std::path::Path, after: u64) -> anyhow::Result<Vec<(u64, 
         if version <= after {
             continue;
         }
-        let (mut added, mut removed) = (0u64, 0u64);
-        for line in std::fs::read_to_string(&path)?.lines() {
-            let action: serde_json::Value = serde_json::from_str(line)?;
+        // A file removed and added again in one commit got a deletion vector: not written.
+        let actions: Vec<serde_json::Value> = std::fs::read_to_string(&path)?
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        let removed_paths: std::collections::HashSet<&str> = actions
+            .iter()
+            .filter_map(|a| a.pointer("/remove/path").and_then(|p| p.as_str()))
+            .collect();
+        let (mut added, removed, mut adds) = (0u64, removed_paths.len() as u64, 0);
+        for action in &actions {
             if let Some(size) = action.pointer("/add/size").and_then(|s| s.as_u64()) {
-                added += size;
+                adds += 1;
+                let path = action.pointer("/add/path").and_then(|p| p.as_str());
+                if !path.is_some_and(|p| removed_paths.contains(p)) {
+                    added += size;
+                }
             }
-            if action.get("remove").is_some() {
-                removed += 1;
-            }
+        }
+        if adds == 0 && removed == 0 {
+            // No data: the commit that added the deletionVectors feature.
+            continue;
         }
         out.push((added, removed));
     }
     Ok(out)
 }
 
-/// Runs the benchmark; prints its report.
-pub async fn steady_upsert(table_rows: u64, changes: u64, flush_rows: u64) -> anyhow::Result<()> {
+/// Bytes of the deletion-vector files in `table`.
+fn dv_bytes(table: &std::path::Path) -> anyhow::Result<u64> {
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(table)? {
+        let entry = entry?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("deletion_vector_")
+        {
+            bytes += entry.metadata()?.len();
+        }
+    }
+    Ok(bytes)
+}
+
+/// What one run measured.
+struct Figures {
+    table_rows: u64,
+    strategy: UpsertStrategy,
+    cpu_per_change_us: f64,
+    amplification: f64,
+}
+
+/// Runs the benchmark for every table size and strategy given; prints each report and a
+/// summary.
+pub async fn steady_upsert(
+    table_rows: &[u64],
+    changes: u64,
+    flush_rows: u64,
+    strategies: &[UpsertStrategy],
+) -> anyhow::Result<()> {
+    let mut all = Vec::new();
+    for strategy in strategies {
+        for rows in table_rows {
+            all.push(run(*rows, changes, flush_rows, *strategy).await?);
+        }
+    }
+    if all.len() > 1 {
+        println!("summary: CPU per change relative to the smallest table of the same strategy");
+        for f in &all {
+            let base = all
+                .iter()
+                .filter(|b| b.strategy == f.strategy)
+                .min_by_key(|b| b.table_rows)
+                .expect("f itself");
+            println!(
+                "  {:>10} rows, {:<16} {:>9.1} µs CPU per change ({:.2}x), write amplification {:.1}",
+                f.table_rows,
+                format!("{:?}", f.strategy),
+                f.cpu_per_change_us,
+                f.cpu_per_change_us / base.cpu_per_change_us,
+                f.amplification
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn run(
+    table_rows: u64,
+    changes: u64,
+    flush_rows: u64,
+    strategy: UpsertStrategy,
+) -> anyhow::Result<Figures> {
     anyhow::ensure!(
         table_rows > 0 && changes > 0 && flush_rows > 0,
         "sizes must be positive"
@@ -141,6 +222,7 @@ pub async fn steady_upsert(table_rows: u64, changes: u64, flush_rows: u64) -> an
                 unchanged_column: None,
             }),
             group_rows: flush_rows as usize,
+            upsert_strategy: strategy,
             ..Default::default()
         },
     )?;
@@ -151,6 +233,7 @@ pub async fn steady_upsert(table_rows: u64, changes: u64, flush_rows: u64) -> an
     let mut last: HashMap<i64, i64> = HashMap::new();
     let (cpu0, started) = (cpu_seconds().unwrap_or(0.0), Instant::now());
     let mut done = 0u64;
+    let mut change_bytes = 0u64;
     while done < changes {
         let n = flush_rows.min(changes - done);
         let ids: Vec<i64> = (0..n)
@@ -165,13 +248,20 @@ pub async fn steady_upsert(table_rows: u64, changes: u64, flush_rows: u64) -> an
         for id in &ids {
             last.insert(*id, version);
         }
-        commit(&upserter, &tp, done as i64, batch(&ids, version)?).await?;
+        let b = batch(&ids, version)?;
+        // The changed rows' raw bytes: three longs and the customer's name.
+        change_bytes += 24 * b.num_rows() as u64
+            + b.column(1)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .map_or(0, |c| c.values().len() as u64);
+        commit(&upserter, &tp, done as i64, b).await?;
         done += n;
     }
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds().unwrap_or(0.0) - cpu0;
     let commits = log_figures(&table, loaded_version)?;
-    let written: u64 = commits.iter().map(|(a, _)| a).sum();
+    let written: u64 = commits.iter().map(|(a, _)| a).sum::<u64>() + dv_bytes(&table)?;
     let rewritten: Vec<u64> = commits.iter().map(|(_, r)| *r).collect();
 
     // Read back: every row is still there once, and each changed key holds its last version.
@@ -229,8 +319,9 @@ pub async fn steady_upsert(table_rows: u64, changes: u64, flush_rows: u64) -> an
 
     let flushes = rewritten.len().max(1) as f64;
     println!(
-        "lakesink bench --steady-upsert: a local Delta table of {table_rows} rows in {files} files \
-         ({:.1} MB); {changes} changes of random keys in {} flushes of {flush_rows}",
+        "lakesink bench --steady-upsert ({strategy:?}): a local Delta table of {table_rows} rows \
+         in {files} files ({:.1} MB); {changes} changes of random keys in {} flushes of \
+         {flush_rows}",
         bytes as f64 / 1e6,
         rewritten.len()
     );
@@ -242,12 +333,24 @@ pub async fn steady_upsert(table_rows: u64, changes: u64, flush_rows: u64) -> an
         written as f64 / 1e6
     );
     println!(
-        "  per flush:  {:.1} files rewritten on average (at most {}), {:.1} MB written, {:.3} s",
+        "  per flush:  {:.1} files rewritten or marked on average (at most {}), {:.1} MB \
+         written, {:.3} s",
         rewritten.iter().sum::<u64>() as f64 / flushes,
         rewritten.iter().max().copied().unwrap_or(0),
         written as f64 / 1e6 / flushes,
         wall / flushes
     );
+    let amplification = written as f64 / change_bytes.max(1) as f64;
+    println!(
+        "  amplification: {amplification:.1} bytes written per byte changed ({:.1} MB of \
+         changed rows)",
+        change_bytes as f64 / 1e6
+    );
     println!("  read back:  {table_rows} rows, one per key; the last change of 50 keys checked");
-    Ok(())
+    Ok(Figures {
+        table_rows,
+        strategy,
+        cpu_per_change_us: cpu * 1e6 / changes as f64,
+        amplification,
+    })
 }

@@ -20,6 +20,11 @@ impl Worker {
     /// `[position, last_offset + 1)`: settles the flush in flight first, then hands this one to
     /// its own task ([`InFlight`]) and returns; `position` moves to the flush's end at once.
     pub(super) async fn flush(&mut self) {
+        self.flush_with(None).await
+    }
+
+    /// [`Self::flush`], for a flush cut at a latency `tick` when there is one.
+    pub(super) async fn flush_with(&mut self, tick: Option<sinks::Tick>) {
         self.settle().await;
         if self.dead || self.resyncing {
             return;
@@ -46,7 +51,7 @@ impl Worker {
         if !self.dead_pending.is_empty() && !self.write_dead_letters().await {
             return;
         }
-        self.first_at = None;
+        self.due = None;
         let (Some(start), Some(last)) = (self.ctx.position, self.last_offset) else {
             return;
         };
@@ -69,6 +74,7 @@ impl Worker {
             next: Offset(next),
             batches,
             truncate,
+            tick,
         };
         let received_by = self.last_received.unwrap_or_else(std::time::Instant::now);
         let gate = self
@@ -165,7 +171,7 @@ impl Worker {
                       "fenced by another writer; re-reading from its end");
                 self.release();
                 self.oldest_ts_ms = None;
-                self.first_at = None;
+                self.due = None;
                 self.resync(tp, winner.0);
             }
         }

@@ -17,6 +17,10 @@
 //!   buffer; if the flush is fenced they are dropped and read again from the winner's end.
 //! - A drain settles the flush in flight and the final flush before it is acknowledged: a
 //!   revoked partition has no writer left in this process.
+//! - The latency flush is cut at the first tick of a wall-clock grid (multiples of
+//!   `max_latency` since the epoch) after the buffer's first record: never later than
+//!   `max_latency`, and at the same moment as every other partition's, so a sink can write
+//!   the flushes of one tick into shared files ([`sinks::Tick`]).
 //!
 //! Undecodable records wait in `dead_pending`; each flush writes them to the dead-letter topic
 //! (one fenced transaction, see `kafka::dead_letter`) before its table commit, after the flush
@@ -76,7 +80,9 @@ struct Worker {
     buffer: Vec<RecordBatch>,
     buffered_rows: usize,
     buffered_bytes: usize,
-    first_at: Option<Instant>,
+    /// When the buffer's latency flush is due: the first latency tick after its first record,
+    /// and that tick in ms since the epoch (see [`next_tick`]).
+    due: Option<(Instant, u64)>,
     /// Highest offset handled since `position` (rows, tombstones).
     last_offset: Option<i64>,
     /// Waiting for the source to confirm a seek; input is stale until then.
@@ -147,7 +153,7 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         buffer: Vec::new(),
         buffered_rows: 0,
         buffered_bytes: 0,
-        first_at: None,
+        due: None,
         last_offset: None,
         resyncing: false,
         dead: false,
@@ -191,7 +197,7 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         .or_insert_with(|| w.ctx.runtime.sink.table_of(&w.ctx.tp.topic));
     let latency = w.ctx.runtime.config.flush.max_latency;
     loop {
-        let deadline = w.first_at.map(|t| t + latency);
+        let deadline = w.due.map(|(at, _)| at);
         tokio::select! {
             biased;
             settled = in_flight(&mut w.in_flight) => {
@@ -199,7 +205,12 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
                 w.settled(f, settled);
             }
             _ = sleep_until(deadline), if deadline.is_some() && !w.dead => {
-                w.flush().await;
+                let (at, at_ms) = w.due.expect("a deadline was set");
+                w.flush_with(Some(sinks::Tick {
+                    at_ms,
+                    gather_until: (at + gather_window(latency)).into_std(),
+                }))
+                .await;
             }
             msg = rx.recv() => match msg {
                 None => break,
@@ -244,6 +255,31 @@ async fn in_flight(f: &mut Option<InFlight>) -> Result<FlushResult, tokio::task:
         Some(f) => (&mut f.task).await,
         None => std::future::pending().await,
     }
+}
+
+/// The first latency tick after now: the next multiple of `latency` since the Unix epoch, as an
+/// instant and in milliseconds. Every worker of every member cuts its latency flushes on this
+/// one grid, so the partitions of a table that hold rows flush at the same moment (and a sink can
+/// write them into shared files, see [`sinks::Tick`]); a record still waits at most `latency`.
+pub(super) fn next_tick(latency: std::time::Duration) -> (Instant, u64) {
+    let period = (latency.as_millis() as u64).max(1);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let at_ms = (now_ms / period + 1) * period;
+    (
+        Instant::now() + std::time::Duration::from_millis(at_ms - now_ms),
+        at_ms,
+    )
+}
+
+/// How long after a tick a sink may wait for the other partitions' flushes of that tick: a
+/// twentieth of `max_latency`, between 10 ms and 1 s.
+pub(super) fn gather_window(latency: std::time::Duration) -> std::time::Duration {
+    (latency / 20).clamp(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_secs(1),
+    )
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -322,8 +358,8 @@ impl Worker {
         }
         self.counted_in.0 += 1;
         self.counted_in.1 += rec.payload.as_ref().map_or(0, |p| p.len()) as u64;
-        if self.first_at.is_none() {
-            self.first_at = Some(Instant::now());
+        if self.due.is_none() {
+            self.due = Some(next_tick(self.ctx.runtime.config.flush.max_latency));
         }
         if rec.payload.is_none() {
             // A tombstone carries no row in an append table; its offset is still covered by the

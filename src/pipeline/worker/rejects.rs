@@ -165,7 +165,7 @@ impl Worker {
                buffer and re-reading from the table's position");
         self.release();
         self.oldest_ts_ms = None;
-        self.first_at = None;
+        self.due = None;
         self.resync(tp, position);
     }
 }

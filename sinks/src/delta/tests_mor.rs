@@ -1,0 +1,187 @@
+//! Merge-on-read upserts (`upsert = "deletion-vectors"`) and purging their deletion vectors, on
+//! real Delta tables in a temporary directory (deltalake's scan applies the vectors).
+
+use std::sync::Arc;
+
+use arrow::array::{BooleanArray, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+
+use super::tests::{commit, flush, position, query, sink};
+use super::tests_rewrite::{inserts, upsert_config};
+use super::*;
+
+fn dv_config() -> DeltaSinkConfig {
+    DeltaSinkConfig {
+        upsert_strategy: UpsertStrategy::DeletionVectors,
+        ..upsert_config()
+    }
+}
+
+/// Updates of `updated` (named `u<id>`) and deletes of `deleted`.
+fn changes(updated: &[i64], deleted: &[i64]) -> RecordBatch {
+    let ids: Vec<i64> = updated.iter().chain(deleted).copied().collect();
+    let names: Vec<Option<String>> = updated
+        .iter()
+        .map(|i| Some(format!("u{i}")))
+        .chain(deleted.iter().map(|_| None))
+        .collect();
+    let flags: Vec<bool> = updated
+        .iter()
+        .map(|_| false)
+        .chain(deleted.iter().map(|_| true))
+        .collect();
+    RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("name", DataType::Utf8, true),
+            Field::new("_deleted", DataType::Boolean, true),
+        ])),
+        vec![
+            Arc::new(Int64Array::from(ids)),
+            Arc::new(StringArray::from(names)),
+            Arc::new(BooleanArray::from(flags)),
+        ],
+    )
+    .unwrap()
+}
+
+/// The table's rows, `id → name`, read by deltalake's scan (which applies deletion vectors).
+async fn rows(dir: &std::path::Path) -> std::collections::BTreeMap<i64, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for b in query(dir, "SELECT id, name FROM t").await {
+        let ids = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+        let names = arrow::compute::cast(b.column(1), &DataType::Utf8).unwrap();
+        let names = names.as_any().downcast_ref::<StringArray>().unwrap();
+        for i in 0..b.num_rows() {
+            let previous = out.insert(ids.value(i), names.value(i).to_string());
+            assert!(previous.is_none(), "key {} twice", ids.value(i));
+        }
+    }
+    out
+}
+
+/// The live files and how many rows their deletion vectors mark.
+async fn files(s: &DeltaSink) -> Vec<(String, i64)> {
+    let mut slot = None;
+    assert!(s.refresh(&mut slot).await.unwrap());
+    let table = slot.unwrap();
+    let out = table
+        .snapshot()
+        .unwrap()
+        .log_data()
+        .iter()
+        .map(|f| {
+            (
+                f.path().to_string(),
+                f.deletion_vector_descriptor().map_or(0, |d| d.cardinality),
+            )
+        })
+        .collect();
+    out
+}
+
+#[tokio::test]
+async fn upserts_mark_rows_in_deletion_vectors_and_leave_the_files_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sink(dir.path(), dv_config());
+    commit(&s, flush(0, 0, 100, vec![inserts(0..100)])).await;
+    let first = files(&s).await;
+    assert_eq!(first.len(), 1);
+
+    // Update 10, delete 5, insert 3: the file stays, 15 of its rows are marked, and one new
+    // file holds the 13 rows written.
+    let updated: Vec<i64> = (0..10).chain(200..203).collect();
+    commit(
+        &s,
+        flush(0, 100, 101, vec![changes(&updated, &[50, 51, 52, 53, 54])]),
+    )
+    .await;
+    let second = files(&s).await;
+    assert_eq!(second.len(), 2, "{second:?}");
+    assert!(second.contains(&(first[0].0.clone(), 15)), "{second:?}");
+    let expected = |r: &std::collections::BTreeMap<i64, String>| {
+        assert_eq!(r.len(), 100 - 5 + 3);
+        assert_eq!(r[&3], "u3");
+        assert_eq!(r[&20], "n20");
+        assert_eq!(r[&201], "u201");
+        assert!(!r.contains_key(&52));
+    };
+    expected(&rows(dir.path()).await);
+
+    // Changes again: 3 and 4 now live in the new file, 52 was deleted (re-inserted now), 201
+    // lives in the new file. The first file's marks stay as they were; the new file gets 3.
+    commit(&s, flush(0, 101, 102, vec![changes(&[3, 52, 201], &[4])])).await;
+    let third = files(&s).await;
+    assert!(third.contains(&(first[0].0.clone(), 15)), "{third:?}");
+    assert!(third.iter().any(|(_, marked)| *marked == 3), "{third:?}");
+    let r = rows(dir.path()).await;
+    assert_eq!(r.len(), 100 - 5 + 3 - 1 + 1);
+    assert_eq!(
+        (r[&3].as_str(), r[&52].as_str(), r[&201].as_str()),
+        ("u3", "u52", "u201")
+    );
+    assert!(!r.contains_key(&4));
+    assert_eq!(position(dir.path(), 0).await, Some(Offset(102)));
+
+    // Purging: the second file's vector marks 3 of its 13 rows (over a fifth), the first's 15
+    // of 100 (under): only the second is rewritten, and the table reads the same.
+    let mut slot = None;
+    s.refresh(&mut slot).await.unwrap();
+    let (_, purged) = s.purge(slot.as_ref().unwrap()).await.unwrap();
+    assert_eq!(purged, 1);
+    let purged_once = files(&s).await;
+    assert!(
+        purged_once.contains(&(first[0].0.clone(), 15)),
+        "{purged_once:?}"
+    );
+    assert_eq!(
+        purged_once.iter().filter(|(_, marked)| *marked > 0).count(),
+        1,
+        "{purged_once:?}"
+    );
+    assert_eq!(rows(dir.path()).await, r);
+    // Five more deletes reach a fifth: the file is rewritten without its marked rows, and the
+    // table reads the same.
+    commit(
+        &s,
+        flush(0, 102, 103, vec![changes(&[], &[90, 91, 92, 93, 94])]),
+    )
+    .await;
+    let before = rows(dir.path()).await;
+    let mut slot = None;
+    s.refresh(&mut slot).await.unwrap();
+    let (_, purged) = s.purge(slot.as_ref().unwrap()).await.unwrap();
+    assert_eq!(purged, 1);
+    let after = files(&s).await;
+    assert!(!after.iter().any(|(p, _)| *p == first[0].0), "{after:?}");
+    assert_eq!(rows(dir.path()).await, before);
+    assert_eq!(position(dir.path(), 0).await, Some(Offset(103)));
+}
+
+#[tokio::test]
+async fn a_copy_on_write_table_gains_the_feature_and_keeps_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    commit(
+        &sink(dir.path(), upsert_config()),
+        flush(0, 0, 50, vec![inserts(0..50)]),
+    )
+    .await;
+    let s = sink(dir.path(), dv_config());
+    let mut slot = None;
+    s.refresh(&mut slot).await.unwrap();
+    assert!(!mor::has_deletion_vectors(slot.as_ref().unwrap()));
+    commit(&s, flush(0, 50, 51, vec![changes(&[1, 2], &[3])])).await;
+    let mut slot = None;
+    s.refresh(&mut slot).await.unwrap();
+    assert!(mor::has_deletion_vectors(slot.as_ref().unwrap()));
+    let r = rows(dir.path()).await;
+    assert_eq!(r.len(), 49);
+    assert_eq!(r[&1], "u1");
+    // A copy-on-write sink on it now goes by deletion vectors too.
+    let cow = sink(dir.path(), upsert_config());
+    commit(&cow, flush(0, 51, 52, vec![changes(&[5], &[6])])).await;
+    let r = rows(dir.path()).await;
+    assert_eq!(r.len(), 48);
+    assert_eq!(r[&5], "u5");
+    assert!(files(&cow).await.iter().any(|(_, marked)| *marked > 0));
+}
