@@ -7,23 +7,27 @@
 //!
 //! Invariants:
 //! - Writers are never blocked: the compaction works on its own handle of the table, not the
-//!   one commits go through, and commits its rewrite with Delta's optimistic concurrency. Its
-//!   commit changes no data (`dataChange = false`) and no txn action, so a concurrent append does
-//!   not conflict with it; a concurrent upsert that removed one of its files does, and then the
-//!   compaction is dropped (its files stay unreferenced) and tried again at a later commit.
+//!   one commits go through. Its commit changes no data (`dataChange = false`) and no txn action.
 //! - Nothing is lost or doubled: a compaction commit removes exactly the files whose rows its
-//!   new files hold, in one log entry; a crash before that entry leaves only unreferenced files.
+//!   new files hold, in one log entry, on the very state it read; when anything was committed
+//!   since, the compaction is dropped (its files stay unreferenced) and tried again at a later
+//!   commit. deltalake's conflict checker does not compare removes with `dataChange = false`:
+//!   two compactions of the same files (two members) would both commit, and an upsert could
+//!   commit its rewrite of a file a compaction had just rewritten, each keeping the rows twice.
+//!   So compactions and upserts commit only on the state they read (no conflict resolution),
+//!   and only appends, which remove nothing, are retried on a newer state by deltalake.
+//! - A crash before the entry leaves only unreferenced files.
 //! - Vacuum deletes only files unreferenced for longer than `vacuum_retention` (at least an
 //!   hour, longer than any flush waits between writing its files and committing them).
 //! - At most one compaction per table runs in a process at a time, at least `MIN_GAP` apart.
-//!   Members of a group each compact the tables they write; two compacting the same files at
-//!   once is a conflict the loser drops.
+//!   Members of a group each compact the tables they write; of two compacting at once, the one
+//!   that commits second finds the table changed and drops its work.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::*;
 
@@ -100,21 +104,20 @@ impl DeltaSink {
                         written = report.files_written, vacuumed = report.files_vacuumed,
                         version = ?report.version_after, "background compaction committed");
                 }
-                Err(e) => warn!(table = %this.location,
+                Err(e) => info!(table = %this.location,
                     "background compaction dropped (nothing changed; tried again later): {e}"),
             }
             compactor.running.store(false, Ordering::Release);
         });
     }
 
-    /// One compaction (and vacuum, when `vacuum`) of the table on a handle of its own, one
-    /// rewrite at a time (the pipeline keeps the other cores).
+    /// One compaction (and vacuum, when `vacuum`) of the table on a handle of its own.
     pub(super) async fn compact(&self, auto: AutoCompact, vacuum: bool) -> Result<MaintainReport> {
         let mut table = self.builder()?.build().map_err(|e| self.err("open", e))?;
         table.load().await.map_err(|e| self.err("load", e))?;
         let retention = vacuum.then_some(auto.vacuum_retention);
         let (_, report) = self
-            .compact_table(table, auto.target_file_size, retention, Some(1))
+            .compact_table(table, auto.target_file_size, retention)
             .await?;
         Ok(report)
     }
@@ -127,9 +130,7 @@ fn most_small_files(state: &deltalake::table::state::DeltaTableState, target: u6
         if (f.size().max(0) as u64) >= target {
             continue;
         }
-        let path = f.path();
-        let dir = path.rsplit_once('/').map_or("", |(d, _)| d).to_string();
-        *per_dir.entry(dir).or_default() += 1;
+        *per_dir.entry(super::purge::directory(&f)).or_default() += 1;
     }
     per_dir.into_values().max().unwrap_or(0)
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::Result;
+use crate::{Error, Result};
 
 use super::*;
 
@@ -41,10 +41,23 @@ impl DeltaSink {
         if !self.refresh(&mut slot).await? {
             return Ok(MaintainReport::default());
         }
-        let table = slot.take().expect("table loaded");
-        let (table, mut report) = self
-            .compact_table(table, target_file_size, Some(retention), None)
-            .await?;
+        // Writers commit meanwhile: a compaction that finds the table changed under it is done
+        // again on the new state, a few times.
+        let mut attempt = 0;
+        let (table, mut report) = loop {
+            attempt += 1;
+            let table = slot.take().expect("table loaded");
+            match self
+                .compact_table(table, target_file_size, Some(retention))
+                .await
+            {
+                Err(Error::Delta { source, .. }) if is_conflict(&source) && attempt < 10 => {
+                    conflict_backoff(200, attempt).await;
+                    self.refresh(&mut slot).await?;
+                }
+                other => break other?,
+            }
+        };
         deltalake::checkpoints::create_checkpoint(&table, None)
             .await
             .map_err(|e| self.err("checkpoint", e))?;
@@ -57,36 +70,26 @@ impl DeltaSink {
 
 impl DeltaSink {
     /// What `maintain` and background compaction do to `table`: purge deletion vectors that
-    /// mark a fifth of their file, compact small files towards `target_file_size` (with at most
-    /// `tasks` rewrites at once; `None`: one per core), and with a `vacuum` retention remove
-    /// data files unreferenced for longer (VACUUM FULL: tombstoned files and orphans of crashed
-    /// flushes).
+    /// mark a fifth of their file and compact small files towards `target_file_size` (see
+    /// `purge`), and with a `vacuum` retention remove data files unreferenced for longer
+    /// (VACUUM FULL: tombstoned files and orphans of crashed flushes).
     pub(super) async fn compact_table(
         &self,
         table: DeltaTable,
         target_file_size: u64,
         vacuum: Option<Duration>,
-        tasks: Option<usize>,
     ) -> Result<(DeltaTable, MaintainReport)> {
         let mut report = MaintainReport {
             version_before: table.version(),
             ..Default::default()
         };
-        let (table, purged) = self.purge(&table).await.map_err(|e| self.err("purge", e))?;
-        report.files_purged = purged;
-        let mut optimize = table
-            .optimize()
-            .with_target_size(std::num::NonZeroU64::new(target_file_size.max(1)).expect("non-zero"))
-            .with_writer_properties(crate::encode::writer_properties(
-                self.config.compression,
-                self.config.row_group_rows,
-            ));
-        if let Some(tasks) = tasks {
-            optimize = optimize.with_max_concurrent_tasks(tasks);
-        }
-        let (mut table, metrics) = optimize.await.map_err(|e| self.err("compact", e))?;
-        report.files_compacted = metrics.num_files_removed;
-        report.files_written = metrics.num_files_added;
+        let (mut table, done) = self
+            .rewrite_small_and_marked(&table, target_file_size.max(1))
+            .await
+            .map_err(|e| self.err("compact", e))?;
+        report.files_purged = done.purged;
+        report.files_compacted = done.removed as u64;
+        report.files_written = done.written as u64;
         if let Some(retention) = vacuum {
             let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
             let (vacuumed, done) = table

@@ -408,6 +408,11 @@ pub(super) async fn upsert(
 /// Commits an upsert's `actions` on `table`'s loaded state, after a metaData action when the
 /// schema grew (`schemas`: the table's, and the one the changes need), with the `txns`
 /// (appId, version); returns the table after the commit.
+///
+/// Only on that state: when anything was committed since, this fails (a conflict) and the
+/// caller applies the changes again to the new state. deltalake's conflict checker would let
+/// the commit through after a compaction that removed one of the files it removes
+/// (`dataChange = false` removes are not checked), keeping that file's rows twice.
 pub(super) async fn commit_upsert(
     sink: &DeltaSink,
     table: &DeltaTable,
@@ -429,7 +434,7 @@ pub(super) async fn commit_upsert(
     }
     all.extend(actions);
     let mut properties = CommitProperties::default()
-        .with_max_retries(sink.config.commit_attempts as usize)
+        .with_max_retries(0)
         .with_cleanup_expired_logs(Some(false));
     for (app_id, version) in txns {
         properties = properties.with_application_transaction(Transaction::new(app_id, *version));

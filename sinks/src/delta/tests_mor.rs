@@ -127,7 +127,12 @@ async fn upserts_mark_rows_in_deletion_vectors_and_leave_the_files_in_place() {
     // of 100 (under): only the second is rewritten, and the table reads the same.
     let mut slot = None;
     s.refresh(&mut slot).await.unwrap();
-    let (_, purged) = s.purge(slot.as_ref().unwrap()).await.unwrap();
+    // A target of one byte: no file is small, only deletion vectors are purged.
+    let (_, done) = s
+        .rewrite_small_and_marked(slot.as_ref().unwrap(), 1)
+        .await
+        .unwrap();
+    let purged = done.purged;
     assert_eq!(purged, 1);
     let purged_once = files(&s).await;
     assert!(
@@ -150,7 +155,12 @@ async fn upserts_mark_rows_in_deletion_vectors_and_leave_the_files_in_place() {
     let before = rows(dir.path()).await;
     let mut slot = None;
     s.refresh(&mut slot).await.unwrap();
-    let (_, purged) = s.purge(slot.as_ref().unwrap()).await.unwrap();
+    // A target of one byte: no file is small, only deletion vectors are purged.
+    let (_, done) = s
+        .rewrite_small_and_marked(slot.as_ref().unwrap(), 1)
+        .await
+        .unwrap();
+    let purged = done.purged;
     assert_eq!(purged, 1);
     let after = files(&s).await;
     assert!(!after.iter().any(|(p, _)| *p == first[0].0), "{after:?}");

@@ -132,8 +132,9 @@ async fn merge(
         .filter(|c| schema.field_with_name(c).is_ok())
         .map(|c| column("source", c).eq(lit(true)));
     let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    // On this state only (see `rewrite::commit_upsert`).
     let mut properties = CommitProperties::default()
-        .with_max_retries(sink.config.commit_attempts as usize)
+        .with_max_retries(0)
         .with_cleanup_expired_logs(Some(false));
     for (app_id, version) in txns {
         properties = properties.with_application_transaction(Transaction::new(app_id, *version));
