@@ -33,6 +33,13 @@
 //!   two entries: a member is answered once, and a group that fails hands every member back to
 //!   its own single commit. One entry per group matters because each commit replays the table's
 //!   file list (deltalake's eager snapshot), which with many partitions was the bottleneck.
+//! - Shared files: appends cut at one latency tick are written at commit time by the group's
+//!   leader, one file per table partition for all of them; the files hold exactly the rows of
+//!   the members the entry carries (`group`).
+//! - Only appends, which remove no file, let deltalake retry their commit on a newer state.
+//!   Upserts and compactions remove files, and deltalake does not check removes with
+//!   `dataChange = false` (compactions) against other removes: an upsert commits on the state
+//!   it read or is applied again, a compaction only where no entry since removed its files.
 //! - The log is cleaned of entries past `delta.logRetentionDuration` only when a commit writes a
 //!   checkpoint, as the Delta protocol describes, not after every commit.
 
@@ -42,6 +49,7 @@ mod config;
 mod dv;
 mod group;
 mod inspect;
+mod keys;
 mod maintain;
 mod mor;
 mod probe;
