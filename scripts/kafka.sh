@@ -7,6 +7,8 @@
 #   scripts/kafka.sh kill DIR       # SIGKILL the broker (the chaos harness's broker crash)
 #   scripts/kafka.sh restart DIR    # start again on the same data directory and ports
 #   scripts/kafka.sh stop DIR
+#   scripts/kafka.sh transactions DIR ARGS...  # Kafka's kafka-transactions tool (KIP-664): list,
+#                                   # describe-producers, find-hanging, abort
 #
 # Listeners, all on 127.0.0.1:
 #   PLAINTEXT  the tests' default; its principal (ANONYMOUS) is a super user
@@ -221,5 +223,9 @@ case "$CMD" in
   kill) DIR=$(cd "${DIR:?DIR}" && pwd); stop_broker 9 ;;
   restart) DIR=$(cd "${DIR:?DIR}" && pwd); stop_broker 9; launch ;;
   stop) DIR=$(cd "${DIR:?DIR}" && pwd); stop_broker TERM; stop_idp ;;
-  *) echo "usage: kafka.sh install|start|kill|restart|stop [DIR]" >&2; exit 2 ;;
+  transactions)
+    DIR=$(cd "${DIR:?DIR}" && pwd); shift 2
+    java_run org.apache.kafka.tools.TransactionsCommand \
+      --bootstrap-server "127.0.0.1:$(sed -n 's/^PLAINTEXT_PORT=//p' "$DIR/ports")" "$@" ;;
+  *) echo "usage: kafka.sh install|start|kill|restart|stop|transactions [DIR]" >&2; exit 2 ;;
 esac

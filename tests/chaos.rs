@@ -829,10 +829,23 @@ drain_timeout = "{drain_timeout}"
             } else {
                 "behind after catch-up time".to_string()
             };
+            // The broker's view of open transactions: a dead-letter scan waits for them.
+            let broker = [
+                kafka_transactions(&[
+                    "describe-producers",
+                    "--topic",
+                    &run.dlq,
+                    "--partition",
+                    "0",
+                ]),
+                kafka_transactions(&["find-hanging", "--broker-id", "1"]),
+                kafka_transactions(&["list"]),
+            ];
             panic!(
                 "{why} (sink, partition, committed, end): {behind:?}; \
-                 process log tails:\n{}",
-                tails.join("\n----\n")
+                 process log tails:\n{}\n----\nbroker:\n{}",
+                tails.join("\n----\n"),
+                broker.join("\n")
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

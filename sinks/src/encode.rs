@@ -2,8 +2,8 @@
 //! Databend staged files): the compression codec, row groups, and the dictionary choice per
 //! column.
 //!
-//! Invariant: every file any sink writes goes through [`writer_properties`] or
-//! [`writer_properties_for`], so tables of every kind share one set of settings, and is
+//! Invariant: every file any sink writes goes through [`writer_properties`],
+//! [`writer_properties_for`] or [`writer_properties_keyed`], so tables of every kind share one set of settings, and is
 //! encoded inside [`encode_blocking`], which bounds encoders to one per core and counts what
 //! they cost ([`totals`]).
 
@@ -66,6 +66,38 @@ pub fn writer_properties_for(
         if mostly_distinct(column.as_ref()) {
             b = b.set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), false);
         }
+    }
+    b.build()
+}
+
+/// Bytes per data page of an upsert table's key columns: about a thousand 8-byte keys (the
+/// writer checks a page's size every 1,024 values), against the 1 MiB of other columns. An
+/// upsert reads the key columns of the pages whose min/max admit a changed key, so the pages
+/// bound what a change reads; the page index grows by one entry per page (tens of KB per
+/// million rows).
+pub const KEY_PAGE_BYTES: usize = 8 * 1024;
+
+/// [`writer_properties_for`] for an upsert table with key columns `keys`: their data pages are
+/// small ([`KEY_PAGE_BYTES`]) and indexed (every file's page index holds each page's min and
+/// max), so a change's key is looked up by page, not by row group.
+pub fn writer_properties_keyed(
+    compression: Compression,
+    row_group_rows: usize,
+    sample: Option<&RecordBatch>,
+    keys: &[String],
+) -> WriterProperties {
+    let mut b = builder(compression, row_group_rows);
+    if let Some(sample) = sample {
+        for (field, column) in sample.schema().fields().iter().zip(sample.columns()) {
+            if mostly_distinct(column.as_ref()) {
+                b = b.set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), false);
+            }
+        }
+    }
+    for k in keys {
+        b = b
+            .set_column_dictionary_enabled(ColumnPath::from(k.as_str()), false)
+            .set_column_data_page_size_limit(ColumnPath::from(k.as_str()), KEY_PAGE_BYTES);
     }
     b.build()
 }

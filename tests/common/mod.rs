@@ -92,6 +92,32 @@ pub fn kafka_broker(action: &str) {
     );
 }
 
+/// What the broker says about transactions (Kafka's kafka-transactions tool: `list`,
+/// `describe-producers --topic T --partition P`, `find-hanging --broker-id 1`): for failure
+/// reports.
+#[allow(dead_code)]
+pub fn kafka_transactions(args: &[&str]) -> String {
+    match Command::new("bash")
+        .arg(repo_root().join("scripts/kafka.sh"))
+        .arg("transactions")
+        .arg(need("LAKESINK_TEST_KAFKA_DIR"))
+        .args(args)
+        .output()
+    {
+        Ok(out) => format!(
+            "kafka-transactions {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .filter(|l| !l.contains("Reconfiguration failed"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+        Err(e) => format!("kafka-transactions {}: {e}", args.join(" ")),
+    }
+}
+
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{:08x}", rand::random::<u32>())
 }

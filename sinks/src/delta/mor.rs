@@ -182,11 +182,15 @@ pub(super) async fn upsert(
         Some(partition_columns.clone()),
         Some(sink.options.clone()),
     )?
-    .with_writer_properties(crate::encode::writer_properties_for(
+    .with_writer_properties(crate::encode::writer_properties_keyed(
         sink.config.compression,
         sink.config.row_group_rows,
-        &batches[0],
+        Some(&batches[0]),
+        &config.keys,
     ));
+    // Each table partition's new rows in one file, sorted by key: its pages' key ranges are
+    // then narrow, and a later flush reads only the pages that may hold its keys (`probe`).
+    let mut by_partition: Vec<(super::PartitionValues, Vec<RecordBatch>)> = Vec::new();
     for (b, (batch, deleted)) in batches.iter().zip(&deleted).enumerate() {
         let groups = super::partition_rows(batch, &partition_columns, &tps[b])
             .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
@@ -203,10 +207,18 @@ pub(super) async fn upsert(
             } else {
                 take_record_batch(batch, &UInt32Array::from(rows))?
             };
-            writer
-                .write_partition(conform(&upserts, &merged)?, &values, WriteMode::Default)
-                .await?;
+            let upserts = conform(&upserts, &merged)?;
+            match by_partition.iter_mut().find(|(v, _)| *v == values) {
+                Some((_, list)) => list.push(upserts),
+                None => by_partition.push((values, vec![upserts])),
+            }
         }
+    }
+    for (values, list) in by_partition {
+        let rows = sorted_by_key(&merged, &list, &config.keys)?;
+        writer
+            .write_partition(rows, &values, WriteMode::Default)
+            .await?;
     }
     let adds = writer.flush().await?;
     metrics.num_target_rows_inserted = metrics
@@ -233,6 +245,29 @@ pub(super) async fn upsert(
     let table = commit_upsert(sink, table, (&current, &merged), actions, txns, operation).await?;
     metrics.execution_time_ms = started.elapsed().as_millis() as u64;
     Ok(Outcome::Done(table, metrics))
+}
+
+/// `batches` as one batch sorted by the key columns `keys`.
+pub(super) fn sorted_by_key(
+    schema: &arrow::datatypes::SchemaRef,
+    batches: &[RecordBatch],
+    keys: &[String],
+) -> Result<RecordBatch, DeltaTableError> {
+    let all = arrow::compute::concat_batches(schema, batches)?;
+    let columns = keys
+        .iter()
+        .map(|k| {
+            let column = all.column_by_name(k).ok_or_else(|| {
+                DeltaTableError::Generic(format!("key column `{k}` is missing from the changes"))
+            })?;
+            Ok(arrow::compute::SortColumn {
+                values: column.clone(),
+                options: None,
+            })
+        })
+        .collect::<Result<Vec<_>, DeltaTableError>>()?;
+    let order = arrow::compute::lexsort_to_indices(&columns, None)?;
+    Ok(take_record_batch(&all, &order)?)
 }
 
 /// A data file's statistics with `tightBounds` false: once rows of the file are deleted, its

@@ -2,10 +2,15 @@
 //! the row groups its statistics do not rule out, and whether it holds a changed key (for a
 //! rewrite) or which of its rows do (for deletion vectors: their indexes in the file, counted
 //! over every row group, the ones skipped included).
+//!
+//! Invariant: a row is skipped only when the statistics of the log, its row group or its pages
+//! rule every change out, and the position given for a matched row is its index in the file
+//! (the n-th row streamed is the n-th row of the selected ranges, in file order).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use arrow::array::Array;
 use arrow::row::Row;
 use deltalake::kernel::LogicalFileView;
 use deltalake::DeltaTableError;
@@ -14,10 +19,10 @@ use futures::{FutureExt, StreamExt, TryFutureExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
-use parquet::arrow::arrow_reader::ArrowReaderOptions;
+use parquet::arrow::arrow_reader::{ArrowReaderOptions, RowSelection};
 use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStreamBuilder};
 use parquet::arrow::ProjectionMask;
-use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
 
 use super::rewrite::*;
 
@@ -83,9 +88,12 @@ impl AsyncFileReader for FileReader {
     }
 }
 
+/// A reader of `file`; with `page_index`, its footer's page index is read too (one more ranged
+/// read), for pruning by page.
 pub(super) async fn reader(
     store: &Arc<dyn ObjectStore>,
     file: &LogicalFileView,
+    page_index: bool,
 ) -> Result<ParquetRecordBatchStreamBuilder<FileReader>, DeltaTableError> {
     let path = file.object_store_path();
     let reader = FileReader {
@@ -93,7 +101,13 @@ pub(super) async fn reader(
         path: path.clone(),
         size: file.size() as u64,
     };
-    ParquetRecordBatchStreamBuilder::new(reader)
+    // Optional: a file written without a page index (by another engine) is read by row groups.
+    let options = ArrowReaderOptions::new().with_page_index_policy(if page_index {
+        PageIndexPolicy::Optional
+    } else {
+        PageIndexPolicy::Skip
+    });
+    ParquetRecordBatchStreamBuilder::new_with_options(reader, options)
         .await
         .map_err(read_error(&path))
 }
@@ -172,14 +186,15 @@ pub(super) async fn matching_rows(
 /// A stream of the key columns of a file's row groups that its statistics do not rule out.
 pub(super) struct KeyScan {
     /// `None`: the file has no key column (written before the key existed): no row matches.
-    stream: Option<parquet::arrow::async_reader::ParquetRecordBatchStream<FileReader>>,
+    pub(super) stream: Option<parquet::arrow::async_reader::ParquetRecordBatchStream<FileReader>>,
     /// The admitted row groups as (first row in the file, rows), in file order.
-    ranges: Vec<(u64, u64)>,
+    pub(super) ranges: Vec<(u64, u64)>,
 }
 
-/// Opens `file`'s key columns for the row groups whose statistics admit a change; `None` when
-/// the log's or the footer's statistics rule every change out.
-async fn key_scan(
+/// Opens `file`'s key columns for the row groups, and within them the pages, whose statistics
+/// admit a change; `None` when the log's, the footer's or the page index's statistics rule every
+/// change out.
+pub(super) async fn key_scan(
     store: &Arc<dyn ObjectStore>,
     file: &LogicalFileView,
     keys: &Keys,
@@ -187,9 +202,10 @@ async fn key_scan(
     if !keys.admitted_by_log_stats(file) {
         return Ok(None);
     }
-    let builder = reader(store, file).await?;
+    let builder = reader(store, file, true).await?;
     let arrow_schema = builder.schema().clone();
-    let row_groups = builder.metadata().row_groups();
+    let metadata = builder.metadata().clone();
+    let row_groups = metadata.row_groups();
     let mut admitted: Vec<bool> = vec![true; row_groups.len()];
     for (c, column) in keys.columns.iter().enumerate() {
         let Ok(stats) =
@@ -209,19 +225,43 @@ async fn key_scan(
             }
         }
     }
-    let mut ranges = Vec::new();
-    let mut first = 0u64;
-    let mut groups = Vec::new();
-    for (g, rg) in row_groups.iter().enumerate() {
-        let rows = rg.num_rows().max(0) as u64;
-        if admitted[g] {
-            groups.push(g);
-            ranges.push((first, rows));
-        }
-        first += rows;
-    }
+    let groups: Vec<usize> = (0..row_groups.len()).filter(|&g| admitted[g]).collect();
     if groups.is_empty() {
         return Ok(None);
+    }
+    // The admitted groups' rows, end to end: the coordinates of a row selection.
+    let group_rows: Vec<u64> = groups
+        .iter()
+        .map(|&g| row_groups[g].num_rows().max(0) as u64)
+        .collect();
+    let total: u64 = group_rows.iter().sum();
+    let mut selected = std::iter::once(0..total).collect::<Vec<_>>();
+    for (c, column) in keys.columns.iter().enumerate() {
+        if let Some(pages) = admitted_pages(keys, c, column, &builder, &metadata, &groups) {
+            selected = intersect(&selected, &pages);
+        }
+    }
+    if selected.is_empty() {
+        return Ok(None);
+    }
+    // The selected rows as (first row in the file, rows), in file order.
+    let mut starts = Vec::with_capacity(groups.len());
+    let (mut in_file, mut in_selection) = (0u64, 0u64);
+    for (g, rg) in row_groups.iter().enumerate() {
+        if admitted[g] {
+            starts.push((in_selection, in_file, rg.num_rows().max(0) as u64));
+            in_selection += rg.num_rows().max(0) as u64;
+        }
+        in_file += rg.num_rows().max(0) as u64;
+    }
+    let mut ranges = Vec::new();
+    for r in &selected {
+        for &(sel, file_at, rows) in &starts {
+            let (lo, hi) = (r.start.max(sel), r.end.min(sel + rows));
+            if lo < hi {
+                ranges.push((file_at + (lo - sel), hi - lo));
+            }
+        }
     }
     let Ok(roots) = keys
         .columns
@@ -237,14 +277,75 @@ async fn key_scan(
     };
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
     let path = file.object_store_path();
-    let stream = builder
+    let mut builder = builder
         .with_projection(mask)
         .with_row_groups(groups)
-        .with_batch_size(BATCH_ROWS)
-        .build()
-        .map_err(read_error(&path))?;
+        .with_batch_size(BATCH_ROWS);
+    if selected.len() != 1 || selected[0] != (0..total) {
+        let ranges = selected.iter().map(|r| r.start as usize..r.end as usize);
+        builder = builder.with_row_selection(RowSelection::from_consecutive_ranges(
+            ranges,
+            total as usize,
+        ));
+    }
+    let stream = builder.build().map_err(read_error(&path))?;
     Ok(Some(KeyScan {
         stream: Some(stream),
         ranges,
     }))
+}
+
+/// The rows of the admitted row groups `groups` (end to end) whose pages of key column `c`
+/// admit a change, as sorted ranges; `None` when the file has no page index for the column.
+/// Upsert tables write their key columns in small pages (see `encode::writer_properties_keyed`)
+/// and their new files sorted by key, so a change admits one page per file that holds its key.
+fn admitted_pages(
+    keys: &Keys,
+    c: usize,
+    column: &str,
+    builder: &ParquetRecordBatchStreamBuilder<FileReader>,
+    metadata: &ParquetMetaData,
+    groups: &[usize],
+) -> Option<Vec<std::ops::Range<u64>>> {
+    let (index, offsets) = (metadata.column_index()?, metadata.offset_index()?);
+    let stats =
+        StatisticsConverter::try_new(column, builder.schema(), builder.parquet_schema()).ok()?;
+    let mins = stats.data_page_mins(index, offsets, groups).ok()?;
+    let maxes = stats.data_page_maxes(index, offsets, groups).ok()?;
+    let counts = stats
+        .data_page_row_counts(offsets, metadata.row_groups(), groups)
+        .ok()??;
+    if counts.len() != mins.len() || counts.null_count() > 0 {
+        return None;
+    }
+    let admits = keys.admitted_by(c, &mins, &maxes)?;
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    let mut at = 0u64;
+    for (admit, rows) in admits.into_iter().zip(counts.values().iter()) {
+        if admit {
+            match out.last_mut() {
+                Some(last) if last.end == at => last.end = at + rows,
+                _ => out.push(at..at + rows),
+            }
+        }
+        at += rows;
+    }
+    Some(out)
+}
+
+/// The rows in both `a` and `b` (sorted, disjoint ranges).
+fn intersect(a: &[std::ops::Range<u64>], b: &[std::ops::Range<u64>]) -> Vec<std::ops::Range<u64>> {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() && j < b.len() {
+        let (lo, hi) = (a[i].start.max(b[j].start), a[i].end.min(b[j].end));
+        if lo < hi {
+            out.push(lo..hi);
+        }
+        if a[i].end < b[j].end {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
 }

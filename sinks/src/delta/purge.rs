@@ -95,9 +95,11 @@ impl DeltaSink {
             Some(partition_columns.clone()),
             Some(self.options.clone()),
         )?
-        .with_writer_properties(crate::encode::writer_properties(
+        .with_writer_properties(crate::encode::writer_properties_keyed(
             self.config.compression,
             self.config.row_group_rows,
+            None,
+            self.config.upsert.as_ref().map_or(&[][..], |u| &u.keys[..]),
         ))
         .with_target_file_size(target.max(1));
         let mut actions = Vec::new();
@@ -111,7 +113,7 @@ impl DeltaSink {
                     None => roaring::RoaringTreemap::new(),
                 };
                 let path = file.object_store_path();
-                let mut stream = reader(&store, file)
+                let mut stream = reader(&store, file, false)
                     .await?
                     .with_batch_size(BATCH_ROWS)
                     .build()

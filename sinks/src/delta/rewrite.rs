@@ -171,11 +171,12 @@ pub(super) async fn upsert(
     )?
     // As appends do: no dictionary for the columns whose values are mostly distinct in the
     // changes (an order id, an offset), which would otherwise be hashed into a dictionary as
-    // large as the data while the file is open.
-    .with_writer_properties(crate::encode::writer_properties_for(
+    // large as the data while the file is open; the key columns in small indexed pages.
+    .with_writer_properties(crate::encode::writer_properties_keyed(
         sink.config.compression,
         sink.config.row_group_rows,
-        &batches[0],
+        Some(&batches[0]),
+        &config.keys,
     ))
     .with_target_file_size(TARGET_FILE_BYTES);
     // Partition by partition, each closed before the next opens: a grouped upsert's changes
@@ -367,7 +368,7 @@ async fn rewrite_file(
     metrics: &mut MergeMetrics,
 ) -> Result<(), DeltaTableError> {
     let path = file.object_store_path();
-    let mut stream = reader(store, file)
+    let mut stream = reader(store, file, false)
         .await?
         .with_batch_size(BATCH_ROWS)
         .build()

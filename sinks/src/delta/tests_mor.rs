@@ -195,3 +195,61 @@ async fn a_copy_on_write_table_gains_the_feature_and_keeps_its_rows() {
     assert_eq!(r[&5], "u5");
     assert!(files(&cow).await.iter().any(|(_, marked)| *marked > 0));
 }
+
+#[tokio::test]
+async fn a_change_reads_only_the_key_pages_that_may_hold_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // Row groups of 5,000 rows, each of about five key pages.
+    let config = DeltaSinkConfig {
+        row_group_rows: 5_000,
+        ..dv_config()
+    };
+    let s = sink(dir.path(), config.clone());
+    // Written in reverse: the file is sorted by key all the same.
+    commit(&s, flush(0, 0, 1, vec![inserts((0..20_000).rev())])).await;
+    let changed = [0, 1023, 1024, 4999, 5000, 12_345, 19_999];
+    let c = changes(&changed, &[]);
+
+    let mut slot = None;
+    assert!(s.refresh(&mut slot).await.unwrap());
+    let table = slot.unwrap();
+    let store = table.log_store().object_store(None);
+    let state = table.snapshot().unwrap();
+    let file = state.log_data().iter().next().unwrap();
+    let keys =
+        super::keys::Keys::new(config.upsert.as_ref().unwrap(), std::slice::from_ref(&c)).unwrap();
+    let scan = super::probe::key_scan(&store, &file, &keys)
+        .await
+        .unwrap()
+        .expect("the file holds changed keys");
+    let read: u64 = scan.ranges.iter().map(|r| r.1).sum();
+    // Seven keys in at most seven pages of about 1,024 rows (a key on a page's edge admits one).
+    assert!(
+        read <= 7 * 1_100,
+        "read {read} rows of 20,000 for 7 keys: {:?}",
+        scan.ranges
+    );
+    for id in changed {
+        assert!(
+            scan.ranges
+                .iter()
+                .any(|&(at, n)| (at..at + n).contains(&(id as u64))),
+            "the row of key {id} (row {id} of the sorted file) is not among {:?}",
+            scan.ranges
+        );
+    }
+
+    // The marks land on those rows: every other row reads as before.
+    commit(&s, flush(0, 1, 2, vec![c])).await;
+    let got = rows(dir.path()).await;
+    assert_eq!(got.len(), 20_000);
+    for (id, name) in &got {
+        let want = if changed.contains(id) {
+            format!("u{id}")
+        } else {
+            format!("n{id}")
+        };
+        assert_eq!(name, &want, "key {id}");
+    }
+    assert_eq!(position(dir.path(), 0).await, Some(Offset(2)));
+}

@@ -1,8 +1,8 @@
 //! `lakesink bench --steady-upsert`: what an upsert costs on a table that is already large, at
-//! the Delta sink (no Kafka). A local table of `table_rows` rows (keys `0..table_rows`, written
-//! in files of up to 1M rows, at least four) takes `changes` updates of random existing keys in flushes of
-//! `flush_rows`, each flush one MERGE commit, as a CDC stream of a large table in steady
-//! state. Reported: CPU and wall time per change, bytes written per change and files rewritten
+//! the Delta sink (no Kafka). A local table of `table_rows` rows (keys `0..table_rows`, loaded
+//! in key order through the upsert sink, in files of up to 1M rows, at least four) takes
+//! `changes` updates of random existing keys in flushes of `flush_rows`, each flush one MERGE
+//! commit, as a CDC stream of a large table in steady state. Reported: CPU and wall time per change, bytes written per change and files rewritten
 //! per flush, from the Delta log of the upsert commits; the table is then read back (it still
 //! holds `table_rows` rows, and the last value of each changed key).
 //!
@@ -194,10 +194,22 @@ async fn run(
     std::fs::create_dir_all(&table)?;
     let url = url::Url::from_directory_path(&table)
         .map_err(|()| anyhow::anyhow!("{} is not an absolute path", table.display()))?;
+    let upsert = UpsertConfig {
+        keys: vec!["id".into()],
+        keys_from: None,
+        delete_column: None,
+        unchanged_column: None,
+    };
+    // Loaded as lakesink loads a table's snapshot in upsert mode (Debezium's `r` records, in
+    // key order): through the same upsert sink, so its files are laid out as the upserts'.
     let loader = DeltaSink::new(
         url.as_str(),
         Vec::<(String, String)>::new(),
-        DeltaSinkConfig::default(),
+        DeltaSinkConfig {
+            upsert: Some(upsert.clone()),
+            upsert_strategy: strategy,
+            ..Default::default()
+        },
     )?;
     eprintln!("bench: building a Delta table of {table_rows} rows ...");
     let load = TopicPartition::new("load", 0);
@@ -215,12 +227,7 @@ async fn run(
         url.as_str(),
         Vec::<(String, String)>::new(),
         DeltaSinkConfig {
-            upsert: Some(UpsertConfig {
-                keys: vec!["id".into()],
-                keys_from: None,
-                delete_column: None,
-                unchanged_column: None,
-            }),
+            upsert: Some(upsert),
             group_rows: flush_rows as usize,
             upsert_strategy: strategy,
             ..Default::default()

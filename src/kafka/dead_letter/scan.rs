@@ -142,11 +142,26 @@ fn last_dead_lettered(
         let mut told = false;
         loop {
             if std::time::Instant::now() > deadline {
+                // Longer than any writer's transaction.timeout.ms (60 s): the broker should
+                // have aborted it. A transaction its coordinator no longer tracks (a "hanging"
+                // transaction, KIP-664) stays open until an operator aborts it.
+                let at = reader
+                    .position()
+                    .ok()
+                    .and_then(|l| {
+                        l.find_partition(topic, partition)
+                            .and_then(|e| e.offset().to_raw())
+                    })
+                    .unwrap_or(start);
                 return Err(Error::DeadLetters(format!(
                     "timed out reading the dead-letter topic `{topic}` partition {partition} \
-                     from offset {start} to {end}: a transaction stays open there (it ends when \
-                     its source partition is assigned again, or after the broker's \
-                     transaction.timeout.ms)"
+                     from offset {start} to {end}: a transaction open at offset {at} outlived \
+                     the transaction timeout. If it stays, it is a hanging transaction: find it \
+                     with `kafka-transactions.sh --bootstrap-server ... find-hanging \
+                     --broker-id <leader of {topic}-{partition}>` and end it with \
+                     `kafka-transactions.sh --bootstrap-server ... abort --topic {topic} \
+                     --partition {partition} --start-offset {at}`; every read_committed \
+                     consumer of the partition waits for it"
                 )));
             }
             match reader.poll(Duration::from_millis(200)) {
