@@ -254,7 +254,10 @@ async fn delta_crash_between_files_and_commit_then_maintain() {
         &group,
         &registry_url,
         &store,
-        &delta_sink_config("delta = { checkpoint_interval = 5, target_file_size = \"64MiB\" }"),
+        // One file per Kafka partition per flush: small files for maintenance to compact.
+        &delta_sink_config(
+            "delta = { checkpoint_interval = 5, target_file_size = \"64MiB\", shared_files = false }",
+        ),
     );
     let mut first = Lakesink::start(&cfg, &[("LAKESINK_TEST_CRASHPOINT", "after_stage:3")]);
     first.wait_for_line("CRASHPOINT after_stage", Duration::from_secs(120));
@@ -289,10 +292,13 @@ async fn delta_crash_between_files_and_commit_then_maintain() {
     assert_txns(&after, &topic, &produced);
     let orphans = after["stored_files"].as_u64().unwrap() - after["files"].as_u64().unwrap();
     assert!(orphans > 0, "orphans are still there before maintenance");
+    // A checkpoint every 5 commits: the commits of this run are as few as the flushes that
+    // arrived together (one commit for several partitions), so whether the table reached
+    // version 5 depends on timing; the cadence itself is the sinks' unit test's.
+    let version = after["version"].as_u64().unwrap();
     assert!(
-        after["checkpoints"].as_u64().unwrap() >= 1,
-        "a checkpoint every 5 commits: {}",
-        after["checkpoints"]
+        version < 5 || after["checkpoints"].as_u64().unwrap() >= 1,
+        "version {version} and no checkpoint, with one every 5 commits"
     );
 
     let dir = scratch("cfg");
@@ -310,6 +316,11 @@ async fn delta_crash_between_files_and_commit_then_maintain() {
     );
     assert!(stdout.contains("ok    orders"), "{stdout}");
     let maintained = store.read_delta(&ids);
+    assert!(
+        maintained["checkpoints"].as_u64().unwrap() >= 1,
+        "maintain writes a checkpoint: {}",
+        maintained["checkpoints"]
+    );
     assert_exactly_once(&maintained, &produced);
     assert_txns(&maintained, &topic, &produced);
     assert_eq!(

@@ -1,10 +1,11 @@
 //! The changes' keys for an upsert (see `rewrite` and `mor`): as rows of one converter (a hash
 //! set of them finds the rows of a file that hold a changed key), and per key column the sorted
-//! distinct values, which rule files and row groups out by their min/max statistics.
+//! distinct values, which rule files and row groups out by their min/max statistics; with one
+//! integer key column, a set of the keys that tests a file's rows before they are converted.
 
-use arrow::array::{Array, ArrayRef, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::compute::cast;
-use arrow::datatypes::DataType;
+use arrow::datatypes::{DataType, Int64Type};
 use arrow::row::{Row, RowConverter, Rows, SortField};
 use delta_kernel::expressions::{Scalar, StructData};
 use deltalake::datafusion::common::ScalarValue;
@@ -21,6 +22,37 @@ pub(super) struct Keys {
     pub(super) rows: Vec<Rows>,
     /// Per key column: a converter of that column alone, and its distinct values, sorted.
     pub(super) per_column: Vec<(RowConverter, Rows, Vec<usize>)>,
+    /// With one integer key column: the changes' keys as integers, tested before any row of a
+    /// file is converted (most rows read hold no changed key).
+    ints: Option<std::collections::HashSet<i64, IntHash>>,
+}
+
+/// A hasher for integer keys: one multiplication (Fibonacci hashing), no per-key seed work.
+#[derive(Default, Clone, Copy)]
+pub(super) struct IntHash;
+
+/// [`IntHash`]'s state.
+pub(super) struct IntHasher(u64);
+
+impl std::hash::BuildHasher for IntHash {
+    type Hasher = IntHasher;
+    fn build_hasher(&self) -> IntHasher {
+        IntHasher(0)
+    }
+}
+
+impl std::hash::Hasher for IntHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_i64(&mut self, v: i64) {
+        self.0 = (v as u64 ^ self.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 impl Keys {
@@ -52,12 +84,28 @@ impl Keys {
             order.dedup_by(|a, b| values.row(*a) == values.row(*b));
             per_column.push((one, values, order));
         }
+        let ints = match types.as_slice() {
+            // Integers that fit an i64 (a u64 beyond it would cast to null and never match).
+            [t] if t.is_signed_integer()
+                || matches!(t, DataType::UInt8 | DataType::UInt16 | DataType::UInt32) =>
+            {
+                let mut set = std::collections::HashSet::with_hasher(IntHash);
+                for b in batches {
+                    let c = key_columns(b, &config.keys, &types)?;
+                    let c = cast(&c[0], &DataType::Int64)?;
+                    set.extend(c.as_primitive::<Int64Type>().iter().flatten());
+                }
+                Some(set)
+            }
+            _ => None,
+        };
         Ok(Self {
             columns: config.keys.clone(),
             types,
             converter,
             rows,
             per_column,
+            ints,
         })
     }
 
@@ -65,6 +113,27 @@ impl Keys {
     pub(super) fn rows_of(&self, batch: &RecordBatch) -> Result<Rows, DeltaTableError> {
         let columns = key_columns(batch, &self.columns, &self.types)?;
         Ok(self.converter.convert_columns(&columns)?)
+    }
+
+    /// With one integer key column, the rows of `batch` whose key is a change's (their indexes,
+    /// ascending); `None` otherwise (every row must be converted and looked up).
+    pub(super) fn candidates(
+        &self,
+        batch: &RecordBatch,
+    ) -> Result<Option<Vec<u32>>, DeltaTableError> {
+        let Some(ints) = &self.ints else {
+            return Ok(None);
+        };
+        let c = key_columns(batch, &self.columns, &self.types)?;
+        let c = cast(&c[0], &DataType::Int64)?;
+        let values = c.as_primitive::<Int64Type>();
+        let mut out = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            if v.is_some_and(|v| ints.contains(&v)) {
+                out.push(i as u32);
+            }
+        }
+        Ok(Some(out))
     }
 
     /// Whether some change's value of key column `c` lies in `[min, max]`.
@@ -155,4 +224,78 @@ fn key_columns(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Int32Array, Int64Array, RecordBatch, StringArray, UInt64Array};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    fn config(keys: &[&str]) -> UpsertConfig {
+        UpsertConfig {
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            keys_from: None,
+            delete_column: None,
+            unchanged_column: None,
+        }
+    }
+
+    fn one(name: &str, t: DataType, column: ArrayRef) -> RecordBatch {
+        RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new(name, t, true)])),
+            vec![column],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn integer_keys_are_tested_before_rows_are_converted() {
+        let changes = one(
+            "id",
+            DataType::Int64,
+            Arc::new(Int64Array::from(vec![3, 7, 1 << 40])),
+        );
+        let keys = Keys::new(&config(&["id"]), &[changes]).unwrap();
+        // A file written when the column was an int: cast, and its nulls never match.
+        let file = one(
+            "id",
+            DataType::Int32,
+            Arc::new(Int32Array::from(vec![
+                Some(1),
+                Some(7),
+                None,
+                Some(3),
+                Some(7),
+            ])),
+        );
+        assert_eq!(keys.candidates(&file).unwrap(), Some(vec![1, 3, 4]));
+    }
+
+    #[test]
+    fn keys_an_i64_cannot_hold_and_compound_keys_go_row_by_row() {
+        let big = one(
+            "id",
+            DataType::UInt64,
+            Arc::new(UInt64Array::from(vec![u64::MAX])),
+        );
+        let keys = Keys::new(&config(&["id"]), std::slice::from_ref(&big)).unwrap();
+        assert_eq!(keys.candidates(&big).unwrap(), None);
+        let two = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int64, false),
+                Field::new("region", DataType::Utf8, false),
+            ])),
+            vec![
+                Arc::new(Int64Array::from(vec![1])),
+                Arc::new(StringArray::from(vec!["eu"])),
+            ],
+        )
+        .unwrap();
+        let keys = Keys::new(&config(&["id", "region"]), std::slice::from_ref(&two)).unwrap();
+        assert_eq!(keys.candidates(&two).unwrap(), None);
+    }
 }

@@ -10,7 +10,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::Array;
+use arrow::array::{Array, RecordBatch, UInt32Array};
+use arrow::compute::take_record_batch;
 use arrow::row::Row;
 use deltalake::kernel::LogicalFileView;
 use deltalake::DeltaTableError;
@@ -135,12 +136,42 @@ pub(super) async fn probe(
     };
     let path = file.object_store_path();
     while let Some(batch) = stream.next().await {
-        let rows = keys.rows_of(&batch.map_err(read_error(&path))?)?;
-        if rows.iter().any(|r| index.contains_key(&r)) {
+        let batch = batch.map_err(read_error(&path))?;
+        if !matches(keys, index, &batch)?.is_empty() {
             return Ok(Probe::Dirty(n));
         }
     }
     Ok(Probe::Clean)
+}
+
+/// The rows of `batch` (their indexes in it) whose key is among the changes, each with whether
+/// its change deletes it. With one integer key column, the rows are first tested against the
+/// changes' set of integers, and only the candidates are converted to rows.
+fn matches(
+    keys: &Keys,
+    index: &HashMap<Row<'_>, bool>,
+    batch: &RecordBatch,
+) -> Result<Vec<(usize, bool)>, DeltaTableError> {
+    let mut out = Vec::new();
+    match keys.candidates(batch)? {
+        Some(candidates) if candidates.is_empty() => {}
+        Some(candidates) => {
+            let picked = take_record_batch(batch, &UInt32Array::from(candidates.clone()))?;
+            for (r, i) in keys.rows_of(&picked)?.iter().zip(candidates) {
+                if let Some(deletes) = index.get(&r) {
+                    out.push((i as usize, *deletes));
+                }
+            }
+        }
+        None => {
+            for (i, r) in keys.rows_of(batch)?.iter().enumerate() {
+                if let Some(deletes) = index.get(&r) {
+                    out.push((i, *deletes));
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The rows of `file` (their indexes in the file) whose key is among the changes, each with
@@ -159,26 +190,32 @@ pub(super) async fn matching_rows(
         return Ok(Some(matched));
     };
     let path = file.object_store_path();
-    // Rows stream in file order through the admitted row groups: the n-th row streamed is
-    // the n-th row of those groups' ranges.
-    let mut ranges = scan.ranges.iter().copied();
-    let (mut at, mut left) = ranges.next().unwrap_or((0, 0));
+    // Rows stream in file order through the selected ranges: the k-th row streamed is the
+    // k-th row of those ranges. `starts[j]` is the streamed index of range j's first row.
+    let starts: Vec<u64> = scan
+        .ranges
+        .iter()
+        .scan(0u64, |acc, &(_, rows)| {
+            let at = *acc;
+            *acc += rows;
+            Some(at)
+        })
+        .collect();
+    let total: u64 = scan.ranges.iter().map(|r| r.1).sum();
+    let mut streamed = 0u64;
     while let Some(batch) = stream.next().await {
-        let rows = keys.rows_of(&batch.map_err(read_error(&path))?)?;
-        for r in rows.iter() {
-            while left == 0 {
-                (at, left) = ranges.next().ok_or_else(|| {
-                    DeltaTableError::Generic(format!(
-                        "reading data file {path}: more rows than its row groups hold"
-                    ))
-                })?;
+        let batch = batch.map_err(read_error(&path))?;
+        for (i, deletes) in matches(keys, index, &batch)? {
+            let k = streamed + i as u64;
+            if k >= total {
+                return Err(DeltaTableError::Generic(format!(
+                    "reading data file {path}: more rows than its selected ranges hold"
+                )));
             }
-            if let Some(deletes) = index.get(&r) {
-                matched.push((at, *deletes));
-            }
-            at += 1;
-            left -= 1;
+            let j = starts.partition_point(|&s| s <= k) - 1;
+            matched.push((scan.ranges[j].0 + (k - starts[j]), deletes));
         }
+        streamed += batch.num_rows() as u64;
     }
     Ok(Some(matched))
 }
