@@ -253,7 +253,10 @@ pub(super) fn sorted_by_key(
     batches: &[RecordBatch],
     keys: &[String],
 ) -> Result<RecordBatch, DeltaTableError> {
-    let all = arrow::compute::concat_batches(schema, batches)?;
+    let all = match batches {
+        [one] => one.clone(),
+        _ => arrow::compute::concat_batches(schema, batches)?,
+    };
     let columns = keys
         .iter()
         .map(|k| {
@@ -267,6 +270,15 @@ pub(super) fn sorted_by_key(
         })
         .collect::<Result<Vec<_>, DeltaTableError>>()?;
     let order = arrow::compute::lexsort_to_indices(&columns, None)?;
+    // Already in key order (a snapshot read in key order): no copy.
+    if order
+        .values()
+        .iter()
+        .enumerate()
+        .all(|(i, &o)| i as u32 == o)
+    {
+        return Ok(all);
+    }
     Ok(take_record_batch(&all, &order)?)
 }
 
