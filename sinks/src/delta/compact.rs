@@ -1,21 +1,23 @@
 //! Compaction that runs itself (`[sink.delta] auto_compact`): after a commit, when a table
 //! partition has gathered `min_files` data files smaller than the target size, or a data file's
 //! deletion vector marks a fifth of its rows, this process compacts the table in the background
-//! (files with such deletion vectors rewritten without the deleted rows, see `purge`; then
-//! deltalake's OPTIMIZE: small files of each partition bin-packed towards the target size), and
-//! at most once an hour vacuums what is unreferenced for longer than the retention.
+//! (see `purge`: small files of each partition bin-packed towards the target size, files with
+//! such deletion vectors rewritten without the deleted rows), and at most once an hour vacuums
+//! what is unreferenced for longer than the retention.
 //!
 //! Invariants:
 //! - Writers are never blocked: the compaction works on its own handle of the table, not the
 //!   one commits go through. Its commit changes no data (`dataChange = false`) and no txn action.
 //! - Nothing is lost or doubled: a compaction commit removes exactly the files whose rows its
-//!   new files hold, in one log entry, on the very state it read; when anything was committed
-//!   since, the compaction is dropped (its files stay unreferenced) and tried again at a later
-//!   commit. deltalake's conflict checker does not compare removes with `dataChange = false`:
-//!   two compactions of the same files (two members) would both commit, and an upsert could
-//!   commit its rewrite of a file a compaction had just rewritten, each keeping the rows twice.
-//!   So compactions and upserts commit only on the state they read (no conflict resolution),
-//!   and only appends, which remove nothing, are retried on a newer state by deltalake.
+//!   new files hold, in one log entry, on the state it read or on a newer one it is carried to
+//!   (appends since, and deletion vectors given since to the files it rewrote, whose rows it
+//!   marks in its new files; see `rebase`); any other removal of those files drops it (its
+//!   files stay unreferenced), and it is tried again at a later commit. deltalake's conflict
+//!   checker does not compare removes with `dataChange = false`: two compactions of the same
+//!   files (two members) would both commit, and an upsert could commit its rewrite of a file a
+//!   compaction had just rewritten, each keeping the rows twice. So compactions and upserts do
+//!   their own conflict checks, and only appends, which remove nothing, are retried on a newer
+//!   state by deltalake.
 //! - A crash before the entry leaves only unreferenced files.
 //! - Vacuum deletes only files unreferenced for longer than `vacuum_retention` (at least an
 //!   hour, longer than any flush waits between writing its files and committing them).

@@ -54,6 +54,7 @@ mod maintain;
 mod mor;
 mod probe;
 mod purge;
+mod rebase;
 mod rewrite;
 mod schema;
 mod table;

@@ -284,7 +284,7 @@ pub(super) fn sorted_by_key(
 
 /// A data file's statistics with `tightBounds` false: once rows of the file are deleted, its
 /// min/max may be wider than its live rows.
-fn loose_bounds(stats: &str) -> String {
+pub(super) fn loose_bounds(stats: &str) -> String {
     match serde_json::from_str::<serde_json::Value>(stats) {
         Ok(serde_json::Value::Object(mut o)) => {
             o.insert("tightBounds".into(), serde_json::Value::Bool(false));

@@ -253,3 +253,44 @@ async fn a_change_reads_only_the_key_pages_that_may_hold_it() {
     }
     assert_eq!(position(dir.path(), 0).await, Some(Offset(2)));
 }
+
+#[tokio::test]
+async fn a_compaction_is_carried_over_the_rows_an_upsert_marked_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sink(dir.path(), dv_config());
+    for (i, ids) in [0..10, 10..20, 20..30].into_iter().enumerate() {
+        let i = i as i64;
+        commit(&s, flush(0, i, i + 1, vec![inserts(ids)])).await;
+    }
+    // The first file already has a vector (row 3) when the compaction reads the table.
+    commit(&s, flush(0, 3, 4, vec![changes(&[], &[3])])).await;
+    let mut slot = None;
+    assert!(s.refresh(&mut slot).await.unwrap());
+    let read = slot.unwrap();
+
+    // Meanwhile an upsert marks rows of all three files: 7 (after the old mark: row 6 of the
+    // compacted file), 15 and 25 (rows 14 and 24).
+    commit(&s, flush(0, 4, 5, vec![changes(&[7, 15], &[25])])).await;
+    let want = rows(dir.path()).await;
+    assert_eq!(want.len(), 28);
+
+    // The compaction of what it read commits on the newer state, the new marks carried over.
+    let (_, done) = s
+        .rewrite_small_and_marked(&read, 1 << 30)
+        .await
+        .expect("carried over the upsert's deletion vectors");
+    assert_eq!((done.removed, done.written), (3, 1));
+    assert_eq!(
+        rows(dir.path()).await,
+        want,
+        "no row lost, none back from the dead"
+    );
+    let live = files(&s).await;
+    assert_eq!(
+        live.len(),
+        2,
+        "the compacted file and the upsert's: {live:?}"
+    );
+    assert!(live.iter().any(|(_, marked)| *marked == 3), "{live:?}");
+    assert_eq!(position(dir.path(), 0).await, Some(Offset(5)));
+}
