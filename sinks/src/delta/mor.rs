@@ -32,7 +32,7 @@ use arrow::array::{RecordBatch, UInt32Array};
 use arrow::compute::take_record_batch;
 use deltalake::kernel::{Action, LogicalFileView};
 use deltalake::operations::merge::MergeMetrics;
-use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
+use deltalake::writer::{DeltaWriter, WriteMode};
 use deltalake::{DeltaTable, DeltaTableError};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
@@ -176,18 +176,13 @@ pub(super) async fn upsert(
     } else {
         super::dv::write(store.as_ref(), marked.values().cloned().collect()).await?
     };
-    let mut writer = RecordBatchWriter::try_new(
-        sink.url.as_str(),
+    let mut writer = sink.keyed_writer(
         merged.clone(),
-        Some(partition_columns.clone()),
-        Some(sink.options.clone()),
-    )?
-    .with_writer_properties(crate::encode::writer_properties_keyed(
-        sink.config.compression,
-        sink.config.row_group_rows,
+        &partition_columns,
         Some(&batches[0]),
         &config.keys,
-    ));
+        None,
+    )?;
     // Each table partition's new rows in one file, sorted by key: its pages' key ranges are
     // then narrow, and a later flush reads only the pages that may hold its keys (`probe`).
     let mut by_partition: Vec<(super::PartitionValues, Vec<RecordBatch>)> = Vec::new();

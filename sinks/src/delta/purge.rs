@@ -20,7 +20,7 @@ use std::sync::Arc;
 use arrow::array::BooleanArray;
 use arrow::compute::filter_record_batch;
 use deltalake::kernel::LogicalFileView;
-use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
+use deltalake::writer::{DeltaWriter, WriteMode};
 use deltalake::{DeltaTable, DeltaTableError};
 use futures::StreamExt;
 
@@ -93,19 +93,15 @@ impl DeltaSink {
         // written into one new file and closed before the next opens.
         for files in chosen.into_values() {
             for bin in pack(&all, files, target) {
-                let mut writer = RecordBatchWriter::try_new(
-                    self.url.as_str(),
+                let keys = self.config.upsert.as_ref().map_or(&[][..], |u| &u.keys[..]);
+                // One file per bin: the place of each source's rows in it is known.
+                let mut writer = self.keyed_writer(
                     schema.clone(),
-                    Some(partition_columns.clone()),
-                    Some(self.options.clone()),
-                )?
-                .with_writer_properties(crate::encode::writer_properties_keyed(
-                    self.config.compression,
-                    self.config.row_group_rows,
+                    &partition_columns,
                     None,
-                    self.config.upsert.as_ref().map_or(&[][..], |u| &u.keys[..]),
-                ))
-                .with_target_file_size(u64::MAX);
+                    keys,
+                    Some(u64::MAX),
+                )?;
                 let mut sources = Vec::with_capacity(bin.len());
                 let mut base = 0u64;
                 for n in bin {

@@ -163,22 +163,13 @@ pub(super) async fn upsert(
     metrics.scan_time_ms = started.elapsed().as_millis() as u64;
 
     let rewrite_started = Instant::now();
-    let mut writer = RecordBatchWriter::try_new(
-        sink.url.as_str(),
+    let mut writer = sink.keyed_writer(
         merged.clone(),
-        Some(partition_columns.clone()),
-        Some(sink.options.clone()),
-    )?
-    // As appends do: no dictionary for the columns whose values are mostly distinct in the
-    // changes (an order id, an offset), which would otherwise be hashed into a dictionary as
-    // large as the data while the file is open; the key columns in small indexed pages.
-    .with_writer_properties(crate::encode::writer_properties_keyed(
-        sink.config.compression,
-        sink.config.row_group_rows,
+        &partition_columns,
         Some(&batches[0]),
         &config.keys,
-    ))
-    .with_target_file_size(TARGET_FILE_BYTES);
+        Some(TARGET_FILE_BYTES),
+    )?;
     // Partition by partition, each closed before the next opens: a grouped upsert's changes
     // span several partitions (days), and each open file holds its row group's encoders and
     // an upload buffer.

@@ -264,3 +264,36 @@ pub(super) fn partition_key(values: &PartitionValues) -> String {
     }
     key
 }
+
+impl super::DeltaSink {
+    /// A writer of new data files for an upsert table (copy-on-write rewrites, deletion-vector
+    /// upserts, compaction): the sink's compression and row groups, no dictionary for the
+    /// columns mostly distinct in `sample` (an order id, an offset), the key columns `keys` in
+    /// small indexed pages (`encode::writer_properties_keyed`), files of up to `target` bytes
+    /// (`None`: deltalake's default, the table's target file size).
+    pub(super) fn keyed_writer(
+        &self,
+        schema: SchemaRef,
+        partition_columns: &[String],
+        sample: Option<&RecordBatch>,
+        keys: &[String],
+        target: Option<u64>,
+    ) -> Result<RecordBatchWriter, deltalake::DeltaTableError> {
+        let writer = RecordBatchWriter::try_new(
+            self.url.as_str(),
+            schema,
+            Some(partition_columns.to_vec()),
+            Some(self.options.clone()),
+        )?
+        .with_writer_properties(crate::encode::writer_properties_keyed(
+            self.config.compression,
+            self.config.row_group_rows,
+            sample,
+            keys,
+        ));
+        Ok(match target {
+            Some(bytes) => writer.with_target_file_size(bytes),
+            None => writer,
+        })
+    }
+}
