@@ -39,6 +39,9 @@ pub struct KeyDecoder {
     /// Values are JSON, so a keyless truncate can be told from a keyless row; with Avro values
     /// a null key passes, and the flush that meets it as a row fails naming the topic.
     json_values: bool,
+    /// The type of the last keys decoded: a batch with no rows (what follows a TRUNCATE that
+    /// ended its batch) gets an empty `_key` column of it.
+    last_type: Option<DataType>,
 }
 
 impl std::fmt::Debug for KeyDecoder {
@@ -77,6 +80,7 @@ impl KeyDecoder {
             avro_schemas: HashMap::new(),
             required,
             json_values: true,
+            last_type: None,
         }
     }
 
@@ -189,6 +193,17 @@ impl KeyDecoder {
 
     /// Decodes a batch's checked keys into the `_key` column.
     pub async fn decode(&mut self, keys: &BinaryArray) -> Result<ArrayRef, String> {
+        if keys.is_empty() {
+            if let Some(t) = &self.last_type {
+                return Ok(arrow::array::new_empty_array(t));
+            }
+        }
+        let decoded = self.decode_keys(keys).await?;
+        self.last_type = Some(decoded.data_type().clone());
+        Ok(decoded)
+    }
+
+    async fn decode_keys(&mut self, keys: &BinaryArray) -> Result<ArrayRef, String> {
         match &self.format {
             KeyFormat::String => {
                 arrow::compute::cast(keys, &DataType::Utf8).map_err(|e| e.to_string())
@@ -412,5 +427,23 @@ mod tests {
         avro.check(None, Some(b"\0\0\0\0\x01\x02"), 5)
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_keys_after_a_truncate_decode_as_the_partition_s_key_type() {
+        let registry =
+            RegistryClient::new(schema_registry::RegistryConfig::new("http://127.0.0.1:1"))
+                .unwrap();
+        let tp = TopicPartition::new("pg.shop.order_lines", 0);
+        let mut d = KeyDecoder::new(KeyFormat::ConnectJson, tp, registry);
+        let key = br#"{"schema":{"type":"struct","fields":[{"type":"int64","optional":false,"field":"order_id"}],"optional":false,"name":"k"},"payload":{"order_id":7}}"#;
+        let some = d.decode(&BinaryArray::from(vec![&key[..]])).await.unwrap();
+        // A TRUNCATE last in a batch leaves no row after it: the batch still needs `_key`.
+        let none = d
+            .decode(&BinaryArray::from(Vec::<&[u8]>::new()))
+            .await
+            .unwrap();
+        assert_eq!(none.len(), 0);
+        assert_eq!(none.data_type(), some.data_type());
     }
 }
