@@ -163,3 +163,89 @@ async fn crash_after_marker_is_published_on_restart() {
 async fn crash_during_publishing_is_finished_on_restart() {
     crash_at("mid_publish").await;
 }
+
+/// Background compaction of a Parquet table on S3 (moto), SIGKILLed between publishing its
+/// merged file and deleting the files it merged: the restart finishes it, and pyarrow and
+/// DuckDB read every record exactly once, from fewer files than the flushes wrote.
+#[tokio::test(flavor = "multi_thread")]
+async fn parquet_compaction_killed_mid_way_is_finished_on_restart() {
+    let store = Store::s3("orders");
+    let topic = unique("compact");
+    let n = 2400;
+    create_topic(&topic, PARTITIONS).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    let group = unique("g");
+    let cfg = config(
+        &topic,
+        &group,
+        &registry_url,
+        &store,
+        "parquet = { auto_compact = true, compact_min_files = 4, compact_min_age = \"1s\" }",
+    );
+    let mut first = Lakesink::start(&cfg, &[("LAKESINK_TEST_CRASHPOINT", "mid_compaction:1")]);
+    // Flushes of 400 rows over 4 days: the first half is committed in about 3 files per day,
+    // which age past `compact_min_age` before the second half's commits start a compaction.
+    let mut produced = produce(&topic, id, 0..n / 2, PARTITIONS).await;
+    wait_rows(
+        &store,
+        &topic,
+        n as u64 / 2,
+        &mut first,
+        Duration::from_secs(120),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    produced.extend(produce(&topic, id, n / 2..n, PARTITIONS).await);
+    first.wait_for_line("CRASHPOINT mid_compaction", Duration::from_secs(120));
+    first.kill9();
+    // Killed with the merged file published and its sources not deleted yet: a directory
+    // lister sees those rows twice until the compaction is finished.
+    let killed = store.read();
+    assert!(
+        killed["rows"].as_array().unwrap().len() > committed_rows(&store, &topic).await as usize,
+        "the kill left the merged file beside its sources"
+    );
+
+    // Every record was committed before the kill: the restart finishes the compaction when it
+    // recovers its partitions, with nothing more to consume.
+    let mut second = Lakesink::start(&cfg, &[]);
+    wait_rows(
+        &store,
+        &topic,
+        n as u64,
+        &mut second,
+        Duration::from_secs(120),
+    )
+    .await;
+    let t = store.table_store();
+    let open = t.path(["_lakesink", "compactions", "_open"]);
+    let started = std::time::Instant::now();
+    loop {
+        use futures::TryStreamExt;
+        let left: Vec<_> = t.store.list(Some(&open)).try_collect().await.unwrap();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the interrupted compaction is still open after 60s:\n{}",
+            second.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    second.stop();
+    let table = store.read();
+    assert_exactly_once(&table, &produced);
+    let files: Vec<&str> = table["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .filter(|f| f.ends_with(".parquet"))
+        .collect();
+    assert!(
+        files.iter().any(|f| f.contains("compacted-")),
+        "no merged file: {files:?}"
+    );
+}

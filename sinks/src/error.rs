@@ -132,6 +132,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A compaction of a Parquet table partition cannot go on.
+    #[error("compaction of `{dir}` in table {table}: {reason}")]
+    Compaction {
+        /// The table's location.
+        table: String,
+        /// The table partition (directory).
+        dir: String,
+        /// Why.
+        reason: String,
+    },
+
     /// A background task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Join(String),

@@ -25,6 +25,7 @@ pub mod delta;
 pub mod encode;
 pub mod error;
 pub mod fence;
+mod object_file;
 pub mod parquet;
 pub mod partition;
 pub mod routed;
@@ -295,6 +296,10 @@ pub trait Sink: Send + Sync + fmt::Debug + 'static {
     /// Checks that the table location is reachable and writable.
     async fn check(&self) -> Result<()>;
 
+    /// At shutdown, after the last commit: lets background work on the table (a compaction)
+    /// reach a point readers accept, waiting at most `within`, and starts none after.
+    async fn settle(&self, _within: std::time::Duration) {}
+
     /// The table's location, for messages (never contains credentials).
     fn location(&self) -> &str;
 
@@ -321,6 +326,8 @@ pub trait AnySink: Send + Sync + fmt::Debug {
     async fn adopt_topic_id(&self, topic: &str, topic_id: &str) -> Result<TopicIdentity>;
     /// See [`Sink::check`].
     async fn check(&self) -> Result<()>;
+    /// See [`Sink::settle`].
+    async fn settle(&self, within: std::time::Duration);
     /// See [`Sink::location`].
     fn location(&self) -> &str;
     /// See [`Sink::table_of`].
@@ -349,6 +356,9 @@ impl<S: Sink> AnySink for S {
     }
     async fn check(&self) -> Result<()> {
         Sink::check(self).await
+    }
+    async fn settle(&self, within: std::time::Duration) {
+        Sink::settle(self, within).await
     }
     fn location(&self) -> &str {
         Sink::location(self)

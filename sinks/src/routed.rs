@@ -254,6 +254,19 @@ impl<S: Sink> Sink for Routed<S> {
         self.table(topic)?.adopt_topic_id(topic, topic_id).await
     }
 
+    async fn settle(&self, within: std::time::Duration) {
+        let tables: Vec<Arc<S>> = self
+            .state
+            .lock()
+            .map(|s| s.by_topic.values().cloned().collect())
+            .unwrap_or_default();
+        let until = std::time::Instant::now() + within;
+        for t in tables {
+            t.settle(until.saturating_duration_since(std::time::Instant::now()))
+                .await;
+        }
+    }
+
     /// Checks every table opened so far; before the first, a table at the template's fixed
     /// part (the location up to its first placeholder), which says whether the store answers
     /// and takes writes.

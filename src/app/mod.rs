@@ -214,12 +214,12 @@ fn open_parquet(
         .flatten();
     let mut sink = ParquetSink::new(
         TableStore::open_with(location, storage, aws)?,
-        ParquetSinkConfig {
+        s.parquet.apply(ParquetSinkConfig {
             partition_by: s.partition_by.clone(),
             compression: s.compression,
             writer_id: writer.to_string(),
             ..Default::default()
-        },
+        }),
     );
     if let Some(hook) = crash_hook_from_env(&s.name) {
         sink = sink.with_crash_hook(hook);
@@ -258,7 +258,8 @@ pub fn delta_config(cfg: &ValidatedConfig, s: &crate::config::ValidatedSink) -> 
     })
 }
 
-/// `lakesink maintain`: compaction, vacuum and a checkpoint for every Delta sink (or `only`);
+/// `lakesink maintain`: compaction, vacuum and a checkpoint for every Delta sink, compaction for
+/// every Parquet sink (or `only`);
 /// `retention` replaces `delta.vacuum_retention` for this run (writers stopped).
 pub async fn maintain(
     cfg: &ValidatedConfig,
@@ -271,7 +272,7 @@ pub async fn maintain(
             continue;
         }
         seen = true;
-        if s.kind != SinkKind::Delta {
+        if s.kind == SinkKind::Databend {
             println!("skip  {}: {:?} tables need no maintenance", s.name, s.kind);
             continue;
         }
@@ -308,14 +309,34 @@ pub async fn maintain(
     Ok(())
 }
 
-/// Compacts, vacuums and checkpoints the Delta table at `location` of sink `s`, and prints
-/// what it did (a table not created yet is skipped).
+/// Compacts, vacuums and checkpoints the Delta table at `location` of sink `s`, or compacts
+/// the Parquet table there, and prints what it did (a table not created yet is skipped).
 async fn maintain_table(
     cfg: &ValidatedConfig,
     s: &crate::config::ValidatedSink,
     location: &str,
     retention: Option<std::time::Duration>,
 ) -> anyhow::Result<()> {
+    if s.kind == SinkKind::Parquet {
+        let sink = open_parquet(s, &writer_id(), location)
+            .with_context(|| format!("sink `{}`: cannot open table", s.name))?;
+        let started = std::time::Instant::now();
+        let r = sink
+            .compact_table()
+            .await
+            .with_context(|| format!("sink `{}`: compaction of {location} failed", s.name))?;
+        println!(
+            "ok    {}: {} compacted {} files into {} in {} table partitions ({} lost to another writer's compaction) ({:.1}s)",
+            s.name,
+            sinks::Sink::location(&sink),
+            r.files_compacted,
+            r.files_written,
+            r.dirs,
+            r.dropped,
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     let sink = DeltaSink::new(location, delta_storage(s, location), delta_config(cfg, s))
         .with_context(|| format!("sink `{}`: cannot open table", s.name))?;
     let shown = sinks::Sink::location(&sink).to_string();
@@ -439,6 +460,7 @@ pub async fn run(
     let rt = tokio::runtime::Handle::current();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let thread_cancel = cancel.clone();
+    let (held, settle_within) = (sinks.clone(), cfg.drain_timeout);
     std::thread::Builder::new()
         .name("lakesink-source".into())
         .spawn(move || {
@@ -449,6 +471,11 @@ pub async fn run(
     let result = done_rx
         .await
         .map_err(|_| anyhow!("the source thread panicked"))?;
+    // The last commits are done: background work on the tables (a Parquet compaction between
+    // its record and its last delete) ends before the process does.
+    for s in &held {
+        s.sink.settle(settle_within).await;
+    }
     reported.cancel();
     if let Some(r) = reporter {
         let _ = r.await;

@@ -242,6 +242,9 @@ pub struct SinkConfig {
     /// `kind = "delta"` settings, read and checked by the Delta sink.
     #[serde(default)]
     pub delta: sinks::delta::DeltaSection,
+    /// `kind = "parquet"` settings, read and checked by the Parquet sink.
+    #[serde(default)]
+    pub parquet: sinks::parquet::ParquetSection,
     /// `kind = "databend"` connection, read and checked by the Databend sink.
     #[serde(default)]
     pub databend: Option<sinks::databend::DatabendSection>,

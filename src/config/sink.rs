@@ -131,6 +131,10 @@ pub(super) fn validate_sink(
     let keys_from_message = upsert_keys.as_ref().is_some_and(Vec::is_empty);
     let connect = s.json_envelope == JsonEnvelope::Connect;
     let delta = s.delta.validate().map_err(|e| section(&key, "delta", e))?;
+    let parquet = s
+        .parquet
+        .validate()
+        .map_err(|e| section(&key, "parquet", e))?;
     let template =
         sinks::routed::TableTemplate::parse(&s.table).map_err(|e| err(key("table"), e))?;
     if matches!(topics, TopicSelector::Regex { .. }) && !template.is_per_topic() && !s.shared_table
@@ -388,6 +392,7 @@ pub(super) fn validate_sink(
         keys_from_message,
         databend,
         delta,
+        parquet,
         connect_envelope: match s.json_envelope {
             JsonEnvelope::None => false,
             JsonEnvelope::Connect if matches!(s.format, Format::Json | Format::DebeziumJson) => {

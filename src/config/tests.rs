@@ -126,6 +126,34 @@ fn dollar_escapes() {
 }
 
 #[test]
+fn parquet_compaction_settings_are_checked() {
+    let with = |section: &str| {
+        parse(&BASE.replace(
+            "partition_by = [\"day(ts)\"]",
+            &format!("partition_by = [\"day(ts)\"]\nparquet = {{ {section} }}"),
+        ))
+    };
+    let c = with("auto_compact = true, compact_min_files = 8, target_file_size = \"64MiB\", compact_min_age = \"30s\"").unwrap();
+    let p = &c.sinks[0].parquet;
+    assert!(p.auto_compact);
+    assert_eq!(p.compact.min_files, 8);
+    assert_eq!(p.compact.target_file_size, 64 << 20);
+    assert_eq!(p.compact.min_age.as_secs(), 30);
+    let defaults = parse(BASE).unwrap();
+    assert!(!defaults.sinks[0].parquet.auto_compact);
+    assert_eq!(defaults.sinks[0].parquet.compact.min_age.as_secs(), 60);
+    let e = with("compact_min_files = 1").unwrap_err();
+    assert_eq!(e.key, "sink[0].parquet.compact_min_files", "{e}");
+    let e = with("compact_min_age = \"100ms\"").unwrap_err();
+    assert_eq!(e.key, "sink[0].parquet.compact_min_age", "{e}");
+    assert!(e.reason.contains("floor of 1s"), "{e}");
+    let e = with("target_file_size = \"big\"").unwrap_err();
+    assert_eq!(e.key, "sink[0].parquet.target_file_size", "{e}");
+    let e = with("auto_compacting = true").unwrap_err();
+    assert!(e.to_string().contains("auto_compacting"), "{e}");
+}
+
+#[test]
 fn delta_and_upsert_settings_are_checked() {
     let delta = BASE.replace(
         "partition_by = [\"day(ts)\"]",

@@ -143,6 +143,8 @@ pub struct ValidatedSink {
     pub tables: BTreeMap<String, TableSettings>,
     /// `[sink.delta]`, checked (defaults for other kinds).
     pub delta: sinks::delta::DeltaSettings,
+    /// `[sink.parquet]`, checked (defaults for other kinds).
+    pub parquet: sinks::parquet::ParquetSettings,
 }
 
 /// Which table format a sink writes (`kind`).

@@ -15,17 +15,17 @@ use arrow::compute::take_record_batch;
 use arrow::row::Row;
 use deltalake::kernel::LogicalFileView;
 use deltalake::DeltaTableError;
-use futures::future::BoxFuture;
-use futures::{FutureExt, StreamExt, TryFutureExt};
+use futures::StreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::ObjectStore;
 use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
 use parquet::arrow::arrow_reader::{ArrowReaderOptions, RowSelection};
-use parquet::arrow::async_reader::{AsyncFileReader, ParquetRecordBatchStreamBuilder};
+use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
 use parquet::arrow::ProjectionMask;
-use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData};
 
 use super::rewrite::*;
+pub(super) use crate::object_file::ObjectFile as FileReader;
 
 /// What a file's footer and key columns tell about it.
 pub(super) enum Probe {
@@ -37,58 +37,6 @@ pub(super) enum Probe {
     Dirty(usize),
 }
 
-/// A data file of the table, read by ranges; its size is known from the log, so the footer is
-/// one ranged read.
-pub(super) struct FileReader {
-    store: Arc<dyn ObjectStore>,
-    path: Path,
-    size: u64,
-}
-
-pub(super) fn parquet_err(e: object_store::Error) -> parquet::errors::ParquetError {
-    parquet::errors::ParquetError::External(Box::new(e))
-}
-
-impl AsyncFileReader for FileReader {
-    fn get_bytes(
-        &mut self,
-        range: std::ops::Range<u64>,
-    ) -> BoxFuture<'_, parquet::errors::Result<bytes::Bytes>> {
-        self.store
-            .get_range(&self.path, range)
-            .map_err(parquet_err)
-            .boxed()
-    }
-
-    fn get_byte_ranges(
-        &mut self,
-        ranges: Vec<std::ops::Range<u64>>,
-    ) -> BoxFuture<'_, parquet::errors::Result<Vec<bytes::Bytes>>> {
-        async move {
-            self.store
-                .get_ranges(&self.path, &ranges)
-                .await
-                .map_err(parquet_err)
-        }
-        .boxed()
-    }
-
-    fn get_metadata<'a>(
-        &'a mut self,
-        options: Option<&'a ArrowReaderOptions>,
-    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
-        async move {
-            let size = self.size;
-            let metadata = ParquetMetaDataReader::new()
-                .with_arrow_reader_options(options)
-                .load_and_finish(self, size)
-                .await?;
-            Ok(Arc::new(metadata))
-        }
-        .boxed()
-    }
-}
-
 /// A reader of `file`; with `page_index`, its footer's page index is read too (one more ranged
 /// read), for pruning by page.
 pub(super) async fn reader(
@@ -97,11 +45,7 @@ pub(super) async fn reader(
     page_index: bool,
 ) -> Result<ParquetRecordBatchStreamBuilder<FileReader>, DeltaTableError> {
     let path = file.object_store_path();
-    let reader = FileReader {
-        store: store.clone(),
-        path: path.clone(),
-        size: file.size() as u64,
-    };
+    let reader = FileReader::new(store.clone(), path.clone(), file.size() as u64);
     // Optional: a file written without a page index (by another engine) is read by row groups.
     let options = ArrowReaderOptions::new().with_page_index_policy(if page_index {
         PageIndexPolicy::Optional

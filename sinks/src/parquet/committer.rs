@@ -10,6 +10,7 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
+use super::compact::SharedCompactor;
 use super::config::ParquetSinkConfig;
 use super::writer::{encode, StagedFile};
 use crate::crash::{CrashHook, CrashPoints};
@@ -19,7 +20,7 @@ use crate::{
     TopicPartition,
 };
 
-const META: &str = "_lakesink";
+pub(super) const META: &str = "_lakesink";
 const MARKER_VERSION: u32 = 1;
 
 /// The commit record of one flush: `_lakesink/commits/<topic>/<partition>/<start>.json`.
@@ -59,11 +60,13 @@ struct Hint {
 
 /// A Parquet table with the marker commit protocol.
 pub struct ParquetSink {
-    table: TableStore,
-    config: ParquetSinkConfig,
+    pub(super) table: TableStore,
+    pub(super) config: ParquetSinkConfig,
     /// Commits since the last hint, per partition.
     since_hint: Mutex<HashMap<TopicPartition, u32>>,
-    crash: CrashPoints,
+    pub(super) crash: CrashPoints,
+    /// Background compaction (`auto_compact`), shared with its task.
+    pub(super) compactor: SharedCompactor,
 }
 
 impl std::fmt::Debug for ParquetSink {
@@ -75,7 +78,7 @@ impl std::fmt::Debug for ParquetSink {
     }
 }
 
-fn offset_key(o: i64) -> String {
+pub(super) fn offset_key(o: i64) -> String {
     format!("{o:020}")
 }
 
@@ -87,6 +90,18 @@ impl ParquetSink {
             config,
             since_hint: Mutex::new(HashMap::new()),
             crash: CrashPoints::default(),
+            compactor: SharedCompactor::default(),
+        }
+    }
+
+    /// A handle on the same table for a background task (its own hint counters).
+    pub(super) fn clone_for_io(&self) -> Self {
+        Self {
+            table: self.table.clone(),
+            config: self.config.clone(),
+            since_hint: Mutex::new(HashMap::new()),
+            crash: self.crash.clone(),
+            compactor: self.compactor.clone(),
         }
     }
 
@@ -111,7 +126,7 @@ impl ParquetSink {
             .join(format!("{}.json", offset_key(start)).as_str())
     }
 
-    fn staging_dir(&self, tp: &TopicPartition) -> Path {
+    pub(super) fn staging_dir(&self, tp: &TopicPartition) -> Path {
         self.table
             .path([META, "staging", &tp.topic, &tp.partition.to_string()])
     }
@@ -125,11 +140,14 @@ impl ParquetSink {
         ])
     }
 
-    fn rel(&self, rel: &str) -> Path {
+    pub(super) fn rel(&self, rel: &str) -> Path {
         self.table.rel(rel)
     }
 
-    async fn read_json<T: for<'de> Deserialize<'de>>(&self, path: &Path) -> Result<Option<T>> {
+    pub(super) async fn read_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &Path,
+    ) -> Result<Option<T>> {
         match self.table.store.get(path).await {
             Ok(r) => {
                 let bytes = r.bytes().await.map_err(|e| self.table.err(path, e))?;
@@ -201,21 +219,22 @@ impl ParquetSink {
                 // create-only report that as AlreadyExists (GCS through object_store 0.13).
                 Err(object_store::Error::AlreadyExists { .. }) => {}
                 Err(object_store::Error::NotFound { .. }) => {
-                    // Someone else published it already; the destination must then exist.
-                    self.table
-                        .store
-                        .head(&dest)
-                        .await
-                        .map_err(|e| Error::Chain {
-                            table: self.table.location().to_string(),
-                            tp: TopicPartition::new(marker.topic.as_str(), marker.partition),
-                            reason: format!(
-                                "marker at {} lists `{}` but neither the staged copy nor the \
-                                 published file exists ({e})",
-                                marker.start, f.path
-                            ),
-                        })?;
-                    continue;
+                    // Someone else published it already; the destination must then exist,
+                    // unless a compaction has taken it since.
+                    if self.table.store.head(&dest).await.is_ok()
+                        || self.compacted_away(&f.path, marker.committed_at_ms).await?
+                    {
+                        continue;
+                    }
+                    return Err(Error::Chain {
+                        table: self.table.location().to_string(),
+                        tp: TopicPartition::new(marker.topic.as_str(), marker.partition),
+                        reason: format!(
+                            "marker at {} lists `{}` but neither the staged copy nor the \
+                                 published file exists, and no compaction took it",
+                            marker.start, f.path
+                        ),
+                    });
                 }
                 Err(e) => return Err(self.table.err(&staged, e)),
             }
@@ -360,6 +379,7 @@ impl Sink for ParquetSink {
     type Data = Vec<StagedFile>;
 
     async fn recover(&self, tp: &TopicPartition) -> Result<Option<Offset>> {
+        self.resume_compactions().await;
         self.walk_chain(tp, true).await
     }
 
@@ -509,6 +529,7 @@ impl Sink for ParquetSink {
                 self.crash.at("after_marker");
                 self.publish(&marker).await?;
                 self.maybe_hint(tp, &marker).await?;
+                self.after_commit(&marker.files);
                 Ok((CommitOutcome::Committed { next: staged.next }, stats))
             }
             Err(object_store::Error::AlreadyExists { .. }) => {
@@ -555,6 +576,10 @@ impl Sink for ParquetSink {
             }
             Err(e) => Err(self.table.err(&path, e)),
         }
+    }
+
+    async fn settle(&self, within: std::time::Duration) {
+        self.settle_compaction(within).await
     }
 
     async fn check(&self) -> Result<()> {

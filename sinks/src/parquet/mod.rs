@@ -33,14 +33,19 @@
 //! - [`Sink::check`](crate::Sink::check) refuses a store that ignores conditional creates.
 
 mod committer;
+mod compact;
 mod config;
+mod merge;
 pub(crate) mod writer;
 
 pub use committer::{Marker, MarkerFile, ParquetSink};
-pub use config::ParquetSinkConfig;
+pub use compact::{CompactReport, CompactedFile, Compaction};
+pub use config::{ParquetCompact, ParquetSection, ParquetSettings, ParquetSinkConfig};
 pub use writer::StagedFile;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_compact;
 #[cfg(test)]
 mod tests_races;
