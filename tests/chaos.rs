@@ -143,7 +143,9 @@ impl Target {
                 let s = through(orders);
                 let mut out = common("orders", &run.orders, 500)
                     + &format!(
-                        "table = \"{}\"\nstorage = {}\npartition_by = [\"day(ts)\"]\n",
+                        "table = \"{}\"\nstorage = {}\npartition_by = [\"day(ts)\"]\n\
+                         parquet = {{ auto_compact = true, compact_min_files = 4, \
+                         compact_min_age = \"2s\" }}\n",
                         s.url,
                         s.toml_options()
                     );
@@ -252,6 +254,20 @@ impl Target {
                 if let Target::Parquet(_, copy) = self {
                     let evidence = duplicate_evidence(store, topic, &table, logs).await;
                     assert!(evidence.is_empty(), "duplicated rows:\n{evidence}");
+                    // The background compaction ran through the kills and outages too.
+                    let files: Vec<&str> = table["files"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter_map(|f| f.as_str())
+                        .filter(|f| f.ends_with(".parquet"))
+                        .collect();
+                    let merged = files.iter().filter(|f| f.contains("compacted-")).count();
+                    eprintln!(
+                        "parquet files at the end: {} ({merged} merged by compaction)",
+                        files.len()
+                    );
+                    assert!(merged > 0, "no compaction committed: {files:?}");
                     if let Some(copy) = copy {
                         // The Delta table of the same topic: every order once (python deltalake).
                         assert_exactly_once(&copy.read_delta(&[]), &sent.orders);

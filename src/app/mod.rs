@@ -460,7 +460,11 @@ pub async fn run(
     let rt = tokio::runtime::Handle::current();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let thread_cancel = cancel.clone();
-    let (held, settle_within) = (sinks.clone(), cfg.drain_timeout);
+    // A compaction stops before its commit when asked, and needs a few requests after it.
+    let (held, settle_within) = (
+        sinks.clone(),
+        cfg.drain_timeout.max(Duration::from_secs(30)),
+    );
     std::thread::Builder::new()
         .name("lakesink-source".into())
         .spawn(move || {

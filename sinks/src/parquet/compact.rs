@@ -414,6 +414,14 @@ impl ParquetSink {
             committed_at_ms: chrono::Utc::now().timestamp_millis(),
         };
         self.crash.at("compaction_staged");
+        if self.closing() {
+            // Nothing is committed yet: the staged outputs are left for nobody, as any crash
+            // before the record leaves them (they are under `_lakesink/`).
+            for out in &record.outputs {
+                let _ = self.table.store.delete(&self.rel(&out.staged)).await;
+            }
+            return Ok(report);
+        }
         let intent = self
             .intents_dir()
             .join(format!("{}-{rand:016x}.json", offset_key(seq as i64)).as_str());
@@ -525,14 +533,28 @@ impl ParquetSink {
         Ok(report)
     }
 
+    /// Whether the process is shutting down ([`Self::settle_compaction`] was called).
+    pub(super) fn closing(&self) -> bool {
+        self.compactor.closing.load(Ordering::Acquire)
+    }
+
     /// Stops background compaction: none starts from now on, and a running one is waited for
     /// (at most `within`) so that a directory lister does not see its sources beside its output.
+    /// With `auto_compact`, it then finishes the compactions other members left open (one
+    /// killed after this process's last recovery).
     pub(super) async fn settle_compaction(&self, within: Duration) {
         let c = &self.compactor;
         c.closing.store(true, Ordering::Release);
         let until = Instant::now() + within;
         while c.running.load(Ordering::Acquire) && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.config.auto_compact && !c.running.load(Ordering::Acquire) {
+            let left = until.saturating_duration_since(Instant::now());
+            if let Ok(Err(e)) = tokio::time::timeout(left, self.finish_interrupted()).await {
+                info!(table = self.table.location(),
+                      "finishing interrupted compactions at shutdown failed (done at the next start): {e}");
+            }
         }
     }
 
@@ -574,7 +596,14 @@ impl ParquetSink {
         *c.last.lock().expect("poisoned") = Some(Instant::now());
         let this = self.clone_for_io();
         tokio::spawn(async move {
-            let closing = || this.compactor.closing.load(Ordering::Acquire);
+            let closing = || this.closing();
+            // Compactions another member left open (killed after this process recovered).
+            if let Err(e) = this.finish_interrupted().await {
+                info!(
+                    table = this.table.location(),
+                    "finishing interrupted compactions failed (tried again later): {e}"
+                );
+            }
             for (dir, files) in &due {
                 if closing() {
                     break;

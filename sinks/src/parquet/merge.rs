@@ -209,6 +209,9 @@ impl ParquetSink {
                         )
                     }
                 };
+                if self.closing() {
+                    return Err(self.compaction_err(dir, "stopped: the process is shutting down"));
+                }
                 rows += batch.num_rows() as u64;
                 w.write(&batch)
                     .await

@@ -269,3 +269,25 @@ async fn a_settled_sink_starts_no_compaction() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(visible(&store).await.len(), 3);
 }
+
+#[tokio::test]
+async fn a_member_that_recovered_before_another_was_killed_finishes_its_compaction() {
+    let store = Arc::new(InMemory::new());
+    let tp = TopicPartition::new("orders", 0);
+    let member = compacting(&store, "member", true, 100);
+    assert_eq!(member.recover(&tp).await.unwrap(), None);
+    let s = compacting(&store, "w1", false, 2);
+    commit_all(&s, &[0, 10, 20, 30]).await;
+    let killed = compacting(&store, "w1", false, 2).with_crash_hook(Arc::new(|at| {
+        if at == "mid_compaction" {
+            panic!("killed between the outputs and the sources");
+        }
+    }));
+    assert!(tokio::spawn(async move { killed.compact_table().await })
+        .await
+        .is_err());
+    assert_eq!(rows(&store).await.len(), 60);
+    // The member recovered before the kill; it finishes the open compaction at shutdown.
+    member.settle(Duration::from_secs(5)).await;
+    assert_eq!(rows(&store).await, (0..30).collect::<Vec<_>>());
+}

@@ -91,6 +91,29 @@ impl CpuSplit {
 }
 
 /// Commit files (`<version>.json`) in every `_delta_log` under `root`, table creation included.
+/// The Parquet data files a directory lister sees below `root` (outside `_lakesink/`): how
+/// many, their bytes, and the largest.
+pub(super) fn listed_parquet(root: &std::path::Path) -> (usize, u64, u64) {
+    let mut out = (0, 0, 0);
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name();
+        if path.is_dir() {
+            if name != "_lakesink" {
+                let (n, b, m) = listed_parquet(&path);
+                out = (out.0 + n, out.1 + b, out.2.max(m));
+            }
+        } else if name.to_string_lossy().ends_with(".parquet") {
+            let len = e.metadata().map_or(0, |m| m.len());
+            out = (out.0 + 1, out.1 + len, out.2.max(len));
+        }
+    }
+    out
+}
+
 pub(super) fn delta_log_entries(root: &std::path::Path) -> usize {
     let Ok(entries) = std::fs::read_dir(root) else {
         return 0;

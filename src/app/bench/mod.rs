@@ -383,6 +383,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             out_bytes += b;
         }
     }
+    if kind == "parquet" {
+        // What a directory lister reads at the end: the flushes' files, less what background
+        // compaction (`[sink.parquet] auto_compact`) merged.
+        let (n, bytes, largest) = measure::listed_parquet(dir.path());
+        println!(
+            "  listed:    {n} Parquet files in the table directories at the end, {:.1} MB ({:.1} MB per file, the largest {:.1} MB)",
+            bytes as f64 / 1e6,
+            bytes as f64 / 1e6 / n.max(1) as f64,
+            largest as f64 / 1e6
+        );
+    }
     let log_entries = match kind.as_str() {
         "delta" => format!(" in {} Delta log entries", delta_log_entries(dir.path())),
         _ => String::new(),
