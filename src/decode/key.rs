@@ -194,9 +194,12 @@ impl KeyDecoder {
     /// Decodes a batch's checked keys into the `_key` column.
     pub async fn decode(&mut self, keys: &BinaryArray) -> Result<ArrayRef, String> {
         if keys.is_empty() {
-            if let Some(t) = &self.last_type {
-                return Ok(arrow::array::new_empty_array(t));
-            }
+            // Before any key of the partition (its first record a keyless TRUNCATE): a key of
+            // no fields, which names no key column (the flush has no row to key).
+            return Ok(match &self.last_type {
+                Some(t) => arrow::array::new_empty_array(t),
+                None => Arc::new(arrow::array::StructArray::new_empty_fields(0, None)),
+            });
         }
         let decoded = self.decode_keys(keys).await?;
         self.last_type = Some(decoded.data_type().clone());
@@ -445,5 +448,27 @@ mod tests {
             .unwrap();
         assert_eq!(none.len(), 0);
         assert_eq!(none.data_type(), some.data_type());
+    }
+
+    #[tokio::test]
+    async fn no_keys_before_any_key_decode_as_a_key_of_no_fields() {
+        let registry =
+            RegistryClient::new(schema_registry::RegistryConfig::new("http://127.0.0.1:1"))
+                .unwrap();
+        let tp = TopicPartition::new("pg.shop.order_lines", 0);
+        for format in [KeyFormat::ConnectJson, KeyFormat::Avro] {
+            let mut d = KeyDecoder::new(format, tp.clone(), registry.clone());
+            // A worker whose first record is a TRUNCATE (keyless): no key type is known yet.
+            let none = d
+                .decode(&BinaryArray::from(Vec::<&[u8]>::new()))
+                .await
+                .unwrap();
+            assert_eq!(none.len(), 0);
+            assert!(
+                matches!(none.data_type(), DataType::Struct(f) if f.is_empty()),
+                "{:?}",
+                none.data_type()
+            );
+        }
     }
 }

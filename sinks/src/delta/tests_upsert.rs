@@ -159,3 +159,55 @@ async fn a_value_the_change_did_not_carry_keeps_what_the_key_had() {
         );
     }
 }
+
+/// `inserts(ids)` with the message key as a `_key` struct beside the row; with no ids and
+/// `known_key = false`, a `_key` of no fields: what a worker whose first record is a keyless
+/// source TRUNCATE decodes (no key of the topic seen yet).
+fn keyed(ids: std::ops::Range<i64>, known_key: bool) -> RecordBatch {
+    let rows = inserts(ids.clone());
+    let key: ArrayRef = if known_key {
+        Arc::new(arrow::array::StructArray::from(vec![(
+            Arc::new(Field::new("id", DataType::Int64, false)),
+            Arc::new(Int64Array::from_iter_values(ids)) as ArrayRef,
+        )]))
+    } else {
+        Arc::new(arrow::array::StructArray::new_empty_fields(0, None))
+    };
+    let mut fields: Vec<Field> = rows
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new("_key", key.data_type().clone(), true));
+    let mut columns = rows.columns().to_vec();
+    columns.push(key);
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+}
+
+#[tokio::test]
+async fn a_truncate_before_any_key_was_seen_empties_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = upsert_config();
+    let upsert = config.upsert.as_mut().unwrap();
+    upsert.keys = vec![];
+    upsert.keys_from = Some("_key".into());
+    let s = sink(dir.path(), config.clone());
+    commit(&s, flush(0, 0, 3, vec![keyed(0..3, true)])).await;
+    // A restarted worker whose first record is a TRUNCATE: no key decoded yet.
+    let restarted = sink(dir.path(), config);
+    let mut truncate = flush(0, 3, 4, vec![keyed(0..0, false)]);
+    truncate.truncate = true;
+    assert!(matches!(
+        commit(&restarted, truncate).await,
+        CommitOutcome::Committed { .. }
+    ));
+    let out = query(dir.path(), "SELECT id FROM t").await;
+    assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
+    assert_eq!(position(dir.path(), 0).await, Some(Offset(4)));
+    // Keys are taken from the message again after it.
+    commit(&restarted, flush(0, 4, 6, vec![keyed(5..7, true)])).await;
+    commit(&restarted, flush(0, 6, 7, vec![keyed(5..6, true)])).await;
+    let out = query(dir.path(), "SELECT id FROM t").await;
+    assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), 2);
+}

@@ -39,7 +39,9 @@ pub fn resolve(
     let mut keys: Option<Vec<String>> = None;
     let mut out = Vec::with_capacity(batches.len());
     for b in batches {
-        if !config.keys.is_empty() {
+        if !config.keys.is_empty() || b.num_rows() == 0 {
+            // No row to key (what a source TRUNCATE leaves): its key, perhaps one of no
+            // fields decoded before any key was seen, names no key column.
             out.push(without(b, from)?);
             continue;
         }
