@@ -282,6 +282,19 @@ impl ParquetSink {
         Ok(())
     }
 
+    /// The paths of `tp`'s staged objects that exist now (a marker naming one is not fully
+    /// published).
+    pub(super) async fn staged_now(&self, tp: &TopicPartition) -> Result<HashSet<String>> {
+        let staging = self.staging_dir(tp);
+        self.table
+            .store
+            .list(Some(&staging))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .map_err(|e| self.table.err(&staging, e))
+    }
+
     /// Follows the marker chain of `tp` to its end. With `repair`, republishes markers whose
     /// staged files are still there and moves the recovery hint; without, only reads.
     async fn walk_chain(&self, tp: &TopicPartition, repair: bool) -> Result<Option<Offset>> {
@@ -300,15 +313,7 @@ impl ParquetSink {
             .await?;
         let mut expected = hint.as_ref().map(|h| h.next);
         // Staged objects that still exist: only their markers need (re)publishing.
-        let staging = self.staging_dir(tp);
-        let staged_now: HashSet<String> = self
-            .table
-            .store
-            .list(Some(&staging))
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
-            .await
-            .map_err(|e| self.table.err(&staging, e))?;
+        let staged_now = self.staged_now(tp).await?;
         let mut last = None;
         for marker in markers {
             if let Some(exp) = expected {

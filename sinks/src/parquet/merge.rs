@@ -86,15 +86,7 @@ impl ParquetSink {
                         continue;
                     }
                     if !staged.contains_key(&tp) {
-                        let dir = self.staging_dir(&tp);
-                        let now: HashSet<String> = self
-                            .table
-                            .store
-                            .list(Some(&dir))
-                            .map_ok(|m| m.location.to_string())
-                            .try_collect()
-                            .await
-                            .map_err(|e| self.table.err(&dir, e))?;
+                        let now = self.staged_now(&tp).await?;
                         staged.insert(tp.clone(), now);
                     }
                     let still = &staged[&tp];
