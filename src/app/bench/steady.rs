@@ -185,6 +185,8 @@ async fn run(
     flush_rows: u64,
     strategy: UpsertStrategy,
 ) -> anyhow::Result<Figures> {
+    // Each case's peaks are its own, not the previous case's.
+    super::measure::reset_peak_rss();
     anyhow::ensure!(
         table_rows > 0 && changes > 0 && flush_rows > 0,
         "sizes must be positive"
@@ -238,6 +240,9 @@ async fn run(
     // xorshift: the same keys every run.
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut last: HashMap<i64, i64> = HashMap::new();
+    // The upserts' own peak, apart from the load's (whose 1M-row flushes set the process's).
+    let load_peak = super::measure::peak_rss().unwrap_or(0);
+    super::measure::reset_peak_rss();
     let (cpu0, started) = (cpu_seconds().unwrap_or(0.0), Instant::now());
     let mut done = 0u64;
     let mut change_bytes = 0u64;
@@ -267,6 +272,7 @@ async fn run(
     }
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds().unwrap_or(0.0) - cpu0;
+    let upsert_peak = super::measure::peak_rss().unwrap_or(0);
     let commits = log_figures(&table, loaded_version)?;
     let written: u64 = commits.iter().map(|(a, _)| a).sum::<u64>() + dv_bytes(&table)?;
     let rewritten: Vec<u64> = commits.iter().map(|(_, r)| *r).collect();
@@ -352,6 +358,11 @@ async fn run(
         "  amplification: {amplification:.1} bytes written per byte changed ({:.1} MB of \
          changed rows)",
         change_bytes as f64 / 1e6
+    );
+    println!(
+        "  peak RSS:   {:.1} MiB while upserting ({:.1} MiB while loading the table)",
+        upsert_peak as f64 / (1 << 20) as f64,
+        load_peak as f64 / (1 << 20) as f64
     );
     println!("  read back:  {table_rows} rows, one per key; the last change of 50 keys checked");
     Ok(Figures {
