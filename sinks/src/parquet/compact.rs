@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  read ─► the directory's chain end: <table>/_lakesink/compactions/<dir>/_chain/<seq>.json
-//!    │       (finished first if a crash interrupted it)
+//!    │       (listed from the hint `<dir>/_last.json`; finished first if a crash interrupted it)
 //!  pick ─► published files below the target size, older than min_age, whose markers' staged
 //!    │       copies are gone (nothing can publish them again); grouped by schema, bin-packed
 //!  stage ─► <table>/_lakesink/compaction-staging/<dir>/<seq>-<rand>-<i>.parquet.staged
@@ -89,6 +89,14 @@ struct Intent {
 /// record (or lost it): deleted.
 const STALE_INTENT_MS: i64 = 3_600_000;
 
+/// `_lakesink/compactions/<dir>/_last.json`: a finished record of the directory's chain, where
+/// a process starts listing it (records are only ever added after it; a stale hint only makes
+/// the listing longer).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LastHint {
+    seq: u64,
+}
+
 /// A file a compaction took.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompactedFile {
@@ -157,6 +165,13 @@ impl ParquetSink {
     fn record_path(&self, dir: &str, seq: u64) -> Path {
         self.chain_dir(dir)
             .join(format!("{}.json", offset_key(seq as i64)).as_str())
+    }
+
+    fn last_hint_path(&self, dir: &str) -> Path {
+        let mut parts = vec![META, "compactions"];
+        parts.extend(dir.split('/').filter(|s| !s.is_empty()));
+        parts.push("_last.json");
+        self.table.path(parts)
     }
 
     fn intents_dir(&self) -> Path {
@@ -263,13 +278,20 @@ impl ParquetSink {
 
     /// The last compaction record of `dir`, if any.
     pub async fn last_compaction(&self, dir: &str) -> Result<Option<Compaction>> {
-        let known = self
+        let mut known = self
             .compactor
             .known
             .lock()
             .expect("poisoned")
             .get(dir)
             .copied();
+        if known.is_none() {
+            // A finished record's position, so the chain is not listed from its start.
+            known = self
+                .read_json::<LastHint>(&self.last_hint_path(dir))
+                .await?
+                .map(|h| h.seq);
+        }
         let newer = self.records_after(dir, known).await?;
         let record = match (newer.last(), known) {
             (Some(p), _) => Some(self.read_record(p).await?),
@@ -491,6 +513,18 @@ impl ParquetSink {
         match self.table.store.delete(&intent).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(self.table.err(&intent, e)),
+        }
+        let hint = serde_json::to_vec(&LastHint { seq }).expect("hint serializes");
+        if let Err(e) = self
+            .table
+            .store
+            .put(&self.last_hint_path(dir), PutPayload::from(hint))
+            .await
+        {
+            debug!(
+                table = self.table.location(),
+                dir, "could not write the chain hint: {e}"
+            );
         }
         report.files_compacted = record.sources.len();
         report.files_written = record.outputs.len();

@@ -96,6 +96,17 @@ async fn compaction_merges_published_files_and_keeps_every_row_once() {
     // A compaction's output is merged again by the next one, with the files since.
     let again = s.compact_table().await.unwrap();
     assert_eq!((again.files_compacted, again.files_written), (2, 1));
+    // A fresh process starts listing the chain at its hint, the last finished record.
+    let hint = store
+        .get(&Path::from("t/_lakesink/compactions/_last.json"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&hint[..], br#"{"seq":2}"#);
+    let fresh = compacting(&store, "w2", false, 2);
+    assert_eq!(fresh.last_compaction("").await.unwrap().unwrap().seq, 2);
     assert_eq!(rows(&store).await, (0..70).collect::<Vec<_>>());
     assert!(!paths(&store).await.iter().any(|p| p.contains("staging")));
 }
