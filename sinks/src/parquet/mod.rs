@@ -32,6 +32,7 @@
 //!   skipped because a marker went missing.
 //! - [`Sink::check`](crate::Sink::check) refuses a store that ignores conditional creates.
 
+mod auto;
 mod committer;
 mod compact;
 mod config;
