@@ -93,6 +93,8 @@ pub struct SinkStats {
     pub rows_written: AtomicU64,
     pub bytes_written: AtomicU64,
     pub files_written: AtomicU64,
+    /// Arrow bytes of buffered rows packed under memory pressure (`sinks::packed`).
+    pub packed_bytes: AtomicU64,
     pub commits: AtomicU64,
     pub fenced: AtomicU64,
     /// The sink's `flush.max_latency`, for alerts on freshness relative to it.
@@ -117,6 +119,7 @@ impl Default for SinkStats {
             rows_written: AtomicU64::default(),
             bytes_written: AtomicU64::default(),
             files_written: AtomicU64::default(),
+            packed_bytes: AtomicU64::default(),
             commits: AtomicU64::default(),
             fenced: AtomicU64::default(),
             max_latency_ms: AtomicU64::default(),

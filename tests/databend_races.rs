@@ -50,6 +50,7 @@ fn flush(writer: i64, partition: i32, start: i64, next: i64) -> Flush {
         start: Offset(start),
         next: Offset(next),
         batches: vec![batch],
+        packed: Vec::new(),
         truncate: false,
         tick: None,
     }

@@ -396,6 +396,7 @@ fn flush(p: i32, start: i64, next: i64) -> Flush {
         start: Offset(start),
         next: Offset(next),
         batches: vec![id_batch(start..next)],
+        packed: Vec::new(),
         truncate: false,
         tick: None,
     }

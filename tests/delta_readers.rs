@@ -42,6 +42,7 @@ async fn the_fabric_profile_writes_what_power_bi_and_fabric_read() {
                 start: Offset(0),
                 next: Offset(1),
                 batches: wall_clock_rows(1, wall, instant),
+                packed: Vec::new(),
                 truncate: false,
                 tick: None,
             })
@@ -124,6 +125,7 @@ async fn the_fabric_profile_writes_what_power_bi_and_fabric_read() {
                 start: Offset(1),
                 next: Offset(2),
                 batches: wall_clock_rows(2, wall, instant),
+                packed: Vec::new(),
                 truncate: false,
                 tick: None,
             };
@@ -271,6 +273,7 @@ async fn deletion_vector_upserts_read_back_like_copy_on_write() {
                     start: Offset(start),
                     next: Offset(next),
                     batches: changes(upserts, deleted),
+                    packed: Vec::new(),
                     truncate: false,
                     tick: None,
                 })

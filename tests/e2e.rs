@@ -249,3 +249,97 @@ async fn parquet_compaction_killed_mid_way_is_finished_on_restart() {
         "no merged file: {files:?}"
     );
 }
+
+/// `/metrics`' value of `name` (a sink counter of the sink `orders`), 0 when not served yet.
+async fn sink_counter(base: &str, name: &str) -> f64 {
+    let Ok(resp) = reqwest::get(format!("{base}/metrics")).await else {
+        return 0.0;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    let series = format!("{name}{{sink=\"orders\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Streaming into a Delta table with a memory budget smaller than a tick's rows: the writers
+/// pack their buffers instead of flushing them, so the rows still go into the tick's shared
+/// files (a file per table partition per tick, not one per Kafka partition per memory flush).
+/// A SIGKILL while rows are packed loses nothing that was committed and the restart reads the
+/// rest again: python deltalake and DuckDB read every record exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn packed_buffers_wait_for_the_tick_and_survive_a_kill() {
+    const P: i32 = 4;
+    let n = 40_000;
+    let store = Store::local("packed");
+    let topic = unique("packed");
+    create_topic(&topic, P).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    let group = unique("g");
+    let cfg = config(&topic, &group, &registry_url, &store, "kind = \"delta\"")
+        .replace(
+            r#"max_rows = 400, max_latency = "1s""#,
+            r#"max_rows = 1000000, max_latency = "10s""#,
+        )
+        .replace(
+            "drain_timeout = \"20s\"",
+            "drain_timeout = \"20s\"\nmax_buffer_bytes = \"8MiB\"",
+        );
+    let reader = store.delta_sink(&group);
+    let (mut first, base) = Lakesink::start_serving(&cfg, &[]);
+    // Records produced just after a tick reach the writers before the next one.
+    just_after_latency_tick(Duration::from_secs(10)).await;
+    let mut produced = produce(&topic, id, 0..n, P).await;
+    wait_delta(
+        &reader,
+        &topic,
+        &produced,
+        &mut first,
+        Duration::from_secs(180),
+    )
+    .await;
+    let packed = sink_counter(&base, "lakesink_packed_bytes_total").await;
+    assert!(packed > 0.0, "nothing was packed:\n{}", first.log());
+    let table = store.read_delta(&[]);
+    let days = table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["day"].as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as u64;
+    let files = table["files"].as_u64().unwrap();
+    // One tick's group: a file per table partition (memory flushes would each add a file per
+    // table partition of their own).
+    assert!(
+        files < 2 * days,
+        "{files} files in {days} table partitions for {n} rows read within one tick"
+    );
+
+    // Killed while rows wait packed: they are not committed, and are read again.
+    produced.extend(produce(&topic, id, n..2 * n, P).await);
+    let started = std::time::Instant::now();
+    while sink_counter(&base, "lakesink_packed_bytes_total").await <= packed {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "nothing more was packed:\n{}",
+            first.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.kill9();
+    let mut second = Lakesink::start(&cfg, &[]);
+    wait_delta(
+        &reader,
+        &topic,
+        &produced,
+        &mut second,
+        Duration::from_secs(180),
+    )
+    .await;
+    second.stop();
+    let ids: Vec<String> = (0..P).map(|p| format!("lakesink/{topic}/{p}")).collect();
+    assert_exactly_once(&store.read_delta(&ids), &produced);
+}

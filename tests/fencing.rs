@@ -36,6 +36,7 @@ fn flush(writer: &str, start: i64, next: i64) -> Flush {
         start: Offset(start),
         next: Offset(next),
         batches: vec![batch],
+        packed: Vec::new(),
         truncate: false,
         tick: None,
     }

@@ -414,3 +414,52 @@ async fn a_hole_in_one_partitions_chain_stops_only_that_partition() {
         "last commit {at} is {age} old"
     );
 }
+
+/// A move from Kafka Connect (`kafka.start_from_group`): a table with no position starts where
+/// the connector's consumer group committed, a partition the group never committed where
+/// `auto.offset.reset` says, and from its first commit on the table's own position rules.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_table_starts_where_the_connectors_group_committed() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let topic = unique("from_connect");
+    create_topic(&topic, 2).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    let produced = produce(&topic, id, 0..400, 2).await;
+    // The connector's group committed partition 0 up to offset 120, nothing for partition 1.
+    let connect_group = unique("connect-s3-sink");
+    let connector: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", &connect_group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(120))
+        .unwrap();
+    connector.commit(&tpl, CommitMode::Sync).unwrap();
+    drop(connector);
+
+    let store = Store::local("orders");
+    let cfg = config(&topic, &unique("g"), &registry_url, &store, "").replace(
+        "[schema_registry]",
+        &format!("start_from_group = \"{connect_group}\"\n\n[schema_registry]"),
+    );
+    let log = catch_up(&cfg, &[]);
+    assert!(
+        log.contains(&format!("where group `{connect_group}` committed")),
+        "{log}"
+    );
+    let mut expected: Vec<(i32, i64)> = produced
+        .keys()
+        .copied()
+        .filter(|(p, o)| *p == 1 || *o >= 120)
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(offsets(&store), expected);
+    // The table's position rules from now on: a second run reads nothing again.
+    produce(&topic, id, 400..410, 2).await;
+    catch_up(&cfg, &[]);
+    let again = offsets(&store);
+    assert_eq!(again.len(), expected.len() + 10, "only the new records");
+}

@@ -140,6 +140,7 @@ queue_records = 512
             start: Offset(0),
             next: Offset(8000),
             batches: vec![batch],
+            packed: Vec::new(),
             truncate: false,
             tick: None,
         })

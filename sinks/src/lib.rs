@@ -26,6 +26,7 @@ pub mod encode;
 pub mod error;
 pub mod fence;
 mod object_file;
+pub mod packed;
 pub mod parquet;
 pub mod partition;
 pub mod routed;
@@ -93,8 +94,12 @@ pub struct Flush {
     pub start: Offset,
     /// One past the last offset included.
     pub next: Offset,
-    /// The rows, in offset order, all of one schema.
+    /// The rows, in offset order, all of one schema; after those of `packed`.
     pub batches: Vec<RecordBatch>,
+    /// The flush's first rows, packed while the writer was under memory pressure (see
+    /// [`packed`]); of the same schema as `batches`. Read them with [`Flush::chunks`], or
+    /// unpack the whole flush with [`Flush::unpacked`].
+    pub packed: Vec<packed::Packed>,
     /// The source table was truncated just before `batches` (a Debezium `op: "t"`): an upsert
     /// sink empties the table in the same commit, before applying them. Append sinks never see
     /// it set.
@@ -118,9 +123,50 @@ pub struct Tick {
 }
 
 impl Flush {
-    /// Rows in all batches.
+    /// Rows in all batches, packed or not.
     pub fn rows(&self) -> usize {
-        self.batches.iter().map(|b| b.num_rows()).sum()
+        self.packed.iter().map(|p| p.rows()).sum::<usize>()
+            + self.batches.iter().map(|b| b.num_rows()).sum::<usize>()
+    }
+
+    /// The rows' schema, unless the flush holds none.
+    pub fn schema(&self) -> Option<arrow::datatypes::SchemaRef> {
+        match self.packed.first() {
+            Some(p) => Some(p.schema().clone()),
+            None => self.batches.first().map(|b| b.schema()),
+        }
+    }
+
+    /// The rows in offset order: the packed chunks, then the batches.
+    pub fn chunks(&self) -> Vec<packed::Chunk> {
+        self.packed
+            .iter()
+            .cloned()
+            .map(packed::Chunk::Packed)
+            .chain(self.batches.iter().cloned().map(packed::Chunk::Batch))
+            .collect()
+    }
+
+    /// The flush with every row unpacked into `batches`, for sinks that need all rows at once.
+    pub fn unpacked(self) -> Result<Flush> {
+        if self.packed.is_empty() {
+            return Ok(self);
+        }
+        let mut batches = Vec::with_capacity(self.batches.len() + self.packed.len());
+        for p in &self.packed {
+            batches.extend(p.unpack().map_err(|e| Error::Encode {
+                tp: self.tp.clone(),
+                start: self.start,
+                next: self.next,
+                source: Box::new(e),
+            })?);
+        }
+        batches.extend(self.batches);
+        Ok(Flush {
+            batches,
+            packed: Vec::new(),
+            ..self
+        })
     }
 }
 

@@ -216,9 +216,20 @@ impl Config {
         Ok(ValidatedConfig {
             bootstrap_servers: k.bootstrap_servers.clone(),
             group_id: k.group_id.clone(),
+            start_from_group: match k.start_from_group.as_deref().map(str::trim) {
+                Some("") => {
+                    return Err(err(
+                        "kafka.start_from_group",
+                        "is empty: name the consumer group to start from (a Kafka Connect \
+                         sink's is `connect-<connector name>`), or remove the key",
+                    ))
+                }
+                other => other.map(str::to_string),
+            },
             kafka_properties: props,
             registry,
             max_buffer_bytes,
+            pack_buffers: p.pack_buffers,
             drain_timeout,
             stall_timeout,
             queue_records: p.queue_records,

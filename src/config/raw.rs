@@ -21,6 +21,10 @@ pub struct Config {
 pub struct KafkaConfig {
     pub bootstrap_servers: String,
     pub group_id: String,
+    /// Where a sink with no position in its table starts: where this consumer group (a Kafka
+    /// Connect sink's, `connect-<name>`) committed, instead of `auto.offset.reset`.
+    #[serde(default)]
+    pub start_from_group: Option<String>,
     #[serde(default)]
     pub security: Option<SecurityConfig>,
     /// Passed to librdkafka unchanged.
@@ -134,6 +138,10 @@ pub struct PipelineConfig {
     /// changes waiting for their commit) before the largest writers flush.
     #[serde(default = "default_memory")]
     pub max_buffer_bytes: String,
+    /// Under memory pressure, pack buffers (compressed, to wait for the latency tick) before
+    /// flushing them early.
+    #[serde(default = "default_pack")]
+    pub pack_buffers: bool,
     /// How long shutdown and partition revocation may take to flush and commit.
     #[serde(default = "default_drain")]
     pub drain_timeout: String,
@@ -150,6 +158,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             max_buffer_bytes: default_memory(),
+            pack_buffers: default_pack(),
             drain_timeout: default_drain(),
             queue_records: default_queue(),
             stall_timeout: default_stall(),
@@ -159,6 +168,10 @@ impl Default for PipelineConfig {
 
 fn default_stall() -> String {
     "60s".into()
+}
+
+fn default_pack() -> bool {
+    true
 }
 
 fn default_memory() -> String {

@@ -176,10 +176,14 @@ pub enum Format {
 pub struct ValidatedConfig {
     pub bootstrap_servers: String,
     pub group_id: String,
+    /// `kafka.start_from_group`.
+    pub start_from_group: Option<String>,
     /// Every librdkafka property, safety settings included.
     pub kafka_properties: BTreeMap<String, Secret>,
     pub registry: Option<ValidatedRegistry>,
     pub max_buffer_bytes: u64,
+    /// `pipeline.pack_buffers`.
+    pub pack_buffers: bool,
     pub drain_timeout: Duration,
     /// `pipeline.stall_timeout`.
     pub stall_timeout: Duration,

@@ -260,7 +260,7 @@ pub fn run(
             topic_ids::describe(&lookups, &names, topic_ids::DESCRIBE_TIMEOUT)
         }));
     identities.report_to(events_tx.clone());
-    let budget = Arc::new(BufferBudget::new(cfg.max_buffer_bytes));
+    let budget = Arc::new(BufferBudget::new(cfg.max_buffer_bytes).packing(cfg.pack_buffers));
     *progress.budget.lock().expect("progress") = Some(budget.clone());
     let sup = Supervisor::new(
         rt.clone(),
@@ -281,6 +281,7 @@ pub fn run(
         options,
         fatal: None,
         start_at: StartAt::from_config(cfg),
+        start_from: positions::GroupOffsets::from_config(cfg)?,
         pending: Vec::new(),
         pending_records: 0,
         keep_headers: sinks

@@ -7,7 +7,10 @@
 //!   resolves it here, by comparing the position with the log's watermarks.
 //! - A sink with no position (a new table, or one deleted by hand) starts at the end of the log
 //!   that `auto.offset.reset` names (`earliest`, the default, or `latest`), never at the group's
-//!   committed offset: a table deleted by hand is rebuilt from what the log still holds.
+//!   committed offset: a table deleted by hand is rebuilt from what the log still holds. With
+//!   `kafka.start_from_group` (a move from Kafka Connect), it starts where that other group
+//!   committed, when it committed anything for the partition; once the sink commits, its
+//!   table's position wins.
 //! - A position below the log start (retention deleted records before they were read) is
 //!   logged and counted (`lakesink_skipped_total{reason="retention"}`), and reading goes on at
 //!   the log start: those records are gone from Kafka, nothing can bring them back.
@@ -63,6 +66,53 @@ impl StartAt {
             StartAt::Earliest => low,
             StartAt::Latest => high,
         }
+    }
+}
+
+/// `kafka.start_from_group`: reads another consumer group's committed offsets (a fetch of
+/// offsets needs no membership in the group).
+pub(super) struct GroupOffsets {
+    group: String,
+    client: BaseConsumer<crate::kafka::auth::AuthContext>,
+}
+
+impl GroupOffsets {
+    pub(super) fn from_config(cfg: &ValidatedConfig) -> Result<Option<Self>, Error> {
+        let Some(group) = &cfg.start_from_group else {
+            return Ok(None);
+        };
+        let client = client_config(cfg)
+            .set("group.id", group)
+            .create_with_context(crate::kafka::auth::AuthContext(
+                crate::kafka::auth::KafkaAuth::from_config(cfg),
+            ))
+            .map_err(|e| Error::kafka("cannot create the Kafka client for start_from_group", e))?;
+        Ok(Some(GroupOffsets {
+            group: group.clone(),
+            client,
+        }))
+    }
+
+    /// The group's committed offset for `tp`, if it committed one.
+    fn committed(&self, tp: &TopicPartition) -> Result<Option<i64>, String> {
+        let _ = self.client.poll(Duration::ZERO);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.topic, tp.partition);
+        let got = self
+            .client
+            .committed_offsets(tpl, WATERMARKS_TIMEOUT)
+            .map_err(|e| {
+                format!(
+                    "cannot read group `{}`'s committed offsets: {e}",
+                    self.group
+                )
+            })?;
+        Ok(got
+            .find_partition(&tp.topic, tp.partition)
+            .and_then(|e| match e.offset() {
+                KOffset::Offset(o) if o >= 0 => Some(o),
+                _ => None,
+            }))
     }
 }
 
@@ -130,6 +180,22 @@ impl Router {
                 }
                 Err(Failure::Sink(e)) => unready.push((name.clone(), e.to_string())),
                 Err(Failure::Unready(why)) => unready.push((name.clone(), why)),
+            }
+        }
+        // `start_from_group`: sinks without a position start where that group committed.
+        if let (Some(from), true) = (&self.start_from, positions.iter().any(|(_, p)| p.is_none())) {
+            match from.committed(tp) {
+                Ok(Some(at)) => {
+                    for (i, p) in positions.iter_mut().filter(|(_, p)| p.is_none()) {
+                        info!(sink = %sinks[*i].config.name, %tp, offset = at,
+                            "no position in the table: starting at offset {at}, where group `{}` \
+                             committed (`kafka.start_from_group`)", from.group);
+                        *p = Some(at);
+                    }
+                }
+                Ok(None) => info!(%tp, "group `{}` committed nothing for {tp}: starting where \
+                    `auto.offset.reset` says", from.group),
+                Err(why) => unready.push(("start_from_group".into(), why)),
             }
         }
         if !unready.is_empty() {

@@ -22,6 +22,8 @@ pub(super) struct Router {
     pub(super) fatal: Option<Error>,
     /// Where a sink with no position in its table starts.
     pub(super) start_at: StartAt,
+    /// `kafka.start_from_group`: the group whose committed offsets come before `start_at`.
+    pub(super) start_from: Option<positions::GroupOffsets>,
     /// Records polled but not yet handed to their workers, in poll order per partition.
     /// Dispatched at the end of every poll burst and before any rebalance is handled, so a
     /// worker sees exactly the sequence it would see if every record were sent at once.

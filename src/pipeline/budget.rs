@@ -6,8 +6,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// encoded and staged (their Arrow batches and Parquet output are alive until the stage ends),
 /// plus staged flushes that keep their rows until their commit (a Delta upsert's changes).
 ///
-/// Only writers holding at least the average buffer flush for memory, so pressure produces a
-/// few larger files rather than one tiny file per partition. From three quarters of the limit
+/// Only writers holding at least the average buffer act on memory pressure, so pressure
+/// produces a few larger files rather than one tiny file per partition. Such a writer first packs
+/// its buffer (`sinks::packed`, unless `pipeline.pack_buffers = false`) when most of it is
+/// unpacked, so its rows still wait for the latency tick's shared files; one whose buffer is
+/// mostly packed already flushes. From three quarters of the limit
 /// on, such writers flush a few at a time ([`EARLY_FLUSHES`] being encoded or staged at once),
 /// so encoding keeps pace with decoding; over the limit, all of them flush. Flushing only at the
 /// limit made every partition (all filling at the same rate) flush at once: the encoders queued
@@ -25,6 +28,9 @@ pub struct BufferBudget {
     flushing: AtomicUsize,
     /// How many flushes may be in flight before the limit is reached.
     early_flushes: usize,
+    /// Whether writers pack their buffers under pressure before flushing them
+    /// (`pipeline.pack_buffers`).
+    pack: bool,
 }
 
 /// Flushes in flight (encoding or staging) per core below the limit: enough to keep every
@@ -41,7 +47,17 @@ impl BufferBudget {
             holders: AtomicUsize::new(0),
             flushing: AtomicUsize::new(0),
             early_flushes: EARLY_FLUSHES * cores,
+            pack: true,
         }
+    }
+    /// Whether writers pack their buffers under pressure (the default) or flush them at once.
+    pub fn packing(mut self, pack: bool) -> Self {
+        self.pack = pack;
+        self
+    }
+    /// See [`Self::packing`].
+    pub fn packs(&self) -> bool {
+        self.pack
     }
     /// A writer buffered `n` more bytes; `first` when its buffer was empty.
     pub fn add(&self, n: usize, first: bool) {
@@ -54,6 +70,11 @@ impl BufferBudget {
     pub fn release(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::Relaxed);
         self.holders.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// A writer packed `from` bytes of its buffer into `to` bytes (`sinks::packed`).
+    pub fn repack(&self, from: usize, to: usize) {
+        self.used.fetch_add(to, Ordering::Relaxed);
+        self.used.fetch_sub(from, Ordering::Relaxed);
     }
     /// A writer starts flushing its buffer of `n` bytes (`n > 0`): buffered becomes in flight.
     pub fn start_flush(&self, n: usize) {

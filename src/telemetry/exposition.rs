@@ -143,6 +143,12 @@ impl Collector for Exposition {
         )?;
         counter(
             e,
+            "lakesink_packed_bytes",
+            "Bytes of buffered rows packed under memory pressure to wait for the latency tick.",
+            per_sink(|s| s.packed_bytes.load(Relaxed)),
+        )?;
+        counter(
+            e,
             "lakesink_commits",
             "Commits that made data visible.",
             per_sink(|s| s.commits.load(Relaxed)),

@@ -40,6 +40,8 @@ impl DatabendSink {
 
     pub(super) async fn stage_flush(&self, flush: Flush) -> Result<Staged<DatabendStaged>> {
         self.ensure_ledger().await?;
+        // One load file of all rows: the packed ones are unpacked here.
+        let flush = flush.unpacked()?;
         // The flush's keys (named, or the message key's fields, whose struct is never stored).
         let (upsert, flush) = match &self.config.upsert {
             None => (None, flush),

@@ -182,10 +182,8 @@ impl DeltaSink {
             (delta.adds.clone(), None)
         } else {
             // Rows deferred to a group that did not form: into files of this flush's own.
-            let schema = delta.deferred[0].schema();
-            let adds = self
-                .write_blocking(&staged.tp, &schema, delta.deferred.clone())
-                .await?;
+            let schema = delta.schema.as_ref().expect("deferred rows have a schema");
+            let adds = self.write_blocking(schema, deferred_rows(staged)).await?;
             let written = Written {
                 files: adds.len(),
                 bytes: adds.iter().map(|a| a.size.max(0) as u64).sum(),
@@ -281,4 +279,19 @@ pub(super) async fn conflict_backoff(base_ms: u64, attempt: u32) {
     let backoff = base_ms * u64::from(attempt.min(10));
     let jitter = rand::random::<u64>() % (backoff + 1);
     tokio::time::sleep(Duration::from_millis(backoff + jitter)).await;
+}
+
+/// The rows `staged` deferred to its commit, chunk by chunk.
+pub(super) fn deferred_rows(staged: &Staged<DeltaStaged>) -> Vec<writer::FlushRows> {
+    staged
+        .data
+        .deferred
+        .iter()
+        .map(|chunk| writer::FlushRows {
+            tp: staged.tp.clone(),
+            start: staged.start,
+            next: staged.next,
+            chunk: chunk.clone(),
+        })
+        .collect()
 }

@@ -22,6 +22,10 @@ pub struct DeltaSinkConfig {
     /// The prefix earlier lakesink versions used (`lakesink/<group>`), read when a partition has no
     /// position under `app_id_prefix` yet: a table written by them resumes where it was.
     pub legacy_app_id_prefix: Option<String>,
+    /// Another writer's txn app id for a partition, `{partition}` (and `{topic}`) replaced:
+    /// read when the partition has no position of lakesink's own (kafka-delta-ingest's
+    /// `<app_id>-{partition}`), so lakesink continues that writer's table where it stopped.
+    pub resume_app_id: Option<String>,
     /// Table properties set when lakesink creates the table (`delta.*` keys and free-form ones).
     pub table_properties: BTreeMap<String, String>,
     /// `delta.checkpointInterval` for tables lakesink creates: a checkpoint every N commits.
@@ -85,6 +89,7 @@ impl Default for DeltaSinkConfig {
             row_group_rows: 1 << 20,
             app_id_prefix: "lakesink".into(),
             legacy_app_id_prefix: None,
+            resume_app_id: None,
             table_properties: BTreeMap::new(),
             checkpoint_interval: 10,
             commit_attempts: 20,
@@ -125,6 +130,9 @@ pub struct DeltaSection {
     pub compact_min_files: usize,
     /// `mode = "upsert"`: `copy-on-write` (default) or `deletion-vectors` (merge on read).
     pub upsert: String,
+    /// Another writer's txn app id whose versions are a partition's position where lakesink
+    /// has none (kafka-delta-ingest: `<app_id>-{partition}`).
+    pub resume_app_id: Option<String>,
 }
 
 impl Default for DeltaSection {
@@ -140,6 +148,7 @@ impl Default for DeltaSection {
             auto_compact: false,
             compact_min_files: 16,
             upsert: "copy-on-write".into(),
+            resume_app_id: None,
         }
     }
 }
@@ -169,6 +178,8 @@ pub struct DeltaSettings {
     pub auto_compact: Option<AutoCompact>,
     /// How upserts replace rows.
     pub upsert_strategy: UpsertStrategy,
+    /// See [`DeltaSection::resume_app_id`].
+    pub resume_app_id: Option<String>,
 }
 
 impl DeltaSection {
@@ -233,7 +244,19 @@ impl DeltaSection {
                 ))
             }
         };
+        if let Some(id) = &self.resume_app_id {
+            if !id.contains("{partition}") {
+                return Err(SectionError::new(
+                    "resume_app_id",
+                    format!(
+                        "`{id}` has no `{{partition}}`: each Kafka partition has its own txn app \
+                         id (kafka-delta-ingest's are `<app_id>-{{partition}}`)"
+                    ),
+                ));
+            }
+        }
         Ok(DeltaSettings {
+            resume_app_id: self.resume_app_id.clone(),
             checkpoint_interval: self.checkpoint_interval,
             properties: self.properties.clone(),
             commit_attempts: self.commit_attempts,
@@ -262,6 +285,7 @@ impl DeltaSettings {
             shared_files: self.shared_files,
             auto_compact: self.auto_compact,
             upsert_strategy: self.upsert_strategy,
+            resume_app_id: self.resume_app_id.clone(),
             row_group_rows: match self.profile {
                 ReaderProfile::Fabric => FABRIC_ROW_GROUP_ROWS.max(config.row_group_rows),
                 ReaderProfile::Delta => config.row_group_rows,

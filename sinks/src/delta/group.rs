@@ -179,21 +179,10 @@ impl DeltaSink {
         carried: &[Pending],
         schema: &SchemaRef,
     ) -> crate::Result<Vec<deltalake::kernel::Add>> {
-        let mut batches = Vec::new();
-        let mut first = None;
-        for p in carried
+        let rows = carried
             .iter()
-            .filter(|p| !p.staged.data.deferred.is_empty())
-        {
-            first.get_or_insert(&p.staged.tp);
-            for b in &p.staged.data.deferred {
-                batches.push(
-                    schema::conform_batch(b, schema)
-                        .map_err(|r| self.schema_err(&p.staged.tp, r))?,
-                );
-            }
-        }
-        let tp = first.expect("called with deferred members").clone();
-        self.write_blocking(&tp, schema, batches).await
+            .flat_map(|p| committer::deferred_rows(&p.staged))
+            .collect();
+        self.write_blocking(schema, rows).await
     }
 }

@@ -103,11 +103,11 @@ pub struct DeltaStaged {
     /// Upsert mode: the batch's rows, deduplicated to the last change per key, applied by a
     /// MERGE at commit time.
     pub changes: Option<Arc<crate::upsert::Changes>>,
-    /// Append mode, a flush cut at a latency tick: its rows in the table's form (conformed to
-    /// `schema`), not yet written. The commit writes them into the files it shares with the
-    /// other partitions' flushes of the same tick (one file per table partition for all of
-    /// them), or into files of their own when it commits alone.
-    pub deferred: Vec<arrow::array::RecordBatch>,
+    /// Append mode, a flush cut at a latency tick: its rows as read (packed or not; put in the
+    /// table's form as they are written), not yet written. The commit writes them into the
+    /// files it shares with the other partitions' flushes of the same tick (one file per table
+    /// partition for all of them), or into files of their own when it commits alone.
+    pub deferred: Vec<crate::packed::Chunk>,
     /// Until when the commit waits for other partitions' flushes cut at the same tick.
     pub gather_until: Option<std::time::Instant>,
 }
@@ -285,12 +285,7 @@ impl Sink for DeltaSink {
     type Data = DeltaStaged;
 
     fn retained_bytes(&self, staged: &Staged<DeltaStaged>) -> usize {
-        let deferred: usize = staged
-            .data
-            .deferred
-            .iter()
-            .map(|b| b.get_array_memory_size())
-            .sum();
+        let deferred: usize = staged.data.deferred.iter().map(|c| c.memory_size()).sum();
         deferred
             + staged
                 .data
@@ -331,15 +326,20 @@ impl Sink for DeltaSink {
     async fn stage(&self, flush: Flush) -> Result<Staged<DeltaStaged>> {
         let rows = flush.rows() as u64;
         // The flush's keys (named, or the message key's fields, whose struct is never stored).
+        // An upsert needs all its rows at once; an append streams its chunks into its files.
         let (upsert, flush) = match &self.config.upsert {
             None => (None, flush),
             Some(u) => {
+                let flush = flush.unpacked()?;
                 let (u, batches) =
                     crate::upsert::message_key::resolve(u, flush.batches, &flush.tp)?;
                 (Some(u), Flush { batches, ..flush })
             }
         };
-        let (schema, batches) = self.prepare(&flush)?;
+        let (schema, batches) = match upsert {
+            Some(_) => self.prepare(&flush)?,
+            None => (self.append_schema(&flush)?, Vec::new()),
+        };
         let columns = schema
             .fields()
             .iter()
@@ -372,11 +372,13 @@ impl Sink for DeltaSink {
         }
         if flush.tick.is_some() && self.config.shared_files {
             // Written at commit time, together with the other partitions of the same tick.
-            staged.data.deferred = batches;
+            staged.data.deferred = flush.chunks();
             self.crash.at("after_stage");
             return Ok(staged);
         }
-        let adds = self.write_blocking(&flush.tp, &schema, batches).await?;
+        let adds = self
+            .write_blocking(&schema, writer::FlushRows::of(&flush))
+            .await?;
         staged.data.adds = adds;
         self.crash.at("after_stage");
         Ok(staged)
@@ -449,6 +451,8 @@ mod tests;
 mod tests_compact;
 #[cfg(test)]
 mod tests_mor;
+#[cfg(test)]
+mod tests_resume;
 #[cfg(test)]
 mod tests_rewrite;
 #[cfg(test)]

@@ -110,14 +110,33 @@ impl DeltaSink {
             .transaction_version(log.as_ref(), self.app_id(tp))
             .await
             .map_err(|e| self.err("read txn", e))?;
-        if let (None, Some(legacy)) = (v, &self.config.legacy_app_id_prefix) {
-            let app_id = format!("{legacy}/{}/{}", tp.topic, tp.partition);
+        for other in self.other_app_ids(tp) {
+            if v.is_some() {
+                break;
+            }
             v = snapshot
-                .transaction_version(log.as_ref(), app_id)
+                .transaction_version(log.as_ref(), other)
                 .await
                 .map_err(|e| self.err("read txn", e))?;
         }
         Ok(v.map(|v| Offset(v + 1)))
+    }
+
+    /// The app ids read for `tp` when its own has no version: the legacy one, then another
+    /// writer's (`resume_app_id`). Their version is the last offset covered, as lakesink's.
+    fn other_app_ids(&self, tp: &TopicPartition) -> Vec<String> {
+        let mut ids = Vec::new();
+        if let Some(legacy) = &self.config.legacy_app_id_prefix {
+            ids.push(format!("{legacy}/{}/{}", tp.topic, tp.partition));
+        }
+        if let Some(other) = &self.config.resume_app_id {
+            ids.push(
+                other
+                    .replace("{topic}", &tp.topic)
+                    .replace("{partition}", &tp.partition.to_string()),
+            );
+        }
+        ids
     }
 }
 
@@ -137,9 +156,7 @@ impl DeltaSink {
             return Ok(None);
         };
         let mut ids = vec![self.app_id(tp)];
-        if let Some(legacy) = &self.config.legacy_app_id_prefix {
-            ids.push(format!("{legacy}/{}/{}", tp.topic, tp.partition));
-        }
+        ids.extend(self.other_app_ids(tp));
         let log = table.log_store();
         let oldest = (latest + 1).saturating_sub(TXN_TIME_LOOK_BACK);
         for version in (oldest..=latest).rev() {

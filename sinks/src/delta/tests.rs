@@ -43,6 +43,7 @@ pub(super) fn flush(p: i32, start: i64, next: i64, batches: Vec<RecordBatch>) ->
         start: Offset(start),
         next: Offset(next),
         batches,
+        packed: Vec::new(),
         truncate: false,
         tick: None,
     }

@@ -36,6 +36,7 @@ fn ticked(p: i32, start: i64, next: i64, rows: RecordBatch, tick: Option<Tick>) 
         start: Offset(start),
         next: Offset(next),
         batches: vec![rows],
+        packed: Vec::new(),
         truncate: false,
         tick,
     }

@@ -14,15 +14,42 @@ use indexmap::IndexMap;
 
 pub(super) use schema::conform_batch;
 
+use crate::packed::Chunk;
 use crate::partition::{self, PartitionSpec};
 use crate::{Error, Flush, Result, TopicPartition};
 
 use super::*;
 
+/// A chunk of a flush's rows as read (no partition columns yet, not conformed), with the flush
+/// it belongs to.
+pub(super) struct FlushRows {
+    pub(super) tp: TopicPartition,
+    pub(super) start: crate::Offset,
+    pub(super) next: crate::Offset,
+    pub(super) chunk: Chunk,
+}
+
+impl FlushRows {
+    /// `flush`'s rows, chunk by chunk.
+    pub(super) fn of(flush: &Flush) -> Vec<FlushRows> {
+        flush
+            .chunks()
+            .into_iter()
+            .map(|chunk| FlushRows {
+                tp: flush.tp.clone(),
+                start: flush.start,
+                next: flush.next,
+                chunk,
+            })
+            .collect()
+    }
+}
+
 impl DeltaSink {
     /// The Delta form of a flush's rows: derived partition columns added, conformed to the
-    /// table schema merged with the data's.
+    /// table schema merged with the data's. Packed rows must have been unpacked.
     pub(super) fn prepare(&self, flush: &Flush) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        debug_assert!(flush.packed.is_empty(), "prepare needs an unpacked flush");
         let mut batches = Vec::with_capacity(flush.batches.len());
         for b in &flush.batches {
             batches.push(with_partition_columns(
@@ -31,25 +58,58 @@ impl DeltaSink {
                 &flush.tp,
             )?);
         }
-        let known = self.known_schema.lock().expect("poisoned").clone();
-        let mut target: Option<SchemaRef> = known;
-        for b in &batches {
-            let data = schema::delta_schema_for(&b.schema(), self.config.profile)
-                .map_err(|r| self.schema_err(&flush.tp, r))?;
-            target = Some(match target {
-                None => data,
-                Some(t) => schema::merge(&t, &data).map_err(|r| self.schema_err(&flush.tp, r))?,
-            });
-        }
-        let target = match target {
-            Some(t) => t,
-            None => return Ok((Arc::new(Schema::empty()), Vec::new())),
-        };
+        let target = self.merged_schema(batches.iter().map(|b| b.schema()), &flush.tp)?;
         let conformed = batches
             .iter()
             .map(|b| conform_batch(b, &target).map_err(|r| self.schema_err(&flush.tp, r)))
             .collect::<Result<Vec<_>>>()?;
         Ok((target, conformed))
+    }
+
+    /// The table schema an append of `flush` needs (the known schema merged with the rows'),
+    /// without touching its rows: they are put in the table's form as they are written
+    /// ([`Self::write_files`]). Fails as [`Self::prepare`] would.
+    pub(super) fn append_schema(&self, flush: &Flush) -> Result<SchemaRef> {
+        let mut sources: Vec<SchemaRef> = Vec::new();
+        for chunk in flush.chunks() {
+            let s = chunk.schema();
+            if !sources.contains(&s) {
+                sources.push(s);
+            }
+        }
+        let mut forms = Vec::with_capacity(sources.len());
+        for s in &sources {
+            forms.push(with_partition_columns(
+                &crate::packed::empty(s),
+                &self.config.partition_by,
+                &flush.tp,
+            )?);
+        }
+        let target = self.merged_schema(forms.iter().map(|b| b.schema()), &flush.tp)?;
+        for b in &forms {
+            conform_batch(b, &target).map_err(|r| self.schema_err(&flush.tp, r))?;
+        }
+        Ok(target)
+    }
+
+    /// The known table schema merged with each of `schemas` (in their Delta form); empty when
+    /// neither is known.
+    fn merged_schema(
+        &self,
+        schemas: impl Iterator<Item = SchemaRef>,
+        tp: &TopicPartition,
+    ) -> Result<SchemaRef> {
+        let known = self.known_schema.lock().expect("poisoned").clone();
+        let mut target: Option<SchemaRef> = known;
+        for s in schemas {
+            let data = schema::delta_schema_for(&s, self.config.profile)
+                .map_err(|r| self.schema_err(tp, r))?;
+            target = Some(match target {
+                None => data,
+                Some(t) => schema::merge(&t, &data).map_err(|r| self.schema_err(tp, r))?,
+            });
+        }
+        Ok(target.unwrap_or_else(|| Arc::new(Schema::empty())))
     }
 
     /// `schema` without the columns that are never stored (an upsert's unchanged-values list).
@@ -73,59 +133,84 @@ impl DeltaSink {
     /// CPU-bound, and the async worker threads must stay free.
     pub(super) async fn write_blocking(
         &self,
-        tp: &TopicPartition,
         schema: &SchemaRef,
-        batches: Vec<RecordBatch>,
+        rows: Vec<FlushRows>,
     ) -> Result<Vec<Add>> {
         let handle = tokio::runtime::Handle::current();
         let this = self.clone_for_io();
-        let tp = tp.clone();
         let schema = schema.clone();
         crate::encode::encode_blocking(move || {
-            handle.block_on(async move { this.write_files(&tp, &schema, batches).await })
+            handle.block_on(async move { this.write_files(&schema, rows).await })
         })
         .await
         .map_err(|e| Error::Join(e.to_string()))?
     }
 
-    /// Writes `batches` (conformed to `schema`) as data files, one per output partition.
+    /// Writes `rows` (each a chunk of a flush's rows as read) as
+    /// data files, one per output partition: each chunk is unpacked in turn, given its derived
+    /// partition columns and conformed to `schema` (the commit's table schema), so only one
+    /// chunk is ever unpacked at a time.
     pub(super) async fn write_files(
         &self,
-        tp: &TopicPartition,
         schema: &SchemaRef,
-        batches: Vec<RecordBatch>,
+        rows: Vec<FlushRows>,
     ) -> Result<Vec<Add>> {
         let partition_columns: Vec<String> = self.partition_columns();
-        let mut writer = RecordBatchWriter::try_new(
+        let mut writer: Option<RecordBatchWriter> = None;
+        for FlushRows {
+            tp,
+            start,
+            next,
+            chunk,
+        } in rows
+        {
+            let batches = chunk.batches().map_err(|e| Error::Encode {
+                tp: tp.clone(),
+                start,
+                next,
+                source: Box::new(e),
+            })?;
+            drop(chunk);
+            for b in batches {
+                let b = with_partition_columns(&b, &self.config.partition_by, &tp)?;
+                let b = conform_batch(&b, schema).map_err(|r| self.schema_err(&tp, r))?;
+                let w = match writer.as_mut() {
+                    Some(w) => w,
+                    // Writer properties follow the first batch's columns.
+                    None => writer.insert(self.rows_writer(schema, &partition_columns, &b)?),
+                };
+                for (values, part) in split_by_partition(&b, &partition_columns, &tp)? {
+                    w.write_partition(part, &values, deltalake::writer::WriteMode::Default)
+                        .await
+                        .map_err(|e| self.err("write data file", e))?;
+                }
+            }
+        }
+        match writer {
+            Some(mut w) => w.flush().await.map_err(|e| self.err("write data file", e)),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// A writer of appended rows like `sample`.
+    fn rows_writer(
+        &self,
+        schema: &SchemaRef,
+        partition_columns: &[String],
+        sample: &RecordBatch,
+    ) -> Result<RecordBatchWriter> {
+        Ok(RecordBatchWriter::try_new(
             self.url.as_str(),
             schema.clone(),
-            Some(partition_columns.clone()),
+            Some(partition_columns.to_vec()),
             Some(self.options.clone()),
         )
         .map_err(|e| self.err("open writer", e))?
-        .with_writer_properties(match batches.first() {
-            Some(sample) => crate::encode::writer_properties_for(
-                self.config.compression,
-                self.config.row_group_rows,
-                sample,
-            ),
-            None => crate::encode::writer_properties(
-                self.config.compression,
-                self.config.row_group_rows,
-            ),
-        });
-        for batch in batches {
-            for (values, part) in split_by_partition(&batch, &partition_columns, tp)? {
-                writer
-                    .write_partition(part, &values, deltalake::writer::WriteMode::Default)
-                    .await
-                    .map_err(|e| self.err("write data file", e))?;
-            }
-        }
-        writer
-            .flush()
-            .await
-            .map_err(|e| self.err("write data file", e))
+        .with_writer_properties(crate::encode::writer_properties_for(
+            self.config.compression,
+            self.config.row_group_rows,
+            sample,
+        )))
     }
 }
 

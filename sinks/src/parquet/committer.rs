@@ -435,11 +435,9 @@ impl Sink for ParquetSink {
         let encoded = encoded?;
         let tp = &flush.tp;
         let columns = flush
-            .batches
-            .first()
-            .map(|b| {
-                b.schema()
-                    .fields()
+            .schema()
+            .map(|s| {
+                s.fields()
                     .iter()
                     .map(|f| format!("{}: {}", f.name(), f.data_type()))
                     .collect()

@@ -45,6 +45,7 @@ pub(super) fn flush(start: i64, next: i64) -> Flush {
         start: Offset(start),
         next: Offset(next),
         batches: vec![batch],
+        packed: Vec::new(),
         truncate: false,
         tick: None,
     }

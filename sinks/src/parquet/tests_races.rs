@@ -101,6 +101,7 @@ fn tagged(writer: &str, start: i64, next: i64) -> Flush {
         start: Offset(start),
         next: Offset(next),
         batches: vec![batch],
+        packed: Vec::new(),
         truncate: false,
         tick: None,
     }

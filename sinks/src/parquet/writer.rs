@@ -41,24 +41,29 @@ pub(crate) fn encode(flush: &Flush, config: &ParquetSinkConfig) -> Result<Vec<En
         next: flush.next,
         source: e,
     };
-    let props = match flush.batches.first() {
-        Some(sample) => writer_properties_for(config.compression, config.row_group_rows, sample),
-        None => crate::encode::writer_properties(config.compression, config.row_group_rows),
-    };
+    // Writer properties follow the first batch's columns; packed chunks are unpacked one at a
+    // time, so a flush is never all unpacked at once.
+    let mut props = None;
     let mut writers: BTreeMap<String, (ArrowWriter<Vec<u8>>, u64, arrow::datatypes::SchemaRef)> =
         BTreeMap::new();
-    for batch in &flush.batches {
-        for (dir, part) in partition::split(batch, &config.partition_by, &flush.tp)? {
-            let entry = match writers.entry(dir) {
-                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    let w = ArrowWriter::try_new(Vec::new(), part.schema(), Some(props.clone()))
-                        .map_err(|e| encode_err(Box::new(e)))?;
-                    v.insert((w, 0, part.schema()))
-                }
-            };
-            write_part(&mut entry.0, &entry.2, &part).map_err(encode_err)?;
-            entry.1 += part.num_rows() as u64;
+    for chunk in flush.chunks() {
+        for batch in chunk.batches().map_err(|e| encode_err(Box::new(e)))? {
+            let props = props.get_or_insert_with(|| {
+                writer_properties_for(config.compression, config.row_group_rows, &batch)
+            });
+            for (dir, part) in partition::split(&batch, &config.partition_by, &flush.tp)? {
+                let entry = match writers.entry(dir) {
+                    std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        let w =
+                            ArrowWriter::try_new(Vec::new(), part.schema(), Some(props.clone()))
+                                .map_err(|e| encode_err(Box::new(e)))?;
+                        v.insert((w, 0, part.schema()))
+                    }
+                };
+                write_part(&mut entry.0, &entry.2, &part).map_err(encode_err)?;
+                entry.1 += part.num_rows() as u64;
+            }
         }
     }
     writers

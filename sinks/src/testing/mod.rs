@@ -50,6 +50,7 @@ pub fn flush(tp: &TopicPartition, start: i64, next: i64, rows: bool) -> Flush {
         start: Offset(start),
         next: Offset(next),
         batches: if rows { vec![batch] } else { Vec::new() },
+        packed: Vec::new(),
         truncate: false,
         tick: None,
     }

@@ -437,6 +437,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
              per hour at {rate} records/s",
             files as f64 / written.max(1) as f64 * 3600.0 / elapsed
         );
+        println!(
+            "  packed:    {:.1} MB of buffered Arrow packed under memory pressure to wait for \
+             the tick",
+            stats.packed_bytes.load(Ordering::Relaxed) as f64 / 1e6
+        );
         return Ok(());
     }
     let bs = report.baseline_secs;

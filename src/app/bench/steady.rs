@@ -67,6 +67,7 @@ async fn commit<S: Sink>(
             start: Offset(start),
             next: Offset(next),
             batches: vec![b],
+            packed: Vec::new(),
             truncate: false,
             tick: None,
         })

@@ -1,5 +1,5 @@
 //! The batcher: decoded batches into the partition's buffer (one schema per buffer, accounted
-//! in the global budget), and when the buffer must flush (rows, bytes, memory pressure, dead
+//! in the global budget), packed under memory pressure, and when the buffer must flush (rows, bytes, memory pressure, dead
 //! letters waiting, or the end offset seen at start crossed). The latency trigger is the
 //! worker loop's timer.
 
@@ -8,6 +8,9 @@ use super::*;
 /// Dead letters waiting for a flush are written at most this many (or bytes) at a time.
 const DEAD_PENDING_MAX: usize = 2_000;
 const DEAD_PENDING_MAX_BYTES: usize = 16 << 20;
+/// A buffer is packed under memory pressure only from this size on: smaller packs compress
+/// less and cost a stream header each.
+const MIN_PACK_BYTES: usize = 256 << 10;
 
 impl Worker {
     /// Whether the record at `offset` (after `previous`) makes the buffer flush now.
@@ -27,6 +30,39 @@ impl Worker {
             || caught_up
     }
 
+    /// Packs the buffer's batches ([`sinks::packed`]) when memory is short and this writer is
+    /// one that would flush for it ([`BufferBudget::should_flush`]), if most of what it holds
+    /// is unpacked: the rows then wait for the latency tick at a third to a fifth of their
+    /// memory, and go into the tick's shared files instead of a file of their own now. A
+    /// writer whose buffer is mostly packed already flushes, as before.
+    pub(super) fn pack_if_pressed(&mut self) {
+        let unpacked = self.buffered_bytes - self.packed_bytes;
+        if !self.ctx.budget.packs()
+            || unpacked < MIN_PACK_BYTES
+            || unpacked * 2 < self.buffered_bytes
+            || !self.ctx.budget.should_flush(self.buffered_bytes)
+        {
+            return;
+        }
+        let schema = self.buffer[0].schema();
+        match sinks::packed::Packed::pack(&schema, &self.buffer) {
+            Ok(packed) => {
+                let size = packed.memory_size();
+                self.ctx.budget.repack(unpacked, size);
+                self.buffered_bytes = self.buffered_bytes - unpacked + size;
+                self.packed_bytes += size;
+                self.buffer.clear();
+                self.packed.push(packed);
+                self.stats
+                    .packed_bytes
+                    .fetch_add(unpacked as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            // The rows stay as they are, and flush for memory (`flush_due`).
+            Err(e) => warn!(sink = self.sink_name(), tp = %self.ctx.tp,
+                "cannot pack the buffer under memory pressure, flushing it instead: {e}"),
+        }
+    }
+
     pub(super) async fn buffer_batch(&mut self, batch: RecordBatch) {
         let batch = match self.transform(batch).await {
             Ok(None) => return,
@@ -43,8 +79,12 @@ impl Worker {
                 return;
             }
         };
-        if let Some(first) = self.buffer.first() {
-            if first.schema() != batch.schema() {
+        let buffered = match self.packed.first() {
+            Some(p) => Some(p.schema().clone()),
+            None => self.buffer.first().map(|b| b.schema()),
+        };
+        if let Some(first) = buffered {
+            if first != batch.schema() {
                 // `handle` flushes before a record with another schema, so this cannot happen;
                 // refuse rather than write a file with mixed schemas.
                 self.fatal(
@@ -54,7 +94,7 @@ impl Worker {
                      non-empty buffer: {:?} vs {:?}",
                         self.sink_name(),
                         self.ctx.tp,
-                        first.schema(),
+                        first,
                         batch.schema()
                     ),
                 );

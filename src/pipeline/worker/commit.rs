@@ -60,6 +60,7 @@ impl Worker {
             return;
         }
         let batches = std::mem::take(&mut self.buffer);
+        let packed = std::mem::take(&mut self.packed);
         let truncate = std::mem::take(&mut self.truncate);
         let rows = self.buffered_rows;
         // The batches stay in the budget until they are staged.
@@ -73,6 +74,7 @@ impl Worker {
             start: Offset(start),
             next: Offset(next),
             batches,
+            packed,
             truncate,
             tick,
         };

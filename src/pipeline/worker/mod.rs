@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!  WorkerMsg::Record ─► skip if already handled ─► decoder ─► buffer (one schema)
+//!                                                           │ memory pressure: pack it
 //!                                                           │ rows / bytes / latency /
 //!                                                           │ memory pressure / caught up
 //!                                                           ▼
@@ -78,8 +79,13 @@ struct Worker {
     ctx: WorkerCtx,
     decoder: FormatDecoder,
     buffer: Vec<RecordBatch>,
+    /// The buffer's first rows, packed under memory pressure (see `batcher`), before `buffer`.
+    packed: Vec<sinks::packed::Packed>,
     buffered_rows: usize,
+    /// What the buffer holds in the budget: `buffer`'s batches plus `packed`'s bytes.
     buffered_bytes: usize,
+    /// The part of `buffered_bytes` that is packed.
+    packed_bytes: usize,
     /// When the buffer's latency flush is due: the first latency tick after its first record,
     /// and that tick in ms since the epoch (see [`next_tick`]).
     due: Option<(Instant, u64)>,
@@ -151,8 +157,10 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         ctx,
         decoder,
         buffer: Vec::new(),
+        packed: Vec::new(),
         buffered_rows: 0,
         buffered_bytes: 0,
+        packed_bytes: 0,
         due: None,
         last_offset: None,
         resyncing: false,
@@ -299,8 +307,10 @@ impl Worker {
             self.ctx.budget.release(self.buffered_bytes);
         }
         self.buffered_bytes = 0;
+        self.packed_bytes = 0;
         self.buffered_rows = 0;
         self.buffer.clear();
+        self.packed.clear();
         self.truncate = false;
         self.dead_pending.clear();
         self.dead_pending_bytes = 0;
@@ -458,6 +468,7 @@ impl Worker {
             }
         }
         let previous = self.last_offset.replace(offset);
+        self.pack_if_pressed();
         if self.flush_due(offset, previous) {
             self.flush().await;
         }

@@ -20,6 +20,21 @@ struct Scripted {
     outcomes: Mutex<VecDeque<CommitOutcome>>,
     /// (start, next, rows) of every stage call.
     staged: Mutex<Vec<(i64, i64, usize)>>,
+    /// The `id` column of every flush staged, in order, and how many chunks of them were packed.
+    ids: Mutex<Vec<i64>>,
+    packed_chunks: std::sync::atomic::AtomicUsize,
+}
+
+impl Scripted {
+    fn new() -> Arc<Self> {
+        Arc::new(Scripted {
+            gate: tokio::sync::Semaphore::new(0),
+            outcomes: Mutex::default(),
+            staged: Mutex::default(),
+            ids: Mutex::default(),
+            packed_chunks: Default::default(),
+        })
+    }
 }
 
 #[async_trait::async_trait]
@@ -38,6 +53,16 @@ impl sinks::Sink for Scripted {
     async fn stage(&self, flush: Flush) -> sinks::Result<Staged<()>> {
         self.gate.acquire().await.expect("open").forget();
         let rows = flush.rows();
+        self.packed_chunks.fetch_add(flush.packed.len(), Relaxed);
+        let unpacked = flush.clone().unpacked()?;
+        for b in &unpacked.batches {
+            let ids = b.column_by_name("id").expect("an id column");
+            let ids = ids
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .expect("ids");
+            self.ids.lock().unwrap().extend(ids.values().iter());
+        }
         self.staged
             .lock()
             .unwrap()
@@ -51,8 +76,14 @@ impl sinks::Sink for Scripted {
             data: (),
         })
     }
-    async fn commit(&self, _: &Staged<()>) -> sinks::Result<(CommitOutcome, CommitStats)> {
-        let outcome = self.outcomes.lock().unwrap().pop_front().expect("scripted");
+    async fn commit(&self, staged: &Staged<()>) -> sinks::Result<(CommitOutcome, CommitStats)> {
+        // Past the scripted outcomes, every commit succeeds.
+        let outcome = self
+            .outcomes
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(CommitOutcome::Committed { next: staged.next });
         Ok((outcome, CommitStats::default()))
     }
     async fn check(&self) -> sinks::Result<()> {
@@ -75,6 +106,40 @@ fn records(offsets: std::ops::Range<i64>) -> WorkerMsg {
             })
             .collect(),
     )
+}
+
+/// A worker's context for the first sink of `config` writing to `sink`, with a budget of
+/// `budget` bytes; its events and progress.
+fn worker_ctx(
+    config: &crate::config::ValidatedConfig,
+    sink: &Arc<Scripted>,
+    budget: u64,
+) -> (WorkerCtx, mpsc::UnboundedReceiver<Event>, Arc<Progress>) {
+    let runtime = Arc::new(SinkRuntime {
+        config: config.sinks[0].clone(),
+        sink: sink.clone(),
+        registry: schema_registry::RegistryClient::new(schema_registry::RegistryConfig::new(
+            "http://127.0.0.1:9",
+        ))
+        .unwrap(),
+        dead_letters: None,
+    });
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let progress = Arc::new(Progress::default());
+    let ctx = WorkerCtx {
+        id: 1,
+        sink_index: 0,
+        runtime,
+        tp: TopicPartition::new("t", 0),
+        position: None,
+        end_offset: None,
+        events: events_tx,
+        budget: Arc::new(BufferBudget::new(budget)),
+        progress: progress.clone(),
+        decode_rows: 1024,
+        identities: crate::pipeline::identity::TopicIdentities::none(),
+    };
+    (ctx, events, progress)
 }
 
 async fn until(what: &str, done: impl Fn() -> bool) {
@@ -106,41 +171,13 @@ flush = { max_rows = 2 }
     .unwrap()
     .validate()
     .unwrap();
-    let sink = Arc::new(Scripted {
-        gate: tokio::sync::Semaphore::new(0),
-        outcomes: Mutex::default(),
-        staged: Mutex::default(),
-    });
+    let sink = Scripted::new();
     sink.outcomes.lock().unwrap().extend([
         // Another writer committed [0, 5) first.
         CommitOutcome::Fenced { next: Offset(5) },
         CommitOutcome::Committed { next: Offset(7) },
     ]);
-    let runtime = Arc::new(SinkRuntime {
-        config: config.sinks[0].clone(),
-        sink: sink.clone(),
-        registry: schema_registry::RegistryClient::new(schema_registry::RegistryConfig::new(
-            "http://127.0.0.1:9",
-        ))
-        .unwrap(),
-        dead_letters: None,
-    });
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let progress = Arc::new(Progress::default());
-    let tp = TopicPartition::new("t", 0);
-    let ctx = WorkerCtx {
-        id: 1,
-        sink_index: 0,
-        runtime,
-        tp: tp.clone(),
-        position: None,
-        end_offset: None,
-        events: events_tx,
-        budget: Arc::new(BufferBudget::new(1 << 30)),
-        progress: progress.clone(),
-        decode_rows: 1024,
-        identities: crate::pipeline::identity::TopicIdentities::none(),
-    };
+    let (ctx, mut events, progress) = worker_ctx(&config, &sink, 1 << 30);
     let (tx, rx) = mpsc::channel(4);
     let worker = tokio::spawn(run(ctx, rx));
 
@@ -221,4 +258,79 @@ fn short_batches_give_back_the_capacity_of_a_full_one() {
     let full = batch(1024, 1024);
     let size = full.get_array_memory_size();
     assert_eq!(shrink(full, 1024).get_array_memory_size(), size);
+}
+
+/// Under memory pressure a writer packs its buffer instead of flushing it: the rows wait for
+/// the next flush (here the drain) at a fraction of their memory, and that flush carries every
+/// row once, in offset order.
+#[tokio::test]
+async fn memory_pressure_packs_the_buffer_instead_of_flushing_it() {
+    let config = Config::from_toml(
+        r#"
+[kafka]
+bootstrap_servers = "127.0.0.1:9"
+group_id = "g"
+
+[[sink]]
+name = "t"
+topics = ["t"]
+format = "json"
+schema = { id = "long", note = "string" }
+kind = "parquet"
+table = "file:///nonexistent/t"
+"#,
+    )
+    .unwrap()
+    .validate()
+    .unwrap();
+    let sink = Scripted::new();
+    sink.gate.add_permits(1_000);
+    // A 1 MiB budget: about 4,000 of these rows, and 40,000 are read.
+    let (ctx, _events, progress) = worker_ctx(&config, &sink, 1 << 20);
+    let budget = ctx.budget.clone();
+    let (tx, rx) = mpsc::channel(4);
+    let worker = tokio::spawn(run(ctx, rx));
+    let note = "an order line's description, repeated as such notes are ".repeat(4);
+    for from in (0..40_000).step_by(1_000) {
+        let msg = WorkerMsg::Records(
+            (from..from + 1_000)
+                .map(|o| Record {
+                    offset: o,
+                    timestamp_ms: None,
+                    key: None,
+                    payload: Some(bytes::Bytes::from(format!(
+                        r#"{{"id":{o},"note":"{note}{o}"}}"#
+                    ))),
+                    headers: Vec::new(),
+                })
+                .collect(),
+        );
+        tx.send(msg).await.unwrap();
+    }
+    until("every record is read", || {
+        progress.records_in.load(Relaxed) == 40_000
+    })
+    .await;
+    let stats = progress.sink("t");
+    let packed = stats.packed_bytes.load(Relaxed);
+    assert!(packed > 4 << 20, "{packed} bytes packed");
+    assert!(
+        budget.used() < 1 << 20,
+        "{} bytes held for 40,000 rows",
+        budget.used()
+    );
+    let (ack, acked) = tokio::sync::oneshot::channel();
+    tx.send(WorkerMsg::Drain(ack)).await.unwrap();
+    acked.await.unwrap();
+    worker.await.unwrap();
+    assert!(
+        sink.packed_chunks.load(Relaxed) > 0,
+        "a flush carried packed rows"
+    );
+    let staged = sink.staged.lock().unwrap().clone();
+    assert_eq!(staged.iter().map(|s| s.2).sum::<usize>(), 40_000);
+    // About 10 MB of Arrow through a 1 MiB budget: 13 flushes for memory without packing.
+    assert!(staged.len() <= 3, "{} flushes: {staged:?}", staged.len());
+    assert_eq!(*sink.ids.lock().unwrap(), (0..40_000).collect::<Vec<i64>>());
+    assert_eq!(budget.used(), 0, "everything released");
 }
