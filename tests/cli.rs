@@ -514,3 +514,63 @@ fn bench_latency_mode_reports_freshness_and_files_per_hour() {
     assert!(per_hour > 0.0, "{out}");
     assert!(files.contains("from 2 Kafka partitions"), "{out}");
 }
+
+/// `import-connect` on databend-kafka-connect's published example, pointed at the test
+/// services: the output validates, and `check` reaches the broker, the registry and Databend
+/// with the variables it names set. No secret of the input is in the output.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_imported_connector_config_passes_check() {
+    let fixture = repo_root().join("tests/data/connect/databend.properties");
+    let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
+        .arg("import-connect")
+        .arg(&fixture)
+        .output()
+        .unwrap();
+    let toml = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{toml}{stderr}");
+    assert!(stderr.contains("not mapped"), "{stderr}");
+    assert!(
+        !toml.contains("password = \"databend\""),
+        "a secret was copied:\n{toml}"
+    );
+    assert!(toml.contains("#   DATABEND_PASSWORD"), "{toml}");
+    // The example's server and user are the test server's.
+    let server = url::Url::parse(&common::databend::databend_url()).unwrap();
+    let toml = toml
+        .replace(
+            "http://localhost:8000/default",
+            &format!(
+                "http://{}:{}/default",
+                server.host_str().unwrap(),
+                server.port().unwrap()
+            ),
+        )
+        .replace(
+            "user = \"databend\"",
+            &format!("user = \"{}\"", server.username()),
+        );
+    // The connector's topic, created here.
+    let topic = unique("products");
+    create_topic(&topic, 1).await;
+    let toml = toml.replace(
+        "topics = [\"products\"]",
+        &format!("topics = [\"{topic}\"]"),
+    );
+    let (registry_url, _) = registry().await;
+    let path = scratch("import").join("lakesink.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let checked = Command::new(env!("CARGO_BIN_EXE_lakesink"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("LAKESINK_LOG", "warn")
+        .env("KAFKA_BOOTSTRAP_SERVERS", kafka())
+        .env("SCHEMA_REGISTRY_URL", &registry_url)
+        .env("DATABEND_PASSWORD", server.password().unwrap())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&checked.stdout).into_owned()
+        + &String::from_utf8_lossy(&checked.stderr);
+    assert_eq!(checked.status.code(), Some(0), "{report}\n{toml}");
+    assert!(report.contains("ok "), "{report}");
+}

@@ -105,7 +105,8 @@ pub struct Flush {
     /// it set.
     pub truncate: bool,
     /// Set when the flush was cut by the latency tick all partitions of the sink share (see
-    /// [`Tick`]); `None` for a flush cut by size, a drain or catching up.
+    /// [`Tick`]), or by a drain (a revocation or shutdown drains every partition at once);
+    /// `None` for a flush cut by size, memory or catching up.
     pub tick: Option<Tick>,
 }
 

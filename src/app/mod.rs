@@ -4,6 +4,7 @@
 pub mod bars;
 pub mod bench;
 pub mod demo;
+pub mod import;
 mod inspect;
 pub mod workload;
 

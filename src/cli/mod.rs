@@ -75,6 +75,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the lakesink TOML equivalent to a Kafka Connect sink's config (the Connect REST
+    /// API's JSON, or a .properties file: Confluent's S3, GCS and ADLS Gen2 sinks,
+    /// databend-kafka-connect) or to a kafka-delta-ingest command line. Keys it cannot map are
+    /// listed in the output with the reason; secrets become `${ENV}` references.
+    ImportConnect {
+        /// The connector's config file.
+        file: PathBuf,
+    },
     /// Run the whole pipeline with an in-process Kafka and registry into a local table.
     Demo {
         #[arg(long, default_value_t = 100_000)]
@@ -327,6 +335,36 @@ pub(crate) async fn run() -> ExitCode {
             };
         }
         Command::Demo { records, dir } => lakesink::app::demo::run(records, dir).await,
+        Command::ImportConnect { file } => {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {}: {e}", file.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let name = file.file_name().map_or_else(
+                || file.display().to_string(),
+                |n| n.to_string_lossy().into(),
+            );
+            match lakesink::app::import::translate(&text, &name) {
+                Ok(draft) => {
+                    print!("{}", draft.render());
+                    if !draft.unmapped.is_empty() {
+                        eprintln!(
+                            "{} key(s) not mapped: each is listed with the reason at the top \
+                             of the output",
+                            draft.unmapped.len()
+                        );
+                    }
+                    return ExitCode::SUCCESS;
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
         Command::Bench {
             records,
             steady_upsert: true,

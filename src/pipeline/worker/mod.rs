@@ -17,7 +17,9 @@
 //!   after it is settled, so commits form a gap-free chain. Records read meanwhile wait in the
 //!   buffer; if the flush is fenced they are dropped and read again from the winner's end.
 //! - A drain settles the flush in flight and the final flush before it is acknowledged: a
-//!   revoked partition has no writer left in this process.
+//!   revoked partition has no writer left in this process. The final flush is cut like a
+//!   tick's (the partitions of a revocation or shutdown drain at the same moment), so a sink
+//!   writes them into shared files too.
 //! - The latency flush is cut at the first tick of a wall-clock grid (multiples of
 //!   `max_latency` since the epoch) after the buffer's first record: never later than
 //!   `max_latency`, and at the same moment as every other partition's, so a sink can write
@@ -226,7 +228,16 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
                     // Nothing of this partition may still be writing once the drain is acked.
                     w.settle().await;
                     if !w.dead && !w.resyncing {
-                        w.flush().await;
+                        // Every partition of a revocation or a shutdown drains at once: their
+                        // last flushes share files like a tick's.
+                        let now = std::time::Instant::now();
+                        w.flush_with(Some(sinks::Tick {
+                            at_ms: std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_millis() as u64),
+                            gather_until: now + gather_window(latency),
+                        }))
+                        .await;
                         w.settle().await;
                     }
                     w.release();

@@ -23,6 +23,8 @@ struct Scripted {
     /// The `id` column of every flush staged, in order, and how many chunks of them were packed.
     ids: Mutex<Vec<i64>>,
     packed_chunks: std::sync::atomic::AtomicUsize,
+    /// Whether each flush staged was cut at a tick (or a drain).
+    ticks: Mutex<Vec<bool>>,
 }
 
 impl Scripted {
@@ -33,6 +35,7 @@ impl Scripted {
             staged: Mutex::default(),
             ids: Mutex::default(),
             packed_chunks: Default::default(),
+            ticks: Mutex::default(),
         })
     }
 }
@@ -54,6 +57,7 @@ impl sinks::Sink for Scripted {
         self.gate.acquire().await.expect("open").forget();
         let rows = flush.rows();
         self.packed_chunks.fetch_add(flush.packed.len(), Relaxed);
+        self.ticks.lock().unwrap().push(flush.tick.is_some());
         let unpacked = flush.clone().unpacked()?;
         for b in &unpacked.batches {
             let ids = b.column_by_name("id").expect("an id column");
@@ -333,4 +337,9 @@ table = "file:///nonexistent/t"
     assert!(staged.len() <= 3, "{} flushes: {staged:?}", staged.len());
     assert_eq!(*sink.ids.lock().unwrap(), (0..40_000).collect::<Vec<i64>>());
     assert_eq!(budget.used(), 0, "everything released");
+    assert_eq!(
+        sink.ticks.lock().unwrap().last(),
+        Some(&true),
+        "the drain's flush is cut like a tick's, to share files"
+    );
 }
