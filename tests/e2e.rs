@@ -263,6 +263,25 @@ async fn sink_counter(base: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Produces `ids` in 8 parts a quarter second apart: a stream the writers keep up with (near
+/// the log end, where they pack under memory pressure), not a backlog.
+async fn streamed(
+    topic: &str,
+    id: schema_registry::SchemaId,
+    ids: std::ops::Range<i64>,
+    p: i32,
+) -> Produced {
+    let step = (ids.end - ids.start) / 8;
+    let mut out = Produced::new();
+    for part in 0..8 {
+        let from = ids.start + part * step;
+        let to = if part == 7 { ids.end } else { from + step };
+        out.extend(produce(topic, id, from..to, p).await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    out
+}
+
 /// Streaming into a Delta table with a memory budget smaller than a tick's rows: the writers
 /// pack their buffers instead of flushing them, so the rows still go into the tick's shared
 /// files (a file per table partition per tick, not one per Kafka partition per memory flush).
@@ -291,7 +310,7 @@ async fn packed_buffers_wait_for_the_tick_and_survive_a_kill() {
     let (mut first, base) = Lakesink::start_serving(&cfg, &[]);
     // Records produced just after a tick reach the writers before the next one.
     just_after_latency_tick(Duration::from_secs(10)).await;
-    let mut produced = produce(&topic, id, 0..n, P).await;
+    let mut produced = streamed(&topic, id, 0..n, P).await;
     wait_delta(
         &reader,
         &topic,
@@ -319,7 +338,7 @@ async fn packed_buffers_wait_for_the_tick_and_survive_a_kill() {
     );
 
     // Killed while rows wait packed: they are not committed, and are read again.
-    produced.extend(produce(&topic, id, n..2 * n, P).await);
+    produced.extend(streamed(&topic, id, n..2 * n, P).await);
     let started = std::time::Instant::now();
     while sink_counter(&base, "lakesink_packed_bytes_total").await <= packed {
         assert!(

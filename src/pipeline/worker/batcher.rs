@@ -32,15 +32,18 @@ impl Worker {
 
     /// Packs the buffer's batches ([`sinks::packed`]) when memory is short and this writer is
     /// one that would flush for it ([`BufferBudget::should_flush`]), if most of what it holds
-    /// is unpacked: the rows then wait for the latency tick at a third to a fifth of their
-    /// memory, and go into the tick's shared files instead of a file of their own now. A
-    /// writer whose buffer is mostly packed already flushes, as before.
+    /// is unpacked and the partition is near the end of its log: the rows then wait for the
+    /// latency tick at a third to a fifth of their memory, and go into the tick's shared files
+    /// instead of a file of their own now. A writer whose buffer is mostly packed already, or
+    /// whose partition has more records waiting in Kafka than its buffer holds (catching up,
+    /// where size flushes come anyway and packing would only cost CPU), flushes as before.
     pub(super) fn pack_if_pressed(&mut self) {
         let unpacked = self.buffered_bytes - self.packed_bytes;
         if !self.ctx.budget.packs()
             || unpacked < MIN_PACK_BYTES
             || unpacked * 2 < self.buffered_bytes
             || !self.ctx.budget.should_flush(self.buffered_bytes)
+            || !self.near_log_end()
         {
             return;
         }
@@ -61,6 +64,18 @@ impl Worker {
             Err(e) => warn!(sink = self.sink_name(), tp = %self.ctx.tp,
                 "cannot pack the buffer under memory pressure, flushing it instead: {e}"),
         }
+    }
+
+    /// Whether the records of this partition still in Kafka (the end offset the consumer last
+    /// reported, every 5 s) are fewer than the buffer holds. Unknown (no report yet) is not.
+    fn near_log_end(&self) -> bool {
+        let Some(last) = self.last_offset else {
+            return false;
+        };
+        let highs = self.ctx.progress.high_watermarks.lock().expect("progress");
+        highs
+            .get(&self.ctx.tp)
+            .is_some_and(|high| high - (last + 1) <= self.buffered_rows as i64)
     }
 
     pub(super) async fn buffer_batch(&mut self, batch: RecordBatch) {
