@@ -1,8 +1,8 @@
 //! Packed rows: record batches kept compressed while they wait for their flush.
 //!
 //! A partition writer under memory pressure packs its buffer instead of flushing it early: the
-//! batches become one Arrow IPC stream with LZ4-compressed buffers, about a third to a fifth of
-//! their Arrow size for typical CDC and order rows. The rows then still go out with the next
+//! batches become one Arrow IPC stream with LZ4-compressed buffers, a fraction of their Arrow
+//! size. The rows then still go out with the next
 //! latency tick, in the files the tick's flushes share, instead of as a file of their own per
 //! Kafka partition. Sinks read a flush's rows chunk by chunk ([`Chunk`]), unpacking one packed
 //! chunk at a time, so a flush's rows are never all unpacked at once where the sink streams them

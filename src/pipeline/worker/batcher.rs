@@ -33,7 +33,7 @@ impl Worker {
     /// Packs the buffer's batches ([`sinks::packed`]) when memory is short and this writer is
     /// one that would flush for it ([`BufferBudget::should_flush`]), if most of what it holds
     /// is unpacked and the partition is near the end of its log: the rows then wait for the
-    /// latency tick at a third to a fifth of their memory, and go into the tick's shared files
+    /// latency tick at a fraction of their memory, and go into the tick's shared files
     /// instead of a file of their own now. A writer whose buffer is mostly packed already, or
     /// whose partition has more records waiting in Kafka than its buffer holds (catching up,
     /// where size flushes come anyway and packing would only cost CPU), flushes as before.
