@@ -308,6 +308,24 @@ async fn packed_buffers_wait_for_the_tick_and_survive_a_kill() {
         );
     let reader = store.delta_sink(&group);
     let (mut first, base) = Lakesink::start_serving(&cfg, &[]);
+    // Writers pack only near their log end, which they know from the consumer's end-offset
+    // reports (every 5 s): stream once the first report is in.
+    let started = std::time::Instant::now();
+    loop {
+        let text = match reqwest::get(format!("{base}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if text.contains(&format!("lakesink_consumer_lag{{topic=\"{topic}\"")) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no end offsets reported:\n{}",
+            first.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Records produced just after a tick reach the writers before the next one.
     just_after_latency_tick(Duration::from_secs(10)).await;
     let mut produced = streamed(&topic, id, 0..n, P).await;
