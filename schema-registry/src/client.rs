@@ -223,7 +223,13 @@ impl RegistryClient {
                     }
                     e => e,
                 })?;
+            let schema_type = body.schema_type.unwrap_or_else(|| "AVRO".into());
+            let mut imports = Vec::new();
             let schema = if body.references.is_empty() {
+                body.schema
+            } else if schema_type == "PROTOBUF" {
+                self.imported_files(&body.references, 0, &mut imports)
+                    .await?;
                 body.schema
             } else {
                 self.inline_references(&body.schema, &body.references, 0)
@@ -231,12 +237,50 @@ impl RegistryClient {
             };
             Ok(Arc::new(RegisteredSchema {
                 id,
-                schema_type: body.schema_type.unwrap_or_else(|| "AVRO".into()),
+                schema_type,
                 schema,
+                imports,
             }))
         })
         .await
         .cloned()
+    }
+
+    /// Protobuf: fetches the files `references` name (by subject version) and the files they
+    /// import in turn, each once, into `out` as (import name, schema).
+    fn imported_files<'a>(
+        &'a self,
+        references: &'a [Reference],
+        depth: usize,
+        out: &'a mut Vec<(String, String)>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>> {
+        Box::pin(async move {
+            if depth > 16 {
+                return Err(Error::BadResponse {
+                    url: self.inner.base.clone(),
+                    reason: "schema references nest deeper than 16 levels (a cycle?)".into(),
+                });
+            }
+            for r in references {
+                if out.iter().any(|(name, _)| *name == r.name) {
+                    continue;
+                }
+                let v: SubjectVersion = self
+                    .request(
+                        reqwest::Method::GET,
+                        &format!(
+                            "/subjects/{}/versions/{}",
+                            encode_segment(&r.subject),
+                            r.version
+                        ),
+                        None,
+                    )
+                    .await?;
+                out.push((r.name.clone(), v.schema));
+                self.imported_files(&v.references, depth + 1, out).await?;
+            }
+            Ok(())
+        })
     }
 
     /// Resolves `references` (recursively, by subject version) and inlines their definitions,
@@ -303,6 +347,40 @@ impl RegistryClient {
                 Some(json!({ "schema": schema, "references": references })),
             )
             .await?;
+        Ok(SchemaId(body.id))
+    }
+
+    /// Registers a Protobuf `schema` (`.proto` text) that imports the files `references` name.
+    pub async fn register_protobuf(
+        &self,
+        subject: &str,
+        schema: &str,
+        references: &[Reference],
+    ) -> Result<SchemaId> {
+        let body: IdBody = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/subjects/{}/versions", encode_segment(subject)),
+                Some(json!({
+                    "schemaType": "PROTOBUF",
+                    "schema": schema,
+                    "references": references,
+                })),
+            )
+            .await
+            .map_err(|e| match e {
+                Error::Rejected {
+                    code: 409,
+                    message,
+                    url,
+                    ..
+                } => Error::Incompatible {
+                    subject: subject.to_string(),
+                    url,
+                    message,
+                },
+                e => e,
+            })?;
         Ok(SchemaId(body.id))
     }
 

@@ -51,7 +51,18 @@ impl Level {
 
     /// Checks `new` against the existing versions (oldest first). Returns the problems found.
     pub fn check(self, new: &Value, existing: &[Value]) -> Vec<String> {
-        let against: &[Value] = match self {
+        self.check_with(new, existing, can_read)
+    }
+
+    /// [`Level::check`] for any schema language: `can_read(reader, writer)` says whether data
+    /// written with `writer` reads with `reader`.
+    pub fn check_with<T>(
+        self,
+        new: &T,
+        existing: &[T],
+        can_read: impl Fn(&T, &T) -> Result<(), String>,
+    ) -> Vec<String> {
+        let against: &[T] = match self {
             Level::None => return Vec::new(),
             Level::Backward | Level::Forward | Level::Full => {
                 existing.last().map(std::slice::from_ref).unwrap_or(&[])

@@ -3,6 +3,8 @@
 //! - [`wire`]: the Confluent wire format (magic byte 0, 4-byte big-endian schema id), pure.
 //! - [`client`]: REST client with basic auth, timeouts, retries on connect errors and 5xx, and a
 //!   cache by id that never expires (ids are immutable) with one in-flight fetch per id.
+//! - [`protobuf`]: Protobuf schemas (text or descriptor) compiled with their imports, message
+//!   paths, and Confluent's Protobuf compatibility rules.
 //! - [`server`]: `lakesink registry serve`, the subset of the REST API that producers and
 //!   lakesink use, persisted to a directory. The demo and the tests run against it.
 
@@ -10,6 +12,7 @@
 
 pub mod client;
 pub mod compat;
+pub mod protobuf;
 pub mod references;
 pub mod server;
 pub mod wire;
@@ -40,6 +43,9 @@ pub struct RegisteredSchema {
     pub schema_type: String,
     /// The schema text.
     pub schema: String,
+    /// Protobuf only: the files the schema imports, transitively, as (import name, schema).
+    /// Avro and JSON references are inlined into `schema` instead.
+    pub imports: Vec<(String, String)>,
 }
 
 /// Why a registry call failed; [`Error::is_retryable`] says whether trying again can help.

@@ -171,6 +171,92 @@ impl Order {
     }
 }
 
+/// The order line as a Protobuf schema (`lakesink bench --format protobuf`): the Avro schema's
+/// fields, the decimal cost as cents, the date as days; `OrderLine` is the second message of the
+/// file, so records carry a non-trivial message-index path.
+pub const ORDER_PROTO: &str = r#"syntax = "proto3";
+package lakesink.demo;
+import "google/protobuf/timestamp.proto";
+enum Status { NEW = 0; PAID = 1; SHIPPED = 2; CANCELLED = 3; }
+message Address { string street = 1; string city = 2; string country = 3; }
+message OrderLine {
+  int64 id = 1;
+  string order_id = 2;
+  string product = 3;
+  int32 quantity = 4;
+  int64 cost_cents = 5;
+  google.protobuf.Timestamp ts = 6;
+  int32 ship_date = 7;
+  Status status = 8;
+  Address address = 9;
+  repeated string tags = 10;
+  map<string, string> attributes = 11;
+}
+"#;
+
+/// The message-index path of `OrderLine` in [`ORDER_PROTO`].
+pub const ORDER_PROTO_PATH: [i32; 1] = [1];
+
+/// The `OrderLine` descriptor of [`ORDER_PROTO`].
+pub fn order_proto() -> &'static prost_reflect::MessageDescriptor {
+    static DESCRIPTOR: std::sync::OnceLock<prost_reflect::MessageDescriptor> =
+        std::sync::OnceLock::new();
+    DESCRIPTOR.get_or_init(|| {
+        let c = schema_registry::protobuf::compile(ORDER_PROTO, &[]).expect("ORDER_PROTO compiles");
+        schema_registry::protobuf::message_at(&c.file, &ORDER_PROTO_PATH).expect("OrderLine")
+    })
+}
+
+impl Order {
+    /// The Protobuf body of [`ORDER_PROTO`]'s `OrderLine` (without framing), encoded with
+    /// prost-reflect, independently of the decoder under test.
+    pub fn encode_protobuf(&self) -> Vec<u8> {
+        use prost::Message as _;
+        use prost_reflect::{DynamicMessage, MapKey, Value as V};
+        let d = order_proto();
+        let mut m = DynamicMessage::new(d.clone());
+        m.set_field_by_name("id", V::I64(self.id));
+        m.set_field_by_name("order_id", V::String(self.order_id.clone()));
+        m.set_field_by_name("product", V::String(self.product.into()));
+        m.set_field_by_name("quantity", V::I32(self.quantity));
+        m.set_field_by_name("cost_cents", V::I64(self.cost_cents));
+        let message = |name: &str| {
+            let kind = d.get_field_by_name(name).expect("field").kind();
+            DynamicMessage::new(kind.as_message().expect("a message").clone())
+        };
+        let mut ts = message("ts");
+        ts.set_field_by_name("seconds", V::I64(self.ts_ms.div_euclid(1000)));
+        ts.set_field_by_name(
+            "nanos",
+            V::I32((self.ts_ms.rem_euclid(1000) * 1_000_000) as i32),
+        );
+        m.set_field_by_name("ts", V::Message(ts));
+        m.set_field_by_name("ship_date", V::I32(self.ship_date_days));
+        m.set_field_by_name("status", V::EnumNumber(self.status as i32));
+        if let Some((street, city, country)) = &self.address {
+            let mut a = message("address");
+            a.set_field_by_name("street", V::String(street.clone()));
+            a.set_field_by_name("city", V::String((*city).into()));
+            a.set_field_by_name("country", V::String((*country).into()));
+            m.set_field_by_name("address", V::Message(a));
+        }
+        m.set_field_by_name(
+            "tags",
+            V::List(self.tags.iter().map(|t| V::String(t.clone())).collect()),
+        );
+        m.set_field_by_name(
+            "attributes",
+            V::Map(
+                self.attributes
+                    .iter()
+                    .map(|(k, v)| (MapKey::String(k.clone()), V::String(v.clone())))
+                    .collect(),
+            ),
+        );
+        m.encode_to_vec()
+    }
+}
+
 /// The declared schema of [`Order::json_line`] as a `schema = { ... }` TOML inline table (the
 /// JSON decoder's config).
 pub const ORDER_JSON_SCHEMA: &str = r#"{ id = "long", order_id = "string", product = "string", quantity = "int", cost = "decimal(12,2)", ts = "timestamp", ship_date = "date", status = "string", street = "string", city = "string", country = "string", channel = "string" }"#;

@@ -96,7 +96,8 @@ enum Command {
         records: u64,
         #[arg(long, default_value_t = 6)]
         partitions: i32,
-        /// Workload: avro (Confluent-framed), json (order lines, declared schema) or debezium.
+        /// Workload: avro (Confluent-framed), json (order lines, declared schema), debezium
+        /// (Debezium JSON envelopes) or protobuf (Confluent-framed).
         #[arg(long, default_value = "avro")]
         format: String,
         /// A real broker (bootstrap servers) instead of the in-process cluster.

@@ -67,6 +67,7 @@ pub(super) fn validate_sink(
     };
     let needs_registry = match s.format {
         Format::Avro | Format::DebeziumAvro => Some("schema ids"),
+        Format::Protobuf => Some("Protobuf schemas and their imports"),
         Format::Json if s.schema.is_none() && s.json_envelope == JsonEnvelope::None => {
             Some("the JSON Schemas of Confluent-framed records")
         }

@@ -170,6 +170,8 @@ pub enum Format {
     DebeziumAvro,
     /// JSON Debezium envelopes (rows of the declared `schema`), unwrapped to row images.
     DebeziumJson,
+    /// Confluent-framed Protobuf (schemas and their imports from the registry).
+    Protobuf,
 }
 
 #[derive(Debug, Clone)]
@@ -247,6 +249,7 @@ impl Format {
             Format::Avro => "avro",
             Format::DebeziumAvro => "debezium-avro",
             Format::DebeziumJson => "debezium-json",
+            Format::Protobuf => "protobuf",
         }
     }
 }

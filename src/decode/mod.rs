@@ -1,4 +1,6 @@
-//! Decoders: Kafka record values to Arrow, one decoder per source partition.
+//! Decoders: Kafka record values to Arrow, one decoder per source partition: Confluent-framed
+//! Avro, JSON (declared columns, registry JSON Schemas, or Connect's envelope) and
+//! Confluent-framed Protobuf.
 //!
 //! A decoder is push-based (like arrow-avro's): [`Record`]s go in one at a time, complete
 //! [`RecordBatch`]es come out when its internal batch fills or the writer schema changes, and
@@ -18,10 +20,12 @@ mod json_fast;
 pub mod json_schema;
 pub mod key;
 mod meta;
+mod protobuf;
 
 pub use avro::AvroDecoder;
 pub use json::JsonDecoder;
 pub use meta::MetaColumns;
+pub use protobuf::ProtobufDecoder;
 
 use sinks::TopicPartition;
 
@@ -70,6 +74,7 @@ pub enum FormatDecoder {
     RegistryJson(Box<json_schema::RegistryJsonDecoder>),
     /// JSON in Kafka Connect's envelope, with the schema each record carries.
     ConnectJson(Box<connect_json::ConnectJsonDecoder>),
+    Protobuf(Box<ProtobufDecoder>),
 }
 
 impl FormatDecoder {
@@ -80,6 +85,7 @@ impl FormatDecoder {
             FormatDecoder::Json(_) => Ok(false),
             FormatDecoder::RegistryJson(d) => d.prepare(rec).await,
             FormatDecoder::ConnectJson(d) => d.prepare(rec),
+            FormatDecoder::Protobuf(d) => d.prepare(rec).await,
         }
     }
 
@@ -99,6 +105,7 @@ impl FormatDecoder {
             }
             FormatDecoder::RegistryJson(d) => d.push(rec, out, rejected).await,
             FormatDecoder::ConnectJson(d) => d.push(rec, out, rejected),
+            FormatDecoder::Protobuf(d) => d.push(rec, out).await,
         }
     }
 
@@ -119,6 +126,7 @@ impl FormatDecoder {
                 Ok(())
             }
             FormatDecoder::ConnectJson(d) => d.finish(out, rejected),
+            FormatDecoder::Protobuf(d) => d.finish(out),
         }
     }
 
@@ -128,6 +136,7 @@ impl FormatDecoder {
             FormatDecoder::Json(d) => d.pending_rows(),
             FormatDecoder::RegistryJson(d) => d.pending_rows(),
             FormatDecoder::ConnectJson(d) => d.pending_rows(),
+            FormatDecoder::Protobuf(d) => d.pending_rows(),
         }
     }
 
@@ -137,7 +146,8 @@ impl FormatDecoder {
             FormatDecoder::Avro(d) => d.reader_schema(),
             FormatDecoder::Json(_)
             | FormatDecoder::RegistryJson(_)
-            | FormatDecoder::ConnectJson(_) => None,
+            | FormatDecoder::ConnectJson(_)
+            | FormatDecoder::Protobuf(_) => None,
         }
     }
 }

@@ -13,6 +13,8 @@
 //! default BACKWARD as in Confluent) is enforced on registration with Avro schema-resolution
 //! rules ([`crate::compat`]): an incompatible schema gets HTTP 409 / error code 409 naming the
 //! problem. `POST /compatibility/subjects/{s}/versions/{v}` tests a schema without registering.
+//! Protobuf schemas (text or base64 descriptors, imports as references) are compiled on
+//! registration and checked with Confluent's Protobuf rules ([`crate::protobuf::differences`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,6 +30,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::references::Reference;
+
+mod protobuf;
 
 const LEVELS: &[&str] = &[
     "NONE",
@@ -135,6 +139,10 @@ impl Registry {
 
 fn canonical(schema_type: &str, schema: &str) -> Result<String, ApiError> {
     let invalid = |m: String| ApiError(StatusCode::UNPROCESSABLE_ENTITY, 42201, m);
+    if schema_type == "PROTOBUF" {
+        // `.proto` text or a base64 descriptor: compared as written, less outer whitespace.
+        return Ok(schema.trim().to_string());
+    }
     let v: Value = serde_json::from_str(schema)
         .map_err(|e| invalid(format!("Invalid schema: not JSON: {e}")))?;
     if schema_type == "AVRO" {
@@ -319,6 +327,11 @@ async fn register(
             ));
         }
     }
+    let proto = if schema_type == "PROTOBUF" {
+        Some(protobuf::compile_stored(&data, &canon, &body.references)?)
+    } else {
+        None
+    };
     if let Some(id) = existing {
         if data.subjects.get(&subject).is_some_and(|v| v.contains(&id)) {
             return Ok(Json(json!({ "id": id })));
@@ -328,6 +341,19 @@ async fn register(
         let earlier = avro_versions(&data, &subject, usize::MAX);
         let new = resolved(&data, &canon, &body.references);
         let problems = effective_level(&data, &subject).check(&new, &earlier);
+        if !problems.is_empty() {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                409,
+                format!(
+                    "Schema being registered is incompatible with an earlier schema for subject \"{subject}\": {}",
+                    problems.join("; ")
+                ),
+            ));
+        }
+    }
+    if let Some(new) = &proto {
+        let problems = protobuf::problems(&data, &subject, new, usize::MAX);
         if !problems.is_empty() {
             return Err(ApiError(
                 StatusCode::CONFLICT,
@@ -450,6 +476,9 @@ async fn compatibility(
             &serde_json::from_str(&canon).expect("canonical JSON"),
             &existing,
         )
+    } else if schema_type == "PROTOBUF" {
+        let new = protobuf::compile_stored(&data, &canon, &body.references)?;
+        protobuf::problems(&data, &subject, &new, upto)
     } else {
         Vec::new()
     };

@@ -136,16 +136,14 @@ pub(super) struct Alone {
 pub(super) async fn measure_alone(records: u64, format: &str) -> anyhow::Result<Alone> {
     use crate::decode::{AvroDecoder, FormatDecoder, JsonDecoder, Record};
     anyhow::ensure!(
-        matches!(format, "avro" | "json"),
-        "--isolate measures --format avro or json, not `{format}`"
+        matches!(format, "avro" | "json" | "protobuf"),
+        "--isolate measures --format avro, json or protobuf, not `{format}`"
     );
     let (addr, _registry) = schema_registry::server::spawn("127.0.0.1:0".parse()?, None).await?;
     let registry_url = format!("http://{addr}");
     let topic = "bench.isolate";
     let client = RegistryClient::new(RegistryConfig::new(&registry_url))?;
-    let schema_id = client
-        .register(&format!("{topic}-value"), ORDER_SCHEMA)
-        .await?;
+    let schema_id = register_order_schema(&client, &format!("{topic}-value"), format).await?;
     let opts = Options {
         records,
         partitions: 1,
@@ -207,6 +205,9 @@ pub(super) async fn measure_alone(records: u64, format: &str) -> anyhow::Result<
                 "avro" => {
                     FormatDecoder::Avro(Box::new(AvroDecoder::new(tp, client, sink.metadata, 1024)))
                 }
+                "protobuf" => FormatDecoder::Protobuf(Box::new(
+                    crate::decode::ProtobufDecoder::new(tp, client, sink.metadata, 1024),
+                )),
                 _ => FormatDecoder::Json(Box::new(JsonDecoder::new(
                     tp,
                     sink.json_schema.clone().context("a declared JSON schema")?,

@@ -11,7 +11,8 @@
 //!
 //! Workloads (`--format`): `avro` (Confluent-framed, the demo's schema: decimal, timestamp,
 //! date, enum, nullable record, array, map; ~94 bytes), `json` (flat order lines, ~190 bytes,
-//! declared schema) and `debezium` (the same rows in Debezium JSON envelopes, ~330 bytes).
+//! declared schema), `debezium` (the same rows in Debezium JSON envelopes, ~330 bytes) and
+//! `protobuf` (Confluent-framed, the same fields, `crate::app::workload::ORDER_PROTO`).
 //! Every record is a pure function of its id (`crate::app::workload`).
 
 use std::io::{BufRead as _, BufReader, Read as _};
@@ -88,8 +89,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         ..
     } = opts;
     anyhow::ensure!(
-        matches!(format.as_str(), "avro" | "json" | "debezium"),
-        "--format must be avro, json or debezium, not `{format}`"
+        matches!(format.as_str(), "avro" | "json" | "debezium" | "protobuf"),
+        "--format must be avro, json, debezium or protobuf, not `{format}`"
     );
     anyhow::ensure!(
         matches!(kind.as_str(), "parquet" | "delta" | "databend"),
@@ -117,9 +118,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let registry = RegistryClient::new(RegistryConfig::new(&registry_url))?;
     let mut schema_id = None;
     for t in &all_topics {
-        let id = registry
-            .register(&format!("{t}-value"), ORDER_SCHEMA)
-            .await?;
+        let id = register_order_schema(&registry, &format!("{t}-value"), format).await?;
         schema_id.get_or_insert(id);
     }
     let schema_id = schema_id.context("at least one topic")?;
@@ -456,7 +455,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if mode == "append" {
         anyhow::ensure!(rows == records, "committed {rows} rows, expected {records}");
     }
-    if mode == "append" && matches!(format.as_str(), "avro" | "json") {
+    if mode == "append" && matches!(format.as_str(), "avro" | "json" | "protobuf") {
         // The same records decoded and encoded alone on one core: with the cheaper consumer's
         // CPU, the least CPU a record can cost on this machine today.
         let sample = records.min(200_000);

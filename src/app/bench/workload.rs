@@ -55,6 +55,23 @@ pub(super) fn one_sink(text: &str, topic: &str) -> String {
     )
 }
 
+/// Registers the order-line schema of `format` (Avro, or Protobuf for `protobuf`) under
+/// `subject`.
+pub(super) async fn register_order_schema(
+    registry: &RegistryClient,
+    subject: &str,
+    format: &str,
+) -> anyhow::Result<SchemaId> {
+    Ok(match format {
+        "protobuf" => {
+            registry
+                .register_protobuf(subject, crate::app::workload::ORDER_PROTO, &[])
+                .await?
+        }
+        _ => registry.register(subject, ORDER_SCHEMA).await?,
+    })
+}
+
 /// The workload's value for order `id` in `format`.
 pub(super) fn payload(
     format: &str,
@@ -65,6 +82,11 @@ pub(super) fn payload(
     let order = Order::generate(id);
     match format {
         "avro" => wire::frame(schema_id, &order.encode(schema)),
+        "protobuf" => {
+            let mut body = wire::message_indexes(&crate::app::workload::ORDER_PROTO_PATH);
+            body.extend(order.encode_protobuf());
+            wire::frame(schema_id, &body)
+        }
         "json" => order.json_line().into_bytes(),
         _ => {
             // Debezium JSON envelope (JSON converter without schemas); an order's first line
@@ -83,7 +105,7 @@ pub(super) fn payload(
 /// Bytes of one record of `format` (for sizing the in-process cluster's partitions).
 pub(super) fn record_bytes(format: &str) -> u64 {
     match format {
-        "avro" => 100,
+        "avro" | "protobuf" => 100,
         "json" => 200,
         _ => 340,
     }
@@ -124,6 +146,7 @@ pub(super) fn sink_config(base: String, opts: &Options, database: &str) -> anyho
                 &format!("format = \"debezium-json\"\nschema = {ORDER_JSON_SCHEMA}"),
             )
         }
+        "protobuf" => text = text.replace("format = \"avro\"", "format = \"protobuf\""),
         _ => {}
     }
     if opts.kind == "databend" {

@@ -207,6 +207,14 @@ pub(super) fn new_decoder(ctx: &WorkerCtx) -> FormatDecoder {
                 batch,
             ),
         )),
+        (Format::Protobuf, _) => {
+            FormatDecoder::Protobuf(Box::new(crate::decode::ProtobufDecoder::new(
+                ctx.tp.clone(),
+                ctx.runtime.registry.clone(),
+                config.metadata,
+                batch,
+            )))
+        }
         _ => FormatDecoder::Avro(Box::new(AvroDecoder::new(
             ctx.tp.clone(),
             ctx.runtime.registry.clone(),
