@@ -95,6 +95,8 @@ pub struct SinkStats {
     pub files_written: AtomicU64,
     /// Arrow bytes of buffered rows packed under memory pressure (`sinks::packed`).
     pub packed_bytes: AtomicU64,
+    /// What those rows took once packed (compressed Arrow IPC).
+    pub packed_size_bytes: AtomicU64,
     pub commits: AtomicU64,
     pub fenced: AtomicU64,
     /// The sink's `flush.max_latency`, for alerts on freshness relative to it.
@@ -120,6 +122,7 @@ impl Default for SinkStats {
             bytes_written: AtomicU64::default(),
             files_written: AtomicU64::default(),
             packed_bytes: AtomicU64::default(),
+            packed_size_bytes: AtomicU64::default(),
             commits: AtomicU64::default(),
             fenced: AtomicU64::default(),
             max_latency_ms: AtomicU64::default(),

@@ -32,6 +32,8 @@ pub(crate) enum LogFormat {
     Json,
 }
 
+// Parsed once at start-up: the size of the largest variant (`bench`) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the service.
@@ -136,6 +138,15 @@ enum Command {
         /// (records/s per core; avro or json).
         #[arg(long)]
         isolate: bool,
+        /// Scale-out: run each of these member counts in turn (comma-separated, e.g. 1,2,4), as
+        /// separate `lakesink run` processes in one group over the produced topic, each into a
+        /// fresh table. Needs --broker and --kind delta.
+        #[arg(long, value_delimiter = ',')]
+        members: Vec<u32>,
+        /// With --members: hold each member to this many cores (a cgroup CPU quota; needs
+        /// root), e.g. 0.25 so that 4 members use one core and the broker the other.
+        #[arg(long)]
+        member_cpus: Option<f64>,
         /// Measure upserts on a table that is already large, at the Delta sink: --records
         /// changes of random keys, in flushes of --flush-rows, onto a table of --table-rows.
         #[arg(long)]
@@ -409,10 +420,14 @@ pub(crate) async fn run() -> ExitCode {
             one_sink,
             pipeline,
             sink,
+            members,
+            member_cpus,
             isolate: false,
             ..
         } => {
             lakesink::app::bench::run(lakesink::app::bench::Options {
+                members,
+                member_cpus,
                 tables,
                 one_sink,
                 pipeline,

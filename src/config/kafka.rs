@@ -139,11 +139,23 @@ pub(super) fn validate_kafka(
         props.insert(name.clone(), Secret::new(value));
     }
     // KIP-848's protocol takes membership timing from the broker; librdkafka refuses these.
-    if k.properties
+    let kip848 = k
+        .properties
         .get("group.protocol")
         .map(|v| v.to_string().to_ascii_lowercase())
-        == Some("consumer".into())
-    {
+        == Some("consumer".into());
+    // Classic groups: `roundrobin` spreads the partitions of every subscribed topic over the
+    // members as one list. librdkafka's default, `range` first, assigns topic by topic, which
+    // gives each topic's first partitions to the same member: a group reading many topics of
+    // few partitions (a whole database) leaves members idle. `range` stays listed second so a
+    // group mixing members of an earlier release still agrees on a strategy.
+    if !kip848 && !k.properties.contains_key("partition.assignment.strategy") {
+        props.insert(
+            "partition.assignment.strategy".into(),
+            Secret::new("roundrobin,range"),
+        );
+    }
+    if kip848 {
         for name in [
             "session.timeout.ms",
             "heartbeat.interval.ms",

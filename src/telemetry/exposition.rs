@@ -149,6 +149,12 @@ impl Collector for Exposition {
         )?;
         counter(
             e,
+            "lakesink_packed_size_bytes",
+            "Bytes those packed rows took once packed (LZ4-compressed Arrow IPC).",
+            per_sink(|s| s.packed_size_bytes.load(Relaxed)),
+        )?;
+        counter(
+            e,
             "lakesink_commits",
             "Commits that made data visible.",
             per_sink(|s| s.commits.load(Relaxed)),

@@ -158,6 +158,8 @@ pub(super) async fn measure_alone(records: u64, format: &str) -> anyhow::Result<
         one_sink: false,
         pipeline: None,
         sink: None,
+        members: Vec::new(),
+        member_cpus: None,
     };
     let text = sink_config(
         demo_config(

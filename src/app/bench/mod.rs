@@ -41,6 +41,7 @@ use crate::pipeline::Progress;
 mod feed;
 mod isolate;
 mod measure;
+mod members;
 mod steady;
 mod workload;
 
@@ -78,6 +79,11 @@ pub struct Options {
     pub pipeline: Option<String>,
     /// Extra settings of every sink (TOML lines), e.g. `delta = { shared_files = false }`.
     pub sink: Option<String>,
+    /// Scale-out mode: for each count in turn, that many member processes in one group (see
+    /// [`members`]); empty for the in-process pipeline.
+    pub members: Vec<u32>,
+    /// With `members`: each member's CPU share in cores (a cgroup quota).
+    pub member_cpus: Option<f64>,
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
@@ -186,6 +192,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         None => text,
     };
     let cfg = Config::from_toml(&text)?.validate()?;
+    if !opts.members.is_empty() {
+        let result = members::scale_out(&opts, &text, records, dir.path()).await;
+        drop(stdin);
+        let _ = child.wait();
+        return result;
+    }
     let progress = Arc::new(Progress::default());
     reset_peak_rss();
     let rss_before = peak_rss().unwrap_or(0);
@@ -436,10 +448,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
              per hour at {rate} records/s",
             files as f64 / written.max(1) as f64 * 3600.0 / elapsed
         );
+        let (arrow_bytes, packed_size) = (
+            stats.packed_bytes.load(Ordering::Relaxed) as f64,
+            stats.packed_size_bytes.load(Ordering::Relaxed) as f64,
+        );
         println!(
             "  packed:    {:.1} MB of buffered Arrow packed under memory pressure to wait for \
-             the tick",
-            stats.packed_bytes.load(Ordering::Relaxed) as f64 / 1e6
+             the tick, into {:.1} MB ({:.1}x smaller)",
+            arrow_bytes / 1e6,
+            packed_size / 1e6,
+            arrow_bytes / packed_size.max(1.0)
         );
         return Ok(());
     }

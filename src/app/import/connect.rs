@@ -180,11 +180,7 @@ fn converters(cfg: &mut BTreeMap<String, String>, d: &mut Draft) {
             "json"
         }
         (Some("io.confluent.connect.protobuf.ProtobufConverter"), _) | (None, Some("PROTOBUF")) => {
-            d.unmapped(
-                "value.converter",
-                "Protobuf values are not decoded by lakesink yet; `format` is left at avro",
-            );
-            return;
+            "protobuf"
         }
         (None, None) => {
             d.note("no `value.converter` is set: the Connect worker's default applies; lakesink assumes Confluent Avro");
@@ -195,7 +191,7 @@ fn converters(cfg: &mut BTreeMap<String, String>, d: &mut Draft) {
             d.unmapped(
                 "value.converter",
                 format!(
-                    "`{what}` has no lakesink format (avro, json, debezium-avro, debezium-json)"
+                    "`{what}` has no lakesink format (avro, json, protobuf, debezium-avro, debezium-json)"
                 ),
             );
             return;
@@ -204,7 +200,7 @@ fn converters(cfg: &mut BTreeMap<String, String>, d: &mut Draft) {
     d.set("format", quote(format));
     if let Some(url) = cfg.remove("value.converter.schema.registry.url") {
         d.registry_url = Some(url.split(',').next().unwrap_or_default().trim().to_string());
-    } else if format == "avro" || input.as_deref() == Some("JSON_SR") {
+    } else if matches!(format, "avro" | "protobuf") || input.as_deref() == Some("JSON_SR") {
         d.registry_url = Some("${SCHEMA_REGISTRY_URL}".into());
         d.env.push((
             "SCHEMA_REGISTRY_URL".into(),

@@ -67,6 +67,11 @@ fn adls_gen2_with_a_service_principal() {
 }
 
 #[test]
+fn s3_with_protobuf_values() {
+    golden("s3-protobuf.properties");
+}
+
+#[test]
 fn adls_gen2_on_confluent_cloud() {
     golden("adls-gen2-cloud.json");
 }

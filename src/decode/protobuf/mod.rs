@@ -51,8 +51,8 @@ pub struct ProtobufDecoder {
     schemas: HashMap<u32, Result<schema_registry::protobuf::Compiled, String>>,
     /// Writer messages accepted so far, by (schema id, message path).
     accepted: HashMap<(u32, Vec<i32>), MessageDescriptor>,
-    /// Writers the reader cannot read, and why.
-    incompatible: HashMap<(u32, Vec<i32>), String>,
+    /// Writers whose records are rejected: the error class, and why.
+    incompatible: HashMap<(u32, Vec<i32>), (&'static str, String)>,
     reader: Option<Reader>,
     batch_size: usize,
     meta: MetaColumns,
@@ -118,11 +118,18 @@ impl ProtobufDecoder {
     /// Resolves the schema of `rec` (fetching it once) and tells whether decoding it will change
     /// the output schema (a newer writer that becomes the reader), so the caller can commit first.
     pub async fn prepare(&mut self, rec: &Record) -> Result<bool, DecodeError> {
-        let Some(Ok((id, _))) = rec.payload.as_deref().map(framing::parse) else {
+        let Some(Ok((id, body))) = rec.payload.as_deref().map(framing::parse) else {
+            return Ok(false);
+        };
+        let Ok((path, _)) = framing::parse_message_indexes(body) else {
             return Ok(false);
         };
         if !self.schemas.contains_key(&id.0) {
             self.fetch(id, rec.offset).await?;
+        }
+        let key = (id.0, path);
+        if self.accepted.contains_key(&key) || self.incompatible.contains_key(&key) {
+            return Ok(false);
         }
         Ok(self.reader.as_ref().is_some_and(|r| id.0 > r.id)
             && self.schemas.get(&id.0).is_some_and(Result::is_ok))
@@ -227,8 +234,8 @@ impl ProtobufDecoder {
         out: &mut Vec<RecordBatch>,
     ) -> Result<(), DecodeError> {
         let id = key.0;
-        if let Some(why) = self.incompatible.get(key) {
-            return Err(self.error(offset, "incompatible-schema", Some(id), why.clone()));
+        if let Some((class, why)) = self.incompatible.get(key) {
+            return Err(self.error(offset, class, Some(id), why.clone()));
         }
         let file = match &self.schemas[&id] {
             Ok(c) => c.file.clone(),
@@ -257,14 +264,15 @@ impl ProtobufDecoder {
         } else if newest {
             match reads_all(&message) {
                 Ok(()) => {
-                    let row = Row::new(&message).map_err(|e| {
-                        self.error(
-                            offset,
-                            "schema-type",
-                            Some(id),
-                            format!("schema id {id}: {e}"),
-                        )
-                    })?;
+                    let row = match Row::new(&message) {
+                        Ok(row) => row,
+                        Err(e) => {
+                            let why = format!("schema id {id}: {e}");
+                            self.incompatible
+                                .insert(key.clone(), ("schema-type", why.clone()));
+                            return Err(self.error(offset, "schema-type", Some(id), why));
+                        }
+                    };
                     // Rows of the previous reader are emitted first: the new columns start a batch.
                     self.emit(out)?;
                     self.reader = Some(Reader {
@@ -298,7 +306,8 @@ impl ProtobufDecoder {
              a compatible version",
             self.tp.topic
         );
-        self.incompatible.insert(key.clone(), why.clone());
+        self.incompatible
+            .insert(key.clone(), ("incompatible-schema", why.clone()));
         Err(self.error(offset, "incompatible-schema", Some(id), why))
     }
 

@@ -398,3 +398,43 @@ async fn the_registry_refuses_an_incompatible_protobuf_version() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn a_recursive_message_is_refused_at_each_record_without_a_commit_per_record() {
+    let (client, _task) = setup().await;
+    let tree = r#"syntax = "proto3"; package t; message Node { string name = 1; repeated Node children = 2; }"#;
+    let id = client
+        .register_protobuf("tree-value", tree, &[])
+        .await
+        .unwrap();
+    let d = compile(tree, &[])
+        .unwrap()
+        .pool
+        .get_message_by_name("t.Node")
+        .unwrap();
+    let mut m = DynamicMessage::new(d);
+    m.set_field_by_name("name", Value::String("root".into()));
+    let mut dec = ProtobufDecoder::new(
+        TopicPartition::new("tree", 0),
+        client,
+        MetadataConfig::default(),
+        100,
+    );
+    let mut out = Vec::new();
+    for offset in 0..3 {
+        let r = rec(offset, frame(id, &[0], &m));
+        assert!(
+            !dec.prepare(&r).await.unwrap(),
+            "no new reader: nothing to commit first"
+        );
+        let e = dec.push(r, &mut out).await.unwrap_err();
+        assert_eq!(e.error.class, "schema-type", "offset {offset}");
+        assert!(
+            e.error.reason.contains("t.Node -> t.Node"),
+            "{}",
+            e.error.reason
+        );
+    }
+    dec.finish(&mut out).unwrap();
+    assert!(out.is_empty());
+}

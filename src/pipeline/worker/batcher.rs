@@ -59,6 +59,9 @@ impl Worker {
                 self.stats
                     .packed_bytes
                     .fetch_add(unpacked as u64, std::sync::atomic::Ordering::Relaxed);
+                self.stats
+                    .packed_size_bytes
+                    .fetch_add(size as u64, std::sync::atomic::Ordering::Relaxed);
             }
             // The rows stay as they are, and flush for memory (`flush_due`).
             Err(e) => warn!(sink = self.sink_name(), tp = %self.ctx.tp,

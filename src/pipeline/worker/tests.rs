@@ -327,6 +327,11 @@ table = "file:///nonexistent/t"
     })
     .await;
     let packed = progress.sink("t").packed_bytes.load(Relaxed);
+    let size = progress.sink("t").packed_size_bytes.load(Relaxed);
+    assert!(
+        (packed == 0) == (size == 0) && size <= packed,
+        "packed {packed} Arrow bytes into {size}"
+    );
     assert!(budget.used() <= 2 << 20, "{} bytes held", budget.used());
     let (ack, acked) = tokio::sync::oneshot::channel();
     tx.send(WorkerMsg::Drain(ack)).await.unwrap();

@@ -146,7 +146,7 @@ fn value(col: &mut Col, f: &FieldPlan, raw: Raw, buf: &[u8]) -> Result<(), Strin
         Col::Bin(b) => b.append_value(bytes("bytes")?),
         Col::Enum(b, e) => {
             let n = varint_of(f, raw)? as i32;
-            match e.names.get(&n) {
+            match e.name(n) {
                 Some(name) => b.append_value(name),
                 None => b.append_value(n.to_string()),
             }

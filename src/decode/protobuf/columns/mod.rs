@@ -86,8 +86,20 @@ enum Col {
 }
 
 struct Enum {
-    names: HashMap<i32, String>,
+    /// Names of the values numbered 0..len (the usual, dense case), by number.
+    dense: Vec<Option<String>>,
+    /// Names of the others (negative or sparse numbers).
+    sparse: HashMap<i32, String>,
     first: String,
+}
+
+impl Enum {
+    fn name(&self, n: i32) -> Option<&str> {
+        match usize::try_from(n).ok().and_then(|i| self.dense.get(i)) {
+            Some(name) => name.as_deref(),
+            None => self.sparse.get(&n).map(String::as_str),
+        }
+    }
 }
 
 /// Where a field's value goes.
@@ -109,6 +121,44 @@ struct FieldPlan {
     message: bool,
 }
 
+/// Field number → field index: a table for the usual small numbers, a map for sparse ones.
+enum Numbers {
+    /// Index + 1 by number (0: no such field).
+    Dense(Vec<u16>),
+    Sparse(HashMap<u32, usize>),
+}
+
+impl Numbers {
+    fn new(fields: &[FieldPlan]) -> Numbers {
+        let max = fields.iter().map(|f| f.number).max().unwrap_or(0);
+        if max <= 1024 && fields.len() < usize::from(u16::MAX) {
+            let mut table = vec![0u16; max as usize + 1];
+            for (i, f) in fields.iter().enumerate() {
+                table[f.number as usize] = i as u16 + 1;
+            }
+            Numbers::Dense(table)
+        } else {
+            Numbers::Sparse(
+                fields
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| (f.number, i))
+                    .collect(),
+            )
+        }
+    }
+
+    fn get(&self, number: u32) -> Option<usize> {
+        match self {
+            Numbers::Dense(t) => match t.get(number as usize) {
+                Some(&i) if i > 0 => Some(usize::from(i) - 1),
+                _ => None,
+            },
+            Numbers::Sparse(m) => m.get(&number).copied(),
+        }
+    }
+}
+
 /// What one message level saw of one field.
 #[derive(Default)]
 struct Seen {
@@ -123,7 +173,7 @@ struct Seen {
 pub(super) struct Row {
     fields: Vec<FieldPlan>,
     /// Field number → index into `fields`.
-    by_number: HashMap<u32, usize>,
+    by_number: Numbers,
     cols: Vec<Col>,
     /// The Arrow fields of `cols`.
     arrow: Fields,
@@ -185,13 +235,29 @@ fn value_col(kind: &Kind, stack: &mut Vec<String>) -> Result<(Col, DataType), St
     }
     match kind {
         Kind::Enum(e) => {
-            let names = e
-                .values()
-                .map(|v| (v.number(), v.name().to_string()))
-                .collect();
+            let mut dense = Vec::new();
+            let mut sparse = HashMap::new();
+            for v in e.values() {
+                match usize::try_from(v.number()).ok().filter(|n| *n < 1024) {
+                    Some(n) => {
+                        if dense.len() <= n {
+                            dense.resize(n + 1, None);
+                        }
+                        dense[n] = Some(v.name().to_string());
+                    }
+                    None => {
+                        sparse.insert(v.number(), v.name().to_string());
+                    }
+                }
+            }
             let first = e.default_value().name().to_string();
+            let names = Enum {
+                dense,
+                sparse,
+                first,
+            };
             Ok((
-                Col::Enum(StringBuilder::new(), Arc::new(Enum { names, first })),
+                Col::Enum(StringBuilder::new(), Arc::new(names)),
                 DataType::Utf8,
             ))
         }
@@ -342,11 +408,7 @@ impl Row {
                 message: matches!(f.kind(), Kind::Message(_)) && !f.is_map(),
             });
         }
-        let by_number = fields
-            .iter()
-            .enumerate()
-            .map(|(i, f)| (f.number, i))
-            .collect();
+        let by_number = Numbers::new(&fields);
         let seen = fields.iter().map(|_| Seen::default()).collect();
         Ok(Row {
             fields,
@@ -361,7 +423,7 @@ impl Row {
     fn empty() -> Row {
         Row {
             fields: Vec::new(),
-            by_number: HashMap::new(),
+            by_number: Numbers::Sparse(HashMap::new()),
             cols: Vec::new(),
             arrow: Fields::empty(),
             oneofs: Vec::new(),
@@ -384,7 +446,7 @@ impl Row {
         while pos < buf.len() {
             let at = pos;
             let (number, raw) = next_field(buf, &mut pos)?;
-            let (Some(raw), Some(&i)) = (raw, self.by_number.get(&number)) else {
+            let (Some(raw), Some(i)) = (raw, self.by_number.get(number)) else {
                 continue; // unknown field (a newer writer's), or a group
             };
             let (f, s) = (&self.fields[i], &mut self.seen[i]);
