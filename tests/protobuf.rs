@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -49,21 +48,22 @@ async fn every_protobuf_type_from_confluents_serializer_lands_exactly() {
     descriptor_set(&v1, &dir.join("v1.desc"));
     descriptor_set(&v2, &dir.join("v2.desc"));
     let expected = dir.join("expected.json");
-    let n = 200;
-    let out = Command::new(python())
-        .arg(py_script("protobuf_types.py"))
-        .arg("produce")
-        .args([&kafka(), &registry_url, &topic, &n.to_string()])
-        .arg(dir.join("v1.desc"))
-        .arg(dir.join("v2.desc"))
-        .arg(&expected)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "the python producer failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let n: u64 = 200;
+    let count = n.to_string();
+    let (v1_desc, v2_desc) = (dir.join("v1.desc"), dir.join("v2.desc"));
+    run_py(
+        "protobuf_types.py",
+        &[
+            "produce".as_ref(),
+            kafka().as_ref(),
+            registry_url.as_ref(),
+            topic.as_ref(),
+            count.as_ref(),
+            v1_desc.as_os_str(),
+            v2_desc.as_os_str(),
+            expected.as_os_str(),
+        ],
+        "(the Python producer)",
     );
     // The serializer registered two versions of the value subject, each referencing the import.
     let latest = client.latest(&format!("{topic}-value")).await.unwrap();
@@ -90,19 +90,12 @@ async fn every_protobuf_type_from_confluents_serializer_lands_exactly() {
     let log = proc_.stop();
 
     let table_dir = store.url.strip_prefix("file://").unwrap();
-    let out = Command::new(python())
-        .arg(py_script("protobuf_types.py"))
-        .arg("check")
-        .arg(table_dir)
-        .arg(&expected)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "values differ:\n{}{}\nlakesink log:\n{log}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let checked = run_py(
+        "protobuf_types.py",
+        &["check".as_ref(), table_dir.as_ref(), expected.as_os_str()],
+        &format!("lakesink log:\n{log}"),
     );
+    eprintln!("{checked}");
 
     let poison: Vec<i64> =
         serde_json::from_slice::<serde_json::Value>(&std::fs::read(&expected).unwrap()).unwrap()

@@ -246,6 +246,27 @@ impl RegistryClient {
         .cloned()
     }
 
+    /// The subject version reference `r` names, fetched at reference depth `depth` (refused past
+    /// 16 levels: a cycle).
+    async fn referenced(&self, r: &Reference, depth: usize) -> Result<SubjectVersion> {
+        if depth > 16 {
+            return Err(Error::BadResponse {
+                url: self.inner.base.clone(),
+                reason: "schema references nest deeper than 16 levels (a cycle?)".into(),
+            });
+        }
+        self.request(
+            reqwest::Method::GET,
+            &format!(
+                "/subjects/{}/versions/{}",
+                encode_segment(&r.subject),
+                r.version
+            ),
+            None,
+        )
+        .await
+    }
+
     /// Protobuf: fetches the files `references` name (by subject version) and the files they
     /// import in turn, each once, into `out` as (import name, schema).
     fn imported_files<'a>(
@@ -255,27 +276,11 @@ impl RegistryClient {
         out: &'a mut Vec<(String, String)>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>> {
         Box::pin(async move {
-            if depth > 16 {
-                return Err(Error::BadResponse {
-                    url: self.inner.base.clone(),
-                    reason: "schema references nest deeper than 16 levels (a cycle?)".into(),
-                });
-            }
             for r in references {
                 if out.iter().any(|(name, _)| *name == r.name) {
                     continue;
                 }
-                let v: SubjectVersion = self
-                    .request(
-                        reqwest::Method::GET,
-                        &format!(
-                            "/subjects/{}/versions/{}",
-                            encode_segment(&r.subject),
-                            r.version
-                        ),
-                        None,
-                    )
-                    .await?;
+                let v = self.referenced(r, depth).await?;
                 out.push((r.name.clone(), v.schema));
                 self.imported_files(&v.references, depth + 1, out).await?;
             }
@@ -292,25 +297,9 @@ impl RegistryClient {
         depth: usize,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String>> + Send + 'a>> {
         Box::pin(async move {
-            if depth > 16 {
-                return Err(Error::BadResponse {
-                    url: self.inner.base.clone(),
-                    reason: "schema references nest deeper than 16 levels (a cycle?)".into(),
-                });
-            }
             let mut defs = HashMap::new();
             for r in references {
-                let v: SubjectVersion = self
-                    .request(
-                        reqwest::Method::GET,
-                        &format!(
-                            "/subjects/{}/versions/{}",
-                            encode_segment(&r.subject),
-                            r.version
-                        ),
-                        None,
-                    )
-                    .await?;
+                let v = self.referenced(r, depth).await?;
                 let text = if v.references.is_empty() {
                     v.schema
                 } else {

@@ -96,14 +96,7 @@ impl AvroDecoder {
         schema_id: Option<u32>,
         reason: impl Into<String>,
     ) -> DecodeError {
-        DecodeError {
-            tp: self.tp.clone(),
-            offset,
-            class,
-            reason: reason.into(),
-            schema_id,
-            retryable: false,
-        }
+        DecodeError::bad(&self.tp, offset, class, schema_id, reason)
     }
 
     /// Resolves the schema of `rec` (fetching it once) and tells whether decoding it will change
@@ -120,18 +113,11 @@ impl AvroDecoder {
     }
 
     async fn fetch(&self, id: SchemaId, offset: i64) -> Result<String, DecodeError> {
-        let schema = self.registry.schema(id).await.map_err(|e| DecodeError {
-            tp: self.tp.clone(),
-            offset,
-            class: if e.is_retryable() {
-                "registry"
-            } else {
-                "unknown-schema"
-            },
-            retryable: e.is_retryable(),
-            schema_id: Some(id.0),
-            reason: format!("cannot resolve schema id {id}: {e}"),
-        })?;
+        let schema = self
+            .registry
+            .schema(id)
+            .await
+            .map_err(|e| DecodeError::unresolved(&self.tp, offset, id, &e))?;
         if schema.schema_type != "AVRO" {
             return Err(self.error(
                 offset,

@@ -58,6 +58,49 @@ pub struct DecodeError {
     pub retryable: bool,
 }
 
+impl DecodeError {
+    /// Record `offset` of `tp` is bad data (never retryable).
+    pub fn bad(
+        tp: &TopicPartition,
+        offset: i64,
+        class: &'static str,
+        schema_id: Option<u32>,
+        reason: impl Into<String>,
+    ) -> DecodeError {
+        DecodeError {
+            tp: tp.clone(),
+            offset,
+            class,
+            reason: reason.into(),
+            schema_id,
+            retryable: false,
+        }
+    }
+
+    /// Schema `id` of record `offset` could not be fetched: `registry` (retryable) when the
+    /// registry is unreachable, `unknown-schema` when it has no such schema.
+    pub fn unresolved(
+        tp: &TopicPartition,
+        offset: i64,
+        id: schema_registry::SchemaId,
+        e: &schema_registry::Error,
+    ) -> DecodeError {
+        let retryable = e.is_retryable();
+        DecodeError {
+            tp: tp.clone(),
+            offset,
+            class: if retryable {
+                "registry"
+            } else {
+                "unknown-schema"
+            },
+            reason: format!("cannot resolve schema id {id}: {e}"),
+            schema_id: Some(id.0),
+            retryable,
+        }
+    }
+}
+
 /// A record the decoder gave back, with why.
 #[derive(Debug)]
 pub struct Rejected {

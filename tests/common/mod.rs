@@ -381,6 +381,23 @@ pub fn py_script(name: &str) -> PathBuf {
     repo_root().join("tests/py").join(name)
 }
 
+/// Runs `tests/py/<script>` with `args` to completion; panics with its output (and `context`)
+/// when it fails; returns its stdout.
+pub fn run_py(script: &str, args: &[&std::ffi::OsStr], context: &str) -> String {
+    let out = Command::new(python())
+        .arg(py_script(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}{}\n{context}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn create_container(url: &str, endpoint: &str) {
     let out = Command::new(python())
         .arg(py_script("create_bucket.py"))

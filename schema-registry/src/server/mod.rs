@@ -337,33 +337,24 @@ async fn register(
             return Ok(Json(json!({ "id": id })));
         }
     }
-    if schema_type == "AVRO" {
-        let earlier = avro_versions(&data, &subject, usize::MAX);
-        let new = resolved(&data, &canon, &body.references);
-        let problems = effective_level(&data, &subject).check(&new, &earlier);
-        if !problems.is_empty() {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                409,
-                format!(
-                    "Schema being registered is incompatible with an earlier schema for subject \"{subject}\": {}",
-                    problems.join("; ")
-                ),
-            ));
+    let problems = match (&proto, schema_type.as_str()) {
+        (Some(new), _) => protobuf::problems(&data, &subject, new, usize::MAX),
+        (None, "AVRO") => {
+            let earlier = avro_versions(&data, &subject, usize::MAX);
+            let new = resolved(&data, &canon, &body.references);
+            effective_level(&data, &subject).check(&new, &earlier)
         }
-    }
-    if let Some(new) = &proto {
-        let problems = protobuf::problems(&data, &subject, new, usize::MAX);
-        if !problems.is_empty() {
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                409,
-                format!(
-                    "Schema being registered is incompatible with an earlier schema for subject \"{subject}\": {}",
-                    problems.join("; ")
-                ),
-            ));
-        }
+        _ => Vec::new(),
+    };
+    if !problems.is_empty() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            409,
+            format!(
+                "Schema being registered is incompatible with an earlier schema for subject \"{subject}\": {}",
+                problems.join("; ")
+            ),
+        ));
     }
     let id = match existing {
         Some(id) => id,

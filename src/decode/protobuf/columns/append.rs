@@ -70,13 +70,17 @@ pub(super) fn append(col: &mut Col, f: &FieldPlan, s: &Seen, buf: &[u8]) -> Resu
     Ok(())
 }
 
+/// Whether `col` holds a scalar protobuf may pack (numbers, booleans and enums).
 fn packable(col: &Col) -> bool {
-    !matches!(
+    matches!(
         col,
-        Col::Str(_) | Col::Bin(_) | Col::Struct(..) | Col::List(..) | Col::Map(..) | Col::Json(..)
-    ) && !matches!(
-        col,
-        Col::Timestamp(_) | Col::Duration(_) | Col::Wrapper(_) | Col::Present(_)
+        Col::Bool(..)
+            | Col::I32(..)
+            | Col::I64(..)
+            | Col::Dec(..)
+            | Col::F32(_)
+            | Col::F64(_)
+            | Col::Enum(..)
     )
 }
 
