@@ -1,7 +1,7 @@
 //! Packed rows: record batches kept compressed while they wait for their flush.
 //!
 //! A partition writer under memory pressure packs its buffer instead of flushing it early: the
-//! batches become one Arrow IPC stream with LZ4-compressed buffers, a fraction of their Arrow
+//! batches become one Arrow IPC stream with zstd-compressed buffers, a fraction of their Arrow
 //! size. The rows then still go out with the next
 //! latency tick, in the files the tick's flushes share, instead of as a file of their own per
 //! Kafka partition. Sinks read a flush's rows chunk by chunk ([`Chunk`]), unpacking one packed
@@ -23,7 +23,7 @@ use arrow::ipc::CompressionType;
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 
-/// Batches of one schema, compressed (an Arrow IPC stream with LZ4-frame buffers). Cloning is
+/// Batches of one schema, compressed (an Arrow IPC stream with zstd buffers). Cloning is
 /// cheap: the bytes are shared.
 #[derive(Clone)]
 pub struct Packed {
@@ -45,7 +45,7 @@ impl Packed {
     /// Packs `batches`, which all have `schema`.
     pub fn pack(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Packed, ArrowError> {
         let options =
-            IpcWriteOptions::default().try_with_compression(Some(CompressionType::LZ4_FRAME))?;
+            IpcWriteOptions::default().try_with_compression(Some(CompressionType::ZSTD))?;
         let size: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
         let mut writer = StreamWriter::try_new_with_options(
             Vec::with_capacity(size / 4 + 1024),

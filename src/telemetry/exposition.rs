@@ -150,7 +150,7 @@ impl Collector for Exposition {
         counter(
             e,
             "lakesink_packed_size_bytes",
-            "Bytes those packed rows took once packed (LZ4-compressed Arrow IPC).",
+            "Bytes those packed rows took once packed (zstd-compressed Arrow IPC).",
             per_sink(|s| s.packed_size_bytes.load(Relaxed)),
         )?;
         counter(
