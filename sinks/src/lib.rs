@@ -25,6 +25,7 @@ pub mod delta;
 pub mod encode;
 pub mod error;
 pub mod fence;
+pub mod latency_store;
 mod object_file;
 pub mod packed;
 pub mod parquet;
@@ -110,9 +111,10 @@ pub struct Flush {
     pub tick: Option<Tick>,
 }
 
-/// The moment a latency flush was cut. Workers cut their latency flushes on one wall-clock grid
-/// (multiples of `max_latency` since the epoch), so the flushes of all partitions of a table that
-/// hold rows are cut at the same moment, in this process and in the other members. A sink may
+/// The moment a latency flush was cut. The workers of one process cut their latency flushes on
+/// one wall-clock grid (`max_latency` apart, at a phase of the process's own), so the flushes of
+/// all partitions of a table that hold rows in this process are cut at the same moment, while
+/// other members of the group cut at other moments of the period. A sink may
 /// hold such a flush's commit until `gather_until` for the flushes of other partitions cut at
 /// the same tick, to write their rows into shared files and commit them together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

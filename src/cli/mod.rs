@@ -166,6 +166,17 @@ enum Command {
         /// With --steady-upsert: changes per flush (one MERGE commit each).
         #[arg(long, default_value_t = 500)]
         flush_rows: u64,
+        /// Simulate commit contention on one Delta table: --members members (e.g. 10,50,100)
+        /// sharing --partitions partitions commit at each --max-latency (e.g. 1s,10s,60s) to a
+        /// store with S3's latencies. No broker.
+        #[arg(long)]
+        contention: bool,
+        /// With --contention: latency periods simulated per configuration.
+        #[arg(long, default_value_t = 5)]
+        ticks: u32,
+        /// With --contention: every member on the epoch grid instead of a phase of its own.
+        #[arg(long)]
+        aligned: bool,
     },
     /// The benchmark's feed process (internal): hosts the cluster, produces, times a plain
     /// consumer, serves until stdin closes.
@@ -399,6 +410,43 @@ pub(crate) async fn run() -> ExitCode {
                 });
             }
             lakesink::app::bench::steady_upsert(&table_rows, records, flush_rows, &strategies).await
+        }
+        Command::Bench {
+            contention: true,
+            members,
+            partitions,
+            max_latency,
+            ticks,
+            aligned,
+            ..
+        } => {
+            let mut latencies = Vec::new();
+            for text in max_latency.split(',') {
+                match sinks::units::parse_duration(text.trim()) {
+                    Ok(d) if !d.is_zero() => latencies.push(d),
+                    _ => {
+                        eprintln!("error: --max-latency: `{text}` is not a duration such as 10s");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            let members = if members.is_empty() {
+                vec![10, 50, 100]
+            } else {
+                members
+            };
+            if members.contains(&0) || partitions < 1 {
+                eprintln!("error: --members and --partitions must be at least 1");
+                return ExitCode::from(2);
+            }
+            lakesink::app::bench::contention(
+                &members,
+                partitions as u32,
+                &latencies,
+                ticks,
+                aligned,
+            )
+            .await
         }
         Command::Bench {
             records,

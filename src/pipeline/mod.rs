@@ -39,7 +39,8 @@
 //! `chain` decodes, `batcher` buffers and says when to flush, `commit` drives the in-flight
 //! flush, `rejects` the dead letters),
 //! [`budget`], [`dead_letters`] (the dead-letter stage's interface), [`identity`] (the
-//! topic-id gate), [`retry`] (the one retry loop), [`progress`] (what is reported).
+//! topic-id gate), [`retry`] (the one retry loop), [`progress`] (what is reported), [`tick`]
+//! (the latency grid: when flushes are cut).
 
 pub mod budget;
 pub mod dead_letters;
@@ -48,6 +49,7 @@ pub mod messages;
 pub mod progress;
 pub mod retry;
 pub mod supervisor;
+pub mod tick;
 pub mod worker;
 
 use std::sync::Arc;

@@ -58,6 +58,7 @@ mod rebase;
 mod rewrite;
 mod schema;
 mod table;
+mod txns;
 mod unchanged;
 pub mod upsert;
 mod writer;
@@ -135,6 +136,8 @@ pub struct DeltaSink {
     pending: std::sync::Mutex<Vec<Pending>>,
     /// The table's background compaction in this process (`auto_compact`).
     compactor: compact::SharedCompactor,
+    /// Txn versions known for the loaded table version (`txns`).
+    txns: std::sync::Mutex<txns::TxnCache>,
 }
 
 /// One append waiting to be committed with others (group commit).
@@ -208,6 +211,7 @@ impl DeltaSink {
             crash: CrashPoints::default(),
             pending: std::sync::Mutex::new(Vec::new()),
             compactor: Default::default(),
+            txns: Default::default(),
         })
     }
 
@@ -441,6 +445,7 @@ impl DeltaSink {
             crash: CrashPoints::default(),
             pending: std::sync::Mutex::new(Vec::new()),
             compactor: Default::default(),
+            txns: Default::default(),
         })
     }
 }

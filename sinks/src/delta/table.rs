@@ -104,20 +104,12 @@ impl DeltaSink {
         table: &DeltaTable,
         tp: &TopicPartition,
     ) -> Result<Option<Offset>> {
-        let snapshot = table.snapshot().map_err(|e| self.err("snapshot", e))?;
-        let log = table.log_store();
-        let mut v = snapshot
-            .transaction_version(log.as_ref(), self.app_id(tp))
-            .await
-            .map_err(|e| self.err("read txn", e))?;
+        let mut v = self.txn_version(table, &self.app_id(tp)).await?;
         for other in self.other_app_ids(tp) {
             if v.is_some() {
                 break;
             }
-            v = snapshot
-                .transaction_version(log.as_ref(), other)
-                .await
-                .map_err(|e| self.err("read txn", e))?;
+            v = self.txn_version(table, &other).await?;
         }
         Ok(v.map(|v| Offset(v + 1)))
     }

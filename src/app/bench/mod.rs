@@ -38,6 +38,7 @@ use crate::config::Config;
 use crate::kafka::SourceOptions;
 use crate::pipeline::Progress;
 
+mod contention;
 mod feed;
 mod isolate;
 mod measure;
@@ -45,6 +46,7 @@ mod members;
 mod steady;
 mod workload;
 
+pub use contention::contention;
 pub use feed::*;
 pub use isolate::*;
 pub use measure::*;

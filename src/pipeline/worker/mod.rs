@@ -55,6 +55,7 @@ use crate::decode::debezium;
 use crate::decode::key::KeyDecoder;
 use crate::decode::{FormatDecoder, Record, Rejected};
 use crate::pipeline::retry::{Attempts, Policy};
+use crate::pipeline::tick::{gather_window, next_tick};
 use chain::new_decoder;
 
 /// Everything a worker needs.
@@ -274,31 +275,6 @@ async fn in_flight(f: &mut Option<InFlight>) -> Result<FlushResult, tokio::task:
         Some(f) => (&mut f.task).await,
         None => std::future::pending().await,
     }
-}
-
-/// The first latency tick after now: the next multiple of `latency` since the Unix epoch, as an
-/// instant and in milliseconds. Every worker of every member cuts its latency flushes on this
-/// one grid, so the partitions of a table that hold rows flush at the same moment (and a sink can
-/// write them into shared files, see [`sinks::Tick`]); a record still waits at most `latency`.
-pub(super) fn next_tick(latency: std::time::Duration) -> (Instant, u64) {
-    let period = (latency.as_millis() as u64).max(1);
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let at_ms = (now_ms / period + 1) * period;
-    (
-        Instant::now() + std::time::Duration::from_millis(at_ms - now_ms),
-        at_ms,
-    )
-}
-
-/// How long after a tick a sink may wait for the other partitions' flushes of that tick: a
-/// twentieth of `max_latency`, between 10 ms and 1 s.
-pub(super) fn gather_window(latency: std::time::Duration) -> std::time::Duration {
-    (latency / 20).clamp(
-        std::time::Duration::from_millis(10),
-        std::time::Duration::from_secs(1),
-    )
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
