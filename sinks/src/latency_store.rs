@@ -182,6 +182,19 @@ impl LatencyStore {
     }
 }
 
+/// `stream`, answered after `latency`.
+fn delayed<T: Send + 'static>(
+    latency: Duration,
+    stream: BoxStream<'static, T>,
+) -> BoxStream<'static, T> {
+    futures::stream::once(async move {
+        tokio::time::sleep(latency).await;
+        stream
+    })
+    .flatten()
+    .boxed()
+}
+
 fn is_log_entry(location: &Path) -> bool {
     let s = location.as_ref();
     s.contains("_delta_log/") && s.ends_with(".json") && !s.contains(".tmp")
@@ -261,12 +274,7 @@ impl ObjectStore for LatencyStore {
         self.counters.deletes.fetch_add(1, Ordering::Relaxed);
         let latency = self.draw(&self.latencies.delete);
         let deleted = self.inner.delete_stream(locations);
-        futures::stream::once(async move {
-            tokio::time::sleep(latency).await;
-            deleted
-        })
-        .flatten()
-        .boxed()
+        delayed(latency, deleted)
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
@@ -274,12 +282,7 @@ impl ObjectStore for LatencyStore {
         self.counters.lists.fetch_add(1, Ordering::Relaxed);
         let latency = self.draw(&self.latencies.list);
         let listed = self.inner.list(prefix);
-        futures::stream::once(async move {
-            tokio::time::sleep(latency).await;
-            listed
-        })
-        .flatten()
-        .boxed()
+        delayed(latency, listed)
     }
 
     fn list_with_offset(
@@ -291,12 +294,7 @@ impl ObjectStore for LatencyStore {
         self.counters.lists.fetch_add(1, Ordering::Relaxed);
         let latency = self.draw(&self.latencies.list);
         let listed = self.inner.list_with_offset(prefix, offset);
-        futures::stream::once(async move {
-            tokio::time::sleep(latency).await;
-            listed
-        })
-        .flatten()
-        .boxed()
+        delayed(latency, listed)
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
