@@ -307,7 +307,8 @@ async fn packed_buffers_wait_for_the_tick_and_survive_a_kill() {
             "drain_timeout = \"20s\"\nmax_buffer_bytes = \"8MiB\"",
         );
     let reader = store.delta_sink(&group);
-    let (mut first, base) = Lakesink::start_serving(&cfg, &[]);
+    // On the epoch grid, so that `just_after_latency_tick` knows the process's ticks.
+    let (mut first, base) = Lakesink::start_serving(&cfg, &[("LAKESINK_TICK_PHASE", "0")]);
     // Writers pack only near their log end, which they know from the consumer's end-offset
     // reports (every 5 s): stream once the first report is in.
     let started = std::time::Instant::now();

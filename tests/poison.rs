@@ -248,7 +248,8 @@ async fn crash_before_the_table_commit(foreign_open_transaction: bool) {
             "max_rows = 100000, max_latency = \"8s\"",
         )
     };
-    let first = Lakesink::start(&config(&proxied), &[]);
+    // On the epoch grid, so that `just_after_latency_tick` knows the process's ticks.
+    let first = Lakesink::start(&config(&proxied), &[("LAKESINK_TICK_PHASE", "0")]);
     let mut first = first;
     for partition in 0..2 {
         // Both partitions recovered: recovery reads the store, which goes down next.

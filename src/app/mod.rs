@@ -430,6 +430,7 @@ pub async fn run(
     cancel: CancellationToken,
     progress: Arc<Progress>,
 ) -> anyhow::Result<()> {
+    crate::pipeline::tick::pinned_phase().map_err(anyhow::Error::msg)?;
     let sinks = build_sinks(&cfg)?;
     refuse_unsafe_stores(&sinks).await?;
     kafka::dead_letter::ensure_topics(&cfg, false).await?;

@@ -17,10 +17,37 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// This process's phase: a fraction of any latency period, drawn once.
+/// The environment variable that pins the phase instead of drawing it: a fraction of the
+/// period in `[0, 1)`; `0` cuts on multiples of `max_latency` since the epoch (for a single
+/// member that should flush at round wall-clock times, and for tests that produce just after a
+/// tick).
+pub const PHASE_VAR: &str = "LAKESINK_TICK_PHASE";
+
+/// This process's phase: a fraction of any latency period, pinned by [`PHASE_VAR`] or drawn
+/// once.
 pub fn process_phase() -> f64 {
     static PHASE: OnceLock<f64> = OnceLock::new();
-    *PHASE.get_or_init(rand::random::<f64>)
+    *PHASE.get_or_init(|| {
+        pinned_phase()
+            .ok()
+            .flatten()
+            .unwrap_or_else(rand::random::<f64>)
+    })
+}
+
+/// The phase [`PHASE_VAR`] pins, if set; an error naming the variable if it is not a fraction
+/// in `[0, 1)` (checked when the service starts).
+pub fn pinned_phase() -> Result<Option<f64>, String> {
+    let Ok(text) = std::env::var(PHASE_VAR) else {
+        return Ok(None);
+    };
+    match text.trim().parse::<f64>() {
+        Ok(phase) if (0.0..1.0).contains(&phase) => Ok(Some(phase)),
+        _ => Err(format!(
+            "{PHASE_VAR} = `{text}`: the tick phase is a fraction of max_latency in [0, 1), \
+             e.g. 0 for multiples of max_latency since the epoch; unset it to draw one at random"
+        )),
+    }
 }
 
 /// The first tick after `now_ms` on the grid of `period_ms` shifted by `phase` (a fraction of

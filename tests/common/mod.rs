@@ -731,9 +731,10 @@ flush = {{ max_rows = 400, max_latency = "1s" }}
     )
 }
 
-/// Sleeps until just after the next latency tick of `max_latency`: workers cut their latency
-/// flushes on one wall-clock grid (multiples of `max_latency` since the epoch), so records
-/// produced in the following `max_latency` minus a margin are all cut at the same tick.
+/// Sleeps until just after the next latency tick of `max_latency` on the epoch grid (multiples
+/// of `max_latency` since the epoch), where a process started with `LAKESINK_TICK_PHASE=0`
+/// cuts its latency flushes: records produced in the following `max_latency` minus a margin are
+/// all cut at the same tick.
 pub async fn just_after_latency_tick(max_latency: Duration) {
     let period = max_latency.as_millis() as u64;
     let now = std::time::SystemTime::now()
