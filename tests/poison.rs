@@ -494,3 +494,58 @@ async fn sigterm_during_a_dead_letter_wait_stops_within_the_drain_timeout() {
     );
     drop(foreign);
 }
+
+/// One dead-letter session serves every flush of a partition: poison records arriving in three
+/// successive flushes are fenced and tail-read once, not once per flush (each opening fences and
+/// reads the dead-letter partition, and an opening still under way when a flush committed was
+/// cancelled and never reported).
+#[tokio::test(flavor = "multi_thread")]
+async fn one_dead_letter_session_serves_every_flush() {
+    let store = Store::local("orders");
+    let topic = unique("rounds");
+    let dlq = unique("dlq");
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+    let (registry_url, client) = registry().await;
+    let id = register_orders(&client, &topic).await;
+    let cfg = config(
+        &topic,
+        &unique("g"),
+        &registry_url,
+        &store,
+        &format!("errors = \"dead-letter\"\ndead_letter_topic = \"{dlq}\""),
+    );
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let mut proc_ = Lakesink::start(&cfg, &[]);
+    let mut produced = Produced::new();
+    for round in 0..3 {
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .partition(0)
+                    .key("poison-key")
+                    .payload(&b"not avro"[..]),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        produced.extend(produce(&topic, id, round * 10..round * 10 + 10, 1).await);
+        // The round's flush commits before the next round is produced.
+        wait_rows(
+            &store,
+            &topic,
+            produced.len() as u64,
+            &mut proc_,
+            Duration::from_secs(60),
+        )
+        .await;
+        proc_.wait_for_lines("dead-lettered", round as usize + 1, Duration::from_secs(30));
+    }
+    let log = proc_.stop();
+    assert_exactly_once(&store.read(), &produced);
+    let opened = log.matches("dead-letter session open").count();
+    assert_eq!(opened, 1, "sessions opened for 3 flushes:\n{log}");
+}

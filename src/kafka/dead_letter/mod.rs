@@ -227,7 +227,14 @@ impl DeadLetters {
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let cancelled = cancel.clone();
         let task = tokio::task::spawn_blocking(move || {
-            open_session(client, auth, &topic, &group, &sink, &tp, &cancelled)
+            let opened = open_session(client, auth, &topic, &group, &sink, &tp, &cancelled);
+            if let Err(e) = &opened {
+                if !cancelled.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Said now, not only when the partition's first dead letter comes.
+                    tracing::warn!(sink, %tp, "{e}; it is opened again for the first dead letter");
+                }
+            }
+            opened
         });
         Opening { task, cancel }
     }
@@ -418,7 +425,8 @@ impl DeadLetterWriter for PartitionWriter {
         if let Some(opening) = self.opening.take() {
             match opening.await {
                 Ok(Ok(s)) => self.session = Some(s),
-                Ok(Err(e)) => tracing::warn!(sink = %self.sink, tp = %self.tp, "{e}; retrying"),
+                // Logged when it failed.
+                Ok(Err(e)) => tracing::debug!(sink = %self.sink, tp = %self.tp, "{e}; retrying"),
                 Err(e) => tracing::warn!(sink = %self.sink, tp = %self.tp, "internal: {e}"),
             }
         }

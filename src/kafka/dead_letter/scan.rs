@@ -48,6 +48,7 @@ pub(super) fn open_session(
         )));
     }
     let partition = dead_letter_partition(sink, tp, partitions);
+    tracing::debug!(%tp, topic, partition, "dead-letter session: fencing earlier writers");
     let producer: FutureProducer<AuthContext> = client
         .set("transactional.id", transactional_id(group, sink, tp))
         .set("transaction.timeout.ms", "60000")
@@ -76,6 +77,7 @@ pub(super) fn open_session(
             ))
         })?;
     drop(ends);
+    tracing::debug!(%tp, topic, partition, low, end, "dead-letter session: fenced; reading the tail");
     let scan = last_dead_lettered(&reader, topic, partition, (low, end), group, sink, tp)?;
     let last = scan.last;
     tracing::info!(
@@ -165,7 +167,10 @@ fn last_dead_lettered(
                 )));
             }
             match reader.poll(Duration::from_millis(200)) {
-                None => continue,
+                None => {
+                    tracing::trace!(topic, partition, "dead-letter tail read: nothing yet");
+                    continue;
+                }
                 Some(Err(KafkaError::PartitionEOF(_))) => {
                     // read_committed ends at the last stable offset: below `end`, a transaction
                     // is still open (a killed writer's, until it is fenced or times out), and
@@ -178,6 +183,13 @@ fn last_dead_lettered(
                                 .and_then(|e| e.offset().to_raw())
                         })
                         .unwrap_or(-1);
+                    tracing::debug!(
+                        topic,
+                        partition,
+                        at,
+                        end,
+                        "dead-letter tail read: end of the readable part"
+                    );
                     if at >= end {
                         break;
                     }

@@ -68,7 +68,7 @@ impl Worker {
         if bytes > 0 {
             self.ctx.budget.start_flush(bytes);
         }
-        self.release();
+        self.release_buffer();
         let flush = Flush {
             tp: self.ctx.tp.clone(),
             start: Offset(start),

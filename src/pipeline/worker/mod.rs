@@ -289,7 +289,17 @@ impl Worker {
         &self.ctx.runtime.config.name
     }
 
+    /// Drops what the worker holds for the partition: its buffer and its dead-letter writer
+    /// (when another member may own the partition next, or the worker stops).
     fn release(&mut self) {
+        self.release_buffer();
+        self.dead_writer = None;
+    }
+
+    /// Drops the buffer (it was handed to a flush, or is read again) and keeps the dead-letter
+    /// writer: its session (fenced producer, highest dead-lettered offset) serves the next
+    /// flushes, and an opening still under way goes on.
+    fn release_buffer(&mut self) {
         if self.buffered_bytes > 0 {
             self.ctx.budget.release(self.buffered_bytes);
         }
@@ -301,7 +311,6 @@ impl Worker {
         self.truncate = false;
         self.dead_pending.clear();
         self.dead_pending_bytes = 0;
-        self.dead_writer = None;
     }
 
     fn fatal(&mut self, class: &'static str, message: String) {
