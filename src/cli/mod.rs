@@ -177,6 +177,10 @@ enum Command {
         /// With --contention: every member on the epoch grid instead of a phase of its own.
         #[arg(long)]
         aligned: bool,
+        /// With --contention: how appends write their log entry, `direct` and/or `deltalake`
+        /// (its commit loop), comma-separated: each in turn.
+        #[arg(long, default_value = "direct")]
+        commit: String,
     },
     /// The benchmark's feed process (internal): hosts the cluster, produces, times a plain
     /// consumer, serves until stdin closes.
@@ -418,8 +422,20 @@ pub(crate) async fn run() -> ExitCode {
             max_latency,
             ticks,
             aligned,
+            commit,
             ..
         } => {
+            let mut direct = Vec::new();
+            for style in commit.split(',') {
+                match style.trim() {
+                    "direct" => direct.push(true),
+                    "deltalake" => direct.push(false),
+                    other => {
+                        eprintln!("error: --commit: `{other}` is not `direct` or `deltalake`");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             let mut latencies = Vec::new();
             for text in max_latency.split(',') {
                 match sinks::units::parse_duration(text.trim()) {
@@ -445,6 +461,7 @@ pub(crate) async fn run() -> ExitCode {
                 &latencies,
                 ticks,
                 aligned,
+                &direct,
             )
             .await
         }

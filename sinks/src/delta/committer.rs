@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{Action, MetadataExt, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::DeltaTable;
@@ -251,14 +251,18 @@ impl DeltaSink {
                 // deltalake would list the whole `_delta_log` after every commit; Delta's own
                 // rule is to clean up when a checkpoint is written (`after_commit` below).
                 .with_cleanup_expired_logs(Some(false));
-            let result = CommitBuilder::from(properties)
-                .with_actions(all)
-                .build(Some(snapshot), table.log_store(), operation())
+            let result = self
+                .commit_append(
+                    slot,
+                    all,
+                    properties,
+                    std::slice::from_ref(&app_id),
+                    operation(),
+                )
                 .await;
             match result {
-                Ok(done) => {
-                    debug!(table = %self.location, %tp, version = done.version(), "committed");
-                    self.after_commit(slot, done).await;
+                Ok(version) => {
+                    debug!(table = %self.location, %tp, version, "committed");
                     return Ok(CommitOutcome::Committed { next: staged.next });
                 }
                 Err(e) if is_conflict(&e) && attempt < self.config.commit_attempts => {

@@ -47,6 +47,9 @@ pub struct DeltaSinkConfig {
     pub auto_compact: Option<AutoCompact>,
     /// How upserts replace rows (`[sink.delta] upsert`).
     pub upsert_strategy: UpsertStrategy,
+    /// Appends write their log entry themselves (see `entry`); `false` leaves it to deltalake's
+    /// commit loop, for comparison (`lakesink bench --contention --commit deltalake`).
+    pub direct_entries: bool,
 }
 
 /// How an upsert replaces the rows it changes (`[sink.delta] upsert`).
@@ -99,6 +102,7 @@ impl Default for DeltaSinkConfig {
             shared_files: true,
             auto_compact: None,
             upsert_strategy: UpsertStrategy::CopyOnWrite,
+            direct_entries: true,
         }
     }
 }

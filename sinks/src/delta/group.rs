@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{Action, MetadataExt, Transaction};
 use deltalake::DeltaTable;
 use tracing::{debug, info, warn};
@@ -107,15 +107,14 @@ impl DeltaSink {
                     p.staged.next.0 - 1,
                 ));
             }
-            let result = CommitBuilder::from(properties)
-                .with_actions(all)
-                .build(Some(snapshot), table.log_store(), self.append_operation())
+            let app_ids: Vec<String> = carried.iter().map(|p| self.app_id(&p.staged.tp)).collect();
+            let result = self
+                .commit_append(slot, all, properties, &app_ids, self.append_operation())
                 .await;
             match result {
-                Ok(done) => {
-                    debug!(table = %self.location, version = done.version(),
-                        flushes = carried.len(), "committed a group");
-                    self.after_commit(slot, done).await;
+                Ok(version) => {
+                    debug!(table = %self.location, version, flushes = carried.len(),
+                        "committed a group");
                     let mut written = written;
                     for p in carried {
                         let next = p.staged.next;

@@ -47,6 +47,7 @@ mod committer;
 mod compact;
 mod config;
 mod dv;
+mod entry;
 mod group;
 mod inspect;
 mod keys;

@@ -40,6 +40,8 @@ pub(super) struct Sim {
     pub(super) ticks: u32,
     /// Every member on the epoch grid instead of a phase of its own.
     pub(super) aligned: bool,
+    /// Appends write their log entry themselves (`DeltaSinkConfig::direct_entries`).
+    pub(super) direct: bool,
     /// Rows per partition per flush.
     pub(super) rows: i64,
     pub(super) seed: u64,
@@ -138,7 +140,10 @@ pub(super) async fn simulate(sim: &Sim) -> anyhow::Result<SimReport> {
         DeltaSink::new(
             &table,
             Vec::<(String, String)>::new(),
-            DeltaSinkConfig::default(),
+            DeltaSinkConfig {
+                direct_entries: sim.direct,
+                ..DeltaSinkConfig::default()
+            },
         )
     };
     // The table exists before the members start, as in a steady state.
@@ -251,6 +256,7 @@ pub async fn contention(
     latencies: &[Duration],
     ticks: u32,
     aligned: bool,
+    direct: &[bool],
 ) -> anyhow::Result<()> {
     println!(
         "bench: commit contention, {partitions} partitions on one Delta table, S3 latencies, \
@@ -262,26 +268,31 @@ pub async fn contention(
         }
     );
     println!(
-        "| max_latency | members | entries/s wanted | entries/s | lost races per entry | \
+        "| commit | max_latency | members | entries/s wanted | entries/s | lost races per entry | \
          requests per entry (LIST / GET / PUT) | commit p50 / p99 | worst freshness | \
          missed ticks | failed | CPU |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &latency in latencies {
-        for &m in members {
+        for (&m, &direct) in members
+            .iter()
+            .flat_map(|m| direct.iter().map(move |d| (m, d)))
+        {
             let sim = Sim {
                 members: m,
                 partitions,
                 max_latency: latency,
                 ticks,
                 aligned,
+                direct,
                 rows: 10,
                 seed: 42,
             };
             let r = simulate(&sim).await?;
             println!(
-                "| {}s | {m} | {:.1} | {:.1} | {:.2} | {:.0} / {:.0} / {:.0} | {:.2} s / {:.2} s | \
+                "| {} | {}s | {m} | {:.1} | {:.1} | {:.2} | {:.0} / {:.0} / {:.0} | {:.2} s / {:.2} s | \
                  {:.1} s | {} | {} | {:.0} % |",
+                if direct { "direct" } else { "deltalake" },
                 latency.as_secs_f64(),
                 f64::from(m) / latency.as_secs_f64(),
                 r.store.log_entries as f64 / r.span_s,
@@ -316,6 +327,7 @@ mod tests {
             max_latency: Duration::from_secs(4),
             ticks: 3,
             aligned,
+            direct: true,
             rows: 2,
             seed: 7,
         };
