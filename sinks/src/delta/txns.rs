@@ -103,7 +103,6 @@ impl DeltaSink {
         for entry in entries {
             let Ok(Some(bytes)) = entry else {
                 // A gap in what we can read: start afresh.
-                learnt.clear();
                 let mut cache = self.txns.lock().expect("poisoned");
                 *cache = TxnCache {
                     version: Some(version),
