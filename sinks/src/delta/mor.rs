@@ -237,7 +237,37 @@ pub(super) async fn upsert(
     }
     actions.extend(adds.into_iter().map(Action::Add));
     let operation = operation(config, &keys, index.values().any(|d| *d));
-    let table = commit_upsert(sink, table, (&current, &merged), actions, txns, operation).await?;
+    // What the marks depend on: the marked files stay as read, and no row with a changed key
+    // arrives in a file written since.
+    let removes = marked
+        .keys()
+        .map(|&n| files[n].path().into_owned())
+        .collect();
+    let holds = |new: Vec<LogicalFileView>| -> BoxFuture<'_, Result<bool, DeltaTableError>> {
+        let (store, keys, index) = (&store, &keys, &index);
+        async move {
+            for f in &new {
+                if matching_rows(store, f, keys, index)
+                    .await?
+                    .is_some_and(|rows| !rows.is_empty())
+                {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+        .boxed()
+    };
+    let table = commit_upsert(
+        sink,
+        table,
+        (&current, &merged),
+        actions,
+        txns,
+        operation,
+        Some((removes, &holds)),
+    )
+    .await?;
     metrics.execution_time_ms = started.elapsed().as_millis() as u64;
     Ok(Outcome::Done(table, metrics))
 }

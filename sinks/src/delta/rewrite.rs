@@ -48,6 +48,7 @@ use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, LogicalFileView, MetadataExt, Transaction};
 use deltalake::operations::merge::MergeMetrics;
 use deltalake::protocol::{DeltaOperation, MergePredicate};
+use deltalake::table::config::TablePropertiesExt as _;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
 use deltalake::{DeltaTable, DeltaTableError};
 use futures::future::BoxFuture;
@@ -248,7 +249,16 @@ pub(super) async fn upsert(
         true => DeltaOperation::Delete { predicate: None },
         false => operation(config, &keys, index.values().any(|d| *d)),
     };
-    let table = commit_upsert(sink, table, (&current, &merged), actions, txns, operation).await?;
+    let table = commit_upsert(
+        sink,
+        table,
+        (&current, &merged),
+        actions,
+        txns,
+        operation,
+        None,
+    )
+    .await?;
     metrics.execution_time_ms = started.elapsed().as_millis() as u64;
     Ok(Outcome::Done(table, metrics))
 }
@@ -257,10 +267,13 @@ pub(super) async fn upsert(
 /// schema grew (`schemas`: the table's, and the one the changes need), with the `txns`
 /// (appId, version); returns the table after the commit.
 ///
-/// Only on that state: when anything was committed since, this fails (a conflict) and the
-/// caller applies the changes again to the new state. deltalake's conflict checker would let
-/// the commit through after a compaction that removed one of the files it removes
-/// (`dataChange = false` removes are not checked), keeping that file's rows twice.
+/// With `reads` (merge on read), the entry goes after what was committed since as long as
+/// none of it conflicts by `entry`'s rules (a winner removing a file this commit marks, adding
+/// rows with a changed key, changing metadata or protocol, or committing one of its
+/// partitions). Without, only on that state: when anything was committed since, this fails (a
+/// conflict) and the caller applies the changes again to the new state. deltalake's conflict
+/// checker would let the commit through after a compaction that removed one of the files it
+/// removes (`dataChange = false` removes are not checked), keeping that file's rows twice.
 pub(super) async fn commit_upsert(
     sink: &DeltaSink,
     table: &DeltaTable,
@@ -268,6 +281,10 @@ pub(super) async fn commit_upsert(
     actions: Vec<Action>,
     txns: &[(String, i64)],
     operation: DeltaOperation,
+    reads: Option<(
+        std::collections::HashSet<String>,
+        super::entry::HoldsChanges<'_>,
+    )>,
 ) -> Result<DeltaTable, DeltaTableError> {
     let (current, merged) = schemas;
     let state = table.snapshot()?;
@@ -286,6 +303,23 @@ pub(super) async fn commit_upsert(
         .with_cleanup_expired_logs(Some(false));
     for (app_id, version) in txns {
         properties = properties.with_application_transaction(Transaction::new(app_id, *version));
+    }
+    if let Some((removes, holds)) = reads.filter(|_| sink.direct(table)) {
+        let interval = state.table_config().checkpoint_interval().get();
+        let reads = super::entry::Reads {
+            app_ids: txns.iter().map(|(id, _)| id.clone()).collect(),
+            removes,
+            holds: Some(holds),
+        };
+        let mut table = table.clone();
+        let version = sink
+            .place(&mut table, all, properties, operation, &reads)
+            .await?;
+        table.update_incremental(Some(version)).await?;
+        if (version + 1).is_multiple_of(interval) {
+            sink.checkpoint(&table, version).await;
+        }
+        return Ok(table);
     }
     let done = CommitBuilder::from(properties)
         .with_actions(all)
