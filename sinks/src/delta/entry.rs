@@ -22,7 +22,8 @@
 //! - A winner that cannot be read or parsed counts as a conflict; so does running out of hops.
 //!   The caller then refreshes and fences again (or merges again), as after any lost race.
 //! - Only log stores with conditional puts (deltalake's `DefaultLogStore`: S3, Azure, GCS,
-//!   local) go this way; others take deltalake's commit loop, and so do copy-on-write upserts.
+//!   local) go this way; others take deltalake's commit loop. A truncate commits only on the
+//!   state it read (it depends on every file).
 //! - A checkpoint is written when the entry's version is the last of a checkpoint interval, as
 //!   deltalake does after a commit.
 

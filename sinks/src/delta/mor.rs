@@ -12,8 +12,9 @@
 //!             in one new deletion-vector file
 //!  write   ─► the changes that are not deletes, as new data files by partition
 //!  commit  ─► [metaData if the schema grew] + per marked file remove(old DV) + add(same path,
-//!             new DV) + add(new files) + txn per flush, as one MERGE; deltalake's conflict
-//!             checker rejects it when a concurrent commit removed a file it marks
+//!             new DV) + add(new files) + txn per flush, as one MERGE entry written directly
+//!             (`entry`): it goes after entries written meanwhile unless one removed a file it
+//!             marks or added a file holding a changed key
 //! ```
 //!
 //! Invariants:

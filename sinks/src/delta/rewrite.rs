@@ -19,8 +19,9 @@
 //!             then the partition's changes that are not deletes; the partition's files are
 //!             closed before the next partition's open, and roll at a target size
 //!  commit  ─► [metaData if the schema grew] + remove(rewritten) + add(new) + txn per flush, as
-//!             a MERGE whose read predicate is the changes' key range (deltalake's checker then
-//!             conflicts with a concurrent writer that touched the same files or key range)
+//!             a MERGE entry written directly (`entry`): it goes after entries written meanwhile
+//!             unless one removed a rewritten file or added a file holding a changed key (a
+//!             truncate goes only on the state it read)
 //! ```
 //!
 //! Invariants:
@@ -249,6 +250,24 @@ pub(super) async fn upsert(
         true => DeltaOperation::Delete { predicate: None },
         false => operation(config, &keys, index.values().any(|d| *d)),
     };
+    // What the rewrite depends on (see `entry`): the rewritten files stay as read, and no row
+    // with a changed key arrives in a file written since. A truncate depends on every file.
+    let removes = dirty
+        .iter()
+        .map(|&n| files[n].path().into_owned())
+        .collect();
+    let holds = |new: Vec<LogicalFileView>| -> BoxFuture<'_, Result<bool, DeltaTableError>> {
+        let (store, keys, index) = (&store, &keys, &index);
+        async move {
+            for (n, f) in new.iter().enumerate() {
+                if matches!(probe(store, f, n, keys, index).await?, Probe::Dirty(_)) {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+        .boxed()
+    };
     let table = commit_upsert(
         sink,
         table,
@@ -256,7 +275,7 @@ pub(super) async fn upsert(
         actions,
         txns,
         operation,
-        None,
+        (!truncate).then_some((removes, &holds)),
     )
     .await?;
     metrics.execution_time_ms = started.elapsed().as_millis() as u64;
