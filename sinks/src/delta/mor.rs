@@ -39,7 +39,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use roaring::RoaringTreemap;
 
-use super::probe::matching_rows;
+use super::probe::{any_holds, matching_rows};
 use super::rewrite::{change_index, commit_upsert, conform, operation, Keys, Outcome};
 use super::{schema, DeltaSink};
 use crate::upsert::UpsertConfig;
@@ -246,18 +246,7 @@ pub(super) async fn upsert(
         .collect();
     let holds = |new: Vec<LogicalFileView>| -> BoxFuture<'_, Result<bool, DeltaTableError>> {
         let (store, keys, index) = (&store, &keys, &index);
-        async move {
-            for f in &new {
-                if matching_rows(store, f, keys, index)
-                    .await?
-                    .is_some_and(|rows| !rows.is_empty())
-                {
-                    return Ok(true);
-                }
-            }
-            Ok(false)
-        }
-        .boxed()
+        async move { any_holds(store, &new, keys, index).await }.boxed()
     };
     let table = commit_upsert(
         sink,

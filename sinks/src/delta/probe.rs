@@ -88,6 +88,21 @@ pub(super) async fn probe(
     Ok(Probe::Clean)
 }
 
+/// Whether any of `files` holds one of the changes' keys (a winner's new files, for `entry`).
+pub(super) async fn any_holds(
+    store: &Arc<dyn ObjectStore>,
+    files: &[LogicalFileView],
+    keys: &Keys,
+    index: &HashMap<Row<'_>, bool>,
+) -> Result<bool, DeltaTableError> {
+    for (n, f) in files.iter().enumerate() {
+        if matches!(probe(store, f, n, keys, index).await?, Probe::Dirty(_)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The rows of `batch` (their indexes in it) whose key is among the changes, each with whether
 /// its change deletes it. With one integer key column, the rows are first tested against the
 /// changes' set of integers, and only the candidates are converted to rows.

@@ -258,15 +258,7 @@ pub(super) async fn upsert(
         .collect();
     let holds = |new: Vec<LogicalFileView>| -> BoxFuture<'_, Result<bool, DeltaTableError>> {
         let (store, keys, index) = (&store, &keys, &index);
-        async move {
-            for (n, f) in new.iter().enumerate() {
-                if matches!(probe(store, f, n, keys, index).await?, Probe::Dirty(_)) {
-                    return Ok(true);
-                }
-            }
-            Ok(false)
-        }
-        .boxed()
+        async move { any_holds(store, &new, keys, index).await }.boxed()
     };
     let table = commit_upsert(
         sink,
