@@ -6,11 +6,12 @@
 //!
 //! Reported per member count, side by side from one run: wall time from the first member's start
 //! to the last one's exit, records/s in all and per member, the members' CPU seconds, commits
-//! (Delta log entries), commit conflicts retried, and fenced writers, read from the members' logs.
+//! (Delta log entries, or Parquet commit markers), commit conflicts retried, and fenced writers,
+//! read from the members' logs.
 //!
 //! Invariant: every run reads the same records and must commit every one of them exactly once
-//! (appends: as many rows as records; upserts: one row per order, each its last change), or the
-//! bench fails.
+//! (appends: as many rows as records, read from the Delta log or the published Parquet files'
+//! footers; upserts: one row per order, each its last change), or the bench fails.
 
 use std::path::{Path, PathBuf};
 
@@ -89,8 +90,8 @@ pub(super) async fn scale_out(
         "--members measures catching up on a backlog; leave --rate out"
     );
     anyhow::ensure!(
-        opts.kind == "delta",
-        "--members measures --kind delta (its rows are counted from the Delta log)"
+        opts.kind == "delta" || opts.kind == "parquet",
+        "--members measures --kind delta or parquet (their rows are read back from the tables)"
     );
     let exe = std::env::current_exe()?;
     let mut results = Vec::new();
@@ -176,7 +177,10 @@ pub(super) async fn scale_out(
             _ => {
                 let mut rows = 0;
                 for t in &tables {
-                    rows += count_rows(t).await?;
+                    rows += match opts.kind.as_str() {
+                        "parquet" => parquet_rows(t)?,
+                        _ => count_rows(t).await?,
+                    };
                 }
                 anyhow::ensure!(
                     rows == records as i64,
@@ -188,7 +192,13 @@ pub(super) async fn scale_out(
             members,
             wall,
             cpu: cpu.iter().sum(),
-            log_entries: tables.iter().map(|t| delta_log_entries(t)).sum(),
+            log_entries: tables
+                .iter()
+                .map(|t| match opts.kind.as_str() {
+                    "parquet" => files_under(&t.join("_lakesink").join("commits")),
+                    _ => delta_log_entries(t),
+                })
+                .sum(),
             conflicts: logs.matches("commit conflict").count()
                 + logs.matches("merge conflict").count(),
             fenced: logs.matches("fenced").count(),
@@ -211,8 +221,8 @@ pub(super) async fn scale_out(
     for r in &results {
         let rate = records as f64 / r.wall;
         println!(
-            "  {} member(s): {:.1} s, {:.0} records/s ({:.0} per member{}), {:.1} CPU s, {} log \
-             entries, {} commit conflicts retried, {} fenced",
+            "  {} member(s): {:.1} s, {:.0} records/s ({:.0} per member{}), {:.1} CPU s, {} {}, \
+             {} commit conflicts retried, {} fenced",
             r.members,
             r.wall,
             rate,
@@ -220,11 +230,50 @@ pub(super) async fn scale_out(
             one.map_or(String::new(), |o| format!(", {:.2}x the first", rate / o)),
             r.cpu,
             r.log_entries,
+            match opts.kind.as_str() {
+                "parquet" => "commit markers",
+                _ => "log entries",
+            },
             r.conflicts,
             r.fenced,
         );
     }
     Ok(())
+}
+
+/// Rows of the Parquet table at `table`: its published files (what a directory lister reads;
+/// nothing uncommitted is outside `_lakesink/`), counted from their footers.
+fn parquet_rows(table: &Path) -> anyhow::Result<i64> {
+    let mut rows = 0;
+    for e in std::fs::read_dir(table)? {
+        let e = e?;
+        let path = e.path();
+        if path.is_dir() {
+            if e.file_name() != "_lakesink" {
+                rows += parquet_rows(&path)?;
+            }
+        } else if e.file_name().to_string_lossy().ends_with(".parquet") {
+            let reader =
+                parquet::file::reader::SerializedFileReader::new(std::fs::File::open(&path)?)
+                    .with_context(|| format!("reading {}", path.display()))?;
+            use parquet::file::reader::FileReader as _;
+            rows += reader.metadata().file_metadata().num_rows();
+        }
+    }
+    Ok(rows)
+}
+
+/// Files in `dir` and below.
+fn files_under(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| match e.path().is_dir() {
+                true => files_under(&e.path()),
+                false => 1,
+            })
+            .sum()
+    })
 }
 
 /// Rows of the Delta table at `table`.
@@ -237,4 +286,41 @@ async fn count_rows(table: &Path) -> anyhow::Result<i64> {
         .downcast_ref::<arrow::array::Int64Array>()
         .context("an Int64 column")?
         .value(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Parquet table's rows are its published files' (hive directories included); what lies
+    /// under `_lakesink/` (staged files, markers) is not published and is not counted.
+    #[test]
+    fn parquet_rows_are_the_published_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |path: &Path, rows: i64| {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+                arrow::datatypes::Field::new("id", arrow::datatypes::DataType::Int64, false),
+            ]));
+            let batch = arrow::array::RecordBatch::try_new(
+                schema.clone(),
+                vec![std::sync::Arc::new(
+                    arrow::array::Int64Array::from_iter_values(0..rows),
+                )],
+            )
+            .unwrap();
+            let file = std::fs::File::create(path).unwrap();
+            let mut w = parquet::arrow::ArrowWriter::try_new(file, schema, None).unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+        };
+        let t = dir.path();
+        write(&t.join("day=2026-12-07/orders+0+0.parquet"), 7);
+        write(&t.join("day=2026-12-08/orders+1+0.parquet"), 5);
+        write(&t.join("_lakesink/staging/orders/0/9-12-x-0.parquet"), 100);
+        std::fs::create_dir_all(t.join("_lakesink/commits/orders/0")).unwrap();
+        std::fs::write(t.join("_lakesink/commits/orders/0/0.json"), "{}").unwrap();
+        assert_eq!(parquet_rows(t).unwrap(), 12);
+        assert_eq!(files_under(&t.join("_lakesink").join("commits")), 1);
+    }
 }
