@@ -150,6 +150,9 @@ impl DeltaSink {
             }
             group
         };
+        if group.len() > 1 && slot.is_none() {
+            self.create_for_group(&mut slot, &group).await;
+        }
         if group.len() > 1 && slot.is_some() {
             if self.config.upsert.is_some() {
                 upsert::commit_group(self, &mut slot, group).await;
@@ -164,6 +167,37 @@ impl DeltaSink {
         match answer.try_recv() {
             Ok(GroupReply::Done(outcome, written)) => Ok((outcome, written)),
             _ => self.commit_alone(&mut slot, staged).await,
+        }
+    }
+
+    /// Loads the table before a group commits, creating it when it does not exist yet, with
+    /// the columns all of `group` need: the first tick of a new table is then one entry like
+    /// every other (without, each member would commit alone, the first one creating the table).
+    /// Failing leaves the table unloaded: the members then commit alone and each reports the
+    /// error on its own.
+    async fn create_for_group(&self, slot: &mut Option<DeltaTable>, group: &[Pending]) {
+        match self.refresh(slot).await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => {
+                debug!(table = %self.location, "cannot load the table for a group: {e}");
+                return;
+            }
+        }
+        let mut schemas = group.iter().filter_map(|p| p.staged.data.schema.as_ref());
+        let Some(first) = schemas.next() else {
+            return;
+        };
+        let mut wanted = first.clone();
+        for s in schemas {
+            match schema::merge(&wanted, s) {
+                Ok(merged) => wanted = merged,
+                Err(_) => return,
+            }
+        }
+        if let Err(e) = self.create(slot, &wanted).await {
+            debug!(table = %self.location, "cannot create the table for a group: {e}");
+            *slot = None;
         }
     }
 

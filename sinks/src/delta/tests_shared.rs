@@ -87,7 +87,7 @@ async fn commit_staggered(
 async fn flushes_of_one_tick_share_one_file_per_table_partition() {
     let dir = tempfile::tempdir().unwrap();
     let s = Arc::new(sink(dir.path(), by_region()));
-    // The table exists (a group needs one to commit to), partition 0 is at 10.
+    // Partition 0 is at 10.
     let (first, _) = commit_staggered(
         &s,
         vec![ticked(0, 0, 10, regional(0..10), None)],
@@ -188,4 +188,95 @@ async fn a_tick_flush_alone_or_with_shared_files_off_writes_its_own_files() {
     .await;
     assert_eq!(out.iter().map(|(_, f)| f).sum::<usize>(), 4);
     assert_eq!(count(dir.path()).await, 40);
+}
+
+#[tokio::test]
+async fn the_first_tick_of_a_new_table_is_one_entry() {
+    // No table yet: the tick's group creates it, with the columns every member needs, and
+    // commits all of them in the entry after the creation, into one file per region.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(sink(dir.path(), by_region()));
+    let tick = Tick {
+        at_ms: 0,
+        gather_until: Instant::now() + Duration::from_millis(400),
+    };
+    let mut flushes: Vec<Flush> = (0..4)
+        .map(|p| {
+            let base = i64::from(p) * 100;
+            ticked(p, 0, 10, regional(base..base + 10), Some(tick))
+        })
+        .collect();
+    // One member carries a column the others lack.
+    let wide = Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("region", DataType::Utf8, true),
+        Field::new("note", DataType::Utf8, true),
+    ]);
+    flushes[2].batches = vec![RecordBatch::try_new(
+        Arc::new(wide),
+        vec![
+            Arc::new(Int64Array::from_iter_values(200..210)),
+            Arc::new(StringArray::from_iter_values((200..210).map(|i| {
+                if i % 2 == 0 {
+                    "eu"
+                } else {
+                    "us"
+                }
+            }))),
+            Arc::new(StringArray::from_iter_values(
+                (200..210).map(|i| format!("n{i}")),
+            )),
+        ],
+    )
+    .unwrap()];
+    let outcomes = commit_staggered(&s, flushes, Duration::from_millis(30)).await;
+    for (outcome, _) in &outcomes {
+        assert_eq!(*outcome, CommitOutcome::Committed { next: Offset(10) });
+    }
+    assert_eq!(
+        table_version(dir.path()).await,
+        1,
+        "the creation, then one entry"
+    );
+    assert_eq!(adds_in(dir.path(), 1), 2, "one file per region");
+    assert_eq!(count(dir.path()).await, 40);
+    assert_eq!(scalar(dir.path(), "SELECT count(note) FROM t").await, 10);
+    for p in 0..4 {
+        assert_eq!(position(dir.path(), p).await, Some(Offset(10)));
+    }
+}
+
+#[tokio::test]
+async fn the_first_tick_of_a_new_upsert_table_is_one_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = DeltaSinkConfig {
+        upsert: Some(crate::upsert::UpsertConfig {
+            keys: vec!["id".into()],
+            keys_from: None,
+            delete_column: None,
+            unchanged_column: None,
+        }),
+        ..by_region()
+    };
+    let s = Arc::new(sink(dir.path(), config));
+    let tick = Tick {
+        at_ms: 0,
+        gather_until: Instant::now() + Duration::from_millis(300),
+    };
+    let flushes = (0..3)
+        .map(|p| {
+            let base = i64::from(p) * 100;
+            ticked(p, 0, 10, regional(base..base + 10), Some(tick))
+        })
+        .collect();
+    let outcomes = commit_staggered(&s, flushes, Duration::from_millis(20)).await;
+    for (outcome, _) in &outcomes {
+        assert_eq!(*outcome, CommitOutcome::Committed { next: Offset(10) });
+    }
+    assert_eq!(
+        table_version(dir.path()).await,
+        1,
+        "the creation, then one merge"
+    );
+    assert_eq!(count(dir.path()).await, 30);
 }
