@@ -39,8 +39,8 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use roaring::RoaringTreemap;
 
-use super::probe::{any_holds, matching_rows};
-use super::rewrite::{change_index, commit_upsert, conform, operation, Keys, Outcome};
+use super::probe::matching_rows;
+use super::rewrite::{change_index, commit_upsert, conform, operation, Depends, Keys, Outcome};
 use super::{schema, DeltaSink};
 use crate::upsert::UpsertConfig;
 use crate::TopicPartition;
@@ -240,13 +240,14 @@ pub(super) async fn upsert(
     let operation = operation(config, &keys, index.values().any(|d| *d));
     // What the marks depend on: the marked files stay as read, and no row with a changed key
     // arrives in a file written since.
-    let removes = marked
-        .keys()
-        .map(|&n| files[n].path().into_owned())
-        .collect();
-    let holds = |new: Vec<LogicalFileView>| -> BoxFuture<'_, Result<bool, DeltaTableError>> {
-        let (store, keys, index) = (&store, &keys, &index);
-        async move { any_holds(store, &new, keys, index).await }.boxed()
+    let depends = Depends {
+        removes: marked
+            .keys()
+            .map(|&n| files[n].path().into_owned())
+            .collect(),
+        store: &store,
+        keys: &keys,
+        index: &index,
     };
     let table = commit_upsert(
         sink,
@@ -255,7 +256,7 @@ pub(super) async fn upsert(
         actions,
         txns,
         operation,
-        Some((removes, &holds)),
+        Some(depends),
     )
     .await?;
     metrics.execution_time_ms = started.elapsed().as_millis() as u64;

@@ -252,13 +252,14 @@ pub(super) async fn upsert(
     };
     // What the rewrite depends on (see `entry`): the rewritten files stay as read, and no row
     // with a changed key arrives in a file written since. A truncate depends on every file.
-    let removes = dirty
-        .iter()
-        .map(|&n| files[n].path().into_owned())
-        .collect();
-    let holds = |new: Vec<LogicalFileView>| -> BoxFuture<'_, Result<bool, DeltaTableError>> {
-        let (store, keys, index) = (&store, &keys, &index);
-        async move { any_holds(store, &new, keys, index).await }.boxed()
+    let depends = Depends {
+        removes: dirty
+            .iter()
+            .map(|&n| files[n].path().into_owned())
+            .collect(),
+        store: &store,
+        keys: &keys,
+        index: &index,
     };
     let table = commit_upsert(
         sink,
@@ -267,19 +268,29 @@ pub(super) async fn upsert(
         actions,
         txns,
         operation,
-        (!truncate).then_some((removes, &holds)),
+        (!truncate).then_some(depends),
     )
     .await?;
     metrics.execution_time_ms = started.elapsed().as_millis() as u64;
     Ok(Outcome::Done(table, metrics))
 }
 
+/// What an upsert's entry read, so that it can go after entries written meanwhile (see
+/// `entry`): the files it removes (marks or rewrites), and what tells whether a winner's new
+/// files hold one of its changed keys.
+pub(super) struct Depends<'a> {
+    pub(super) removes: std::collections::HashSet<String>,
+    pub(super) store: &'a Arc<dyn ObjectStore>,
+    pub(super) keys: &'a Keys,
+    pub(super) index: &'a HashMap<Row<'a>, bool>,
+}
+
 /// Commits an upsert's `actions` on `table`'s loaded state, after a metaData action when the
 /// schema grew (`schemas`: the table's, and the one the changes need), with the `txns`
 /// (appId, version); returns the table after the commit.
 ///
-/// With `reads` (merge on read), the entry goes after what was committed since as long as
-/// none of it conflicts by `entry`'s rules (a winner removing a file this commit marks, adding
+/// With `depends`, the entry goes after what was committed since as long as none of it
+/// conflicts by `entry`'s rules (a winner removing a file this commit marks or rewrites, adding
 /// rows with a changed key, changing metadata or protocol, or committing one of its
 /// partitions). Without, only on that state: when anything was committed since, this fails (a
 /// conflict) and the caller applies the changes again to the new state. deltalake's conflict
@@ -292,10 +303,7 @@ pub(super) async fn commit_upsert(
     actions: Vec<Action>,
     txns: &[(String, i64)],
     operation: DeltaOperation,
-    reads: Option<(
-        std::collections::HashSet<String>,
-        super::entry::HoldsChanges<'_>,
-    )>,
+    depends: Option<Depends<'_>>,
 ) -> Result<DeltaTable, DeltaTableError> {
     let (current, merged) = schemas;
     let state = table.snapshot()?;
@@ -315,12 +323,16 @@ pub(super) async fn commit_upsert(
     for (app_id, version) in txns {
         properties = properties.with_application_transaction(Transaction::new(app_id, *version));
     }
-    if let Some((removes, holds)) = reads.filter(|_| sink.direct(table)) {
+    if let Some(d) = depends.filter(|_| sink.direct(table)) {
         let interval = state.table_config().checkpoint_interval().get();
+        let (store, keys, index) = (d.store, d.keys, d.index);
+        let holds = |new: Vec<LogicalFileView>| -> BoxFuture<'_, Result<bool, DeltaTableError>> {
+            async move { any_holds(store, &new, keys, index).await }.boxed()
+        };
         let reads = super::entry::Reads {
             app_ids: txns.iter().map(|(id, _)| id.clone()).collect(),
-            removes,
-            holds: Some(holds),
+            removes: d.removes,
+            holds: Some(&holds),
         };
         let mut table = table.clone();
         let version = sink
