@@ -167,8 +167,10 @@ pub(super) fn thread_cpu_table() -> HashMap<u32, (String, u64)> {
 /// With `LAKESINK_BENCH_TIMELINE=path`: every 10 ms from the first record, one line of where the
 /// pipeline is (records in, rows committed, buffered MiB) and of what each kind of thread did
 /// since the last line (CPU ms of tokio, librdkafka, poll and other threads; encode CPU ms; ms
-/// the poll thread waited on full queues and for records). For finding stalls, not for figures:
-/// the sampling costs CPU of its own.
+/// the poll thread waited on full queues and for records), and of memory: the process's RSS, and
+/// what jemalloc (lakesink's own allocations; librdkafka's are glibc's) has allocated and keeps
+/// resident. For finding stalls and what holds memory, not for figures: the sampling costs CPU
+/// of its own.
 pub(super) async fn write_timeline(path: std::path::PathBuf, progress: Arc<Progress>) {
     use std::fmt::Write as _;
     while progress.records_in.load(Ordering::Relaxed) == 0 {
@@ -189,15 +191,16 @@ pub(super) async fn write_timeline(path: std::path::PathBuf, progress: Arc<Progr
             sinks::encode::totals().cpu_ns,
         )
     };
-    let mut out = String::from("ms records_in rows_committed buffered_mib tokio_ms rdkafka_ms poll_ms other_ms encode_ms backpressure_ms poll_idle_ms\n");
+    let mut out = String::from("ms records_in rows_committed buffered_mib tokio_ms rdkafka_ms poll_ms other_ms encode_ms backpressure_ms poll_idle_ms rss_mib jemalloc_allocated_mib jemalloc_resident_mib\n");
     let (mut last_cpu, mut last) = (kinds(&thread_cpu_table()), counters(&progress));
     loop {
         tokio::time::sleep(Duration::from_millis(10)).await;
         let (cpu, now) = (kinds(&thread_cpu_table()), counters(&progress));
         let ms = |a: u64, b: u64| a.saturating_sub(b) as f64 / 1e6;
+        let (allocated, resident) = jemalloc_mib();
         let _ = writeln!(
             out,
-            "{} {} {} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1}",
+            "{} {} {} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {allocated:.1} {resident:.1}",
             started.elapsed().as_millis(),
             progress.records_in.load(Ordering::Relaxed),
             progress.rows_committed.load(Ordering::Relaxed),
@@ -209,10 +212,29 @@ pub(super) async fn write_timeline(path: std::path::PathBuf, progress: Arc<Progr
             ms(now.2, last.2),
             ms(now.0, last.0),
             ms(now.1, last.1),
+            rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64,
         );
         (last_cpu, last) = (cpu, now);
         let _ = std::fs::write(&path, &out);
     }
+}
+
+/// Resident set size of this process in bytes now (VmRSS).
+fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// What jemalloc has allocated and keeps resident now, in MiB (0 when it cannot say).
+fn jemalloc_mib() -> (f64, f64) {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    let _ = epoch::advance();
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    (
+        stats::allocated::read().map_or(0.0, mib),
+        stats::resident::read().map_or(0.0, mib),
+    )
 }
 
 /// User + system CPU seconds of another process.
