@@ -105,8 +105,8 @@ pub(super) async fn scale_out(
                 &format!("file://{}/", tables_dir.display()),
             )
             .replace(
-                "group_id = \"lakesink-bench\"",
-                &format!("group_id = \"lakesink-bench-members-{run}\""),
+                "group_id = \"lakesink-bench-",
+                &format!("group_id = \"lakesink-bench-members-{run}-"),
             );
         let config_path = root.join("lakesink.toml");
         std::fs::write(&config_path, &config)?;

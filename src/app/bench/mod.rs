@@ -176,8 +176,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // A fresh database per run: the ledger and the table start empty.
     let database = format!("lakesink_bench_{stamp}");
     let sink = sink_config(
-        demo_config(&report.bootstrap, &registry_url, &table, "lakesink-bench")
-            .replace("demo.orders", &topic),
+        // A group of its own: bench runs sharing a broker never rebalance each other.
+        demo_config(
+            &report.bootstrap,
+            &registry_url,
+            &table,
+            &format!("lakesink-bench-{stamp}"),
+        )
+        .replace("demo.orders", &topic),
         &opts,
         &database,
     )?;
