@@ -104,17 +104,25 @@ impl BufferBudget {
     }
     /// Whether a writer holding `mine` bytes should flush now: holding at least the average
     /// buffer, and over the limit, or over three quarters of it with room among the flushes in
-    /// flight.
+    /// flight while the buffers hold at least half of what is used.
+    ///
+    /// Below the limit, flushing early relieves memory only when the buffers are what fills it.
+    /// When flushes in flight hold most of it (a tick's rows waiting for their shared files, an
+    /// upsert's changes waiting for their commit), they free it as they end, and flushing the
+    /// small buffers that refilled meanwhile would only commit small files of their own.
     pub fn should_flush(&self, mine: usize) -> bool {
         let used = self.used();
         if mine == 0 || used <= self.limit / 4 * 3 {
             return false;
         }
+        let buffered = self.used.load(Ordering::Relaxed);
         let holders = self.holders.load(Ordering::Relaxed).max(1);
-        if mine.saturating_mul(holders) < self.used.load(Ordering::Relaxed) {
+        if mine.saturating_mul(holders) < buffered {
             return false;
         }
-        used > self.limit || self.flushing.load(Ordering::Relaxed) < self.early_flushes
+        used > self.limit
+            || (self.flushing.load(Ordering::Relaxed) < self.early_flushes
+                && buffered.saturating_mul(2) >= used)
     }
 }
 
@@ -164,6 +172,31 @@ mod tests {
             b.over() && b.should_flush(84),
             "over the limit, flushes start whatever is in flight"
         );
+    }
+
+    #[test]
+    fn buffers_refilling_beside_a_held_tick_wait_until_the_limit() {
+        let b = BufferBudget::new(100);
+        // A tick's 60 bytes wait for their shared files; two buffers refill meanwhile.
+        b.add(60, true);
+        b.start_flush(60);
+        b.staged(60);
+        b.hold(60);
+        b.add(10, true);
+        b.add(10, true);
+        assert!(b.used() > 75 && !b.over());
+        assert!(
+            !b.should_flush(10),
+            "flushing 10 bytes frees nothing the held tick does not free at its commit"
+        );
+        b.add(25, false);
+        assert!(b.over());
+        assert!(
+            b.should_flush(35),
+            "over the limit, the largest buffer flushes"
+        );
+        b.end_flush(60);
+        assert!(!b.should_flush(35), "the tick's commit freed its memory");
     }
 
     #[test]
