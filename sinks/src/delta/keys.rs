@@ -1,9 +1,10 @@
 //! The changes' keys for an upsert (see `rewrite` and `mor`): as rows of one converter (a hash
 //! set of them finds the rows of a file that hold a changed key), and per key column the sorted
 //! distinct values, which rule files and row groups out by their min/max statistics; with one
-//! integer key column, a set of the keys that tests a file's rows before they are converted.
+//! integer key column, a set of the keys that tests a file's rows before they are converted;
+//! and the changes by key ([`ChangeIndex`]), each with whether it deletes.
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Int64Type};
 use arrow::row::{Row, RowConverter, Rows, SortField};
@@ -12,6 +13,7 @@ use deltalake::datafusion::common::ScalarValue;
 use deltalake::kernel::LogicalFileView;
 use deltalake::DeltaTableError;
 
+use crate::upsert::rows::RowIndex;
 use crate::upsert::UpsertConfig;
 
 /// The changes' keys, as rows of one [`RowConverter`].
@@ -202,6 +204,59 @@ impl Keys {
         let min = ScalarValue::try_from_array(&arrays[0], 0).ok()?;
         let max = ScalarValue::try_from_array(&arrays[0], 1).ok()?;
         Some((min, max))
+    }
+}
+
+/// The changes by key: which change a key of the table has, and whether it deletes it.
+pub(super) struct ChangeIndex<'k> {
+    index: RowIndex<'k>,
+    /// Per batch, the rows that delete (`None`: a batch without a delete column).
+    deleted: Vec<Option<BooleanArray>>,
+}
+
+impl<'k> ChangeIndex<'k> {
+    pub(super) fn new(config: &UpsertConfig, batches: &[RecordBatch], keys: &'k Keys) -> Self {
+        let deleted = batches
+            .iter()
+            .map(|b| {
+                config
+                    .delete_column
+                    .as_ref()
+                    .and_then(|c| b.column_by_name(c))
+                    .and_then(|c| c.as_any().downcast_ref::<BooleanArray>())
+                    .map(|d| {
+                        // A null delete flag upserts, as in the MERGE (`_deleted = true` deletes).
+                        BooleanArray::from_iter(d.iter().map(|v| Some(v == Some(true))))
+                    })
+            })
+            .collect();
+        Self {
+            index: RowIndex::last_of_each(&keys.rows),
+            deleted,
+        }
+    }
+
+    /// Whether the change of the key `row` deletes it; `None`: the key is not among the changes.
+    pub(super) fn get(&self, row: Row<'_>) -> Option<bool> {
+        let (b, i) = self.index.get(row)?;
+        Some(self.deleted[b].as_ref().is_some_and(|d| d.value(i)))
+    }
+
+    /// The number of changed keys.
+    pub(super) fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether some change deletes its key.
+    pub(super) fn any_deletes(&self) -> bool {
+        self.index
+            .positions()
+            .any(|(b, i)| self.deleted[b].as_ref().is_some_and(|d| d.value(i)))
+    }
+
+    /// Per batch of the changes, the rows that delete (`None`: the batch has no delete column).
+    pub(super) fn deleted(&self) -> &[Option<BooleanArray>] {
+        &self.deleted
     }
 }
 

@@ -39,8 +39,9 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use roaring::RoaringTreemap;
 
+use super::keys::ChangeIndex;
 use super::probe::matching_rows;
-use super::rewrite::{change_index, commit_upsert, conform, operation, Depends, Keys, Outcome};
+use super::rewrite::{commit_upsert, conform, operation, Depends, Keys, Outcome};
 use super::{schema, DeltaSink};
 use crate::upsert::UpsertConfig;
 use crate::TopicPartition;
@@ -117,7 +118,7 @@ pub(super) async fn upsert(
     let current = state.snapshot().arrow_schema();
     let merged = schema::merge(&current, &batches[0].schema()).map_err(DeltaTableError::Generic)?;
     let keys = Keys::new(config, batches)?;
-    let (index, deleted) = change_index(config, batches, &keys);
+    let index = ChangeIndex::new(config, batches, &keys);
     let mut metrics = MergeMetrics {
         num_source_rows: index.len(),
         ..Default::default()
@@ -187,7 +188,7 @@ pub(super) async fn upsert(
     // Each table partition's new rows in one file, sorted by key: its pages' key ranges are
     // then narrow, and a later flush reads only the pages that may hold its keys (`probe`).
     let mut by_partition: Vec<(super::PartitionValues, Vec<RecordBatch>)> = Vec::new();
-    for (b, (batch, deleted)) in batches.iter().zip(&deleted).enumerate() {
+    for (b, (batch, deleted)) in batches.iter().zip(index.deleted()).enumerate() {
         let groups = super::partition_rows(batch, &partition_columns, &tps[b])
             .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
         for (values, mut rows) in groups {
@@ -237,7 +238,7 @@ pub(super) async fn upsert(
         actions.push(Action::Add(add));
     }
     actions.extend(adds.into_iter().map(Action::Add));
-    let operation = operation(config, &keys, index.values().any(|d| *d));
+    let operation = operation(config, &keys, index.any_deletes());
     // What the marks depend on: the marked files stay as read, and no row with a changed key
     // arrives in a file written since.
     let depends = Depends {

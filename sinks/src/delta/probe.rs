@@ -7,12 +7,10 @@
 //! rule every change out, and the position given for a matched row is its index in the file
 //! (the n-th row streamed is the n-th row of the selected ranges, in file order).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, RecordBatch, UInt32Array};
 use arrow::compute::take_record_batch;
-use arrow::row::Row;
 use deltalake::kernel::LogicalFileView;
 use deltalake::DeltaTableError;
 use futures::StreamExt;
@@ -70,7 +68,7 @@ pub(super) async fn probe(
     file: &LogicalFileView,
     n: usize,
     keys: &Keys,
-    index: &HashMap<Row<'_>, bool>,
+    index: &ChangeIndex<'_>,
 ) -> Result<Probe, DeltaTableError> {
     let Some(mut scan) = key_scan(store, file, keys).await? else {
         return Ok(Probe::Pruned);
@@ -93,7 +91,7 @@ pub(super) async fn any_holds(
     store: &Arc<dyn ObjectStore>,
     files: &[LogicalFileView],
     keys: &Keys,
-    index: &HashMap<Row<'_>, bool>,
+    index: &ChangeIndex<'_>,
 ) -> Result<bool, DeltaTableError> {
     for (n, f) in files.iter().enumerate() {
         if matches!(probe(store, f, n, keys, index).await?, Probe::Dirty(_)) {
@@ -108,7 +106,7 @@ pub(super) async fn any_holds(
 /// changes' set of integers, and only the candidates are converted to rows.
 fn matches(
     keys: &Keys,
-    index: &HashMap<Row<'_>, bool>,
+    index: &ChangeIndex<'_>,
     batch: &RecordBatch,
 ) -> Result<Vec<(usize, bool)>, DeltaTableError> {
     let mut out = Vec::new();
@@ -117,15 +115,15 @@ fn matches(
         Some(candidates) => {
             let picked = take_record_batch(batch, &UInt32Array::from(candidates.clone()))?;
             for (r, i) in keys.rows_of(&picked)?.iter().zip(candidates) {
-                if let Some(deletes) = index.get(&r) {
-                    out.push((i as usize, *deletes));
+                if let Some(deletes) = index.get(r) {
+                    out.push((i as usize, deletes));
                 }
             }
         }
         None => {
             for (i, r) in keys.rows_of(batch)?.iter().enumerate() {
-                if let Some(deletes) = index.get(&r) {
-                    out.push((i, *deletes));
+                if let Some(deletes) = index.get(r) {
+                    out.push((i, deletes));
                 }
             }
         }
@@ -139,7 +137,7 @@ pub(super) async fn matching_rows(
     store: &Arc<dyn ObjectStore>,
     file: &LogicalFileView,
     keys: &Keys,
-    index: &HashMap<Row<'_>, bool>,
+    index: &ChangeIndex<'_>,
 ) -> Result<Option<Vec<(u64, bool)>>, DeltaTableError> {
     let Some(mut scan) = key_scan(store, file, keys).await? else {
         return Ok(None);

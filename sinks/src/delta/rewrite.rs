@@ -35,14 +35,13 @@
 //!   vectors (a file's deleted rows would come back) and with no key among the partition
 //!   columns. Others answer [`Outcome::Unsupported`] and take deltalake's MERGE.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow::array::{Array, BooleanArray, RecordBatch, UInt32Array};
+use arrow::array::{BooleanArray, RecordBatch, UInt32Array};
 use arrow::compute::{filter_record_batch, take_record_batch};
 use arrow::datatypes::SchemaRef;
-use arrow::row::Row;
 use deltalake::datafusion::common::Column;
 use deltalake::datafusion::prelude::{lit, Expr};
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
@@ -61,7 +60,7 @@ use super::{schema, DeltaSink, PartitionValues};
 use crate::upsert::UpsertConfig;
 use crate::TopicPartition;
 
-pub(super) use super::keys::Keys;
+pub(super) use super::keys::{ChangeIndex, Keys};
 use super::probe::*;
 
 /// Files whose footers and key columns are read at the same time.
@@ -130,7 +129,7 @@ pub(super) async fn upsert(
             .collect::<Vec<_>>(),
     ));
     let keys = Keys::new(config, batches)?;
-    let (index, deleted) = change_index(config, batches, &keys);
+    let index = ChangeIndex::new(config, batches, &keys);
 
     let store = table.log_store().object_store(None);
     let mut metrics = MergeMetrics {
@@ -184,7 +183,7 @@ pub(super) async fn upsert(
             .files
             .push(n);
     }
-    for (b, ((batch, deleted), tp)) in batches.iter().zip(&deleted).zip(tps).enumerate() {
+    for (b, ((batch, deleted), tp)) in batches.iter().zip(index.deleted()).zip(tps).enumerate() {
         let groups = super::partition_rows(batch, &partition_columns, tp)
             .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
         for (values, mut rows) in groups {
@@ -248,7 +247,7 @@ pub(super) async fn upsert(
     actions.extend(adds.into_iter().map(Action::Add));
     let operation = match truncate {
         true => DeltaOperation::Delete { predicate: None },
-        false => operation(config, &keys, index.values().any(|d| *d)),
+        false => operation(config, &keys, index.any_deletes()),
     };
     // What the rewrite depends on (see `entry`): the rewritten files stay as read, and no row
     // with a changed key arrives in a file written since. A truncate depends on every file.
@@ -282,7 +281,7 @@ pub(super) struct Depends<'a> {
     pub(super) removes: std::collections::HashSet<String>,
     pub(super) store: &'a Arc<dyn ObjectStore>,
     pub(super) keys: &'a Keys,
-    pub(super) index: &'a HashMap<Row<'a>, bool>,
+    pub(super) index: &'a ChangeIndex<'a>,
 }
 
 /// Commits an upsert's `actions` on `table`'s loaded state, after a metaData action when the
@@ -353,37 +352,6 @@ pub(super) async fn commit_upsert(
     Ok(table)
 }
 
-/// The changes' keys, each with whether the change deletes it, and per batch the rows that
-/// delete (`None`: a batch without a delete column).
-pub(super) fn change_index<'k>(
-    config: &UpsertConfig,
-    batches: &[RecordBatch],
-    keys: &'k Keys,
-) -> (HashMap<Row<'k>, bool>, Vec<Option<BooleanArray>>) {
-    let deleted: Vec<Option<BooleanArray>> = batches
-        .iter()
-        .map(|b| {
-            config
-                .delete_column
-                .as_ref()
-                .and_then(|c| b.column_by_name(c))
-                .and_then(|c| c.as_any().downcast_ref::<BooleanArray>())
-                .map(|d| {
-                    // A null delete flag upserts, as in the MERGE (`_deleted = true` deletes).
-                    BooleanArray::from_iter(d.iter().map(|v| Some(v == Some(true))))
-                })
-        })
-        .collect();
-    let mut index: HashMap<Row<'k>, bool> =
-        HashMap::with_capacity(batches.iter().map(RecordBatch::num_rows).sum());
-    for (rows, deleted) in keys.rows.iter().zip(&deleted) {
-        for (i, row) in rows.iter().enumerate() {
-            index.insert(row, deleted.as_ref().is_some_and(|d| d.value(i)));
-        }
-    }
-    (index, deleted)
-}
-
 /// One partition's share of an upsert: the files it rewrites and the changes it writes.
 struct Part {
     values: PartitionValues,
@@ -410,7 +378,7 @@ async fn rewrite_file(
     file: &LogicalFileView,
     values: &PartitionValues,
     keys: &Keys,
-    index: &HashMap<Row<'_>, bool>,
+    index: &ChangeIndex<'_>,
     schema: &SchemaRef,
     writer: &mut RecordBatchWriter,
     metrics: &mut MergeMetrics,
@@ -424,7 +392,7 @@ async fn rewrite_file(
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(read_error(&path))?;
         let rows = keys.rows_of(&batch)?;
-        let keep = BooleanArray::from_iter(rows.iter().map(|r| match index.get(&r) {
+        let keep = BooleanArray::from_iter(rows.iter().map(|r| match index.get(r) {
             None => Some(true),
             Some(true) => {
                 metrics.num_target_rows_deleted += 1;

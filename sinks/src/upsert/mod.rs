@@ -10,6 +10,7 @@
 //!   latest earlier change of the key in the flush that carried one ([`unchanged`]).
 
 pub mod message_key;
+pub mod rows;
 pub mod unchanged;
 
 use std::collections::HashMap;
@@ -107,13 +108,8 @@ impl Changes {
         // The last change of each key, as (batch, row): the reduction copies the rows it keeps
         // once, straight out of the flush's batches (no concatenation first).
         let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        let mut last: HashMap<arrow::row::Row<'_>, (usize, usize)> = HashMap::with_capacity(total);
-        for (b, rows) in keys.iter().enumerate() {
-            for (i, row) in rows.iter().enumerate() {
-                last.insert(row, (b, i));
-            }
-        }
-        let mut keep: Vec<(usize, usize)> = last.into_values().collect();
+        let mut keep: Vec<(usize, usize)> =
+            rows::RowIndex::last_of_each(&keys).positions().collect();
         keep.sort_unstable();
         // Every change of each kept key, for the values a later change did not carry.
         let history = match unchanged::any(config, &batches) {
