@@ -486,6 +486,32 @@ fn bench_steady_upsert_reports_the_cost_per_change_on_a_built_table() {
     );
 }
 
+#[test]
+fn bench_steady_upsert_compacts_a_randomly_loaded_table_into_one_file() {
+    let out = bench(&[
+        "--steady-upsert",
+        "--table-rows",
+        "20000",
+        "--records",
+        "1000",
+        "--upsert",
+        "deletion-vectors",
+        "--load-order",
+        "random",
+        "--load-flush-rows",
+        "2000",
+        "--compact-first",
+    ]);
+    // Ten load flushes of random keys, merged by key into one file before the changes; the
+    // read-back then finds every key once, each with its last change.
+    assert!(
+        out.contains("a local Delta table of 20000 rows in 1 files (")
+            && out.contains("loaded in random order into 10 files, then compacted)"),
+        "{out}"
+    );
+    assert!(out.contains("read back:  20000 rows, one per key"), "{out}");
+}
+
 /// Latency mode reports freshness and how many files a table partition gets per hour at that
 /// rate (each Kafka partition commits its own file per flush).
 #[test]

@@ -166,6 +166,19 @@ enum Command {
         /// With --steady-upsert: changes per flush (one MERGE commit each).
         #[arg(long, default_value_t = 500)]
         flush_rows: u64,
+        /// With --steady-upsert: the order the table's keys are loaded in, `key` (a snapshot
+        /// read in key order: files of disjoint key ranges) or `random` (a stream of random
+        /// keys: every file spans them all).
+        #[arg(long, default_value = "key")]
+        load_order: String,
+        /// With --steady-upsert: rows per load flush (one file each); default: a quarter of
+        /// the table, at most 1M.
+        #[arg(long)]
+        load_flush_rows: Option<u64>,
+        /// With --steady-upsert: compact the loaded table (as `lakesink maintain` does) before
+        /// the changes.
+        #[arg(long)]
+        compact_first: bool,
         /// Simulate commit contention on one Delta table: --members members (e.g. 10,50,100)
         /// sharing --partitions partitions commit at each --max-latency (e.g. 1s,10s,60s) to a
         /// store with S3's latencies. No broker.
@@ -398,8 +411,24 @@ pub(crate) async fn run() -> ExitCode {
             table_rows,
             flush_rows,
             upsert,
+            load_order,
+            load_flush_rows,
+            compact_first,
             ..
         } => {
+            let random = match load_order.as_str() {
+                "key" => false,
+                "random" => true,
+                other => {
+                    eprintln!("error: --load-order: `{other}` is not `key` or `random`");
+                    return ExitCode::from(2);
+                }
+            };
+            let load = lakesink::app::bench::Load {
+                random,
+                flush_rows: load_flush_rows,
+                compact: compact_first,
+            };
             let mut strategies = Vec::new();
             for name in &upsert {
                 strategies.push(match name.as_str() {
@@ -413,7 +442,8 @@ pub(crate) async fn run() -> ExitCode {
                     }
                 });
             }
-            lakesink::app::bench::steady_upsert(&table_rows, records, flush_rows, &strategies).await
+            lakesink::app::bench::steady_upsert(&table_rows, records, flush_rows, &strategies, load)
+                .await
         }
         Command::Bench {
             contention: true,

@@ -58,6 +58,7 @@ mod purge;
 mod rebase;
 mod rewrite;
 mod schema;
+mod sorted;
 mod table;
 mod txns;
 mod unchanged;

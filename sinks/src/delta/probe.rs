@@ -55,6 +55,19 @@ pub(super) async fn reader(
         .map_err(read_error(&path))
 }
 
+/// `file`'s rows, a batch of [`BATCH_ROWS`] at a time.
+pub(super) async fn batches(
+    store: &Arc<dyn ObjectStore>,
+    file: &LogicalFileView,
+) -> Result<parquet::arrow::async_reader::ParquetRecordBatchStream<FileReader>, DeltaTableError> {
+    let path = file.object_store_path();
+    reader(store, file, false)
+        .await?
+        .with_batch_size(BATCH_ROWS)
+        .build()
+        .map_err(read_error(&path))
+}
+
 /// An error reading data file `path`, named.
 pub(super) fn read_error(
     path: &Path,

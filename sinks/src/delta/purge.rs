@@ -17,16 +17,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::BooleanArray;
-use arrow::compute::filter_record_batch;
 use deltalake::kernel::LogicalFileView;
 use deltalake::writer::{DeltaWriter, WriteMode};
 use deltalake::{DeltaTable, DeltaTableError};
 use futures::StreamExt;
 
-use super::probe::{read_error, reader};
+use super::probe::{batches, read_error};
 use super::rebase::{commit_rewrite, Bin, Source};
-use super::rewrite::{conform, partition_values, BATCH_ROWS};
+use super::rewrite::{conform, partition_values};
+use super::sorted::{live, Merge, MERGE_BYTES};
 use super::DeltaSink;
 
 /// The share of a file's rows its deletion vector must mark for the file to be purged.
@@ -102,51 +101,61 @@ impl DeltaSink {
                     keys,
                     Some(u64::MAX),
                 )?;
+                let values = partition_values(&all[bin[0]], &partition_columns)?;
                 let mut sources = Vec::with_capacity(bin.len());
                 let mut base = 0u64;
-                for n in bin {
-                    let file = &all[n];
-                    let values = partition_values(file, &partition_columns)?;
-                    let deleted = match file.deletion_vector_descriptor() {
-                        Some(dv) => super::dv::read(store.as_ref(), &root, &dv).await?,
-                        None => roaring::RoaringTreemap::new(),
-                    };
-                    let path = file.object_store_path();
-                    let mut stream = reader(&store, file, false)
-                        .await?
-                        .with_batch_size(BATCH_ROWS)
-                        .build()
-                        .map_err(read_error(&path))?;
-                    let (mut at, first) = (0u64, base);
-                    while let Some(batch) = stream.next().await {
-                        let batch = batch.map_err(read_error(&path))?;
-                        let rows = batch.num_rows() as u64;
-                        let kept = if deleted.is_empty() {
-                            batch
-                        } else {
-                            let keep = BooleanArray::from_iter(
-                                (0..rows).map(|i| Some(!deleted.contains(at + i))),
-                            );
-                            filter_record_batch(&batch, &keep)?
+                // Upsert tables' files are sorted by key: merged a few at a time, each bin's
+                // file is a few sorted runs instead of one per file (see `sorted`).
+                for group in merge_groups(&all, bin, !keys.is_empty()) {
+                    let mut read = Vec::with_capacity(group.len());
+                    for &n in &group {
+                        let deleted = match all[n].deletion_vector_descriptor() {
+                            Some(dv) => super::dv::read(store.as_ref(), &root, &dv).await?,
+                            None => roaring::RoaringTreemap::new(),
                         };
-                        at += rows;
-                        base += kept.num_rows() as u64;
-                        if kept.num_rows() > 0 {
-                            writer
-                                .write_partition(
-                                    conform(&kept, &file_schema)?,
-                                    &values,
-                                    WriteMode::Default,
-                                )
-                                .await?;
-                        }
+                        read.push((&all[n], deleted));
                     }
-                    sources.push(Source {
-                        path: file.remove_action(false).path,
-                        dv0: deleted,
-                        base: first,
-                    });
-                    done.removed += 1;
+                    done.removed += group.len();
+                    let merge = match group.len() {
+                        1 => None,
+                        _ => Merge::open(&store, read.clone(), &file_schema, keys, base).await?,
+                    };
+                    let Some(mut merge) = merge else {
+                        for (file, deleted) in read {
+                            let first = base;
+                            base += copy_live(
+                                &store,
+                                file,
+                                &deleted,
+                                &file_schema,
+                                &values,
+                                &mut writer,
+                            )
+                            .await?;
+                            sources.push(Source {
+                                path: file.remove_action(false).path,
+                                dv0: deleted,
+                                base: first,
+                                positions: None,
+                            });
+                        }
+                        continue;
+                    };
+                    while let Some(rows) = merge.next().await? {
+                        writer
+                            .write_partition(rows, &values, WriteMode::Default)
+                            .await?;
+                    }
+                    let (positions, end) = merge.positions();
+                    for ((file, deleted), positions) in read.into_iter().zip(positions) {
+                        sources.push(Source {
+                            path: file.remove_action(false).path,
+                            dv0: deleted,
+                            base,
+                            positions: Some(positions),
+                        });
+                    }
+                    base = end;
                 }
                 let adds = writer.flush().await?;
                 done.written += adds.len();
@@ -156,6 +165,43 @@ impl DeltaSink {
         let table = commit_rewrite(table, state, bins, target).await?;
         Ok((table, done))
     }
+}
+
+/// Copies `file`'s live rows (all but `deleted`), conformed to `schema`, into `writer`, into
+/// the partition `values`; returns how many.
+async fn copy_live(
+    store: &Arc<dyn object_store::ObjectStore>,
+    file: &LogicalFileView,
+    deleted: &roaring::RoaringTreemap,
+    schema: &arrow::datatypes::SchemaRef,
+    values: &super::PartitionValues,
+    writer: &mut deltalake::writer::RecordBatchWriter,
+) -> Result<u64, DeltaTableError> {
+    let path = file.object_store_path();
+    let mut stream = batches(store, file).await?;
+    let (mut at, mut written) = (0u64, 0u64);
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(read_error(&path))?;
+        let rows = batch.num_rows() as u64;
+        let kept = live(batch, deleted, at)?;
+        at += rows;
+        written += kept.num_rows() as u64;
+        if kept.num_rows() > 0 {
+            writer
+                .write_partition(conform(&kept, schema)?, values, WriteMode::Default)
+                .await?;
+        }
+    }
+    Ok(written)
+}
+
+/// A bin's files in the groups merged at once: with `sorted`, consecutive files of up to
+/// [`MERGE_BYTES`] together; otherwise each file alone.
+fn merge_groups(all: &[LogicalFileView], bin: Vec<usize>, sorted: bool) -> Vec<Vec<usize>> {
+    if !sorted {
+        return bin.into_iter().map(|n| vec![n]).collect();
+    }
+    pack(all, bin, MERGE_BYTES)
 }
 
 /// Files `files` (of one partition) in bins of up to `target` bytes together, in order; a file

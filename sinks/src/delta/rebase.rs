@@ -11,7 +11,8 @@
 //!   remove and add of the same path) is carried over: the rows it newly marks are marked in
 //!   the compacted file that holds them, whose rows are the compacted files' live rows in order
 //!   (row `r` of a source whose first live row landed at `base` is row
-//!   `base + r - (rows of the old vector below r)`);
+//!   `base + r - (rows of the old vector below r)`), or merged by key (then the source's
+//!   `k`-th live row is the `k`-th of the positions the merge recorded for it);
 //! - an entry that removed a compacted file any other way (a copy-on-write upsert, another
 //!   compaction) makes it a conflict, and the compaction is dropped (its files stay
 //!   unreferenced until vacuum).
@@ -36,6 +37,10 @@ pub(super) struct Source {
     pub dv0: RoaringTreemap,
     /// The row of the new file where its first live row landed.
     pub base: u64,
+    /// Where its live rows landed when they were merged by key with other sources' (see
+    /// `sorted`): its `k`-th live row is the `k`-th smallest; `None`: one after another from
+    /// `base`.
+    pub positions: Option<RoaringTreemap>,
 }
 
 /// Files compacted into one new file (or, if the writer split them, several: then their
@@ -143,7 +148,18 @@ pub(super) async fn commit_rewrite(
             let now = super::dv::read(store.as_ref(), &root, dv).await?;
             let at = marks.entry(b).or_default();
             for r in &now - &source.dv0 {
-                at.insert(source.base + r - source.dv0.rank(r));
+                let live = r - source.dv0.rank(r);
+                let row = match &source.positions {
+                    None => Some(source.base + live),
+                    Some(p) => p.select(live),
+                };
+                let row = row.ok_or_else(|| {
+                    DeltaTableError::Generic(format!(
+                        "row {r} of {} is not among the rows the compaction merged",
+                        source.path
+                    ))
+                })?;
+                at.insert(row);
             }
         }
         let mut order: Vec<usize> = marks.keys().copied().collect();

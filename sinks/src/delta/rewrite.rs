@@ -384,11 +384,7 @@ async fn rewrite_file(
     metrics: &mut MergeMetrics,
 ) -> Result<(), DeltaTableError> {
     let path = file.object_store_path();
-    let mut stream = reader(store, file, false)
-        .await?
-        .with_batch_size(BATCH_ROWS)
-        .build()
-        .map_err(read_error(&path))?;
+    let mut stream = batches(store, file).await?;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(read_error(&path))?;
         let rows = keys.rows_of(&batch)?;

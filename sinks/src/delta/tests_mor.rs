@@ -294,3 +294,100 @@ async fn a_compaction_is_carried_over_the_rows_an_upsert_marked_meanwhile() {
     assert!(live.iter().any(|(_, marked)| *marked == 3), "{live:?}");
     assert_eq!(position(dir.path(), 0).await, Some(Offset(5)));
 }
+
+/// The `id` column of data file `path` (relative to the table `dir`), in file order.
+fn file_ids(dir: &std::path::Path, path: &str) -> Vec<i64> {
+    let file = std::fs::File::open(dir.join(path)).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut ids = Vec::new();
+    for b in reader {
+        let b = b.unwrap();
+        let c = b.column_by_name("id").unwrap();
+        ids.extend(c.as_any().downcast_ref::<Int64Array>().unwrap().values());
+    }
+    ids
+}
+
+/// Three flushes of interleaved keys (0, 3, 6, ...; 1, 4, 7, ...; 2, 5, 8, ...), each file
+/// sorted on its own.
+async fn interleaved(s: &DeltaSink) {
+    for start in 0..3i64 {
+        let ids = (start..30).step_by(3);
+        commit(s, flush(0, start, start + 1, vec![inserts(ids)])).await;
+    }
+}
+
+#[tokio::test]
+async fn compaction_merges_an_upsert_tables_files_in_key_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sink(dir.path(), dv_config());
+    interleaved(&s).await;
+    // Marks in two of the files (4 updated, 8 deleted) and a fourth file holding `u4`.
+    commit(&s, flush(0, 3, 4, vec![changes(&[4], &[8])])).await;
+    let want = rows(dir.path()).await;
+    assert_eq!(want.len(), 29);
+
+    let mut slot = None;
+    assert!(s.refresh(&mut slot).await.unwrap());
+    let (_, done) = s
+        .rewrite_small_and_marked(&slot.unwrap(), 1 << 30)
+        .await
+        .unwrap();
+    assert_eq!((done.removed, done.written), (4, 1));
+    assert_eq!(
+        rows(dir.path()).await,
+        want,
+        "the same rows after compaction"
+    );
+    let live = files(&s).await;
+    assert_eq!(live.len(), 1, "{live:?}");
+    // One run in key order, not the four files one after another.
+    let ids = file_ids(dir.path(), &live[0].0);
+    let sorted: Vec<i64> = (0..30).filter(|&i| i != 8).collect();
+    assert_eq!(ids, sorted);
+}
+
+#[tokio::test]
+async fn a_merged_compaction_is_carried_over_the_rows_an_upsert_marked_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sink(dir.path(), dv_config());
+    interleaved(&s).await;
+    // The second file (1, 4, 7, ...) has a vector (row 1: key 4) when the compaction reads.
+    commit(&s, flush(0, 3, 4, vec![changes(&[], &[4])])).await;
+    let mut slot = None;
+    assert!(s.refresh(&mut slot).await.unwrap());
+    let read = slot.unwrap();
+
+    // Meanwhile an upsert marks keys of all three files: in the merged run 0, 1, 2, 3, 5, 6,
+    // 7, ... key 7 is row 6, key 13 row 12 and key 20 row 19.
+    commit(&s, flush(0, 4, 5, vec![changes(&[7, 13], &[20])])).await;
+    let want = rows(dir.path()).await;
+    assert_eq!(want.len(), 28);
+
+    let (_, done) = s
+        .rewrite_small_and_marked(&read, 1 << 30)
+        .await
+        .expect("carried over the upsert's deletion vectors");
+    assert_eq!((done.removed, done.written), (3, 1));
+    assert_eq!(
+        rows(dir.path()).await,
+        want,
+        "no row lost, none back from the dead"
+    );
+    let live = files(&s).await;
+    assert_eq!(
+        live.len(),
+        2,
+        "the compacted file and the upsert's: {live:?}"
+    );
+    let (merged, marked) = live
+        .iter()
+        .find(|(_, marked)| *marked > 0)
+        .expect("the compacted file carries the marks");
+    assert_eq!(*marked, 3);
+    let ids = file_ids(dir.path(), merged);
+    assert_eq!(ids, (0..30).filter(|&i| i != 4).collect::<Vec<i64>>());
+}

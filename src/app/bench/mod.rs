@@ -50,7 +50,7 @@ pub use contention::contention;
 pub use feed::*;
 pub use isolate::*;
 pub use measure::*;
-pub use steady::steady_upsert;
+pub use steady::{steady_upsert, Load};
 pub use workload::*;
 
 /// What `lakesink bench` runs.

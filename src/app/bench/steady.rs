@@ -32,6 +32,27 @@ fn load_rows(table_rows: u64) -> u64 {
     table_rows.div_ceil(4).clamp(1, 1 << 20)
 }
 
+/// How the table is built before the changes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Load {
+    /// Keys in random order (every file spans all of them), not in key order.
+    pub random: bool,
+    /// Rows per load flush; `None`: [`load_rows`].
+    pub flush_rows: Option<u64>,
+    /// Compacted (`DeltaSink::maintain`) once loaded.
+    pub compact: bool,
+}
+
+/// The `i`-th key loaded into a table of `n` rows: `i` in key order; in random order, a
+/// permutation of `0..n` (multiplying by a prime that divides no `n` given, modulo `n`).
+fn load_key(i: u64, n: u64, random: bool) -> i64 {
+    const STEP: u64 = 2_654_435_761;
+    match random && !n.is_multiple_of(STEP) {
+        true => ((i as u128 * STEP as u128) % n as u128) as i64,
+        false => i as i64,
+    }
+}
+
 fn batch(ids: &[i64], version: i64) -> anyhow::Result<RecordBatch> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Int64, false),
@@ -152,11 +173,12 @@ pub async fn steady_upsert(
     changes: u64,
     flush_rows: u64,
     strategies: &[UpsertStrategy],
+    load: Load,
 ) -> anyhow::Result<()> {
     let mut all = Vec::new();
     for strategy in strategies {
         for rows in table_rows {
-            all.push(run(*rows, changes, flush_rows, *strategy).await?);
+            all.push(run(*rows, changes, flush_rows, *strategy, load).await?);
         }
     }
     if all.len() > 1 {
@@ -185,6 +207,7 @@ async fn run(
     changes: u64,
     flush_rows: u64,
     strategy: UpsertStrategy,
+    load: Load,
 ) -> anyhow::Result<Figures> {
     // Each case's peaks are its own, not the previous case's.
     super::measure::reset_peak_rss();
@@ -215,13 +238,28 @@ async fn run(
         },
     )?;
     eprintln!("bench: building a Delta table of {table_rows} rows ...");
-    let load = TopicPartition::new("load", 0);
+    let load_tp = TopicPartition::new("load", 0);
     let mut at = 0u64;
     while at < table_rows {
-        let end = (at + load_rows(table_rows)).min(table_rows);
-        let ids: Vec<i64> = (at as i64..end as i64).collect();
-        commit(&loader, &load, at as i64, batch(&ids, 0)?).await?;
+        let end = (at + load.flush_rows.unwrap_or_else(|| load_rows(table_rows))).min(table_rows);
+        let ids: Vec<i64> = (at..end)
+            .map(|i| load_key(i, table_rows, load.random))
+            .collect();
+        commit(&loader, &load_tp, at as i64, batch(&ids, 0)?).await?;
         at = end;
+    }
+    let loaded_files = sinks::delta::live_files(url.as_str()).await?.0;
+    if load.compact {
+        let started = Instant::now();
+        let report = loader
+            .maintain(128 << 20, std::time::Duration::from_secs(3600))
+            .await?;
+        eprintln!(
+            "bench: compacted {} files into {} in {:.1} s",
+            report.files_compacted,
+            report.files_written,
+            started.elapsed().as_secs_f64()
+        );
     }
     let (files, bytes) = sinks::delta::live_files(url.as_str()).await?;
     let loaded_version = log_figures(&table, 0)?.len() as u64;
@@ -334,9 +372,11 @@ async fn run(
     let flushes = rewritten.len().max(1) as f64;
     println!(
         "lakesink bench --steady-upsert ({strategy:?}): a local Delta table of {table_rows} rows \
-         in {files} files ({:.1} MB); {changes} changes of random keys in {} flushes of \
-         {flush_rows}",
+         in {files} files ({:.1} MB; loaded in {} order into {loaded_files} files{}); \
+         {changes} changes of random keys in {} flushes of {flush_rows}",
         bytes as f64 / 1e6,
+        if load.random { "random" } else { "key" },
+        if load.compact { ", then compacted" } else { "" },
         rewritten.len()
     );
     println!(
