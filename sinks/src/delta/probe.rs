@@ -55,15 +55,16 @@ pub(super) async fn reader(
         .map_err(read_error(&path))
 }
 
-/// `file`'s rows, a batch of [`BATCH_ROWS`] at a time.
+/// `file`'s rows, a batch of `rows` at a time.
 pub(super) async fn batches(
     store: &Arc<dyn ObjectStore>,
     file: &LogicalFileView,
+    rows: usize,
 ) -> Result<parquet::arrow::async_reader::ParquetRecordBatchStream<FileReader>, DeltaTableError> {
     let path = file.object_store_path();
     reader(store, file, false)
         .await?
-        .with_batch_size(BATCH_ROWS)
+        .with_batch_size(rows)
         .build()
         .map_err(read_error(&path))
 }

@@ -24,7 +24,7 @@ use futures::StreamExt;
 
 use super::probe::{batches, read_error};
 use super::rebase::{commit_rewrite, Bin, Source};
-use super::rewrite::{conform, partition_values};
+use super::rewrite::{conform, partition_values, BATCH_ROWS};
 use super::sorted::{live, Merge, MERGE_BYTES};
 use super::DeltaSink;
 
@@ -178,7 +178,7 @@ async fn copy_live(
     writer: &mut deltalake::writer::RecordBatchWriter,
 ) -> Result<u64, DeltaTableError> {
     let path = file.object_store_path();
-    let mut stream = batches(store, file).await?;
+    let mut stream = batches(store, file, BATCH_ROWS).await?;
     let (mut at, mut written) = (0u64, 0u64);
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(read_error(&path))?;

@@ -384,7 +384,7 @@ async fn rewrite_file(
     metrics: &mut MergeMetrics,
 ) -> Result<(), DeltaTableError> {
     let path = file.object_store_path();
-    let mut stream = batches(store, file).await?;
+    let mut stream = batches(store, file, BATCH_ROWS).await?;
     while let Some(batch) = stream.next().await {
         let batch = batch.map_err(read_error(&path))?;
         let rows = keys.rows_of(&batch)?;

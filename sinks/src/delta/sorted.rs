@@ -10,8 +10,9 @@
 //! - Where each source's live rows land is recorded ([`Merge::positions`]): the `k`-th live row
 //!   of a source is the `k`-th smallest of its positions, so deletion vectors given to the
 //!   sources meanwhile can be carried to the new file (`rebase`).
-//! - Memory: one decoded batch and one row group's column chunks per source; the caller bounds
-//!   the sources merged at once by their size ([`MERGE_BYTES`]).
+//! - Memory: one row group's column chunks per source, the caller bounding the sources merged
+//!   at once by their size ([`MERGE_BYTES`]); and one decoded batch per source, of a size that
+//!   keeps the rows decoded at once about [`MERGE_ROWS`].
 
 use std::sync::Arc;
 
@@ -32,6 +33,11 @@ use super::rewrite::{conform, BATCH_ROWS};
 /// At most this many bytes of files (their size in the log) are merged at once; a bin larger
 /// than this becomes a few sorted runs, one after another in its file.
 pub(super) const MERGE_BYTES: u64 = 32 << 20;
+
+/// Rows decoded at once across the files merged (each file's batches are this over the files'
+/// number, within 256 and [`BATCH_ROWS`]): many small files merged together do not all sit
+/// decoded in memory.
+const MERGE_ROWS: usize = 65_536;
 
 /// One source of a merge: its live rows, a batch at a time.
 struct Cursor {
@@ -93,9 +99,11 @@ impl Merge {
             positions: vec![RoaringTreemap::new(); files.len()],
             out: first,
         };
+        // Rows decoded at once stay about MERGE_ROWS however many files are merged.
+        let rows = (MERGE_ROWS / files.len().max(1)).clamp(256, BATCH_ROWS);
         for (s, (file, deleted)) in files.into_iter().enumerate() {
             merge.cursors.push(Cursor {
-                stream: batches(store, file).await?,
+                stream: batches(store, file, rows).await?,
                 path: file.object_store_path(),
                 deleted,
                 read: 0,

@@ -311,11 +311,11 @@ fn file_ids(dir: &std::path::Path, path: &str) -> Vec<i64> {
     ids
 }
 
-/// Three flushes of interleaved keys (0, 3, 6, ...; 1, 4, 7, ...; 2, 5, 8, ...), each file
-/// sorted on its own.
-async fn interleaved(s: &DeltaSink) {
+/// Three flushes of interleaved keys below `end` (0, 3, 6, ...; 1, 4, 7, ...; 2, 5, 8, ...),
+/// each file sorted on its own.
+async fn interleaved(s: &DeltaSink, end: i64) {
     for start in 0..3i64 {
-        let ids = (start..30).step_by(3);
+        let ids = (start..end).step_by(3);
         commit(s, flush(0, start, start + 1, vec![inserts(ids)])).await;
     }
 }
@@ -324,7 +324,7 @@ async fn interleaved(s: &DeltaSink) {
 async fn compaction_merges_an_upsert_tables_files_in_key_order() {
     let dir = tempfile::tempdir().unwrap();
     let s = sink(dir.path(), dv_config());
-    interleaved(&s).await;
+    interleaved(&s, 30).await;
     // Marks in two of the files (4 updated, 8 deleted) and a fourth file holding `u4`.
     commit(&s, flush(0, 3, 4, vec![changes(&[4], &[8])])).await;
     let want = rows(dir.path()).await;
@@ -354,7 +354,7 @@ async fn compaction_merges_an_upsert_tables_files_in_key_order() {
 async fn a_merged_compaction_is_carried_over_the_rows_an_upsert_marked_meanwhile() {
     let dir = tempfile::tempdir().unwrap();
     let s = sink(dir.path(), dv_config());
-    interleaved(&s).await;
+    interleaved(&s, 30).await;
     // The second file (1, 4, 7, ...) has a vector (row 1: key 4) when the compaction reads.
     commit(&s, flush(0, 3, 4, vec![changes(&[], &[4])])).await;
     let mut slot = None;
@@ -390,4 +390,32 @@ async fn a_merged_compaction_is_carried_over_the_rows_an_upsert_marked_meanwhile
     assert_eq!(*marked, 3);
     let ids = file_ids(dir.path(), merged);
     assert_eq!(ids, (0..30).filter(|&i| i != 4).collect::<Vec<i64>>());
+}
+
+#[tokio::test]
+async fn a_merge_reads_each_file_a_batch_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sink(dir.path(), dv_config());
+    // 20,000 rows per file: each file is merged in several batches.
+    interleaved(&s, 60_000).await;
+    commit(
+        &s,
+        flush(0, 3, 4, vec![changes(&[9_000, 30_001], &[45_002])]),
+    )
+    .await;
+    let want = rows(dir.path()).await;
+    assert_eq!(want.len(), 59_999);
+    let mut slot = None;
+    assert!(s.refresh(&mut slot).await.unwrap());
+    s.rewrite_small_and_marked(&slot.unwrap(), 1 << 30)
+        .await
+        .unwrap();
+    assert_eq!(rows(dir.path()).await, want);
+    let live = files(&s).await;
+    assert_eq!(live.len(), 1, "{live:?}");
+    let ids = file_ids(dir.path(), &live[0].0);
+    assert_eq!(
+        ids,
+        (0..60_000).filter(|&i| i != 45_002).collect::<Vec<i64>>()
+    );
 }
