@@ -180,6 +180,26 @@ fn delta_and_upsert_settings_are_checked() {
     ))
     .unwrap_err();
     assert_eq!(e.key, "sink[0].delta.profile", "{e}");
+    // Row groups: the profile's unless asked for; too small is refused, naming the key.
+    let groups = parse(&delta.replace(
+        "checkpoint_interval = 3",
+        "checkpoint_interval = 3, profile = \"fabric\", row_group_rows = 262144",
+    ))
+    .unwrap();
+    let applied = groups.sinks[0]
+        .delta
+        .apply(sinks::delta::DeltaSinkConfig::default());
+    assert_eq!(applied.row_group_rows, 262_144);
+    let applied = fabric.sinks[0]
+        .delta
+        .apply(sinks::delta::DeltaSinkConfig::default());
+    assert_eq!(applied.row_group_rows, 8 << 20);
+    let e = parse(&delta.replace(
+        "checkpoint_interval = 3",
+        "checkpoint_interval = 3, row_group_rows = 100",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "sink[0].delta.row_group_rows", "{e}");
     let e = parse(&delta.replace("vacuum_retention = \"24h\"", "vacuum_retention = \"10m\""))
         .unwrap_err()
         .to_string();

@@ -137,7 +137,13 @@ pub struct DeltaSection {
     /// Another writer's txn app id whose versions are a partition's position where lakesink
     /// has none (kafka-delta-ingest: `<app_id>-{partition}`).
     pub resume_app_id: Option<String>,
+    /// Rows per Parquet row group, at most (default: 1,048,576; 8,388,608 with the `fabric`
+    /// profile). A writer holds its row group encoded until it ends.
+    pub row_group_rows: Option<usize>,
 }
+
+/// The fewest rows per row group a config may ask for: smaller groups only multiply footers.
+const MIN_ROW_GROUP_ROWS: usize = 1024;
 
 impl Default for DeltaSection {
     fn default() -> Self {
@@ -153,6 +159,7 @@ impl Default for DeltaSection {
             compact_min_files: 16,
             upsert: "copy-on-write".into(),
             resume_app_id: None,
+            row_group_rows: None,
         }
     }
 }
@@ -184,6 +191,8 @@ pub struct DeltaSettings {
     pub upsert_strategy: UpsertStrategy,
     /// See [`DeltaSection::resume_app_id`].
     pub resume_app_id: Option<String>,
+    /// Rows per row group asked for; `None`: the profile's.
+    pub row_group_rows: Option<usize>,
 }
 
 impl DeltaSection {
@@ -259,8 +268,18 @@ impl DeltaSection {
                 ));
             }
         }
+        if let Some(n) = self.row_group_rows.filter(|&n| n < MIN_ROW_GROUP_ROWS) {
+            return Err(SectionError::new(
+                "row_group_rows",
+                format!(
+                    "{n} is below {MIN_ROW_GROUP_ROWS}: row groups that small make readers \
+                     read a footer entry per few rows; the default is 1048576"
+                ),
+            ));
+        }
         Ok(DeltaSettings {
             resume_app_id: self.resume_app_id.clone(),
+            row_group_rows: self.row_group_rows,
             checkpoint_interval: self.checkpoint_interval,
             properties: self.properties.clone(),
             commit_attempts: self.commit_attempts,
@@ -290,9 +309,10 @@ impl DeltaSettings {
             auto_compact: self.auto_compact,
             upsert_strategy: self.upsert_strategy,
             resume_app_id: self.resume_app_id.clone(),
-            row_group_rows: match self.profile {
-                ReaderProfile::Fabric => FABRIC_ROW_GROUP_ROWS.max(config.row_group_rows),
-                ReaderProfile::Delta => config.row_group_rows,
+            row_group_rows: match (self.row_group_rows, self.profile) {
+                (Some(n), _) => n,
+                (None, ReaderProfile::Fabric) => FABRIC_ROW_GROUP_ROWS.max(config.row_group_rows),
+                (None, ReaderProfile::Delta) => config.row_group_rows,
             },
             ..config
         }

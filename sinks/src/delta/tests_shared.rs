@@ -280,3 +280,42 @@ async fn the_first_tick_of_a_new_upsert_table_is_one_merge() {
     );
     assert_eq!(count(dir.path()).await, 30);
 }
+
+#[tokio::test]
+async fn row_groups_follow_the_configured_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let section = DeltaSection {
+        row_group_rows: Some(1024),
+        ..Default::default()
+    };
+    let config = section
+        .validate()
+        .unwrap()
+        .apply(DeltaSinkConfig::default());
+    let s = sink(dir.path(), config);
+    super::tests::commit(&s, super::tests::flush(0, 0, 1, vec![regional(0..3000)])).await;
+    let mut groups = Vec::new();
+    for entry in walk(dir.path()) {
+        let file = std::fs::File::open(&entry).unwrap();
+        let reader = parquet::file::serialized_reader::SerializedFileReader::new(file).unwrap();
+        use parquet::file::reader::FileReader as _;
+        groups.push(reader.metadata().num_row_groups());
+    }
+    // 3,000 rows in one file: row groups of at most 1,024 rows.
+    assert_eq!(groups, vec![3], "row groups per data file");
+}
+
+/// The Parquet data files under `dir`, in path order.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else if path.extension().is_some_and(|e| e == "parquet") {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}
