@@ -63,9 +63,27 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static JEMALLOC_CONF: &[u8; 69] =
     b"narenas:2,background_thread:true,dirty_decay_ms:500,muzzy_decay_ms:0\0";
 
+/// deltalake's budget for the bytes of data files still uploading (`DELTARS_MAX_IN_FLIGHT_UPLOAD_BYTES`).
+const UPLOAD_BUDGET: &str = "DELTARS_MAX_IN_FLIGHT_UPLOAD_BYTES";
+
+/// deltalake sizes its upload budget from the memory limit (a quarter of it) but never below
+/// four of the writer's target files: 400 MiB for a flush's writer, unbounded for a
+/// compaction's, which writes one file per bin. Below 1.6 GiB (a 1 GiB pod) the floor wins,
+/// and deltalake warns at every writer it opens: every flush of every table, every
+/// compaction. What lakesink holds is bounded by its own budget (`max_buffer_bytes`, one
+/// compaction per table at a time), so it gives deltalake the budget deltalake falls back
+/// to when it cannot read the limit, 512 MiB, unless the environment sets one.
+fn set_upload_budget() {
+    if std::env::var_os(UPLOAD_BUDGET).is_none() {
+        // No other thread is running yet.
+        std::env::set_var(UPLOAD_BUDGET, (512u64 << 20).to_string());
+    }
+}
+
 fn main() -> ExitCode {
     limit_malloc_arenas();
     fix_mmap_threshold();
+    set_upload_budget();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

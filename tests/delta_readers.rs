@@ -27,9 +27,12 @@ async fn the_fabric_profile_writes_what_power_bi_and_fabric_read() {
             store.options.clone(),
             DeltaSinkConfig {
                 profile,
-                row_group_rows: match profile {
-                    ReaderProfile::Fabric => FABRIC_ROW_GROUP_ROWS,
-                    ReaderProfile::Delta => 1 << 20,
+                row_groups: match profile {
+                    ReaderProfile::Fabric => sinks::encode::RowGroups {
+                        rows: FABRIC_ROW_GROUP_ROWS,
+                        bytes: None,
+                    },
+                    ReaderProfile::Delta => Default::default(),
                 },
                 ..Default::default()
             },

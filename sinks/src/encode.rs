@@ -43,9 +43,48 @@ impl std::str::FromStr for Compression {
     }
 }
 
+/// Rows per row group, at most, unless a sink asks otherwise.
+pub const DEFAULT_ROW_GROUP_ROWS: usize = 1 << 20;
+
+/// Encoded bytes per row group, at most, unless a sink asks otherwise: Spark, DuckDB and
+/// pyarrow read groups of this size at full speed, and a writer holds its open group in
+/// memory (about three times its encoded size while it closes: its pages, the file buffer
+/// they are copied into, the upload), so wide rows must not make a 1M-row group of hundreds
+/// of MB.
+pub const DEFAULT_ROW_GROUP_BYTES: usize = 16 << 20;
+
+/// How large a Parquet row group grows: it ends at whichever bound it reaches first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowGroups {
+    /// Rows, at most.
+    pub rows: usize,
+    /// Encoded bytes, at most (parquet's estimate, checked as batches are written); `None`:
+    /// rows alone bound the group.
+    pub bytes: Option<usize>,
+}
+
+impl Default for RowGroups {
+    fn default() -> Self {
+        Self {
+            rows: DEFAULT_ROW_GROUP_ROWS,
+            bytes: Some(DEFAULT_ROW_GROUP_BYTES),
+        }
+    }
+}
+
+impl RowGroups {
+    /// Groups of up to `rows` rows and the default bytes.
+    pub fn rows(rows: usize) -> Self {
+        Self {
+            rows,
+            ..Self::default()
+        }
+    }
+}
+
 /// The Parquet writer settings every lakesink table uses.
-pub fn writer_properties(compression: Compression, row_group_rows: usize) -> WriterProperties {
-    builder(compression, row_group_rows).build()
+pub fn writer_properties(compression: Compression, row_groups: RowGroups) -> WriterProperties {
+    builder(compression, row_groups).build()
 }
 
 /// [`writer_properties`] for a file whose rows look like `sample`: dictionary encoding is
@@ -58,10 +97,10 @@ pub fn writer_properties(compression: Compression, row_group_rows: usize) -> Wri
 /// (status, country, the topic) keep their dictionary.
 pub fn writer_properties_for(
     compression: Compression,
-    row_group_rows: usize,
+    row_groups: RowGroups,
     sample: &RecordBatch,
 ) -> WriterProperties {
-    let mut b = builder(compression, row_group_rows);
+    let mut b = builder(compression, row_groups);
     for (field, column) in sample.schema().fields().iter().zip(sample.columns()) {
         if mostly_distinct(column.as_ref()) {
             b = b.set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), false);
@@ -82,11 +121,11 @@ pub const KEY_PAGE_BYTES: usize = 8 * 1024;
 /// max), so a change's key is looked up by page, not by row group.
 pub fn writer_properties_keyed(
     compression: Compression,
-    row_group_rows: usize,
+    row_groups: RowGroups,
     sample: Option<&RecordBatch>,
     keys: &[String],
 ) -> WriterProperties {
-    let mut b = builder(compression, row_group_rows);
+    let mut b = builder(compression, row_groups);
     if let Some(sample) = sample {
         for (field, column) in sample.schema().fields().iter().zip(sample.columns()) {
             if mostly_distinct(column.as_ref()) {
@@ -102,7 +141,7 @@ pub fn writer_properties_keyed(
     b.build()
 }
 
-fn builder(compression: Compression, row_group_rows: usize) -> WriterPropertiesBuilder {
+fn builder(compression: Compression, row_groups: RowGroups) -> WriterPropertiesBuilder {
     WriterProperties::builder()
         .set_compression(match compression {
             Compression::None => PqCompression::UNCOMPRESSED,
@@ -110,7 +149,8 @@ fn builder(compression: Compression, row_group_rows: usize) -> WriterPropertiesB
             Compression::Zstd => PqCompression::ZSTD(ZstdLevel::default()),
             Compression::Lz4 => PqCompression::LZ4_RAW,
         })
-        .set_max_row_group_row_count(Some(row_group_rows))
+        .set_max_row_group_row_count(Some(row_groups.rows.max(1)))
+        .set_max_row_group_bytes(row_groups.bytes.filter(|&b| b > 0))
         .set_created_by(format!("lakesink {}", env!("CARGO_PKG_VERSION")))
 }
 
@@ -301,7 +341,7 @@ mod tests {
             ),
         ];
         let batch = RecordBatch::try_from_iter(columns).unwrap();
-        let props = writer_properties_for(Compression::Snappy, 1 << 20, &batch);
+        let props = writer_properties_for(Compression::Snappy, RowGroups::default(), &batch);
         let mut w = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props)).unwrap();
         w.write(&batch).unwrap();
         let file = Bytes::from(w.into_inner().unwrap());

@@ -189,11 +189,35 @@ fn delta_and_upsert_settings_are_checked() {
     let applied = groups.sinks[0]
         .delta
         .apply(sinks::delta::DeltaSinkConfig::default());
-    assert_eq!(applied.row_group_rows, 262_144);
+    assert_eq!(applied.row_groups.rows, 262_144);
+    assert_eq!(
+        applied.row_groups.bytes, None,
+        "fabric: rows alone bound a group"
+    );
     let applied = fabric.sinks[0]
         .delta
         .apply(sinks::delta::DeltaSinkConfig::default());
-    assert_eq!(applied.row_group_rows, 8 << 20);
+    assert_eq!(applied.row_groups.rows, 8 << 20);
+    let applied = parse(&delta).unwrap().sinks[0]
+        .delta
+        .apply(sinks::delta::DeltaSinkConfig::default());
+    assert_eq!(applied.row_groups, sinks::encode::RowGroups::default());
+    assert_eq!(applied.row_groups.bytes, Some(16 << 20));
+    let bytes = parse(&delta.replace(
+        "checkpoint_interval = 3",
+        "checkpoint_interval = 3, profile = \"fabric\", row_group_bytes = \"64MiB\"",
+    ))
+    .unwrap();
+    let applied = bytes.sinks[0]
+        .delta
+        .apply(sinks::delta::DeltaSinkConfig::default());
+    assert_eq!(applied.row_groups.bytes, Some(64 << 20));
+    let e = parse(&delta.replace(
+        "checkpoint_interval = 3",
+        "checkpoint_interval = 3, row_group_bytes = \"64KiB\"",
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "sink[0].delta.row_group_bytes", "{e}");
     let e = parse(&delta.replace(
         "checkpoint_interval = 3",
         "checkpoint_interval = 3, row_group_rows = 100",

@@ -1149,6 +1149,11 @@ pub async fn dead_letters_with(
 /// Runs the `lakesink` binary with `args` (and `env`) to completion, asserts it succeeded, and
 /// returns its stdout.
 pub fn lakesink_cli(args: &[&str], env: &[(&str, &str)]) -> String {
+    lakesink_cli_logs(args, env).0
+}
+
+/// [`lakesink_cli`]'s stdout, and what it logged at `warn` and above (stderr).
+pub fn lakesink_cli_logs(args: &[&str], env: &[(&str, &str)]) -> (String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_lakesink"))
         .args(args)
         .envs(env.iter().copied())
@@ -1161,7 +1166,7 @@ pub fn lakesink_cli(args: &[&str], env: &[(&str, &str)]) -> String {
         "lakesink {args:?} failed: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    stdout
+    (stdout, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// `lakesink check` on `config_text` (errors only in the log): its exit code, and its stdout

@@ -183,7 +183,7 @@ fn encode(
     schema: &SchemaRef,
     compression: Compression,
 ) -> std::result::Result<Bytes, String> {
-    let props = crate::encode::writer_properties(compression, 1 << 20);
+    let props = crate::encode::writer_properties(compression, crate::encode::RowGroups::default());
     let file_schema: SchemaRef = std::sync::Arc::new(Schema::new(
         schema
             .fields()

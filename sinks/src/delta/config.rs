@@ -13,8 +13,8 @@ pub struct DeltaSinkConfig {
     pub partition_by: Vec<PartitionSpec>,
     /// Compression of the data files.
     pub compression: Compression,
-    /// Rows per Parquet row group.
-    pub row_group_rows: usize,
+    /// How large a Parquet row group grows.
+    pub row_groups: RowGroups,
     /// Txn app ids are `<prefix>/<topic>/<partition>` (`lakesink/orders/3`): the table's own
     /// identity of a source partition, so renaming the consumer group or running a second
     /// deployment finds the same position (and two deployments fence each other).
@@ -89,7 +89,7 @@ impl Default for DeltaSinkConfig {
         Self {
             partition_by: Vec::new(),
             compression: Compression::Snappy,
-            row_group_rows: 1 << 20,
+            row_groups: RowGroups::default(),
             app_id_prefix: "lakesink".into(),
             legacy_app_id_prefix: None,
             resume_app_id: None,
@@ -140,10 +140,16 @@ pub struct DeltaSection {
     /// Rows per Parquet row group, at most (default: 1,048,576; 8,388,608 with the `fabric`
     /// profile). A writer holds its row group encoded until it ends.
     pub row_group_rows: Option<usize>,
+    /// Encoded bytes per Parquet row group, at most (default: 16 MiB; rows alone with the
+    /// `fabric` profile).
+    pub row_group_bytes: Option<String>,
 }
 
 /// The fewest rows per row group a config may ask for: smaller groups only multiply footers.
 const MIN_ROW_GROUP_ROWS: usize = 1024;
+
+/// The fewest bytes per row group a config may ask for.
+const MIN_ROW_GROUP_BYTES: usize = 1 << 20;
 
 impl Default for DeltaSection {
     fn default() -> Self {
@@ -160,6 +166,7 @@ impl Default for DeltaSection {
             upsert: "copy-on-write".into(),
             resume_app_id: None,
             row_group_rows: None,
+            row_group_bytes: None,
         }
     }
 }
@@ -193,6 +200,8 @@ pub struct DeltaSettings {
     pub resume_app_id: Option<String>,
     /// Rows per row group asked for; `None`: the profile's.
     pub row_group_rows: Option<usize>,
+    /// Bytes per row group asked for; `None`: the profile's.
+    pub row_group_bytes: Option<usize>,
 }
 
 impl DeltaSection {
@@ -277,9 +286,27 @@ impl DeltaSection {
                 ),
             ));
         }
+        let row_group_bytes = match &self.row_group_bytes {
+            None => None,
+            Some(size) => {
+                let n = crate::units::parse_bytes(size)
+                    .map_err(|e| SectionError::new("row_group_bytes", e))?;
+                if (n as usize) < MIN_ROW_GROUP_BYTES {
+                    return Err(SectionError::new(
+                        "row_group_bytes",
+                        format!(
+                            "`{size}` is below 1MiB: row groups that small make readers read a \
+                             footer entry per few pages; the default is 16MiB"
+                        ),
+                    ));
+                }
+                Some(n as usize)
+            }
+        };
         Ok(DeltaSettings {
             resume_app_id: self.resume_app_id.clone(),
             row_group_rows: self.row_group_rows,
+            row_group_bytes,
             checkpoint_interval: self.checkpoint_interval,
             properties: self.properties.clone(),
             commit_attempts: self.commit_attempts,
@@ -309,10 +336,19 @@ impl DeltaSettings {
             auto_compact: self.auto_compact,
             upsert_strategy: self.upsert_strategy,
             resume_app_id: self.resume_app_id.clone(),
-            row_group_rows: match (self.row_group_rows, self.profile) {
-                (Some(n), _) => n,
-                (None, ReaderProfile::Fabric) => FABRIC_ROW_GROUP_ROWS.max(config.row_group_rows),
-                (None, ReaderProfile::Delta) => config.row_group_rows,
+            row_groups: RowGroups {
+                rows: match (self.row_group_rows, self.profile) {
+                    (Some(n), _) => n,
+                    (None, ReaderProfile::Fabric) => {
+                        FABRIC_ROW_GROUP_ROWS.max(config.row_groups.rows)
+                    }
+                    (None, ReaderProfile::Delta) => config.row_groups.rows,
+                },
+                bytes: match (self.row_group_bytes, self.profile) {
+                    (Some(n), _) => Some(n),
+                    (None, ReaderProfile::Fabric) => None,
+                    (None, ReaderProfile::Delta) => config.row_groups.bytes,
+                },
             },
             ..config
         }

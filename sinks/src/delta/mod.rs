@@ -89,7 +89,7 @@ use url::Url;
 pub use schema::{conform_batch, delta_schema, delta_schema_for, merge as merge_schema};
 
 use crate::crash::{CrashHook, CrashPoints};
-use crate::encode::Compression;
+use crate::encode::{Compression, RowGroups};
 use crate::partition::PartitionSpec;
 use crate::store::redact_url;
 use crate::{

@@ -33,7 +33,7 @@ use arrow::array::{RecordBatch, UInt32Array};
 use arrow::compute::take_record_batch;
 use deltalake::kernel::{Action, LogicalFileView};
 use deltalake::operations::merge::MergeMetrics;
-use deltalake::writer::{DeltaWriter, WriteMode};
+use deltalake::writer::DeltaWriter;
 use deltalake::{DeltaTable, DeltaTableError};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
@@ -213,9 +213,7 @@ pub(super) async fn upsert(
     }
     for (values, list) in by_partition {
         let rows = sorted_by_key(&merged, &list, &config.keys)?;
-        writer
-            .write_partition(rows, &values, WriteMode::Default)
-            .await?;
+        super::writer::write_rows(&mut writer, rows, &values).await?;
     }
     let adds = writer.flush().await?;
     metrics.num_target_rows_inserted = metrics

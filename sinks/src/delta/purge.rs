@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use deltalake::kernel::LogicalFileView;
-use deltalake::writer::{DeltaWriter, WriteMode};
+use deltalake::writer::DeltaWriter;
 use deltalake::{DeltaTable, DeltaTableError};
 use futures::StreamExt;
 
@@ -26,6 +26,7 @@ use super::probe::{batches, read_error};
 use super::rebase::{commit_rewrite, Bin, Source};
 use super::rewrite::{conform, partition_values, BATCH_ROWS};
 use super::sorted::{live, Merge, MERGE_BYTES};
+use super::writer::write_rows;
 use super::DeltaSink;
 
 /// The share of a file's rows its deletion vector must mark for the file to be purged.
@@ -142,9 +143,7 @@ impl DeltaSink {
                         continue;
                     };
                     while let Some(rows) = merge.next().await? {
-                        writer
-                            .write_partition(rows, &values, WriteMode::Default)
-                            .await?;
+                        write_rows(&mut writer, rows, &values).await?;
                     }
                     let (positions, end) = merge.positions();
                     for ((file, deleted), positions) in read.into_iter().zip(positions) {
@@ -187,9 +186,7 @@ async fn copy_live(
         at += rows;
         written += kept.num_rows() as u64;
         if kept.num_rows() > 0 {
-            writer
-                .write_partition(conform(&kept, schema)?, values, WriteMode::Default)
-                .await?;
+            write_rows(writer, conform(&kept, schema)?, values).await?;
         }
     }
     Ok(written)

@@ -49,7 +49,7 @@ use deltalake::kernel::{Action, LogicalFileView, MetadataExt, Transaction};
 use deltalake::operations::merge::MergeMetrics;
 use deltalake::protocol::{DeltaOperation, MergePredicate};
 use deltalake::table::config::TablePropertiesExt as _;
-use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
@@ -223,12 +223,7 @@ pub(super) async fn upsert(
             } else {
                 take_record_batch(&batches[b], &UInt32Array::from(rows))?
             };
-            writer
-                .write_partition(
-                    conform(&upserts, &merged)?,
-                    &part.values,
-                    WriteMode::Default,
-                )
+            super::writer::write_rows(&mut writer, conform(&upserts, &merged)?, &part.values)
                 .await?;
         }
         adds.extend(writer.flush().await?);
@@ -403,9 +398,7 @@ async fn rewrite_file(
         metrics.num_target_rows_copied += kept.num_rows();
         metrics.num_output_rows += kept.num_rows();
         if kept.num_rows() > 0 {
-            writer
-                .write_partition(conform(&kept, schema)?, values, WriteMode::Default)
-                .await?;
+            super::writer::write_rows(writer, conform(&kept, schema)?, values).await?;
         }
     }
     Ok(())

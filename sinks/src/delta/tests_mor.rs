@@ -201,7 +201,7 @@ async fn a_change_reads_only_the_key_pages_that_may_hold_it() {
     let dir = tempfile::tempdir().unwrap();
     // Row groups of 5,000 rows, each of about five key pages.
     let config = DeltaSinkConfig {
-        row_group_rows: 5_000,
+        row_groups: crate::encode::RowGroups::rows(5_000),
         ..dv_config()
     };
     let s = sink(dir.path(), config.clone());

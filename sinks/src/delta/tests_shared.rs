@@ -319,3 +319,56 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out.sort();
     out
 }
+
+#[tokio::test]
+async fn row_groups_end_at_the_configured_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let section = DeltaSection {
+        row_group_bytes: Some("1MiB".into()),
+        ..Default::default()
+    };
+    let config = section
+        .validate()
+        .unwrap()
+        .apply(DeltaSinkConfig::default());
+    let s = sink(dir.path(), config);
+    // 100,000 rows with 32 hex digits that neither a dictionary nor snappy shrink: ~4 MB.
+    let n = 100_000i64;
+    let mix = |i: i64| (i as u64 ^ 0x9e37_79b9_7f4a_7c15).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let schema = Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("region", DataType::Utf8, true),
+    ]);
+    let rows = RecordBatch::try_new(
+        Arc::new(schema),
+        vec![
+            Arc::new(Int64Array::from_iter_values(0..n)),
+            Arc::new(StringArray::from_iter_values(
+                (0..n).map(|i| format!("{:016x}{:016x}", mix(i), mix(i + n))),
+            )),
+        ],
+    )
+    .unwrap();
+    super::tests::commit(&s, super::tests::flush(0, 0, n, vec![rows])).await;
+    let files = walk(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    let reader = parquet::file::serialized_reader::SerializedFileReader::new(
+        std::fs::File::open(&files[0]).unwrap(),
+    )
+    .unwrap();
+    use parquet::file::reader::FileReader as _;
+    let meta = reader.metadata();
+    let sizes: Vec<i64> = meta
+        .row_groups()
+        .iter()
+        .map(|g| g.compressed_size())
+        .collect();
+    assert!(sizes.len() >= 3, "row groups of at most ~1 MiB: {sizes:?}");
+    // The writer checks the size after each slice of 1,024 rows (~40 KB here).
+    assert!(
+        sizes.iter().all(|&b| b <= (1 << 20) + (256 << 10)),
+        "{sizes:?}"
+    );
+    let rows: i64 = meta.row_groups().iter().map(|g| g.num_rows()).sum();
+    assert_eq!(rows, n);
+}

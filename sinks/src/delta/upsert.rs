@@ -148,7 +148,7 @@ async fn merge(
         .with_merge_schema(true)
         .with_writer_properties(crate::encode::writer_properties(
             sink.config.compression,
-            sink.config.row_group_rows,
+            sink.config.row_groups,
         ))
         .with_commit_properties(properties);
     if let Some(deleted) = &deleted {

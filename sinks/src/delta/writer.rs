@@ -180,7 +180,7 @@ impl DeltaSink {
                     None => writer.insert(self.rows_writer(schema, &partition_columns, &b)?),
                 };
                 for (values, part) in split_by_partition(&b, &partition_columns, &tp)? {
-                    w.write_partition(part, &values, deltalake::writer::WriteMode::Default)
+                    write_rows(w, part, &values)
                         .await
                         .map_err(|e| self.err("write data file", e))?;
                 }
@@ -208,10 +208,38 @@ impl DeltaSink {
         .map_err(|e| self.err("open writer", e))?
         .with_writer_properties(crate::encode::writer_properties_for(
             self.config.compression,
-            self.config.row_group_rows,
+            self.config.row_groups,
             sample,
         )))
     }
+}
+
+/// Rows per write into a data file's writer: parquet ends a row group at its byte bound
+/// ([`crate::encode::RowGroups`]) only between writes, and takes a write into an empty group
+/// whole, so a group can pass its bound by at most this many rows.
+const WRITE_SLICE_ROWS: usize = 8192;
+
+/// Writes `rows` (of the partition `values`) into `writer` a slice of at most
+/// [`WRITE_SLICE_ROWS`] at a time.
+pub(super) async fn write_rows(
+    writer: &mut RecordBatchWriter,
+    rows: RecordBatch,
+    values: &PartitionValues,
+) -> std::result::Result<(), deltalake::DeltaTableError> {
+    let n = rows.num_rows();
+    if n <= WRITE_SLICE_ROWS {
+        writer
+            .write_partition(rows, values, deltalake::writer::WriteMode::Default)
+            .await?;
+        return Ok(());
+    }
+    for at in (0..n).step_by(WRITE_SLICE_ROWS) {
+        let slice = rows.slice(at, WRITE_SLICE_ROWS.min(n - at));
+        writer
+            .write_partition(slice, values, deltalake::writer::WriteMode::Default)
+            .await?;
+    }
+    Ok(())
 }
 
 /// `batch` plus the derived partition columns (`day` as a date, `hour` as `YYYY-MM-DD-HH`).
@@ -372,7 +400,7 @@ impl super::DeltaSink {
         )?
         .with_writer_properties(crate::encode::writer_properties_keyed(
             self.config.compression,
-            self.config.row_group_rows,
+            self.config.row_groups,
             sample,
             keys,
         ));

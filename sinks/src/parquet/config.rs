@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::encode::Compression;
+use crate::encode::{Compression, RowGroups};
 use crate::partition::PartitionSpec;
 use crate::section::SectionError;
 
@@ -14,8 +14,8 @@ pub struct ParquetSinkConfig {
     pub partition_by: Vec<PartitionSpec>,
     /// Compression of the data files.
     pub compression: Compression,
-    /// Rows per Parquet row group.
-    pub row_group_rows: usize,
+    /// How large a Parquet row group grows.
+    pub row_groups: RowGroups,
     /// Identifies this writer process in markers (tells our own retried commit from another
     /// writer's).
     pub writer_id: String,
@@ -32,7 +32,7 @@ impl Default for ParquetSinkConfig {
         Self {
             partition_by: Vec::new(),
             compression: Compression::Snappy,
-            row_group_rows: 1 << 20,
+            row_groups: RowGroups::default(),
             writer_id: "lakesink".into(),
             hint_every: 1,
             compact: ParquetCompact::default(),

@@ -191,7 +191,7 @@ impl ParquetSink {
                     None => {
                         let props = crate::encode::writer_properties_for(
                             self.config.compression,
-                            self.config.row_group_rows,
+                            self.config.row_groups,
                             &batch,
                         );
                         let out = BufWriter::new(self.table.store.clone(), target.clone());

@@ -49,7 +49,7 @@ pub(crate) fn encode(flush: &Flush, config: &ParquetSinkConfig) -> Result<Vec<En
     for chunk in flush.chunks() {
         for batch in chunk.batches().map_err(|e| encode_err(Box::new(e)))? {
             let props = props.get_or_insert_with(|| {
-                writer_properties_for(config.compression, config.row_group_rows, &batch)
+                writer_properties_for(config.compression, config.row_groups, &batch)
             });
             for (dir, part) in partition::split(&batch, &config.partition_by, &flush.tp)? {
                 let entry = match writers.entry(dir) {

@@ -48,7 +48,7 @@ pub(super) fn encode_breakdown(batches: &[RecordBatch], records: u64) -> anyhow:
         return Ok(());
     };
     let us = |cpu: f64| cpu * 1e6 / records as f64;
-    let rows = 1 << 20;
+    let rows = sinks::encode::RowGroups::default();
     let settings = [
         (
             "the sinks' (snappy, dictionary where it pays, page statistics)",
@@ -240,7 +240,7 @@ pub(super) async fn measure_alone(records: u64, format: &str) -> anyhow::Result<
             let (wall, cpu) = (Instant::now(), thread_cpu_seconds());
             let props = sinks::encode::writer_properties_for(
                 sinks::encode::Compression::Snappy,
-                1 << 20,
+                sinks::encode::RowGroups::default(),
                 &out[0],
             );
             let mut w =
