@@ -284,15 +284,13 @@ async fn the_first_tick_of_a_new_upsert_table_is_one_merge() {
 #[tokio::test]
 async fn row_groups_follow_the_configured_rows() {
     let dir = tempfile::tempdir().unwrap();
-    let section = DeltaSection {
-        row_group_rows: Some(1024),
-        ..Default::default()
-    };
-    let config = section
-        .validate()
-        .unwrap()
-        .apply(DeltaSinkConfig::default());
-    let s = sink(dir.path(), config);
+    let s = sectioned(
+        dir.path(),
+        DeltaSection {
+            row_group_rows: Some(1024),
+            ..Default::default()
+        },
+    );
     super::tests::commit(&s, super::tests::flush(0, 0, 1, vec![regional(0..3000)])).await;
     let mut groups = Vec::new();
     for entry in walk(dir.path()) {
@@ -303,6 +301,17 @@ async fn row_groups_follow_the_configured_rows() {
     }
     // 3,000 rows in one file: row groups of at most 1,024 rows.
     assert_eq!(groups, vec![3], "row groups per data file");
+}
+
+/// A sink at `dir` with the `[sink.delta]` settings of `section`.
+fn sectioned(dir: &std::path::Path, section: DeltaSection) -> DeltaSink {
+    sink(
+        dir,
+        section
+            .validate()
+            .unwrap()
+            .apply(DeltaSinkConfig::default()),
+    )
 }
 
 /// The Parquet data files under `dir`, in path order.
@@ -323,15 +332,13 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[tokio::test]
 async fn row_groups_end_at_the_configured_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let section = DeltaSection {
-        row_group_bytes: Some("1MiB".into()),
-        ..Default::default()
-    };
-    let config = section
-        .validate()
-        .unwrap()
-        .apply(DeltaSinkConfig::default());
-    let s = sink(dir.path(), config);
+    let s = sectioned(
+        dir.path(),
+        DeltaSection {
+            row_group_bytes: Some("1MiB".into()),
+            ..Default::default()
+        },
+    );
     // 100,000 rows with 32 hex digits that neither a dictionary nor snappy shrink: ~4 MB.
     let n = 100_000i64;
     let mix = |i: i64| (i as u64 ^ 0x9e37_79b9_7f4a_7c15).wrapping_mul(0xbf58_476d_1ce4_e5b9);
