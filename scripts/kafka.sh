@@ -118,6 +118,11 @@ start() {
   # The OIDC identity provider (scripts/oidc_idp.py): client credentials in, RS256 JWTs out,
   # and the JWKS the broker validates them with. Up before the broker, which reads the JWKS.
   stop_idp
+  if [ ! -x "$PYTHON" ]; then
+    echo "kafka.sh: no Python at $PYTHON for the OIDC provider: run scripts/services.sh start" \
+      "(it creates the test venv) or set LAKESINK_PYTHON" >&2
+    exit 1
+  fi
   nohup "$PYTHON" "$ROOT/scripts/oidc_idp.py" "$idp" '{"lakesink-oidc": "oidc-secret"}' \
     >"$DIR/idp.log" 2>&1 &
   echo $! >"$DIR/idp.pid"
@@ -125,6 +130,11 @@ start() {
     if (exec 3<>"/dev/tcp/127.0.0.1/$idp") 2>/dev/null; then break; fi
     sleep 0.1
   done
+  if ! (exec 3<>"/dev/tcp/127.0.0.1/$idp") 2>/dev/null; then
+    echo "kafka.sh: the OIDC provider did not start on port $idp; its log:" >&2
+    cat "$DIR/idp.log" >&2
+    exit 1
+  fi
 
   # A test CA and a broker certificate for localhost / 127.0.0.1, as PEM (key in PKCS#8).
   openssl req -x509 -newkey rsa:2048 -nodes -keyout "$DIR/ca.key" -out "$DIR/ca.pem" -days 30 \
