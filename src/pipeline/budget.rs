@@ -26,6 +26,8 @@ pub struct BufferBudget {
     holders: AtomicUsize,
     /// Flushes between their start and the end of their stage.
     flushing: AtomicUsize,
+    /// Staged flushes between the end of their stage and the end of their commit.
+    committing: AtomicUsize,
     /// How many flushes may be in flight before the limit is reached.
     early_flushes: usize,
     /// Whether writers pack their buffers under pressure before flushing them
@@ -46,6 +48,7 @@ impl BufferBudget {
             in_flight: AtomicUsize::new(0),
             holders: AtomicUsize::new(0),
             flushing: AtomicUsize::new(0),
+            committing: AtomicUsize::new(0),
             early_flushes: EARLY_FLUSHES * cores,
             pack: true,
         }
@@ -90,10 +93,25 @@ impl BufferBudget {
     /// A staged flush keeps `n` bytes of decoded data until its commit ends (`end_flush`).
     pub fn hold(&self, n: usize) {
         self.in_flight.fetch_add(n, Ordering::Relaxed);
+        self.committing.fetch_add(1, Ordering::Relaxed);
     }
     /// The `n` bytes [`Self::hold`] kept are committed or abandoned.
     pub fn end_flush(&self, n: usize) {
         self.in_flight.fetch_sub(n, Ordering::Relaxed);
+        self.committing.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// Flushes being encoded or staged, staged flushes committing (or waiting to), and
+    /// writers holding a buffer.
+    pub fn flushes(&self) -> (usize, usize, usize) {
+        (
+            self.flushing.load(Ordering::Relaxed),
+            self.committing.load(Ordering::Relaxed),
+            self.holders.load(Ordering::Relaxed),
+        )
+    }
+    /// Bytes held by flushes in flight (being staged, or kept until their commit).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
     }
     /// Buffered plus in flight.
     pub fn used(&self) -> usize {
@@ -207,6 +225,7 @@ mod tests {
         b.staged(60);
         // The staged upsert keeps its 60 bytes of changes until the commit.
         b.hold(60);
+        assert_eq!(b.flushes(), (0, 1, 0), "one flush committing, no buffer");
         b.add(50, true);
         assert!(
             b.over() && b.should_flush(50),
@@ -214,5 +233,7 @@ mod tests {
         );
         b.end_flush(60);
         assert!(!b.over());
+        assert_eq!(b.flushes(), (0, 0, 1));
+        assert_eq!(b.in_flight(), 0);
     }
 }

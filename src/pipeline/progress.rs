@@ -88,6 +88,19 @@ impl Progress {
             .map_or(0, |b| b.used())
     }
 
+    /// The budget's flushes in flight: (staging, committing, bytes they hold, writers holding
+    /// a buffer).
+    pub fn flushes(&self) -> (usize, usize, usize, usize) {
+        self.budget
+            .lock()
+            .expect("progress")
+            .as_ref()
+            .map_or((0, 0, 0, 0), |b| {
+                let (staging, committing, holders) = b.flushes();
+                (staging, committing, b.in_flight(), holders)
+            })
+    }
+
     /// Catch-up progress: (records committed since start, records to commit in all).
     pub fn catch_up_progress(&self) -> (u64, u64) {
         let ranges = self.catch_up.lock().expect("progress").clone();

@@ -169,7 +169,8 @@ pub(super) fn thread_cpu_table() -> HashMap<u32, (String, u64)> {
 /// since the last line (CPU ms of tokio, librdkafka, poll and other threads; encode CPU ms; ms
 /// the poll thread waited on full queues and for records), and of memory: the process's RSS, and
 /// what jemalloc (lakesink's own allocations; librdkafka's are glibc's) has allocated and keeps
-/// resident. For finding stalls and what holds memory, not for figures: the sampling costs CPU
+/// resident; and the flushes in flight (being staged, committing or waiting to, the MiB
+/// they hold, and the writers holding a buffer). For finding stalls and what holds memory, not for figures: the sampling costs CPU
 /// of its own.
 pub(super) async fn write_timeline(path: std::path::PathBuf, progress: Arc<Progress>) {
     use std::fmt::Write as _;
@@ -191,16 +192,17 @@ pub(super) async fn write_timeline(path: std::path::PathBuf, progress: Arc<Progr
             sinks::encode::totals().cpu_ns,
         )
     };
-    let mut out = String::from("ms records_in rows_committed buffered_mib tokio_ms rdkafka_ms poll_ms other_ms encode_ms backpressure_ms poll_idle_ms rss_mib jemalloc_allocated_mib jemalloc_resident_mib\n");
+    let mut out = String::from("ms records_in rows_committed buffered_mib tokio_ms rdkafka_ms poll_ms other_ms encode_ms backpressure_ms poll_idle_ms rss_mib jemalloc_allocated_mib jemalloc_resident_mib staging committing in_flight_mib holders\n");
     let (mut last_cpu, mut last) = (kinds(&thread_cpu_table()), counters(&progress));
     loop {
         tokio::time::sleep(Duration::from_millis(10)).await;
         let (cpu, now) = (kinds(&thread_cpu_table()), counters(&progress));
         let ms = |a: u64, b: u64| a.saturating_sub(b) as f64 / 1e6;
         let (allocated, resident) = jemalloc_mib();
+        let (staging, committing, in_flight, holders) = progress.flushes();
         let _ = writeln!(
             out,
-            "{} {} {} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {allocated:.1} {resident:.1}",
+            "{} {} {} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {:.1} {allocated:.1} {resident:.1} {staging} {committing} {:.1} {holders}",
             started.elapsed().as_millis(),
             progress.records_in.load(Ordering::Relaxed),
             progress.rows_committed.load(Ordering::Relaxed),
@@ -213,6 +215,7 @@ pub(super) async fn write_timeline(path: std::path::PathBuf, progress: Arc<Progr
             ms(now.0, last.0),
             ms(now.1, last.1),
             rss_bytes().unwrap_or(0) as f64 / (1 << 20) as f64,
+            in_flight as f64 / (1 << 20) as f64,
         );
         (last_cpu, last) = (cpu, now);
         let _ = std::fs::write(&path, &out);
