@@ -1,6 +1,7 @@
 //! The global memory budget for decoded data, and when it makes writers flush.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 /// The global budget for decoded data: buffered in partition writers, plus flushes still being
 /// encoded and staged (their Arrow batches and Parquet output are alive until the stage ends),
@@ -15,6 +16,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// so encoding keeps pace with decoding; over the limit, all of them flush. Flushing only at the
 /// limit made every partition (all filling at the same rate) flush at once: the encoders queued
 /// dozens of flushes while decoding waited for them, then sat idle while the buffers refilled.
+///
+/// A writer decides on its next record, so pressure also wakes the idle ones
+/// ([`Self::pressed`]): past three quarters of the limit, at most every [`PRESSURE_EVERY_MS`].
+/// Without that, the writers holding the most (those whose records are not arriving right now:
+/// a quiet table, or partitions librdkafka is not fetching at the moment) never flushed, and
+/// the ones receiving records, each below the average they set, filled the budget past its
+/// limit.
 #[derive(Debug)]
 pub struct BufferBudget {
     limit: usize,
@@ -33,7 +41,17 @@ pub struct BufferBudget {
     /// Whether writers pack their buffers under pressure before flushing them
     /// (`pipeline.pack_buffers`).
     pack: bool,
+    /// Wakes the writers waiting in [`Self::pressed`].
+    pressure: tokio::sync::Notify,
+    /// When pressure last woke them, in ms since `epoch` plus [`PRESSURE_EVERY_MS`].
+    pressed_at: AtomicU64,
+    epoch: Instant,
 }
+
+/// How often, at most, pressure wakes the idle writers: often enough that they start flushing
+/// well before decoding fills the last quarter of the budget, rarely enough that hundreds of
+/// writers waking cost nothing measurable.
+pub const PRESSURE_EVERY_MS: u64 = 25;
 
 /// Flushes in flight (encoding or staging) per core below the limit: enough to keep every
 /// core's encoder busy while another flush uploads.
@@ -51,6 +69,9 @@ impl BufferBudget {
             committing: AtomicUsize::new(0),
             early_flushes: EARLY_FLUSHES * cores,
             pack: true,
+            pressure: tokio::sync::Notify::new(),
+            pressed_at: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
     }
     /// Whether writers pack their buffers under pressure (the default) or flush them at once.
@@ -68,6 +89,28 @@ impl BufferBudget {
         if first {
             self.holders.fetch_add(1, Ordering::Relaxed);
         }
+        if self.used() > self.limit / 4 * 3 {
+            self.wake_idle();
+        }
+    }
+    /// Wakes the writers waiting in [`Self::pressed`], unless pressure woke them less than
+    /// [`PRESSURE_EVERY_MS`] ago.
+    fn wake_idle(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64 + PRESSURE_EVERY_MS;
+        let last = self.pressed_at.load(Ordering::Relaxed);
+        if now >= last + PRESSURE_EVERY_MS
+            && self
+                .pressed_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.pressure.notify_waiters();
+        }
+    }
+    /// Resolves when memory pressure asks writers that are not receiving records to decide
+    /// whether they flush ([`Self::should_flush`]).
+    pub fn pressed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.pressure.notified()
     }
     /// A writer dropped its buffer of `n` bytes (`n > 0`).
     pub fn release(&self, n: usize) {
@@ -147,6 +190,36 @@ impl BufferBudget {
 #[cfg(test)]
 mod tests {
     use super::BufferBudget;
+
+    #[tokio::test]
+    async fn pressure_wakes_idle_writers_past_three_quarters() {
+        let b = BufferBudget::new(100);
+        let wait = std::time::Duration::from_millis(200);
+        let idle = b.pressed();
+        b.add(70, true);
+        assert!(
+            tokio::time::timeout(wait, idle).await.is_err(),
+            "under three quarters nobody is woken"
+        );
+        let idle = b.pressed();
+        b.add(10, true);
+        assert!(
+            tokio::time::timeout(wait, idle).await.is_ok(),
+            "past three quarters the waiting writers wake"
+        );
+        let idle = b.pressed();
+        b.add(1, false);
+        b.add(1, false);
+        tokio::time::sleep(std::time::Duration::from_millis(
+            super::PRESSURE_EVERY_MS * 2,
+        ))
+        .await;
+        b.add(1, false);
+        assert!(
+            tokio::time::timeout(wait, idle).await.is_ok(),
+            "pressure wakes them again after a while"
+        );
+    }
 
     #[test]
     fn only_large_holders_flush_under_pressure() {

@@ -207,6 +207,7 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
         ))
         .or_insert_with(|| w.ctx.runtime.sink.table_of(&w.ctx.tp.topic));
     let latency = w.ctx.runtime.config.flush.max_latency;
+    let budget = w.ctx.budget.clone();
     loop {
         let deadline = w.due.map(|(at, _)| at);
         tokio::select! {
@@ -261,6 +262,14 @@ pub async fn run(ctx: WorkerCtx, mut rx: mpsc::Receiver<WorkerMsg>) {
                         w.handle(rec).await;
                     }
                     w.publish_in();
+                }
+            },
+            // Memory is short and no record of this partition is arriving: the buffer flushes
+            // (or packs) here as it would on its next record, or the budget would wait for it.
+            _ = budget.pressed(), if w.buffered_bytes > 0 && !w.dead && !w.resyncing => {
+                w.pack_if_pressed();
+                if w.ctx.budget.should_flush(w.buffered_bytes) {
+                    w.flush().await;
                 }
             }
         }

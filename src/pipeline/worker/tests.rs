@@ -373,3 +373,82 @@ async fn a_writer_catching_up_flushes_without_packing() {
     assert_eq!(packed, 0);
     assert!(sink.staged.lock().unwrap().len() > 3);
 }
+
+/// A writer whose records stopped arriving still flushes when other writers fill the budget:
+/// pressure wakes it, and it holds more than the average.
+#[tokio::test]
+async fn an_idle_writer_flushes_when_others_fill_the_budget() {
+    let config = Config::from_toml(
+        r#"
+[kafka]
+bootstrap_servers = "127.0.0.1:9"
+group_id = "g"
+
+[[sink]]
+name = "t"
+topics = ["t"]
+format = "json"
+schema = { id = "long", note = "string" }
+kind = "parquet"
+table = "file:///nonexistent/t"
+"#,
+    )
+    .unwrap()
+    .validate()
+    .unwrap();
+    let sink = Scripted::new();
+    sink.gate.add_permits(1_000);
+    let limit: usize = 4 << 20;
+    let (ctx, _events, progress) = worker_ctx(&config, &sink, limit as u64);
+    // Far from its log end (catching up), so it flushes rather than packs.
+    progress
+        .high_watermarks
+        .lock()
+        .unwrap()
+        .insert(TopicPartition::new("t", 0), 10_000_000);
+    let budget = ctx.budget.clone();
+    let (tx, rx) = mpsc::channel(4);
+    let worker = tokio::spawn(run(ctx, rx));
+    let note = "an order line's description ".repeat(4);
+    // Batches of 1,024 rows (the decoder's) until the writer holds over half the budget.
+    let mut sent = 0;
+    while budget.used() <= limit / 2 {
+        let records = (sent..sent + 1_024)
+            .map(|o| Record {
+                offset: o,
+                timestamp_ms: None,
+                key: None,
+                payload: Some(bytes::Bytes::from(format!(
+                    r#"{{"id":{o},"note":"{note}{o}"}}"#
+                ))),
+                headers: Vec::new(),
+            })
+            .collect();
+        tx.send(WorkerMsg::Records(records)).await.unwrap();
+        sent += 1_024;
+        until("the batch is read", || {
+            progress.records_in.load(Relaxed) == sent as u64
+        })
+        .await;
+    }
+    let mine = budget.used();
+    assert!(
+        mine < limit / 4 * 3,
+        "{mine} bytes: a batch is expected to be well under a quarter of the budget"
+    );
+    assert!(
+        sink.staged.lock().unwrap().is_empty(),
+        "nothing flushed yet"
+    );
+    // Another writer, holding less than this one, takes the budget past its limit. This one
+    // gets no record: only pressure can make it flush.
+    budget.add(limit + 1 - mine, true);
+    until("the idle writer flushes", || {
+        !sink.staged.lock().unwrap().is_empty()
+    })
+    .await;
+    let n = sent as usize;
+    assert_eq!(*sink.staged.lock().unwrap(), vec![(0, sent, n)]);
+    drop(tx);
+    worker.await.unwrap();
+}
