@@ -264,11 +264,9 @@ fn short_batches_give_back_the_capacity_of_a_full_one() {
     assert_eq!(shrink(full, 1024).get_array_memory_size(), size);
 }
 
-/// 40,000 rows through a writer with a 1 MiB budget (about 4,000 of these rows), its
-/// partition's end reported at `high`, or (`None`) just past the records sent so far, as when
-/// they are produced while it reads: what it packed, and the flushes it staged.
-async fn under_pressure(high: Option<i64>) -> (u64, Arc<Scripted>) {
-    let config = Config::from_toml(
+/// A JSON sink of `{id, note}` rows with the default flush settings.
+fn notes_config() -> crate::config::ValidatedConfig {
+    Config::from_toml(
         r#"
 [kafka]
 bootstrap_servers = "127.0.0.1:9"
@@ -285,7 +283,14 @@ table = "file:///nonexistent/t"
     )
     .unwrap()
     .validate()
-    .unwrap();
+    .unwrap()
+}
+
+/// 40,000 rows through a writer with a 1 MiB budget (about 4,000 of these rows), its
+/// partition's end reported at `high`, or (`None`) just past the records sent so far, as when
+/// they are produced while it reads: what it packed, and the flushes it staged.
+async fn under_pressure(high: Option<i64>) -> (u64, Arc<Scripted>) {
+    let config = notes_config();
     let sink = Scripted::new();
     sink.gate.add_permits(1_000);
     let (ctx, _events, progress) = worker_ctx(&config, &sink, 1 << 20);
@@ -378,24 +383,7 @@ async fn a_writer_catching_up_flushes_without_packing() {
 /// pressure wakes it, and it holds more than the average.
 #[tokio::test]
 async fn an_idle_writer_flushes_when_others_fill_the_budget() {
-    let config = Config::from_toml(
-        r#"
-[kafka]
-bootstrap_servers = "127.0.0.1:9"
-group_id = "g"
-
-[[sink]]
-name = "t"
-topics = ["t"]
-format = "json"
-schema = { id = "long", note = "string" }
-kind = "parquet"
-table = "file:///nonexistent/t"
-"#,
-    )
-    .unwrap()
-    .validate()
-    .unwrap();
+    let config = notes_config();
     let sink = Scripted::new();
     sink.gate.add_permits(1_000);
     let limit: usize = 4 << 20;
