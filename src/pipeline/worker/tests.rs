@@ -286,6 +286,23 @@ table = "file:///nonexistent/t"
     .unwrap()
 }
 
+/// `{id, note}` records at `offsets`, each note ending in its offset.
+fn noted(offsets: std::ops::Range<i64>, note: &str) -> WorkerMsg {
+    WorkerMsg::Records(
+        offsets
+            .map(|o| Record {
+                offset: o,
+                timestamp_ms: None,
+                key: None,
+                payload: Some(bytes::Bytes::from(format!(
+                    r#"{{"id":{o},"note":"{note}{o}"}}"#
+                ))),
+                headers: Vec::new(),
+            })
+            .collect(),
+    )
+}
+
 /// 40,000 rows through a writer with a 1 MiB budget (about 4,000 of these rows), its
 /// partition's end reported at `high`, or (`None`) just past the records sent so far, as when
 /// they are produced while it reads: what it packed, and the flushes it staged.
@@ -312,20 +329,7 @@ async fn under_pressure(high: Option<i64>) -> (u64, Arc<Scripted>) {
                 .unwrap()
                 .insert(TopicPartition::new("t", 0), end);
         }
-        let msg = WorkerMsg::Records(
-            (from..from + 1_000)
-                .map(|o| Record {
-                    offset: o,
-                    timestamp_ms: None,
-                    key: None,
-                    payload: Some(bytes::Bytes::from(format!(
-                        r#"{{"id":{o},"note":"{note}{o}"}}"#
-                    ))),
-                    headers: Vec::new(),
-                })
-                .collect(),
-        );
-        tx.send(msg).await.unwrap();
+        tx.send(noted(from..from + 1_000, &note)).await.unwrap();
     }
     until("every record is read", || {
         progress.records_in.load(Relaxed) == 40_000
@@ -401,18 +405,7 @@ async fn an_idle_writer_flushes_when_others_fill_the_budget() {
     // Batches of 1,024 rows (the decoder's) until the writer holds over half the budget.
     let mut sent = 0;
     while budget.used() <= limit / 2 {
-        let records = (sent..sent + 1_024)
-            .map(|o| Record {
-                offset: o,
-                timestamp_ms: None,
-                key: None,
-                payload: Some(bytes::Bytes::from(format!(
-                    r#"{{"id":{o},"note":"{note}{o}"}}"#
-                ))),
-                headers: Vec::new(),
-            })
-            .collect();
-        tx.send(WorkerMsg::Records(records)).await.unwrap();
+        tx.send(noted(sent..sent + 1_024, &note)).await.unwrap();
         sent += 1_024;
         until("the batch is read", || {
             progress.records_in.load(Relaxed) == sent as u64
